@@ -1,0 +1,3 @@
+from nekko_sm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""One frozen Config, built once from flags, then environment, then defaults (DESIGN section 2).
+
+Nothing here reads the environment at import time; :func:`build` is handed the parsed
+flags and an environment mapping, so tests pass their own.
+"""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from nekko_sm.errors import ConfigError, InvalidPlatform
+
+DEFAULT_CACHE_DIR = "/var/lib/nekko/cache"
+DEFAULT_ADDRESS = "localhost:8050"
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+DEFAULT_JOBS = 8
+MAX_JOBS = 64
+
+_OSES = {"linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos",
+         "aix", "android", "ios", "plan9", "dragonfly", "js", "wasip1"}
+_ARCHES = {"amd64", "arm64", "arm", "386", "ppc64le", "ppc64", "s390x", "riscv64", "mips64le",
+           "mips64", "mipsle", "mips", "loong64", "wasm"}
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386",
+                 "i686": "386", "armhf": "arm", "armel": "arm"}
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        return "/".join(x for x in (self.os, self.architecture, self.variant) if x)
+
+    def to_json(self) -> dict:
+        d = {"os": self.os, "architecture": self.architecture}
+        if self.variant:
+            d["variant"] = self.variant
+        return d
+
+
+def normalize_arch(arch: str, variant: str | None = None) -> tuple[str, str | None]:
+    """Map an architecture spelling to OCI's (``x86_64``→``amd64``, ``armv7l``→``arm``/``v7``)."""
+    arch = arch.lower()
+    m = re.match(r"^armv(\d+)\w*$", arch)
+    if m:
+        return "arm", variant or f"v{m.group(1)}"
+    arch = _ARCH_ALIASES.get(arch, arch)
+    if arch == "arm64" and variant == "v8":
+        variant = None  # v8 is arm64's only variant; treat "arm64/v8" as "arm64"
+    if arch == "arm" and variant is None:
+        variant = "v7"
+    return arch, variant
+
+
+def parse_platform(text: str) -> Platform:
+    parts = text.strip().split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise InvalidPlatform(f"bad platform {text!r}: want os/arch[/variant] or 'all'")
+    os_name = parts[0].lower()
+    arch, variant = normalize_arch(parts[1], parts[2].lower() if len(parts) == 3 else None)
+    if os_name not in _OSES:
+        raise InvalidPlatform(f"unknown platform os {parts[0]!r} in {text!r}")
+    if arch not in _ARCHES:
+        raise InvalidPlatform(f"unknown platform architecture {parts[1]!r} in {text!r}")
+    return Platform(os_name, arch, variant)
+
+
+def host_platform() -> Platform:
+    arch, variant = normalize_arch(_platform.machine() or "amd64")
+    return Platform("linux" if os.name == "posix" and _platform.system() == "Linux"
+                    else _platform.system().lower() or "linux", arch, variant)
+
+
+@dataclass(frozen=True)
+class Address:
+    kind: str  # "tcp" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ConfigError("--address unix: needs a socket path")
+        return Address("unix", path=path)
+    if text.startswith("/"):
+        return Address("unix", path=text)
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]*):(\d+)$", text)
+    if not m:
+        raise ConfigError(f"bad address {text!r}: want HOST:PORT, [v6]:PORT or unix:/path")
+    port = int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range in address {text!r}")
+    return Address("tcp", host=m.group(1) or "0.0.0.0", port=port)
+
+
+@dataclass(frozen=True)
+class Config:
+    cache_dir: Path
+    address: Address
+    verbose: int = 0
+    platform: str = ""  # "all", or os/arch[/variant]; "" means the host's
+    insecure_registries: frozenset = frozenset()
+    jobs: int = DEFAULT_JOBS
+    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    hf_token: str | None = None
+    registry_mirrors: Mapping[str, tuple] = field(default_factory=dict)
+    ca_cert: str | None = None
+    https_proxy: str | None = None
+    http_proxy: str | None = None
+    no_proxy: str | None = None
+    notes: tuple = ()  # things to say once at start-up
+
+    @property
+    def default_platform(self) -> Platform | None:
+        """The platform to choose from an index, or None for 'all'."""
+        if self.platform == "all":
+            return None
+        return parse_platform(self.platform) if self.platform else host_platform()
+
+    def is_insecure(self, host: str) -> bool:
+        host = host.lower()
+        return host in self.insecure_registries or host.split(":")[0] in self.insecure_registries
+
+
+def _env(environ: Mapping[str, str], *names: str) -> str | None:
+    for n in names:
+        v = environ.get(n)
+        if v is not None and v != "":
+            return v
+    return None
+
+
+def _int(value: object, name: str, lo: int, hi: int) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+    if not lo <= n <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, not {n}")
+    return n
+
+
+def _split(values: object) -> list:
+    out: list = []
+    for v in values or []:
+        out.extend(x.strip() for x in str(v).split(",") if x.strip())
+    return out
+
+
+def _usable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: bool = True) -> Config:
+    """Resolve every option: flag > environment (NEKKO_*, then STORAGE_MANAGER_*) > default."""
+    notes: list[str] = []
+
+    def pick(flag: str, *envs: str) -> object:
+        v = flags.get(flag)
+        return v if v not in (None, [], "") else _env(environ, *envs)
+
+    verbose = pick("verbose", "VERBOSE", "STORAGE_MANAGER_VERBOSE")
+    verbose_n = _int(verbose, "--verbose/VERBOSE", 0, 3) if verbose is not None else 0
+
+    addr = pick("address", "NEKKO_ADDRESS", "STORAGE_MANAGER_ADDRESS") or DEFAULT_ADDRESS
+    address = parse_address(str(addr))
+
+    plat = pick("platform", "NEKKO_PLATFORM")
+    plat_s = ""
+    if plat:
+        plat_s = "all" if str(plat).strip().lower() == "all" else str(parse_platform(str(plat)))
+
+    jobs_v = pick("jobs", "NEKKO_JOBS")
+    jobs = _int(jobs_v, "--jobs/NEKKO_JOBS", 1, MAX_JOBS) if jobs_v is not None else DEFAULT_JOBS
+
+    insecure = _split(flags.get("insecure_registry")) or _split(
+        [_env(environ, "NEKKO_INSECURE_REGISTRIES") or ""])
+    mirrors: dict[str, list] = {}
+    for item in _split(flags.get("registry_mirror")) or _split(
+            [_env(environ, "NEKKO_REGISTRY_MIRRORS") or ""]):
+        reg, eq, url = item.partition("=")
+        if not eq or not reg or not url:
+            raise ConfigError(f"bad registry mirror {item!r}: want REGISTRY=MIRROR_URL")
+        if "://" not in url:
+            url = "https://" + url
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise ConfigError(f"bad registry mirror URL {url!r}")
+        mirrors.setdefault(reg.strip().lower(), []).append(url.rstrip("/"))
+
+    hf_endpoint = (_env(environ, "HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+    if urlsplit(hf_endpoint).scheme not in ("http", "https") or not urlsplit(hf_endpoint).netloc:
+        raise ConfigError(f"HF_ENDPOINT must be an http(s) URL, not {hf_endpoint!r}")
+
+    ca = pick("ca_cert", "SSL_CERT_FILE")
+    if ca is not None and not os.path.isfile(str(ca)):
+        raise ConfigError(f"CA bundle {ca} (--ca-cert/SSL_CERT_FILE) is not a readable file")
+
+    cache = pick("cache_dir", "CACHE_DIR", "STORAGE_MANAGER_CACHE_DIR")
+    if cache is not None:
+        cache_dir = Path(str(cache)).expanduser()
+        if need_cache and not _usable_dir(cache_dir):
+            raise ConfigError(f"cache directory {cache_dir} cannot be created or written")
+    else:
+        cache_dir = Path(DEFAULT_CACHE_DIR)
+        if not _usable_dir(cache_dir):
+            import platformdirs  # only when the default is not usable: keeps start-up fast
+
+            cache_dir = Path(platformdirs.user_cache_dir("nekko"))
+            notes.append(f"{DEFAULT_CACHE_DIR} is not writable; using cache directory {cache_dir}")
+            if need_cache and not _usable_dir(cache_dir):
+                raise ConfigError(f"cache directory {cache_dir} cannot be created or written")
+
+    return Config(
+        cache_dir=cache_dir.absolute(),
+        address=address,
+        verbose=verbose_n,
+        platform=plat_s,
+        insecure_registries=frozenset(h.lower() for h in insecure),
+        jobs=jobs,
+        hf_endpoint=hf_endpoint,
+        hf_token=_env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+        registry_mirrors={k: tuple(v) for k, v in mirrors.items()},
+        ca_cert=str(ca) if ca else None,
+        https_proxy=_env(environ, "HTTPS_PROXY", "https_proxy"),
+        http_proxy=_env(environ, "HTTP_PROXY", "http_proxy"),
+        no_proxy=_env(environ, "NO_PROXY", "no_proxy"),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,176 @@
+"""Every exception nekko-sm raises on purpose.
+
+One root, :class:`NekkoError`.  Each subclass carries a stable kebab-case ``code``
+(what API clients match on), the HTTP ``status`` the API answers with, and the
+``exit_code`` the CLI returns.  Messages name what failed and what to do; they
+never contain credentials.  This module imports nothing else from nekko_sm.
+"""
+
+from __future__ import annotations
+
+# CLI exit statuses (DESIGN section 6).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3
+EXIT_ABSENT = 4
+
+
+class NekkoError(Exception):
+    code = "internal-error"
+    status = 500
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, **context: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = context
+
+    def to_json(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+# --- the caller's fault: 4xx, exit 2 -------------------------------------------------
+
+
+class ConfigError(NekkoError, ValueError):
+    code = "bad-configuration"
+    status = 500
+    exit_code = EXIT_USAGE
+
+
+class BadRequest(NekkoError, ValueError):
+    code = "bad-request"
+    status = 400
+    exit_code = EXIT_USAGE
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid-json"
+
+
+class InvalidBase64(BadRequest):
+    code = "invalid-base64"
+
+
+class InvalidReference(BadRequest):
+    code = "invalid-reference"
+
+
+class UnsupportedScheme(InvalidReference):
+    code = "unsupported-scheme"
+
+
+class InvalidDigest(BadRequest):
+    code = "invalid-digest"
+
+
+class UnsafeName(BadRequest):
+    """A file name from a request, a manifest or the Hub that would escape its directory."""
+
+    code = "unsafe-name"
+
+
+class InvalidPlatform(BadRequest):
+    code = "invalid-platform"
+
+
+class BodyTooLarge(BadRequest):
+    code = "body-too-large"
+    status = 413
+
+
+class MethodNotAllowed(BadRequest):
+    code = "method-not-allowed"
+    status = 405
+
+
+# --- local state -----------------------------------------------------------------------
+
+
+class EntryNotFound(NekkoError, LookupError):
+    """The URL is not in the cache."""
+
+    code = "not-found"
+    status = 404
+    exit_code = EXIT_ABSENT
+
+
+class Conflict(NekkoError):
+    code = "conflict"
+    status = 409
+
+
+class Cancelled(Conflict):
+    """The download was cancelled, e.g. by a DELETE of its entry."""
+
+    code = "cancelled"
+
+
+class InsufficientStorage(NekkoError, OSError):
+    code = "insufficient-storage"
+    status = 507
+
+
+class CacheCorrupt(NekkoError):
+    code = "cache-corrupt"
+    status = 500
+
+
+# --- the upstream's answer ----------------------------------------------------------------
+
+
+class UpstreamError(NekkoError):
+    """The upstream failed, answered nonsense, or could not be reached."""
+
+    code = "upstream-error"
+    status = 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Temporary: connection refused or dropped, 408, 429, 5xx.  Worth a retry."""
+
+    code = "upstream-unavailable"
+
+    def __init__(self, message: str, retry_after: float | None = None, **context: object) -> None:
+        super().__init__(message, **context)
+        self.retry_after = retry_after
+
+
+class IntegrityError(UpstreamError):
+    """The bytes do not match the promised digest or size.  Nothing was committed."""
+
+    code = "digest-mismatch"
+
+
+class SizeMismatch(IntegrityError):
+    code = "size-mismatch"
+
+
+class ManifestInvalid(UpstreamError):
+    code = "manifest-invalid"
+
+
+class UpstreamNotFound(NekkoError):
+    code = "upstream-not-found"
+    status = 404
+
+
+class NoMatchingPlatform(UpstreamNotFound):
+    code = "no-matching-platform"
+
+
+class Unauthorized(NekkoError):
+    """The upstream wants (other) credentials."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(NekkoError):
+    code = "forbidden"
+    status = 403
+
+
+class GatedRepo(Forbidden):
+    code = "gated-repo"

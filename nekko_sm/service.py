@@ -1,0 +1,406 @@
+"""pull / status / remove / list on top of the store and the sources.
+
+Single flight: one download per canonical URL at a time, in this process (callers join
+the running :class:`Flight`) and across processes (an flock on ``ingest/pulls/KEY.lock``
+held for the whole pull; whoever gets it next finds the entry complete).  While a pull
+runs or after it was interrupted, ``ingest/pulls/KEY.json`` says so, which is what
+makes an entry "incomplete" (206) rather than absent (404).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Callable
+
+from nekko_sm.config import Config
+from nekko_sm.credentials import Credentials
+from nekko_sm.errors import (
+    Cancelled,
+    EntryNotFound,
+    InsufficientStorage,
+    InvalidDigest,
+    NekkoError,
+    UpstreamUnavailable,
+)
+from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse
+from nekko_sm.sources.base import A_DIGEST, A_PLATFORM, Job, Progress, PullResult
+from nekko_sm.store import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    REF_NAME,
+    TITLE,
+    Descriptor,
+    Lease,
+    Store,
+    _FileLock,
+    _key,
+    _write_atomic,
+    check_digest,
+)
+
+log = logging.getLogger("nekko_sm.service")
+
+# Errors after which a partial download is worth keeping (the entry stays "incomplete").
+_RESUMABLE = (UpstreamUnavailable, InsufficientStorage)
+
+
+class Flight:
+    """One pull in progress, shared by every caller who asks for the same URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.future: Future = Future()
+        self.cancel = threading.Event()
+        self.progress = Progress()
+        self.started = time.time()
+        self.keep_partial = False  # set when stopping the server: the pull stays resumable
+
+
+class Service:
+    def __init__(self, config: Config, store: Store | None = None,
+                 transfer=None) -> None:
+        self.config = config
+        self.store = store or Store(config.cache_dir).init()
+        self._transfer = transfer  # made on first use: status/path need no network stack
+        self.pulls_dir = self.store.ingest_dir / "pulls"
+        self.pulls_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._flights: dict[str, Flight] = {}
+        self._failures: dict[str, NekkoError] = {}
+        self._files_cache: dict[str, list] = {}
+        self.stats = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
+
+    @property
+    def transfer(self):
+        if self._transfer is None:
+            with self._lock:
+                if self._transfer is None:
+                    from nekko_sm.transfer import Transfer
+
+                    self._transfer = Transfer(self.config)
+        return self._transfer
+
+    # -- references ---------------------------------------------------------------------
+    def canonical(self, url: str) -> str:
+        return parse(url, self.config.hf_endpoint).canonical
+
+    # -- pulling ------------------------------------------------------------------------
+    def pull(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
+             platform: str | None = None) -> tuple[dict, bool]:
+        """Download ``url`` unless cached; returns (entry, created_now)."""
+        flight, entry = self.start(url, credentials, digest, platform)
+        if entry is not None:
+            return entry, False
+        assert flight is not None
+        return flight.future.result()
+
+    def start(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
+              platform: str | None = None, background: bool = False,
+              ) -> tuple[Flight | None, dict | None]:
+        """Begin (or join) a pull.  Returns (flight, None), or (None, entry) when cached."""
+        ref = parse(url, self.config.hf_endpoint)
+        if digest is not None:
+            check_digest(digest)
+        if platform:
+            from nekko_sm.config import parse_platform
+
+            if platform != "all":
+                platform = str(parse_platform(platform))
+        key = ref.canonical
+        desc = self.store.get_entry(key)
+        if desc is not None:
+            return None, self._entry_json(key, desc)
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                return flight, None
+            flight = Flight(key)
+            self._flights[key] = flight
+            self._failures.pop(key, None)
+        runner = threading.Thread(target=self._run, name=f"pull {key[:60]}", daemon=True,
+                                  args=(flight, ref, credentials, digest, platform))
+        runner.start()
+        if not background:
+            pass  # the caller waits on flight.future
+        return flight, None
+
+    def _pull_paths(self, key: str) -> tuple[Path, Path]:
+        k = _key(key)
+        return self.pulls_dir / f"{k}.json", self.pulls_dir / f"{k}.lock"
+
+    def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
+        key = flight.url
+        record, lock_path = self._pull_paths(key)
+        lock = _FileLock(lock_path)
+        keep_record = False
+        try:
+            lock.acquire()  # another process pulling the same URL: wait for it
+            try:
+                desc = self.store.get_entry(key)
+                if desc is not None:
+                    flight.future.set_result((self._entry_json(key, desc), False))
+                    return
+                state = {"url": key, "started": time.time(), "ingest": []}
+                try:
+                    old = json.loads(record.read_text())
+                    state["ingest"] = [r for r in old.get("ingest", []) if isinstance(r, str)]
+                except (OSError, ValueError):
+                    pass
+                _write_atomic(record, json.dumps(state).encode())
+
+                def on_ingest(ref_name: str) -> None:
+                    if ref_name not in state["ingest"]:
+                        state["ingest"].append(ref_name)
+                        _write_atomic(record, json.dumps(state).encode())
+
+                with Lease(self.store) as lease:
+                    job = Job(self.config, self.store, self.transfer, lease, credentials, digest,
+                              platform, flight.cancel, flight.progress, on_ingest)
+                    result = self._source_pull(job, ref)
+                    if flight.cancel.is_set():
+                        raise Cancelled(f"pull of {key} was cancelled")
+                    self._commit(key, result)
+                record.unlink(missing_ok=True)
+                entry = self._entry_json(key, self.store.get_entry(key))
+                self._count("complete", ref)
+                flight.future.set_result((entry, True))
+            except BaseException as e:
+                err = e if isinstance(e, NekkoError) else _internal(e)
+                keep_record = isinstance(err, _RESUMABLE) or (
+                    isinstance(err, Cancelled) and flight.keep_partial)
+                if not keep_record:
+                    record.unlink(missing_ok=True)
+                self._count(err.code, ref)
+                log.info("pull %s failed: %s", key, err.message)
+                with self._lock:
+                    self._failures[key] = err
+                flight.future.set_exception(err)
+            finally:
+                lock.release()
+        finally:
+            with self._lock:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+
+    def _source_pull(self, job: Job, ref) -> PullResult:
+        if isinstance(ref, HTTPRef):
+            from nekko_sm.sources import http
+
+            return http.pull(job, ref)
+        if isinstance(ref, OCIRef):
+            from nekko_sm.sources import oci
+
+            return oci.pull(job, ref)
+        if isinstance(ref, HFRef):
+            from nekko_sm.sources import hf
+
+            return hf.pull(job, ref)
+        raise AssertionError(f"no source for {ref!r}")
+
+    def _commit(self, key: str, result: PullResult) -> None:
+        m = result.manifest
+        ann = dict(m.annotations)
+        ann[A_DIGEST] = result.digest
+        if result.platform:
+            ann[A_PLATFORM] = result.platform
+        desc = Descriptor(m.media_type, m.digest, m.size, ann, m.artifact_type, m.platform)
+        files = self._files_of(desc)
+        if self._is_single_file(desc, files) is None:
+            self.store.make_view(key, [(f["name"], f["digest"]) for f in files])
+        self.store.put_entry(key, desc)
+
+    def _count(self, result: str, ref) -> None:
+        with self._lock:
+            k = (ref.scheme, result)
+            self.stats["pulls"][k] = self.stats["pulls"].get(k, 0) + 1
+
+    # -- reading entries ----------------------------------------------------------------
+    def _files_of(self, desc: Descriptor) -> list:
+        cached = self._files_cache.get(desc.digest)
+        if cached is not None:
+            return cached
+        files: list = []
+        if desc.media_type in MANIFEST_TYPES:
+            files = self._manifest_files(desc, "")
+        elif desc.media_type in INDEX_TYPES:
+            for child in self.store.children(desc):
+                p = child.platform or {}
+                prefix = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
+                files.extend(self._manifest_files(child, (prefix or child.digest[7:19]) + "/"))
+        if len(self._files_cache) > 100_000:
+            self._files_cache.clear()
+        self._files_cache[desc.digest] = files
+        return files
+
+    def _manifest_files(self, desc: Descriptor, prefix: str) -> list:
+        try:
+            doc = json.loads(self.store.read_blob(desc.digest))
+        except (OSError, ValueError):
+            return []
+        out = []
+        for layer in doc.get("layers") or []:
+            if not isinstance(layer, dict):
+                continue
+            title = (layer.get("annotations") or {}).get(TITLE)
+            name = title or layer.get("digest", "").replace(":", "-")
+            out.append({"name": prefix + name, "digest": layer.get("digest"),
+                        "size": layer.get("size"),
+                        "path": str(self.store.blob_path(layer["digest"]))})
+        return out
+
+    @staticmethod
+    def _is_single_file(desc: Descriptor, files: list) -> dict | None:
+        """The one file of a single-file artifact entry, else None."""
+        if desc.artifact_type and len(files) == 1 and desc.media_type in MANIFEST_TYPES:
+            return files[0]
+        return None
+
+    def _entry_json(self, key: str, desc: Descriptor | None) -> dict:
+        if desc is None:
+            raise EntryNotFound(f"{key} is not in the cache")
+        files = self._files_of(desc)
+        single = self._is_single_file(desc, files)
+        digest = desc.annotations.get(A_DIGEST, desc.digest)
+        size = sum(f["size"] or 0 for f in files) if files else desc.size
+        entry = {
+            "url": key,
+            "state": "complete",
+            "digest": digest,
+            "size": size,
+            "downloaded": size,
+            "path": single["path"] if single else str(self.store.view_path(key)),
+            "files": files,
+        }
+        if desc.digest != digest:
+            entry["manifest"] = desc.digest
+        if desc.annotations.get(A_PLATFORM):
+            entry["platform"] = desc.annotations[A_PLATFORM]
+        return entry
+
+    def status(self, url: str) -> dict:
+        """The entry for ``url``: complete, incomplete (with progress), or EntryNotFound."""
+        key = self.canonical(url)
+        desc = self.store.get_entry(key)
+        if desc is not None:
+            return self._entry_json(key, desc)
+        with self._lock:
+            flight = self._flights.get(key)
+            failure = self._failures.get(key)
+        if flight is not None:
+            p = flight.progress
+            return {"url": key, "state": "downloading", "downloaded": p.done, "size": p.total,
+                    "files": []}
+        record, lock_path = self._pull_paths(key)
+        try:
+            state = json.loads(record.read_text())
+        except (OSError, ValueError):
+            state = None
+        if state is not None:
+            busy = _held(lock_path)
+            done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
+            entry = {"url": key, "state": "downloading" if busy else "incomplete",
+                     "downloaded": done, "size": None, "files": []}
+            if failure is not None:
+                entry["error"] = failure.to_json()["error"]
+            return entry
+        if failure is not None:
+            raise EntryNotFound(f"{key} is not in the cache: the last pull failed:"
+                                f" {failure.message}", failure=failure)
+        raise EntryNotFound(f"{key} is not in the cache")
+
+    def list(self) -> list:
+        out = []
+        for d in self.store.entries():
+            key = d.annotations[REF_NAME]
+            try:
+                out.append(self._entry_json(key, d))
+            except NekkoError:
+                continue
+        seen = {e["url"] for e in out}
+        for record in sorted(self.pulls_dir.glob("*.json")):
+            try:
+                url = json.loads(record.read_text())["url"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if url not in seen:
+                try:
+                    out.append(self.status(url))
+                except NekkoError:
+                    pass
+        return out
+
+    # -- removing -------------------------------------------------------------------------
+    def remove(self, url: str, wait: float = 30.0) -> dict:
+        """Cancel any pull of ``url``, drop its entry, free blobs no one else uses."""
+        key = self.canonical(url)
+        with self._lock:
+            flight = self._flights.get(key)
+        if flight is not None:
+            flight.cancel.set()
+            try:
+                flight.future.result(timeout=wait)
+            except Exception:
+                pass
+        record, lock_path = self._pull_paths(key)
+        had_record = record.exists()
+        refs: list = []
+        if had_record:
+            try:
+                refs = json.loads(record.read_text()).get("ingest", [])
+            except (OSError, ValueError):
+                pass
+            record.unlink(missing_ok=True)
+        gone = self.store.remove_entry(key)
+        with self._lock:
+            self._failures.pop(key, None)
+        if gone is None and not had_record and flight is None:
+            raise EntryNotFound(f"{key} is not in the cache")
+        for r in refs:
+            self.store.discard_partial(r)
+        report = self.store.gc(partials=False)
+        return {"url": key, "blobs_freed": len(report.blobs_freed),
+                "bytes_freed": report.bytes_freed}
+
+    def close(self) -> None:
+        with self._lock:
+            flights = list(self._flights.values())
+        for f in flights:
+            f.keep_partial = True
+            f.cancel.set()
+        for f in flights:
+            try:
+                f.future.result(timeout=10)
+            except Exception:
+                pass
+        if self._transfer is not None:
+            self._transfer.close()
+
+
+def _held(lock_path: Path) -> bool:
+    """Is someone (this or another process) holding the flock at ``lock_path``?"""
+    if not lock_path.exists():
+        return False
+    probe = _FileLock(lock_path)
+    if probe.acquire(blocking=False):
+        probe.release()
+        return False
+    return True
+
+
+def _internal(e: BaseException) -> NekkoError:
+    if isinstance(e, OSError):
+        import errno
+
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return InsufficientStorage(f"disk full: {e.strerror}")
+        err = NekkoError(f"{type(e).__name__}: {e}")
+    else:
+        log.exception("unexpected error")
+        err = NekkoError(f"internal error: {type(e).__name__}: {e}")
+    return err

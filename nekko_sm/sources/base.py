@@ -1,0 +1,112 @@
+"""The seam between the service and the sources.
+
+A source turns a parsed reference into verified blobs in the store (through
+:class:`Job`) and returns a :class:`PullResult`: the descriptor ``index.json`` should
+point at, the entry's digest and its files.  Sources never touch ``index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from nekko_sm.config import Config
+from nekko_sm.credentials import Credentials
+from nekko_sm.store import (
+    EMPTY_JSON,
+    MT_EMPTY,
+    MT_OCI_MANIFEST,
+    TITLE,
+    Descriptor,
+    Lease,
+    Store,
+)
+
+if TYPE_CHECKING:
+    from nekko_sm.transfer import Transfer
+
+# Annotations nekko-sm writes on the manifests it makes and on index.json entries.
+A_SOURCE_URL = "io.nekko.source.url"
+A_ETAG = "io.nekko.source.etag"
+A_HF_COMMIT = "io.nekko.hf.commit"
+A_DIGEST = "io.nekko.digest"  # the entry's "digest" (file sha256, or the image digest resolved)
+A_PLATFORM = "io.nekko.platform"
+A_ORIGINAL = "io.nekko.source.digest"
+
+
+class Progress:
+    """Bytes done and expected for one pull; shared by every caller waiting on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total: int | None = None
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+
+    def expect(self, n: int) -> None:
+        with self._lock:
+            self.total = (self.total or 0) + n
+
+
+@dataclass
+class Job:
+    """Everything a source needs for one pull."""
+
+    config: Config
+    store: Store
+    transfer: Transfer
+    lease: Lease
+    credentials: Credentials | None = None
+    digest: str | None = None  # expected digest from the caller
+    platform: str | None = None  # from the caller; None = config's
+    cancel: threading.Event = field(default_factory=threading.Event)
+    progress: Progress = field(default_factory=Progress)
+    on_ingest: Callable[[str], None] = lambda ref: None  # records resumable ingest refs
+
+    def writer(self, ref: str, expected_size: int | None = None, extra_hashers=None):
+        self.on_ingest(ref)
+        return self.store.writer(ref, expected_size, self.cancel, extra_hashers)
+
+
+@dataclass
+class FileItem:
+    name: str  # safe relative path
+    digest: str
+    size: int
+    media_type: str = "application/octet-stream"
+
+
+@dataclass
+class PullResult:
+    manifest: Descriptor  # what index.json points at
+    digest: str  # the entry's digest (DESIGN section 5)
+    files: list  # [FileItem]
+    platform: str | None = None
+
+
+def store_artifact(job: Job, files: list, artifact_type: str,
+                   annotations: dict | None = None) -> Descriptor:
+    """Wrap committed blobs in an OCI artifact manifest (empty config, a titled layer each)."""
+    config_digest = job.store.put_bytes(EMPTY_JSON, job.lease)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": {"mediaType": MT_EMPTY, "digest": config_digest, "size": len(EMPTY_JSON),
+                   "data": "e30="},
+        "layers": [
+            {"mediaType": f.media_type, "digest": f.digest, "size": f.size,
+             "annotations": {TITLE: f.name}}
+            for f in files
+        ],
+    }
+    if annotations:
+        manifest["annotations"] = {k: v for k, v in annotations.items() if v is not None}
+    data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    digest = job.store.put_bytes(data, job.lease)
+    return Descriptor(MT_OCI_MANIFEST, digest, len(data), artifact_type=artifact_type)

@@ -1,0 +1,74 @@
+"""Plain http(s) URLs ("components"): one file, stored raw, wrapped in an artifact manifest."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from nekko_sm.credentials import Credentials
+from nekko_sm.errors import UnsafeName
+from nekko_sm.refs import HTTPRef, safe_name
+from nekko_sm.sources.base import A_ETAG, A_SOURCE_URL, FileItem, Job, PullResult, store_artifact
+
+ARTIFACT_TYPE = "application/vnd.nekko.file.v1"
+
+_CD_STAR = re.compile(r"filename\*\s*=\s*([\w-]+)'[^']*'([^;]+)", re.I)
+_CD_PLAIN = re.compile(r'filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))', re.I)
+
+
+def file_name_from(content_disposition: str | None, fallback: str) -> str:
+    """The file name a server suggests, made safe (only the last path component is kept)."""
+    name = None
+    if content_disposition:
+        m = _CD_STAR.search(content_disposition)
+        if m:
+            try:
+                name = unquote(m.group(2).strip(), encoding=m.group(1) or "utf-8")
+            except LookupError:
+                name = None
+        if name is None:
+            m = _CD_PLAIN.search(content_disposition)
+            if m:
+                name = m.group(1) if m.group(1) is not None else m.group(2)
+                name = re.sub(r"\\(.)", r"\1", name)
+    if name:
+        name = name.replace("\\", "/").rsplit("/", 1)[-1]
+        try:
+            return safe_name(name)
+        except UnsafeName:
+            pass
+    return fallback
+
+
+def pull(job: Job, ref: HTTPRef) -> PullResult:
+    creds = job.credentials
+    if creds is None and ref.userinfo:
+        user, _, password = ref.userinfo.partition(":")
+        creds = Credentials.basic(user, password)
+    auth = creds.header if creds else None
+
+    if job.digest and job.store.has_blob(job.digest):
+        job.lease.add(job.digest)
+        if job.store.has_blob(job.digest):
+            size = job.store.blob_path(job.digest).stat().st_size
+            name = ref.file_name
+            files = [FileItem(name, job.digest, size)]
+            manifest = store_artifact(job, files, ARTIFACT_TYPE, {A_SOURCE_URL: ref.canonical})
+            return PullResult(manifest, job.digest, files)
+
+    def check_space(total: int | None, offset: int) -> None:
+        if total is not None:
+            if job.progress.total is None:
+                job.progress.expect(total)
+                job.progress.add(offset)
+            job.store.ensure_space(total - offset, ref.canonical)
+
+    with job.writer("url:" + ref.canonical) as w:
+        headers = job.transfer.download(ref.url, w, auth=auth, progress=job.progress.add,
+                                        on_total=check_space)
+        desc = w.commit(job.digest, job.lease)
+    name = file_name_from(headers.get("Content-Disposition"), ref.file_name)
+    files = [FileItem(name, desc.digest, desc.size)]
+    manifest = store_artifact(job, files, ARTIFACT_TYPE,
+                              {A_SOURCE_URL: ref.canonical, A_ETAG: headers.get("ETag")})
+    return PullResult(manifest, desc.digest, files)

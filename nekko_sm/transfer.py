@@ -1,0 +1,429 @@
+"""Every byte from the network comes through here: one urllib3 pool per proxy, redirects
+that drop credentials on other hosts, retries of temporary failures, and resumable
+streaming into a store :class:`~nekko_sm.store.IngestWriter`.
+
+Sources build URLs and headers; this module moves bytes and checks the counts.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError as _Urllib3Error
+
+from nekko_sm.config import Config
+from nekko_sm.errors import (
+    Cancelled,
+    Forbidden,
+    InsufficientStorage,
+    IntegrityError,
+    NekkoError,
+    SizeMismatch,
+    Unauthorized,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamUnavailable,
+)
+from nekko_sm.refs import redact
+
+log = logging.getLogger("nekko_sm.transfer")
+
+USER_AGENT = "nekko-sm"
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
+CHUNK = 1 << 20
+
+
+def _origin(url: str) -> tuple:
+    p = urlsplit(url)
+    return (p.scheme.lower(), (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(p.scheme.lower()))
+
+
+def retry_after(value: str | None, cap: float = 60.0) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, min(cap, float(value)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, min(cap, when.timestamp() - time.time()))
+
+
+def default_error(status: int, url: str, body: bytes, headers: Mapping[str, str]) -> NekkoError:
+    """Turn an unexpected HTTP status into the matching error (one place, all protocols)."""
+    where = redact(url)
+    if status == 401:
+        return Unauthorized(f"{where}: the server wants (other) credentials (401)")
+    if status == 403:
+        return Forbidden(f"{where}: access denied (403)")
+    if status in (404, 410):
+        return UpstreamNotFound(f"{where}: not found ({status})")
+    if status in RETRY_STATUSES:
+        return UpstreamUnavailable(f"{where}: server answered {status}",
+                                   retry_after=retry_after(headers.get("Retry-After")))
+    return UpstreamError(f"{where}: unexpected answer {status}")
+
+
+ErrorMapper = Callable[[int, str, bytes, Mapping[str, str]], NekkoError]
+
+
+@dataclass
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    data: bytes
+    url: str  # after redirects
+
+
+class _NoProxy:
+    def __init__(self, spec: str | None) -> None:
+        self.all = False
+        self.entries: list[tuple[str, int | None]] = []
+        for item in (spec or "").split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            if item == "*":
+                self.all = True
+                continue
+            host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+            self.entries.append((host.lstrip("*").lstrip("."), int(port) if port.isdigit() else None))
+
+    def bypass(self, url: str) -> bool:
+        if self.all:
+            return True
+        scheme, host, port = _origin(url)
+        for h, p in self.entries:
+            if p is not None and p != port:
+                continue
+            if host == h or host.endswith("." + h):
+                return True
+        return False
+
+
+class Transfer:
+    """The one place that holds connection pools."""
+
+    def __init__(self, config: Config, read_timeout: float = 60.0, connect_timeout: float = 30.0,
+                 attempts: int = 6, backoff: float = 0.5) -> None:
+        self.config = config
+        self.attempts = attempts
+        self.backoff = backoff
+        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self._no_proxy = _NoProxy(config.no_proxy)
+        self._lock = threading.Lock()
+        self._managers: dict[str | None, urllib3.PoolManager] = {}
+        self._pool_kw = {
+            "num_pools": 64,
+            "maxsize": max(4, config.jobs * 2),
+            "block": False,
+            "retries": False,
+            "timeout": self.timeout,
+        }
+        if config.ca_cert:
+            self._pool_kw["ca_certs"] = config.ca_cert
+
+    # -- pools ------------------------------------------------------------------------
+    def _proxy_for(self, url: str) -> str | None:
+        scheme = urlsplit(url).scheme.lower()
+        proxy = self.config.https_proxy if scheme == "https" else self.config.http_proxy
+        if not proxy or self._no_proxy.bypass(url):
+            return None
+        return proxy if "://" in proxy else "http://" + proxy
+
+    def _manager(self, url: str) -> urllib3.PoolManager:
+        proxy = self._proxy_for(url)
+        with self._lock:
+            m = self._managers.get(proxy)
+            if m is None:
+                if proxy:
+                    p = urlsplit(proxy)
+                    headers = {}
+                    if p.username:
+                        from urllib.parse import unquote
+
+                        headers = urllib3.make_headers(
+                            proxy_basic_auth=f"{unquote(p.username)}:{unquote(p.password or '')}")
+                        proxy = proxy.replace(p.netloc, p.netloc.rsplit("@", 1)[1])
+                    m = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._pool_kw)
+                else:
+                    m = urllib3.PoolManager(**self._pool_kw)
+                self._managers[self._proxy_for(url)] = m
+            return m
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._managers.values():
+                m.clear()
+            self._managers.clear()
+
+    # -- one request, redirects handled here ----------------------------------------------
+    def open(self, method: str, url: str, headers: Mapping[str, str] | None = None,
+             auth: str | None = None, body: bytes | None = None,
+             follow_redirects: bool = True) -> tuple[urllib3.BaseHTTPResponse, str]:
+        """Send one request (following redirects) and return the unread response and final URL.
+
+        ``auth`` is the Authorization header value.  It goes to the first URL's origin
+        only: once a redirect leaves that origin, no later hop carries it.
+        """
+        hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        hdrs.update(headers or {})
+        origin = _origin(url)
+        left_origin = False
+        for _ in range(MAX_REDIRECTS + 1):
+            h = dict(hdrs)
+            left_origin = left_origin or _origin(url) != origin
+            if auth is not None and not left_origin:
+                h["Authorization"] = auth
+            log.log(5, "%s %s", method, redact(url))
+            try:
+                resp = self._manager(url).urlopen(
+                    method, url, headers=h, body=body, redirect=False, retries=False,
+                    preload_content=False, decode_content=False, timeout=self.timeout,
+                    assert_same_host=False,
+                )
+            except _Urllib3Error as e:
+                raise UpstreamUnavailable(f"{redact(url)}: {_reason(e)}") from e
+            if follow_redirects and resp.status in REDIRECT_STATUSES and resp.headers.get("Location"):
+                location = urljoin(url, resp.headers["Location"])
+                _drain(resp)
+                if urlsplit(location).scheme not in ("http", "https"):
+                    raise UpstreamError(f"{redact(url)} redirected to a non-http URL")
+                log.debug("redirect %s -> %s", redact(url), redact(location))
+                url = location
+                if resp.status == 303:
+                    method, body = "GET", None
+                continue
+            return resp, url
+        raise UpstreamError(f"{redact(url)}: more than {MAX_REDIRECTS} redirects")
+
+    def request(self, method: str, url: str, headers: Mapping[str, str] | None = None,
+                auth: str | None = None, body: bytes | None = None,
+                follow_redirects: bool = True, limit: int = 16 << 20,
+                retry: bool = True) -> Response:
+        """A small request: the body is read whole (at most ``limit`` bytes).
+
+        Temporary failures are retried with backoff; any status comes back to the caller.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                resp, final = self.open(method, url, headers, auth, body, follow_redirects)
+                try:
+                    data = _read_limited(resp, limit, url) if method != "HEAD" else b""
+                finally:
+                    resp.release_conn()
+                if retry and resp.status in RETRY_STATUSES and attempt < self.attempts:
+                    self._sleep(attempt, retry_after(resp.headers.get("Retry-After")))
+                    continue
+                return Response(resp.status, resp.headers, data, final)
+            except UpstreamUnavailable as e:
+                if not retry or attempt >= self.attempts:
+                    raise
+                self._sleep(attempt, e.retry_after)
+
+    def _sleep(self, attempt: int, hint: float | None) -> None:
+        delay = hint if hint is not None else min(30.0, self.backoff * (2 ** (attempt - 1)))
+        delay *= 1.0 if hint is not None else random.uniform(0.8, 1.2)
+        log.debug("retrying in %.1fs", delay)
+        time.sleep(delay)
+
+    # -- streaming download into the store ----------------------------------------------
+    def download(self, url: str, writer, *, auth: str | None = None,
+                 headers: Mapping[str, str] | None = None,
+                 expected_size: int | None = None, immutable: bool = False,
+                 errors: ErrorMapper = default_error,
+                 progress: Callable[[int], None] | None = None,
+                 on_total: Callable[[int | None, int], None] | None = None) -> Mapping[str, str]:
+        """Stream ``url`` into ``writer``, resuming what it already holds.
+
+        ``immutable`` says the bytes are content-addressed (a registry blob), so a Range
+        needs no validator; otherwise resumes send ``If-Range`` with the ETag or
+        Last-Modified seen first, and a ``200`` answer means start over.  Temporary
+        failures and broken connections are retried; an attempt that made progress does
+        not use up the budget.  ``on_total(total, offset)`` is called once the size is
+        known and before any body byte is written (to refuse early when the disk is too
+        small).  Returns the last response's headers.
+        """
+        failures = 0
+        while True:
+            before = writer.offset
+            try:
+                return self._download_once(url, writer, auth, headers, expected_size,
+                                           immutable, errors, progress, on_total)
+            except UpstreamUnavailable as e:
+                if writer.offset > before:
+                    failures = 0  # it was moving: a broken connection, not a dead server
+                failures += 1
+                if failures >= self.attempts:
+                    raise
+                log.info("%s: %s; resuming at byte %d", redact(url), e.message, writer.offset)
+                self._sleep(failures, e.retry_after)
+            except (Unauthorized, Forbidden) as e:
+                # An expired signed URL at a CDN: ask the origin again, once or twice.
+                if not e.context.get("redirected") or failures >= 2:
+                    raise
+                failures += 1
+                log.info("%s: redirect target refused us; asking the origin again", redact(url))
+
+    def _download_once(self, url, writer, auth, headers, expected_size, immutable, errors,
+                       progress, on_total) -> Mapping[str, str]:
+        if expected_size is not None and writer.offset == expected_size and expected_size > 0:
+            return {}
+        h = dict(headers or {})
+        validator = writer.state.get("validator")
+        if writer.offset > 0 and (immutable or validator):
+            h["Range"] = f"bytes={writer.offset}-"
+            if not immutable:
+                h["If-Range"] = validator
+        elif writer.offset > 0:
+            writer.reset()
+        resp, final = self.open("GET", url, h, auth)
+        try:
+            status = resp.status
+            if status == 416 and writer.offset > 0:
+                total = _content_range_total(resp.headers.get("Content-Range"))
+                if total is not None and total == writer.offset:
+                    return resp.headers
+                writer.reset()
+                raise UpstreamUnavailable(f"{redact(url)}: range not satisfiable; starting over")
+            if status not in (200, 206):
+                body = _read_limited(resp, 64 << 10, url, strict=False)
+                err = errors(status, final, body, resp.headers)
+                if final != url:
+                    err.context["redirected"] = True
+                raise err
+            if status == 206:
+                start, total = _content_range(resp.headers.get("Content-Range"))
+                if start != writer.offset:
+                    writer.reset()
+                    raise UpstreamUnavailable(
+                        f"{redact(url)}: asked for bytes from {writer.offset}, got {start}")
+                if total is not None and expected_size is not None and total != expected_size:
+                    raise SizeMismatch(f"{redact(url)}: server has {total} bytes,"
+                                       f" expected {expected_size}")
+            else:
+                if writer.offset:
+                    log.info("%s: server ignored Range; starting over", redact(url))
+                    writer.reset()
+                total = None
+            length = resp.headers.get("Content-Length")
+            remaining = int(length) if length and length.isdigit() else None
+            if status == 200:
+                total = remaining
+                if total is not None and expected_size is not None and total != expected_size:
+                    raise SizeMismatch(f"{redact(url)}: Content-Length {total},"
+                                       f" expected {expected_size}; refusing")
+            if status == 200 or not writer.state.get("validator"):
+                etag = resp.headers.get("ETag")
+                validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
+                writer.save_state(url=redact(url), validator=validator, total=total)
+            if on_total is not None:
+                on_total(total if total is not None else expected_size, writer.offset)
+            self._stream(resp, writer, url, remaining, progress)
+            if expected_size is not None and writer.offset < expected_size and remaining is None:
+                raise UpstreamUnavailable(f"{redact(url)}: body ended after {writer.offset}"
+                                          f" of {expected_size} bytes")
+            return resp.headers
+        finally:
+            resp.release_conn()
+
+    def _stream(self, resp, writer, url, remaining, progress) -> None:
+        got = 0
+        try:
+            while True:
+                want = CHUNK if remaining is None else min(CHUNK, remaining - got)
+                if want <= 0:
+                    break
+                chunk = resp.read(want)
+                if not chunk:
+                    break
+                writer.write(chunk)
+                got += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+        except (_Urllib3Error, OSError) as e:
+            if isinstance(e, InsufficientStorage):
+                raise
+            resp.close()
+            raise UpstreamUnavailable(f"{redact(url)}: connection broke after {got} bytes:"
+                                      f" {_reason(e)}") from e
+        except (Cancelled, IntegrityError, SizeMismatch):
+            resp.close()
+            raise
+        if remaining is not None and got < remaining:
+            resp.close()
+            raise UpstreamUnavailable(f"{redact(url)}: body ended after {got} of {remaining} bytes")
+
+
+def _reason(e: BaseException) -> str:
+    r = getattr(e, "reason", None) or e
+    text = str(r)
+    return text.split(": ", 1)[-1][:200] if "object at 0x" in text else text[:200]
+
+
+def _drain(resp) -> None:
+    try:
+        resp.drain_conn()
+    except Exception:
+        resp.close()
+    resp.release_conn()
+
+
+def _read_limited(resp, limit: int, url: str, strict: bool = True) -> bytes:
+    chunks = []
+    n = 0
+    try:
+        while True:
+            chunk = resp.read(65536)
+            if not chunk:
+                break
+            n += len(chunk)
+            if n > limit:
+                resp.close()
+                if strict:
+                    raise UpstreamError(f"{redact(url)}: answer larger than {limit} bytes")
+                break
+            chunks.append(chunk)
+    except (_Urllib3Error, OSError) as e:
+        resp.close()
+        if not strict:
+            return b"".join(chunks)
+        raise UpstreamUnavailable(f"{redact(url)}: connection broke: {_reason(e)}") from e
+    return b"".join(chunks)
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    # "bytes START-END/TOTAL" or "bytes START-END/*"
+    try:
+        unit, rng = value.split(" ", 1)  # type: ignore[union-attr]
+        span, total = rng.split("/", 1)
+        start = int(span.split("-", 1)[0])
+        return start, (None if total.strip() == "*" else int(total))
+    except (AttributeError, ValueError):
+        return None, None
+
+
+def _content_range_total(value: str | None) -> int | None:
+    try:
+        return int(value.rsplit("/", 1)[1])  # type: ignore[union-attr]
+    except (AttributeError, ValueError, IndexError):
+        return None

@@ -1,0 +1,38 @@
+"""Real and fake peers the tests talk to.  Everything binds to 127.0.0.1.
+
+A peer that is not installed is a loud skip on a developer's machine and a failure in CI
+(CI=true), so nothing is silently left untested where the peers are supposed to be.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+MISSING: set[str] = set()
+
+
+def require_binary(name: str, package: str | None = None) -> str:
+    """Return the path of executable ``name`` or skip (fail under CI) with a loud message."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path:
+        return path
+    msg = f"PEER MISSING: {name} (Debian package {package or name}); run bash tests/run.sh to install it"
+    MISSING.add(name)
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+    raise AssertionError("unreachable")
+
+
+def require_module(name: str) -> None:
+    try:
+        __import__(name)
+    except ImportError:
+        msg = f"PEER MISSING: python module {name}; run bash tests/run.sh to install it"
+        MISSING.add(name)
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
