@@ -144,7 +144,7 @@ class Service:
             try:
                 desc = self.store.get_entry(key)
                 if desc is not None:
-                    flight.future.set_result((self._entry_json(key, desc), False))
+                    self._land(flight, result=(self._entry_json(key, desc), False))
                     return
                 state = {"url": key, "started": time.time(), "ingest": []}
                 try:
@@ -169,7 +169,7 @@ class Service:
                 record.unlink(missing_ok=True)
                 entry = self._entry_json(key, self.store.get_entry(key))
                 self._count("complete", ref)
-                flight.future.set_result((entry, True))
+                self._land(flight, result=(entry, True))
             except BaseException as e:
                 err = e if isinstance(e, NekkoError) else _internal(e)
                 keep_record = isinstance(err, _RESUMABLE) or (
@@ -178,15 +178,25 @@ class Service:
                     record.unlink(missing_ok=True)
                 self._count(err.code, ref)
                 log.info("pull %s failed: %s", key, err.message)
-                with self._lock:
-                    self._failures[key] = err
-                flight.future.set_exception(err)
+                self._land(flight, error=err)
             finally:
                 lock.release()
         finally:
-            with self._lock:
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
+            self._land(flight, error=Cancelled(f"pull of {key} ended without an answer"))
+
+    def _land(self, flight: Flight, result=None, error: NekkoError | None = None) -> None:
+        """Forget the flight first, then answer: a woken caller never joins a finished one."""
+        with self._lock:
+            if self._flights.get(flight.url) is flight:
+                del self._flights[flight.url]
+            if error is not None and not flight.future.done():
+                self._failures[flight.url] = error
+        if flight.future.done():
+            return
+        if error is not None:
+            flight.future.set_exception(error)
+        else:
+            flight.future.set_result(result)
 
     def _source_pull(self, job: Job, ref) -> PullResult:
         if isinstance(ref, HTTPRef):

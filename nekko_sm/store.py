@@ -114,17 +114,31 @@ class _FileLock:
         self._fd: int | None = None
 
     def acquire(self, blocking: bool = True) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
+        """Lock the file now at ``path``.
+
+        If whoever held it removed the file (an ingest directory that was committed), we
+        would hold a lock nobody else can see; so check the inode is still the one at the
+        path, and try again on a fresh file when it is not.
+        """
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
             os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return True
 
     def release(self) -> None:
         if self._fd is not None:
@@ -337,18 +351,26 @@ class IngestWriter:
             lease.add(digest)
         target = self.store.blob_path(digest)
         self._file.close()
-        if target.exists():
-            self._remove_dir()
-        else:
+        if not target.exists():
             os.chmod(self._data_path, 0o444)
             os.replace(self._data_path, target)
             _fsync_dir(target.parent)
-            self._remove_dir()
+        self._remove_dir()
         return Descriptor("application/octet-stream", digest, size)
 
     def _remove_dir(self) -> None:
+        # Remove everything while still holding the lock; waiters notice that the lock
+        # file they hold is gone and start on a fresh one.
+        for name in ("data", "state.json", "lock"):
+            try:
+                (self.dir / name).unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
         self._lock.release()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def discard(self) -> None:
         if not self._file.closed:
@@ -356,14 +378,19 @@ class IngestWriter:
         self._remove_dir()
 
     def close(self) -> None:
-        """Stop writing and keep the partial for a later resume."""
+        """Stop writing and keep the partial for a later resume (an empty one goes)."""
+        if self._file.closed and self._lock._fd is None:
+            return
         if not self._file.closed:
             try:
                 self._file.flush()
             except OSError:
                 pass
             self._file.close()
-        self._lock.release()
+        if self.offset == 0 and len(self.state) <= 1:
+            self._remove_dir()
+        else:
+            self._lock.release()
 
     def __enter__(self) -> IngestWriter:
         return self
@@ -467,10 +494,7 @@ class Store:
         lock = _FileLock(d / "lock")
         if not lock.acquire(blocking=False):
             return False
-        try:
-            shutil.rmtree(d, ignore_errors=True)
-        finally:
-            lock.release()
+        _rmtree_locked(d, lock)
         return True
 
     def ensure_space(self, nbytes: int, what: str = "download") -> None:
@@ -682,12 +706,11 @@ class Store:
                     lock = _FileLock(d / "lock")
                     if not lock.acquire(blocking=False):
                         continue
-                    try:
-                        report.partials_freed.append(name)
-                        if not dry_run:
-                            shutil.rmtree(d, ignore_errors=True)
-                    finally:
+                    report.partials_freed.append(name)
+                    if dry_run:
                         lock.release()
+                    else:
+                        _rmtree_locked(d, lock)
             if not dry_run:
                 _fsync_dir(self.blobs_dir)
         return report
@@ -733,6 +756,19 @@ class Store:
             if st.st_size != d.size:
                 problems.append((d.digest, f"size {st.st_size}, index says {d.size}"))
         return problems
+
+
+def _rmtree_locked(d: Path, lock: _FileLock) -> None:
+    """Remove an ingest directory whose lock we hold; the lock file goes last."""
+    for p in d.iterdir():
+        if p.name != "lock":
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else _unlink(p)
+    _unlink(d / "lock")
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+    lock.release()
 
 
 def _unlink(path: Path) -> None:

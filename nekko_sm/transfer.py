@@ -301,9 +301,12 @@ class Transfer:
             status = resp.status
             if status == 416 and writer.offset > 0:
                 total = _content_range_total(resp.headers.get("Content-Range"))
-                if total is not None and total == writer.offset:
+                promised = writer.state.get("total")
+                if total is not None and total == writer.offset and promised in (None, total):
                     return resp.headers
                 writer.reset()
+                if promised is not None and total is not None and promised != total:
+                    raise SizeMismatch(f"{redact(url)}: promised {promised} bytes, has {total}")
                 raise UpstreamUnavailable(f"{redact(url)}: range not satisfiable; starting over")
             if status not in (200, 206):
                 body = _read_limited(resp, 64 << 10, url, strict=False)
@@ -353,7 +356,9 @@ class Transfer:
                 want = CHUNK if remaining is None else min(CHUNK, remaining - got)
                 if want <= 0:
                     break
-                chunk = resp.read(want)
+                # read1: whatever has arrived (up to want). read(amt) would block until amt
+                # bytes and lose the ones it holds if the connection then stalls or drops.
+                chunk = resp.read1(want)
                 if not chunk:
                     break
                 writer.write(chunk)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs the peers it needs (Debian packages when
+# root, Python packages with pip), builds the .pyz, runs pytest. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+debs=(nginx-light docker-registry skopeo umoci)
+missing=()
+for d in "${debs[@]}"; do dpkg -s "$d" >/dev/null 2>&1 || missing+=("$d"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "tests/run.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "tests/run.sh: NOT ROOT, cannot install ${missing[*]}: their tests will be skipped loudly" >&2
+  fi
+fi
+# Debian starts nginx and docker-registry as services on install; the tests run their own.
+for svc in nginx docker-registry; do
+  if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
+done
+
+python3 -m pip install -q --disable-pip-version-check \
+  "urllib3==2.6.3" "platformdirs==4.4.0" \
+  pytest pytest-cov huggingface_hub hypothesis cryptography
+python3 build_zipapp.py
+exec python3 -m pytest -p no:cacheprovider --cov=nekko_sm --cov-report=term "$@"
