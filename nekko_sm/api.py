@@ -36,6 +36,7 @@ from nekko_sm.service import Service
 log = logging.getLogger("nekko_sm.api")
 
 MAX_BODY = 64 << 10  # a POST body is a small JSON object
+MAX_DRAIN = 64 << 20  # an oversized body up to this is read and dropped before the 413
 CONNECTION_TIMEOUT = 60.0  # seconds a client may sit idle or dribble a request
 
 
@@ -125,7 +126,16 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest("bad Content-Length")
         n = int(length)
         if n > MAX_BODY:
-            self.close_connection = True  # do not read megabytes just to refuse them
+            # Read (and drop) a moderate excess so the client sees our answer rather than a
+            # broken pipe; beyond that, answer and hang up.
+            self.close_connection = True
+            if n <= MAX_DRAIN:
+                left = n
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
             raise BodyTooLarge(f"request body of {n} bytes is larger than {MAX_BODY}")
         return self.rfile.read(n)
 

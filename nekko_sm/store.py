@@ -733,7 +733,8 @@ class Store:
         """Re-hash blobs (all, or those ``roots`` reach).  Returns ``(digest, problem)`` pairs.
 
         Missing blobs that an entry needs are reported too.  With ``repair``, damaged blobs
-        are removed (a later pull fetches them again).
+        are removed and so are the entries that need a damaged or missing blob, so the
+        next pull of those URLs fetches them again.
         """
         problems: list[tuple[str, str]] = []
         if roots is None:
@@ -748,13 +749,11 @@ class Store:
                 problems.append((digest, "digest mismatch"))
                 if repair:
                     _unlink(path)
-        for d in self.entries():
-            try:
-                st = self.blob_path(d.digest).stat()
-            except FileNotFoundError:
-                continue
-            if st.st_size != d.size:
-                problems.append((d.digest, f"size {st.st_size}, index says {d.size}"))
+        if repair and problems:
+            bad = {d for d, _ in problems}
+            for entry in self.entries():
+                if self.reachable([entry]) & bad:
+                    self.remove_entry(entry.annotations[REF_NAME])
         return problems
 
 
