@@ -12,7 +12,7 @@ import pytest
 import peers
 
 # Peer fixtures (nginx, faulty, registry, auth_registry, fakehub …) live beside their peers.
-pytest_plugins = ["peers.nginx", "peers.faulty", "peers.fakehub"]
+pytest_plugins = ["peers.nginx", "peers.faulty", "peers.fakehub", "peers.registry"]
 
 ROOT = Path(__file__).resolve().parent.parent
 _ENV_PREFIXES = ("NEKKO_", "HF_", "STORAGE_MANAGER_", "HUGGING_FACE")
