@@ -29,7 +29,14 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse
-from nekko_sm.sources.base import A_DIGEST, A_PLATFORM, Job, Progress, PullResult
+from nekko_sm.sources.base import (
+    A_DIGEST,
+    A_PLATFORM,
+    DIRECTORY_ARTIFACT_TYPES,
+    Job,
+    Progress,
+    PullResult,
+)
 from nekko_sm.store import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -53,11 +60,11 @@ _RESUMABLE = (UpstreamUnavailable, InsufficientStorage)
 class Flight:
     """One pull in progress, shared by every caller who asks for the same URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, sink: Callable[[int], None] | None = None) -> None:
         self.url = url
         self.future: Future = Future()
         self.cancel = threading.Event()
-        self.progress = Progress()
+        self.progress = Progress(sink)
         self.started = time.time()
         self.keep_partial = False  # set when stopping the server: the pull stays resumable
 
@@ -120,7 +127,7 @@ class Service:
             flight = self._flights.get(key)
             if flight is not None:
                 return flight, None
-            flight = Flight(key)
+            flight = Flight(key, self._count_bytes)
             self._flights[key] = flight
             self._failures.pop(key, None)
         runner = threading.Thread(target=self._run, name=f"pull {key[:60]}", daemon=True,
@@ -225,6 +232,10 @@ class Service:
             self.store.make_view(key, [(f["name"], f["digest"]) for f in files])
         self.store.put_entry(key, desc)
 
+    def _count_bytes(self, n: int) -> None:
+        with self._lock:
+            self.stats["bytes_downloaded"] += n
+
     def _count(self, result: str, ref) -> None:
         with self._lock:
             k = (ref.scheme, result)
@@ -267,7 +278,8 @@ class Service:
     @staticmethod
     def _is_single_file(desc: Descriptor, files: list) -> dict | None:
         """The one file of a single-file artifact entry, else None."""
-        if desc.artifact_type and len(files) == 1 and desc.media_type in MANIFEST_TYPES:
+        if (desc.artifact_type and len(files) == 1 and desc.media_type in MANIFEST_TYPES
+                and desc.artifact_type not in DIRECTORY_ARTIFACT_TYPES):
             return files[0]
         return None
 

@@ -254,6 +254,7 @@ def test_metrics(api, nginx):
     assert 'nekko_pulls_total{source="http",result="complete"} 1' in text
     assert 'nekko_api_errors_total{code="invalid-json"} 1' in text
     assert "nekko_cache_entries 1" in text
+    assert "nekko_downloaded_bytes_total 1" in text
 
 
 def test_unix_socket(tmp_path, nginx):

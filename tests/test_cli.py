@@ -215,3 +215,31 @@ def test_runs_on_the_oldest_python_available(pyz, nginx, tmp_path):
     r = subprocess.run([py, str(pyz), "--cache-dir", str(tmp_path / "c"), "pull", url],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_progress_bar_only_on_a_terminal(pyz, faulty, tmp_path):
+    import pty
+
+    data = os.urandom(4 << 20)
+    url = faulty.add("tty.bin", data, stall_after=1 << 20, stall_seconds=0.6)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(tmp_path / "c"),
+                                 "pull", url], stdout=subprocess.PIPE, stderr=follower)
+        os.close(follower)
+        out, _ = proc.communicate(timeout=60)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+    assert proc.returncode == 0
+    bar = b"".join(chunks).decode()
+    assert "\r" in bar and "MiB" in bar and "100.0%" in bar
+    assert Path(out.decode().strip()).read_bytes() == data

@@ -35,18 +35,24 @@ A_DIGEST = "io.nekko.digest"  # the entry's "digest" (file sha256, or the image 
 A_PLATFORM = "io.nekko.platform"
 A_ORIGINAL = "io.nekko.source.digest"
 
+# Artifact types whose entry is always a directory of named links, even with one file.
+DIRECTORY_ARTIFACT_TYPES = frozenset({"application/vnd.nekko.hf.repo.v1"})
+
 
 class Progress:
     """Bytes done and expected for one pull; shared by every caller waiting on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, sink: Callable[[int], None] | None = None) -> None:
         self._lock = threading.Lock()
+        self._sink = sink
         self.total: int | None = None
         self.done = 0
 
     def add(self, n: int) -> None:
         with self._lock:
             self.done += n
+        if self._sink is not None:
+            self._sink(n)
 
     def expect(self, n: int) -> None:
         with self._lock:
