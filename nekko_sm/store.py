@@ -42,6 +42,7 @@ from typing import Callable, Iterable, Iterator
 
 from nekko_sm.errors import (
     CacheCorrupt,
+    NekkoError,
     Cancelled,
     InsufficientStorage,
     IntegrityError,
@@ -62,6 +63,7 @@ MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST)
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+_HASH_CHUNK = 4 << 20
 # Keep this much free beyond what a download needs, so the index can still be written.
 _SPACE_MARGIN = 16 << 20
 
@@ -228,10 +230,17 @@ Hasher = Callable[[], "hashlib._Hash"]
 class IngestWriter:
     """A resumable partial download of one blob, under ``ingest/KEY/``.
 
-    Holds the ingest lock while open.  ``offset`` says how many bytes are already there
-    (from an interrupted earlier attempt); they have been re-hashed, so appending the rest
-    and committing verifies the whole.  ``state`` is free-form resume metadata (URL,
-    validator for If-Range, total size) that survives a crash.
+    Holds the ingest lock while open.  Bytes go to ``data`` through an unbuffered file
+    descriptor, either appended (:meth:`write`) or placed at an offset (:meth:`pwrite`, for
+    ranged downloads, which then :meth:`advance` the contiguous frontier).  A background
+    thread hashes ``data`` from the page cache behind that frontier, so hashing overlaps
+    the network and the disk instead of adding to them.
+
+    ``offset`` is the contiguous frontier: how many leading bytes are present.  A partial
+    left by an earlier attempt (even a crashed one) is picked up at open: its bytes are
+    re-hashed in the background, so appending the rest and committing verifies the whole.
+    ``state`` is free-form resume metadata (URL, validator for If-Range, total size, the
+    part map of a ranged download) that survives a crash.
     """
 
     def __init__(
@@ -245,7 +254,6 @@ class IngestWriter:
         self.store = store
         self.ref = ref
         self.dir = store.ingest_dir / _key(ref)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = _FileLock(self.dir / "lock")
         self._lock.acquire()
         self.expected_size = expected_size
@@ -260,103 +268,228 @@ class IngestWriter:
             self.state = {}
         if self.state.get("ref") != ref:
             self.state = {"ref": ref}
-        self._file = open(self._data_path, "a+b")
-        self._rehash()
+        self._fd: int | None = os.open(self._data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._cond = threading.Condition()
+        self._hasher: threading.Thread | None = None
+        self._hash_error: BaseException | None = None
+        self._stop_hashing = False
+        self._new_hashes()
+        size = os.fstat(self._fd).st_size
+        ranged = self.state.get("ranged")
+        if ranged:
+            # A ranged download: the file has its full size; what is there is the part map.
+            self.offset = _contiguous(ranged.get("parts", []), size)
+        else:
+            self.offset = size
+        if self.expected_size is not None and (size > self.expected_size or
+                                               (ranged and ranged.get("total") != self.expected_size)):
+            self.reset()
+        self._kick()
+
+    # -- hashing behind the frontier ---------------------------------------------------
+    def _new_hashes(self) -> None:
+        self._sha = hashlib.sha256()
+        self._hashers = {name: make() for name, make in self._extra.items()}
+        self._hashed = 0
+
+    def _kick(self) -> None:
+        with self._cond:
+            if self._hasher is None and self._hashed < self.offset:
+                self._stop_hashing = False
+                self._hasher = threading.Thread(target=self._hash_loop, daemon=True,
+                                                name=f"hash {self.ref[:40]}")
+                self._hasher.start()
+            self._cond.notify_all()
+
+    def _hash_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._hashed >= self.offset and not self._stop_hashing:
+                        self._cond.wait()
+                    if self._stop_hashing:
+                        return
+                    start, end, fd = self._hashed, self.offset, self._fd
+                    sha, extra = self._sha, list(self._hashers.values())
+                while start < end:
+                    n = min(_HASH_CHUNK, end - start)
+                    chunk = os.pread(fd, n, start)
+                    if not chunk:
+                        raise OSError(f"{self._data_path} is shorter than expected")
+                    sha.update(chunk)
+                    for h in extra:
+                        h.update(chunk)
+                    start += len(chunk)
+                    with self._cond:
+                        if self._stop_hashing:
+                            return
+                        if self._sha is not sha:  # reset meanwhile: start over
+                            break
+                        self._hashed = start
+                        self._cond.notify_all()
+        except BaseException as e:  # surfaced by the next digest/commit
+            with self._cond:
+                self._hash_error = e
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                if self._hasher is threading.current_thread():
+                    self._hasher = None
+                self._cond.notify_all()
+
+    def _wait_hashed(self) -> None:
+        with self._cond:
+            while self._hashed < self.offset and self._hash_error is None:
+                if self._hasher is None:
+                    break
+                self._cond.wait(1.0)
+            err = self._hash_error
+        if err is not None:
+            raise CacheCorrupt(f"could not hash the partial download of {self.ref}: {err}")
+        if self._hashed < self.offset:
+            self._kick()
+            self._wait_hashed()
+
+    def _stop_hasher(self) -> None:
+        with self._cond:
+            self._stop_hashing = True
+            self._cond.notify_all()
+            t = self._hasher
+        if t is not None and t is not threading.current_thread():
+            t.join()
+        with self._cond:
+            self._stop_hashing = False
 
     # -- bytes ---------------------------------------------------------------------
-    def _rehash(self) -> None:
-        self._sha = hashlib.sha256()
-        self._hashers = {name: make() for name, make in self._extra.items()}
-        self._file.seek(0)
-        n = 0
-        while True:
-            chunk = self._file.read(_CHUNK)
-            if not chunk:
-                break
-            self._update(chunk)
-            n += len(chunk)
-        self.offset = n
-        if self.expected_size is not None and n > self.expected_size:
-            self.reset()
-
-    def _update(self, data: bytes) -> None:
-        self._sha.update(data)
-        for h in self._hashers.values():
-            h.update(data)
-
-    def write(self, data: bytes) -> None:
+    def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled(f"download of {self.ref} was cancelled")
-        if self.expected_size is not None and self.offset + len(data) > self.expected_size:
+
+    def _os_error(self, e: OSError) -> NekkoError | OSError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return InsufficientStorage(
+                f"disk full after {self.offset} bytes of {self.ref}; the partial is kept for resume")
+        return e
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` at the frontier."""
+        self._check_cancel()
+        n = len(data)
+        if self.expected_size is not None and self.offset + n > self.expected_size:
             raise SizeMismatch(
-                f"upstream sent more than the {self.expected_size} bytes promised for {self.ref}"
-            )
+                f"upstream sent more than the {self.expected_size} bytes promised for {self.ref}")
+        self._pwrite_all(data, self.offset)
+        with self._cond:
+            self.offset += n
+        self._kick()
+
+    def pwrite(self, data: bytes | memoryview, pos: int) -> None:
+        """Place ``data`` at ``pos`` (a ranged download); call :meth:`advance` as parts finish."""
+        self._check_cancel()
+        if self.expected_size is not None and pos + len(data) > self.expected_size:
+            raise SizeMismatch(f"upstream sent bytes past the {self.expected_size} promised"
+                               f" for {self.ref}")
+        self._pwrite_all(data, pos)
+
+    def _pwrite_all(self, data: bytes | memoryview, pos: int) -> None:
+        view = memoryview(data)
         try:
-            self._file.write(data)
+            while view:
+                n = os.pwrite(self._fd, view, pos)  # type: ignore[arg-type]
+                view = view[n:]
+                pos += n
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientStorage(
-                    f"disk full after {self.offset} bytes of {self.ref}; the partial is kept for resume"
-                ) from e
-            raise
-        self._update(data)
-        self.offset += len(data)
+            raise self._os_error(e) from e
+
+    def advance(self, frontier: int) -> None:
+        """The first ``frontier`` bytes are now all present (ranged downloads)."""
+        with self._cond:
+            if frontier > self.offset:
+                self.offset = frontier
+        self._kick()
+
+    def preallocate(self, total: int) -> None:
+        """Reserve ``total`` bytes on disk now: a disk that is too small fails here, not later."""
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self._fd, 0, total)
+            else:  # pragma: no cover - macOS
+                os.ftruncate(self._fd, total)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                os.ftruncate(self._fd, total)
+            else:
+                raise self._os_error(e) from e
 
     def reset(self) -> None:
-        """Start over: the upstream ignored Range or the content changed."""
-        self._file.seek(0)
-        self._file.truncate(0)
-        self._sha = hashlib.sha256()
-        self._hashers = {name: make() for name, make in self._extra.items()}
-        self.offset = 0
+        """Start over: the upstream ignored Range, or the content changed."""
+        self._stop_hasher()
+        os.ftruncate(self._fd, 0)
+        with self._cond:
+            self._new_hashes()
+            self.offset = 0
+            self._hash_error = None
+        self.state.pop("ranged", None)
 
     def hexdigest(self, name: str) -> str:
+        self._wait_hashed()
         return self._hashers[name].hexdigest()
 
     @property
     def digest(self) -> str:
+        self._wait_hashed()
         return "sha256:" + self._sha.hexdigest()
+
+    def sync(self) -> None:
+        """Make what was written durable (before recording it in the state)."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise self._os_error(e) from e
 
     def save_state(self, **values: object) -> None:
         self.state.update(values)
-        self._flush()
         _write_atomic(self._state_path, json.dumps(self.state, sort_keys=True).encode())
-
-    def _flush(self) -> None:
-        try:
-            self._file.flush()
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientStorage(f"disk full while writing {self.ref}") from e
-            raise
 
     # -- end -----------------------------------------------------------------------
     def commit(self, expected_digest: str | None = None, lease: Lease | None = None) -> Descriptor:
         """Verify and move the bytes into ``blobs/``.  On mismatch the partial is discarded."""
-        self._flush()
-        os.fsync(self._file.fileno())
-        size, digest = self.offset, self.digest
+        if self.state.get("ranged"):
+            os.ftruncate(self._fd, self.offset)  # a ranged file was preallocated to its total
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise self._os_error(e) from e
+        size = self.offset
+        if os.fstat(self._fd).st_size != size:
+            self.discard()
+            raise CacheCorrupt(f"{self.ref}: partial has gaps; nothing was stored")
         if self.expected_size is not None and size != self.expected_size:
             self.discard()
             raise SizeMismatch(
-                f"{self.ref}: got {size} bytes, expected {self.expected_size}; nothing was stored"
-            )
+                f"{self.ref}: got {size} bytes, expected {self.expected_size}; nothing was stored")
+        digest = self.digest
         if expected_digest is not None and digest != expected_digest:
             self.discard()
             raise IntegrityError(
                 f"{self.ref}: content has digest {digest}, expected {expected_digest};"
-                " nothing was stored"
-            )
+                " nothing was stored")
         if lease is not None:
             lease.add(digest)
         target = self.store.blob_path(digest)
-        self._file.close()
+        self._close_fd()
         if not target.exists():
             os.chmod(self._data_path, 0o444)
             os.replace(self._data_path, target)
             _fsync_dir(target.parent)
         self._remove_dir()
         return Descriptor("application/octet-stream", digest, size)
+
+    def _close_fd(self) -> None:
+        self._stop_hasher()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def _remove_dir(self) -> None:
         # Remove everything while still holding the lock; waiters notice that the lock
@@ -373,23 +506,17 @@ class IngestWriter:
         self._lock.release()
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        self._close_fd()
         self._remove_dir()
 
     def close(self) -> None:
         """Stop writing and keep the partial for a later resume (an empty one goes)."""
-        if self._file.closed and self._lock._fd is None:
+        if self._fd is None and self._lock._fd is None:
             return
-        if not self._file.closed:
-            try:
-                self._file.flush()
-            except OSError:
-                pass
-            self._file.close()
-        if self.offset == 0 and len(self.state) <= 1:
+        self._close_fd()
+        if self.offset == 0 and not self.state.get("ranged") and len(self.state) <= 1:
             self._remove_dir()
-        else:
+        elif self._lock._fd is not None:
             self._lock.release()
 
     def __enter__(self) -> IngestWriter:
@@ -397,6 +524,22 @@ class IngestWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _contiguous(parts: list, size: int) -> int:
+    """How many leading bytes a ranged download's part map says are present."""
+    frontier = 0
+    for part in sorted(parts):
+        try:
+            start, end, nxt = (int(x) for x in part)
+        except (TypeError, ValueError):
+            break
+        if start > frontier:
+            break
+        frontier = max(frontier, min(nxt, size))
+        if nxt < end:
+            break
+    return frontier
 
 
 @dataclass

@@ -295,3 +295,57 @@ def test_ensure_space_refuses_what_cannot_fit(store):
 def test_bad_digests_are_refused(bad):
     with pytest.raises(InvalidDigest):
         check_digest(bad)
+
+
+def test_out_of_order_writes_hash_behind_the_frontier(store):
+    data = os.urandom(5 << 20)
+    parts = [(3 << 20, 5 << 20), (0, 1 << 20), (1 << 20, 3 << 20)]
+    with store.writer("r", expected_size=len(data)) as w:
+        w.preallocate(len(data))
+        w.save_state(ranged={"total": len(data), "parts": []})
+        done = 0
+        for start, end in parts:
+            w.pwrite(data[start:end], start)
+            if start == done:
+                done = end
+                if done == 1 << 20:
+                    w.advance(done)
+        w.advance(len(data))
+        desc = w.commit(sha256_digest(data))
+    assert store.blob_path(desc.digest).read_bytes() == data
+
+
+def test_ranged_partial_resumes_from_its_part_map(store):
+    data = os.urandom(4 << 20)
+    half = 2 << 20
+    with store.writer("r", expected_size=len(data)) as w:
+        w.preallocate(len(data))
+        w.pwrite(data[:half], 0)
+        w.pwrite(data[3 << 20:], 3 << 20)
+        w.sync()
+        w.save_state(ranged={"total": len(data),
+                             "parts": [[0, half, half], [half, 3 << 20, half],
+                                       [3 << 20, 4 << 20, 4 << 20]]})
+    with store.writer("r", expected_size=len(data)) as w:
+        assert w.offset == half  # the contiguous prefix, re-hashed in the background
+        w.pwrite(data[half:3 << 20], half)
+        w.advance(len(data))
+        desc = w.commit(sha256_digest(data))
+    assert desc.digest == sha256_digest(data)
+
+
+def test_ranged_commit_with_a_gap_is_refused(store):
+    with store.writer("r", expected_size=100) as w:
+        w.preallocate(100)
+        w.save_state(ranged={"total": 100, "parts": [[0, 100, 50]]})
+        w.pwrite(b"x" * 50, 0)
+        w.advance(50)
+        with pytest.raises(SizeMismatch):
+            w.commit()
+    assert list(store.blobs()) == []
+
+
+def test_preallocate_beyond_the_disk_is_insufficient_storage(store):
+    with store.writer("huge") as w:
+        with pytest.raises(InsufficientStorage):
+            w.preallocate(1 << 60)
