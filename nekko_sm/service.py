@@ -26,9 +26,10 @@ from nekko_sm.errors import (
     InsufficientStorage,
     InvalidDigest,
     NekkoError,
+    UnsafeName,
     UpstreamUnavailable,
 )
-from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse
+from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse, safe_name
 from nekko_sm.sources.base import (
     A_DIGEST,
     A_PLATFORM,
@@ -143,53 +144,61 @@ class Service:
 
     def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
         key = flight.url
-        record, lock_path = self._pull_paths(key)
-        lock = _FileLock(lock_path)
-        keep_record = False
+        outcome: dict = {"error": Cancelled(f"pull of {key} ended without an answer")}
+        lock = _FileLock(self._pull_paths(key)[1])
         try:
             lock.acquire()  # another process pulling the same URL: wait for it
             try:
-                desc = self.store.get_entry(key)
-                if desc is not None:
-                    self._land(flight, result=(self._entry_json(key, desc), False))
-                    return
-                state = {"url": key, "started": time.time(), "ingest": []}
-                try:
-                    old = json.loads(record.read_text())
-                    state["ingest"] = [r for r in old.get("ingest", []) if isinstance(r, str)]
-                except (OSError, ValueError):
-                    pass
-                _write_atomic(record, json.dumps(state).encode())
-
-                def on_ingest(ref_name: str) -> None:
-                    if ref_name not in state["ingest"]:
-                        state["ingest"].append(ref_name)
-                        _write_atomic(record, json.dumps(state).encode())
-
-                with Lease(self.store) as lease:
-                    job = Job(self.config, self.store, self.transfer, lease, credentials, digest,
-                              platform, flight.cancel, flight.progress, on_ingest)
-                    result = self._source_pull(job, ref)
-                    if flight.cancel.is_set():
-                        raise Cancelled(f"pull of {key} was cancelled")
-                    self._commit(key, result)
-                record.unlink(missing_ok=True)
-                entry = self._entry_json(key, self.store.get_entry(key))
-                self._count("complete", ref)
-                self._land(flight, result=(entry, True))
-            except BaseException as e:
-                err = e if isinstance(e, NekkoError) else _internal(e)
-                keep_record = isinstance(err, _RESUMABLE) or (
-                    isinstance(err, Cancelled) and flight.keep_partial)
-                if not keep_record:
-                    record.unlink(missing_ok=True)
-                self._count(err.code, ref)
-                log.info("pull %s failed: %s", key, err.message)
-                self._land(flight, error=err)
+                outcome = self._pull_locked(flight, ref, credentials, digest, platform)
             finally:
-                lock.release()
+                lock.release()  # before answering: a caller told "failed" must not see it busy
+        except BaseException as e:
+            outcome = {"error": e if isinstance(e, NekkoError) else _internal(e)}
         finally:
-            self._land(flight, error=Cancelled(f"pull of {key} ended without an answer"))
+            self._land(flight, **outcome)
+
+    def _pull_locked(self, flight: Flight, ref, credentials, digest, platform) -> dict:
+        key = flight.url
+        record = self._pull_paths(key)[0]
+        desc = self.store.get_entry(key)
+        if desc is not None:  # someone else (another process) finished it meanwhile
+            return {"result": (self._entry_json(key, desc), False)}
+        state = {"url": key, "started": time.time(), "ingest": []}
+        try:
+            old = json.loads(record.read_text())
+            state["ingest"] = [r for r in old.get("ingest", []) if isinstance(r, str)]
+        except (OSError, ValueError):
+            pass
+        try:
+            _write_atomic(record, json.dumps(state).encode())
+
+            def on_ingest(ref_name: str) -> None:
+                if ref_name not in state["ingest"]:
+                    state["ingest"].append(ref_name)
+                    _write_atomic(record, json.dumps(state).encode())
+
+            with Lease(self.store) as lease:
+                job = Job(self.config, self.store, self.transfer, lease, credentials, digest,
+                          platform, flight.cancel, flight.progress, on_ingest)
+                result = self._source_pull(job, ref)
+                if flight.cancel.is_set():
+                    raise Cancelled(f"pull of {key} was cancelled")
+                self._commit(key, result)
+            record.unlink(missing_ok=True)
+            entry = self._entry_json(key, self.store.get_entry(key))
+            self._count("complete", ref)
+            with self._lock:  # bytes the cache already had (/metrics)
+                self.stats["bytes_deduplicated"] = (self.stats.get("bytes_deduplicated", 0)
+                                                    + flight.progress.deduplicated)
+            return {"result": (entry, True)}
+        except BaseException as e:
+            err = e if isinstance(e, NekkoError) else _internal(e)
+            keep = isinstance(err, _RESUMABLE) or (isinstance(err, Cancelled) and flight.keep_partial)
+            if not keep:
+                record.unlink(missing_ok=True)
+            self._count(err.code, ref)
+            log.info("pull %s failed: %s", key, err.message)
+            return {"error": err}
 
     def _land(self, flight: Flight, result=None, error: NekkoError | None = None) -> None:
         """Forget the flight first, then answer: a woken caller never joins a finished one."""
@@ -250,10 +259,16 @@ class Service:
         if desc.media_type in MANIFEST_TYPES:
             files = self._manifest_files(desc, "")
         elif desc.media_type in INDEX_TYPES:
+            seen: set = set()
             for child in self.store.children(desc):
                 p = child.platform or {}
+                if p.get("os") == "unknown" and p.get("architecture") == "unknown":
+                    continue  # an attestation manifest (SBOM, provenance), not an image
                 prefix = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
-                files.extend(self._manifest_files(child, (prefix or child.digest[7:19]) + "/"))
+                for f in self._manifest_files(child, (prefix or child.digest[7:19]) + "/"):
+                    if f["name"] not in seen:  # two children of one platform: first wins
+                        seen.add(f["name"])
+                        files.append(f)
         if len(self._files_cache) > 100_000:
             self._files_cache.clear()
         self._files_cache[desc.digest] = files
@@ -268,8 +283,15 @@ class Service:
         for layer in doc.get("layers") or []:
             if not isinstance(layer, dict):
                 continue
+            if not isinstance(layer.get("digest"), str):
+                continue
             title = (layer.get("annotations") or {}).get(TITLE)
-            name = title or layer.get("digest", "").replace(":", "-")
+            name = layer["digest"].replace(":", "-")
+            if title:
+                try:
+                    name = safe_name(title)
+                except UnsafeName:
+                    pass  # never a path outside the view: keep the digest name
             out.append({"name": prefix + name, "digest": layer.get("digest"),
                         "size": layer.get("size"),
                         "path": str(self.store.blob_path(layer["digest"]))})

@@ -123,8 +123,14 @@ class _FileLock:
         path, and try again on a fresh file when it is not.
         """
         while True:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except (FileNotFoundError, FileExistsError):
+                # The holder removed the directory while we made it or opened the file.
+                if self.path.parent.is_file():
+                    raise
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -478,7 +484,13 @@ class IngestWriter:
             lease.add(digest)
         target = self.store.blob_path(digest)
         self._close_fd()
-        if not target.exists():
+        try:
+            # A blob of the right size is the same bytes (written once, verified); one of
+            # another size was damaged after the fact: replace it with the verified bytes.
+            present = target.stat().st_size == size
+        except FileNotFoundError:
+            present = False
+        if not present:
             os.chmod(self._data_path, 0o444)
             os.replace(self._data_path, target)
             _fsync_dir(target.parent)

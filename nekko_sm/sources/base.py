@@ -47,12 +47,19 @@ class Progress:
         self._sink = sink
         self.total: int | None = None
         self.done = 0
+        self.deduplicated = 0  # bytes the cache already had (counted in done, not downloaded)
 
     def add(self, n: int) -> None:
         with self._lock:
             self.done += n
         if self._sink is not None:
             self._sink(n)
+
+    def skip(self, n: int) -> None:
+        """``n`` bytes need no download: the cache already has them."""
+        with self._lock:
+            self.done += n
+            self.deduplicated += n
 
     def expect(self, n: int) -> None:
         with self._lock:

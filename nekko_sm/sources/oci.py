@@ -1,0 +1,715 @@
+"""OCI registries: challenge/token auth, manifests, platform choice, blobs (DESIGN section 3).
+
+A pull resolves ``oci://REGISTRY/REPO:TAG`` (or ``@sha256:…``) to a manifest, picks the
+platform's image from an index (or keeps the whole index with ``--platform all``), then
+fetches every config and layer blob the cache does not have yet, ``config.jobs`` at a time.
+Manifests are stored byte for byte as served; every blob is verified at commit.
+
+Endpoints: each configured mirror of the registry first (``MIRROR/v2/…?ns=REGISTRY``, as
+containerd does), then the registry itself.  Any failure of a mirror falls back to the next
+endpoint for the rest of the pull.  The caller's credentials go to the registry and to the
+token server its challenge names, never to a mirror or a blob redirect target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from nekko_sm.config import Platform, normalize_arch, parse_platform
+from nekko_sm.credentials import Credentials
+from nekko_sm.errors import (
+    BadRequest,
+    Cancelled,
+    InsufficientStorage,
+    IntegrityError,
+    ManifestInvalid,
+    NekkoError,
+    NoMatchingPlatform,
+    Unauthorized,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamUnavailable,
+)
+from nekko_sm.refs import OCIRef, redact, safe_name
+from nekko_sm.sources.base import FileItem, Job, PullResult
+from nekko_sm.store import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MT_DOCKER_LIST,
+    MT_DOCKER_MANIFEST,
+    MT_OCI_INDEX,
+    MT_OCI_MANIFEST,
+    TITLE,
+    Descriptor,
+    sha256_digest,
+)
+from nekko_sm.transfer import default_error, retry_after
+
+log = logging.getLogger("nekko_sm.oci")
+
+ACCEPT = ", ".join((MT_OCI_INDEX, MT_OCI_MANIFEST, MT_DOCKER_LIST, MT_DOCKER_MANIFEST))
+MAX_MANIFEST = 4 << 20
+_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.v1+prettyjws")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_ATTESTATION = "attestation-manifest"
+_DEFAULT_EXPIRES = 60
+_MAX_NESTING = 4
+
+
+# --------------------------------------------------------------------------------------------
+# the one translator of registry errors
+
+
+def registry_error(status: int, url: str, body: bytes, headers: Mapping[str, str],
+                   what: str = "", retryable: bool = True) -> NekkoError:
+    """Turn a registry's error answer (``{"errors": [{"code", "message"}]}``) into ours.
+
+    ``what`` names the pull (``oci://…``) in messages.  ``retryable=False`` (mirrors) makes
+    temporary failures final, so the caller falls back at once instead of backing off.
+    """
+    pairs: list[tuple[str, str]] = []
+    try:
+        doc = json.loads(body.decode("utf-8", "replace")) if body else None
+        for e in (doc or {}).get("errors") or []:
+            if isinstance(e, dict):
+                pairs.append((str(e.get("code", "")).upper()[:40],
+                              str(e.get("message") or "")[:200]))
+    except (ValueError, AttributeError):
+        pass
+    codes = [c for c, _ in pairs]
+    where = what or redact(url)
+    said = "; ".join(f"{c}: {m}" if m else c for c, m in pairs[:4])
+    detail = f" ({status} {said})" if said else f" ({status})"
+    challenge = headers.get("WWW-Authenticate")
+    if status == 429 or "TOOMANYREQUESTS" in codes:
+        err: NekkoError = UpstreamUnavailable(
+            f"{where}: the registry is rate limiting us{detail}",
+            retry_after=retry_after(headers.get("Retry-After")))
+    elif status == 401 or {"UNAUTHORIZED", "DENIED"} & set(codes):
+        err = Unauthorized(f"{where} needs credentials: pass credentials or check them{detail}")
+        if status == 401:
+            err.context["challenge"] = challenge  # for a re-challenge mid-pull
+    elif status == 404 or {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"} & set(codes):
+        err = UpstreamNotFound(f"{where}: not found at the registry{detail}")
+    else:
+        base = default_error(status, url, body, headers)
+        kw = {"retry_after": base.retry_after} if isinstance(base, UpstreamUnavailable) else {}
+        err = type(base)(f"{where}: the registry answered{detail}", **kw)
+    if not retryable and isinstance(err, UpstreamUnavailable):
+        err = UpstreamError(err.message)
+    return err
+
+
+# --------------------------------------------------------------------------------------------
+# WWW-Authenticate
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_PARAM_RE = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^,\s]*)""")
+
+
+def parse_challenges(value: str | None) -> list[tuple[str, dict[str, str]]]:
+    """``Bearer realm="…",scope="a,b", Basic realm="x"`` -> ``[("bearer", {…}), ("basic", {…})]``.
+
+    Schemes and parameter names are lower-cased; quoted values keep their commas and lose
+    their backslash escapes.  Parsing stops at anything it cannot read.
+    """
+    out: list[tuple[str, dict[str, str]]] = []
+    s = value or ""
+    i = 0
+    while True:
+        while i < len(s) and s[i] in " \t,":
+            i += 1
+        param = _PARAM_RE.match(s, i)
+        if param and out:
+            v = param.group(2)
+            if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+                v = re.sub(r"\\(.)", r"\1", v[1:-1])
+            out[-1][1].setdefault(param.group(1).lower(), v)
+            i = param.end()
+            continue
+        scheme = _TOKEN_RE.match(s, i)
+        if not scheme:
+            return out
+        out.append((scheme.group(0).lower(), {}))
+        i = scheme.end()
+
+
+# --------------------------------------------------------------------------------------------
+# tokens
+
+
+class _TokenCache:
+    """Tokens by (realm, service, scopes, credentials) until they are about to expire."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[tuple, tuple[str, float]] = {}
+
+    def get(self, key: tuple) -> str | None:
+        with self._lock:
+            hit = self._tokens.get(key)
+            if hit is None:
+                return None
+            if hit[1] <= time.monotonic():
+                del self._tokens[key]
+                return None
+            return hit[0]
+
+    def put(self, key: tuple, token: str, expires_in: float) -> None:
+        slack = min(30.0, max(1.0, expires_in / 10))
+        with self._lock:
+            if len(self._tokens) > 1000:
+                self._tokens.clear()
+            self._tokens[key] = (token, time.monotonic() + max(0.0, expires_in - slack))
+
+    def drop(self, key: tuple) -> None:
+        with self._lock:
+            self._tokens.pop(key, None)
+
+
+# One cache per Transfer (i.e. per Service): tokens outlive a pull, never a process.
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
+
+
+def _cache_for(transfer: object) -> _TokenCache:
+    with _caches_lock:
+        cache = _caches.get(transfer)
+        if cache is None:
+            cache = _TokenCache()
+            _caches[transfer] = cache
+        return cache
+
+
+def _origin(url: str) -> tuple:
+    p = urlsplit(url)
+    scheme = p.scheme.lower()
+    return scheme, (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(scheme)
+
+
+# --------------------------------------------------------------------------------------------
+# one endpoint: a mirror or the registry
+
+
+class _Endpoint:
+    """A base URL that speaks the registry API for one repository, and how to authorise there."""
+
+    def __init__(self, job: Job, ref: OCIRef, base: str, mirror: bool) -> None:
+        self.job = job
+        self.ref = ref
+        self.base = base.rstrip("/").removesuffix("/v2")
+        self.mirror = mirror
+        self.query = "?" + urlencode({"ns": ref.registry}) if mirror else ""
+        # The caller's credentials are for the registry: a mirror only gets anonymous tokens.
+        self.credentials: Credentials | None = None if mirror else job.credentials
+        self.errors = partial(registry_error, what=ref.canonical, retryable=not mirror)
+        self._lock = threading.Lock()
+        self._ready = False
+        self._auth: str | None = None
+        self._token_key: tuple | None = None
+        self._cache = _cache_for(job.transfer)
+
+    def __str__(self) -> str:
+        return f"mirror {redact(self.base)}" if self.mirror else f"registry {redact(self.base)}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/v2/{path}{self.query}"
+
+    @property
+    def auth(self) -> str | None:
+        return self._auth
+
+    def same_origin(self, url: str) -> bool:
+        return _origin(url) == _origin(self.base)
+
+    # -- ping and challenges -------------------------------------------------------------
+    def ready(self) -> None:
+        """Ping ``/v2/`` once and answer its challenge, if any."""
+        if self._ready:
+            return
+        with self._lock:
+            if self._ready:
+                return
+            creds = self.credentials
+            first = creds.header if creds is not None and creds.type == "Bearer" else None
+            resp = self.job.transfer.request("GET", self.url(""), auth=first, limit=1 << 20,
+                                             retry=not self.mirror)
+            if resp.status == 200:
+                self._auth = first
+            elif resp.status == 401 and self.same_origin(resp.url):
+                self._answer(resp.headers.get("WWW-Authenticate"), force=False)
+            else:
+                raise self.errors(resp.status, resp.url, resp.data, resp.headers)
+            self._ready = True
+
+    def reauthenticate(self, challenge: str | None, used: str | None) -> None:
+        """A 401 mid-pull: drop the token that was refused and answer the challenge again
+        (asking ``/v2/`` for one when the 401 came without)."""
+        with self._lock:
+            if self._auth != used:
+                return  # another thread already did
+            if self._token_key is not None:
+                self._cache.drop(self._token_key)
+            if not challenge:
+                resp = self.job.transfer.request("GET", self.url(""), limit=1 << 20,
+                                                 retry=not self.mirror)
+                if resp.status != 401 or not self.same_origin(resp.url):
+                    raise Unauthorized(f"{self.ref.canonical}: the registry refused us"
+                                       f" (401) without saying how to authenticate")
+                challenge = resp.headers.get("WWW-Authenticate")
+            self._answer(challenge, force=True)
+
+    def _answer(self, value: str | None, force: bool) -> None:
+        challenges = parse_challenges(value)
+        bearer = next((p for s, p in challenges if s == "bearer" and p.get("realm")), None)
+        basic = next((p for s, p in challenges if s == "basic"), None)
+        creds = self.credentials
+        if bearer is not None:
+            self._auth = "Bearer " + self._token(bearer, force)
+        elif basic is not None and creds is not None and creds.type == "Basic":
+            if force and self._auth == creds.header:
+                raise Unauthorized(f"{self.ref.canonical}: the registry refused the credentials:"
+                                   " check them")
+            self._auth = creds.header
+        else:
+            kind = "Basic credentials (base64 user:password)" if basic is not None else \
+                "credentials"
+            raise Unauthorized(f"{self.ref.canonical} needs {kind}: pass credentials"
+                               " or check them")
+
+    def _realm(self, realm: str) -> str:
+        p = urlsplit(realm)
+        if p.scheme not in ("http", "https") or not p.hostname:
+            raise UpstreamError(f"{self.ref.canonical}: the registry named an unusable token"
+                                f" service {redact(realm)!r} (http or https only)")
+        if p.scheme == "http" and urlsplit(self.base).scheme == "https" \
+                and not self.job.config.is_insecure(p.netloc):
+            raise UpstreamError(f"{self.ref.canonical}: the registry named a plain-http token"
+                                f" service {redact(realm)}; refusing to send credentials in"
+                                " the clear (mark it --insecure-registry if you mean it)")
+        return realm
+
+    def _token(self, params: dict[str, str], force: bool) -> str:
+        realm = self._realm(params["realm"])
+        service = params.get("service")
+        scopes = [f"repository:{self.ref.repository}:pull"]
+        for s in (params.get("scope") or "").split():
+            if s not in scopes:
+                scopes.insert(0, s)  # some token servers only read the first scope
+        creds = self.credentials
+        who = hashlib.sha256(creds.header.encode()).hexdigest() if creds else ""
+        key = (self.base, realm, service, tuple(scopes), who)
+        self._token_key = key
+        if not force:
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached
+        p = urlsplit(realm)
+        query = parse_qsl(p.query, keep_blank_values=True)
+        if service:
+            query.append(("service", service))
+        query.extend(("scope", s) for s in scopes)
+        url = urlunsplit((p.scheme, p.netloc, p.path or "/", urlencode(query), ""))
+        log.debug("asking %s for a token (scope %s)", redact(url), " ".join(scopes))
+        resp = self.job.transfer.request("GET", url, headers={"Accept": "application/json"},
+                                         auth=creds.header if creds else None, limit=1 << 20,
+                                         retry=not self.mirror)
+        if resp.status in (401, 403):
+            if creds is None:
+                raise Unauthorized(f"{self.ref.canonical} needs credentials: the token service"
+                                   f" refused an anonymous request ({resp.status})")
+            raise Unauthorized(f"{self.ref.canonical}: the token service refused the"
+                               f" credentials ({resp.status}): check them")
+        if resp.status != 200:
+            raise self.errors(resp.status, resp.url, resp.data, resp.headers)
+        try:
+            doc = json.loads(resp.data)
+            token = doc.get("token") or doc.get("access_token")
+            expires = doc.get("expires_in")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+            raise UpstreamError(f"{self.ref.canonical}: the token service answered without"
+                                " a usable token")
+        if not isinstance(expires, (int, float)) or isinstance(expires, bool) or expires <= 0:
+            expires = _DEFAULT_EXPIRES
+        self._cache.put(key, token, float(expires))
+        return token
+
+
+class _Either:
+    """Looks like a threading.Event: set when either event is (the writer only asks is_set)."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+
+# Failures of a mirror that make us try the next endpoint: anything the upstream did.
+_LOCAL = (Cancelled, InsufficientStorage, BadRequest)
+
+
+# --------------------------------------------------------------------------------------------
+# the pull
+
+
+@dataclass
+class _Manifest:
+    media_type: str
+    digest: str
+    data: bytes
+    doc: dict
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+class _Puller:
+    def __init__(self, job: Job, ref: OCIRef) -> None:
+        self.job = job
+        self.ref = ref
+        scheme = "http" if job.config.is_insecure(ref.api_host) or \
+            job.config.is_insecure(ref.registry) else "https"
+        mirrors = job.config.registry_mirrors.get(ref.registry.lower()) or ()
+        self.endpoints = [_Endpoint(job, ref, m, mirror=True) for m in mirrors]
+        self.endpoints.append(_Endpoint(job, ref, f"{scheme}://{ref.api_host}", mirror=False))
+        self._dead: set[int] = set()
+        self._lock = threading.Lock()
+
+    # -- endpoints ----------------------------------------------------------------------------
+    def _call(self, fn: Callable[[_Endpoint], object]) -> object:
+        """``fn(endpoint)`` on the first live endpoint; a failing mirror falls back."""
+        for i, ep in enumerate(self.endpoints):
+            if i in self._dead:
+                continue
+            try:
+                ep.ready()
+                return fn(ep)
+            except _LOCAL:
+                raise
+            except NekkoError as e:
+                if not ep.mirror:
+                    raise
+                with self._lock:
+                    self._dead.add(i)
+                log.info("%s: %s failed (%s); falling back", self.ref.canonical, ep, e.message)
+        raise AssertionError("the registry itself is always the last endpoint")
+
+    # -- manifests ------------------------------------------------------------------------------
+    def manifest(self, reference: str) -> _Manifest:
+        return self._call(partial(self._manifest, reference))  # type: ignore[return-value]
+
+    def _manifest(self, reference: str, ep: _Endpoint) -> _Manifest:
+        url = ep.url(f"{self.ref.repository}/manifests/{reference}")
+        transfer = self.job.transfer
+        for attempt in (0, 1):
+            used = ep.auth
+            resp = transfer.request("GET", url, headers={"Accept": ACCEPT}, auth=used,
+                                    limit=MAX_MANIFEST, retry=not ep.mirror)
+            if resp.status == 401 and attempt == 0 and ep.same_origin(resp.url):
+                ep.reauthenticate(resp.headers.get("WWW-Authenticate"), used)
+                continue
+            break
+        if resp.status != 200:
+            raise ep.errors(resp.status, resp.url, resp.data, resp.headers)
+        return self._check_manifest(reference, resp.data, resp.headers)
+
+    def _check_manifest(self, reference: str, data: bytes,
+                        headers: Mapping[str, str]) -> _Manifest:
+        what = f"{self.ref.canonical}: manifest {reference}"
+        digest = sha256_digest(data)
+        if reference.startswith("sha256:") and digest != reference:
+            raise IntegrityError(f"{what}: the registry sent content with digest {digest};"
+                                 " nothing was stored")
+        served = (headers.get("Docker-Content-Digest") or "").strip()
+        if served.startswith("sha256:") and served != digest:
+            raise IntegrityError(f"{what}: Docker-Content-Digest says {served}, the bytes"
+                                 f" hash to {digest}; nothing was stored")
+        try:
+            doc = json.loads(data)
+        except ValueError as e:
+            raise ManifestInvalid(f"{what} is not JSON: {e}") from e
+        if not isinstance(doc, dict):
+            raise ManifestInvalid(f"{what} is not a JSON object")
+        header_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        body_type = doc.get("mediaType")
+        if doc.get("schemaVersion") == 1 or body_type in _SCHEMA1 or header_type in _SCHEMA1:
+            raise ManifestInvalid(f"{what} is a Docker schema 1 manifest, which is deprecated"
+                                  " and not supported: push the image again with a current"
+                                  " tool")
+        media_type = body_type if isinstance(body_type, str) and body_type else None
+        if media_type is None:
+            if header_type in INDEX_TYPES + MANIFEST_TYPES:
+                media_type = header_type
+            elif isinstance(doc.get("manifests"), list):
+                media_type = MT_OCI_INDEX
+            elif isinstance(doc.get("config"), dict):
+                media_type = MT_OCI_MANIFEST
+        if media_type not in INDEX_TYPES + MANIFEST_TYPES:
+            raise ManifestInvalid(f"{what} has media type {media_type or header_type!r};"
+                                  " expected an OCI or Docker v2 manifest or index")
+        if doc.get("schemaVersion") != 2:
+            raise ManifestInvalid(f"{what}: schemaVersion {doc.get('schemaVersion')!r},"
+                                  " expected 2")
+        m = _Manifest(media_type, digest, data, doc)
+        if media_type in INDEX_TYPES:
+            if not isinstance(doc.get("manifests"), list):
+                raise ManifestInvalid(f"{what}: an index without 'manifests'")
+            for d in doc["manifests"]:
+                self._descriptor(d, what)
+        else:
+            self._descriptor(doc.get("config"), what)
+            if not isinstance(doc.get("layers"), list):
+                raise ManifestInvalid(f"{what}: a manifest without 'layers'")
+            names = set()
+            for d in doc["layers"]:
+                self._descriptor(d, what)
+                title = (d.get("annotations") or {}).get(TITLE)
+                if title is not None:
+                    name = safe_name(title)  # UnsafeName: 400, nothing indexed
+                    if name in names:
+                        raise ManifestInvalid(f"{what}: two layers are titled {name!r}")
+                    names.add(name)
+        return m
+
+    @staticmethod
+    def _descriptor(d: object, what: str) -> Descriptor:
+        if not isinstance(d, dict):
+            raise ManifestInvalid(f"{what}: a descriptor is not an object")
+        digest, size = d.get("digest"), d.get("size")
+        if not isinstance(digest, str) or not _DIGEST.match(digest):
+            raise ManifestInvalid(f"{what}: unsupported digest {str(digest)[:80]!r}"
+                                  " (only sha256 is supported)")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestInvalid(f"{what}: descriptor {digest} has a bad size {size!r}")
+        mt = d.get("mediaType")
+        return Descriptor(mt if isinstance(mt, str) else "", digest, size,
+                          artifact_type=d.get("artifactType"), platform=d.get("platform"))
+
+    def store(self, m: _Manifest) -> None:
+        self.job.store.put_bytes(m.data, self.job.lease, expected_digest=m.digest)
+
+    # -- blobs ----------------------------------------------------------------------------------
+    def fetch_blobs(self, blobs: list[Descriptor]) -> None:
+        job = self.job
+        unique: dict[str, Descriptor] = {}
+        for d in blobs:
+            unique.setdefault(d.digest, d)
+        missing = []
+        present = 0
+        for d in unique.values():
+            job.lease.add(d.digest)  # before the check: gc cannot take it from under us
+            if job.store.has_blob(d.digest, d.size):
+                present += d.size
+            else:
+                missing.append(d)
+        job.progress.expect(sum(d.size for d in unique.values()))
+        _skip(job, present)
+        if not missing:
+            return
+        job.store.ensure_space(sum(d.size for d in missing), self.ref.canonical)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def one(d: Descriptor) -> None:
+            if stop.is_set() or job.cancel.is_set():
+                return
+            try:
+                self._call(partial(self._blob, d, _Either(job.cancel, stop)))
+            except BaseException as e:
+                with self._lock:
+                    if not (isinstance(e, Cancelled) and stop.is_set()
+                            and not job.cancel.is_set()):
+                        errors.append(e)
+                stop.set()
+                raise
+
+        workers = max(1, min(job.config.jobs, len(missing)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oci-blob") as pool:
+            futures = [pool.submit(one, d) for d in missing]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if stop.is_set():
+                for f in futures:
+                    f.cancel()
+        if errors:
+            raise errors[0]
+        if job.cancel.is_set():
+            raise Cancelled(f"pull of {self.ref.canonical} was cancelled")
+
+    def _blob(self, d: Descriptor, cancel: _Either, ep: _Endpoint) -> None:
+        job = self.job
+        job.on_ingest(d.digest)
+        with job.store.writer(d.digest, d.size, cancel) as w:  # type: ignore[arg-type]
+            if job.store.has_blob(d.digest, d.size):
+                _skip(job, d.size)  # another pull committed it while we waited
+                return
+            url = ep.url(f"{self.ref.repository}/blobs/{d.digest}")
+            for attempt in (0, 1):
+                used = ep.auth
+                try:
+                    job.transfer.download(url, w, auth=used, immutable=True,
+                                          expected_size=d.size, errors=ep.errors,
+                                          progress=job.progress.add)
+                    break
+                except Unauthorized as e:
+                    if attempt or e.context.get("redirected") or "challenge" not in e.context:
+                        raise  # a redirect target's or a DENIED: a new token will not help
+                    log.debug("%s: blob %s: token refused; asking again", self.ref.canonical,
+                              d.digest)
+                    ep.reauthenticate(e.context["challenge"], used)  # resumes from w.offset
+            w.commit(d.digest, job.lease)
+
+
+def _skip(job: Job, n: int) -> None:
+    """Count bytes the cache already had (progress, and the service's dedup counter)."""
+    if n > 0:
+        job.progress.skip(n)
+
+
+# --------------------------------------------------------------------------------------------
+# platforms
+
+
+def _platform_str(p: Mapping) -> str:
+    return "/".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
+
+
+def _is_attestation(d: Mapping) -> bool:
+    p = d.get("platform") or {}
+    ann = d.get("annotations") or {}
+    return ann.get("vnd.docker.reference.type") == _ATTESTATION or (
+        p.get("os") == "unknown" and p.get("architecture") == "unknown")
+
+
+def _variant_rank(want: Platform, arch: str, variant: str | None) -> int | None:
+    """How well an image of ``arch/variant`` fits ``want`` (0 best), None when it cannot run."""
+    if arch != want.architecture:
+        return None
+    if want.variant == variant:
+        return 0
+    if want.variant is None:
+        return 1  # any variant will do when none was asked for; exact ones first
+    if arch == "arm" and variant and re.fullmatch(r"v\d+", variant) and \
+            re.fullmatch(r"v\d+", want.variant):
+        have, need = int(variant[1:]), int(want.variant[1:])
+        if have <= need:
+            return 1 + need - have  # an armv7 host runs v6 and v5 images
+    return None
+
+
+def choose_platform(manifests: list, want: Platform) -> dict | None:
+    best: tuple[int, int] | None = None
+    chosen = None
+    for i, d in enumerate(manifests):
+        if _is_attestation(d):
+            continue
+        p = d.get("platform") or {}
+        if str(p.get("os", "")).lower() != want.os:
+            continue
+        arch, variant = normalize_arch(str(p.get("architecture", "")),
+                                       str(p["variant"]).lower() if p.get("variant") else None)
+        rank = _variant_rank(want, arch, variant)
+        if rank is not None and (best is None or (rank, i) < best):
+            best, chosen = (rank, i), d
+    return chosen
+
+
+def _wanted(job: Job) -> Platform | None:
+    if job.platform:
+        return None if job.platform.strip().lower() == "all" else parse_platform(job.platform)
+    return job.config.default_platform
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def pull(job: Job, ref: OCIRef) -> PullResult:
+    puller = _Puller(job, ref)
+    want = _wanted(job)
+    top = puller.manifest(ref.reference)
+    chosen: _Manifest = top
+    platform: dict | None = None
+    if top.media_type in INDEX_TYPES and want is not None:
+        d = choose_platform(top.doc["manifests"], want)
+        if d is None:
+            available = sorted({_platform_str(x.get("platform") or {}) or "unknown"
+                                for x in top.doc["manifests"] if not _is_attestation(x)})
+            raise NoMatchingPlatform(
+                f"{ref.canonical} has no image for {want}; available:"
+                f" {', '.join(available) or 'none'} (choose one with --platform, or 'all')",
+                available=available)
+        platform = d.get("platform") or None
+        chosen = puller.manifest(d["digest"])
+        if chosen.media_type not in MANIFEST_TYPES:
+            raise ManifestInvalid(f"{ref.canonical}: the index entry for {want} is not an"
+                                  f" image manifest ({chosen.media_type})")
+        if chosen.size != d["size"]:
+            raise IntegrityError(f"{ref.canonical}: manifest {d['digest']} has {chosen.size}"
+                                 f" bytes, the index says {d['size']}")
+    if job.digest and job.digest not in (top.digest, chosen.digest):
+        raise IntegrityError(f"{ref.canonical} resolved to {top.digest}, not the expected"
+                             f" {job.digest}; nothing was stored")
+
+    # Every manifest to keep, and the blobs they name.
+    manifests: list[_Manifest] = []
+    blobs: list[Descriptor] = []
+    files: list[FileItem] = []
+
+    def walk(m: _Manifest, prefix: str, depth: int, listed: bool = True) -> None:
+        manifests.append(m)
+        if m.media_type in MANIFEST_TYPES:
+            blobs.append(puller._descriptor(m.doc["config"], ""))
+            for layer in m.doc["layers"]:
+                d = puller._descriptor(layer, "")
+                blobs.append(d)
+                title = (layer.get("annotations") or {}).get(TITLE)
+                name = safe_name(title) if title is not None else d.digest.replace(":", "-")
+                if listed and all(f.name != prefix + name for f in files):
+                    files.append(FileItem(prefix + name, d.digest, d.size,
+                                          d.media_type or "application/octet-stream"))
+            return
+        if depth >= _MAX_NESTING:
+            raise ManifestInvalid(f"{ref.canonical}: indexes nested too deep")
+        for d in m.doc["manifests"]:
+            child = puller.manifest(d["digest"])
+            if child.size != d["size"]:
+                raise IntegrityError(f"{ref.canonical}: manifest {d['digest']} has"
+                                     f" {child.size} bytes, the index says {d['size']}")
+            p = d.get("platform") or {}
+            sub = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
+            walk(child, prefix + (sub or d["digest"][7:19]) + "/", depth + 1,
+                 listed and not _is_attestation(d))
+
+    walk(chosen, "", 0)
+    # Manifests first (small), leased as they go in; then the blobs, in parallel.
+    for m in manifests:
+        puller.store(m)
+    puller.fetch_blobs(blobs)
+
+    artifact_type = chosen.doc.get("artifactType") if chosen.media_type in MANIFEST_TYPES \
+        else None
+    desc = Descriptor(chosen.media_type, chosen.digest, chosen.size,
+                      artifact_type=artifact_type if isinstance(artifact_type, str) else None,
+                      platform=platform)
+    return PullResult(manifest=desc, digest=top.digest, files=files,
+                      platform=_platform_str(platform) if platform else None)
+
+
+__all__ = ["ACCEPT", "choose_platform", "parse_challenges", "pull", "registry_error"]
