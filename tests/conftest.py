@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -22,12 +23,19 @@ _ENV_NAMES = ("CACHE_DIR", "VERBOSE", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    """No test sees the developer's configuration; the cache defaults to tmp_path."""
+    """No test sees the developer's configuration; the cache defaults to tmp_path.
+
+    cli.main() configures the nekko_sm logger for its stderr; put it back afterwards so
+    one in-process CLI call does not change what later tests' caplog sees.
+    """
     for name in list(os.environ):
         if name.startswith(_ENV_PREFIXES) or name in _ENV_NAMES:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    logger = logging.getLogger("nekko_sm")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
     yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="session")
