@@ -75,6 +75,28 @@ class Handler(BaseHTTPRequestHandler):
         addr = self.client_address
         return addr[0] if isinstance(addr, tuple) and addr else "unix"
 
+    def version_string(self) -> str:
+        return self.server_version
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, 414, 431, 501) as JSON too."""
+        codes = {400: "bad-request", 404: "not-found", 405: "method-not-allowed",
+                 408: "request-timeout", 414: "uri-too-long", 431: "headers-too-large",
+                 501: "method-not-allowed", 505: "http-version-not-supported"}
+        self.close_connection = True
+        try:
+            self.send_response(code, message)
+            body = json.dumps({"error": {"code": codes.get(code, "bad-request"),
+                                         "message": message or explain or "bad request"}}).encode()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(body)
+        except OSError:
+            pass
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         log.debug("%s %s", self.address_string(), format % args)
 

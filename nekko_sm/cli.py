@@ -33,7 +33,10 @@ EPILOG = """\
 environment:
   CACHE_DIR, NEKKO_ADDRESS, VERBOSE   (also STORAGE_MANAGER_CACHE_DIR/_ADDRESS/_VERBOSE)
   NEKKO_PLATFORM, NEKKO_JOBS, NEKKO_INSECURE_REGISTRIES, NEKKO_REGISTRY_MIRRORS
-  HF_ENDPOINT, HF_TOKEN, HTTPS_PROXY, HTTP_PROXY, NO_PROXY, SSL_CERT_FILE
+  HF_ENDPOINT, HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), SSL_CERT_FILE
+  HTTPS_PROXY, HTTP_PROXY, NO_PROXY (lower-case spellings too)
+
+with no COMMAND, nekko-sm runs serve
 
 exit status: 0 ok, 1 failed, 2 bad input or configuration, 3 incomplete, 4 absent
 """
@@ -43,10 +46,10 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     d = argparse.SUPPRESS if suppress else None
     p.add_argument("--cache-dir", metavar="DIR", default=d,
                    help="cache directory (env CACHE_DIR; default /var/lib/nekko/cache, or the"
-                        " user cache dir when that is not writable)")
+                        " user cache dir, e.g. ~/.cache/nekko, when that is not writable)")
     p.add_argument("--address", metavar="ADDR", default=d,
-                   help="API address HOST:PORT, [v6]:PORT or unix:/path (env NEKKO_ADDRESS;"
-                        " default localhost:8050)")
+                   help="API address HOST:PORT, :PORT (all interfaces), [v6]:PORT, or a Unix"
+                        " socket unix:/path or /path (env NEKKO_ADDRESS; default localhost:8050)")
     p.add_argument("-v", "--verbose", metavar="N", default=d,
                    help="log level 0 info, 1 debug, 2 trace, 3 wire (-v, -vv, -v=2; env VERBOSE)")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", default=d,
@@ -78,14 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pull", parents=[common], help="download URL into the cache, print its path")
     s.add_argument("url", metavar="URL")
-    s.add_argument("--credentials", metavar="TOKEN", help="Bearer token, or base64 user:pass")
-    s.add_argument("--credentials-type", metavar="TYPE", choices=["Bearer", "Basic", "bearer", "basic"],
-                   help="Bearer (default) or Basic")
-    s.add_argument("--digest", metavar="sha256:HEX", help="expected sha256 of the file")
+    s.add_argument("--credentials", metavar="TOKEN",
+                   help="Bearer token, or base64 of user:pass with --credentials-type Basic"
+                        " (visible in ps: prefer --credentials-file)")
+    s.add_argument("--credentials-file", metavar="FILE",
+                   help="read the credentials from the first line of FILE ('-' for stdin)")
+    s.add_argument("--credentials-type", metavar="TYPE", type=str.capitalize,
+                   choices=["Bearer", "Basic"], help="Bearer (default) or Basic, any case")
+    s.add_argument("--digest", metavar="sha256:HEX",
+                   help="expected digest of the entry: the file's sha256 for a single file")
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
     s = sub.add_parser("status", parents=[common],
-                       help="exit 0 complete, 3 incomplete, 4 absent")
+                       help="print the state of URL; exit 0 complete, 3 incomplete, 4 absent")
     s.add_argument("url", metavar="URL")
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
@@ -109,12 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _normalise_verbose(argv: list) -> list:
-    """Accept -v, -vv, -vvv, -v=N, -vN, --verbose N and --verbose=N."""
-    out = []
-    for a in argv:
+    """Accept -v, -vv, -vvv, -v N, -v=N, -vN, --verbose N and --verbose=N."""
+    out: list = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
         if a == "--":
-            out.extend(argv[len(out):])
+            out.extend(argv[i - 1:])
             break
+        if a == "-v" and i < len(argv) and re.fullmatch(r"\d+", argv[i]):
+            out.append(f"--verbose={argv[i]}")  # -v 2
+            i += 1
+            continue
         m = re.fullmatch(r"-(v+)", a)
         if m:
             out.append(f"--verbose={len(m.group(1))}")
@@ -141,10 +156,6 @@ def _setup_logging(verbose: int, command: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    if verbose >= 3:
-        import http.client
-
-        http.client.HTTPConnection.debuglevel = 1
 
 
 def main(argv: list | None = None) -> int:
@@ -228,8 +239,22 @@ class _ProgressBar:
 
 def _cmd_pull(config, args) -> int:
     from nekko_sm.credentials import Credentials
+    from nekko_sm.errors import BadRequest
 
-    creds = Credentials.make(args.credentials, args.credentials_type)
+    secret = args.credentials
+    if args.credentials_file:
+        if args.credentials:
+            raise BadRequest("give --credentials or --credentials-file, not both")
+        try:
+            if args.credentials_file == "-":
+                secret = sys.stdin.readline()
+            else:
+                with open(args.credentials_file, encoding="utf-8") as f:
+                    secret = f.readline()
+        except OSError as e:
+            raise BadRequest(f"cannot read --credentials-file: {e.strerror}") from None
+        secret = secret.strip()
+    creds = Credentials.make(secret, args.credentials_type)
     svc = _service(config)
     try:
         flight, entry = svc.start(args.url, creds, args.digest, getattr(args, "platform", None))

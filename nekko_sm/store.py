@@ -825,10 +825,13 @@ class Store:
                 pass
         return out
 
-    def gc(self, dry_run: bool = False, partials: bool = True) -> GCReport:
+    def gc(self, dry_run: bool = False, partials: bool = True,
+           partial_max_age: float = 7 * 86400) -> GCReport:
         """Mark and sweep: free blobs neither the index nor a live pull reaches.
 
-        With ``partials``, also remove partial downloads no live process holds.
+        With ``partials``, also remove stale partial downloads: those no live process
+        holds and no interrupted pull (``ingest/pulls/*.json``) still wants, or that nobody
+        touched for ``partial_max_age`` seconds.
         """
         report = GCReport()
         with self._thread_lock, self._locked():
@@ -854,13 +857,14 @@ class Store:
                         if not dry_run:
                             shutil.rmtree(self.views_dir / name, ignore_errors=True)
             if partials and self.ingest_dir.exists():
+                wanted = self._wanted_partials(time.time() - partial_max_age)
                 for name in os.listdir(self.ingest_dir):
                     d = self.ingest_dir / name
-                    if name == "leases" or not d.is_dir():
+                    if name in ("leases", "pulls") or name in wanted or not d.is_dir():
                         continue
                     lock = _FileLock(d / "lock")
                     if not lock.acquire(blocking=False):
-                        continue
+                        continue  # a live download
                     report.partials_freed.append(name)
                     if dry_run:
                         lock.release()
@@ -869,6 +873,24 @@ class Store:
             if not dry_run:
                 _fsync_dir(self.blobs_dir)
         return report
+
+    def _wanted_partials(self, fresh_after: float) -> set:
+        """Ingest keys an interrupted pull will resume, unless they went stale."""
+        wanted: set = set()
+        for record in (self.ingest_dir / "pulls").glob("*.json"):
+            try:
+                refs = json.loads(record.read_text()).get("ingest", [])
+            except (OSError, ValueError, AttributeError):
+                continue
+            for ref in refs if isinstance(refs, list) else []:
+                key = _key(str(ref))
+                try:
+                    touched = max(p.stat().st_mtime for p in (self.ingest_dir / key).iterdir())
+                except (OSError, ValueError):
+                    continue
+                if touched >= fresh_after:
+                    wanted.add(key)
+        return wanted
 
     def verify_blob(self, digest: str) -> bool:
         h = hashlib.sha256()

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(nginx-light docker-registry skopeo umoci)
+debs=(nginx-light docker-registry skopeo umoci groff-base)
 missing=()
 for d in "${debs[@]}"; do dpkg -s "$d" >/dev/null 2>&1 || missing+=("$d"); done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -259,6 +259,20 @@ def test_gc_removes_stale_partials_but_not_live_ones(store):
         live.close()
 
 
+def test_gc_keeps_partials_an_interrupted_pull_will_resume(store):
+    with store.writer("url:http://h/f") as w:
+        w.write(b"half of it")
+    pulls = store.ingest_dir / "pulls"
+    pulls.mkdir()
+    (pulls / "p.json").write_text(json.dumps({"url": "http://h/f", "ingest": ["url:http://h/f"]}))
+    (pulls / "p.lock").write_text("")
+    assert store.gc().partials_freed == []
+    assert store.partial_size("url:http://h/f") == 10 and (pulls / "p.json").exists()
+    # a week later nobody resumed it: stale
+    assert len(store.gc(partial_max_age=-1).partials_freed) == 1
+    assert store.partial_size("url:http://h/f") == 0
+
+
 def test_verify_finds_and_repairs_damage(store):
     d = _manifest(store, [b"layer"])
     store.put_entry("u", d)
