@@ -193,6 +193,8 @@ class Transfer:
             if auth is not None and not left_origin:
                 h["Authorization"] = auth
             log.log(5, "%s %s", method, redact(url))
+            if log.isEnabledFor(3):  # wire level: headers, never a credential
+                log.log(3, "> %s %s %s", method, redact(url), _safe_headers(h))
             try:
                 resp = self._manager(url).urlopen(
                     method, url, headers=h, body=body, redirect=False, retries=False,
@@ -201,6 +203,8 @@ class Transfer:
                 )
             except _Urllib3Error as e:
                 raise UpstreamUnavailable(f"{redact(url)}: {_reason(e)}") from e
+            if log.isEnabledFor(3):
+                log.log(3, "< %d %s %s", resp.status, redact(url), _safe_headers(resp.headers))
             if follow_redirects and resp.status in REDIRECT_STATUSES and resp.headers.get("Location"):
                 location = urljoin(url, resp.headers["Location"])
                 _drain(resp)
@@ -252,7 +256,8 @@ class Transfer:
                  expected_size: int | None = None, immutable: bool = False,
                  errors: ErrorMapper = default_error,
                  progress: Callable[[int], None] | None = None,
-                 on_total: Callable[[int | None, int], None] | None = None) -> Mapping[str, str]:
+                 on_total: Callable[[int | None, int], None] | None = None,
+                 max_span: int | None = None) -> Mapping[str, str]:
         """Stream ``url`` into ``writer``, resuming what it already holds.
 
         ``immutable`` says the bytes are content-addressed (a registry blob), so a Range
@@ -261,14 +266,21 @@ class Transfer:
         failures and broken connections are retried; an attempt that made progress does
         not use up the budget.  ``on_total(total, offset)`` is called once the size is
         known and before any body byte is written (to refuse early when the disk is too
-        small).  Returns the last response's headers.
+        small).  ``max_span`` (with ``expected_size``) fetches the body in successive
+        ``Range`` requests of at most that many bytes, each asked of ``url`` again (for CDNs
+        that refuse one response that large).  Returns the last response's headers.
         """
         failures = 0
         while True:
             before = writer.offset
             try:
-                return self._download_once(url, writer, auth, headers, expected_size,
-                                           immutable, errors, progress, on_total)
+                result = self._download_once(url, writer, auth, headers, expected_size,
+                                             immutable, errors, progress, on_total, max_span)
+                if (max_span and expected_size is not None
+                        and before < writer.offset < expected_size):
+                    failures = 0  # one span done: ask for the next
+                    continue
+                return result
             except UpstreamUnavailable as e:
                 if writer.offset > before:
                     failures = 0  # it was moving: a broken connection, not a dead server
@@ -285,17 +297,20 @@ class Transfer:
                 log.info("%s: redirect target refused us; asking the origin again", redact(url))
 
     def _download_once(self, url, writer, auth, headers, expected_size, immutable, errors,
-                       progress, on_total) -> Mapping[str, str]:
+                       progress, on_total, max_span=None) -> Mapping[str, str]:
         if expected_size is not None and writer.offset == expected_size and expected_size > 0:
             return {}
         h = dict(headers or {})
         validator = writer.state.get("validator")
-        if writer.offset > 0 and (immutable or validator):
-            h["Range"] = f"bytes={writer.offset}-"
-            if not immutable:
-                h["If-Range"] = validator
-        elif writer.offset > 0:
+        if writer.offset > 0 and not (immutable or validator):
             writer.reset()
+        end = ""
+        if max_span and expected_size is not None and expected_size - writer.offset > max_span:
+            end = str(writer.offset + max_span - 1)
+        if writer.offset > 0 or end:
+            h["Range"] = f"bytes={writer.offset}-{end}"
+            if writer.offset > 0 and not immutable:
+                h["If-Range"] = validator
         resp, final = self.open("GET", url, h, auth)
         try:
             status = resp.status
@@ -377,6 +392,22 @@ class Transfer:
         if remaining is not None and got < remaining:
             resp.close()
             raise UpstreamUnavailable(f"{redact(url)}: body ended after {got} of {remaining} bytes")
+
+
+_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "set-cookie",
+                   "x-amz-security-token"}
+
+
+def _safe_headers(headers: Mapping[str, str]) -> dict:
+    """Headers for a log line: credentials replaced, URLs in Location without their query."""
+    out = {}
+    for k, v in headers.items():
+        if k.lower() in _SECRET_HEADERS:
+            v = "<redacted>"
+        elif k.lower() in ("location", "www-authenticate", "link"):
+            v = v if k.lower() != "location" else redact(v)
+        out[k] = v
+    return out
 
 
 def _reason(e: BaseException) -> str:
