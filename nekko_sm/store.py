@@ -636,10 +636,22 @@ class Store:
         return IngestWriter(self, ref, expected_size, cancel, extra_hashers)
 
     def partial_size(self, ref: str) -> int:
+        """Bytes a partial download holds (for a ranged one, what its saved part map says)."""
+        d = self.ingest_dir / _key(ref)
         try:
-            return (self.ingest_dir / _key(ref) / "data").stat().st_size
+            size = (d / "data").stat().st_size
         except FileNotFoundError:
             return 0
+        try:
+            ranged = json.loads((d / "state.json").read_text()).get("ranged")
+        except (OSError, ValueError, AttributeError):
+            ranged = None
+        if ranged:
+            try:
+                return sum(int(p[2]) - int(p[0]) for p in ranged.get("parts", []))
+            except (TypeError, ValueError, IndexError):
+                return 0
+        return size
 
     def discard_partial(self, ref: str) -> bool:
         """Remove the partial download for ``ref`` unless someone is writing it."""

@@ -257,32 +257,55 @@ class Transfer:
                  errors: ErrorMapper = default_error,
                  progress: Callable[[int], None] | None = None,
                  on_total: Callable[[int | None, int], None] | None = None,
-                 max_span: int | None = None) -> Mapping[str, str]:
-        """Stream ``url`` into ``writer``, resuming what it already holds.
+                 max_span: int | None = None,
+                 connections: int | None = None) -> Mapping[str, str]:
+        """Fetch ``url`` into ``writer``, resuming what it already holds.
 
-        ``immutable`` says the bytes are content-addressed (a registry blob), so a Range
-        needs no validator; otherwise resumes send ``If-Range`` with the ETag or
-        Last-Modified seen first, and a ``200`` answer means start over.  Temporary
-        failures and broken connections are retried; an attempt that made progress does
-        not use up the budget.  ``on_total(total, offset)`` is called once the size is
-        known and before any body byte is written (to refuse early when the disk is too
-        small).  ``max_span`` (with ``expected_size``) fetches the body in successive
-        ``Range`` requests of at most that many bytes, each asked of ``url`` again (for CDNs
-        that refuse one response that large).  Returns the last response's headers.
+        ``immutable`` says the bytes are content-addressed (a registry blob, a Hub file
+        with a known digest), so a Range needs no validator; otherwise ranges carry
+        ``If-Range`` with the ETag or Last-Modified seen first, and a ``200`` answer means
+        start over.  A large body whose server takes ranges comes over ``connections``
+        connections at once (default ``--jobs``; see :mod:`nekko_sm.ranged`), one that
+        does not in one stream.  ``max_span`` caps the bytes of one response (CDNs
+        refuse very large ones).  Temporary failures and broken connections are retried;
+        an attempt that made progress does not use up the budget.  ``on_total(total,
+        offset)`` is called once the size is known and before any body byte is written
+        (to refuse early when the disk is too small).  Returns the last response's headers.
         """
+        from nekko_sm.ranged import RangesRefused  # ranged builds on this module
+
+        conns = max(1, self.config.jobs if connections is None else connections)
+        ranges_refused = False
         failures = 0
+        total_hint = expected_size
         while True:
-            before = writer.offset
+            before = _progress_mark(writer)
             try:
+                if writer.state.get("ranged") and not ranges_refused:
+                    if on_total is not None:
+                        on_total(writer.state["ranged"]["total"], _progress_mark(writer))
+                        on_total = None
+                    self._fetch_ranged(url, writer, auth, headers, errors, progress, conns)
+                    return writer.state.get("headers") or {}
+                if (not ranges_refused and expected_size is not None and immutable
+                        and self._wants_ranges(expected_size - writer.offset, conns, max_span)):
+                    self._start_ranged(writer, expected_size, None, conns, max_span)
+                    continue
                 result = self._download_once(url, writer, auth, headers, expected_size,
-                                             immutable, errors, progress, on_total, max_span)
-                if (max_span and expected_size is not None
-                        and before < writer.offset < expected_size):
+                                             immutable, errors, progress, on_total,
+                                             max_span, 1 if ranges_refused else conns)
+                on_total = None if writer.offset else on_total
+                if (max_span and total_hint is not None
+                        and before < writer.offset < total_hint):
                     failures = 0  # one span done: ask for the next
                     continue
                 return result
+            except RangesRefused:
+                log.info("%s: server does not honour ranges; one stream instead", redact(url))
+                ranges_refused = True
+                writer.reset()
             except UpstreamUnavailable as e:
-                if writer.offset > before:
+                if _progress_mark(writer) > before:
                     failures = 0  # it was moving: a broken connection, not a dead server
                 failures += 1
                 if failures >= self.attempts:
@@ -296,8 +319,36 @@ class Transfer:
                 failures += 1
                 log.info("%s: redirect target refused us; asking the origin again", redact(url))
 
+    @staticmethod
+    def _wants_ranges(remaining: int, conns: int, max_span: int | None) -> bool:
+        from nekko_sm import ranged
+
+        return (conns > 1 and remaining >= ranged.MIN_PARALLEL) or bool(
+            max_span and remaining > max_span)
+
+    def _start_ranged(self, writer, total: int, validator: str | None, conns: int,
+                      max_span: int | None) -> None:
+        """Turn ``writer`` into a ranged download of ``total`` bytes from its frontier."""
+        from nekko_sm import ranged
+
+        part = ranged.part_size_for(total, conns, max_span)
+        done = writer.offset
+        parts = ([[0, done, done]] if done else []) + ranged.plan(total, part, done)
+        writer.preallocate(total)
+        writer.save_state(ranged={"total": total, "parts": parts, "validator": validator})
+
+    def _fetch_ranged(self, url, writer, auth, headers, errors, progress, conns,
+                      first=None) -> None:
+        from nekko_sm import ranged
+
+        state = writer.state["ranged"]
+        fetch = ranged.RangedFetch(self, url, writer, auth=auth, headers=headers,
+                                   validator=state.get("validator"), errors=errors,
+                                   progress=progress, connections=conns)
+        fetch.run(first)
+
     def _download_once(self, url, writer, auth, headers, expected_size, immutable, errors,
-                       progress, on_total, max_span=None) -> Mapping[str, str]:
+                       progress, on_total, max_span=None, conns=1) -> Mapping[str, str]:
         if expected_size is not None and writer.offset == expected_size and expected_size > 0:
             return {}
         h = dict(headers or {})
@@ -329,33 +380,43 @@ class Transfer:
                 if final != url:
                     err.context["redirected"] = True
                 raise err
+            whole = None  # the size of the whole resource, when the answer says it
             if status == 206:
-                start, total = _content_range(resp.headers.get("Content-Range"))
+                start, whole = _content_range(resp.headers.get("Content-Range"))
                 if start != writer.offset:
                     writer.reset()
                     raise UpstreamUnavailable(
                         f"{redact(url)}: asked for bytes from {writer.offset}, got {start}")
-                if total is not None and expected_size is not None and total != expected_size:
-                    raise SizeMismatch(f"{redact(url)}: server has {total} bytes,"
+                if whole is not None and expected_size is not None and whole != expected_size:
+                    raise SizeMismatch(f"{redact(url)}: server has {whole} bytes,"
                                        f" expected {expected_size}")
-            else:
-                if writer.offset:
-                    log.info("%s: server ignored Range; starting over", redact(url))
-                    writer.reset()
-                total = None
+            elif writer.offset:
+                log.info("%s: server ignored Range; starting over", redact(url))
+                writer.reset()
             length = resp.headers.get("Content-Length")
             remaining = int(length) if length and length.isdigit() else None
             if status == 200:
-                total = remaining
-                if total is not None and expected_size is not None and total != expected_size:
-                    raise SizeMismatch(f"{redact(url)}: Content-Length {total},"
+                whole = remaining
+                if whole is not None and expected_size is not None and whole != expected_size:
+                    raise SizeMismatch(f"{redact(url)}: Content-Length {whole},"
                                        f" expected {expected_size}; refusing")
             if status == 200 or not writer.state.get("validator"):
                 etag = resp.headers.get("ETag")
                 validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
-                writer.save_state(url=redact(url), validator=validator, total=total)
+                writer.save_state(url=redact(url), validator=validator, total=whole,
+                                  headers=_kept_headers(resp.headers))
             if on_total is not None:
-                on_total(total if total is not None else expected_size, writer.offset)
+                on_total(whole if whole is not None else expected_size, writer.offset)
+            takes_ranges = status == 206 or resp.headers.get("Accept-Ranges", "").lower() == "bytes"
+            if (whole is not None and takes_ranges and (immutable or validator)
+                    and self._wants_ranges(whole - writer.offset, conns, max_span)):
+                # Big, and the server takes ranges: this answer brings the first part while
+                # the other parts come over other connections.
+                self._start_ranged(writer, whole, None if immutable else validator, conns,
+                                   max_span)
+                self._fetch_ranged(url, writer, auth, headers, errors, progress, conns,
+                                   first=resp)
+                return resp.headers
             self._stream(resp, writer, url, remaining, progress)
             if expected_size is not None and writer.offset < expected_size and remaining is None:
                 raise UpstreamUnavailable(f"{redact(url)}: body ended after {writer.offset}"
@@ -408,6 +469,20 @@ def _safe_headers(headers: Mapping[str, str]) -> dict:
             v = v if k.lower() != "location" else redact(v)
         out[k] = v
     return out
+
+
+def _progress_mark(writer) -> int:
+    """Bytes a writer holds: its frontier, or for a ranged download every part's progress."""
+    r = writer.state.get("ranged")
+    if not r:
+        return writer.offset
+    return sum(int(p[2]) - int(p[0]) for p in r.get("parts", []))
+
+
+def _kept_headers(headers: Mapping[str, str]) -> dict:
+    """The answer headers a source reads after a download (kept for a ranged resume)."""
+    keep = ("ETag", "Content-Disposition", "Content-Type", "Last-Modified")
+    return {k: headers[k] for k in keep if headers.get(k)}
 
 
 def _reason(e: BaseException) -> str:
