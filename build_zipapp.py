@@ -2,7 +2,12 @@
 """Build dist/nekko-sm.pyz: the package plus vendored urllib3 and platformdirs, one file.
 
 Reproducible: entries sorted, timestamps fixed (SOURCE_DATE_EPOCH, default 1980-01-01),
-permissions normalised, so two builds of one tree give the same bytes.  The vendored
+permissions normalised, so two builds of one tree with one Python give the same bytes.
+
+Every module is also shipped as unchecked-hash bytecode for the interpreter that builds:
+zipimport cannot cache what it compiles, so without it every start compiles everything
+(twice, on 3.11). Another Python version sees a foreign magic number and falls back to
+the source beside it, so the .pyz still runs on 3.9 to 3.13.  The vendored
 wheels live in vendor/ and are checked against the pinned sha256 below before use.
 
     python3 build_zipapp.py              # build
@@ -13,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import io
+import marshal
 import os
 import stat
 import sys
@@ -74,6 +81,14 @@ def _vendored() -> dict:
     return out
 
 
+def _pyc(name: str, source: bytes) -> bytes:
+    """Unchecked-hash .pyc of ``source``: valid whatever the zip entry's timestamp says."""
+    code = compile(source, name, "exec", dont_inherit=True, optimize=0)
+    flags = 0b01  # hash-based, not checked against the source
+    return (importlib.util.MAGIC_NUMBER + flags.to_bytes(4, "little")
+            + importlib.util.source_hash(source) + marshal.dumps(code))
+
+
 def build() -> Path:
     entries = dict(_vendored())
     for p in sorted((ROOT / "nekko_sm").rglob("*.py")):
@@ -82,6 +97,8 @@ def build() -> Path:
         entries[p.relative_to(ROOT).as_posix()] = p.read_bytes()
     entries["licenses/nekko-sm/LICENSE"] = (ROOT / "LICENSE").read_bytes()
     entries["__main__.py"] = MAIN
+    for name in [n for n in entries if n.endswith(".py") and n != "__main__.py"]:
+        entries[name + "c"] = _pyc(name, entries[name])
     when = _epoch()
     buf = io.BytesIO()
     buf.write(b"#!/usr/bin/env python3\n")
