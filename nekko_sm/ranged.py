@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 from nekko_sm.errors import Cancelled, NekkoError, SizeMismatch, UpstreamUnavailable
 from nekko_sm.refs import redact
-from nekko_sm.transfer import _content_range, _read_limited, _reason
+from nekko_sm.transfer import MAX_STALLS, _content_range, _is_stall, _read_limited, _reason
 
 log = logging.getLogger("nekko_sm.ranged")
 
@@ -173,7 +173,7 @@ class RangedFetch:
         self._stop.set()
 
     def _fetch_part(self, i: int) -> None:
-        failures = 0
+        failures = stalls = 0
         while True:
             start, end, nxt = self.parts[i]
             if nxt >= end:
@@ -185,7 +185,10 @@ class RangedFetch:
             except UpstreamUnavailable as e:
                 if self.parts[i][2] > before:
                     failures = 0  # moving: a broken or stalled connection, not a dead server
-                failures += 1
+                if e.context.get("stalled") and stalls < MAX_STALLS:
+                    stalls += 1  # a quiet connection is replaced, not counted as a failure
+                else:
+                    failures += 1
                 if failures >= self.transfer.attempts or self._stop.is_set():
                     raise
                 log.info("%s: part at %d: %s; retrying", redact(self.url), self.parts[i][2],
@@ -242,7 +245,7 @@ class RangedFetch:
         except Exception as e:  # urllib3 and socket errors: the connection broke
             resp.close()
             raise UpstreamUnavailable(f"{redact(self.url)}: connection broke in part at"
-                                      f" {start}: {_reason(e)}") from e
+                                      f" {start}: {_reason(e)}", stalled=_is_stall(e)) from e
         if pos < end:
             resp.close()
             raise UpstreamUnavailable(f"{redact(self.url)}: part at {start} ended early")

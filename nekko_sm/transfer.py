@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError as _Urllib3Error
+from urllib3.exceptions import ReadTimeoutError
 
 from nekko_sm.config import Config
 from nekko_sm.errors import (
@@ -121,7 +122,7 @@ class _NoProxy:
 class Transfer:
     """The one place that holds connection pools."""
 
-    def __init__(self, config: Config, read_timeout: float = 60.0, connect_timeout: float = 30.0,
+    def __init__(self, config: Config, read_timeout: float = 30.0, connect_timeout: float = 30.0,
                  attempts: int = 6, backoff: float = 0.5) -> None:
         self.config = config
         self.attempts = attempts
@@ -276,7 +277,7 @@ class Transfer:
 
         conns = max(1, self.config.jobs if connections is None else connections)
         ranges_refused = False
-        failures = 0
+        failures = stalls = 0
         total_hint = expected_size
         while True:
             before = _progress_mark(writer)
@@ -307,7 +308,10 @@ class Transfer:
             except UpstreamUnavailable as e:
                 if _progress_mark(writer) > before:
                     failures = 0  # it was moving: a broken connection, not a dead server
-                failures += 1
+                if e.context.get("stalled") and stalls < MAX_STALLS:
+                    stalls += 1  # a quiet connection is replaced, not held against the server
+                else:
+                    failures += 1
                 if failures >= self.attempts:
                     raise
                 log.info("%s: %s; resuming at byte %d", redact(url), e.message, writer.offset)
@@ -446,7 +450,7 @@ class Transfer:
                 raise
             resp.close()
             raise UpstreamUnavailable(f"{redact(url)}: connection broke after {got} bytes:"
-                                      f" {_reason(e)}") from e
+                                      f" {_reason(e)}", stalled=_is_stall(e)) from e
         except (Cancelled, IntegrityError, SizeMismatch):
             resp.close()
             raise
@@ -469,6 +473,15 @@ def _safe_headers(headers: Mapping[str, str]) -> dict:
             v = v if k.lower() != "location" else redact(v)
         out[k] = v
     return out
+
+
+MAX_STALLS = 20  # stalled connections replaced for one download before giving up
+
+
+def _is_stall(e: BaseException) -> bool:
+    """A read that timed out: the server went quiet, which a new connection may cure."""
+    return isinstance(e, ReadTimeoutError) or isinstance(getattr(e, "reason", None),
+                                                         ReadTimeoutError)
 
 
 def _progress_mark(writer) -> int:

@@ -241,3 +241,16 @@ def test_index_names_canonical_url(svc, nginx):
     url = nginx.put("canon.bin", b"c")
     svc.pull(url.replace("http://", "HTTP://") + "#frag")
     assert [d.annotations[REF_NAME] for d in svc.store.entries()] == [url]
+
+
+def test_stalls_do_not_use_up_the_retry_budget(tmp_path, faulty):
+    """Eight stalls in a row (more than the six attempts): each quiet connection is replaced."""
+    config = cfg.build({"cache_dir": str(tmp_path / "c2"), "jobs": "1"}, {})
+    s = Service(config, transfer=Transfer(config, read_timeout=0.3, backoff=0.01))
+    try:
+        data = os.urandom(200_000)
+        url = faulty.add("quiet.bin", data, stall_after=10_000, stall_seconds=2, stall_times=8)
+        assert s.pull(url)[0]["digest"] == sha(data)
+        assert len([r for r in faulty.requests_for("quiet.bin") if r.method == "GET"]) == 9
+    finally:
+        s.close()
