@@ -3,7 +3,7 @@
 The blob is cut into parts (a few dozen MiB each); ``connections`` workers take them in
 order, so the contiguous frontier the writer hashes behind advances while the rest is
 still arriving.  The part map ``[[start, end, next], ...]`` lives in the writer's state and
-is saved only after an fdatasync of the data, so after a crash every byte it says is there
+is saved (every half second) only after an fdatasync of the data, so after a crash every byte it says is there
 is there.  A server that answers a ranged request with ``200`` (it ignores ranges, or the
 content changed under ``If-Range``) ends this mode: the caller starts over with one stream.
 """
@@ -25,7 +25,7 @@ MIN_PART = 8 << 20
 MIN_PARALLEL = 32 << 20  # below this, one stream is as fast: not worth the extra requests
 MAX_PART = 1 << 30
 MAX_PARTS = 4096
-SAVE_EVERY = 2.0  # seconds between durable saves of the part map
+SAVE_EVERY = 0.5  # seconds between durable saves of the part map (what a crash can lose)
 READ = 1 << 20
 
 
