@@ -22,6 +22,7 @@ from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
     Cancelled,
+    Conflict,
     EntryNotFound,
     InsufficientStorage,
     InvalidDigest,
@@ -109,8 +110,7 @@ class Service:
         return flight.future.result()
 
     def start(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
-              platform: str | None = None, background: bool = False,
-              ) -> tuple[Flight | None, dict | None]:
+              platform: str | None = None) -> tuple[Flight | None, dict | None]:
         """Begin (or join) a pull.  Returns (flight, None), or (None, entry) when cached."""
         ref = parse(url, self.config.hf_endpoint)
         if digest is not None:
@@ -123,6 +123,7 @@ class Service:
         key = ref.canonical
         desc = self.store.get_entry(key)
         if desc is not None:
+            _check_platform(key, desc, platform)
             return None, self._entry_json(key, desc)
         with self._lock:
             flight = self._flights.get(key)
@@ -134,8 +135,6 @@ class Service:
         runner = threading.Thread(target=self._run, name=f"pull {key[:60]}", daemon=True,
                                   args=(flight, ref, credentials, digest, platform))
         runner.start()
-        if not background:
-            pass  # the caller waits on flight.future
         return flight, None
 
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
@@ -163,6 +162,7 @@ class Service:
         desc = self.store.get_entry(key)
         if desc is not None:  # someone else (another process) finished it meanwhile
             return {"result": (self._entry_json(key, desc), False)}
+        log.info("pulling %s", key)
         state = {"url": key, "started": time.time(), "ingest": []}
         try:
             old = json.loads(record.read_text())
@@ -187,6 +187,10 @@ class Service:
             record.unlink(missing_ok=True)
             entry = self._entry_json(key, self.store.get_entry(key))
             self._count("complete", ref)
+            took = max(time.time() - flight.started, 1e-6)
+            got = flight.progress.done - flight.progress.deduplicated
+            log.info("pulled %s: %d bytes in %.1f s (%.0f MiB/s), %d already cached",
+                     key, got, took, got / took / (1 << 20), flight.progress.deduplicated)
             with self._lock:  # bytes the cache already had (/metrics)
                 self.stats["bytes_deduplicated"] = (self.stats.get("bytes_deduplicated", 0)
                                                     + flight.progress.deduplicated)
@@ -424,6 +428,22 @@ class Service:
                 pass
         if self._transfer is not None:
             self._transfer.close()
+
+
+def _check_platform(key: str, desc: Descriptor, wanted: str | None) -> None:
+    """An image cached for one platform is not an answer for a caller asking for another.
+
+    The cache key is the URL, so the two cannot be kept side by side: say so (409)
+    instead of handing back bytes for the wrong architecture.
+    """
+    if not wanted:
+        return
+    have = desc.annotations.get(A_PLATFORM)
+    if desc.media_type in INDEX_TYPES:
+        return  # every platform is there
+    if have and (wanted == "all" or wanted != have):
+        raise Conflict(f"{key} is cached for {have}, not {wanted}: remove it first"
+                       " (rm, or DELETE) to pull another platform")
 
 
 def _held(lock_path: Path) -> bool:

@@ -23,6 +23,7 @@ from peers.tokenserver import ALICE_TOKEN, CREDENTIALS
 from nekko_sm import config as cfg
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
+    Conflict,
     IntegrityError,
     ManifestInvalid,
     NoMatchingPlatform,
@@ -175,6 +176,17 @@ def test_platform_per_request(svc, seeded, asked, expect):
     assert entry["digest"] == info.index_digest
     assert entry["manifest"] == info.platforms[expect].digest
     assert entry["platform"] == expect
+
+
+def test_asking_another_platform_of_a_cached_image_is_a_conflict(svc, seeded):
+    info = seeded["public/multi:v1"]
+    svc.pull(info.url, platform="linux/arm64")
+    assert svc.pull(info.url, platform="linux/arm64")[0]["platform"] == "linux/arm64"
+    assert svc.pull(info.url)[0]["platform"] == "linux/arm64"  # no platform asked: the cached one
+    with pytest.raises(Conflict, match="cached for linux/arm64"):
+        svc.pull(info.url, platform="linux/amd64")
+    svc.remove(info.url)
+    assert svc.pull(info.url, platform="linux/amd64")[0]["platform"] == "linux/amd64"
 
 
 def test_platform_all_keeps_the_whole_index(make, reg, seeded):
