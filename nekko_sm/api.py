@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import logging
 import os
+import re
 import socket
 import socketserver
 import stat
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -31,6 +34,7 @@ from nekko_sm.errors import (
     MethodNotAllowed,
     NekkoError,
 )
+from nekko_sm.refs import redact
 from nekko_sm.service import Service
 
 log = logging.getLogger("nekko_sm.api")
@@ -38,6 +42,7 @@ log = logging.getLogger("nekko_sm.api")
 MAX_BODY = 64 << 10  # a POST body is a small JSON object
 MAX_DRAIN = 64 << 20  # an oversized body up to this is read and dropped before the 413
 CONNECTION_TIMEOUT = 60.0  # seconds a client may sit idle or dribble a request
+_CONTENT_ARG = re.compile(r"/content/([^\s?#\"']+)")
 
 
 def encode_url(url: str) -> str:
@@ -63,6 +68,48 @@ def decode_url(text: str) -> str:
     return url
 
 
+def _loggable(text: str) -> str:
+    """``text`` with any ``/content/B64`` whose URL carries a user:password made harmless:
+    base64 hides nothing, and logs must not hold credentials."""
+
+    def one(m: re.Match) -> str:
+        try:
+            url = decode_url(m.group(1))
+        except NekkoError:
+            return m.group(0)
+        if "@" not in url.partition("://")[2].split("/", 1)[0]:
+            return m.group(0)
+        return f"/content/<{redact(url)}>"
+
+    return _CONTENT_ARG.sub(one, text)
+
+
+class _Deadline(io.RawIOBase):
+    """A connection's input with a deadline for the request being read: its line, headers and
+    body must all arrive within the handler's timeout, however slowly they dribble in
+    (Slowloris), not just with no pause longer than that."""
+
+    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+        self._sock = sock
+        self._timeout = timeout
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        if self.deadline is None:
+            return self._sock.recv_into(buf)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the request took too long to arrive")
+        self._sock.settimeout(min(left, self._timeout) if self._timeout else left)
+        try:
+            return self._sock.recv_into(buf)
+        finally:
+            self._sock.settimeout(self._timeout)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"nekko-sm/{__version__}"
@@ -84,6 +131,8 @@ class Handler(BaseHTTPRequestHandler):
                  408: "request-timeout", 414: "uri-too-long", 431: "headers-too-large",
                  501: "method-not-allowed", 505: "http-version-not-supported"}
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # answer with a status line all the same
         try:
             self.send_response(code, message)
             body = json.dumps({"error": {"code": codes.get(code, "bad-request"),
@@ -98,7 +147,28 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %s", self.address_string(), _loggable(format % args))
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self._input = _Deadline(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._input)
+
+    def handle_one_request(self) -> None:
+        self._input.deadline = time.monotonic() + self.timeout if self.timeout else None
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # no status line: errors would look like data
+            self.send_error(400, "HTTP/0.9 requests are not supported")
+            return False
+        if self.request_version == "HTTP/1.1" and "Host" not in self.headers:
+            self.send_error(400, "an HTTP/1.1 request needs a Host header")  # RFC 9112 3.2
+            return False
+        return True
 
     def _send(self, status: int, body: object | None = None, headers: dict | None = None) -> None:
         data = b""
@@ -127,7 +197,7 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
         except Exception as e:  # the server keeps serving, whatever happened
-            log.exception("error handling %s %s", self.command, self.path)
+            log.exception("error handling %s %s", self.command, _loggable(self.path))
             self._error(NekkoError(f"internal error: {type(e).__name__}"))
 
     def _content_arg(self) -> str | None:
@@ -142,8 +212,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
             self.close_connection = True
             raise BadRequest("send the body with Content-Length, not chunked")
-        length = self.headers.get("Content-Length", "0").strip() or "0"
-        if not length.isdigit():
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        length = (lengths.pop() or "0") if len(lengths) == 1 else "" if lengths else "0"
+        if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
             self.close_connection = True
             raise BadRequest("bad Content-Length")
         n = int(length)
@@ -159,7 +230,9 @@ class Handler(BaseHTTPRequestHandler):
                         break
                     left -= len(chunk)
             raise BodyTooLarge(f"request body of {n} bytes is larger than {MAX_BODY}")
-        return self.rfile.read(n)
+        body = self.rfile.read(n)
+        self._input.deadline = None  # the request is in: what follows may take its time
+        return body
 
     # -- methods ----------------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -210,8 +283,8 @@ class Handler(BaseHTTPRequestHandler):
             raise MethodNotAllowed("POST to /content/ with the URL in the JSON body")
         try:
             req = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidJSON(f"the body is not JSON: {e}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise InvalidJSON(f"the body is not JSON: {str(e)[:200]}") from None
         if not isinstance(req, dict):
             raise InvalidJSON("the body must be a JSON object")
         url = req.get("url")

@@ -296,7 +296,8 @@ def _cmd_status(config, args) -> int:
         entry = svc.status(args.url)
     except EntryNotFound as e:
         if args.json:
-            print(json.dumps({"url": args.url, "state": "absent"}))
+            # the canonical URL: what was typed may carry a user:password
+            print(json.dumps({"url": svc.canonical(args.url), "state": "absent"}))
         else:
             print(f"absent: {e.message}")
         return EXIT_ABSENT

@@ -25,8 +25,8 @@ class Credentials:
         t = (type_ or "Bearer")
         if not isinstance(t, str) or t.lower() not in ("bearer", "basic"):
             raise BadRequest(f"credentialsType must be Bearer or Basic, not {str(t)[:40]!r}")
-        if any(c in value for c in "\r\n\x00"):
-            raise BadRequest("credentials contain control characters")
+        if not all(" " <= c <= "~" for c in value):  # a header value: printable ASCII only
+            raise BadRequest("credentials must be printable ASCII (no control characters)")
         creds = cls("Basic" if t.lower() == "basic" else "Bearer", value.strip())
         if creds.type == "Basic":
             creds.user_pass()  # validate now: bad base64 is the caller's mistake (400)

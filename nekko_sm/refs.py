@@ -23,6 +23,7 @@ _OCI_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?$")
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _HF_SPECIAL_REV = re.compile(r"^(refs/pr/[0-9]+|refs/convert/[A-Za-z0-9_.-]+)(?:/|$)")
+_URL_SAFE = "/%:@!$&'()*+,;=~-._"  # RFC 3986 pchar, "/" and existing %-escapes
 _HF_REPO_TYPES = {"datasets": "dataset", "spaces": "space", "models": "model"}
 
 
@@ -44,12 +45,31 @@ def safe_name(name: str) -> str:
     return "/".join(parts)
 
 
+def _shown(url: str) -> str:
+    """``url`` for an error message: userinfo (a password) removed, at most 200 characters."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return repr((scheme + sep + authority + slash + tail)[:200])
+
+
+def _escape(text: str, slash: bool = True) -> str:
+    """Percent-encode what parse() would decode or cut off, so canonical forms re-parse alike."""
+    text = text.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
+    text = "".join(quote(c, safe="") if c.isspace() else c for c in text)  # parse() strips
+    return text if slash else text.replace("/", "%2F")
+
+
 def _check_host(host: str, url: str) -> str:
     if not _HOST.match(host):
-        raise InvalidReference(f"bad registry host {host!r} in {url!r}")
+        shown = "with credentials" if "@" in host else repr(host)
+        raise InvalidReference(f"bad registry host {shown} in {_shown(url)}")
     port = host.rsplit(":", 1)[1] if ":" in host and not host.endswith("]") else None
     if port is not None and not (0 < int(port) < 65536):
-        raise InvalidReference(f"port out of range in {url!r}")
+        raise InvalidReference(f"port out of range in {_shown(url)}")
     return host.lower()
 
 
@@ -91,8 +111,12 @@ class HFRef:
 
     @property
     def canonical(self) -> str:
-        tail = f"/{self.path}" if self.path else ""
-        return f"hf://{self.registry}/{self.type_prefix}{self.repo_id}@{self.revision}{tail}"
+        tail = f"/{_escape(self.path)}" if self.path else ""
+        # refs/pr/N and refs/convert/X keep their slashes (parse() knows them); any other
+        # revision has its "/" encoded, so "@a%2Fb/f" and "@a/b/f" stay two different keys.
+        special = _HF_SPECIAL_REV.fullmatch(self.revision + "/")
+        rev = _escape(self.revision, slash=bool(special))
+        return f"hf://{self.registry}/{self.type_prefix}{self.repo_id}@{rev}{tail}"
 
     @property
     def quoted_revision(self) -> str:
@@ -134,12 +158,15 @@ def parse(url: str, hf_endpoint: str = "https://huggingface.co") -> OCIRef | HFR
     url = url.strip()
     if any(ord(c) < 32 or c == "\x7f" for c in url) or len(url) > 8192:
         raise InvalidReference("the url contains control characters or is too long")
+    try:
+        url.encode("utf-8")  # a lone surrogate (JSON "\ud800", undecodable argv) is no URL
+    except UnicodeEncodeError:
+        raise InvalidReference("the url is not valid Unicode text") from None
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower()
     if not sep:
-        raise UnsupportedScheme(
-            f"unsupported url {url[:100]!r}: use oci://, hf://, huggingface://, http:// or https://"
-        )
+        raise UnsupportedScheme(f"unsupported url {_shown(url)[:100]}: use oci://, hf://,"
+                                " huggingface://, http:// or https://")
     if scheme == "oci":
         return parse_oci(url)
     if scheme in ("hf", "huggingface"):
@@ -154,7 +181,7 @@ def parse(url: str, hf_endpoint: str = "https://huggingface.co") -> OCIRef | HFR
 def parse_oci(url: str) -> OCIRef:
     rest = url.split("://", 1)[1]
     if "/" not in rest:
-        raise InvalidReference(f"{url!r}: expected oci://REGISTRY/REPOSITORY[:TAG|@DIGEST]")
+        raise InvalidReference(f"{_shown(url)}: expected oci://REGISTRY/REPOSITORY[:TAG|@DIGEST]")
     registry, name = rest.split("/", 1)
     registry = _check_host(registry, url)
     if registry in ("index.docker.io", "registry-1.docker.io"):
@@ -163,15 +190,15 @@ def parse_oci(url: str) -> OCIRef:
     if "@" in name:
         name, digest = name.split("@", 1)
         if not _OCI_DIGEST.match(digest):
-            raise InvalidReference(f"{url!r}: digest must be sha256:<64 lowercase hex>")
+            raise InvalidReference(f"{_shown(url)}: digest must be sha256:<64 lowercase hex>")
     last = name.rsplit("/", 1)[-1]
     if ":" in last:
         name, tag = name.rsplit(":", 1)
         if not _TAG.match(tag):
-            raise InvalidReference(f"{url!r}: bad tag {tag!r}")
+            raise InvalidReference(f"{_shown(url)}: bad tag {tag!r}")
     if not name or not all(_REPO_COMPONENT.match(c) for c in name.split("/")):
         raise InvalidReference(
-            f"{url!r}: bad repository name {name!r} (lowercase letters, digits, . _ - and /)"
+            f"{_shown(url)}: bad repository name {name!r} (lowercase letters, digits, . _ - and /)"
         )
     if registry == DOCKER_HUB and "/" not in name:
         name = "library/" + name
@@ -207,12 +234,12 @@ def parse_hf(url: str, hf_endpoint: str = "https://huggingface.co") -> HFRef:
     if segs and segs[0] in _HF_REPO_TYPES:
         repo_type = _HF_REPO_TYPES[segs.pop(0)]
     if len(segs) < 2:
-        raise InvalidReference(f"{url!r}: expected hf://REGISTRY/ORG/NAME[@REV][/PATH]")
+        raise InvalidReference(f"{_shown(url)}: expected hf://REGISTRY/ORG/NAME[@REV][/PATH]")
     org, name = segs[0], segs[1]
     rest_segs = segs[2:]
     revision = "main"
     if "@" in org:
-        raise InvalidReference(f"{url!r}: '@' belongs after the repository name")
+        raise InvalidReference(f"{_shown(url)}: '@' belongs after the repository name")
     if "@" in name:
         name, revision = name.split("@", 1)
         revision = unquote(revision)
@@ -221,11 +248,15 @@ def parse_hf(url: str, hf_endpoint: str = "https://huggingface.co") -> HFRef:
         if m:
             revision = m.group(1)
             rest_segs = [s for s in joined[len(revision):].split("/") if s]
-        if not revision or any(c in revision for c in " \\") or ".." in revision:
-            raise InvalidReference(f"{url!r}: bad revision {revision!r}")
+        if (not revision or ".." in revision
+                or any(c in " \\" or ord(c) < 32 or c == "\x7f" for c in revision)):
+            raise InvalidReference(f"{_shown(url)}: bad revision {revision!r}")
+    if repo_type == "model" and org in _HF_REPO_TYPES:  # the Hub's own URLs reserve them
+        raise InvalidReference(f"{_shown(url)}: {org!r} is not an organisation; a"
+                               f" {_HF_REPO_TYPES[org]} is hf://REGISTRY/{org}/ORG/NAME")
     for part in (org, name):
         if not _HF_NAME.match(part) or ".." in part:
-            raise InvalidReference(f"{url!r}: bad repository name {org}/{name}")
+            raise InvalidReference(f"{_shown(url)}: bad repository name {org}/{name}")
     path = ""
     if rest_segs:
         path = safe_name(unquote("/".join(rest_segs)))
@@ -237,9 +268,10 @@ def parse_http(url: str) -> HTTPRef:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise InvalidReference(f"bad url {url[:100]!r}: {e}") from None
+        reason = "bad host or port" if "@" in str(e) else str(e)  # never echo userinfo
+        raise InvalidReference(f"bad url {_shown(url)}: {reason}") from None
     if not parts.hostname:
-        raise InvalidReference(f"{url[:100]!r} has no host")
+        raise InvalidReference(f"{_shown(url)} has no host")
     scheme = parts.scheme.lower()
     host = parts.hostname.lower()
     if ":" in host:
@@ -249,8 +281,11 @@ def parse_http(url: str) -> HTTPRef:
     userinfo = None
     if "@" in parts.netloc:
         userinfo = unquote(parts.netloc.rsplit("@", 1)[0])
-    path = parts.path or "/"
-    return HTTPRef(urlunsplit((scheme, host, path, parts.query, "")), userinfo)
+    # Percent-encode what a URL cannot hold as is (spaces, non-ASCII), as urllib3 would on
+    # the wire: "a b" and "a%20b" are one key, and the canonical form re-parses to itself.
+    path = quote(parts.path or "/", safe=_URL_SAFE)
+    query = quote(parts.query, safe=_URL_SAFE + "?")
+    return HTTPRef(urlunsplit((scheme, host, path, query, "")), userinfo)
 
 
 def redact(url: str) -> str:
