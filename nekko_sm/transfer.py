@@ -10,6 +10,8 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -104,7 +106,11 @@ class _NoProxy:
             if item == "*":
                 self.all = True
                 continue
-            host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+            if item.startswith("["):  # [v6] or [v6]:port
+                host, _, port = item[1:].partition("]")
+                port = port.lstrip(":")
+            else:
+                host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
             self.entries.append((host.lstrip("*").lstrip("."), int(port) if port.isdigit() else None))
 
     def bypass(self, url: str) -> bool:
@@ -169,6 +175,41 @@ class Transfer:
                 self._managers[self._proxy_for(url)] = m
             return m
 
+    def _proxy_name(self, url: str) -> str:
+        """The proxy for ``url`` as ``host:port``, without its credentials."""
+        p = urlsplit(self._proxy_for(url) or "")
+        return p.netloc.rsplit("@", 1)[-1]
+
+    def _proxy_refused(self, url: str, answer: str) -> str:
+        env = "HTTPS_PROXY" if urlsplit(url).scheme.lower() == "https" else "HTTP_PROXY"
+        return (f"the proxy {self._proxy_name(url)} wants (other) credentials ({answer}):"
+                f" give them as user:password@ (percent-encoded) in {env}")
+
+    def _connection_error(self, url: str, e: BaseException) -> NekkoError:
+        """What a failed connection means: a certificate we do not trust and a proxy that
+        refuses the tunnel are final; anything else (refused, reset, timed out) is retried."""
+        via_proxy = isinstance(e, urllib3.exceptions.ProxyError) and bool(self._proxy_for(url))
+        cert = _cert_failure(e)
+        if cert is not None:  # a ProxyError: the proxy's own certificate (an https:// proxy)
+            whose = f"the proxy {self._proxy_name(url)}" if via_proxy else \
+                urlsplit(url).netloc.rsplit("@", 1)[-1]
+            return UpstreamError(f"{redact(url)}: the TLS certificate of {whose} is not trusted"
+                                 f" ({cert}); give the CA that signed it with --ca-cert FILE"
+                                 " or SSL_CERT_FILE")
+        if not via_proxy:
+            return UpstreamUnavailable(f"{redact(url)}: {_reason(e)}")
+        inner = getattr(e, "original_error", None) or e
+        m = _TUNNEL_RE.search(str(inner))
+        if m is not None:
+            status, said = int(m.group(1)), f"{m.group(1)} {m.group(2).strip()}".strip()
+            if status == 407:
+                return UpstreamError(f"{redact(url)}: {self._proxy_refused(url, said)}")
+            if 400 <= status < 500 and status not in RETRY_STATUSES:
+                return UpstreamError(f"{redact(url)}: the proxy {self._proxy_name(url)} refused"
+                                     f" the tunnel ({said})")
+        return UpstreamUnavailable(f"{redact(url)}: the proxy {self._proxy_name(url)}:"
+                                   f" {_reason(inner)}")
+
     def close(self) -> None:
         with self._lock:
             for m in self._managers.values():
@@ -203,9 +244,12 @@ class Transfer:
                     assert_same_host=False,
                 )
             except _Urllib3Error as e:
-                raise UpstreamUnavailable(f"{redact(url)}: {_reason(e)}") from e
+                raise self._connection_error(url, e) from e
             if log.isEnabledFor(3):
                 log.log(3, "< %d %s %s", resp.status, redact(url), _safe_headers(resp.headers))
+            if resp.status == 407 and self._proxy_for(url):
+                _drain(resp)
+                raise UpstreamError(f"{redact(url)}: {self._proxy_refused(url, '407')}")
             if follow_redirects and resp.status in REDIRECT_STATUSES and resp.headers.get("Location"):
                 location = urljoin(url, resp.headers["Location"])
                 _drain(resp)
@@ -496,6 +540,27 @@ def _kept_headers(headers: Mapping[str, str]) -> dict:
     """The answer headers a source reads after a download (kept for a ranged resume)."""
     keep = ("ETag", "Content-Disposition", "Content-Type", "Last-Modified")
     return {k: headers[k] for k in keep if headers.get(k)}
+
+
+_TUNNEL_RE = re.compile(r"Tunnel connection failed: (\d{3})(.*)$")
+
+
+def _cert_failure(e: BaseException | None) -> str | None:
+    """Why a certificate was refused, when that is what ``e`` (or what it wraps) says."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ssl.SSLCertVerificationError):
+            return str(x.verify_message or x.reason or x)[:200]
+        if isinstance(x, BaseException):
+            todo += [getattr(x, "reason", None), getattr(x, "original_error", None),
+                     x.__cause__, x.__context__]
+            todo += [a for a in x.args if isinstance(a, BaseException)]
+    return None
 
 
 def _reason(e: BaseException) -> str:

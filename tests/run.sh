@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(nginx-light docker-registry skopeo umoci groff-base)
+debs=(nginx-light docker-registry skopeo umoci groff-base tinyproxy)
 missing=()
 for d in "${debs[@]}"; do dpkg -s "$d" >/dev/null 2>&1 || missing+=("$d"); done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -18,12 +18,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 # Debian starts nginx and docker-registry as services on install; the tests run their own.
-for svc in nginx docker-registry; do
+for svc in nginx docker-registry tinyproxy; do
   if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
 done
 
 python3 -m pip install -q --disable-pip-version-check \
   "urllib3==2.6.3" "platformdirs==4.4.0" \
-  pytest pytest-cov huggingface_hub hypothesis cryptography
+  pytest pytest-cov huggingface_hub hypothesis cryptography vermin
 python3 build_zipapp.py
 exec python3 -m pytest -p no:cacheprovider --cov=nekko_sm --cov-report=term "$@"

@@ -387,6 +387,9 @@ class _Puller:
         scheme = "http" if job.config.is_insecure(ref.api_host) or \
             job.config.is_insecure(ref.registry) else "https"
         mirrors = job.config.registry_mirrors.get(ref.registry.lower()) or ()
+        # a mirror host marked --insecure-registry is plain http, as a registry is
+        mirrors = ["http://" + m.split("://", 1)[1]
+                   if job.config.is_insecure(urlsplit(m).netloc) else m for m in mirrors]
         self.endpoints = [_Endpoint(job, ref, m, mirror=True) for m in mirrors]
         self.endpoints.append(_Endpoint(job, ref, f"{scheme}://{ref.api_host}", mirror=False))
         self._dead: set[int] = set()
@@ -407,8 +410,11 @@ class _Puller:
                 if not ep.mirror:
                     raise
                 with self._lock:
+                    first = i not in self._dead  # blobs fail in parallel: say it once
                     self._dead.add(i)
-                log.info("%s: %s failed (%s); falling back", self.ref.canonical, ep, e.message)
+                if first:
+                    log.info("%s: %s failed (%s); falling back", self.ref.canonical, ep,
+                             e.message)
         raise AssertionError("the registry itself is always the last endpoint")
 
     # -- manifests ------------------------------------------------------------------------------
