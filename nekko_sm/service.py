@@ -269,6 +269,10 @@ class Service:
                 if p.get("os") == "unknown" and p.get("architecture") == "unknown":
                     continue  # an attestation manifest (SBOM, provenance), not an image
                 prefix = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
+                try:  # the fields come from the registry: they must name one directory
+                    prefix = safe_name(prefix) if "/" not in prefix else ""
+                except UnsafeName:
+                    prefix = ""
                 for f in self._manifest_files(child, (prefix or child.digest[7:19]) + "/"):
                     if f["name"] not in seen:  # two children of one platform: first wins
                         seen.add(f["name"])

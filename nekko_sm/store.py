@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from nekko_sm.refs import safe_name
 from nekko_sm.errors import (
     CacheCorrupt,
     NekkoError,
@@ -571,7 +572,8 @@ class Store:
         self.views_dir = self.root / "views"
         self._index_path = self.root / "index.json"
         self._thread_lock = threading.RLock()
-        self._index_cache: tuple[float, int, list[Descriptor]] | None = None
+        self._index_cache: tuple | None = None
+        self._load_lock = threading.Lock()
         self._children_cache: dict[str, list[Descriptor]] = {}
 
     def init(self) -> Store:
@@ -688,21 +690,31 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         return _FileLock(self.root / ".lock")
 
-    def _read_index(self) -> list[Descriptor]:
+    def _load_index(self) -> tuple[list[Descriptor], dict]:
+        """index.json, parsed once per change (the file is replaced, never edited)."""
         try:
             st = self._index_path.stat()
         except FileNotFoundError:
-            return []
+            return [], {}
         cached = self._index_cache
-        if cached and cached[0] == st.st_mtime and cached[1] == st.st_ino:
-            return list(cached[2])
-        try:
-            doc = json.loads(self._index_path.read_bytes())
-            manifests = [Descriptor.from_json(d) for d in doc.get("manifests", [])]
-        except (ValueError, AttributeError) as e:
-            raise CacheCorrupt(f"{self._index_path} does not parse: {e}") from e
-        self._index_cache = (st.st_mtime, st.st_ino, manifests)
-        return list(manifests)
+        if cached and cached[0] == (st.st_mtime_ns, st.st_ino, st.st_size):
+            return cached[1], cached[2]
+        with self._load_lock:  # one parse, not one per waiting thread
+            cached = self._index_cache
+            if cached and cached[0] == (st.st_mtime_ns, st.st_ino, st.st_size):
+                return cached[1], cached[2]
+            try:
+                doc = json.loads(self._index_path.read_bytes())
+                manifests = [Descriptor.from_json(d) for d in doc.get("manifests", [])]
+            except (ValueError, AttributeError) as e:
+                raise CacheCorrupt(f"{self._index_path} does not parse: {e}") from e
+            by_ref = {d.annotations.get(REF_NAME): d for d in manifests
+                      if d.annotations.get(REF_NAME)}
+            self._index_cache = ((st.st_mtime_ns, st.st_ino, st.st_size), manifests, by_ref)
+            return manifests, by_ref
+
+    def _read_index(self) -> list[Descriptor]:
+        return list(self._load_index()[0])
 
     def _write_index(self, manifests: list[Descriptor]) -> None:
         doc = {
@@ -710,17 +722,16 @@ class Store:
             "mediaType": MT_OCI_INDEX,
             "manifests": [d.to_json() for d in manifests],
         }
-        _write_atomic(self._index_path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        # Compact: the C encoder is 3x faster than indent= on a 10,000-entry index.
+        _write_atomic(self._index_path,
+                      json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
         self._index_cache = None
 
     def entries(self) -> list[Descriptor]:
         return [d for d in self._read_index() if d.annotations.get(REF_NAME)]
 
     def get_entry(self, url: str) -> Descriptor | None:
-        for d in self._read_index():
-            if d.annotations.get(REF_NAME) == url:
-                return d
-        return None
+        return self._load_index()[1].get(url)
 
     def put_entry(self, url: str, desc: Descriptor) -> None:
         """Point ``url`` at ``desc`` (a manifest or index already in blobs/)."""
@@ -758,8 +769,8 @@ class Store:
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name, digest in files:
-            link = tmp / name
+        for name, digest in files:  # names come from registries and the Hub: checked again
+            link = tmp / safe_name(name)
             link.parent.mkdir(parents=True, exist_ok=True)
             target = os.path.relpath(self.blob_path(digest), link.parent)
             os.symlink(target, link)

@@ -961,10 +961,6 @@ def test_hub_tree_entry_with_a_traversal_is_refused(tmp_path, fakehub):
     assert outside(tmp_path / "svc", cache) == []
 
 
-@pytest.mark.xfail(strict=True, reason="Service._files_of joins an index's platform fields "
-                   "(os/architecture/variant, from the registry) into view names unchecked, and "
-                   "Store.make_view trusts them: with platform 'all' a registry can create "
-                   "directories and symlinks to its blobs anywhere (service.py/store.py)")
 @pytest.mark.parametrize("platform", [
     {"os": "../../../escaped", "architecture": "amd64"},
     {"os": "linux", "architecture": "amd64", "variant": "/../../../../escaped"},
