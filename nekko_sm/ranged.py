@@ -115,9 +115,22 @@ class RangedFetch:
                                         name="range 0")]
         else:
             workers = []
-        workers += [threading.Thread(target=self._work, daemon=True, name=f"range {n}")
-                    for n in range(len(workers), min(self.connections,
-                                                     len(workers) + len(self._queue)))]
+        # One connection is this download's own; more come from the transfer's shared
+        # budget (--jobs - 1 in all), so eight blobs at once do not open 64 connections.
+        wanted = min(self.connections, len(workers) + len(self._queue)) - 1
+        budget = self.transfer.extra_connections
+        extra = 0
+        while extra < wanted and budget.acquire(blocking=False):
+            extra += 1
+        try:
+            self._run(workers + [
+                threading.Thread(target=self._work, daemon=True, name=f"range {n}")
+                for n in range(len(workers), 1 + extra)])
+        finally:
+            for _ in range(extra):
+                budget.release()
+
+    def _run(self, workers: list) -> None:
         for t in workers:
             t.start()
         saver = threading.Thread(target=self._save_periodically, daemon=True, name="range saver")

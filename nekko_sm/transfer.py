@@ -135,6 +135,8 @@ class Transfer:
         self.backoff = backoff
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self._no_proxy = _NoProxy(config.no_proxy)
+        # Connections beyond one per download, shared by every ranged download at once.
+        self.extra_connections = threading.Semaphore(max(0, config.jobs - 1))
         self._lock = threading.Lock()
         self._managers: dict[str | None, urllib3.PoolManager] = {}
         self._pool_kw = {

@@ -146,3 +146,47 @@ def test_part_size_choice():
     assert ranged.part_size_for(100 << 30, 8) == 1 << 30
     assert ranged.part_size_for(60 << 30, 8, max_span=50 << 30) <= 50 << 30
     assert ranged.part_size_for(20 << 20, 8) == ranged.MIN_PART
+
+
+def test_concurrent_big_downloads_share_one_connection_budget(tmp_path, nginx, small_parts):
+    """Four big blobs at once with --jobs 4: 4 own connections + at most 3 extra, not 16."""
+    store, transfer = make(tmp_path, jobs=4)
+    blobs = [os.urandom(6 << 20) for _ in range(4)]
+    urls = [nginx.put(f"budget-{i}.bin", b) for i, b in enumerate(blobs)]
+    lock = threading.Lock()
+    now = peak = 0
+    real_open = transfer.open
+
+    def counting_open(*a, **kw):
+        nonlocal now, peak
+        resp, final = real_open(*a, **kw)
+        with lock:
+            now += 1
+            peak = max(peak, now)
+        real_release = resp.release_conn
+
+        def release():
+            nonlocal now
+            with lock:
+                now -= 1
+            real_release()
+            resp.release_conn = real_release
+
+        resp.release_conn = release
+        return resp, final
+
+    transfer.open = counting_open
+    results = {}
+
+    def one(i):
+        results[i] = fetch(store, transfer, urls[i], ref=f"b{i}", expected_size=len(blobs[i]),
+                           immutable=True)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i].digest for i in range(4)] == [sha(b) for b in blobs]
+    assert peak <= 4 + 3, peak
+    assert transfer.extra_connections.acquire(blocking=False)  # the budget was given back
