@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 from nekko_sm.errors import Cancelled, NekkoError, SizeMismatch, UpstreamUnavailable
 from nekko_sm.refs import redact
-from nekko_sm.transfer import MAX_STALLS, _content_range, _is_stall, _read_limited, _reason
+from nekko_sm.transfer import MAX_STALLS, _content_range, _origin, _is_stall, _read_limited, _reason
 
 log = logging.getLogger("nekko_sm.ranged")
 
@@ -69,6 +69,8 @@ class RangedFetch:
         self._failed: BaseException | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
+        self._direct: str | None = None  # where the origin redirected the parts to
+        self._resolving = threading.Lock()
         self._last_save = time.monotonic()
 
     # -- bookkeeping -----------------------------------------------------------------
@@ -214,10 +216,24 @@ class RangedFetch:
         h["Range"] = f"bytes={nxt}-{end - 1}"
         if self.validator:
             h["If-Range"] = self.validator
-        resp, final = self.transfer.open("GET", self.url, h, self.auth)
+        resp = None
+        direct = self._direct
+        if direct is None:
+            with self._resolving:  # one worker asks the origin; the others use its answer
+                direct = self._direct
+                if direct is None:
+                    resp, final = self.transfer.open("GET", self.url, h, self.auth)
+                    if _origin(final) != _origin(self.url):
+                        self._direct = final  # ask the origin once, not once per part
+        if resp is None:  # the CDN URL the origin sent us to: no credentials go there
+            resp, final = self.transfer.open("GET", direct, h, None)
         try:
             if resp.status == 200:
                 raise RangesRefused()
+            if resp.status != 206 and direct is not None:
+                self._direct = None  # expired or refused: ask the origin again
+                raise UpstreamUnavailable(f"{redact(direct)}: answered {resp.status};"
+                                          " asking the origin for a new URL")
             if resp.status != 206:
                 body = _read_limited(resp, 64 << 10, final, strict=False)
                 err = self.errors(resp.status, final, body, resp.headers)

@@ -554,3 +554,27 @@ def test_cli_gated_and_tokens(tmp_path, hub):
 def test_cli_not_found(tmp_path, hub):
     r = cli(tmp_path, "pull", "hf:///acme/tiny-model@nope/config.json", HF_ENDPOINT=hub.endpoint)
     assert r.returncode == 1 and "'nope'" in r.stderr
+
+
+def test_ranged_parts_reuse_the_cdn_url_until_it_expires(svc, hub, monkeypatch):
+    """One Hub request for many parts (the real Hub rate-limits resolves); an expired
+    signature sends the next part back to the Hub for a fresh URL."""
+    monkeypatch.setattr(hf, "MAX_SPAN", 4096)
+    data = blob_of(40_000, b"parts")
+    hub.add_repo("acme/parts", files={"w.gguf": data})
+    hub.clear_log()
+    entry, _ = svc.pull("hf:///acme/parts/w.gguf")
+    assert Path(entry["path"]).read_bytes() == data
+    resolves = [r for r in hub.log("hub") if r.method == "GET" and "/resolve/" in r.path]
+    cdn = [r for r in hub.log("cdn") if r.method == "GET"]
+    assert len(cdn) >= 10 and len(resolves) <= 3, (len(resolves), len(cdn))
+    assert not any(r.has_authorization for r in hub.log("cdn"))
+
+
+def test_expired_cdn_url_mid_ranges_asks_the_hub_again(svc, hub, monkeypatch):
+    monkeypatch.setattr(hf, "MAX_SPAN", 4096)
+    data = blob_of(40_000, b"expiring")
+    hub.add_repo("acme/expiring", files={"w.gguf": data})
+    hub.inject_errors("cdn", status=403, count=2, path_contains="")
+    entry, _ = svc.pull("hf:///acme/expiring/w.gguf")
+    assert Path(entry["path"]).read_bytes() == data
