@@ -234,6 +234,16 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
             if need_cache and not _usable_dir(cache_dir):
                 raise ConfigError(f"cache directory {cache_dir} cannot be created or written")
 
+    proxies = {n: _env(environ, n, n.lower()) for n in ("HTTPS_PROXY", "HTTP_PROXY")}
+    for name, value in proxies.items():
+        if value and urlsplit(value if "://" in value else "http://" + value).scheme not in (
+                "http", "https"):
+            raise ConfigError(f"{name} must be an http:// or https:// proxy, not {value!r}"
+                              " (SOCKS is not supported)")
+    hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
+        raise ConfigError("HF_TOKEN must be printable ASCII")
+
     return Config(
         cache_dir=cache_dir.absolute(),
         address=address,
@@ -242,11 +252,11 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         insecure_registries=frozenset(h.lower() for h in insecure),
         jobs=jobs,
         hf_endpoint=hf_endpoint,
-        hf_token=_env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+        hf_token=hf_token.strip() if hf_token else None,
         registry_mirrors={k: tuple(v) for k, v in mirrors.items()},
         ca_cert=str(ca) if ca else None,
-        https_proxy=_env(environ, "HTTPS_PROXY", "https_proxy"),
-        http_proxy=_env(environ, "HTTP_PROXY", "http_proxy"),
+        https_proxy=proxies["HTTPS_PROXY"],
+        http_proxy=proxies["HTTP_PROXY"],
         no_proxy=_env(environ, "NO_PROXY", "no_proxy"),
         notes=tuple(notes),
     )

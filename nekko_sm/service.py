@@ -144,8 +144,8 @@ class Service:
     def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
         key = flight.url
         outcome: dict = {"error": Cancelled(f"pull of {key} ended without an answer")}
-        lock = _FileLock(self._pull_paths(key)[1])
         try:
+            lock = _FileLock(self._pull_paths(key)[1])
             lock.acquire()  # another process pulling the same URL: wait for it
             try:
                 outcome = self._pull_locked(flight, ref, credentials, digest, platform)

@@ -100,7 +100,8 @@ def test_lists_and_mirrors(tmp_path):
 @pytest.mark.parametrize("flags, env", [
     ({"jobs": "0"}, {}), ({"jobs": "many"}, {}), ({}, {"NEKKO_JOBS": "1000"}),
     ({"verbose": "9"}, {}), ({"registry_mirror": ["nomirror"]}, {}), ({"ca_cert": "/nonexistent"}, {}),
-    ({}, {"HF_ENDPOINT": "ftp://x"}),
+    ({}, {"HF_ENDPOINT": "ftp://x"}), ({}, {"HTTPS_PROXY": "socks5://127.0.0.1:1080"}),
+    ({}, {"https_proxy": "socks5h://p:1"}), ({}, {"HF_TOKEN": "hf_\u20ac"}),
 ])
 def test_bad_values_fail_fast(tmp_path, flags, env):
     with pytest.raises((ConfigError, InvalidPlatform)):

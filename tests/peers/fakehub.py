@@ -157,6 +157,16 @@ class Blob:
         """What the Hub reports as the file's ETag (without quotes): sha256 if LFS, else git sha1."""
         return self.sha256 if self.lfs else self.git_oid
 
+    @property
+    def cdn_etag(self) -> str:
+        """The CDN's own ETag (an S3-style MD5), computed once: per request it would make a
+        ranged client's 32 requests per GiB measure the fake instead of the client."""
+        md5 = self.__dict__.get("_md5")
+        if md5 is None:
+            md5 = hashlib.md5(self.data).hexdigest()
+            object.__setattr__(self, "_md5", md5)
+        return md5
+
     @classmethod
     def make(cls, data: bytes, lfs: bool) -> Blob:
         sha256 = hashlib.sha256(data).hexdigest()
@@ -1010,7 +1020,7 @@ class _Handler(BaseHTTPRequestHandler):
         blob = hub._lfs.get(sha256)
         if blob is None:
             self._xml_error(404, "NoSuchKey", "The specified key does not exist.")
-        etag = f'"{hashlib.md5(blob.data).hexdigest()}"'  # an S3 ETag, NOT the sha256
+        etag = f'"{blob.cdn_etag}"'  # an S3 ETag, NOT the sha256
         headers = [
             ("Content-Type", "application/octet-stream"),
             ("Content-Disposition", q.get("response-content-disposition", "inline")),
