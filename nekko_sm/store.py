@@ -655,6 +655,16 @@ class Store:
                 return 0
         return size
 
+    def partials_size(self) -> int:
+        """Bytes all partial downloads hold (what a resume will not fetch again)."""
+        total = 0
+        for state in self.ingest_dir.glob("*/state.json"):
+            try:
+                total += self.partial_size(json.loads(state.read_text())["ref"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return total
+
     def discard_partial(self, ref: str) -> bool:
         """Remove the partial download for ``ref`` unless someone is writing it."""
         d = self.ingest_dir / _key(ref)

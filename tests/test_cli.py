@@ -145,18 +145,6 @@ def _wait_for(cond, timeout=30.0):
     return False
 
 
-def _partial_bytes(cache: Path) -> int:
-    """What the ingest's saved state says is there (a ranged file is preallocated)."""
-    store = Store(cache)
-    total = 0
-    for state in (cache / "ingest").glob("*/state.json"):
-        try:
-            total += store.partial_size(json.loads(state.read_text())["ref"])
-        except (OSError, ValueError, KeyError):
-            pass
-    return total
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("jobs", ["1", "8"], ids=["one-stream", "ranged"])
 def test_sigkill_midway_then_resume_fetches_only_the_rest(pyz, run, faulty, jobs):
@@ -169,13 +157,13 @@ def test_sigkill_midway_then_resume_fetches_only_the_rest(pyz, run, faulty, jobs
                              jobs, "pull", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     want = (4 << 20) if jobs == "1" else size // 2
     try:
-        assert _wait_for(lambda: _partial_bytes(run.cache) >= want, timeout=60)
+        assert _wait_for(lambda: Store(run.cache).partials_size() >= want, timeout=60)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         proc.kill()
         proc.communicate()
-    kept = _partial_bytes(run.cache)
+    kept = Store(run.cache).partials_size()
     # Never a partial blob or index entry.
     assert list((run.cache / "blobs" / "sha256").iterdir()) == []
     assert json.loads((run.cache / "index.json").read_text())["manifests"] == []
