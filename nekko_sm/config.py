@@ -234,7 +234,8 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
             if need_cache and not _usable_dir(cache_dir):
                 raise ConfigError(f"cache directory {cache_dir} cannot be created or written")
 
-    proxies = {n: _env(environ, n, n.lower()) for n in ("HTTPS_PROXY", "HTTP_PROXY")}
+    proxies = {"HTTPS_PROXY": _env(environ, "HTTPS_PROXY", "https_proxy"),
+               "HTTP_PROXY": _env(environ, "HTTP_PROXY", "http_proxy")}
     for name, value in proxies.items():
         if value and urlsplit(value if "://" in value else "http://" + value).scheme not in (
                 "http", "https"):
