@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future
@@ -25,7 +24,6 @@ from nekko_sm.errors import (
     Conflict,
     EntryNotFound,
     InsufficientStorage,
-    InvalidDigest,
     NekkoError,
     UnsafeName,
     UpstreamUnavailable,

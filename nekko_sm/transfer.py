@@ -24,10 +24,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from nekko_sm.config import Config
 from nekko_sm.errors import (
-    Cancelled,
     Forbidden,
-    InsufficientStorage,
-    IntegrityError,
     NekkoError,
     SizeMismatch,
     Unauthorized,
@@ -472,6 +469,9 @@ class Transfer:
                 raise UpstreamUnavailable(f"{redact(url)}: body ended after {writer.offset}"
                                           f" of {expected_size} bytes")
             return resp.headers
+        except BaseException:
+            resp.close()  # the body was not read to its end: never back into the pool
+            raise
         finally:
             resp.release_conn()
 
@@ -491,15 +491,14 @@ class Transfer:
                 got += len(chunk)
                 if progress is not None:
                     progress(len(chunk))
-        except (_Urllib3Error, OSError) as e:
-            if isinstance(e, InsufficientStorage):
-                raise
+        except BaseException as e:
+            # Whatever stopped us, the body is not read to its end: this connection must
+            # not go back to the pool (release_conn would hand it to the next request).
             resp.close()
+            if isinstance(e, NekkoError) or not isinstance(e, (_Urllib3Error, OSError)):
+                raise  # disk full, cancelled, too many bytes, Ctrl-C: not the network's fault
             raise UpstreamUnavailable(f"{redact(url)}: connection broke after {got} bytes:"
                                       f" {_reason(e)}", stalled=_is_stall(e)) from e
-        except (Cancelled, IntegrityError, SizeMismatch):
-            resp.close()
-            raise
         if remaining is not None and got < remaining:
             resp.close()
             raise UpstreamUnavailable(f"{redact(url)}: body ended after {got} of {remaining} bytes")

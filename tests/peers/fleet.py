@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peers import ChildProcess
 from peers.nginx import _free_ports, _quote, _set_pdeathsig
 from peers.registry import RegistryPeer
 
@@ -82,7 +83,7 @@ class ProxiedRequest:
     target: str  # an absolute URI, or HOST:PORT for CONNECT
 
 
-class Tinyproxy:
+class Tinyproxy(ChildProcess):
     """A running ``tinyproxy -d``; ``url`` (``http://127.0.0.1:PORT``), ``auth_url``
     (with ``user:password@`` when it wants them), ``log_path``."""
 
@@ -115,23 +116,6 @@ class Tinyproxy:
     def clear(self) -> None:
         self._mark = self.log_path.stat().st_size
 
-    def alive(self) -> bool:
-        return self._proc.poll() is None
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
-
-    def __enter__(self) -> Tinyproxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _tinyproxy_config(workdir: Path, port: int, auth: tuple[str, str] | None,
@@ -309,7 +293,7 @@ http {{
 """
 
 
-class TlsNginx:
+class TlsNginx(ChildProcess):
     """nginx serving ``https://127.0.0.1:PORT/files/NAME`` with the pki's server certificate."""
 
     def __init__(self, prefix: Path, root: Path, port: int, pki: Pki,
@@ -332,20 +316,6 @@ class TlsNginx:
         return [line for line in path.read_text(errors="replace").splitlines()
                 if "/__ping" not in line]
 
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
-
-    def __enter__(self) -> TlsNginx:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _tls_answers(port: int, ca: Path) -> bool:

@@ -61,7 +61,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from peers import require_binary
+from peers import ChildProcess, require_binary
 
 BASIC_USER = "alice"
 BASIC_PASSWORD = "s3cret"
@@ -220,7 +220,7 @@ def _set_pdeathsig() -> Any:
     return preexec
 
 
-class NginxPeer:
+class NginxPeer(ChildProcess):
     """A running nginx; see the module docstring for what it serves."""
 
     def __init__(self, prefix: Path, root: Path, port: int, cdn_port: int,
@@ -313,25 +313,6 @@ class NginxPeer:
             os.truncate(self.log_path, 0)
 
     # -- lifetime --------------------------------------------------------------------------
-    def alive(self) -> bool:
-        return self._proc.poll() is None
-
-    def stop(self) -> None:
-        """Stop nginx (idempotent)."""
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
-
-    def __enter__(self) -> NginxPeer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"<NginxPeer {self.url} cdn={self.cdn_url} root={self.root}>"
 
