@@ -22,6 +22,7 @@ from urllib.parse import quote
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from peers import raw_exchange
 
 from nekko_sm import config as cfg
 from nekko_sm.api import make_server
@@ -352,24 +353,7 @@ def test_any_content_path(server, method, segment):
 
 def raw(srv, data: bytes) -> bytes:
     host, port = srv.server_address[:2]
-    s = socket.create_connection((host, port), timeout=20)
-    try:
-        with contextlib.suppress(OSError):
-            s.sendall(data)
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
-    finally:
-        s.close()
+    return raw_exchange(host, port, data)  # a hang fails the example
 
 
 def check_raw(srv, answer: bytes) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from peers import raw_exchange
 from peers.fakehub import GOOD_TOKEN
 from peers.nginx import BASIC_PASSWORD, BASIC_USER, BEARER_TOKEN
 
@@ -187,24 +188,7 @@ def api_server(tmp_path):
 
 def raw_request(port: int, data: bytes, timeout: float = 20) -> bytes:
     """Send ``data`` on a fresh connection and read until the server closes it."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        with contextlib.suppress(OSError):
-            s.sendall(data)
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except (ConnectionResetError, socket.timeout):
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
-    finally:
-        s.close()
+    return raw_exchange("127.0.0.1", port, data, timeout, timeout_ends=True)
 
 
 def status_of(answer: bytes) -> int | None:

@@ -6,8 +6,10 @@ A peer that is not installed is a loud skip on a developer's machine and a failu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -62,3 +64,31 @@ class ChildProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def raw_exchange(host: str, port: int, data: bytes, timeout: float = 20,
+                 timeout_ends: bool = False) -> bytes:
+    """Send raw ``data`` on a fresh connection, half-close, read until the server closes.
+
+    A reset ends the answer.  A read timeout ends it too with ``timeout_ends``; otherwise
+    it raises (for tests where a server that hangs is the finding).
+    """
+    ends: tuple = (ConnectionResetError, socket.timeout) if timeout_ends else (ConnectionResetError,)
+    s = socket.create_connection((host, port), timeout=timeout)
+    try:
+        with contextlib.suppress(OSError):
+            s.sendall(data)
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ends:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
