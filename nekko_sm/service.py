@@ -9,6 +9,7 @@ makes an entry "incomplete" (206) rather than absent (404).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -67,6 +68,26 @@ class Flight:
         self.progress = Progress(sink)
         self.started = time.time()
         self.keep_partial = False  # set when stopping the server: the pull stays resumable
+        self.digest: str | None = None  # the digest the pull checks (its first caller's)
+
+    def checked(self, digest: str | None) -> Flight:
+        """This flight as a caller asking for ``digest`` sees it: its answer must match."""
+        if digest is None or digest == self.digest:
+            return self
+        view = copy.copy(self)
+        view.future = Future()
+
+        def land(done: Future) -> None:
+            try:
+                entry, created = done.result()
+                _check_digest(entry, digest)
+            except BaseException as e:
+                view.future.set_exception(e)
+            else:
+                view.future.set_result((entry, created))
+
+        self.future.add_done_callback(land)
+        return view
 
 
 class Service:
@@ -122,12 +143,15 @@ class Service:
         desc = self.store.get_entry(key)
         if desc is not None:
             _check_platform(key, desc, platform)
-            return None, self._entry_json(key, desc)
+            entry = self._entry_json(key, desc)
+            _check_digest(entry, digest)
+            return None, entry
         with self._lock:
             flight = self._flights.get(key)
             if flight is not None:
-                return flight, None
+                return flight.checked(digest), None
             flight = Flight(key, self._count_bytes)
+            flight.digest = digest
             self._flights[key] = flight
             self._failures.pop(key, None)
         runner = threading.Thread(target=self._run, name=f"pull {key[:60]}", daemon=True,
@@ -159,7 +183,9 @@ class Service:
         record = self._pull_paths(key)[0]
         desc = self.store.get_entry(key)
         if desc is not None:  # someone else (another process) finished it meanwhile
-            return {"result": (self._entry_json(key, desc), False)}
+            entry = self._entry_json(key, desc)
+            _check_digest(entry, digest)
+            return {"result": (entry, False)}
         log.info("pulling %s", key)
         state = {"url": key, "started": time.time(), "ingest": []}
         try:
@@ -446,6 +472,17 @@ def _check_platform(key: str, desc: Descriptor, wanted: str | None) -> None:
     if have and (wanted == "all" or wanted != have):
         raise Conflict(f"{key} is cached for {have}, not {wanted}: remove it first"
                        " (rm, or DELETE) to pull another platform")
+
+
+def _check_digest(entry: dict, wanted: str | None) -> None:
+    """A caller's digest selects and checks: a cached entry with other bytes is a 409.
+
+    Images answer to the digest the reference resolved to and to the chosen manifest's.
+    """
+    if wanted is None or wanted in (entry.get("digest"), entry.get("manifest")):
+        return
+    raise Conflict(f"{entry['url']} is cached with digest {entry.get('digest')}, not the"
+                   f" {wanted} asked for: remove it first (rm, or DELETE) to pull it again")
 
 
 def _held(lock_path: Path) -> bool:

@@ -220,20 +220,22 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
           sha256: str | None, git_oid: str | None, expected: str | None = None,
           count_total: bool = True) -> tuple[str, int]:
     """Make sure the file at ``url`` is a verified blob; returns (digest, size)."""
+    # Only a digest the Hub vouches for (an LFS file's sha256) may answer from the cache
+    # without a download; a caller's ``expected`` only checks the bytes the Hub serves.
+    trusted = None
     if sha256 is not None:
-        digest = "sha256:" + sha256
-        if expected is not None and expected != digest:
-            raise IntegrityError(f"{redact(url)} has digest {digest} on the Hub,"
+        trusted = "sha256:" + sha256
+        if expected is not None and expected != trusted:
+            raise IntegrityError(f"{redact(url)} has digest {trusted} on the Hub,"
                                  f" not the {expected} asked for")
-        expected = digest
-    if expected is not None:
-        job.lease.add(expected)  # lease first, so gc cannot free it between check and use
-        if size is not None and job.store.has_blob(expected, size):
-            return expected, size
+        expected = trusted
+        job.lease.add(trusted)  # lease first, so gc cannot free it between check and use
+        if size is not None and job.store.has_blob(trusted, size):
+            return trusted, size
 
     hashers = None
-    if expected is not None:
-        ingest_ref = expected
+    if trusted is not None:
+        ingest_ref = trusted
     elif git_oid is not None:
         ingest_ref = f"hf-git:{git_oid}"
     else:
@@ -250,10 +252,10 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
             job.store.ensure_space(total - offset, redact(url))
 
     with job.writer(ingest_ref, size, hashers) as w:
-        if expected is not None and size is not None and job.store.has_blob(expected, size):
-            return expected, size  # someone else committed it while we waited for the lock
+        if trusted is not None and size is not None and job.store.has_blob(trusted, size):
+            return trusted, size  # someone else committed it while we waited for the lock
         job.transfer.download(url, w, auth=auth, expected_size=size,
-                              immutable=expected is not None or git_oid is not None,
+                              immutable=trusted is not None or git_oid is not None,
                               errors=errors, progress=job.progress.add, on_total=on_total,
                               max_span=MAX_SPAN)
         if hashers and w.offset == size and w.hexdigest("git") != git_oid:

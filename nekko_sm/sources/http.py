@@ -47,15 +47,8 @@ def pull(job: Job, ref: HTTPRef) -> PullResult:
         creds = Credentials.basic(user, password)
     auth = creds.header if creds else None
 
-    if job.digest and job.store.has_blob(job.digest):
-        job.lease.add(job.digest)
-        if job.store.has_blob(job.digest):
-            size = job.store.blob_path(job.digest).stat().st_size
-            name = ref.file_name
-            files = [FileItem(name, job.digest, size)]
-            manifest = store_artifact(job, files, ARTIFACT_TYPE, {A_SOURCE_URL: ref.canonical})
-            return PullResult(manifest, job.digest, files)
-
+    # A caller's digest only checks what the URL serves: even when those bytes are cached
+    # already, the URL is fetched, or any caller could bind any URL to any cached content.
     def check_space(total: int | None, offset: int) -> None:
         if total is not None:
             if job.progress.total is None:
