@@ -79,6 +79,9 @@ class OCIRef:
     repository: str
     tag: str | None
     digest: str | None
+    # "all" or os/arch[/variant] when the entry is for another platform than the host's:
+    # part of the key, so each platform's image is its own entry (``?platform=`` in the URL).
+    platform: str | None = None
 
     @property
     def api_host(self) -> str:
@@ -90,9 +93,10 @@ class OCIRef:
 
     @property
     def canonical(self) -> str:
+        query = f"?platform={self.platform}" if self.platform else ""
         if self.digest:
-            return f"oci://{self.registry}/{self.repository}@{self.digest}"
-        return f"oci://{self.registry}/{self.repository}:{self.tag}"
+            return f"oci://{self.registry}/{self.repository}@{self.digest}{query}"
+        return f"oci://{self.registry}/{self.repository}:{self.tag}{query}"
 
     scheme = "oci"
 
@@ -178,8 +182,20 @@ def parse(url: str, hf_endpoint: str = "https://huggingface.co") -> OCIRef | HFR
     )
 
 
+_OCI_PLATFORM = re.compile(r"^(?:all|[a-z0-9_.-]+/[a-z0-9_.-]+(?:/[a-z0-9_.-]+)?)$")
+
+
 def parse_oci(url: str) -> OCIRef:
     rest = url.split("://", 1)[1]
+    rest, query_sep, query = rest.partition("?")
+    platform = None
+    if query_sep:
+        key, _, value = query.partition("=")
+        value = value.lower()
+        if key != "platform" or not _OCI_PLATFORM.match(value):
+            raise InvalidReference(f"{_shown(url)}: the only query an oci:// URL takes is"
+                                   " ?platform=all or ?platform=os/arch[/variant]")
+        platform = value
     if "/" not in rest:
         raise InvalidReference(f"{_shown(url)}: expected oci://REGISTRY/REPOSITORY[:TAG|@DIGEST]")
     registry, name = rest.split("/", 1)
@@ -206,7 +222,7 @@ def parse_oci(url: str) -> OCIRef:
         tag = None
     elif tag is None:
         tag = "latest"
-    return OCIRef(registry, name, tag, digest)
+    return OCIRef(registry, name, tag, digest, platform)
 
 
 def _endpoint_host(endpoint: str) -> str:

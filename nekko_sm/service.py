@@ -10,6 +10,7 @@ makes an entry "incomplete" (206) rather than absent (404).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import threading
@@ -115,8 +116,26 @@ class Service:
         return self._transfer
 
     # -- references ---------------------------------------------------------------------
-    def canonical(self, url: str) -> str:
-        return parse(url, self.config.hf_endpoint).canonical
+    def canonical(self, url: str, platform: str | None = None) -> str:
+        return self.resolve(url, platform)[0].canonical
+
+    def resolve(self, url: str, platform: str | None = None) -> tuple:
+        """(ref, platform to pull): an image for another platform than the host's is keyed so.
+
+        The platform is the caller's, else the URL's ``?platform=``, else the configured
+        one; when it is not the host's own, it becomes part of the key, so a caller who asks
+        for linux/arm64 never decides what an amd64 node's callers get (issue 9, finding 7).
+        """
+        ref = parse(url, self.config.hf_endpoint)
+        if not isinstance(ref, OCIRef):
+            return ref, platform
+        from nekko_sm.config import host_platform, parse_platform
+
+        want = platform or ref.platform or self.config.platform or None
+        if want is not None:
+            want = "all" if want.strip().lower() == "all" else str(parse_platform(want))
+        native = str(host_platform())
+        return dataclasses.replace(ref, platform=None if want in (None, native) else want), want
 
     # -- pulling ------------------------------------------------------------------------
     def pull(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
@@ -131,18 +150,12 @@ class Service:
     def start(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
               platform: str | None = None) -> tuple[Flight | None, dict | None]:
         """Begin (or join) a pull.  Returns (flight, None), or (None, entry) when cached."""
-        ref = parse(url, self.config.hf_endpoint)
         if digest is not None:
             check_digest(digest)
-        if platform:
-            from nekko_sm.config import parse_platform
-
-            if platform != "all":
-                platform = str(parse_platform(platform))
+        ref, platform = self.resolve(url, platform or None)
         key = ref.canonical
         desc = self.store.get_entry(key)
-        if desc is not None:
-            _check_platform(key, desc, platform)
+        if desc is not None and _platform_matches(desc, platform):
             entry = self._entry_json(key, desc)
             _check_digest(entry, digest)
             return None, entry
@@ -182,7 +195,7 @@ class Service:
         key = flight.url
         record = self._pull_paths(key)[0]
         desc = self.store.get_entry(key)
-        if desc is not None:  # someone else (another process) finished it meanwhile
+        if desc is not None and _platform_matches(desc, platform):  # another process did it
             entry = self._entry_json(key, desc)
             _check_digest(entry, digest)
             return {"result": (entry, False)}
@@ -458,20 +471,20 @@ class Service:
             self._transfer.close()
 
 
-def _check_platform(key: str, desc: Descriptor, wanted: str | None) -> None:
-    """An image cached for one platform is not an answer for a caller asking for another.
+def _platform_matches(desc: Descriptor, wanted: str | None) -> bool:
+    """Is the cached image one for ``wanted`` (None: the host's)?
 
-    The cache key is the URL, so the two cannot be kept side by side: say so (409)
-    instead of handing back bytes for the wrong architecture.
+    Keys name the platform unless it is the host's, so a mismatch is only an entry that an
+    older version cached under the plain URL for another platform: it is pulled again.
     """
-    if not wanted:
-        return
     have = desc.annotations.get(A_PLATFORM)
-    if desc.media_type in INDEX_TYPES:
-        return  # every platform is there
-    if have and (wanted == "all" or wanted != have):
-        raise Conflict(f"{key} is cached for {have}, not {wanted}: remove it first"
-                       " (rm, or DELETE) to pull another platform")
+    if desc.media_type in INDEX_TYPES or not have:
+        return True  # every platform is there, or not a platform's image from an index
+    if wanted is None:
+        from nekko_sm.config import host_platform
+
+        wanted = str(host_platform())
+    return wanted == have
 
 
 def _check_digest(entry: dict, wanted: str | None) -> None:

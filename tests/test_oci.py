@@ -178,23 +178,40 @@ def test_platform_per_request(svc, seeded, asked, expect):
     assert entry["platform"] == expect
 
 
-def test_asking_another_platform_of_a_cached_image_is_a_conflict(svc, seeded):
+def test_each_platform_is_its_own_entry(svc, reg, seeded):
+    """Issue 9, finding 7: a caller asking for arm64 never decides what amd64 callers get."""
     info = seeded["public/multi:v1"]
-    svc.pull(info.url, platform="linux/arm64")
+    arm, _ = svc.pull(info.url, platform="linux/arm64")
+    assert arm["url"] == info.url + "?platform=linux/arm64" and arm["platform"] == "linux/arm64"
     assert svc.pull(info.url, platform="linux/arm64")[0]["platform"] == "linux/arm64"
-    assert svc.pull(info.url)[0]["platform"] == "linux/arm64"  # no platform asked: the cached one
-    with pytest.raises(Conflict, match="cached for linux/arm64"):
-        svc.pull(info.url, platform="linux/amd64")
+    host, created = svc.pull(info.url)  # no platform asked: the host's, pulled now
+    assert created and host["url"] == info.url and host["platform"] == "linux/amd64"
+    assert svc.pull(info.url, platform="linux/amd64")[0]["url"] == info.url  # the same entry
+    assert svc.pull(info.url + "?platform=linux/arm64")[1] is False  # the URL spelling
+    assert svc.status(info.url + "?platform=linux/arm64")["platform"] == "linux/arm64"
     svc.remove(info.url)
-    assert svc.pull(info.url, platform="linux/amd64")[0]["platform"] == "linux/amd64"
+    assert svc.status(info.url + "?platform=linux/arm64")["state"] == "complete"
+    assert svc.store.verify() == []
+
+
+def test_an_older_cache_entry_for_another_platform_is_pulled_again(svc, seeded):
+    """Before keys named the platform, an arm64 pull sat under the plain URL: not an answer."""
+    info = seeded["public/multi:v1"]
+    arm, _ = svc.pull(info.url, platform="linux/arm64")
+    desc = svc.store.get_entry(arm["url"])
+    svc.store.remove_entry(arm["url"])
+    svc.store.put_entry(info.url, desc)  # as the old code stored it
+    entry, created = svc.pull(info.url)
+    assert created and entry["platform"] == "linux/amd64"
 
 
 def test_platform_all_keeps_the_whole_index(make, reg, seeded):
     svc = make(reg.host, platform="all")
     info = seeded["public/multi:v1"]
     entry, _ = svc.pull(info.url)
+    assert entry["url"] == info.url + "?platform=all"
     assert entry["digest"] == info.index_digest and "manifest" not in entry
-    desc = svc.store.get_entry(info.url)
+    desc = svc.store.get_entry(entry["url"])
     assert desc.media_type == MT_OCI_INDEX and blob(svc, info.digest) == info.manifest
     for sub in list(info.platforms.values()) + info.attestations:
         assert blob(svc, sub.digest) == sub.manifest
@@ -548,7 +565,8 @@ def test_cli_platforms(cli, reg, seeded):
     assert json.loads(r.stdout)["digest"] == info.index_digest
     types = {d["annotations"][REF_NAME]: d["mediaType"]
              for d in index_json(cli.cache)["manifests"]}
-    assert types == {info.url: MT_OCI_MANIFEST, other: MT_OCI_INDEX}
+    assert types == {info.url + "?platform=linux/arm64": MT_OCI_MANIFEST,
+                     other + "?platform=all": MT_OCI_INDEX}
 
 
 def test_cli_private_repo(cli, areg, auth_seeded):
