@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,9 @@ from nekko_sm.store import (
 )
 
 log = logging.getLogger("nekko_sm.service")
+
+# Failures remembered for status (a URL's last error), the oldest forgotten first.
+_MAX_FAILURES = 1000
 
 # Errors after which a partial download is worth keeping (the entry stays "incomplete").
 _RESUMABLE = (UpstreamUnavailable, InsufficientStorage)
@@ -101,7 +105,9 @@ class Service:
         self.pulls_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._flights: dict[str, Flight] = {}
-        self._failures: dict[str, NekkoError] = {}
+        # The last failure of each URL, as its JSON error only (never the exception: its
+        # traceback holds frames and buffers), the oldest forgotten past _MAX_FAILURES.
+        self._failures: OrderedDict[str, dict] = OrderedDict()
         self._files_cache: dict[str, list] = {}
         self.stats = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
 
@@ -180,11 +186,14 @@ class Service:
         key = flight.url
         outcome: dict = {"error": Cancelled(f"pull of {key} ended without an answer")}
         try:
-            lock = _FileLock(self._pull_paths(key)[1])
+            record, lock_path = self._pull_paths(key)
+            lock = _FileLock(lock_path)
             lock.acquire()  # another process pulling the same URL: wait for it
             try:
                 outcome = self._pull_locked(flight, ref, credentials, digest, platform)
             finally:
+                if not record.exists():  # nothing to resume: leave no file per URL behind
+                    lock_path.unlink(missing_ok=True)  # waiters re-check the inode
                 lock.release()  # before answering: a caller told "failed" must not see it busy
         except BaseException as e:
             outcome = {"error": e if isinstance(e, NekkoError) else _internal(e)}
@@ -247,7 +256,10 @@ class Service:
             if self._flights.get(flight.url) is flight:
                 del self._flights[flight.url]
             if error is not None and not flight.future.done():
-                self._failures[flight.url] = error
+                self._failures[flight.url] = error.to_json()["error"]
+                self._failures.move_to_end(flight.url)
+                while len(self._failures) > _MAX_FAILURES:
+                    self._failures.popitem(last=False)
         if flight.future.done():
             return
         if error is not None:
@@ -396,11 +408,11 @@ class Service:
             entry = {"url": key, "state": "downloading" if busy else "incomplete",
                      "downloaded": done, "size": None, "files": []}
             if failure is not None:
-                entry["error"] = failure.to_json()["error"]
+                entry["error"] = dict(failure)
             return entry
         if failure is not None:
             raise EntryNotFound(f"{key} is not in the cache: the last pull failed:"
-                                f" {failure.message}", failure=failure)
+                                f" {failure['message']}")
         raise EntryNotFound(f"{key} is not in the cache")
 
     def list(self) -> list:
