@@ -254,6 +254,9 @@ class Transfer:
                 _drain(resp)
                 if urlsplit(location).scheme not in ("http", "https"):
                     raise UpstreamError(f"{redact(url)} redirected to a non-http URL")
+                if urlsplit(url).scheme == "https" and urlsplit(location).scheme == "http":
+                    raise UpstreamError(f"{redact(url)} redirected from https to plain http:"
+                                        " refused, as a downgrade")  # as apt does
                 log.debug("redirect %s -> %s", redact(url), redact(location))
                 url = location
                 if resp.status == 303:

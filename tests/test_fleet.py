@@ -519,6 +519,14 @@ def test_another_ca_is_not_enough(make, tls, pki):
     assert e.value.code == "upstream-error" and "certificate" in e.value.message
 
 
+def test_https_to_http_redirect_is_refused(make, tls, pki):
+    """Issue 9, finding 9: a redirect from https to plain http is a downgrade (as apt says)."""
+    svc = make({"ca_cert": str(pki.ca_path)})
+    with pytest.raises(UpstreamError, match="from https to plain http"):
+        svc.pull(tls.url + "/downgrade")
+    assert svc.store.entries() == []
+
+
 def test_https_through_the_proxy_with_the_private_ca(make, tls, pki, tproxy):
     url = tls.put("fleet-connect.bin", b"z" * 5000)
     svc = make({"ca_cert": str(pki.ca_path)}, {"HTTPS_PROXY": tproxy.url})

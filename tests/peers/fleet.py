@@ -288,6 +288,8 @@ http {{
         ssl_certificate_key {_quote(pki.key_path)};
         location = /__ping {{ return 204; }}
         location /files/ {{ alias {_quote(f"{root}/")}; }}
+        # an https -> http downgrade (to a loopback port nothing should ever be asked on)
+        location = /downgrade {{ return 302 http://127.0.0.1:9/files/x; }}
     }}
 }}
 """
