@@ -43,12 +43,12 @@ from nekko_sm.store import (
     REF_NAME,
     TITLE,
     Descriptor,
+    FileLock,
     Lease,
     Store,
-    _FileLock,
-    _key,
-    _write_atomic,
     check_digest,
+    key_for,
+    write_atomic,
 )
 
 log = logging.getLogger("nekko_sm.service")
@@ -136,14 +136,14 @@ class Service:
         return flight, None
 
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
-        k = _key(key)
+        k = key_for(key)
         return self.pulls_dir / f"{k}.json", self.pulls_dir / f"{k}.lock"
 
     def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
         key = flight.url
         outcome: dict = {"error": Cancelled(f"pull of {key} ended without an answer")}
         try:
-            lock = _FileLock(self._pull_paths(key)[1])
+            lock = FileLock(self._pull_paths(key)[1])
             lock.acquire()  # another process pulling the same URL: wait for it
             try:
                 outcome = self._pull_locked(flight, ref, credentials, digest, platform)
@@ -168,12 +168,12 @@ class Service:
         except (OSError, ValueError):
             pass
         try:
-            _write_atomic(record, json.dumps(state).encode())
+            write_atomic(record, json.dumps(state).encode())
 
             def on_ingest(ref_name: str) -> None:
                 if ref_name not in state["ingest"]:
                     state["ingest"].append(ref_name)
-                    _write_atomic(record, json.dumps(state).encode())
+                    write_atomic(record, json.dumps(state).encode())
 
             with Lease(self.store) as lease:
                 job = Job(self.config, self.store, self.transfer, lease, credentials, digest,
@@ -452,7 +452,7 @@ def _held(lock_path: Path) -> bool:
     """Is someone (this or another process) holding the flock at ``lock_path``?"""
     if not lock_path.exists():
         return False
-    probe = _FileLock(lock_path)
+    probe = FileLock(lock_path)
     if probe.acquire(blocking=False):
         probe.release()
         return False
