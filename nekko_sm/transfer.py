@@ -20,8 +20,8 @@ from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError as _Urllib3Error
-from urllib3.exceptions import ReadTimeoutError
 
+from nekko_sm import ranged
 from nekko_sm.config import Config
 from nekko_sm.errors import (
     Forbidden,
@@ -32,6 +32,15 @@ from nekko_sm.errors import (
     UpstreamNotFound,
     UpstreamUnavailable,
 )
+from nekko_sm.httpio import (
+    MAX_STALLS,
+    content_range,
+    content_range_total,
+    is_stall,
+    origin,
+    read_limited,
+    reason,
+)
 from nekko_sm.refs import redact
 
 log = logging.getLogger("nekko_sm.transfer")
@@ -41,11 +50,6 @@ RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 CHUNK = 1 << 20
-
-
-def _origin(url: str) -> tuple:
-    p = urlsplit(url)
-    return (p.scheme.lower(), (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(p.scheme.lower()))
 
 
 def retry_after(value: str | None, cap: float = 60.0) -> float | None:
@@ -113,7 +117,7 @@ class _NoProxy:
     def bypass(self, url: str) -> bool:
         if self.all:
             return True
-        scheme, host, port = _origin(url)
+        scheme, host, port = origin(url)
         for h, p in self.entries:
             if p is not None and p != port:
                 continue
@@ -196,7 +200,7 @@ class Transfer:
                                  f" ({cert}); give the CA that signed it with --ca-cert FILE"
                                  " or SSL_CERT_FILE")
         if not via_proxy:
-            return UpstreamUnavailable(f"{redact(url)}: {_reason(e)}")
+            return UpstreamUnavailable(f"{redact(url)}: {reason(e)}")
         inner = getattr(e, "original_error", None) or e
         m = _TUNNEL_RE.search(str(inner))
         if m is not None:
@@ -207,7 +211,7 @@ class Transfer:
                 return UpstreamError(f"{redact(url)}: the proxy {self._proxy_name(url)} refused"
                                      f" the tunnel ({said})")
         return UpstreamUnavailable(f"{redact(url)}: the proxy {self._proxy_name(url)}:"
-                                   f" {_reason(inner)}")
+                                   f" {reason(inner)}")
 
     def close(self) -> None:
         with self._lock:
@@ -226,11 +230,11 @@ class Transfer:
         """
         hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         hdrs.update(headers or {})
-        origin = _origin(url)
+        home = origin(url)
         left_origin = False
         for _ in range(MAX_REDIRECTS + 1):
             h = dict(hdrs)
-            left_origin = left_origin or _origin(url) != origin
+            left_origin = left_origin or origin(url) != home
             if auth is not None and not left_origin:
                 h["Authorization"] = auth
             log.log(5, "%s %s", method, redact(url))
@@ -276,7 +280,7 @@ class Transfer:
             try:
                 resp, final = self.open(method, url, headers, auth, body, follow_redirects)
                 try:
-                    data = _read_limited(resp, limit, url) if method != "HEAD" else b""
+                    data = read_limited(resp, limit, url) if method != "HEAD" else b""
                 finally:
                     resp.release_conn()
                 if retry and resp.status in RETRY_STATUSES and attempt < self.attempts:
@@ -316,8 +320,6 @@ class Transfer:
         offset)`` is called once the size is known and before any body byte is written
         (to refuse early when the disk is too small).  Returns the last response's headers.
         """
-        from nekko_sm.ranged import RangesRefused  # ranged builds on this module
-
         conns = max(1, self.config.jobs if connections is None else connections)
         ranges_refused = False
         failures = stalls = 0
@@ -344,7 +346,7 @@ class Transfer:
                     failures = 0  # one span done: ask for the next
                     continue
                 return result
-            except RangesRefused:
+            except ranged.RangesRefused:
                 log.info("%s: server does not honour ranges; one stream instead", redact(url))
                 ranges_refused = True
                 writer.reset()
@@ -368,16 +370,12 @@ class Transfer:
 
     @staticmethod
     def _wants_ranges(remaining: int, conns: int, max_span: int | None) -> bool:
-        from nekko_sm import ranged
-
         return (conns > 1 and remaining >= ranged.MIN_PARALLEL) or bool(
             max_span and remaining > max_span)
 
     def _start_ranged(self, writer, total: int, validator: str | None, conns: int,
                       max_span: int | None) -> None:
         """Turn ``writer`` into a ranged download of ``total`` bytes from its frontier."""
-        from nekko_sm import ranged
-
         part = ranged.part_size_for(total, conns, max_span)
         done = writer.offset
         parts = ([[0, done, done]] if done else []) + ranged.plan(total, part, done)
@@ -386,8 +384,6 @@ class Transfer:
 
     def _fetch_ranged(self, url, writer, auth, headers, errors, progress, conns,
                       first=None) -> None:
-        from nekko_sm import ranged
-
         state = writer.state["ranged"]
         fetch = ranged.RangedFetch(self, url, writer, auth=auth, headers=headers,
                                    validator=state.get("validator"), errors=errors,
@@ -413,7 +409,7 @@ class Transfer:
         try:
             status = resp.status
             if status == 416 and writer.offset > 0:
-                total = _content_range_total(resp.headers.get("Content-Range"))
+                total = content_range_total(resp.headers.get("Content-Range"))
                 promised = writer.state.get("total")
                 if total is not None and total == writer.offset and promised in (None, total):
                     return resp.headers
@@ -422,14 +418,14 @@ class Transfer:
                     raise SizeMismatch(f"{redact(url)}: promised {promised} bytes, has {total}")
                 raise UpstreamUnavailable(f"{redact(url)}: range not satisfiable; starting over")
             if status not in (200, 206):
-                body = _read_limited(resp, 64 << 10, url, strict=False)
+                body = read_limited(resp, 64 << 10, url, strict=False)
                 err = errors(status, final, body, resp.headers)
                 if final != url:
                     err.context["redirected"] = True
                 raise err
             whole = None  # the size of the whole resource, when the answer says it
             if status == 206:
-                start, whole = _content_range(resp.headers.get("Content-Range"))
+                start, whole = content_range(resp.headers.get("Content-Range"))
                 if start != writer.offset:
                     writer.reset()
                     raise UpstreamUnavailable(
@@ -498,7 +494,7 @@ class Transfer:
             if isinstance(e, NekkoError) or not isinstance(e, (_Urllib3Error, OSError)):
                 raise  # disk full, cancelled, too many bytes, Ctrl-C: not the network's fault
             raise UpstreamUnavailable(f"{redact(url)}: connection broke after {got} bytes:"
-                                      f" {_reason(e)}", stalled=_is_stall(e)) from e
+                                      f" {reason(e)}", stalled=is_stall(e)) from e
         if remaining is not None and got < remaining:
             resp.close()
             raise UpstreamUnavailable(f"{redact(url)}: body ended after {got} of {remaining} bytes")
@@ -518,15 +514,6 @@ def _safe_headers(headers: Mapping[str, str]) -> dict:
             v = v if k.lower() != "location" else redact(v)
         out[k] = v
     return out
-
-
-MAX_STALLS = 20  # stalled connections replaced for one download before giving up
-
-
-def _is_stall(e: BaseException) -> bool:
-    """A read that timed out: the server went quiet, which a new connection may cure."""
-    return isinstance(e, ReadTimeoutError) or isinstance(getattr(e, "reason", None),
-                                                         ReadTimeoutError)
 
 
 def _progress_mark(writer) -> int:
@@ -564,56 +551,9 @@ def _cert_failure(e: BaseException | None) -> str | None:
     return None
 
 
-def _reason(e: BaseException) -> str:
-    r = getattr(e, "reason", None) or e
-    text = str(r)
-    return text.split(": ", 1)[-1][:200] if "object at 0x" in text else text[:200]
-
-
 def _drain(resp) -> None:
     try:
         resp.drain_conn()
     except Exception:
         resp.close()
     resp.release_conn()
-
-
-def _read_limited(resp, limit: int, url: str, strict: bool = True) -> bytes:
-    chunks = []
-    n = 0
-    try:
-        while True:
-            chunk = resp.read(65536)
-            if not chunk:
-                break
-            n += len(chunk)
-            if n > limit:
-                resp.close()
-                if strict:
-                    raise UpstreamError(f"{redact(url)}: answer larger than {limit} bytes")
-                break
-            chunks.append(chunk)
-    except (_Urllib3Error, OSError) as e:
-        resp.close()
-        if not strict:
-            return b"".join(chunks)
-        raise UpstreamUnavailable(f"{redact(url)}: connection broke: {_reason(e)}") from e
-    return b"".join(chunks)
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    # "bytes START-END/TOTAL" or "bytes START-END/*"
-    try:
-        unit, rng = value.split(" ", 1)  # type: ignore[union-attr]
-        span, total = rng.split("/", 1)
-        start = int(span.split("-", 1)[0])
-        return start, (None if total.strip() == "*" else int(total))
-    except (AttributeError, ValueError):
-        return None, None
-
-
-def _content_range_total(value: str | None) -> int | None:
-    try:
-        return int(value.rsplit("/", 1)[1])  # type: ignore[union-attr]
-    except (AttributeError, ValueError, IndexError):
-        return None
