@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Mapping
+from typing import Callable
 
 from nekko_sm.errors import Cancelled, NekkoError, SizeMismatch, UpstreamUnavailable
 from nekko_sm.httpio import MAX_STALLS, content_range, is_stall, origin, read_limited, reason
@@ -167,7 +168,7 @@ class RangedFetch:
                 finally:
                     first_resp.close()  # an open-ended answer: the rest is not wanted
                 self._fetch_part(first_part)  # finish it over a fresh request if it broke
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - handed to run(), which raises it
                 self._fail(e)
                 return
         while not self._stop.is_set():
@@ -176,7 +177,7 @@ class RangedFetch:
                 return
             try:
                 self._fetch_part(i)
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - handed to run(), which raises it
                 self._fail(e)
                 return
 
@@ -190,7 +191,7 @@ class RangedFetch:
     def _fetch_part(self, i: int) -> None:
         failures = stalls = 0
         while True:
-            start, end, nxt = self.parts[i]
+            _start, end, nxt = self.parts[i]
             if nxt >= end:
                 return
             before = nxt
@@ -211,7 +212,7 @@ class RangedFetch:
                 self.transfer._sleep(failures, e.retry_after)
 
     def _stream_part(self, i: int) -> None:
-        start, end, nxt = self.parts[i]
+        _start, end, nxt = self.parts[i]
         h = dict(self.headers)
         h["Range"] = f"bytes={nxt}-{end - 1}"
         if self.validator:

@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
@@ -81,7 +82,7 @@ class Service:
         self._flights: dict[str, Flight] = {}
         self._failures: dict[str, NekkoError] = {}
         self._files_cache: dict[str, list] = {}
-        self.stats = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
+        self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
 
     @property
     def transfer(self):
@@ -149,7 +150,7 @@ class Service:
                 outcome = self._pull_locked(flight, ref, credentials, digest, platform)
             finally:
                 lock.release()  # before answering: a caller told "failed" must not see it busy
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             outcome = {"error": e if isinstance(e, NekkoError) else _internal(e)}
         finally:
             self._land(flight, **outcome)
@@ -161,7 +162,7 @@ class Service:
         if desc is not None:  # someone else (another process) finished it meanwhile
             return {"result": (self._entry_json(key, desc), False)}
         log.info("pulling %s", key)
-        state = {"url": key, "started": time.time(), "ingest": []}
+        state: dict[str, Any] = {"url": key, "started": time.time(), "ingest": []}
         try:
             old = json.loads(record.read_text())
             state["ingest"] = [r for r in old.get("ingest", []) if isinstance(r, str)]
@@ -193,7 +194,7 @@ class Service:
                 self.stats["bytes_deduplicated"] = (self.stats.get("bytes_deduplicated", 0)
                                                     + flight.progress.deduplicated)
             return {"result": (entry, True)}
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             err = e if isinstance(e, NekkoError) else _internal(e)
             keep = isinstance(err, _RESUMABLE) or (isinstance(err, Cancelled) and flight.keep_partial)
             if not keep:
@@ -354,8 +355,9 @@ class Service:
         if state is not None:
             busy = _held(lock_path)
             done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
-            entry = {"url": key, "state": "downloading" if busy else "incomplete",
-                     "downloaded": done, "size": None, "files": []}
+            entry: dict[str, Any] = {
+                "url": key, "state": "downloading" if busy else "incomplete",
+                "downloaded": done, "size": None, "files": []}
             if failure is not None:
                 entry["error"] = failure.to_json()["error"]
             return entry
@@ -395,9 +397,9 @@ class Service:
             flight.cancel.set()
             try:
                 flight.future.result(timeout=wait)
-            except Exception:
+            except (NekkoError, FutureTimeout):  # its failure is its caller's; we only wait
                 pass
-        record, lock_path = self._pull_paths(key)
+        record = self._pull_paths(key)[0]
         had_record = record.exists()
         refs: list = []
         if had_record:
@@ -426,7 +428,7 @@ class Service:
         for f in flights:
             try:
                 f.future.result(timeout=10)
-            except Exception:
+            except (NekkoError, FutureTimeout):  # its failure is its caller's; we only wait
                 pass
         if self._transfer is not None:
             self._transfer.close()

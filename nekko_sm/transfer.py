@@ -14,8 +14,9 @@ import re
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
@@ -117,7 +118,7 @@ class _NoProxy:
     def bypass(self, url: str) -> bool:
         if self.all:
             return True
-        scheme, host, port = origin(url)
+        _scheme, host, port = origin(url)
         for h, p in self.entries:
             if p is not None and p != port:
                 continue
@@ -140,7 +141,7 @@ class Transfer:
         self.extra_connections = threading.Semaphore(max(0, config.jobs - 1))
         self._lock = threading.Lock()
         self._managers: dict[str | None, urllib3.PoolManager] = {}
-        self._pool_kw = {
+        self._pool_kw: dict[str, Any] = {  # keyword arguments of every PoolManager
             "num_pools": 64,
             "maxsize": max(4, config.jobs * 2),
             "block": False,
@@ -554,6 +555,6 @@ def _cert_failure(e: BaseException | None) -> str | None:
 def _drain(resp) -> None:
     try:
         resp.drain_conn()
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever broke, the connection is not reusable: close it
         resp.close()
     resp.release_conn()

@@ -53,7 +53,7 @@ from nekko_sm.store import (
 
 log = logging.getLogger("nekko_sm.oci")
 
-ACCEPT = ", ".join((MT_OCI_INDEX, MT_OCI_MANIFEST, MT_DOCKER_LIST, MT_DOCKER_MANIFEST))
+ACCEPT = f"{MT_OCI_INDEX}, {MT_OCI_MANIFEST}, {MT_DOCKER_LIST}, {MT_DOCKER_MANIFEST}"
 MAX_MANIFEST = 4 << 20
 _SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
             "application/vnd.docker.distribution.manifest.v1+prettyjws")
@@ -98,10 +98,10 @@ class _Puller:
         self.ref = ref
         scheme = "http" if job.config.is_insecure(ref.api_host) or \
             job.config.is_insecure(ref.registry) else "https"
-        mirrors = job.config.registry_mirrors.get(ref.registry.lower()) or ()
+        configured = job.config.registry_mirrors.get(ref.registry.lower()) or ()
         # a mirror host marked --insecure-registry is plain http, as a registry is
         mirrors = ["http://" + m.split("://", 1)[1]
-                   if job.config.is_insecure(urlsplit(m).netloc) else m for m in mirrors]
+                   if job.config.is_insecure(urlsplit(m).netloc) else m for m in configured]
         self.endpoints = [Endpoint(job, ref, m, mirror=True) for m in mirrors]
         self.endpoints.append(Endpoint(job, ref, f"{scheme}://{ref.api_host}", mirror=False))
         self._dead: set[int] = set()
@@ -290,7 +290,9 @@ class _Puller:
                         raise  # a redirect target's or a DENIED: a new token will not help
                     log.debug("%s: blob %s: token refused; asking again", self.ref.canonical,
                               d.digest)
-                    ep.reauthenticate(e.context["challenge"], used)  # resumes from w.offset
+                    challenge = e.context["challenge"]  # the WWW-Authenticate value, or None
+                    ep.reauthenticate(challenge if isinstance(challenge, str) else None,
+                                      used)  # resumes from w.offset
             w.commit(d.digest, job.lease)
 
 
