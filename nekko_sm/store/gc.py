@@ -60,10 +60,7 @@ class Lease:
         self.digests.add(digest)
 
     def release(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        self.path.unlink(missing_ok=True)
         self._lock.release()
 
     def __enter__(self) -> Self:

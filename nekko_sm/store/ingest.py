@@ -321,10 +321,7 @@ class IngestWriter:
         # Remove everything while still holding the lock; waiters notice that the lock
         # file they hold is gone and start on a fresh one.
         for name in ("data", "state.json", "lock"):
-            try:
-                (self.dir / name).unlink()
-            except FileNotFoundError:
-                pass
+            (self.dir / name).unlink(missing_ok=True)
         try:
             self.dir.rmdir()
         except OSError:
