@@ -146,7 +146,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s", self.address_string(), _loggable(format % args))
 
@@ -408,7 +408,8 @@ def bound_address(srv: _Server) -> str:
     if srv.address_family == socket.AF_UNIX:
         return f"unix:{srv.server_address}"
     host, port = srv.server_address[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # An AF_INET or AF_INET6 address: the host is a str, never bytes.
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # type: ignore[str-bytes-safe]
 
 
 def run(config: Config, ready=None) -> int:

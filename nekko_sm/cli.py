@@ -16,7 +16,14 @@ import threading
 import time
 
 from nekko_sm import __version__
-from nekko_sm.errors import EXIT_ABSENT, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, NekkoError
+from nekko_sm.errors import (
+    EXIT_ABSENT,
+    EXIT_FAILED,
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    NekkoError,
+)
 
 TRACE = 5
 WIRE = 3

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import platform as _platform
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import cast
 from urllib.parse import urlsplit
 
 from nekko_sm.errors import ConfigError, InvalidPlatform
@@ -96,9 +97,7 @@ class Address:
 def parse_address(text: str) -> Address:
     text = text.strip()
     if text.startswith("unix:"):
-        path = text[len("unix:"):]
-        if path.startswith("//"):
-            path = path[2:]
+        path = text.removeprefix("unix:").removeprefix("//")
         if not path:
             raise ConfigError("--address unix: needs a socket path")
         return Address("unix", path=path)
@@ -162,7 +161,7 @@ def _int(value: object, name: str, lo: int, hi: int) -> int:
 
 def _split(values: object) -> list:
     out: list = []
-    for v in values or []:
+    for v in cast("Iterable[object]", values or []):  # flags come from argparse: a list or None
         out.extend(x.strip() for x in str(v).split(",") if x.strip())
     return out
 

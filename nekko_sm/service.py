@@ -17,8 +17,9 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
@@ -46,12 +47,12 @@ from nekko_sm.store import (
     REF_NAME,
     TITLE,
     Descriptor,
+    FileLock,
     Lease,
     Store,
-    _FileLock,
-    _key,
-    _write_atomic,
     check_digest,
+    key_for,
+    write_atomic,
 )
 
 log = logging.getLogger("nekko_sm.service")
@@ -86,7 +87,7 @@ class Flight:
             try:
                 entry, created = done.result()
                 _check_digest(entry, digest)
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - the joined caller's answer
                 view.future.set_exception(e)
             else:
                 view.future.set_result((entry, created))
@@ -109,7 +110,7 @@ class Service:
         # traceback holds frames and buffers), the oldest forgotten past _MAX_FAILURES.
         self._failures: OrderedDict[str, dict] = OrderedDict()
         self._files_cache: dict[str, list] = {}
-        self.stats = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
+        self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
 
     @property
     def transfer(self):
@@ -179,7 +180,7 @@ class Service:
         return flight, None
 
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
-        k = _key(key)
+        k = key_for(key)
         return self.pulls_dir / f"{k}.json", self.pulls_dir / f"{k}.lock"
 
     def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
@@ -187,7 +188,7 @@ class Service:
         outcome: dict = {"error": Cancelled(f"pull of {key} ended without an answer")}
         try:
             record, lock_path = self._pull_paths(key)
-            lock = _FileLock(lock_path)
+            lock = FileLock(lock_path)
             lock.acquire()  # another process pulling the same URL: wait for it
             try:
                 outcome = self._pull_locked(flight, ref, credentials, digest, platform)
@@ -195,7 +196,7 @@ class Service:
                 if not record.exists():  # nothing to resume: leave no file per URL behind
                     lock_path.unlink(missing_ok=True)  # waiters re-check the inode
                 lock.release()  # before answering: a caller told "failed" must not see it busy
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             outcome = {"error": e if isinstance(e, NekkoError) else _internal(e)}
         finally:
             self._land(flight, **outcome)
@@ -209,19 +210,19 @@ class Service:
             _check_digest(entry, digest)
             return {"result": (entry, False)}
         log.info("pulling %s", key)
-        state = {"url": key, "started": time.time(), "ingest": []}
+        state: dict[str, Any] = {"url": key, "started": time.time(), "ingest": []}
         try:
             old = json.loads(record.read_text())
             state["ingest"] = [r for r in old.get("ingest", []) if isinstance(r, str)]
         except (OSError, ValueError):
             pass
         try:
-            _write_atomic(record, json.dumps(state).encode())
+            write_atomic(record, json.dumps(state).encode())
 
             def on_ingest(ref_name: str) -> None:
                 if ref_name not in state["ingest"]:
                     state["ingest"].append(ref_name)
-                    _write_atomic(record, json.dumps(state).encode())
+                    write_atomic(record, json.dumps(state).encode())
 
             with Lease(self.store) as lease:
                 job = Job(self.config, self.store, self.transfer, lease, credentials, digest,
@@ -241,7 +242,7 @@ class Service:
                 self.stats["bytes_deduplicated"] = (self.stats.get("bytes_deduplicated", 0)
                                                     + flight.progress.deduplicated)
             return {"result": (entry, True)}
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             err = e if isinstance(e, NekkoError) else _internal(e)
             keep = isinstance(err, _RESUMABLE) or (isinstance(err, Cancelled) and flight.keep_partial)
             if not keep:
@@ -405,8 +406,9 @@ class Service:
         if state is not None:
             busy = _held(lock_path)
             done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
-            entry = {"url": key, "state": "downloading" if busy else "incomplete",
-                     "downloaded": done, "size": None, "files": []}
+            entry: dict[str, Any] = {
+                "url": key, "state": "downloading" if busy else "incomplete",
+                "downloaded": done, "size": None, "files": []}
             if failure is not None:
                 entry["error"] = dict(failure)
             return entry
@@ -446,9 +448,9 @@ class Service:
             flight.cancel.set()
             try:
                 flight.future.result(timeout=wait)
-            except Exception:
+            except (NekkoError, FutureTimeout):  # its failure is its caller's; we only wait
                 pass
-        record, lock_path = self._pull_paths(key)
+        record = self._pull_paths(key)[0]
         had_record = record.exists()
         refs: list = []
         if had_record:
@@ -477,7 +479,7 @@ class Service:
         for f in flights:
             try:
                 f.future.result(timeout=10)
-            except Exception:
+            except (NekkoError, FutureTimeout):  # its failure is its caller's; we only wait
                 pass
         if self._transfer is not None:
             self._transfer.close()
@@ -514,7 +516,7 @@ def _held(lock_path: Path) -> bool:
     """Is someone (this or another process) holding the flock at ``lock_path``?"""
     if not lock_path.exists():
         return False
-    probe = _FileLock(lock_path)
+    probe = FileLock(lock_path)
     if probe.acquire(blocking=False):
         probe.release()
         return False

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from peers.nginx import start_nginx
 
 from nekko_sm import config as cfg
 from nekko_sm.api import encode_url, make_server
-from nekko_sm.errors import InsufficientStorage
+from nekko_sm.errors import EntryNotFound, InsufficientStorage
 from nekko_sm.service import Service
 from nekko_sm.store import Store
 from nekko_sm.transfer import Transfer
-from peers.nginx import start_nginx
 
 
 def sha(data: bytes) -> str:
@@ -79,7 +79,7 @@ def test_sigkill_at_random_points_never_corrupts_and_resumes(pyz, tmp_path, slow
     kept = Store(cache).partials_size()
     assert kept > 0  # progress survived the kills
     slow_nginx.clear_log()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).read_bytes() == data
     assert_consistent(cache)
@@ -147,7 +147,7 @@ def test_fifty_parallel_posts_and_deletes_on_shared_blobs(pyz, tmp_path, nginx):
 
     def cli(args):
         r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *args],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, check=False)
         if r.returncode not in (0, 4):
             errors.append((args, r.returncode, r.stderr))
 
@@ -173,12 +173,12 @@ def test_fifty_parallel_posts_and_deletes_on_shared_blobs(pyz, tmp_path, nginx):
         for url in urls:
             try:
                 entry = service.status(url)
-            except Exception:
+            except EntryNotFound:  # deleted last
                 continue
             if entry["state"] == "complete":
                 assert Path(entry["path"]).read_bytes() in (shared, shared + bytes([urls.index(url)]))
         r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), "verify"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stdout
     finally:
         srv.shutdown()
@@ -197,7 +197,7 @@ def tiny_disk(tmp_path):
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     if r.returncode != 0:
         msg = f"cannot mount a tmpfs here ({r.stderr.strip()}); the full-disk tests did not run"
         if os.environ.get("CI"):

@@ -23,7 +23,6 @@ from peers.tokenserver import ALICE_TOKEN, CREDENTIALS
 from nekko_sm import config as cfg
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
-    Conflict,
     IntegrityError,
     ManifestInvalid,
     NoMatchingPlatform,
@@ -33,7 +32,7 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.service import Service
-from nekko_sm.sources import oci
+from nekko_sm.sources import oci, registry_auth
 from nekko_sm.store import MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, REF_NAME
 from nekko_sm.transfer import Transfer
 
@@ -335,7 +334,7 @@ def test_refused_token_is_renewed_once(make, areg, auth_seeded):
     svc = make(areg.host)
     info = auth_seeded["public/single:v1"]
     svc.pull(info.url)
-    cache = oci._cache_for(svc.transfer)
+    cache = registry_auth.token_cache_for(svc.transfer)
     with cache._lock:
         for key, (_tok, exp) in list(cache._tokens.items()):
             cache._tokens[key] = ("expired-or-revoked", exp)
@@ -593,15 +592,15 @@ def test_cli_wrong_digest(cli, reg, seeded):
 
 
 def test_parse_challenges():
-    assert oci.parse_challenges(
+    assert registry_auth.parse_challenges(
         'Bearer realm="https://auth.example/token",service="reg",'
         'scope="repository:a/b:pull,push", Basic realm="x y"') == [
         ("bearer", {"realm": "https://auth.example/token", "service": "reg",
                     "scope": "repository:a/b:pull,push"}),
         ("basic", {"realm": "x y"})]
-    assert oci.parse_challenges('basic realm=plain') == [("basic", {"realm": "plain"})]
-    assert oci.parse_challenges('Bearer realm="a\\"b"') == [("bearer", {"realm": 'a"b'})]
-    assert oci.parse_challenges("") == []
+    assert registry_auth.parse_challenges('basic realm=plain') == [("basic", {"realm": "plain"})]
+    assert registry_auth.parse_challenges('Bearer realm="a\\"b"') == [("bearer", {"realm": 'a"b'})]
+    assert registry_auth.parse_challenges("") == []
 
 
 @pytest.mark.parametrize("status,body,err", [
@@ -615,8 +614,9 @@ def test_parse_challenges():
     (503, None, UpstreamUnavailable),
 ])
 def test_registry_error(status, body, err):
-    e = oci.registry_error(status, "http://r/v2/x/manifests/y",
-                           json.dumps(body).encode() if body else b"", {}, what="oci://r/x:y")
+    e = registry_auth.registry_error(status, "http://r/v2/x/manifests/y",
+                                     json.dumps(body).encode() if body else b"", {},
+                                     what="oci://r/x:y")
     assert type(e) is err and e.message.startswith("oci://r/x:y")
 
 

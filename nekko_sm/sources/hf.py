@@ -331,8 +331,8 @@ def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None) -
             raise errors(r.status, r.url, r.data, r.headers)
         try:
             entries = json.loads(r.data)
-        except ValueError as e:
-            raise UpstreamError(f"{redact(url)}: the tree listing is not JSON") from e
+        except ValueError as err:
+            raise UpstreamError(f"{redact(url)}: the tree listing is not JSON") from err
         if not isinstance(entries, list):
             raise UpstreamError(f"{redact(url)}: the tree listing is not a list")
         for e in entries:
@@ -342,7 +342,7 @@ def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None) -
             if not isinstance(path, str) or not isinstance(size, int) or size < 0:
                 raise UpstreamError(f"{redact(url)}: bad entry in the tree listing: {e!r:.200}")
             name = safe_name(path)
-            lfs = e.get("lfs") if isinstance(e.get("lfs"), dict) else {}
+            lfs = e["lfs"] if isinstance(e.get("lfs"), dict) else {}
             sha256 = lfs.get("oid") if isinstance(lfs.get("oid"), str) else None
             oid = e.get("oid") if isinstance(e.get("oid"), str) else None
             out[name] = TreeFile(
@@ -399,7 +399,7 @@ def _pull_repo(job: Job, ref: HFRef) -> PullResult:
         for fut in futures:
             fut.cancel()
         wait(futures)
-    errors = [fut.exception() for fut in futures if not fut.cancelled() and fut.exception()]
+    errors = [x for x in (fut.exception() for fut in futures if not fut.cancelled()) if x]
     if errors:
         # The first failure, not the cancellations it caused in the other downloads.
         raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])

@@ -12,8 +12,8 @@ from nekko_sm.sources.base import A_ETAG, A_SOURCE_URL, FileItem, Job, PullResul
 
 ARTIFACT_TYPE = "application/vnd.nekko.file.v1"
 
-_CD_STAR = re.compile(r"filename\*\s*=\s*([\w-]+)'[^']*'([^;]+)", re.I)
-_CD_PLAIN = re.compile(r'filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))', re.I)
+_CD_STAR = re.compile(r"filename\*\s*=\s*([\w-]+)'[^']*'([^;]+)", re.IGNORECASE)
+_CD_PLAIN = re.compile(r'filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))', re.IGNORECASE)
 
 
 def file_name_from(content_disposition: str | None, fallback: str) -> str:
