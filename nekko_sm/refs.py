@@ -6,6 +6,7 @@ entry.  Parsing never touches the network.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -329,6 +330,25 @@ def strip_query_credentials(query: str) -> str:
     parts = query.split("&")
     return "&".join(p for p, n in zip(parts, _param_names(query))
                     if n not in QUERY_CREDENTIALS and n not in QUERY_SIGNING)
+
+
+def hide_query_credentials(text: str) -> str:
+    """``text`` (a URL, or a request target ``/path?query``) without query credentials."""
+    head, q, rest = text.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    if not q or not has_query_credentials(query):
+        return text
+    return f"{head}?{strip_query_credentials(query)}{hash_}{fragment}"
+
+
+class QueryCredentialFilter(logging.Filter):
+    """For loggers that are not ours (urllib3 logs request targets at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(hide_query_credentials(a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
 
 
 def redact(url: str) -> str:

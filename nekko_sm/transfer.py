@@ -33,9 +33,10 @@ from nekko_sm.errors import (
     UpstreamNotFound,
     UpstreamUnavailable,
 )
-from nekko_sm.refs import redact
+from nekko_sm.refs import QueryCredentialFilter, redact
 
 log = logging.getLogger("nekko_sm.transfer")
+logging.getLogger("urllib3.connectionpool").addFilter(QueryCredentialFilter())  # signed URLs
 
 USER_AGENT = "nekko-sm"
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
