@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -179,46 +178,6 @@ def recorder():
         r.close()
 
 
-class Gate:
-    """An http server that sends half of ``data``, then waits for ``release`` to send the rest:
-    a pull that cannot finish before the test says so."""
-
-    def __init__(self, data: bytes) -> None:
-        self.started = threading.Event()
-        self.release = threading.Event()
-        gate = self
-
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                half = len(data) // 2
-                self.wfile.write(data[:half])
-                self.wfile.flush()
-                gate.started.set()
-                gate.release.wait(60)
-                self.wfile.write(data[half:])
-
-        class S(ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.server = S(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/gated.bin"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 # --------------------------------------------------------------------------------------------
 # item 2: the API token
 
@@ -341,11 +300,19 @@ def test_a_network_address_without_a_token_is_warned_about(tmp_path, monkeypatch
     assert not [x for x in _serve_in_main_thread(with_token) if x.startswith("WARNING")]
 
 
-def test_sighup_rotates_the_token_while_a_pull_runs(pyz, tmp_path):
+def test_sighup_rotates_the_token_while_a_pull_runs(pyz, tmp_path, tiny):
     """The real serve, at -v 3: SIGHUP after a new token is written; the pull under way
     (admitted with the old token) finishes, the old token is refused, the new one taken."""
     data = os.urandom(400_000)
-    gate = Gate(data)
+    started, release = threading.Event(), threading.Event()
+
+    def gated(h):  # the upstream holds its answer until the test lets it go
+        started.set()
+        release.wait(60)
+        return 200, {}, data
+
+    upstream = tiny(gated)
+    url = f"{upstream.url}/gated.bin"
     old, new = "old-" + uuid.uuid4().hex, "new-" + uuid.uuid4().hex
     f = tmp_path / "api-token"
     f.write_text(old + "\n")
@@ -382,13 +349,13 @@ def test_sighup_rotates_the_token_while_a_pull_runs(pyz, tmp_path):
         def pull_it() -> None:
             try:
                 result["status"], result["text"] = call("POST", "/content/", old,
-                                                        json.dumps({"url": gate.url}))
+                                                        json.dumps({"url": url}))
             except Exception as e:  # noqa: BLE001  (reported by the assertion below)
                 result["error"] = e
 
         pull = threading.Thread(target=pull_it)
         pull.start()
-        assert gate.started.wait(30), "the pull never reached the upstream"
+        assert started.wait(30), "the pull never reached the upstream"
         tmp = tmp_path / "api-token.new"
         tmp.write_text(new + "\n")
         os.replace(tmp, f)
@@ -401,16 +368,16 @@ def test_sighup_rotates_the_token_while_a_pull_runs(pyz, tmp_path):
         status, text = call("GET", "/content/", new)
         assert status == 200 and json.loads(text)["entries"][0]["state"] == "downloading"
         assert call("GET", "/healthz")[0] == 200
-        assert pull.is_alive()  # still waiting for the gated upstream
-        gate.release.set()
+        assert pull.is_alive()  # still waiting for the held upstream
+        release.set()
         pull.join(60)
         assert result.get("status") == 201, result
         assert json.loads(result["text"])["digest"] == sha(data)
-        assert call("POST", "/content/", new, json.dumps({"url": gate.url}))[0] == 200
+        assert call("POST", "/content/", new, json.dumps({"url": url}))[0] == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
-        gate.close()
+        release.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
