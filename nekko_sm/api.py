@@ -590,7 +590,8 @@ def run(config: Config, ready=None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, reread)
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, reread)
     log.info("nekko-sm %s serving on %s, cache %s", __version__, bound_address(srv),
              config.cache_dir)
     if srv.api_token is None and config.address.kind == "tcp" and not srv.loopback:
