@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import cast
 from urllib.parse import urlsplit
 
+from nekko_sm.egress import Policy
 from nekko_sm.errors import ConfigError, InvalidPlatform
 
 DEFAULT_CACHE_DIR = "/var/lib/nekko/cache"
@@ -127,6 +128,8 @@ class Config:
     https_proxy: str | None = None
     http_proxy: str | None = None
     no_proxy: str | None = None
+    api_token_file: str | None = None  # the path only: the token is read by the server
+    egress: Policy = field(default_factory=Policy.build)
     notes: tuple = ()  # things to say once at start-up
 
     @property
@@ -164,6 +167,21 @@ def _split(values: object) -> list:
     for v in cast("Iterable[object]", values or []):  # flags come from argparse: a list or None
         out.extend(x.strip() for x in str(v).split(",") if x.strip())
     return out
+
+
+def read_api_token(path: str) -> str:
+    """The API token: the first line of ``path``, which must be a printable ASCII word."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"cannot read the API token file {path}: {why}") from None
+    if not token:
+        raise ConfigError(f"the API token file {path} is empty")
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise ConfigError(f"the API token in {path} must be printable ASCII without spaces")
+    return token
 
 
 def _usable_dir(path: Path) -> bool:
@@ -240,6 +258,12 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
                 "http", "https"):
             raise ConfigError(f"{name} must be an http:// or https:// proxy, not {value!r}"
                               " (SOCKS is not supported)")
+    token_file = pick("api_token_file", "NEKKO_API_TOKEN_FILE")
+    if token_file is not None:
+        read_api_token(str(token_file))  # a bad file stops the start, not the first request
+    egress = Policy.build(
+        _split(flags.get("deny_network")) or _split([_env(environ, "NEKKO_DENY_NETWORKS") or ""]),
+        _split(flags.get("allow_network")) or _split([_env(environ, "NEKKO_ALLOW_NETWORKS") or ""]))
     hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
         raise ConfigError("HF_TOKEN must be printable ASCII")
@@ -258,5 +282,7 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         https_proxy=proxies["HTTPS_PROXY"],
         http_proxy=proxies["HTTP_PROXY"],
         no_proxy=_env(environ, "NO_PROXY", "no_proxy"),
+        api_token_file=str(Path(str(token_file)).absolute()) if token_file else None,
+        egress=egress,
         notes=tuple(notes),
     )

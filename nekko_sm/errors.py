@@ -85,6 +85,38 @@ class MethodNotAllowed(BadRequest):
     status = 405
 
 
+class UnsupportedMediaType(BadRequest):
+    code = "unsupported-media-type"
+    status = 415
+
+
+# --- who may call the API (DESIGN section 10) -----------------------------------------
+
+
+class ApiUnauthorized(NekkoError):
+    """The API wants its Bearer token (--api-token-file) and did not get it."""
+
+    code = "api-unauthorized"
+    status = 401
+    exit_code = EXIT_USAGE
+
+
+class OriginRefused(NekkoError):
+    """A request from a web page (it has an Origin header): the API is not for browsers."""
+
+    code = "origin-refused"
+    status = 403
+    exit_code = EXIT_USAGE
+
+
+class MisdirectedRequest(NekkoError):
+    """A Host header that does not name this loopback server (DNS rebinding)."""
+
+    code = "misdirected-request"
+    status = 421
+    exit_code = EXIT_USAGE
+
+
 # --- local state -----------------------------------------------------------------------
 
 
@@ -174,3 +206,10 @@ class Forbidden(NekkoError):
 
 class GatedRepo(Forbidden):
     code = "gated-repo"
+
+
+class EgressDenied(Forbidden):
+    """The destination is one nekko-sm does not connect to (the egress policy)."""
+
+    code = "egress-denied"
+    exit_code = EXIT_USAGE  # retrying will not help: the configuration says no

@@ -6,9 +6,10 @@ entry.  Parsing never touches the network.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from nekko_sm.errors import InvalidReference, UnsafeName, UnsupportedScheme
@@ -25,6 +26,20 @@ _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _HF_SPECIAL_REV = re.compile(r"^(refs/pr/[0-9]+|refs/convert/[A-Za-z0-9_.-]+)(?:/|$)")
 _URL_SAFE = "/%:@!$&'()*+,;=~-._"  # RFC 3986 pchar, "/" and existing %-escapes
 _HF_REPO_TYPES = {"datasets": "dataset", "spaces": "space", "models": "model"}
+
+# Query parameters that are credentials (signed URLs: AWS SigV4 and S3 v2, CloudFront, GCS,
+# Azure SAS, and plain tokens): never part of a cache key, never logged or stored.
+QUERY_CREDENTIALS = frozenset({
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid",
+    "signature", "policy", "key-pair-id", "x-goog-signature", "x-goog-credential",
+    "googleaccessid", "sig", "token", "access_token"})
+# What each scheme signs along with them: it changes with every signature, not with the
+# content, so it leaves the key too, but only when a credential above is in the query.
+QUERY_SIGNING = frozenset({
+    "x-amz-algorithm", "x-amz-date", "x-amz-expires", "x-amz-signedheaders",
+    "x-goog-algorithm", "x-goog-date", "x-goog-expires", "x-goog-signedheaders", "expires",
+    "sv", "ss", "srt", "sp", "se", "st", "spr", "sip", "sr", "si", "sdd", "skoid", "sktid",
+    "skt", "ske", "sks", "skv"})
 
 
 def safe_name(name: str) -> str:
@@ -53,6 +68,10 @@ def _shown(url: str) -> str:
     authority, slash, tail = rest.partition("/")
     if "@" in authority:
         authority = "***@" + authority.rsplit("@", 1)[1]
+    tail, q, query = tail.partition("?")
+    if q:  # a signed URL's query is a credential: show that there was one, not what it said
+        query, hash_, fragment = query.partition("#")
+        tail += "?" + ("***" if has_query_credentials(query) else query) + hash_ + fragment
     return repr((scheme + sep + authority + slash + tail)[:200])
 
 
@@ -131,12 +150,18 @@ class HFRef:
 
 @dataclass(frozen=True)
 class HTTPRef:
-    url: str  # canonical, without userinfo or fragment
-    userinfo: str | None  # "user:pass" from the URL, used as Basic credentials if none given
+    url: str  # canonical, without userinfo, fragment or query credentials
+    userinfo: str | None = field(repr=False)  # "user:pass" from the URL: Basic credentials
+    signed: str | None = field(default=None, repr=False)  # the URL with its query credentials
 
     @property
     def canonical(self) -> str:
         return self.url
+
+    @property
+    def fetch_url(self) -> str:
+        """The URL to send upstream: the canonical one plus any query credentials."""
+        return self.signed or self.url
 
     @property
     def host(self) -> str:
@@ -301,7 +326,45 @@ def parse_http(url: str) -> HTTPRef:
     # the wire: "a b" and "a%20b" are one key, and the canonical form re-parses to itself.
     path = quote(parts.path or "/", safe=_URL_SAFE)
     query = quote(parts.query, safe=_URL_SAFE + "?")
-    return HTTPRef(urlunsplit((scheme, host, path, query, "")), userinfo)
+    kept = strip_query_credentials(query)
+    signed = urlunsplit((scheme, host, path, query, "")) if kept != query else None
+    return HTTPRef(urlunsplit((scheme, host, path, kept, "")), userinfo, signed)
+
+
+def _param_names(query: str) -> list[str]:
+    return [unquote(p.split("=", 1)[0]).strip().lower() for p in query.split("&")]
+
+
+def has_query_credentials(query: str) -> bool:
+    return any(n in QUERY_CREDENTIALS for n in _param_names(query))
+
+
+def strip_query_credentials(query: str) -> str:
+    """``query`` without its credential parameters (and, then, what they sign along)."""
+    if not has_query_credentials(query):
+        return query
+    parts = query.split("&")
+    return "&".join(p for p, n in zip(parts, _param_names(query))
+                    if n not in QUERY_CREDENTIALS and n not in QUERY_SIGNING)
+
+
+def hide_query_credentials(text: str) -> str:
+    """``text`` (a URL, or a request target ``/path?query``) without query credentials."""
+    head, q, rest = text.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    if not q or not has_query_credentials(query):
+        return text
+    return f"{head}?{strip_query_credentials(query)}{hash_}{fragment}"
+
+
+class QueryCredentialFilter(logging.Filter):
+    """For loggers that are not ours (urllib3 logs request targets at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(hide_query_credentials(a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
 
 
 def redact(url: str) -> str:

@@ -24,6 +24,7 @@ import urllib3
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
 from nekko_sm import download as _download
+from nekko_sm import egress
 from nekko_sm.config import Config
 from nekko_sm.errors import (
     Forbidden,
@@ -38,9 +39,10 @@ from nekko_sm.httpio import (
     read_limited,
     reason,
 )
-from nekko_sm.refs import redact
+from nekko_sm.refs import QueryCredentialFilter, redact
 
 log = logging.getLogger("nekko_sm.transfer")
+logging.getLogger("urllib3.connectionpool").addFilter(QueryCredentialFilter())  # signed URLs
 
 USER_AGENT = "nekko-sm"
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -170,7 +172,7 @@ class Transfer:
                         proxy = proxy.replace(p.netloc, p.netloc.rsplit("@", 1)[1])
                     m = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._pool_kw)
                 else:
-                    m = urllib3.PoolManager(**self._pool_kw)
+                    m = egress.pool_manager(self.config.egress, **self._pool_kw)
                 self._managers[self._proxy_for(url)] = m
             return m
 
@@ -195,8 +197,9 @@ class Transfer:
             return UpstreamError(f"{redact(url)}: the TLS certificate of {whose} is not trusted"
                                  f" ({cert}); give the CA that signed it with --ca-cert FILE"
                                  " or SSL_CERT_FILE")
-        if not via_proxy:
-            return UpstreamUnavailable(f"{redact(url)}: {reason(e)}")
+        if not via_proxy:  # refused or timed out, a banner: the log's, not the caller's
+            log.info("%s: cannot connect: %s", redact(url), reason(e))
+            return UpstreamUnavailable(f"{redact(url)}: cannot connect (the reason is logged)")
         inner = getattr(e, "original_error", None) or e
         m = _TUNNEL_RE.search(str(inner))
         if m is not None:
@@ -234,6 +237,7 @@ class Transfer:
             if auth is not None and not left_origin:
                 h["Authorization"] = auth
             log.log(5, "%s %s", method, redact(url))
+            self.config.egress.check_url(url)  # every hop; direct connections check addresses
             if log.isEnabledFor(3):  # wire level: headers, never a credential
                 log.log(3, "> %s %s %s", method, redact(url), _safe_headers(h))
             try:

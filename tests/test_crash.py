@@ -101,7 +101,8 @@ def test_cli_and_server_fetch_one_url_once(pyz, tmp_path, faulty):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(0.3)
         conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
-        conn.request("POST", "/content/", body=json.dumps({"url": url}))
+        conn.request("POST", "/content/", body=json.dumps({"url": url}),
+                     headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         entry = json.loads(resp.read())
         conn.close()
@@ -133,7 +134,8 @@ def test_fifty_parallel_posts_and_deletes_on_shared_blobs(pyz, tmp_path, nginx):
         conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
         try:
             if method == "POST":
-                conn.request("POST", "/content/", body=json.dumps({"url": url}))
+                conn.request("POST", "/content/", body=json.dumps({"url": url}),
+                             headers={"Content-Type": "application/json"})
             else:
                 conn.request("DELETE", "/content/" + encode_url(url))
             resp = conn.getresponse()
