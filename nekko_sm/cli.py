@@ -77,6 +77,10 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help="serve: every request but GET /healthz needs 'Authorization: Bearer"
                         " TOKEN', the first line of FILE; re-read when FILE changes and on"
                         " SIGHUP (env NEKKO_API_TOKEN_FILE; default none)")
+    p.add_argument("--verify-cached-credentials", metavar="always|never", default=d,
+                   help="before answering from the cache with an entry pulled with"
+                        " credentials, ask the upstream whether this caller's credentials may"
+                        " fetch it now (env NEKKO_VERIFY_CACHED_CREDENTIALS; default always)")
     p.add_argument("--deny-network", metavar="CIDR", action="append", default=d,
                    help="never connect to addresses in CIDR; repeatable (env"
                         " NEKKO_DENY_NETWORKS, comma-separated; link-local and cloud metadata"
@@ -189,7 +193,8 @@ def main(argv: list | None = None) -> int:
 
     flags = {k: getattr(args, k, None) for k in
              ("cache_dir", "address", "verbose", "platform", "insecure_registry", "jobs",
-              "registry_mirror", "ca_cert", "api_token_file", "deny_network", "allow_network")}
+              "registry_mirror", "ca_cert", "api_token_file", "deny_network", "allow_network",
+              "verify_cached_credentials")}
     try:
         config = _config.build(flags, os.environ)
     except NekkoError as e:

@@ -130,6 +130,7 @@ class Config:
     no_proxy: str | None = None
     api_token_file: str | None = None  # the path only: the token is read by the server
     egress: Policy = field(default_factory=Policy.build)
+    verify_cached_credentials: str = "always"  # or "never" (DESIGN section 10)
     notes: tuple = ()  # things to say once at start-up
 
     @property
@@ -264,6 +265,11 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
     egress = Policy.build(
         _split(flags.get("deny_network")) or _split([_env(environ, "NEKKO_DENY_NETWORKS") or ""]),
         _split(flags.get("allow_network")) or _split([_env(environ, "NEKKO_ALLOW_NETWORKS") or ""]))
+    verify = str(pick("verify_cached_credentials", "NEKKO_VERIFY_CACHED_CREDENTIALS")
+                 or "always").strip().lower()
+    if verify not in ("always", "never"):
+        raise ConfigError(f"--verify-cached-credentials must be 'always' or 'never', not"
+                          f" {verify!r}")
     hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
         raise ConfigError("HF_TOKEN must be printable ASCII")
@@ -284,5 +290,6 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         no_proxy=_env(environ, "NO_PROXY", "no_proxy"),
         api_token_file=str(Path(str(token_file)).absolute()) if token_file else None,
         egress=egress,
+        verify_cached_credentials=verify,
         notes=tuple(notes),
     )

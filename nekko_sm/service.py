@@ -18,9 +18,11 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from nekko_sm import access
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
@@ -75,22 +77,34 @@ class Flight:
         self.started = time.time()
         self.keep_partial = False  # set when stopping the server: the pull stays resumable
         self.digest: str | None = None  # the digest the pull checks (its first caller's)
+        self.cred = "anonymous"  # hash of the credentials the pull uses (access.credential_hash)
+        self.protected = False  # the pull uses credentials: its entry will be protected
 
-    def checked(self, digest: str | None) -> Flight:
-        """This flight as a caller asking for ``digest`` sees it: its answer must match."""
-        if digest is None or digest == self.digest:
+    def joined(self, digest: str | None, confirm: Callable[[], None] | None = None) -> Flight:
+        """This flight as another caller sees it: ``confirm()`` proves the caller's access
+        (a protected pull, other credentials), then the answer must match ``digest``."""
+        if (digest is None or digest == self.digest) and confirm is None:
             return self
         view = copy.copy(self)
         view.future = Future()
 
-        def land(done: Future) -> None:
+        def answer(done: Future) -> None:
             try:
                 entry, created = done.result()
+                if confirm is not None:
+                    confirm()  # first: a refused caller learns nothing, not even the digest
                 _check_digest(entry, digest)
             except BaseException as e:  # noqa: BLE001 - the joined caller's answer
                 view.future.set_exception(e)
             else:
                 view.future.set_result((entry, created))
+
+        def land(done: Future) -> None:
+            if confirm is None:
+                answer(done)
+            else:  # asks the upstream: not on the thread that answers everyone else
+                threading.Thread(target=answer, args=(done,), name="access check",
+                                 daemon=True).start()
 
         self.future.add_done_callback(land)
         return view
@@ -110,6 +124,7 @@ class Service:
         # traceback holds frames and buffers), the oldest forgotten past _MAX_FAILURES.
         self._failures: OrderedDict[str, dict] = OrderedDict()
         self._files_cache: dict[str, list] = {}
+        self.access = access.AccessChecks()
         self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
 
     @property
@@ -161,23 +176,36 @@ class Service:
             check_digest(digest)
         ref, platform = self.resolve(url, platform or None)
         key = ref.canonical
+        auth = access.pull_auth(self, ref, credentials)
+        cred = access.credential_hash(auth)
         desc = self.store.get_entry(key)
         if desc is not None and _platform_matches(desc, platform):
+            self.access.confirm(self, key, ref, desc, credentials)
             entry = self._entry_json(key, desc)
             _check_digest(entry, digest)
             return None, entry
         with self._lock:
             flight = self._flights.get(key)
             if flight is not None:
-                return flight.checked(digest), None
+                confirm = None
+                if flight.protected and cred != flight.cred:
+                    confirm = partial(self._confirm_landed, key, ref, credentials)
+                return flight.joined(digest, confirm), None
             flight = Flight(key, self._count_bytes)
-            flight.digest = digest
+            flight.digest, flight.cred, flight.protected = digest, cred, auth is not None
             self._flights[key] = flight
             self._failures.pop(key, None)
         runner = threading.Thread(target=self._run, name=f"pull {key[:60]}", daemon=True,
                                   args=(flight, ref, credentials, digest, platform))
         runner.start()
         return flight, None
+
+    def _confirm_landed(self, key: str, ref, credentials: Credentials | None) -> None:
+        """A caller who joined a protected pull proves access once the entry is there."""
+        desc = self.store.get_entry(key)
+        if desc is None:
+            raise Cancelled(f"{key} was removed while the pull ran")
+        self.access.confirm(self, key, ref, desc, credentials)
 
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
         k = key_for(key)
@@ -206,6 +234,7 @@ class Service:
         record = self._pull_paths(key)[0]
         desc = self.store.get_entry(key)
         if desc is not None and _platform_matches(desc, platform):  # another process did it
+            self.access.confirm(self, key, ref, desc, credentials)
             entry = self._entry_json(key, desc)
             _check_digest(entry, digest)
             return {"result": (entry, False)}
@@ -230,7 +259,10 @@ class Service:
                 result = self._source_pull(job, ref)
                 if flight.cancel.is_set():
                     raise Cancelled(f"pull of {key} was cancelled")
-                self._commit(key, result)
+                auth = access.pull_auth(self, ref, credentials)
+                self._commit(key, result, auth[0] if auth else None)
+                if auth is not None:  # this caller just proved its access
+                    self.access.remember(key, access.credential_hash(auth))
             record.unlink(missing_ok=True)
             entry = self._entry_json(key, self.store.get_entry(key))
             self._count("complete", ref)
@@ -283,10 +315,12 @@ class Service:
             return hf.pull(job, ref)
         raise AssertionError(f"no source for {ref!r}")
 
-    def _commit(self, key: str, result: PullResult) -> None:
+    def _commit(self, key: str, result: PullResult, protected: str | None = None) -> None:
         m = result.manifest
         ann = dict(m.annotations)
         ann[A_DIGEST] = result.digest
+        if protected:
+            ann[access.A_PROTECTED] = protected  # what kind of credential, never the secret
         if result.platform:
             ann[A_PLATFORM] = result.platform
         desc = Descriptor(m.media_type, m.digest, m.size, ann, m.artifact_type, m.platform)
@@ -383,6 +417,8 @@ class Service:
             entry["manifest"] = desc.digest
         if desc.annotations.get(A_PLATFORM):
             entry["platform"] = desc.annotations[A_PLATFORM]
+        if desc.annotations.get(access.A_PROTECTED):
+            entry["protected"] = True  # pulled with credentials (access.py)
         return entry
 
     def status(self, url: str) -> dict:
@@ -460,6 +496,7 @@ class Service:
                 pass
             record.unlink(missing_ok=True)
         gone = self.store.remove_entry(key)
+        self.access.forget(key)
         with self._lock:
             self._failures.pop(key, None)
         if gone is None and not had_record and flight is None:

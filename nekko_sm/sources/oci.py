@@ -96,8 +96,7 @@ class _Puller:
     def __init__(self, job: Job, ref: OCIRef) -> None:
         self.job = job
         self.ref = ref
-        scheme = "http" if job.config.is_insecure(ref.api_host) or \
-            job.config.is_insecure(ref.registry) else "https"
+        scheme = _scheme(job, ref)
         configured = job.config.registry_mirrors.get(ref.registry.lower()) or ()
         # a mirror host marked --insecure-registry is plain http, as a registry is
         mirrors = ["http://" + m.split("://", 1)[1]
@@ -360,6 +359,31 @@ def _wanted(job: Job) -> Platform | None:
 # entry point
 
 
+def _scheme(job: Job, ref: OCIRef) -> str:
+    insecure = job.config.is_insecure(ref.api_host) or job.config.is_insecure(ref.registry)
+    return "http" if insecure else "https"
+
+
+def confirm_access(job: Job, ref: OCIRef, digest: str) -> None:
+    """May ``job.credentials`` pull ``digest`` from ``ref``'s repository now?  Raise if not.
+
+    One manifest ``HEAD`` by digest in the repository's pull scope, at the registry itself:
+    a mirror answering proves nothing about the caller's access to the registry.
+    """
+    ep = Endpoint(job, ref, f"{_scheme(job, ref)}://{ref.api_host}", mirror=False)
+    ep.ready()
+    url = ep.url(f"{ref.repository}/manifests/{digest}")
+    for attempt in (0, 1):
+        used = ep.auth
+        resp = job.transfer.request("HEAD", url, headers={"Accept": ACCEPT}, auth=used)
+        if resp.status == 401 and attempt == 0 and ep.same_origin(resp.url):
+            ep.reauthenticate(resp.headers.get("WWW-Authenticate"), used)
+            continue
+        break
+    if resp.status != 200:
+        raise ep.errors(resp.status, resp.url, b"", resp.headers)
+
+
 def pull(job: Job, ref: OCIRef) -> PullResult:
     puller = _Puller(job, ref)
     want = _wanted(job)
@@ -432,4 +456,4 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
                       platform=_platform_str(platform) if platform else None)
 
 
-__all__ = ["ACCEPT", "choose_platform", "pull"]
+__all__ = ["ACCEPT", "choose_platform", "confirm_access", "pull"]
