@@ -122,9 +122,10 @@ class _Tree:
     """Names -> nodes.  ``rootfs``: image semantics (later layers replace, links in parents
     are followed inside the file system); otherwise every name is made once."""
 
-    def __init__(self, rootfs: bool) -> None:
+    def __init__(self, rootfs: bool, what: str = "") -> None:
         self.root = _Node(_DIR, -1, 0o755)
         self.rootfs = rootfs
+        self.what = what or "the model"
 
     # -- lookups -------------------------------------------------------------------------
     def get(self, path: str) -> _Node | None:
@@ -159,7 +160,8 @@ class _Tree:
             if child.kind == _LINK and (parts or follow_last):
                 hops += 1
                 if hops > MAX_LINK_HOPS:
-                    raise UnsafeLayer(f"too many levels of links at {'/'.join(done + [part])!r}")
+                    raise UnsafeLayer(f"{self.what}: too many levels of links at"
+                                      f" {'/'.join(done + [part])!r}")
                 target = child.target or ""
                 base: list[str] = [] if target.startswith("/") else list(done)
                 parts = [p for p in target.split("/") if p] + parts
@@ -188,7 +190,8 @@ class _Tree:
                 done, node = resolved, target
                 continue
             elif child.kind != _DIR:
-                raise UnsafeLayer(f"{what}: {_join(done, part)!r} is a file and the directory"
+                kind = {_LINK: "a link", _SPECIAL: "a special file"}.get(child.kind, "a file")
+                raise UnsafeLayer(f"{what}: {_join(done, part)!r} is {kind} and the directory"
                                   f" of {path!r}")
             done = _join(done, part)
             node = child
@@ -384,7 +387,7 @@ class _Unpacker:
         self.cancel = cancel or _Cancel()
         self.what = what
         self.on_bytes = on_bytes
-        self.tree = _Tree(plan.rootfs)
+        self.tree = _Tree(plan.rootfs, what)
         self.unpacked: list[str] = []
 
     def layer_what(self, lp: LayerPlan) -> str:
@@ -415,7 +418,7 @@ class _Unpacker:
         if lp.kind == FILE:
             self._add_file_layer(lp, what)
             return
-        raw = self.open_layer(lp)
+        source = raw = self.open_layer(lp)
         try:
             if lp.kind == SNIFF:
                 head = _read_head(raw)
@@ -429,7 +432,7 @@ class _Unpacker:
             self._add_tar(lp, raw, what)
             self.unpacked.append(lp.digest)
         finally:
-            raw.close()
+            source.close()
 
     def _add_file_layer(self, lp: LayerPlan, what: str) -> None:
         if self.plan.rootfs:
