@@ -306,6 +306,7 @@ HOSTILE = {
     "duplicate": [Entry("model.bin", b"1"), Entry("model.bin", b"2")],
     "overlong component": [Entry("a" * 256, b"x")],
     "overlong path": [Entry("/".join(["d" * 200] * 21), b"x")],
+    "too deep": [Entry("/".join(["d"] * 300), b"x")],
     "not UTF-8": [Entry("", b"x", raw_name=b"caf\xe9.bin")],
     "file and directory": [Entry("a", b"file"), Entry("a/b", b"under a file")],
     "directory then file": [Entry("a/b", b"x"), Entry("a", b"file")],

@@ -82,6 +82,7 @@ _NOT_WEIGHTS = re.compile(r"^(?:projector|adapter|draft|lora)\b|mmproj", re.IGNO
 
 MAX_COMPONENT = 255   # bytes in one path component (NAME_MAX)
 MAX_PATH = 4096       # bytes in a whole path (PATH_MAX)
+MAX_DEPTH = 256       # directories in a path: far beyond any model, well within recursion
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +93,8 @@ def check_path(name: object, what: str = "") -> str:
     """``name`` as a safe relative POSIX path inside the model, or :class:`UnsafeLayer`.
 
     On top of :func:`nekko_sm.refs.safe_name` (no absolute paths, no ``..``, no control
-    characters): valid UTF-8 only, no component over 255 bytes, no path over 4096.
+    characters): valid UTF-8 only, no component over 255 bytes, no path over 4096 bytes or
+    256 levels deep.
     ``what`` names where the name came from (a layer) in the message.
     """
     where = f"{what}: " if what else ""
@@ -108,7 +110,11 @@ def check_path(name: object, what: str = "") -> str:
         raise UnsafeLayer(f"{where}{e.message}") from None
     if len(encoded) > MAX_PATH:
         raise UnsafeLayer(f"{where}file name {name[:80]!r}... is longer than {MAX_PATH} bytes")
-    for part in clean.split("/"):
+    parts = clean.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeLayer(f"{where}file name {name[:80]!r}... is nested deeper than {MAX_DEPTH}"
+                          " directories")
+    for part in parts:
         if len(part.encode("utf-8")) > MAX_COMPONENT:
             raise UnsafeLayer(f"{where}file name component {part[:60]!r}... is longer than"
                               f" {MAX_COMPONENT} bytes")

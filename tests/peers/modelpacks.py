@@ -412,10 +412,7 @@ def docker_model_v01(shards: list[bytes], license: bytes | None = b"MIT License\
     blobs: dict[str, bytes] = {}
     layers = []
     for name, data, mt in parts:
-        layers.append(_ggcr_desc(mt, data, {
-            "org.cncf.model.filepath": name,
-            "org.cncf.model.file.metadata+json": _file_metadata(name, len(data)),
-            "org.cncf.model.file.mediatype.untested": "false"}))
+        layers.append(_docker_layer(name, data, mt))
         blobs[sha256(data)] = data
     view: dict[str, bytes] = {}
     if len(shards) == 1:
@@ -439,25 +436,34 @@ def docker_model_v01(shards: list[bytes], license: bytes | None = b"MIT License\
             entries.append(Entry(f"{dirname}/{p}", dfiles[p]))
             view[f"{dirname}/{p}"] = dfiles[p]
         blob = tar_bytes(entries)
-        layers.append(_ggcr_desc("application/vnd.docker.ai.dir.tar", blob, {
-            "org.cncf.model.filepath": "dir-tar-123.tar",
-            "org.cncf.model.file.metadata+json": _file_metadata("dir-tar-123.tar", len(blob)),
-            "org.cncf.model.file.mediatype.untested": "false"}))
+        layers.append(_docker_layer("dir-tar-123.tar", blob, "application/vnd.docker.ai.dir.tar"))
         blobs[sha256(blob)] = blob
-    config = go_json({
-        "config": {"format": "gguf", "quantization": "Q4_0", "parameters": "1M",
-                   "architecture": "llama", "size": str(sum(len(s) for s in shards)),
-                   "gguf": {"general.architecture": "llama"}},
-        "descriptor": {"created": CREATED},
-        "rootfs": {"type": "rootfs", "diff_ids": [d["digest"] for d in layers]},
-    })
-    blobs[sha256(config)] = config
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": _ggcr_desc("application/vnd.docker.ai.model.config.v0.1+json", config),
-                "layers": layers}
     model = "model.gguf" if len(shards) == 1 else f"model-00001-of-{len(shards):05d}.gguf"
-    return Pack("docker-model-v0.1", "docker-model", go_json(manifest), OCI_MANIFEST, blobs,
-                view, model)
+    return _docker_pack("docker-model-v0.1", "v0.1", {
+        "format": "gguf", "quantization": "Q4_0", "parameters": "1M", "architecture": "llama",
+        "size": str(sum(len(s) for s in shards)), "gguf": {"general.architecture": "llama"},
+    }, layers, blobs, view, model)
+
+
+def _docker_layer(name: str, data: bytes, media_type: str) -> dict:
+    """A layer as Docker Model Runner's ``partial.NewLayer`` describes it."""
+    return _ggcr_desc(media_type, data, {
+        "org.cncf.model.filepath": name,
+        "org.cncf.model.file.metadata+json": _file_metadata(name, len(data)),
+        "org.cncf.model.file.mediatype.untested": "false"})
+
+
+def _docker_pack(producer: str, version: str, config: dict, layers: list, blobs: dict,
+                 view: dict, model: str | None) -> Pack:
+    """The config (``config``, ``descriptor``, ``rootfs`` of type "rootfs") and manifest."""
+    body = go_json({"config": config, "descriptor": {"created": CREATED},
+                    "rootfs": {"type": "rootfs", "diff_ids": [d["digest"] for d in layers]}})
+    blobs[sha256(body)] = body
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": _ggcr_desc(f"application/vnd.docker.ai.model.config.{version}+json",
+                                     body),
+                "layers": layers}
+    return Pack(producer, "docker-model", go_json(manifest), OCI_MANIFEST, blobs, view, model)
 
 
 def _docker_type(path: str) -> str:
@@ -480,24 +486,11 @@ def docker_model_v02(files: dict[str, bytes]) -> Pack:
     blobs: dict[str, bytes] = {}
     layers = []
     for path in sorted(files):
-        data = files[path]
-        layers.append(_ggcr_desc(_docker_type(path), data, {
-            "org.cncf.model.filepath": path,
-            "org.cncf.model.file.metadata+json": _file_metadata(path, len(data)),
-            "org.cncf.model.file.mediatype.untested": "false"}))
-        blobs[sha256(data)] = data
-    config = go_json({
-        "config": {"format": "safetensors", "architecture": "llama", "size": "1M",
-                   "safetensors": {"tensors": "2"}},
-        "descriptor": {"created": CREATED},
-        "rootfs": {"type": "rootfs", "diff_ids": [d["digest"] for d in layers]},
-    })
-    blobs[sha256(config)] = config
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": _ggcr_desc("application/vnd.docker.ai.model.config.v0.2+json", config),
-                "layers": layers}
-    return Pack("docker-model-v0.2", "docker-model", go_json(manifest), OCI_MANIFEST, blobs,
-                dict(files), only_gguf(files))
+        layers.append(_docker_layer(path, files[path], _docker_type(path)))
+        blobs[sha256(files[path])] = files[path]
+    return _docker_pack("docker-model-v0.2", "v0.2", {
+        "format": "safetensors", "architecture": "llama", "size": "1M",
+        "safetensors": {"tensors": "2"}}, layers, blobs, dict(files), only_gguf(files))
 
 
 def kitops(context: dict[str, bytes], kitfile: dict, gzip_layers: bool = False,
