@@ -9,6 +9,7 @@ GGUF's magic and header, the safetensors' header, config.json as JSON.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -459,7 +460,7 @@ def test_zstd_layer_unpacks_or_is_refused_naming_the_layer(store):
                           "application/vnd.cncf.model.weight.config.v1.tar+zstd",
                           {"org.cncf.model.filepath": "config.json"})
     try:
-        import compression.zstd  # type: ignore[import-not-found]  # noqa: F401
+        importlib.import_module("compression.zstd")
     except ImportError:
         with pytest.raises(UnsupportedLayer, match=mp.sha256(blob)) as e:
             materialize(store, pack)
@@ -512,6 +513,17 @@ def test_a_streamed_file_is_hashed_as_written(store):
     assert f.digest == "sha256:" + hashlib.sha256(data).hexdigest() and f.size == len(data)
     assert sum(seen) == len(data) and max(seen) <= unpack.CHUNK
     assert not any(store.ingest_dir.glob("*/data"))  # committed, nothing partial left
+
+
+def test_a_cancelled_pull_stops_unpacking(store):
+    import threading
+
+    from nekko_sm.errors import Cancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        materialize(store, PACKS["modctl"], cancel=cancel)
 
 
 # --------------------------------------------------------------------------------------------

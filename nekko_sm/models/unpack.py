@@ -26,6 +26,7 @@ becomes that file's blob under the link's name; a link to a directory lists its 
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import posixpath
 import sys
@@ -36,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
-from nekko_sm.errors import BrokenLayer, UnsafeLayer, UnsupportedLayer
+from nekko_sm.errors import BrokenLayer, Cancelled, UnsafeLayer, UnsupportedLayer
 from nekko_sm.models.formats import (
     FILE,
     SKIP,
@@ -313,7 +314,7 @@ def _read_head(raw: BinaryIO, n: int = 512) -> bytes:
 def zstd_reader(raw: BinaryIO, what: str) -> BinaryIO:
     """A decompressing reader of zstd ``raw``, or :class:`UnsupportedLayer` naming ``what``."""
     try:
-        from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+        zstd = importlib.import_module("compression.zstd")  # the standard library from 3.14
     except ImportError:
         raise UnsupportedLayer(
             f"{what} is compressed with zstd, which this Python"
@@ -406,8 +407,6 @@ class _Unpacker:
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
-            from nekko_sm.errors import Cancelled
-
             raise Cancelled(f"unpacking {self.what or 'the model'} was cancelled")
 
     # -- layers --------------------------------------------------------------------------
@@ -513,7 +512,7 @@ class _Unpacker:
         joined = posixpath.normpath(_join(posixpath.dirname(name), target))
         if joined == ".." or joined.startswith("../"):
             raise UnsafeLayer(f"{what}: link {name!r} -> {target!r} leaves the model")
-        top = lp.prefix and lp.within and _join(lp.prefix, lp.within) or lp.within
+        top = _join(lp.prefix, lp.within) if lp.within and lp.prefix else lp.within
         if top and joined != top and not joined.startswith(top + "/"):
             raise UnsafeLayer(f"{what}: link {name!r} -> {target!r} leaves the layer's"
                               f" directory {top!r}")
