@@ -238,6 +238,14 @@ def test_an_image_without_models_shows_its_whole_file_system_read_twice(store):
     assert len(opener.opened) == 4  # both layers again: their files were outside models/
 
 
+def test_a_docker_v2_image_is_an_image_too(store):
+    pack = mp.image([[Entry("models", type="dir"), Entry("models/model.gguf", mp.gguf_bytes())]],
+                    {}, docker=True)
+    assert pack.doc["mediaType"] == mp.DOCKER_MANIFEST and detect_format(pack.doc) == "image"
+    result = materialize(store, pack)
+    assert [f.name for f in result.files] == ["model.gguf"] and result.model == "model.gguf"
+
+
 def test_an_image_with_a_device_in_its_view_is_refused(store):
     pack = mp.image([[Entry("models", type="dir"), Entry("models/a", b"a"),
                       Entry("models/tty", type="chr")]], {})
