@@ -182,6 +182,21 @@ def test_a_ref_goes_back_to_the_newest_remaining_entry_of_that_revision(store):
     assert bytes.fromhex(got[0]["data"]) == b'{"v": 1}'
 
 
+def test_pulling_a_moved_branch_again_leaves_nothing_of_the_old_commit(store):
+    view = HFCacheView(store)
+    url = "hf://huggingface.co/org/name@main/config.json"
+    old = hf_files(store, {"config.json": b'{"v": 1}'})
+    new = hf_files(store, {"config.json": b'{"v": 2}'})
+    view.add(HFEntry(url, "model", "org/name", "main", C1, old))
+    view.add(HFEntry(url, "model", "org/name", "main", C2, new))
+    repo = view.repo_dir("model", "org/name")
+    assert sorted(p.name for p in (repo / "snapshots").iterdir()) == [C2]
+    assert sorted(p.name for p in (repo / "blobs").iterdir()) == [new[0].etag]
+    assert (repo / "refs" / "main").read_text() == C2 and view.urls() == [url]
+    got = probe(view.home, ["file", {"repo_id": "org/name", "filename": "config.json"}])
+    assert bytes.fromhex(got[0]["data"]) == b'{"v": 2}'
+
+
 def test_prune_drops_entries_the_index_no_longer_has(store):
     view = HFCacheView(store)
     files = hf_files(store, {"a.txt": b"a"})

@@ -196,8 +196,11 @@ class HFCacheView:
         repo = self.repo_dir(entry.repo_type, entry.repo_id)
         snapshot = repo / "snapshots" / entry.commit
         with _locked(self._lock):
+            old = self._load(self._record_path(entry.url))
             _write_atomic(self._record_path(entry.url),
                           json.dumps(record, sort_keys=True).encode())
+            if old is not None and old.get("url") == entry.url:
+                self._drop(old)  # the same URL pulled again (a branch moved): what it left
             for f in entry.files:
                 blob = repo / "blobs" / f.etag
                 self._link_blob(self.store.blob_path(f.digest), blob)
@@ -258,30 +261,34 @@ class HFCacheView:
             if record is None or record.get("url") != url:
                 return False
             _unlink(path)
-            try:
-                repo = self.repo_dir(str(record["repo_type"]), str(record["repo_id"]))
-            except UnsafeName:
-                return True  # a record we would not have written: nothing of it to remove
-            others = [r for r in self._all() if (r.get("repo_type"), r.get("repo_id")) ==
-                      (record["repo_type"], record["repo_id"])]
-            pointers = {(r["commit"], f[0]) for r in others for f in r["files"]}
-            etags = {f[3] for r in others for f in r["files"]}
-            commit = str(record["commit"])
-            snapshots = repo / "snapshots"
-            for name, digest, size, etag in record["files"]:
-                if (commit, name) not in pointers:
-                    pointer = snapshots / commit / name
-                    if pointer.is_symlink():
-                        _unlink(pointer)
-                    _prune_empty(pointer.parent, snapshots)
-                if etag not in etags:
-                    self._unlink_blob(repo / "blobs" / etag, digest, size)
-            self._reset_ref(repo, str(record["revision"]), commit, others)
-            if not others:
-                for sub in ("snapshots", "blobs", "refs"):
-                    _prune_empty(repo / sub, repo)
-                _prune_empty(repo, self.hub)
+            self._drop(record)
         return True
+
+    def _drop(self, record: dict) -> None:
+        """Remove what ``record`` (no longer among the records) made and no record needs."""
+        try:
+            repo = self.repo_dir(str(record["repo_type"]), str(record["repo_id"]))
+        except UnsafeName:
+            return  # a record we would not have written: nothing of it to remove
+        others = [r for r in self._all() if (r.get("repo_type"), r.get("repo_id")) ==
+                  (record["repo_type"], record["repo_id"])]
+        pointers = {(r["commit"], f[0]) for r in others for f in r["files"]}
+        etags = {f[3] for r in others for f in r["files"]}
+        commit = str(record["commit"])
+        snapshots = repo / "snapshots"
+        for name, digest, size, etag in record["files"]:
+            if (commit, name) not in pointers:
+                pointer = snapshots / commit / name
+                if pointer.is_symlink():
+                    _unlink(pointer)
+                _prune_empty(pointer.parent, snapshots)
+            if etag not in etags:
+                self._unlink_blob(repo / "blobs" / etag, digest, size)
+        self._reset_ref(repo, str(record["revision"]), commit, others)
+        if not others:
+            for sub in ("snapshots", "blobs", "refs"):
+                _prune_empty(repo / sub, repo)
+            _prune_empty(repo, self.hub)
 
     def _unlink_blob(self, blob: Path, digest: str, size: int) -> None:
         """Remove ``blob`` if it is ours: a link to the store's blob (or, the store's blob
