@@ -71,6 +71,13 @@ class UnsafeName(BadRequest):
     code = "unsafe-name"
 
 
+class UnsafeLayer(UnsafeName):
+    """A layer whose contents would escape the model: absolute or ``..`` paths, links leaving
+    it, devices, duplicate or colliding names, overlong or non-UTF-8 names."""
+
+    code = "layer-unsafe"
+
+
 class InvalidPlatform(BadRequest):
     code = "invalid-platform"
 
@@ -144,6 +151,13 @@ class InsufficientStorage(NekkoError, OSError):
     status = 507
 
 
+class UnsupportedLayer(NekkoError):
+    """A layer in a form this interpreter cannot read (zstd without ``compression.zstd``)."""
+
+    code = "layer-unsupported"
+    status = 501
+
+
 class CacheCorrupt(NekkoError):
     code = "cache-corrupt"
     status = 500
@@ -181,6 +195,13 @@ class SizeMismatch(IntegrityError):
 
 class ManifestInvalid(UpstreamError):
     code = "manifest-invalid"
+
+
+class BrokenLayer(UpstreamError):
+    """A layer that verifies against its digest but is not what its media type says (a tar
+    that does not read, an invalid whiteout).  The registry served it as it was pushed."""
+
+    code = "layer-invalid"
 
 
 class UpstreamNotFound(NekkoError):
