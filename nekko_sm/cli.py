@@ -43,6 +43,7 @@ environment:
   HF_ENDPOINT, HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), SSL_CERT_FILE
   HTTPS_PROXY, HTTP_PROXY, NO_PROXY (lower-case spellings too)
   NEKKO_API_TOKEN_FILE, NEKKO_DENY_NETWORKS, NEKKO_ALLOW_NETWORKS
+  NEKKO_DISCARD_UNPACKED_LAYERS
 
 with no COMMAND, nekko-sm runs serve
 
@@ -81,6 +82,10 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help="before answering from the cache with an entry pulled with"
                         " credentials, ask the upstream whether this caller's credentials may"
                         " fetch it now (env NEKKO_VERIFY_CACHED_CREDENTIALS; default always)")
+    p.add_argument("--discard-unpacked-layers", action="store_true", default=d,
+                   help="free a model's tar layers once their files are in the cache: its"
+                        " disk use is its files only, but OCI tools can no longer copy that"
+                        " image out (env NEKKO_DISCARD_UNPACKED_LAYERS=1; default off)")
     p.add_argument("--deny-network", metavar="CIDR", action="append", default=d,
                    help="never connect to addresses in CIDR; repeatable (env"
                         " NEKKO_DENY_NETWORKS, comma-separated; link-local and cloud metadata"
@@ -194,7 +199,7 @@ def main(argv: list | None = None) -> int:
     flags = {k: getattr(args, k, None) for k in
              ("cache_dir", "address", "verbose", "platform", "insecure_registry", "jobs",
               "registry_mirror", "ca_cert", "api_token_file", "deny_network", "allow_network",
-              "verify_cached_credentials")}
+              "verify_cached_credentials", "discard_unpacked_layers")}
     try:
         config = _config.build(flags, os.environ)
     except NekkoError as e:

@@ -131,6 +131,7 @@ class Config:
     api_token_file: str | None = None  # the path only: the token is read by the server
     egress: Policy = field(default_factory=Policy.build)
     verify_cached_credentials: str = "always"  # or "never" (DESIGN section 10)
+    discard_unpacked_layers: bool = False  # free tar layers once their files are committed
     notes: tuple = ()  # things to say once at start-up
 
     @property
@@ -161,6 +162,18 @@ def _int(value: object, name: str, lo: int, hi: int) -> int:
     if not lo <= n <= hi:
         raise ConfigError(f"{name} must be between {lo} and {hi}, not {n}")
     return n
+
+
+def _bool(value: object, name: str) -> bool:
+    """An on/off setting: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false), not {value!r}")
 
 
 def _split(values: object) -> list:
@@ -270,6 +283,8 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
     if verify not in ("always", "never"):
         raise ConfigError(f"--verify-cached-credentials must be 'always' or 'never', not"
                           f" {verify!r}")
+    discard = pick("discard_unpacked_layers", "NEKKO_DISCARD_UNPACKED_LAYERS")
+    discard_b = _bool(discard, "--discard-unpacked-layers/NEKKO_DISCARD_UNPACKED_LAYERS")
     hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
         raise ConfigError("HF_TOKEN must be printable ASCII")
@@ -291,5 +306,6 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         api_token_file=str(Path(str(token_file)).absolute()) if token_file else None,
         egress=egress,
         verify_cached_credentials=verify,
+        discard_unpacked_layers=discard_b,
         notes=tuple(notes),
     )

@@ -37,6 +37,8 @@ from nekko_sm.errors import (
 from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse, safe_name
 from nekko_sm.sources.base import (
     A_DIGEST,
+    A_FORMAT,
+    A_MODEL,
     A_PLATFORM,
     DIRECTORY_ARTIFACT_TYPES,
     Job,
@@ -44,8 +46,11 @@ from nekko_sm.sources.base import (
     PullResult,
 )
 from nekko_sm.store import (
+    A_DISCARDED,
+    A_FILES,
     INDEX_TYPES,
     MANIFEST_TYPES,
+    MT_OCI_MANIFEST,
     REF_NAME,
     TITLE,
     Descriptor,
@@ -263,6 +268,10 @@ class Service:
                 self._commit(key, result, auth[0] if auth else None)
                 if auth is not None:  # this caller just proved its access
                     self.access.remember(key, access.credential_hash(auth))
+            if self.config.discard_unpacked_layers and result.unpacked:
+                freed = self.store.discard(result.unpacked)  # after the lease: ours no more
+                log.info("%s: freed %d unpacked tar layers (%d bytes)", key,
+                         len(freed.blobs_freed), freed.bytes_freed)
             record.unlink(missing_ok=True)
             entry = self._entry_json(key, self.store.get_entry(key))
             self._count("complete", ref)
@@ -323,6 +332,14 @@ class Service:
             ann[access.A_PROTECTED] = protected  # what kind of credential, never the secret
         if result.platform:
             ann[A_PLATFORM] = result.platform
+        if result.format:
+            ann[A_FORMAT] = result.format
+        if result.model:
+            ann[A_MODEL] = result.model
+        if result.files_manifest is not None:
+            ann[A_FILES] = result.files_manifest.digest
+            if self.config.discard_unpacked_layers and result.unpacked:
+                ann[A_DISCARDED] = " ".join(sorted(result.unpacked))
         desc = Descriptor(m.media_type, m.digest, m.size, ann, m.artifact_type, m.platform)
         files = self._files_of(desc)
         if self._is_single_file(desc, files) is None:
@@ -340,11 +357,15 @@ class Service:
 
     # -- reading entries ----------------------------------------------------------------
     def _files_of(self, desc: Descriptor) -> list:
-        cached = self._files_cache.get(desc.digest)
+        listing = desc.annotations.get(A_FILES)
+        cache_key = f"{desc.digest} {listing}" if listing else desc.digest
+        cached = self._files_cache.get(cache_key)
         if cached is not None:
             return cached
         files: list = []
-        if desc.media_type in MANIFEST_TYPES:
+        if listing:  # unpacked: the view's files, listed in a manifest of their own
+            files = self._manifest_files(Descriptor(MT_OCI_MANIFEST, listing, 0), "")
+        elif desc.media_type in MANIFEST_TYPES:
             files = self._manifest_files(desc, "")
         elif desc.media_type in INDEX_TYPES:
             seen: set = set()
@@ -363,7 +384,7 @@ class Service:
                         files.append(f)
         if len(self._files_cache) > 100_000:
             self._files_cache.clear()
-        self._files_cache[desc.digest] = files
+        self._files_cache[cache_key] = files
         return files
 
     def _manifest_files(self, desc: Descriptor, prefix: str) -> list:
@@ -391,8 +412,10 @@ class Service:
 
     @staticmethod
     def _is_single_file(desc: Descriptor, files: list) -> dict | None:
-        """The one file of a single-file artifact entry, else None."""
-        if (desc.artifact_type and len(files) == 1 and desc.media_type in MANIFEST_TYPES
+        """The one file of a single-file artifact entry, or of a model whose view is that
+        one file and nothing else (DESIGN section 8), else None."""
+        if ((desc.artifact_type or desc.annotations.get(A_FORMAT)) and len(files) == 1
+                and desc.media_type in MANIFEST_TYPES
                 and desc.artifact_type not in DIRECTORY_ARTIFACT_TYPES):
             return files[0]
         return None
@@ -419,6 +442,14 @@ class Service:
             entry["platform"] = desc.annotations[A_PLATFORM]
         if desc.annotations.get(access.A_PROTECTED):
             entry["protected"] = True  # pulled with credentials (access.py)
+        if desc.annotations.get(A_FORMAT):
+            entry["format"] = desc.annotations[A_FORMAT]
+        model = desc.annotations.get(A_MODEL)
+        if model:
+            found = next((f for f in files if f["name"] == model), None)
+            if found is not None:
+                entry["model"] = found["path"] if single else \
+                    str(self.store.view_path(key) / model)
         return entry
 
     def status(self, url: str) -> dict:

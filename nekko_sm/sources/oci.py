@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import BinaryIO, Callable
 from urllib.parse import urlsplit
 
 from nekko_sm.config import Platform, normalize_arch, parse_platform
@@ -36,8 +36,16 @@ from nekko_sm.errors import (
     NoMatchingPlatform,
     Unauthorized,
 )
+from nekko_sm.models import formats, unpack
 from nekko_sm.refs import OCIRef, safe_name
-from nekko_sm.sources.base import FileItem, Job, PullResult
+from nekko_sm.sources.base import (
+    A_FORMAT,
+    FILES_ARTIFACT_TYPE,
+    FileItem,
+    Job,
+    PullResult,
+    store_artifact,
+)
 from nekko_sm.sources.registry_auth import Endpoint
 from nekko_sm.store import (
     INDEX_TYPES,
@@ -442,18 +450,57 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
                  listed and not _is_attestation(d))
 
     walk(chosen, "", 0)
+    image = chosen.media_type in MANIFEST_TYPES
+    if image:
+        formats.plan(chosen.doc)  # hostile names are refused before a byte is fetched
     # Manifests first (small), leased as they go in; then the blobs, in parallel.
     for m in manifests:
         puller.store(m)
     puller.fetch_blobs(blobs)
+    model = _engine_ready(job, ref, chosen, files) if image else None
 
     artifact_type = chosen.doc.get("artifactType") if chosen.media_type in MANIFEST_TYPES \
         else None
     desc = Descriptor(chosen.media_type, chosen.digest, chosen.size,
                       artifact_type=artifact_type if isinstance(artifact_type, str) else None,
                       platform=platform)
-    return PullResult(manifest=desc, digest=top.digest, files=files,
-                      platform=_platform_str(platform) if platform else None)
+    result = PullResult(manifest=desc, digest=top.digest, files=files,
+                        platform=_platform_str(platform) if platform else None)
+    if model is not None:
+        result.files, result.format, result.model, result.files_manifest, result.unpacked = \
+            model
+    return result
+
+
+def _engine_ready(job: Job, ref: OCIRef, m: _Manifest, plain: list) -> tuple:
+    """The files of image manifest ``m`` named as its packaging names them (DESIGN section
+    8): tar layers unpacked into one blob per file, image layers applied with whiteouts.
+
+    Returns ``(files, format, model, files manifest, unpacked)``.  When the view is the
+    layers as they are under their titles (``plain``, an ORAS or nekko artifact), the files
+    stay in layer order and need no manifest of their own.
+    """
+    fmt = formats.detect_format(m.doc)
+    config = None
+    if fmt == formats.KITOPS:  # the Kitfile says how older ModelKits hold their paths
+        config = job.store.read_blob(m.doc["config"]["digest"], MAX_MANIFEST)
+    plan = formats.plan(m.doc, config)
+
+    def open_layer(lp: formats.LayerPlan) -> BinaryIO:
+        return open(job.store.blob_path(lp.digest), "rb")  # the unpacker closes it
+
+    done = unpack.materialize(job.store, plan, open_layer, job.lease, job.cancel,
+                              what=ref.canonical)
+    types = {d.get("digest"): d.get("mediaType") for d in m.doc["layers"]}
+    files = [FileItem(f.name, f.digest, f.size, str(types.get(f.digest) or
+                                                     "application/octet-stream"))
+             for f in done.files]
+    if sorted((f.name, f.digest) for f in files) == sorted((f.name, f.digest) for f in plain):
+        return plain, fmt, done.model, None, []
+    listing = store_artifact(job, files, FILES_ARTIFACT_TYPE, {A_FORMAT: fmt})
+    log.debug("%s: %s, %d files from %d tar layers", ref.canonical, fmt, len(files),
+              len(done.unpacked))
+    return files, fmt, done.model, listing, list(done.unpacked)
 
 
 __all__ = ["ACCEPT", "choose_platform", "confirm_access", "pull"]

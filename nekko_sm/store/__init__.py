@@ -38,6 +38,8 @@ from nekko_sm.store.gc import Collector, GCReport, Lease
 from nekko_sm.store.index import Descriptor, Index
 from nekko_sm.store.ingest import Hasher, Ingest, IngestWriter
 from nekko_sm.store.layout import (
+    A_DISCARDED,
+    A_FILES,
     EMPTY_JSON,
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -58,6 +60,8 @@ from nekko_sm.store.locks import FileLock
 from nekko_sm.store.views import Views
 
 __all__ = [
+    "A_DISCARDED",
+    "A_FILES",
     "EMPTY_JSON",
     "INDEX_TYPES",
     "MANIFEST_TYPES",
@@ -154,6 +158,11 @@ class Store(Layout):
 
     def reachable(self, roots: Iterable[Descriptor]) -> set[str]:
         return self._gc.reachable(roots)
+
+    def discard(self, digests: Iterable[str]) -> GCReport:
+        """Free those of ``digests`` that no entry reaches and no live pull leases (the tar
+        layers of an entry unpacked with --discard-unpacked-layers)."""
+        return self._gc.discard(digests)
 
     def gc(self, dry_run: bool = False, partials: bool = True,
            partial_max_age: float = 7 * 86400) -> GCReport:

@@ -23,9 +23,12 @@ from typing import TYPE_CHECKING, Callable
 from nekko_sm.errors import NekkoError
 from nekko_sm.store.index import Descriptor, Index
 from nekko_sm.store.layout import (
+    A_DISCARDED,
+    A_FILES,
     DIGEST_RE,
     INDEX_TYPES,
     MANIFEST_TYPES,
+    MT_OCI_MANIFEST,
     REF_NAME,
     Layout,
     fsync_dir,
@@ -122,14 +125,23 @@ class Collector:
         return out
 
     def reachable(self, roots: Iterable[Descriptor]) -> set[str]:
+        """Every digest ``roots`` reach: their manifest trees, the file listing an entry
+        names (``io.nekko.files``), minus the tar layers it discarded once unpacked
+        (``io.nekko.discarded``; another entry that needs one still reaches it)."""
         seen: set[str] = set()
-        stack = list(roots)
-        while stack:
-            d = stack.pop()
-            if d.digest in seen:
-                continue
-            seen.add(d.digest)
-            stack.extend(self.children(d))
+        for root in roots:
+            ann = root.annotations or {}
+            skip = set(str(ann.get(A_DISCARDED) or "").split())
+            stack = [root]
+            listing = ann.get(A_FILES)
+            if isinstance(listing, str) and DIGEST_RE.match(listing):
+                stack.append(Descriptor(MT_OCI_MANIFEST, listing, 0))
+            while stack:
+                d = stack.pop()
+                if d.digest in seen or d.digest in skip:
+                    continue
+                seen.add(d.digest)
+                stack.extend(self.children(d))
         return seen
 
     def _live_leases(self, remove_stale: bool) -> set[str]:
@@ -154,6 +166,27 @@ class Collector:
             except OSError:
                 pass
         return out
+
+    def discard(self, digests: Iterable[str]) -> GCReport:
+        """Free those of ``digests`` that no entry reaches and no live lease holds."""
+        report = GCReport()
+        wanted = {d for d in digests if DIGEST_RE.match(d)}
+        if not wanted:
+            return report
+        with self.index.exclusive():
+            live = self.reachable(self.index.entries()) | self._live_leases(remove_stale=False)
+            for digest in sorted(wanted - live):
+                path = self.layout.blob_path(digest)
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                unlink(path)
+                report.blobs_freed.append(digest)
+                report.bytes_freed += size
+            if report.blobs_freed:
+                fsync_dir(self.layout.blobs_dir)
+        return report
 
     # -- sweep ------------------------------------------------------------------------------
     def gc(self, dry_run: bool = False, partials: bool = True,
