@@ -609,6 +609,8 @@ class _Unpacker:
             if node.kind == _DIR:
                 continue
             if node.kind == _SPECIAL:
+                if self._whole_image(root):
+                    continue  # /dev/null of an ordinary image: nothing an engine opens
                 raise UnsafeLayer(f"{self.what or 'the model'}: {path!r} is {node.target}:"
                                   " a model holds files only")
             if node.kind == _LINK:
@@ -622,8 +624,22 @@ class _Unpacker:
                 raise UnsafeLayer(f"{self.what or 'the model'} lists more than {MAX_FILES}"
                                   " files (links to directories?)")
 
+    def _whole_image(self, root: str) -> bool:
+        """The view is an ordinary image's whole file system (no ``models/``): its dangling
+        links (``/etc/mtab``), links to devices and looping links (Debian's
+        ``/usr/bin/X11 -> .``) are left out of the view instead of refusing the image."""
+        return self.plan.rootfs and not root
+
     def _through_link(self, path: str, root: str, depth: int
                       ) -> Iterator[tuple[str, str, _Node]]:
+        try:
+            yield from self._link_files(path, root, depth)
+        except UnsafeLayer:
+            if not self._whole_image(root):
+                raise
+
+    def _link_files(self, path: str, root: str, depth: int
+                    ) -> Iterator[tuple[str, str, _Node]]:
         who = self.what or "the model"
         resolved, node = self.tree.resolve(path)
         link = self.tree.get(path)
