@@ -414,7 +414,7 @@ def test_expired_urls_in_a_ranged_download_with_tokens(make, auth_registry, tmp_
         asked = auth_registry.blob_gets(sha(model))
     assert Path(entry["path"]).read_bytes() == model
     assert refused >= 1  # a part found its URL spent and went back to the registry
-    assert asked > 1 + refused // 2
+    assert asked >= 2  # ... and was given a new one
     assert not any(r.has_authorization for r in cdn)
 
 
@@ -445,3 +445,122 @@ def test_an_image_link_to_nothing_outside_models_does_not_fail_the_pull(make, re
     url = mp.push_pack(registry, "models/car-mtab:v1", pack)
     entry, _ = make(registry.host).pull(url)
     check_engine_ready(entry, pack)
+
+
+# --------------------------------------------------------------------------------------------
+# unpacking while the layer downloads
+
+
+def _weights_pack(size: int = 3 << 20) -> tuple[mp.Pack, str]:
+    pack = mp.modctl({"config.json": b"{}", "weights.bin": os.urandom(size)})
+    [layer] = [d["digest"] for d in pack.doc["layers"]
+               if d["annotations"]["org.cncf.model.filepath"] == "weights.bin"]
+    return pack, layer
+
+
+@pytest.fixture
+def followed(monkeypatch):
+    """The digests whose download the unpacker read as it arrived; a layer's commit waits
+    (up to 10 s) until the unpacker follows it, so the test does not depend on timing."""
+    from nekko_sm.store.ingest import IngestWriter
+
+    seen: dict = {}
+    cond = threading.Condition()
+    follow, commit = IngestWriter.follow, IngestWriter.commit
+
+    def recording_follow(self, size, stop):
+        with cond:
+            seen[self.ref] = seen.get(self.ref, 0) + 1
+            cond.notify_all()
+        return follow(self, size, stop)
+
+    def waiting_commit(self, expected_digest=None, lease=None):
+        if self.ref in seen.get("wait", ()):
+            with cond:
+                cond.wait_for(lambda: self.ref in seen, timeout=10)
+        return commit(self, expected_digest, lease)
+
+    monkeypatch.setattr(IngestWriter, "follow", recording_follow)
+    monkeypatch.setattr(IngestWriter, "commit", waiting_commit)
+    return seen
+
+
+def test_a_tar_layer_is_unpacked_while_it_downloads(make, registry, followed):
+    pack, layer = _weights_pack()
+    url = mp.push_pack(registry, "models/follow:v1", pack)
+    followed["wait"] = {layer}
+    registry.reset()
+    registry.drop_blob_once(layer, 1 << 20)  # and the download breaks in the middle
+    entry, _ = make(registry.host).pull(url)
+    check_engine_ready(entry, pack)
+    assert followed.get(layer) == 1
+    assert registry.blob_gets(layer) == 2  # resumed: the unpacker read on behind it
+    assert registry.blob_bytes(layer) <= len(pack.blobs[layer]) + (1 << 20)
+
+
+def test_a_layer_that_starts_over_is_unpacked_again_from_its_blob(make, registry, followed,
+                                                                  caplog):
+    pack, layer = _weights_pack()
+    url = mp.push_pack(registry, "models/restart:v1", pack)
+    followed["wait"] = {layer}
+    with registry.configured(ignore_ranges=True):
+        registry.drop_blob_once(layer, 1 << 20)  # the resume gets the whole blob (200)
+        with caplog.at_level("INFO", logger="nekko_sm.oci"):
+            entry, _ = make(registry.host).pull(url)
+    check_engine_ready(entry, pack)
+    assert followed.get(layer) == 1
+    assert "unpacking from the blobs" in caplog.text
+
+
+def test_a_hostile_tar_found_while_downloading_still_waits_for_the_digest(make, registry,
+                                                                         followed):
+    """What the unpacker refuses is reported only once the bytes verified: a bad tar is
+    the publisher's (400), bytes that do not match their digest the registry's (502)."""
+    pack = mp.replace_layer(mp.modctl({"config.json": b"{}"}), 0,
+                            mp.tar_bytes(mp.HOSTILE["dot-dot"] + [Entry("pad", os.urandom(
+                                2 << 20))]),
+                            "application/vnd.cncf.model.weight.v1.tar",
+                            {"org.cncf.model.filepath": "model.bin"})
+    [layer] = [d["digest"] for d in pack.doc["layers"]]
+    url = mp.push_pack(registry, "models/hostile-follow:v1", pack)
+    followed["wait"] = {layer}
+    svc = make(registry.host)
+    with pytest.raises(UnsafeLayer):
+        svc.pull(url)
+    assert followed.get(layer) == 1 and svc.store.has_blob(layer)  # verified, then refused
+    assert svc.store.entries() == [] and svc.store.verify() == []
+
+
+def test_a_follower_reads_behind_the_frontier(tmp_path):
+    from nekko_sm.errors import Cancelled
+    from nekko_sm.store import FollowLost
+
+    store = Store(tmp_path / "c").init()
+    data = os.urandom(3 << 20)
+    stop = threading.Event()
+    with store.writer("follow-test", len(data)) as w:
+        reader = w.follow(len(data), stop.is_set)
+        got = []
+        t = threading.Thread(target=lambda: got.append(reader.read(len(data))))
+        t.start()
+        for i in range(0, len(data), 1 << 20):
+            assert t.is_alive()  # still waiting for the rest
+            w.write(data[i:i + (1 << 20)])
+        t.join(10)
+        assert got == [data]
+        assert reader.read(10) == b""  # the end
+        w.commit(sha(data))
+    reader.close()
+    with store.writer("follow-reset", 100) as w:
+        reader = w.follow(100, stop.is_set)
+        w.write(b"x" * 10)
+        assert reader.read(10) == b"x" * 10
+        w.reset()
+        with pytest.raises(FollowLost):
+            reader.read(10)
+        reader.close()
+        reader = w.follow(100, stop.is_set)
+        stop.set()
+        with pytest.raises(Cancelled):
+            reader.read(10)
+        reader.close()

@@ -56,6 +56,7 @@ from nekko_sm.store import (
     MT_OCI_MANIFEST,
     TITLE,
     Descriptor,
+    FollowLost,
     sha256_digest,
 )
 
@@ -113,6 +114,7 @@ class _Puller:
         self.endpoints.append(Endpoint(job, ref, f"{scheme}://{ref.api_host}", mirror=False))
         self._dead: set[int] = set()
         self._lock = threading.Lock()
+        self.feed: _Feed | None = None  # told of each blob's writer, for unpacking as it comes
 
     # -- endpoints ----------------------------------------------------------------------------
     def _call(self, fn: Callable[[Endpoint], object]) -> object:
@@ -283,7 +285,11 @@ class _Puller:
         with job.store.writer(d.digest, d.size, cancel) as w:  # type: ignore[arg-type]
             if job.store.has_blob(d.digest, d.size):
                 _skip(job, d.size)  # another pull committed it while we waited
+                if self.feed is not None:
+                    self.feed.committed(d.digest)
                 return
+            if self.feed is not None:
+                self.feed.started(d.digest, w, d.size)
             url = ep.url(f"{self.ref.repository}/blobs/{d.digest}")
             for attempt in (0, 1):
                 used = ep.auth
@@ -301,6 +307,8 @@ class _Puller:
                     ep.reauthenticate(challenge if isinstance(challenge, str) else None,
                                       used)  # resumes from w.offset
             w.commit(d.digest, job.lease)
+            if self.feed is not None:
+                self.feed.committed(d.digest)
 
 
 def _skip(job: Job, n: int) -> None:
@@ -456,8 +464,9 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
     # Manifests first (small), leased as they go in; then the blobs, in parallel.
     for m in manifests:
         puller.store(m)
-    puller.fetch_blobs(blobs)
-    model = _engine_ready(job, ref, chosen, files) if image else None
+    model = _engine_ready(job, ref, puller, chosen, files, blobs) if image else None
+    if not image:
+        puller.fetch_blobs(blobs)
 
     artifact_type = chosen.doc.get("artifactType") if chosen.media_type in MANIFEST_TYPES \
         else None
@@ -472,9 +481,70 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
     return result
 
 
-def _engine_ready(job: Job, ref: OCIRef, m: _Manifest, plain: list) -> tuple:
-    """The files of image manifest ``m`` named as its packaging names them (DESIGN section
-    8): tar layers unpacked into one blob per file, image layers applied with whiteouts.
+class _Feed:
+    """Which layers are downloading (and their writers) or committed, for an unpacker that
+    reads each layer as it arrives instead of after every blob is in."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._cond = threading.Condition()
+        self._writers: dict[str, tuple] = {}  # digest -> (writer, size, how often started)
+        self._done: set[str] = set()
+        self.failed = False  # the fetch failed: nobody will bring the rest
+        self.stop = threading.Event()  # set by the fetch's end when the unpacker must quit
+        self.lost = False  # a writer started over: the unpacker's reading is not to be trusted
+
+    def stopping(self) -> bool:
+        return self.stop.is_set() or self.job.cancel.is_set()
+
+    def started(self, digest: str, writer: object, size: int) -> None:
+        with self._cond:
+            old = self._writers.get(digest)
+            if old is not None:
+                self.lost = True  # a second attempt (another endpoint): read the blob later
+            self._writers[digest] = (writer, size)
+            self._cond.notify_all()
+
+    def committed(self, digest: str) -> None:
+        with self._cond:
+            self._done.add(digest)
+            self._cond.notify_all()
+
+    def finish(self, failed: bool) -> None:
+        with self._cond:
+            self.failed = failed
+            if failed:
+                self.stop.set()
+            self._cond.notify_all()
+
+    def open(self, lp: formats.LayerPlan) -> BinaryIO:
+        """The layer's bytes: its blob once committed, else a reader behind its download."""
+        store = self.job.store
+        with self._cond:
+            while True:
+                if lp.digest in self._done or store.has_blob(lp.digest, lp.size):
+                    return open(store.blob_path(lp.digest), "rb")  # the unpacker closes it
+                started = self._writers.get(lp.digest)
+                if started is not None and not self.lost:
+                    writer, size = started
+                    return writer.follow(size, self.stopping)  # type: ignore[no-any-return]
+                if self.failed or self.stopping():
+                    raise Cancelled(f"{lp.digest} will not arrive")
+                if self.lost:
+                    raise FollowLost(f"{lp.digest} is downloaded again")
+                self._cond.wait(0.5)
+
+
+def _engine_ready(job: Job, ref: OCIRef, puller: _Puller, m: _Manifest, plain: list,
+                  blobs: list) -> tuple:
+    """Fetch ``blobs`` and return the files of image manifest ``m`` named as its packaging
+    names them (DESIGN section 8): tar layers unpacked into one blob per file, image
+    layers applied with whiteouts.
+
+    The unpacker runs beside the fetch, reading each tar layer as it arrives (behind its
+    download's contiguous frontier), so unpacking adds little to the pull; what it read is
+    only used once every blob is verified, and when a download started over the layers are
+    unpacked again from the committed blobs.
 
     Returns ``(files, format, model, files manifest, unpacked)``.  When the view is the
     layers as they are under their titles (``plain``, an ORAS or nekko artifact), the files
@@ -483,14 +553,16 @@ def _engine_ready(job: Job, ref: OCIRef, m: _Manifest, plain: list) -> tuple:
     fmt = formats.detect_format(m.doc)
     config = None
     if fmt == formats.KITOPS:  # the Kitfile says how older ModelKits hold their paths
-        config = job.store.read_blob(m.doc["config"]["digest"], MAX_MANIFEST)
+        config_desc = next(d for d in blobs if d.digest == m.doc["config"]["digest"])
+        puller.fetch_blobs([config_desc])
+        config = job.store.read_blob(config_desc.digest, MAX_MANIFEST)
     plan = formats.plan(m.doc, config)
-
-    def open_layer(lp: formats.LayerPlan) -> BinaryIO:
-        return open(job.store.blob_path(lp.digest), "rb")  # the unpacker closes it
-
-    done = unpack.materialize(job.store, plan, open_layer, job.lease, job.cancel,
-                              what=ref.canonical)
+    if not any(lp.kind in (formats.TAR, formats.SNIFF) for lp in plan.layers):
+        puller.fetch_blobs(blobs)  # nothing to read: the layers are the files
+        done = unpack.materialize(job.store, plan, _open_blob(job), job.lease, job.cancel,
+                                  what=ref.canonical)
+    else:
+        done = _fetch_unpacking(job, ref, puller, plan, blobs)
     types = {d.get("digest"): d.get("mediaType") for d in m.doc["layers"]}
     files = [FileItem(f.name, f.digest, f.size, str(types.get(f.digest) or
                                                      "application/octet-stream"))
@@ -501,6 +573,49 @@ def _engine_ready(job: Job, ref: OCIRef, m: _Manifest, plain: list) -> tuple:
     log.debug("%s: %s, %d files from %d tar layers", ref.canonical, fmt, len(files),
               len(done.unpacked))
     return files, fmt, done.model, listing, list(done.unpacked)
+
+
+def _open_blob(job: Job) -> Callable[[formats.LayerPlan], BinaryIO]:
+    def open_layer(lp: formats.LayerPlan) -> BinaryIO:
+        return open(job.store.blob_path(lp.digest), "rb")  # the unpacker closes it
+    return open_layer
+
+
+def _fetch_unpacking(job: Job, ref: OCIRef, puller: _Puller, plan: formats.ModelPlan,
+                     blobs: list) -> unpack.UnpackResult:
+    """``puller.fetch_blobs(blobs)`` with the unpacker of ``plan`` reading alongside."""
+    feed = _Feed(job)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = unpack.materialize(
+                job.store, plan, feed.open, job.lease, _Either(job.cancel, feed.stop),
+                what=ref.canonical)
+        except BaseException as e:  # noqa: BLE001 - handed to the pull below
+            outcome["error"] = e
+
+    unpacker = threading.Thread(target=run, name=f"unpack {ref.canonical[:40]}", daemon=True)
+    puller.feed = feed
+    unpacker.start()
+    try:
+        puller.fetch_blobs(blobs)
+    except BaseException:
+        feed.finish(failed=True)
+        unpacker.join()
+        raise
+    finally:
+        puller.feed = None
+    feed.finish(failed=False)
+    unpacker.join()
+    error = outcome.get("error")
+    if isinstance(error, (FollowLost, Cancelled)) and not job.cancel.is_set():
+        log.info("%s: a layer was downloaded again; unpacking from the blobs", ref.canonical)
+        return unpack.materialize(job.store, plan, _open_blob(job), job.lease, job.cancel,
+                                  what=ref.canonical)
+    if error is not None:
+        raise error
+    return outcome["result"]  # type: ignore[no-any-return]
 
 
 __all__ = ["ACCEPT", "choose_platform", "confirm_access", "pull"]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from nekko_sm.store.gc import Collector, GCReport, Lease
 from nekko_sm.store.index import Descriptor, Index
-from nekko_sm.store.ingest import Hasher, Ingest, IngestWriter
+from nekko_sm.store.ingest import FollowLost, Hasher, Ingest, IngestWriter
 from nekko_sm.store.layout import (
     A_DISCARDED,
     A_FILES,
@@ -74,6 +74,7 @@ __all__ = [
     "TITLE",
     "Descriptor",
     "FileLock",
+    "FollowLost",
     "GCReport",
     "Hasher",
     "IngestWriter",

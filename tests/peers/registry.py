@@ -26,6 +26,8 @@ temporarily with ``with peer.configured(...)``):
   answer that crosses N is cut there, and any later request with that URL (a resume) gets
   ``403 AccessDenied: Request has expired``.  Each redirect signs a fresh URL, so a client
   must go back to the registry for a new one.
+* ``ignore_ranges=True``: blob GETs reach the registry without ``Range``/``If-Range``, so a
+  resume gets the whole blob again (``200``), as from a server that does not take ranges.
 * ``peer.drop_blob_once(digest, after_bytes)``: the next GET of that blob (at the proxy or the
   blob host) sends its headers and ``after_bytes`` bytes of body, then drops the connection.
 * ``fail_with=500`` (with ``fail_times=N`` for the next N requests only, ``fail_match=REGEX``
@@ -158,6 +160,7 @@ class CountingProxy:
         fail_match: str | None = None,
         retry_after: int | None = None,
         expire_blob_urls_after: int | None = None,
+        ignore_ranges: bool = False,
     ) -> None:
         self.backend = backend
         self.storage_dir = storage_dir
@@ -169,6 +172,7 @@ class CountingProxy:
         self.fail_match = fail_match
         self.retry_after = retry_after
         self.expire_blob_urls_after = expire_blob_urls_after
+        self.ignore_ranges = ignore_ranges
         self._url_bytes: dict[str, int] = {}  # presigned URL (its signature) -> bytes served
         self._nonce = 0
         self._drops: dict[str, int] = {}
@@ -264,6 +268,7 @@ class CountingProxy:
             self._url_bytes.clear()
         self.redirect_blobs = False
         self.expire_blob_urls_after = None
+        self.ignore_ranges = False
         self.fail_with = None
         self.fail_times = None
         self.fail_match = None
@@ -276,7 +281,7 @@ class CountingProxy:
         self.reset()
         for k, v in options.items():
             if k not in ("redirect_blobs", "fail_with", "fail_times", "fail_match", "retry_after",
-                         "expire_blob_urls_after"):
+                         "expire_blob_urls_after", "ignore_ranges"):
                 raise TypeError(f"unknown proxy option {k}")
             setattr(self, k, v)
         try:
@@ -583,6 +588,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         headers = self._headers_out()
         if kind == "chunked":
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        if blob_digest is not None and proxy.ignore_ranges:
+            headers = [(k, v) for k, v in headers if k.lower() not in ("range", "if-range")]
         try:
             resp = self._send_upstream(
                 self.command, headers, self._iter_body() if kind != "none" else None,
