@@ -206,10 +206,8 @@ _FINAL_GAI = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL
                                            "EAI_ADDRFAMILY") if hasattr(socket, n)}
 
 
-def dns_failure(e: BaseException | None) -> tuple[bool, str] | None:
-    """(final, reason) when ``e`` (or what it wraps) is a failed name lookup, else None.
-
-    "No such name" is final; a temporary failure (no DNS server answered) is worth a retry."""
+def causes(e: BaseException | None):
+    """``e`` and everything it wraps (reason, original_error, cause, context, args), once each."""
     seen: set[int] = set()
     todo = [e]
     while todo:
@@ -217,11 +215,18 @@ def dns_failure(e: BaseException | None) -> tuple[bool, str] | None:
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, socket.gaierror):
-            reason = x.strerror or str(x)
-            return x.errno in _FINAL_GAI, reason
+        yield x
         if isinstance(x, BaseException):
             todo += [getattr(x, "reason", None), getattr(x, "original_error", None),
                      x.__cause__, x.__context__]
             todo += [a for a in x.args if isinstance(a, BaseException)]
+
+
+def dns_failure(e: BaseException | None) -> tuple[bool, str] | None:
+    """(final, reason) when ``e`` (or what it wraps) is a failed name lookup, else None.
+
+    "No such name" is final; a temporary failure (no DNS server answered) is worth a retry."""
+    for x in causes(e):
+        if isinstance(x, socket.gaierror):
+            return x.errno in _FINAL_GAI, x.strerror or str(x)
     return None

@@ -565,19 +565,9 @@ _TUNNEL_RE = re.compile(r"Tunnel connection failed: (\d{3})(.*)$")
 
 def _cert_failure(e: BaseException | None) -> str | None:
     """Why a certificate was refused, when that is what ``e`` (or what it wraps) says."""
-    seen: set[int] = set()
-    todo = [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
+    for x in retrying.causes(e):
         if isinstance(x, ssl.SSLCertVerificationError):
             return str(x.verify_message or x.reason or x)[:200]
-        if isinstance(x, BaseException):
-            todo += [getattr(x, "reason", None), getattr(x, "original_error", None),
-                     x.__cause__, x.__context__]
-            todo += [a for a in x.args if isinstance(a, BaseException)]
     return None
 
 
