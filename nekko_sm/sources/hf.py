@@ -54,6 +54,7 @@ from nekko_sm.errors import (
     GatedRepo,
     IntegrityError,
     NekkoError,
+    SizeMismatch,
     Unauthorized,
     UpstreamError,
     UpstreamNotFound,
@@ -82,6 +83,11 @@ REPO_ARTIFACT_TYPE = "application/vnd.nekko.hf.repo.v1"  # in base.DIRECTORY_ART
 MAX_SPAN = 50 * 1000**3
 
 MAX_TREE_PAGES = 10_000
+
+# A git file up to this size comes in one request into memory and goes to the store in one
+# write: no resume state for bytes a retry fetches again in less time than the state costs
+# (config files, tokenizers, code: a repository of many small files is mostly this).
+SMALL_FILE = 64 * 1024
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
@@ -317,6 +323,12 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
         if vouched and size is not None and job.store.has_blob(vouched, size):
             return vouched, size
 
+    if git_oid is not None and size is not None and size <= min(SMALL_FILE, MAX_SPAN):
+        digest = _fetch_small(job, url, auth, errors, size, git_oid, expected)
+        if oids is not None:
+            oids.record(git_oid, digest, size)  # verified by _fetch_small
+        return digest, size
+
     hashers = None
     if vouched is not None:
         ingest_ref = vouched
@@ -353,6 +365,26 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
         # Verified above against the Hub's git id; the digest is the store's own hash.
         oids.record(git_oid, desc.digest, desc.size)
     return desc.digest, desc.size
+
+
+def _fetch_small(job: Job, url: str, auth: str | None, errors, size: int, git_oid: str,
+                 expected: str | None) -> str:
+    """A small git file: one GET (retried whole), checked against its git blob id and size
+    (and ``expected``), then stored in one write."""
+    job.store.ensure_space(size, redact(url))
+    r = job.transfer.request("GET", url, auth=auth, limit=max(size, 1 << 16))  # or an error
+    if r.status != 200:
+        raise errors(r.status, r.url, r.data, r.headers)
+    if len(r.data) != size:
+        raise SizeMismatch(f"{redact(url)}: got {len(r.data)} bytes, expected {size};"
+                           " nothing was stored")
+    got = hashlib.sha1(b"blob %d\x00" % size + r.data, usedforsecurity=False).hexdigest()
+    if got != git_oid:
+        raise IntegrityError(f"{redact(url)}: content has git blob id {got}, expected"
+                             f" {git_oid}; nothing was stored")
+    digest = job.store.put_bytes(r.data, job.lease, expected)  # checks ``expected``
+    job.progress.add(size)
+    return digest
 
 
 # -- pull ------------------------------------------------------------------------------------
