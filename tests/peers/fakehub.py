@@ -20,27 +20,56 @@ What it answers, as the real Hub does (checked against the official ``huggingfac
     ``Accept-Ranges`` (``206`` for a ``Range``).  Text files of 1 kB..10 MB are sent
     ``Content-Encoding: gzip``, chunked, when the client accepts gzip, as CloudFront in front of the
     Hub does (and then a ``Range`` is ignored: ``200``).  ``hub.gzip_text = False`` turns that off.
-  - LFS file: ``302`` with an absolute ``Location`` on the CDN host (signed query that expires),
+  - LFS file: ``302`` (``hub.lfs_redirect_status = 307`` for the other answer the Hub gives) with
+    an absolute ``Location`` on the CDN host (signed query that expires, about an hour),
     ``X-Linked-Etag: "<sha256>"``, ``X-Linked-Size``, ``X-Repo-Commit``.  Its ``ETag`` and
     ``Content-Length`` describe the redirect body, NOT the file: a client must use the
-    ``X-Linked-*`` headers.
-* the CDN: ``GET``/``HEAD`` of the signed URL, ``Range`` (``206``/``416``) and ``If-Range``; ``400``
-  to any request with ``Authorization``; ``403`` for a bad or expired signature
-  (``hub.expire_signatures()``).  Its ``ETag`` is an S3-style MD5, not the sha256.
+    ``X-Linked-*`` headers.  In the Xet era (``hub.xet``, the default) the ``Location`` is the
+    Xet bridge (``/xet-bridge-us/{repo hash}/{xet hash}``, cas-bridge.xethub.hf.co on the Hub)
+    and the answer also carries ``X-Xet-Hash`` and ``Link: <…/xet-read-token/{commit}>;
+    rel="xet-auth", <…/v1/reconstructions/{xet hash}>; rel="xet-reconstruction-info"``;
+    ``hub.xet = False`` is the older LFS CDN (``/repos/…/{sha256}``, cdn-lfs.hf.co).
+    ``hub.strip_headers`` drops headers from resolve answers as a CloudFront cache hit may
+    (``X-Linked-Size``, ``X-Xet-Hash``, …; ``Content-Length`` of a HEAD).
+* the CDN and the bridge: ``GET``/``HEAD`` of the signed URL, ``Range`` (``206``/``416``) and
+  ``If-Range``; ``400`` to any request with ``Authorization``; ``403`` for a bad or expired
+  signature (``hub.expire_signatures()``); ``400`` to a GET without ``Range`` of a file over
+  ``hub.max_unranged_size`` (50 GB), and from the bridge to any request for a file over
+  ``hub.bridge_max_size`` (unset: the bridge's trouble with very large files).  The CDN's
+  ``ETag`` is an S3-style MD5, the bridge's the Xet hash (computed with ``hf_xet`` when it is
+  installed): never the sha256.  ``/v1/…`` and ``/v2/…`` (the CAS API) answer ``501``.
+* rate limits: every Hub answer carries ``RateLimit: "BUCKET";r=LEFT;t=RESET`` and
+  ``RateLimit-Policy: "fixed window";"BUCKET";q=QUOTA;w=WINDOW`` for its bucket (``resolvers``
+  for /resolve/ and the resolve cache, ``api`` for /api/, ``pages`` for the rest), counted in a
+  fixed window; over the quota, ``429`` without ``Retry-After``.  Quotas are generous unless a
+  test sets them (``hub.set_rate_limit``).
 * fault toggles per file (``hub.set_fault``: ``corrupt``, ``drop_after`` once, ``ignore_range``),
   and injected ``429``/``5xx`` with ``Retry-After`` (``hub.inject_errors``).
 * errors with ``X-Error-Code``/``X-Error-Message`` and a JSON ``{"error": …}`` body: ``RepoNotFound``
-  (``401`` to anonymous callers, ``404`` to authenticated ones, also for private repos the token
-  cannot see), ``RevisionNotFound`` (404), ``EntryNotFound`` (404, with ``X-Repo-Commit``),
+  (``401`` "Invalid username or password." to anonymous callers, without the code when
+  ``hub.anonymous_401_code = False``, as the Hub often answers; ``404`` to authenticated ones,
+  also for private repos the token cannot see), ``RevisionNotFound`` (404), ``EntryNotFound`` (404, with ``X-Repo-Commit``),
   ``GatedRepo`` (``401`` anonymous, ``403`` authenticated without access; only files are gated,
   the repo info and tree stay public as on the Hub), and ``401`` with
   ``X-Error-Message: Invalid credentials in Authorization header`` (no code) for an unknown token.
 * ``GET /api/{models|datasets|spaces}/{repo_id}[/revision/{rev}]`` (repo info, ``?blobs=true`` for
   sizes and LFS info), ``…/tree/{rev}[/{path}]?recursive=…&expand=…`` (paginated with an absolute
-  ``Link: <…&cursor=…>; rel="next"``), ``…/refs``.
+  ``Link: <…&cursor=…>; rel="next"``, 1,000 entries a page, directories mixed in; LFS entries
+  carry ``xetHash``, 64 asterisks for callers who may not read a gated repo's files or with
+  ``hub.hide_xet_hashes``), ``…/refs``, ``…/xet-read-token/{rev}`` (``casUrl``, ``accessToken``,
+  ``exp`` and the ``X-Xet-Cas-Url``/``X-Xet-Access-Token``/``X-Xet-Token-Expiration`` headers).
 * ``307`` with a relative ``Location`` for renamed repos (``hub.add_alias``).
 
-It never sends any Xet header (``X-Xet-*``, ``Link: …; rel="xet-auth"``), so clients use plain HTTP.
+Not modelled: the Xet CAS protocol itself (reconstruction terms, xorbs, chunk dedup): a Xet
+client must fall back to the bridge (huggingface_hub with ``HF_HUB_DISABLE_XET``).
+
+Sources: huggingface_hub's ``file_download.py`` (metadata, redirects, X-Linked-*, Xet data,
+50 GB), ``utils/_http.py`` (RateLimit parsing, 401/429 handling), ``utils/_xet.py`` (token
+endpoint and headers), ``hf_api.py`` (tree listing, ``xetHash``); the Hub's rate-limit docs
+(huggingface.co/docs/hub/rate-limits: buckets, 5-minute windows) and huggingface_hub#3553
+(the header format); the Xet spec's file-id page (X-Xet-Hash on the resolve redirect);
+xet-core#592 (the bridge's 400 on very large files); huggingface_hub#4741 (proxies stripping
+HEAD headers) and #2991 (Range for files over 50 GB).
 
 Usable outside pytest (``start_fakehub()``, the benchmark does); under pytest the session-scoped
 fixture ``fakehub`` starts one (register with ``pytest_plugins = ["peers.fakehub"]`` or import it).
