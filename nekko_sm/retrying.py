@@ -95,8 +95,7 @@ def describe(status: int, headers: Mapping[str, str]) -> str:
         return ""
     if status != 429 and rl.remaining:
         return ""
-    return (f": {rl.describe()}; try again in {rl.reset} s" if rl.reset <= MAX_WAIT else
-            f": {rl.describe()}")
+    return f": {rl.describe()}"
 
 
 def notice(what: str, attempt: int, attempts: int, delay: float) -> None:

@@ -324,6 +324,8 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
             return vouched, size
 
     if git_oid is not None and size is not None and size <= min(SMALL_FILE, MAX_SPAN):
+        if count_total and job.progress.total is None:
+            job.progress.expect(size)
         digest = _fetch_small(job, url, auth, errors, size, git_oid, expected)
         if oids is not None:
             oids.record(git_oid, digest, size)  # verified by _fetch_small
