@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -22,9 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from nekko_sm import __version__
-from nekko_sm.config import Address, Config
+from nekko_sm.config import Address, Config, read_api_token
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
+    ApiUnauthorized,
     BadRequest,
     BodyTooLarge,
     ConfigError,
@@ -32,16 +36,26 @@ from nekko_sm.errors import (
     InvalidBase64,
     InvalidJSON,
     MethodNotAllowed,
+    MisdirectedRequest,
     NekkoError,
+    OriginRefused,
+    UnsupportedMediaType,
 )
-from nekko_sm.refs import redact, with_patterns
+from nekko_sm.refs import has_query_credentials, redact, with_patterns
 from nekko_sm.service import Service
 
 log = logging.getLogger("nekko_sm.api")
 
 MAX_BODY = 64 << 10  # a POST body is a small JSON object
-MAX_DRAIN = 64 << 20  # an oversized body up to this is read and dropped before the 413
 CONNECTION_TIMEOUT = 60.0  # seconds a client may sit idle or dribble a request
+# After answering a request whose body we did not read (a 413, a 401 ...), the connection is
+# half-closed and what the client still sends is read and dropped for a while, as nginx's
+# lingering close does: closing at once, with its bytes unread, would reset the connection
+# and the client could lose the answer.
+LINGER_SECONDS = 5.0  # at most this long in all
+LINGER_IDLE = 1.0  # ... and at most this long without a byte
+LINGER_BYTES = 64 << 20
+REALM = 'Bearer realm="nekko-sm"'
 _CONTENT_ARG = re.compile(r"/content/([^\s?#\"']+)")
 
 
@@ -77,11 +91,95 @@ def _loggable(text: str) -> str:
             url = decode_url(m.group(1))
         except NekkoError:
             return m.group(0)
-        if "@" not in url.partition("://")[2].split("/", 1)[0]:
+        if ("@" not in url.partition("://")[2].split("/", 1)[0]
+                and not has_query_credentials(url.partition("?")[2].partition("#")[0])):
             return m.group(0)
         return f"/content/<{redact(url)}>"
 
     return _CONTENT_ARG.sub(one, text)
+
+
+class ApiToken:
+    """The API's Bearer token, from ``--api-token-file``: re-read when the file changes (a
+    Kubernetes Secret is updated in place) and on SIGHUP.  Only its hash is kept."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple | None = None
+        self._digest = b""
+        self.reload(strict=True)
+
+    def _identity(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def reload(self, strict: bool = False) -> bool:
+        """Read the file again; a file that cannot be read keeps the token we have."""
+        with self._lock:
+            stamp = self._identity()
+            try:
+                token = read_api_token(self.path)
+            except ConfigError as e:
+                if strict:
+                    raise
+                self._stamp = stamp  # do not retry a bad file on every request
+                log.warning("%s; still using the API token read before", e.message)
+                return False
+            self._digest = hashlib.sha256(token.encode()).digest()
+            self._stamp = stamp
+            return True
+
+    def accepts(self, authorization: str | None) -> bool:
+        if self._identity() != self._stamp and self.reload():
+            log.info("the API token file %s changed: token re-read", self.path)
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        given_digest = hashlib.sha256(given.strip().encode("utf-8", "replace")).digest()
+        ok = hmac.compare_digest(given_digest, self._digest)  # constant time, any length
+        return ok and scheme.lower() == "bearer"
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of(header: str) -> str:
+    """The host of a Host header value, without its port."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def _linger(sock: socket.socket) -> None:
+    """Half-close, then read and drop what the client still sends, for a bounded time."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    end = time.monotonic() + LINGER_SECONDS
+    got = 0
+    try:
+        while got < LINGER_BYTES:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(min(left, LINGER_IDLE))
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            got += len(chunk)
+    except OSError:
+        pass
 
 
 class _Deadline(io.RawIOBase):
@@ -146,7 +244,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s", self.address_string(), _loggable(format % args))
 
@@ -162,7 +260,28 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._input.deadline = time.monotonic() + self.timeout if self.timeout else None
+        self._body_read = False
         super().handle_one_request()
+
+    def finish(self) -> None:
+        if getattr(self, "_linger", False):
+            try:
+                self.wfile.flush()
+            except OSError:
+                pass
+            _linger(self.connection)
+        super().finish()
+
+    def handle_expect_100(self) -> bool:
+        """No ``100 Continue`` for a body we will refuse: the client hears the 413 instead."""
+        length = (self.headers.get("Content-Length") or "").strip()
+        if length.isascii() and length.isdigit() and int(length) > MAX_BODY:
+            return True
+        return super().handle_expect_100()
+
+    def _announces_body(self) -> bool:
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return length != "0" or "Transfer-Encoding" in self.headers
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -192,10 +311,15 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, err: NekkoError) -> None:
         self.server.count_error(err.code)  # type: ignore[attr-defined]
         status = err.status if 400 <= err.status < 600 else 500
-        self._send(status, err.to_json())
+        headers = {}
+        if isinstance(err, ApiUnauthorized):
+            headers["WWW-Authenticate"] = REALM + (
+                ', error="invalid_token"' if "Authorization" in self.headers else "")
+        self._send(status, err.to_json(), headers)
 
     def _dispatch(self, fn) -> None:
         try:
+            self._admit()
             fn()
         except NekkoError as e:
             self._error(e)
@@ -204,6 +328,38 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # the server keeps serving, whatever happened
             log.exception("error handling %s %s", self.command, _loggable(self.path))
             self._error(NekkoError(f"internal error: {type(e).__name__}"))
+        finally:
+            if not self._body_read and self._announces_body():
+                # What follows on this connection is the body we did not read, not a request.
+                self.close_connection = True
+                self._linger = True
+
+    def _admit(self) -> None:
+        """Who may call (DESIGN section 10), checked before any byte of a body is read."""
+        path = urlsplit(self.path).path
+        if path == "/healthz" and self.command in ("GET", "HEAD"):
+            return  # liveness probes: open to all, says nothing but "ok" and the version
+        srv = self.server
+        host = self.headers.get("Host")
+        if srv.loopback and host is not None and not _is_loopback(_host_of(host)):  # type: ignore[attr-defined]
+            raise MisdirectedRequest(
+                "this server listens on loopback and answers only requests addressed to"
+                " localhost, 127.0.0.1 or [::1] (a Host header of another name is a DNS"
+                " rebinding attempt from a web page)")
+        if "Origin" in self.headers:
+            raise OriginRefused("requests from web pages (with an Origin header) are refused:"
+                                " the nekko-sm API is not for browsers")
+        token: ApiToken | None = srv.api_token  # type: ignore[attr-defined]
+        if token is not None and not token.accepts(self.headers.get("Authorization")):
+            raise ApiUnauthorized("this API needs Authorization: Bearer TOKEN, the token of"
+                                  " the server's --api-token-file")
+        if self.command == "POST":
+            self._body_length()  # framing (400) and size (413) before the media type
+            media = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
+                raise UnsupportedMediaType(
+                    "POST a JSON body with Content-Type: application/json"
+                    " (curl: -H 'Content-Type: application/json')")
 
     def _content_arg(self) -> str | None:
         path = urlsplit(self.path).path
@@ -213,29 +369,23 @@ class Handler(BaseHTTPRequestHandler):
             return path[len("/content/"):]
         raise EntryNotFound(f"no such endpoint {path[:100]!r}")
 
-    def _read_body(self) -> bytes:
+    def _body_length(self) -> int:
+        """The announced body length, checked; refused (unread: a lingering close follows,
+        see _dispatch) when it is not one we take."""
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
-            self.close_connection = True
             raise BadRequest("send the body with Content-Length, not chunked")
         lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
         length = (lengths.pop() or "0") if len(lengths) == 1 else "" if lengths else "0"
         if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
-            self.close_connection = True
             raise BadRequest("bad Content-Length")
         n = int(length)
         if n > MAX_BODY:
-            # Read (and drop) a moderate excess so the client sees our answer rather than a
-            # broken pipe; beyond that, answer and hang up.
-            self.close_connection = True
-            if n <= MAX_DRAIN:
-                left = n
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 1 << 16))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
             raise BodyTooLarge(f"request body of {n} bytes is larger than {MAX_BODY}")
-        body = self.rfile.read(n)
+        return n
+
+    def _read_body(self) -> bytes:
+        body = self.rfile.read(self._body_length())
+        self._body_read = True
         self._input.deadline = None  # the request is in: what follows may take its time
         return body
 
@@ -336,7 +486,11 @@ class _Server(ThreadingHTTPServer):
         self.service = service
         self._errors: dict[str, int] = {}
         self._errors_lock = threading.Lock()
+        path = service.config.api_token_file
+        self.api_token = ApiToken(path) if path else None
         super().__init__(addr, handler)
+        # On loopback, the Host header must name loopback too (DNS rebinding).
+        self.loopback = family != socket.AF_UNIX and _is_loopback(str(self.server_address[0]))
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_UNIX:
@@ -411,7 +565,13 @@ def bound_address(srv: _Server) -> str:
     if srv.address_family == socket.AF_UNIX:
         return f"unix:{srv.server_address}"
     host, port = srv.server_address[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # An AF_INET or AF_INET6 address: the host is a str, never bytes.
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # type: ignore[str-bytes-safe]
+
+
+def _reread_token(token: ApiToken) -> None:
+    if token.reload():
+        log.info("SIGHUP: re-read the API token from %s", token.path)
 
 
 def run(config: Config, ready=None) -> int:
@@ -428,10 +588,20 @@ def run(config: Config, ready=None) -> int:
             log.info("signal %d: stopping", signum)
             threading.Thread(target=srv.shutdown, daemon=True).start()
 
+    def reread(signum, frame) -> None:
+        if srv.api_token is not None:
+            threading.Thread(target=_reread_token, args=(srv.api_token,), daemon=True).start()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, reread)
     log.info("nekko-sm %s serving on %s, cache %s", __version__, bound_address(srv),
              config.cache_dir)
+    if srv.api_token is None and config.address.kind == "tcp" and not srv.loopback:
+        log.warning("serving on %s without --api-token-file: anyone who can reach this port"
+                    " can pull, list and delete; give a token file, or listen on localhost or"
+                    " a Unix socket", bound_address(srv))
     if ready is not None:
         ready(srv)
     try:

@@ -16,7 +16,14 @@ import threading
 import time
 
 from nekko_sm import __version__
-from nekko_sm.errors import EXIT_ABSENT, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, NekkoError
+from nekko_sm.errors import (
+    EXIT_ABSENT,
+    EXIT_FAILED,
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    NekkoError,
+)
 
 TRACE = 5
 WIRE = 3
@@ -35,6 +42,7 @@ environment:
   NEKKO_PLATFORM, NEKKO_JOBS, NEKKO_INSECURE_REGISTRIES, NEKKO_REGISTRY_MIRRORS
   HF_ENDPOINT, HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), SSL_CERT_FILE
   HTTPS_PROXY, HTTP_PROXY, NO_PROXY (lower-case spellings too)
+  NEKKO_API_TOKEN_FILE, NEKKO_DENY_NETWORKS, NEKKO_ALLOW_NETWORKS
 
 with no COMMAND, nekko-sm runs serve
 
@@ -65,6 +73,21 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                         " (env NEKKO_REGISTRY_MIRRORS, comma-separated)")
     p.add_argument("--ca-cert", metavar="FILE", default=d,
                    help="CA bundle for https (env SSL_CERT_FILE; default the system's)")
+    p.add_argument("--api-token-file", metavar="FILE", default=d,
+                   help="serve: every request but GET /healthz needs 'Authorization: Bearer"
+                        " TOKEN', the first line of FILE; re-read when FILE changes and on"
+                        " SIGHUP (env NEKKO_API_TOKEN_FILE; default none)")
+    p.add_argument("--verify-cached-credentials", metavar="always|never", default=d,
+                   help="before answering from the cache with an entry pulled with"
+                        " credentials, ask the upstream whether this caller's credentials may"
+                        " fetch it now (env NEKKO_VERIFY_CACHED_CREDENTIALS; default always)")
+    p.add_argument("--deny-network", metavar="CIDR", action="append", default=d,
+                   help="never connect to addresses in CIDR; repeatable (env"
+                        " NEKKO_DENY_NETWORKS, comma-separated; link-local and cloud metadata"
+                        " addresses are always denied unless allowed)")
+    p.add_argument("--allow-network", metavar="CIDR", action="append", default=d,
+                   help="allow CIDR even inside a denied network (the most specific wins);"
+                        " repeatable (env NEKKO_ALLOW_NETWORKS, comma-separated; default none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +200,8 @@ def main(argv: list | None = None) -> int:
 
     flags = {k: getattr(args, k, None) for k in
              ("cache_dir", "address", "verbose", "platform", "insecure_registry", "jobs",
-              "registry_mirror", "ca_cert")}
+              "registry_mirror", "ca_cert", "api_token_file", "deny_network", "allow_network",
+              "verify_cached_credentials")}
     try:
         config = _config.build(flags, os.environ)
     except NekkoError as e:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import platform as _platform
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import cast
 from urllib.parse import urlsplit
 
+from nekko_sm.egress import Policy
 from nekko_sm.errors import ConfigError, InvalidPlatform
 
 DEFAULT_CACHE_DIR = "/var/lib/nekko/cache"
@@ -96,9 +98,7 @@ class Address:
 def parse_address(text: str) -> Address:
     text = text.strip()
     if text.startswith("unix:"):
-        path = text[len("unix:"):]
-        if path.startswith("//"):
-            path = path[2:]
+        path = text.removeprefix("unix:").removeprefix("//")
         if not path:
             raise ConfigError("--address unix: needs a socket path")
         return Address("unix", path=path)
@@ -128,6 +128,9 @@ class Config:
     https_proxy: str | None = None
     http_proxy: str | None = None
     no_proxy: str | None = None
+    api_token_file: str | None = None  # the path only: the token is read by the server
+    egress: Policy = field(default_factory=Policy.build)
+    verify_cached_credentials: str = "always"  # or "never" (DESIGN section 10)
     notes: tuple = ()  # things to say once at start-up
 
     @property
@@ -162,9 +165,24 @@ def _int(value: object, name: str, lo: int, hi: int) -> int:
 
 def _split(values: object) -> list:
     out: list = []
-    for v in values or []:
+    for v in cast("Iterable[object]", values or []):  # flags come from argparse: a list or None
         out.extend(x.strip() for x in str(v).split(",") if x.strip())
     return out
+
+
+def read_api_token(path: str) -> str:
+    """The API token: the first line of ``path``, which must be a printable ASCII word."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"cannot read the API token file {path}: {why}") from None
+    if not token:
+        raise ConfigError(f"the API token file {path} is empty")
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise ConfigError(f"the API token in {path} must be printable ASCII without spaces")
+    return token
 
 
 def _usable_dir(path: Path) -> bool:
@@ -241,6 +259,17 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
                 "http", "https"):
             raise ConfigError(f"{name} must be an http:// or https:// proxy, not {value!r}"
                               " (SOCKS is not supported)")
+    token_file = pick("api_token_file", "NEKKO_API_TOKEN_FILE")
+    if token_file is not None:
+        read_api_token(str(token_file))  # a bad file stops the start, not the first request
+    egress = Policy.build(
+        _split(flags.get("deny_network")) or _split([_env(environ, "NEKKO_DENY_NETWORKS") or ""]),
+        _split(flags.get("allow_network")) or _split([_env(environ, "NEKKO_ALLOW_NETWORKS") or ""]))
+    verify = str(pick("verify_cached_credentials", "NEKKO_VERIFY_CACHED_CREDENTIALS")
+                 or "always").strip().lower()
+    if verify not in ("always", "never"):
+        raise ConfigError(f"--verify-cached-credentials must be 'always' or 'never', not"
+                          f" {verify!r}")
     hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
         raise ConfigError("HF_TOKEN must be printable ASCII")
@@ -259,5 +288,8 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         https_proxy=proxies["HTTPS_PROXY"],
         http_proxy=proxies["HTTP_PROXY"],
         no_proxy=_env(environ, "NO_PROXY", "no_proxy"),
+        api_token_file=str(Path(str(token_file)).absolute()) if token_file else None,
+        egress=egress,
+        verify_cached_credentials=verify,
         notes=tuple(notes),
     )

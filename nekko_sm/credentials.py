@@ -15,7 +15,7 @@ class Credentials:
     value: str = field(repr=False)
 
     @classmethod
-    def make(cls, value: str | None, type_: str | None = None) -> "Credentials | None":
+    def make(cls, value: str | None, type_: str | None = None) -> Credentials | None:
         if value is None or value == "":
             if type_ not in (None, "") and str(type_).lower() not in ("bearer", "basic"):
                 raise BadRequest(f"credentialsType must be Bearer or Basic, not {type_!r}")
@@ -33,7 +33,7 @@ class Credentials:
         return creds
 
     @classmethod
-    def basic(cls, user: str, password: str) -> "Credentials":
+    def basic(cls, user: str, password: str) -> Credentials:
         return cls("Basic", base64.b64encode(f"{user}:{password}".encode()).decode())
 
     def user_pass(self) -> tuple[str, str]:

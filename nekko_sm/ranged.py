@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Mapping
+from typing import Callable
 
 from nekko_sm.errors import Cancelled, NekkoError, SizeMismatch, UpstreamUnavailable
+from nekko_sm.httpio import MAX_STALLS, content_range, is_stall, origin, read_limited, reason
 from nekko_sm.refs import redact
-from nekko_sm.transfer import MAX_STALLS, _content_range, _origin, _is_stall, _read_limited, _reason
 
 log = logging.getLogger("nekko_sm.ranged")
 
@@ -167,7 +168,7 @@ class RangedFetch:
                 finally:
                     first_resp.close()  # an open-ended answer: the rest is not wanted
                 self._fetch_part(first_part)  # finish it over a fresh request if it broke
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - handed to run(), which raises it
                 self._fail(e)
                 return
         while not self._stop.is_set():
@@ -176,7 +177,7 @@ class RangedFetch:
                 return
             try:
                 self._fetch_part(i)
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - handed to run(), which raises it
                 self._fail(e)
                 return
 
@@ -190,7 +191,7 @@ class RangedFetch:
     def _fetch_part(self, i: int) -> None:
         failures = stalls = 0
         while True:
-            start, end, nxt = self.parts[i]
+            _start, end, nxt = self.parts[i]
             if nxt >= end:
                 return
             before = nxt
@@ -211,7 +212,7 @@ class RangedFetch:
                 self.transfer._sleep(failures, e.retry_after)
 
     def _stream_part(self, i: int) -> None:
-        start, end, nxt = self.parts[i]
+        _start, end, nxt = self.parts[i]
         h = dict(self.headers)
         h["Range"] = f"bytes={nxt}-{end - 1}"
         if self.validator:
@@ -223,7 +224,7 @@ class RangedFetch:
                 direct = self._direct
                 if direct is None:
                     resp, final = self.transfer.open("GET", self.url, h, self.auth)
-                    if _origin(final) != _origin(self.url):
+                    if origin(final) != origin(self.url):
                         self._direct = final  # ask the origin once, not once per part
         if resp is None:  # the CDN URL the origin sent us to: no credentials go there
             resp, final = self.transfer.open("GET", direct, h, None)
@@ -235,12 +236,12 @@ class RangedFetch:
                 raise UpstreamUnavailable(f"{redact(direct)}: answered {resp.status};"
                                           " asking the origin for a new URL")
             if resp.status != 206:
-                body = _read_limited(resp, 64 << 10, final, strict=False)
+                body = read_limited(resp, 64 << 10, final, strict=False)
                 err = self.errors(resp.status, final, body, resp.headers)
                 if final != self.url:
                     err.context["redirected"] = True
                 raise err
-            got_start, total = _content_range(resp.headers.get("Content-Range"))
+            got_start, total = content_range(resp.headers.get("Content-Range"))
             if got_start != nxt:
                 raise UpstreamUnavailable(f"{redact(self.url)}: asked for byte {nxt},"
                                           f" got {got_start}")
@@ -274,7 +275,7 @@ class RangedFetch:
         except Exception as e:  # urllib3 and socket errors: the connection broke
             resp.close()
             raise UpstreamUnavailable(f"{redact(self.url)}: connection broke in part at"
-                                      f" {start}: {_reason(e)}", stalled=_is_stall(e)) from e
+                                      f" {start}: {reason(e)}", stalled=is_stall(e)) from e
         if pos < end:
             resp.close()
             raise UpstreamUnavailable(f"{redact(self.url)}: part at {start} ended early")

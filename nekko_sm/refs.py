@@ -6,9 +6,10 @@ entry.  Parsing never touches the network.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -29,6 +30,20 @@ _HF_REPO_TYPES = {"datasets": "dataset", "spaces": "space", "models": "model"}
 # What a pattern keeps as is in the canonical query; anything else is percent-encoded.
 _PATTERN_SAFE = "*?[]!/:@,;-._~"
 MAX_PATTERNS = 256
+
+# Query parameters that are credentials (signed URLs: AWS SigV4 and S3 v2, CloudFront, GCS,
+# Azure SAS, and plain tokens): never part of a cache key, never logged or stored.
+QUERY_CREDENTIALS = frozenset({
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid",
+    "signature", "policy", "key-pair-id", "x-goog-signature", "x-goog-credential",
+    "googleaccessid", "sig", "token", "access_token"})
+# What each scheme signs along with them: it changes with every signature, not with the
+# content, so it leaves the key too, but only when a credential above is in the query.
+QUERY_SIGNING = frozenset({
+    "x-amz-algorithm", "x-amz-date", "x-amz-expires", "x-amz-signedheaders",
+    "x-goog-algorithm", "x-goog-date", "x-goog-expires", "x-goog-signedheaders", "expires",
+    "sv", "ss", "srt", "sp", "se", "st", "spr", "sip", "sr", "si", "sdd", "skoid", "sktid",
+    "skt", "ske", "sks", "skv"})
 
 
 def safe_name(name: str) -> str:
@@ -57,6 +72,10 @@ def _shown(url: str) -> str:
     authority, slash, tail = rest.partition("/")
     if "@" in authority:
         authority = "***@" + authority.rsplit("@", 1)[1]
+    tail, q, query = tail.partition("?")
+    if q:  # a signed URL's query is a credential: show that there was one, not what it said
+        query, hash_, fragment = query.partition("#")
+        tail += "?" + ("***" if has_query_credentials(query) else query) + hash_ + fragment
     return repr((scheme + sep + authority + slash + tail)[:200])
 
 
@@ -83,6 +102,9 @@ class OCIRef:
     repository: str
     tag: str | None
     digest: str | None
+    # "all" or os/arch[/variant] when the entry is for another platform than the host's:
+    # part of the key, so each platform's image is its own entry (``?platform=`` in the URL).
+    platform: str | None = None
 
     @property
     def api_host(self) -> str:
@@ -94,9 +116,10 @@ class OCIRef:
 
     @property
     def canonical(self) -> str:
+        query = f"?platform={self.platform}" if self.platform else ""
         if self.digest:
-            return f"oci://{self.registry}/{self.repository}@{self.digest}"
-        return f"oci://{self.registry}/{self.repository}:{self.tag}"
+            return f"oci://{self.registry}/{self.repository}@{self.digest}{query}"
+        return f"oci://{self.registry}/{self.repository}:{self.tag}{query}"
 
     scheme = "oci"
 
@@ -148,12 +171,18 @@ class HFRef:
 
 @dataclass(frozen=True)
 class HTTPRef:
-    url: str  # canonical, without userinfo or fragment
-    userinfo: str | None  # "user:pass" from the URL, used as Basic credentials if none given
+    url: str  # canonical, without userinfo, fragment or query credentials
+    userinfo: str | None = field(repr=False)  # "user:pass" from the URL: Basic credentials
+    signed: str | None = field(default=None, repr=False)  # the URL with its query credentials
 
     @property
     def canonical(self) -> str:
         return self.url
+
+    @property
+    def fetch_url(self) -> str:
+        """The URL to send upstream: the canonical one plus any query credentials."""
+        return self.signed or self.url
 
     @property
     def host(self) -> str:
@@ -199,8 +228,20 @@ def parse(url: str, hf_endpoint: str = "https://huggingface.co") -> OCIRef | HFR
     )
 
 
+_OCI_PLATFORM = re.compile(r"^(?:all|[a-z0-9_.-]+/[a-z0-9_.-]+(?:/[a-z0-9_.-]+)?)$")
+
+
 def parse_oci(url: str) -> OCIRef:
     rest = url.split("://", 1)[1]
+    rest, query_sep, query = rest.partition("?")
+    platform = None
+    if query_sep:
+        key, _, value = query.partition("=")
+        value = value.lower()
+        if key != "platform" or not _OCI_PLATFORM.match(value):
+            raise InvalidReference(f"{_shown(url)}: the only query an oci:// URL takes is"
+                                   " ?platform=all or ?platform=os/arch[/variant]")
+        platform = value
     if "/" not in rest:
         raise InvalidReference(f"{_shown(url)}: expected oci://REGISTRY/REPOSITORY[:TAG|@DIGEST]")
     registry, name = rest.split("/", 1)
@@ -227,7 +268,7 @@ def parse_oci(url: str) -> OCIRef:
         tag = None
     elif tag is None:
         tag = "latest"
-    return OCIRef(registry, name, tag, digest)
+    return OCIRef(registry, name, tag, digest, platform)
 
 
 def _endpoint_host(endpoint: str) -> str:
@@ -372,7 +413,45 @@ def parse_http(url: str) -> HTTPRef:
     # the wire: "a b" and "a%20b" are one key, and the canonical form re-parses to itself.
     path = quote(parts.path or "/", safe=_URL_SAFE)
     query = quote(parts.query, safe=_URL_SAFE + "?")
-    return HTTPRef(urlunsplit((scheme, host, path, query, "")), userinfo)
+    kept = strip_query_credentials(query)
+    signed = urlunsplit((scheme, host, path, query, "")) if kept != query else None
+    return HTTPRef(urlunsplit((scheme, host, path, kept, "")), userinfo, signed)
+
+
+def _param_names(query: str) -> list[str]:
+    return [unquote(p.split("=", 1)[0]).strip().lower() for p in query.split("&")]
+
+
+def has_query_credentials(query: str) -> bool:
+    return any(n in QUERY_CREDENTIALS for n in _param_names(query))
+
+
+def strip_query_credentials(query: str) -> str:
+    """``query`` without its credential parameters (and, then, what they sign along)."""
+    if not has_query_credentials(query):
+        return query
+    parts = query.split("&")
+    return "&".join(p for p, n in zip(parts, _param_names(query))
+                    if n not in QUERY_CREDENTIALS and n not in QUERY_SIGNING)
+
+
+def hide_query_credentials(text: str) -> str:
+    """``text`` (a URL, or a request target ``/path?query``) without query credentials."""
+    head, q, rest = text.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    if not q or not has_query_credentials(query):
+        return text
+    return f"{head}?{strip_query_credentials(query)}{hash_}{fragment}"
+
+
+class QueryCredentialFilter(logging.Filter):
+    """For loggers that are not ours (urllib3 logs request targets at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(hide_query_credentials(a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
 
 
 def redact(url: str) -> str:

@@ -9,14 +9,20 @@ makes an entry "incomplete" (206) rather than absent (404).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from nekko_sm import access
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
@@ -43,15 +49,18 @@ from nekko_sm.store import (
     REF_NAME,
     TITLE,
     Descriptor,
+    FileLock,
     Lease,
     Store,
-    _FileLock,
-    _key,
-    _write_atomic,
     check_digest,
+    key_for,
+    write_atomic,
 )
 
 log = logging.getLogger("nekko_sm.service")
+
+# Failures remembered for status (a URL's last error), the oldest forgotten first.
+_MAX_FAILURES = 1000
 
 # Errors after which a partial download is worth keeping (the entry stays "incomplete").
 _RESUMABLE = (UpstreamUnavailable, InsufficientStorage)
@@ -67,6 +76,38 @@ class Flight:
         self.progress = Progress(sink)
         self.started = time.time()
         self.keep_partial = False  # set when stopping the server: the pull stays resumable
+        self.digest: str | None = None  # the digest the pull checks (its first caller's)
+        self.cred = "anonymous"  # hash of the credentials the pull uses (access.credential_hash)
+        self.protected = False  # the pull uses credentials: its entry will be protected
+
+    def joined(self, digest: str | None, confirm: Callable[[], None] | None = None) -> Flight:
+        """This flight as another caller sees it: ``confirm()`` proves the caller's access
+        (a protected pull, other credentials), then the answer must match ``digest``."""
+        if (digest is None or digest == self.digest) and confirm is None:
+            return self
+        view = copy.copy(self)
+        view.future = Future()
+
+        def answer(done: Future) -> None:
+            try:
+                entry, created = done.result()
+                if confirm is not None:
+                    confirm()  # first: a refused caller learns nothing, not even the digest
+                _check_digest(entry, digest)
+            except BaseException as e:  # noqa: BLE001 - the joined caller's answer
+                view.future.set_exception(e)
+            else:
+                view.future.set_result((entry, created))
+
+        def land(done: Future) -> None:
+            if confirm is None:
+                answer(done)
+            else:  # asks the upstream: not on the thread that answers everyone else
+                threading.Thread(target=answer, args=(done,), name="access check",
+                                 daemon=True).start()
+
+        self.future.add_done_callback(land)
+        return view
 
 
 class Service:
@@ -79,9 +120,12 @@ class Service:
         self.pulls_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._flights: dict[str, Flight] = {}
-        self._failures: dict[str, NekkoError] = {}
+        # The last failure of each URL, as its JSON error only (never the exception: its
+        # traceback holds frames and buffers), the oldest forgotten past _MAX_FAILURES.
+        self._failures: OrderedDict[str, dict] = OrderedDict()
         self._files_cache: dict[str, list] = {}
-        self.stats = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
+        self.access = access.AccessChecks()
+        self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
 
     @property
     def transfer(self):
@@ -94,8 +138,26 @@ class Service:
         return self._transfer
 
     # -- references ---------------------------------------------------------------------
-    def canonical(self, url: str) -> str:
-        return parse(url, self.config.hf_endpoint).canonical
+    def canonical(self, url: str, platform: str | None = None) -> str:
+        return self.resolve(url, platform)[0].canonical
+
+    def resolve(self, url: str, platform: str | None = None) -> tuple:
+        """(ref, platform to pull): an image for another platform than the host's is keyed so.
+
+        The platform is the caller's, else the URL's ``?platform=``, else the configured
+        one; when it is not the host's own, it becomes part of the key, so a caller who asks
+        for linux/arm64 never decides what an amd64 node's callers get (issue 9, finding 7).
+        """
+        ref = parse(url, self.config.hf_endpoint)
+        if not isinstance(ref, OCIRef):
+            return ref, platform
+        from nekko_sm.config import host_platform, parse_platform
+
+        want = platform or ref.platform or self.config.platform or None
+        if want is not None:
+            want = "all" if want.strip().lower() == "all" else str(parse_platform(want))
+        native = str(host_platform())
+        return dataclasses.replace(ref, platform=None if want in (None, native) else want), want
 
     # -- pulling ------------------------------------------------------------------------
     def pull(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
@@ -110,24 +172,27 @@ class Service:
     def start(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
               platform: str | None = None) -> tuple[Flight | None, dict | None]:
         """Begin (or join) a pull.  Returns (flight, None), or (None, entry) when cached."""
-        ref = parse(url, self.config.hf_endpoint)
         if digest is not None:
             check_digest(digest)
-        if platform:
-            from nekko_sm.config import parse_platform
-
-            if platform != "all":
-                platform = str(parse_platform(platform))
+        ref, platform = self.resolve(url, platform or None)
         key = ref.canonical
+        auth = access.pull_auth(self, ref, credentials)
+        cred = access.credential_hash(auth)
         desc = self.store.get_entry(key)
-        if desc is not None:
-            _check_platform(key, desc, platform)
-            return None, self._entry_json(key, desc)
+        if desc is not None and _platform_matches(desc, platform):
+            self.access.confirm(self, key, ref, desc, credentials)
+            entry = self._entry_json(key, desc)
+            _check_digest(entry, digest)
+            return None, entry
         with self._lock:
             flight = self._flights.get(key)
             if flight is not None:
-                return flight, None
+                confirm = None
+                if flight.protected and cred != flight.cred:
+                    confirm = partial(self._confirm_landed, key, ref, credentials)
+                return flight.joined(digest, confirm), None
             flight = Flight(key, self._count_bytes)
+            flight.digest, flight.cred, flight.protected = digest, cred, auth is not None
             self._flights[key] = flight
             self._failures.pop(key, None)
         runner = threading.Thread(target=self._run, name=f"pull {key[:60]}", daemon=True,
@@ -135,21 +200,31 @@ class Service:
         runner.start()
         return flight, None
 
+    def _confirm_landed(self, key: str, ref, credentials: Credentials | None) -> None:
+        """A caller who joined a protected pull proves access once the entry is there."""
+        desc = self.store.get_entry(key)
+        if desc is None:
+            raise Cancelled(f"{key} was removed while the pull ran")
+        self.access.confirm(self, key, ref, desc, credentials)
+
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
-        k = _key(key)
+        k = key_for(key)
         return self.pulls_dir / f"{k}.json", self.pulls_dir / f"{k}.lock"
 
     def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
         key = flight.url
         outcome: dict = {"error": Cancelled(f"pull of {key} ended without an answer")}
         try:
-            lock = _FileLock(self._pull_paths(key)[1])
+            record, lock_path = self._pull_paths(key)
+            lock = FileLock(lock_path)
             lock.acquire()  # another process pulling the same URL: wait for it
             try:
                 outcome = self._pull_locked(flight, ref, credentials, digest, platform)
             finally:
+                if not record.exists():  # nothing to resume: leave no file per URL behind
+                    lock_path.unlink(missing_ok=True)  # waiters re-check the inode
                 lock.release()  # before answering: a caller told "failed" must not see it busy
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             outcome = {"error": e if isinstance(e, NekkoError) else _internal(e)}
         finally:
             self._land(flight, **outcome)
@@ -158,22 +233,25 @@ class Service:
         key = flight.url
         record = self._pull_paths(key)[0]
         desc = self.store.get_entry(key)
-        if desc is not None:  # someone else (another process) finished it meanwhile
-            return {"result": (self._entry_json(key, desc), False)}
+        if desc is not None and _platform_matches(desc, platform):  # another process did it
+            self.access.confirm(self, key, ref, desc, credentials)
+            entry = self._entry_json(key, desc)
+            _check_digest(entry, digest)
+            return {"result": (entry, False)}
         log.info("pulling %s", key)
-        state = {"url": key, "started": time.time(), "ingest": []}
+        state: dict[str, Any] = {"url": key, "started": time.time(), "ingest": []}
         try:
             old = json.loads(record.read_text())
             state["ingest"] = [r for r in old.get("ingest", []) if isinstance(r, str)]
         except (OSError, ValueError):
             pass
         try:
-            _write_atomic(record, json.dumps(state).encode())
+            write_atomic(record, json.dumps(state).encode())
 
             def on_ingest(ref_name: str) -> None:
                 if ref_name not in state["ingest"]:
                     state["ingest"].append(ref_name)
-                    _write_atomic(record, json.dumps(state).encode())
+                    write_atomic(record, json.dumps(state).encode())
 
             with Lease(self.store) as lease:
                 job = Job(self.config, self.store, self.transfer, lease, credentials, digest,
@@ -181,7 +259,10 @@ class Service:
                 result = self._source_pull(job, ref)
                 if flight.cancel.is_set():
                     raise Cancelled(f"pull of {key} was cancelled")
-                self._commit(key, result)
+                auth = access.pull_auth(self, ref, credentials)
+                self._commit(key, result, auth[0] if auth else None)
+                if auth is not None:  # this caller just proved its access
+                    self.access.remember(key, access.credential_hash(auth))
             record.unlink(missing_ok=True)
             entry = self._entry_json(key, self.store.get_entry(key))
             self._count("complete", ref)
@@ -193,7 +274,7 @@ class Service:
                 self.stats["bytes_deduplicated"] = (self.stats.get("bytes_deduplicated", 0)
                                                     + flight.progress.deduplicated)
             return {"result": (entry, True)}
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             err = e if isinstance(e, NekkoError) else _internal(e)
             keep = isinstance(err, _RESUMABLE) or (isinstance(err, Cancelled) and flight.keep_partial)
             if not keep:
@@ -208,7 +289,10 @@ class Service:
             if self._flights.get(flight.url) is flight:
                 del self._flights[flight.url]
             if error is not None and not flight.future.done():
-                self._failures[flight.url] = error
+                self._failures[flight.url] = error.to_json()["error"]
+                self._failures.move_to_end(flight.url)
+                while len(self._failures) > _MAX_FAILURES:
+                    self._failures.popitem(last=False)
         if flight.future.done():
             return
         if error is not None:
@@ -231,10 +315,12 @@ class Service:
             return hf.pull(job, ref)
         raise AssertionError(f"no source for {ref!r}")
 
-    def _commit(self, key: str, result: PullResult) -> None:
+    def _commit(self, key: str, result: PullResult, protected: str | None = None) -> None:
         m = result.manifest
         ann = dict(m.annotations)
         ann[A_DIGEST] = result.digest
+        if protected:
+            ann[access.A_PROTECTED] = protected  # what kind of credential, never the secret
         if result.platform:
             ann[A_PLATFORM] = result.platform
         desc = Descriptor(m.media_type, m.digest, m.size, ann, m.artifact_type, m.platform)
@@ -331,6 +417,8 @@ class Service:
             entry["manifest"] = desc.digest
         if desc.annotations.get(A_PLATFORM):
             entry["platform"] = desc.annotations[A_PLATFORM]
+        if desc.annotations.get(access.A_PROTECTED):
+            entry["protected"] = True  # pulled with credentials (access.py)
         return entry
 
     def status(self, url: str) -> dict:
@@ -354,14 +442,15 @@ class Service:
         if state is not None:
             busy = _held(lock_path)
             done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
-            entry = {"url": key, "state": "downloading" if busy else "incomplete",
-                     "downloaded": done, "size": None, "files": []}
+            entry: dict[str, Any] = {
+                "url": key, "state": "downloading" if busy else "incomplete",
+                "downloaded": done, "size": None, "files": []}
             if failure is not None:
-                entry["error"] = failure.to_json()["error"]
+                entry["error"] = dict(failure)
             return entry
         if failure is not None:
             raise EntryNotFound(f"{key} is not in the cache: the last pull failed:"
-                                f" {failure.message}", failure=failure)
+                                f" {failure['message']}")
         raise EntryNotFound(f"{key} is not in the cache")
 
     def list(self) -> list:
@@ -395,9 +484,9 @@ class Service:
             flight.cancel.set()
             try:
                 flight.future.result(timeout=wait)
-            except Exception:
+            except (NekkoError, FutureTimeout):  # its failure is its caller's; we only wait
                 pass
-        record, lock_path = self._pull_paths(key)
+        record = self._pull_paths(key)[0]
         had_record = record.exists()
         refs: list = []
         if had_record:
@@ -407,6 +496,7 @@ class Service:
                 pass
             record.unlink(missing_ok=True)
         gone = self.store.remove_entry(key)
+        self.access.forget(key)
         with self._lock:
             self._failures.pop(key, None)
         if gone is None and not had_record and flight is None:
@@ -426,33 +516,44 @@ class Service:
         for f in flights:
             try:
                 f.future.result(timeout=10)
-            except Exception:
+            except (NekkoError, FutureTimeout):  # its failure is its caller's; we only wait
                 pass
         if self._transfer is not None:
             self._transfer.close()
 
 
-def _check_platform(key: str, desc: Descriptor, wanted: str | None) -> None:
-    """An image cached for one platform is not an answer for a caller asking for another.
+def _platform_matches(desc: Descriptor, wanted: str | None) -> bool:
+    """Is the cached image one for ``wanted`` (None: the host's)?
 
-    The cache key is the URL, so the two cannot be kept side by side: say so (409)
-    instead of handing back bytes for the wrong architecture.
+    Keys name the platform unless it is the host's, so a mismatch is only an entry that an
+    older version cached under the plain URL for another platform: it is pulled again.
     """
-    if not wanted:
-        return
     have = desc.annotations.get(A_PLATFORM)
-    if desc.media_type in INDEX_TYPES:
-        return  # every platform is there
-    if have and (wanted == "all" or wanted != have):
-        raise Conflict(f"{key} is cached for {have}, not {wanted}: remove it first"
-                       " (rm, or DELETE) to pull another platform")
+    if desc.media_type in INDEX_TYPES or not have:
+        return True  # every platform is there, or not a platform's image from an index
+    if wanted is None:
+        from nekko_sm.config import host_platform
+
+        wanted = str(host_platform())
+    return wanted == have
+
+
+def _check_digest(entry: dict, wanted: str | None) -> None:
+    """A caller's digest selects and checks: a cached entry with other bytes is a 409.
+
+    Images answer to the digest the reference resolved to and to the chosen manifest's.
+    """
+    if wanted is None or wanted in (entry.get("digest"), entry.get("manifest")):
+        return
+    raise Conflict(f"{entry['url']} is cached with digest {entry.get('digest')}, not the"
+                   f" {wanted} asked for: remove it first (rm, or DELETE) to pull it again")
 
 
 def _held(lock_path: Path) -> bool:
     """Is someone (this or another process) holding the flock at ``lock_path``?"""
     if not lock_path.exists():
         return False
-    probe = _FileLock(lock_path)
+    probe = FileLock(lock_path)
     if probe.acquire(blocking=False):
         probe.release()
         return False

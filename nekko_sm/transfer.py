@@ -1,6 +1,7 @@
 """Every byte from the network comes through here: one urllib3 pool per proxy, redirects
 that drop credentials on other hosts, retries of temporary failures, and resumable
-streaming into a store :class:`~nekko_sm.store.IngestWriter`.
+streaming into a store :class:`~nekko_sm.store.IngestWriter` (:meth:`Transfer.download`,
+carried out by :mod:`nekko_sm.download`, which hands large bodies to :mod:`nekko_sm.ranged`).
 
 Sources build URLs and headers; this module moves bytes and checks the counts.
 """
@@ -14,40 +15,41 @@ import re
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError as _Urllib3Error
-from urllib3.exceptions import ReadTimeoutError
 
 from nekko_sm import __version__, retrying
+from nekko_sm import download as _download
+from nekko_sm import egress
 from nekko_sm.config import Config
 from nekko_sm.errors import (
     Forbidden,
     NekkoError,
-    SizeMismatch,
     Unauthorized,
     UpstreamError,
     UpstreamNotFound,
     UpstreamUnavailable,
 )
-from nekko_sm.refs import redact
+from nekko_sm.httpio import (
+    origin,
+    read_limited,
+    reason,
+)
+from nekko_sm.refs import QueryCredentialFilter, redact
 
 log = logging.getLogger("nekko_sm.transfer")
+logging.getLogger("urllib3.connectionpool").addFilter(QueryCredentialFilter())  # signed URLs
 
 # A specific User-Agent (the Hub asks tools to name themselves; its logs and rate limits do).
 USER_AGENT = f"nekko-sm/{__version__} (urllib3/{urllib3.__version__})"
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
-CHUNK = 1 << 20
-
-
-def _origin(url: str) -> tuple:
-    p = urlsplit(url)
-    return (p.scheme.lower(), (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(p.scheme.lower()))
 
 
 def retry_after(value: str | None, cap: float = 60.0) -> float | None:
@@ -116,7 +118,7 @@ class _NoProxy:
     def bypass(self, url: str) -> bool:
         if self.all:
             return True
-        scheme, host, port = _origin(url)
+        _scheme, host, port = origin(url)
         for h, p in self.entries:
             if p is not None and p != port:
                 continue
@@ -140,7 +142,7 @@ class Transfer:
         self.pacer = retrying.Pacer(reserve=2 * config.jobs)  # rate limits, per server
         self._lock = threading.Lock()
         self._managers: dict[str | None, urllib3.PoolManager] = {}
-        self._pool_kw = {
+        self._pool_kw: dict[str, Any] = {  # keyword arguments of every PoolManager
             "num_pools": 64,
             "maxsize": max(4, config.jobs * 2),
             "block": False,
@@ -174,7 +176,7 @@ class Transfer:
                         proxy = proxy.replace(p.netloc, p.netloc.rsplit("@", 1)[1])
                     m = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._pool_kw)
                 else:
-                    m = urllib3.PoolManager(**self._pool_kw)
+                    m = egress.pool_manager(self.config.egress, **self._pool_kw)
                 self._managers[self._proxy_for(url)] = m
             return m
 
@@ -204,8 +206,9 @@ class Transfer:
             host = urlsplit(url).hostname
             cls = UpstreamError if dns[0] else UpstreamUnavailable
             return cls(f"{redact(url)}: cannot resolve host {host!r} ({dns[1]})")
-        if not via_proxy:
-            return UpstreamUnavailable(f"{redact(url)}: {_reason(e)}")
+        if not via_proxy:  # refused or timed out, a banner: the log's, not the caller's
+            log.info("%s: cannot connect: %s", redact(url), reason(e))
+            return UpstreamUnavailable(f"{redact(url)}: cannot connect (the reason is logged)")
         inner = getattr(e, "original_error", None) or e
         m = _TUNNEL_RE.search(str(inner))
         if m is not None:
@@ -216,7 +219,7 @@ class Transfer:
                 return UpstreamError(f"{redact(url)}: the proxy {self._proxy_name(url)} refused"
                                      f" the tunnel ({said})")
         return UpstreamUnavailable(f"{redact(url)}: the proxy {self._proxy_name(url)}:"
-                                   f" {_reason(inner)}")
+                                   f" {reason(inner)}")
 
     def close(self) -> None:
         with self._lock:
@@ -235,15 +238,16 @@ class Transfer:
         """
         hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         hdrs.update(headers or {})
-        origin = _origin(url)
+        home = origin(url)
         left_origin = False
         for _ in range(MAX_REDIRECTS + 1):
             h = dict(hdrs)
-            left_origin = left_origin or _origin(url) != origin
+            left_origin = left_origin or origin(url) != home
             if auth is not None and not left_origin:
                 h["Authorization"] = auth
             retrying.pause(*self.pacer.delay(url))  # a rate limit running dry: spread out
             log.log(5, "%s %s", method, redact(url))
+            self.config.egress.check_url(url)  # every hop; direct connections check addresses
             if log.isEnabledFor(3):  # wire level: headers, never a credential
                 log.log(3, "> %s %s %s", method, redact(url), _safe_headers(h))
             try:
@@ -265,6 +269,9 @@ class Transfer:
                 _drain(resp)
                 if urlsplit(location).scheme not in ("http", "https"):
                     raise UpstreamError(f"{redact(url)} redirected to a non-http URL")
+                if urlsplit(url).scheme == "https" and urlsplit(location).scheme == "http":
+                    raise UpstreamError(f"{redact(url)} redirected from https to plain http:"
+                                        " refused, as a downgrade")  # as apt does
                 log.debug("redirect %s -> %s", redact(url), redact(location))
                 url = location
                 if resp.status == 303:
@@ -291,7 +298,7 @@ class Transfer:
                     # forgets a response only once it is read or garbage-collected, and a
                     # pooled connection whose last response is still open fails its next
                     # request with ResponseNotReady('Request-sent') (every retry did).
-                    data = _read_limited(resp, limit, url)
+                    data = read_limited(resp, limit, url)
                 finally:
                     resp.release_conn()
                 if retry and resp.status in RETRY_STATUSES and attempt < self.attempts:
@@ -333,192 +340,10 @@ class Transfer:
         offset)`` is called once the size is known and before any body byte is written
         (to refuse early when the disk is too small).  Returns the last response's headers.
         """
-        from nekko_sm.ranged import RangesRefused  # ranged builds on this module
-
-        conns = max(1, self.config.jobs if connections is None else connections)
-        ranges_refused = False
-        failures = stalls = 0
-        total_hint = expected_size
-        while True:
-            before = _progress_mark(writer)
-            try:
-                if writer.state.get("ranged") and not ranges_refused:
-                    if on_total is not None:
-                        on_total(writer.state["ranged"]["total"], _progress_mark(writer))
-                        on_total = None
-                    self._fetch_ranged(url, writer, auth, headers, errors, progress, conns)
-                    return writer.state.get("headers") or {}
-                if (not ranges_refused and expected_size is not None and immutable
-                        and self._wants_ranges(expected_size - writer.offset, conns, max_span)):
-                    self._start_ranged(writer, expected_size, None, conns, max_span)
-                    continue
-                result = self._download_once(url, writer, auth, headers, expected_size,
-                                             immutable, errors, progress, on_total,
-                                             max_span, 1 if ranges_refused else conns)
-                on_total = None if writer.offset else on_total
-                if (max_span and total_hint is not None
-                        and before < writer.offset < total_hint):
-                    failures = 0  # one span done: ask for the next
-                    continue
-                return result
-            except RangesRefused:
-                log.info("%s: server does not honour ranges; one stream instead", redact(url))
-                ranges_refused = True
-                writer.reset()
-            except UpstreamUnavailable as e:
-                if _progress_mark(writer) > before:
-                    failures = 0  # it was moving: a broken connection, not a dead server
-                if e.context.get("stalled") and stalls < MAX_STALLS:
-                    stalls += 1  # a quiet connection is replaced, not held against the server
-                else:
-                    failures += 1
-                if failures >= self.attempts:
-                    raise
-                self._sleep(failures, e.retry_after,
-                            f"{e.message}; resuming at byte {writer.offset}")
-            except (Unauthorized, Forbidden) as e:
-                # An expired signed URL at a CDN: ask the origin again, once or twice.
-                if not e.context.get("redirected") or failures >= 2:
-                    raise
-                failures += 1
-                log.info("%s: redirect target refused us; asking the origin again", redact(url))
-
-    @staticmethod
-    def _wants_ranges(remaining: int, conns: int, max_span: int | None) -> bool:
-        from nekko_sm import ranged
-
-        return (conns > 1 and remaining >= ranged.MIN_PARALLEL) or bool(
-            max_span and remaining > max_span)
-
-    def _start_ranged(self, writer, total: int, validator: str | None, conns: int,
-                      max_span: int | None) -> None:
-        """Turn ``writer`` into a ranged download of ``total`` bytes from its frontier."""
-        from nekko_sm import ranged
-
-        part = ranged.part_size_for(total, conns, max_span)
-        done = writer.offset
-        parts = ([[0, done, done]] if done else []) + ranged.plan(total, part, done)
-        writer.preallocate(total)
-        writer.save_state(ranged={"total": total, "parts": parts, "validator": validator})
-
-    def _fetch_ranged(self, url, writer, auth, headers, errors, progress, conns,
-                      first=None) -> None:
-        from nekko_sm import ranged
-
-        state = writer.state["ranged"]
-        fetch = ranged.RangedFetch(self, url, writer, auth=auth, headers=headers,
-                                   validator=state.get("validator"), errors=errors,
-                                   progress=progress, connections=conns)
-        fetch.run(first)
-
-    def _download_once(self, url, writer, auth, headers, expected_size, immutable, errors,
-                       progress, on_total, max_span=None, conns=1) -> Mapping[str, str]:
-        if expected_size is not None and writer.offset == expected_size and expected_size > 0:
-            return {}
-        h = dict(headers or {})
-        validator = writer.state.get("validator")
-        if writer.offset > 0 and not (immutable or validator):
-            writer.reset()
-        end = ""
-        if max_span and expected_size is not None and expected_size - writer.offset > max_span:
-            end = str(writer.offset + max_span - 1)
-        if writer.offset > 0 or end:
-            h["Range"] = f"bytes={writer.offset}-{end}"
-            if writer.offset > 0 and not immutable:
-                h["If-Range"] = validator
-        resp, final = self.open("GET", url, h, auth)
-        try:
-            status = resp.status
-            if status == 416 and writer.offset > 0:
-                total = _content_range_total(resp.headers.get("Content-Range"))
-                promised = writer.state.get("total")
-                if total is not None and total == writer.offset and promised in (None, total):
-                    return resp.headers
-                writer.reset()
-                if promised is not None and total is not None and promised != total:
-                    raise SizeMismatch(f"{redact(url)}: promised {promised} bytes, has {total}")
-                raise UpstreamUnavailable(f"{redact(url)}: range not satisfiable; starting over")
-            if status not in (200, 206):
-                body = _read_limited(resp, 64 << 10, url, strict=False)
-                err = errors(status, final, body, resp.headers)
-                if final != url:
-                    err.context["redirected"] = True
-                raise err
-            whole = None  # the size of the whole resource, when the answer says it
-            if status == 206:
-                start, whole = _content_range(resp.headers.get("Content-Range"))
-                if start != writer.offset:
-                    writer.reset()
-                    raise UpstreamUnavailable(
-                        f"{redact(url)}: asked for bytes from {writer.offset}, got {start}")
-                if whole is not None and expected_size is not None and whole != expected_size:
-                    raise SizeMismatch(f"{redact(url)}: server has {whole} bytes,"
-                                       f" expected {expected_size}")
-            elif writer.offset:
-                log.info("%s: server ignored Range; starting over", redact(url))
-                writer.reset()
-            length = resp.headers.get("Content-Length")
-            remaining = int(length) if length and length.isdigit() else None
-            if status == 200:
-                whole = remaining
-                if whole is not None and expected_size is not None and whole != expected_size:
-                    raise SizeMismatch(f"{redact(url)}: Content-Length {whole},"
-                                       f" expected {expected_size}; refusing")
-            if status == 200 or not writer.state.get("validator"):
-                etag = resp.headers.get("ETag")
-                validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
-                writer.save_state(url=redact(url), validator=validator, total=whole,
-                                  headers=_kept_headers(resp.headers))
-            if on_total is not None:
-                on_total(whole if whole is not None else expected_size, writer.offset)
-            takes_ranges = status == 206 or resp.headers.get("Accept-Ranges", "").lower() == "bytes"
-            if (whole is not None and takes_ranges and (immutable or validator)
-                    and self._wants_ranges(whole - writer.offset, conns, max_span)):
-                # Big, and the server takes ranges: this answer brings the first part while
-                # the other parts come over other connections.
-                self._start_ranged(writer, whole, None if immutable else validator, conns,
-                                   max_span)
-                self._fetch_ranged(url, writer, auth, headers, errors, progress, conns,
-                                   first=resp)
-                return resp.headers
-            self._stream(resp, writer, url, remaining, progress)
-            if expected_size is not None and writer.offset < expected_size and remaining is None:
-                raise UpstreamUnavailable(f"{redact(url)}: body ended after {writer.offset}"
-                                          f" of {expected_size} bytes")
-            return resp.headers
-        except BaseException:
-            resp.close()  # the body was not read to its end: never back into the pool
-            raise
-        finally:
-            resp.release_conn()
-
-    def _stream(self, resp, writer, url, remaining, progress) -> None:
-        got = 0
-        try:
-            while True:
-                want = CHUNK if remaining is None else min(CHUNK, remaining - got)
-                if want <= 0:
-                    break
-                # read1: whatever has arrived (up to want). read(amt) would block until amt
-                # bytes and lose the ones it holds if the connection then stalls or drops.
-                chunk = resp.read1(want)
-                if not chunk:
-                    break
-                writer.write(chunk)
-                got += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-        except BaseException as e:
-            # Whatever stopped us, the body is not read to its end: this connection must
-            # not go back to the pool (release_conn would hand it to the next request).
-            resp.close()
-            if isinstance(e, NekkoError) or not isinstance(e, (_Urllib3Error, OSError)):
-                raise  # disk full, cancelled, too many bytes, Ctrl-C: not the network's fault
-            raise UpstreamUnavailable(f"{redact(url)}: connection broke after {got} bytes:"
-                                      f" {_reason(e)}", stalled=_is_stall(e)) from e
-        if remaining is not None and got < remaining:
-            resp.close()
-            raise UpstreamUnavailable(f"{redact(url)}: body ended after {got} of {remaining} bytes")
+        return _download.download(self, url, writer, auth=auth, headers=headers,
+                                  expected_size=expected_size, immutable=immutable,
+                                  errors=errors, progress=progress, on_total=on_total,
+                                  max_span=max_span, connections=connections)
 
 
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "set-cookie",
@@ -537,29 +362,6 @@ def _safe_headers(headers: Mapping[str, str]) -> dict:
     return out
 
 
-MAX_STALLS = 20  # stalled connections replaced for one download before giving up
-
-
-def _is_stall(e: BaseException) -> bool:
-    """A read that timed out: the server went quiet, which a new connection may cure."""
-    return isinstance(e, ReadTimeoutError) or isinstance(getattr(e, "reason", None),
-                                                         ReadTimeoutError)
-
-
-def _progress_mark(writer) -> int:
-    """Bytes a writer holds: its frontier, or for a ranged download every part's progress."""
-    r = writer.state.get("ranged")
-    if not r:
-        return writer.offset
-    return sum(int(p[2]) - int(p[0]) for p in r.get("parts", []))
-
-
-def _kept_headers(headers: Mapping[str, str]) -> dict:
-    """The answer headers a source reads after a download (kept for a ranged resume)."""
-    keep = ("ETag", "Content-Disposition", "Content-Type", "Last-Modified")
-    return {k: headers[k] for k in keep if headers.get(k)}
-
-
 _TUNNEL_RE = re.compile(r"Tunnel connection failed: (\d{3})(.*)$")
 
 
@@ -571,56 +373,9 @@ def _cert_failure(e: BaseException | None) -> str | None:
     return None
 
 
-def _reason(e: BaseException) -> str:
-    r = getattr(e, "reason", None) or e
-    text = str(r)
-    return text.split(": ", 1)[-1][:200] if "object at 0x" in text else text[:200]
-
-
 def _drain(resp) -> None:
     try:
         resp.drain_conn()
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever broke, the connection is not reusable: close it
         resp.close()
     resp.release_conn()
-
-
-def _read_limited(resp, limit: int, url: str, strict: bool = True) -> bytes:
-    chunks = []
-    n = 0
-    try:
-        while True:
-            chunk = resp.read(65536)
-            if not chunk:
-                break
-            n += len(chunk)
-            if n > limit:
-                resp.close()
-                if strict:
-                    raise UpstreamError(f"{redact(url)}: answer larger than {limit} bytes")
-                break
-            chunks.append(chunk)
-    except (_Urllib3Error, OSError) as e:
-        resp.close()
-        if not strict:
-            return b"".join(chunks)
-        raise UpstreamUnavailable(f"{redact(url)}: connection broke: {_reason(e)}") from e
-    return b"".join(chunks)
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    # "bytes START-END/TOTAL" or "bytes START-END/*"
-    try:
-        unit, rng = value.split(" ", 1)  # type: ignore[union-attr]
-        span, total = rng.split("/", 1)
-        start = int(span.split("-", 1)[0])
-        return start, (None if total.strip() == "*" else int(total))
-    except (AttributeError, ValueError):
-        return None, None
-
-
-def _content_range_total(value: str | None) -> int | None:
-    try:
-        return int(value.rsplit("/", 1)[1])  # type: ignore[union-attr]
-    except (AttributeError, ValueError, IndexError):
-        return None

@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import peers
+import pytest
 
 # Peer fixtures (nginx, faulty, registry, auth_registry, fakehub …) live beside their peers.
 pytest_plugins = ["peers.nginx", "peers.faulty", "peers.fakehub", "peers.registry"]

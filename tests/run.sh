@@ -24,6 +24,10 @@ done
 
 python3 -m pip install -q --disable-pip-version-check \
   "urllib3==2.6.3" "platformdirs==4.4.0" \
-  pytest pytest-cov huggingface_hub hypothesis cryptography vermin
+  pytest pytest-cov huggingface_hub hypothesis cryptography vermin \
+  "ruff==0.17.6" "mypy==2.4.1"
+# Lint and types first: either finding anything fails the run (pinned: new releases add rules).
+python3 -m ruff check nekko_sm tests bench
+python3 -m mypy nekko_sm
 python3 build_zipapp.py
 exec python3 -m pytest -p no:cacheprovider --cov=nekko_sm --cov-report=term "$@"

@@ -59,7 +59,10 @@ class Api:
         c = self.conn()
         try:
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-            c.request(method, path, body=data, headers=headers or {})
+            hdrs = dict(headers or {})
+            if method == "POST":  # what the API wants (415 otherwise)
+                hdrs.setdefault("Content-Type", "application/json")
+            c.request(method, path, body=data, headers=hdrs)
             r = c.getresponse()
             payload = r.read()
             doc = json.loads(payload) if payload and r.getheader("Content-Type") == "application/json" else payload

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from peers import require_binary
 
 from nekko_sm import __version__
 from nekko_sm.store import Store
-from peers import require_binary
 
 
 def sha(data: bytes) -> str:
@@ -32,14 +32,15 @@ def run(pyz, tmp_path):
         e.update(env or {})
         return subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *args],
                               capture_output=True, text=True, timeout=timeout, env=e,
-                              cwd=tmp_path, **kw)
+                              cwd=tmp_path, check=False, **kw)
 
     run.cache = cache
     return run
 
 
 def test_version_from_another_directory(pyz, tmp_path):
-    r = subprocess.run([str(pyz), "--version"], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([str(pyz), "--version"], capture_output=True, text=True, cwd=tmp_path,
+                       check=False)
     assert r.returncode == 0 and r.stdout.strip() == f"nekko-sm {__version__}"
 
 
@@ -131,7 +132,8 @@ def test_cache_is_valid_oci_layout_for_umoci(run, nginx):
     umoci = require_binary("umoci")
     url = nginx.put("umoci.bin", b"u" * 100)
     run("pull", url)
-    r = subprocess.run([umoci, "ls", "--layout", str(run.cache)], capture_output=True, text=True)
+    r = subprocess.run([umoci, "ls", "--layout", str(run.cache)], capture_output=True, text=True,
+                       check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [url]
 
@@ -204,7 +206,8 @@ def test_serve_stops_cleanly_on_sigterm(pyz, tmp_path):
 
 def test_serve_bad_address_exits_2(pyz, tmp_path):
     r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(tmp_path), "--address",
-                        "127.0.0.1:99999"], capture_output=True, text=True, timeout=30)
+                        "127.0.0.1:99999"], capture_output=True, text=True, timeout=30,
+                       check=False)
     assert r.returncode == 2 and "port" in r.stderr
 
 
@@ -216,7 +219,7 @@ def test_runs_on_the_oldest_python_available(pyz, nginx, tmp_path):
         pytest.skip("no Python 3.9 on this machine; CI's vermin check covers syntax")
     url = nginx.put("py39.bin", b"3.9")
     r = subprocess.run([py, str(pyz), "--cache-dir", str(tmp_path / "c"), "pull", url],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
 
 

@@ -474,7 +474,8 @@ def _post(server, body: dict) -> tuple[int, dict]:
     host, port = server.server_address[:2]
     c = http.client.HTTPConnection(host, port, timeout=60)
     try:
-        c.request("POST", "/content/", body=json.dumps(body).encode())
+        c.request("POST", "/content/", body=json.dumps(body).encode(),
+                  headers={"Content-Type": "application/json"})
         r = c.getresponse()
         return r.status, json.loads(r.read())
     finally:
@@ -517,6 +518,14 @@ def test_another_ca_is_not_enough(make, tls, pki):
     with pytest.raises(UpstreamError) as e:
         svc.pull(url)
     assert e.value.code == "upstream-error" and "certificate" in e.value.message
+
+
+def test_https_to_http_redirect_is_refused(make, tls, pki):
+    """Issue 9, finding 9: a redirect from https to plain http is a downgrade (as apt says)."""
+    svc = make({"ca_cert": str(pki.ca_path)})
+    with pytest.raises(UpstreamError, match="from https to plain http"):
+        svc.pull(tls.url + "/downgrade")
+    assert svc.store.entries() == []
 
 
 def test_https_through_the_proxy_with_the_private_ca(make, tls, pki, tproxy):

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from peers.nginx import BASIC_PASSWORD, BASIC_USER, BEARER_TOKEN
 
 from nekko_sm import config as cfg
 from nekko_sm.credentials import Credentials
@@ -24,7 +25,6 @@ from nekko_sm.errors import (
 from nekko_sm.service import Service
 from nekko_sm.store import REF_NAME
 from nekko_sm.transfer import Transfer
-from peers.nginx import BASIC_PASSWORD, BASIC_USER, BEARER_TOKEN
 
 
 def sha(data: bytes) -> str:

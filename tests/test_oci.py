@@ -23,7 +23,6 @@ from peers.tokenserver import ALICE_TOKEN, CREDENTIALS
 from nekko_sm import config as cfg
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
-    Conflict,
     IntegrityError,
     ManifestInvalid,
     NoMatchingPlatform,
@@ -33,7 +32,7 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.service import Service
-from nekko_sm.sources import oci
+from nekko_sm.sources import oci, registry_auth
 from nekko_sm.store import MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, REF_NAME
 from nekko_sm.transfer import Transfer
 
@@ -178,23 +177,40 @@ def test_platform_per_request(svc, seeded, asked, expect):
     assert entry["platform"] == expect
 
 
-def test_asking_another_platform_of_a_cached_image_is_a_conflict(svc, seeded):
+def test_each_platform_is_its_own_entry(svc, reg, seeded):
+    """Issue 9, finding 7: a caller asking for arm64 never decides what amd64 callers get."""
     info = seeded["public/multi:v1"]
-    svc.pull(info.url, platform="linux/arm64")
+    arm, _ = svc.pull(info.url, platform="linux/arm64")
+    assert arm["url"] == info.url + "?platform=linux/arm64" and arm["platform"] == "linux/arm64"
     assert svc.pull(info.url, platform="linux/arm64")[0]["platform"] == "linux/arm64"
-    assert svc.pull(info.url)[0]["platform"] == "linux/arm64"  # no platform asked: the cached one
-    with pytest.raises(Conflict, match="cached for linux/arm64"):
-        svc.pull(info.url, platform="linux/amd64")
+    host, created = svc.pull(info.url)  # no platform asked: the host's, pulled now
+    assert created and host["url"] == info.url and host["platform"] == "linux/amd64"
+    assert svc.pull(info.url, platform="linux/amd64")[0]["url"] == info.url  # the same entry
+    assert svc.pull(info.url + "?platform=linux/arm64")[1] is False  # the URL spelling
+    assert svc.status(info.url + "?platform=linux/arm64")["platform"] == "linux/arm64"
     svc.remove(info.url)
-    assert svc.pull(info.url, platform="linux/amd64")[0]["platform"] == "linux/amd64"
+    assert svc.status(info.url + "?platform=linux/arm64")["state"] == "complete"
+    assert svc.store.verify() == []
+
+
+def test_an_older_cache_entry_for_another_platform_is_pulled_again(svc, seeded):
+    """Before keys named the platform, an arm64 pull sat under the plain URL: not an answer."""
+    info = seeded["public/multi:v1"]
+    arm, _ = svc.pull(info.url, platform="linux/arm64")
+    desc = svc.store.get_entry(arm["url"])
+    svc.store.remove_entry(arm["url"])
+    svc.store.put_entry(info.url, desc)  # as the old code stored it
+    entry, created = svc.pull(info.url)
+    assert created and entry["platform"] == "linux/amd64"
 
 
 def test_platform_all_keeps_the_whole_index(make, reg, seeded):
     svc = make(reg.host, platform="all")
     info = seeded["public/multi:v1"]
     entry, _ = svc.pull(info.url)
+    assert entry["url"] == info.url + "?platform=all"
     assert entry["digest"] == info.index_digest and "manifest" not in entry
-    desc = svc.store.get_entry(info.url)
+    desc = svc.store.get_entry(entry["url"])
     assert desc.media_type == MT_OCI_INDEX and blob(svc, info.digest) == info.manifest
     for sub in list(info.platforms.values()) + info.attestations:
         assert blob(svc, sub.digest) == sub.manifest
@@ -318,7 +334,7 @@ def test_refused_token_is_renewed_once(make, areg, auth_seeded):
     svc = make(areg.host)
     info = auth_seeded["public/single:v1"]
     svc.pull(info.url)
-    cache = oci._cache_for(svc.transfer)
+    cache = registry_auth.token_cache_for(svc.transfer)
     with cache._lock:
         for key, (_tok, exp) in list(cache._tokens.items()):
             cache._tokens[key] = ("expired-or-revoked", exp)
@@ -548,7 +564,8 @@ def test_cli_platforms(cli, reg, seeded):
     assert json.loads(r.stdout)["digest"] == info.index_digest
     types = {d["annotations"][REF_NAME]: d["mediaType"]
              for d in index_json(cli.cache)["manifests"]}
-    assert types == {info.url: MT_OCI_MANIFEST, other: MT_OCI_INDEX}
+    assert types == {info.url + "?platform=linux/arm64": MT_OCI_MANIFEST,
+                     other + "?platform=all": MT_OCI_INDEX}
 
 
 def test_cli_private_repo(cli, areg, auth_seeded):
@@ -575,15 +592,15 @@ def test_cli_wrong_digest(cli, reg, seeded):
 
 
 def test_parse_challenges():
-    assert oci.parse_challenges(
+    assert registry_auth.parse_challenges(
         'Bearer realm="https://auth.example/token",service="reg",'
         'scope="repository:a/b:pull,push", Basic realm="x y"') == [
         ("bearer", {"realm": "https://auth.example/token", "service": "reg",
                     "scope": "repository:a/b:pull,push"}),
         ("basic", {"realm": "x y"})]
-    assert oci.parse_challenges('basic realm=plain') == [("basic", {"realm": "plain"})]
-    assert oci.parse_challenges('Bearer realm="a\\"b"') == [("bearer", {"realm": 'a"b'})]
-    assert oci.parse_challenges("") == []
+    assert registry_auth.parse_challenges('basic realm=plain') == [("basic", {"realm": "plain"})]
+    assert registry_auth.parse_challenges('Bearer realm="a\\"b"') == [("bearer", {"realm": 'a"b'})]
+    assert registry_auth.parse_challenges("") == []
 
 
 @pytest.mark.parametrize("status,body,err", [
@@ -597,8 +614,9 @@ def test_parse_challenges():
     (503, None, UpstreamUnavailable),
 ])
 def test_registry_error(status, body, err):
-    e = oci.registry_error(status, "http://r/v2/x/manifests/y",
-                           json.dumps(body).encode() if body else b"", {}, what="oci://r/x:y")
+    e = registry_auth.registry_error(status, "http://r/v2/x/manifests/y",
+                                     json.dumps(body).encode() if body else b"", {},
+                                     what="oci://r/x:y")
     assert type(e) is err and e.message.startswith("oci://r/x:y")
 
 

@@ -9,12 +9,11 @@ import os
 import threading
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 import urllib3
-
 from peers import require_binary
 from peers.faulty import FaultyServer, start_faulty
 from peers.nginx import BASIC_PASSWORD, BASIC_USER, BEARER_TOKEN, NginxPeer, running_nginx
@@ -288,7 +287,7 @@ def test_faulty_lies_about_length(faulty: FaultyServer) -> None:
         assert info.value.partial == DATA
     finally:
         conn.close()
-    status, headers, body = _get(shorter)
+    _status, headers, body = _get(shorter)
     assert headers["Content-Length"] == str(len(DATA) - 100)
     assert headers["Connection"] == "close" and body == DATA[:-100]
     assert faulty.requests_for(shorter)[0].body_bytes == len(DATA)

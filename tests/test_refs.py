@@ -18,6 +18,10 @@ EP = "https://huggingface.co"
     ("oci://reg.io/x@sha256:" + "a" * 64, "oci://reg.io/x@sha256:" + "a" * 64),
     ("oci://reg.io/x:tag@sha256:" + "a" * 64, "oci://reg.io/x@sha256:" + "a" * 64),
     ("OCI://REG.IO/x", "oci://reg.io/x:latest"),
+    ("oci://reg.io/x?platform=linux/arm64", "oci://reg.io/x:latest?platform=linux/arm64"),
+    ("oci://reg.io/x:1?platform=ALL", "oci://reg.io/x:1?platform=all"),
+    ("oci://reg.io/x@sha256:" + "a" * 64 + "?platform=linux/arm/v7",
+     "oci://reg.io/x@sha256:" + "a" * 64 + "?platform=linux/arm/v7"),
 ])
 def test_oci_canonical(url, canonical):
     assert parse(url).canonical == canonical
@@ -32,6 +36,7 @@ def test_docker_hub_api_host():
 @pytest.mark.parametrize("url", [
     "oci://reg.io", "oci://reg.io/UPPER", "oci://reg.io/x@sha256:abc", "oci://reg.io/x:bad tag",
     "oci://reg.io:99999/x", "oci://reg.io/../x", "oci:///x",
+    "oci://reg.io/x?tag=1", "oci://reg.io/x?platform=linux", "oci://reg.io/x?platform=a/b/c/d",
 ])
 def test_oci_bad(url):
     with pytest.raises(InvalidReference):

@@ -87,9 +87,8 @@ def test_size_mismatch_commits_nothing(store):
 
 
 def test_more_bytes_than_promised_refused(store):
-    with store.writer("x", expected_size=4) as w:
-        with pytest.raises(SizeMismatch):
-            w.write(b"hello")
+    with store.writer("x", expected_size=4) as w, pytest.raises(SizeMismatch):
+        w.write(b"hello")
 
 
 def test_resume_keeps_and_rehashes_partial(store):
@@ -124,7 +123,7 @@ def test_reset_starts_over(store):
 
 def test_extra_hashers_cover_resumed_bytes(store):
     data = b"abc" * 1000
-    make = lambda: hashlib.sha1(b"blob %d\0" % len(data))  # noqa: E731
+    make = lambda: hashlib.sha1(b"blob %d\0" % len(data))
     with store.writer("g", extra_hashers={"git": make}) as w:
         w.write(data[:500])
     with store.writer("g", extra_hashers={"git": make}) as w:
@@ -360,6 +359,5 @@ def test_ranged_commit_with_a_gap_is_refused(store):
 
 
 def test_preallocate_beyond_the_disk_is_insufficient_storage(store):
-    with store.writer("huge") as w:
-        with pytest.raises(InsufficientStorage):
-            w.preallocate(1 << 60)
+    with store.writer("huge") as w, pytest.raises(InsufficientStorage):
+        w.preallocate(1 << 60)

@@ -60,6 +60,7 @@ from nekko_sm.errors import (
     UpstreamNotFound,
     UpstreamUnavailable,
 )
+from nekko_sm.httpio import content_range
 from nekko_sm.refs import HFRef, redact, safe_name
 from nekko_sm.sources.base import (
     A_ETAG,
@@ -71,7 +72,7 @@ from nekko_sm.sources.base import (
     store_artifact,
 )
 from nekko_sm.sources.hf_oids import GitOids
-from nekko_sm.transfer import MAX_REDIRECTS, REDIRECT_STATUSES, _content_range, default_error
+from nekko_sm.transfer import MAX_REDIRECTS, REDIRECT_STATUSES, default_error
 
 log = logging.getLogger("nekko_sm.sources.hf")
 
@@ -293,7 +294,7 @@ def probe_size(job: Job, url: str) -> int | None:
     """The size of the file at the CDN ``url``: ``Content-Range`` of a one-byte ranged GET."""
     r = job.transfer.request("GET", url, headers={"Range": "bytes=0-0"}, limit=1 << 16)
     if r.status == 206:
-        return _content_range(r.headers.get("Content-Range"))[1]
+        return content_range(r.headers.get("Content-Range"))[1]
     return None
 
 
@@ -318,9 +319,9 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
             raise IntegrityError(f"{redact(url)} has digest {vouched} on the Hub,"
                                  f" not the {expected} asked for")
         expected = vouched
-    if expected is not None:
-        job.lease.add(expected)  # lease first, so gc cannot free it between check and use
-        if vouched and size is not None and job.store.has_blob(vouched, size):
+    if vouched is not None:
+        job.lease.add(vouched)  # lease first, so gc cannot free it between check and use
+        if size is not None and job.store.has_blob(vouched, size):
             return vouched, size
 
     if git_oid is not None and size is not None and size <= min(SMALL_FILE, MAX_SPAN):
@@ -479,8 +480,8 @@ def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None,
             raise errors(r.status, r.url, r.data, r.headers)
         try:
             entries = json.loads(r.data)
-        except ValueError as e:
-            raise UpstreamError(f"{redact(url)}: the tree listing is not JSON") from e
+        except ValueError as err:
+            raise UpstreamError(f"{redact(url)}: the tree listing is not JSON") from err
         if not isinstance(entries, list):
             raise UpstreamError(f"{redact(url)}: the tree listing is not a list")
         for item in entries:
@@ -577,7 +578,7 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
         for fut in futures:
             fut.cancel()
         wait(futures)
-    errors = [fut.exception() for fut in futures if not fut.cancelled() and fut.exception()]
+    errors = [x for x in (fut.exception() for fut in futures if not fut.cancelled()) if x]
     if errors:
         # The first failure, not the cancellations it caused in the other downloads.
         raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])

@@ -1,4 +1,4 @@
-"""OCI registries: challenge/token auth, manifests, platform choice, blobs (DESIGN section 3).
+"""OCI registries: manifests, platform choice, blobs, mirrors (DESIGN section 3).
 
 A pull resolves ``oci://REGISTRY/REPO:TAG`` (or ``@sha256:…``) to a manifest, picks the
 platform's image from an index (or keeps the whole index with ``--platform all``), then
@@ -8,27 +8,24 @@ Manifests are stored byte for byte as served; every blob is verified at commit.
 Endpoints: each configured mirror of the registry first (``MIRROR/v2/…?ns=REGISTRY``, as
 containerd does), then the registry itself.  Any failure of a mirror falls back to the next
 endpoint for the rest of the pull.  The caller's credentials go to the registry and to the
-token server its challenge names, never to a mirror or a blob redirect target.
+token server its challenge names, never to a mirror or a blob redirect target; how an
+endpoint authorises (challenges, tokens) is :mod:`nekko_sm.sources.registry_auth`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import threading
-import time
-import weakref
 from collections.abc import Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from nekko_sm.config import Platform, normalize_arch, parse_platform
-from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
     BadRequest,
     Cancelled,
@@ -38,12 +35,10 @@ from nekko_sm.errors import (
     NekkoError,
     NoMatchingPlatform,
     Unauthorized,
-    UpstreamError,
-    UpstreamNotFound,
-    UpstreamUnavailable,
 )
-from nekko_sm.refs import OCIRef, redact, safe_name
+from nekko_sm.refs import OCIRef, safe_name
 from nekko_sm.sources.base import FileItem, Job, PullResult
+from nekko_sm.sources.registry_auth import Endpoint
 from nekko_sm.store import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -55,299 +50,16 @@ from nekko_sm.store import (
     Descriptor,
     sha256_digest,
 )
-from nekko_sm.transfer import default_error, retry_after
 
 log = logging.getLogger("nekko_sm.oci")
 
-ACCEPT = ", ".join((MT_OCI_INDEX, MT_OCI_MANIFEST, MT_DOCKER_LIST, MT_DOCKER_MANIFEST))
+ACCEPT = f"{MT_OCI_INDEX}, {MT_OCI_MANIFEST}, {MT_DOCKER_LIST}, {MT_DOCKER_MANIFEST}"
 MAX_MANIFEST = 4 << 20
 _SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
             "application/vnd.docker.distribution.manifest.v1+prettyjws")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ATTESTATION = "attestation-manifest"
-_DEFAULT_EXPIRES = 60
 _MAX_NESTING = 4
-
-
-# --------------------------------------------------------------------------------------------
-# the one translator of registry errors
-
-
-def registry_error(status: int, url: str, body: bytes, headers: Mapping[str, str],
-                   what: str = "", retryable: bool = True) -> NekkoError:
-    """Turn a registry's error answer (``{"errors": [{"code", "message"}]}``) into ours.
-
-    ``what`` names the pull (``oci://…``) in messages.  ``retryable=False`` (mirrors) makes
-    temporary failures final, so the caller falls back at once instead of backing off.
-    """
-    pairs: list[tuple[str, str]] = []
-    try:
-        doc = json.loads(body.decode("utf-8", "replace")) if body else None
-        for e in (doc or {}).get("errors") or []:
-            if isinstance(e, dict):
-                pairs.append((str(e.get("code", "")).upper()[:40],
-                              str(e.get("message") or "")[:200]))
-    except (ValueError, AttributeError):
-        pass
-    codes = [c for c, _ in pairs]
-    where = what or redact(url)
-    said = "; ".join(f"{c}: {m}" if m else c for c, m in pairs[:4])
-    detail = f" ({status} {said})" if said else f" ({status})"
-    challenge = headers.get("WWW-Authenticate")
-    if status == 429 or "TOOMANYREQUESTS" in codes:
-        err: NekkoError = UpstreamUnavailable(
-            f"{where}: the registry is rate limiting us{detail}",
-            retry_after=retry_after(headers.get("Retry-After")))
-    elif status == 401 or {"UNAUTHORIZED", "DENIED"} & set(codes):
-        err = Unauthorized(f"{where} needs credentials: pass credentials or check them{detail}")
-        if status == 401:
-            err.context["challenge"] = challenge  # for a re-challenge mid-pull
-    elif status == 404 or {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"} & set(codes):
-        err = UpstreamNotFound(f"{where}: not found at the registry{detail}")
-    else:
-        base = default_error(status, url, body, headers)
-        kw = {"retry_after": base.retry_after} if isinstance(base, UpstreamUnavailable) else {}
-        err = type(base)(f"{where}: the registry answered{detail}", **kw)
-    if not retryable and isinstance(err, UpstreamUnavailable):
-        err = UpstreamError(err.message)
-    return err
-
-
-# --------------------------------------------------------------------------------------------
-# WWW-Authenticate
-
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_PARAM_RE = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^,\s]*)""")
-
-
-def parse_challenges(value: str | None) -> list[tuple[str, dict[str, str]]]:
-    """``Bearer realm="…",scope="a,b", Basic realm="x"`` -> ``[("bearer", {…}), ("basic", {…})]``.
-
-    Schemes and parameter names are lower-cased; quoted values keep their commas and lose
-    their backslash escapes.  Parsing stops at anything it cannot read.
-    """
-    out: list[tuple[str, dict[str, str]]] = []
-    s = value or ""
-    i = 0
-    while True:
-        while i < len(s) and s[i] in " \t,":
-            i += 1
-        param = _PARAM_RE.match(s, i)
-        if param and out:
-            v = param.group(2)
-            if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
-                v = re.sub(r"\\(.)", r"\1", v[1:-1])
-            out[-1][1].setdefault(param.group(1).lower(), v)
-            i = param.end()
-            continue
-        scheme = _TOKEN_RE.match(s, i)
-        if not scheme:
-            return out
-        out.append((scheme.group(0).lower(), {}))
-        i = scheme.end()
-
-
-# --------------------------------------------------------------------------------------------
-# tokens
-
-
-class _TokenCache:
-    """Tokens by (realm, service, scopes, credentials) until they are about to expire."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._tokens: dict[tuple, tuple[str, float]] = {}
-
-    def get(self, key: tuple) -> str | None:
-        with self._lock:
-            hit = self._tokens.get(key)
-            if hit is None:
-                return None
-            if hit[1] <= time.monotonic():
-                del self._tokens[key]
-                return None
-            return hit[0]
-
-    def put(self, key: tuple, token: str, expires_in: float) -> None:
-        slack = min(30.0, max(1.0, expires_in / 10))
-        with self._lock:
-            if len(self._tokens) > 1000:
-                self._tokens.clear()
-            self._tokens[key] = (token, time.monotonic() + max(0.0, expires_in - slack))
-
-    def drop(self, key: tuple) -> None:
-        with self._lock:
-            self._tokens.pop(key, None)
-
-
-# One cache per Transfer (i.e. per Service): tokens outlive a pull, never a process.
-_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_caches_lock = threading.Lock()
-
-
-def _cache_for(transfer: object) -> _TokenCache:
-    with _caches_lock:
-        cache = _caches.get(transfer)
-        if cache is None:
-            cache = _TokenCache()
-            _caches[transfer] = cache
-        return cache
-
-
-def _origin(url: str) -> tuple:
-    p = urlsplit(url)
-    scheme = p.scheme.lower()
-    return scheme, (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(scheme)
-
-
-# --------------------------------------------------------------------------------------------
-# one endpoint: a mirror or the registry
-
-
-class _Endpoint:
-    """A base URL that speaks the registry API for one repository, and how to authorise there."""
-
-    def __init__(self, job: Job, ref: OCIRef, base: str, mirror: bool) -> None:
-        self.job = job
-        self.ref = ref
-        self.base = base.rstrip("/").removesuffix("/v2")
-        self.mirror = mirror
-        self.query = "?" + urlencode({"ns": ref.registry}) if mirror else ""
-        # The caller's credentials are for the registry: a mirror only gets anonymous tokens.
-        self.credentials: Credentials | None = None if mirror else job.credentials
-        self.errors = partial(registry_error, what=ref.canonical, retryable=not mirror)
-        self._lock = threading.Lock()
-        self._ready = False
-        self._auth: str | None = None
-        self._token_key: tuple | None = None
-        self._cache = _cache_for(job.transfer)
-
-    def __str__(self) -> str:
-        return f"mirror {redact(self.base)}" if self.mirror else f"registry {redact(self.base)}"
-
-    def url(self, path: str) -> str:
-        return f"{self.base}/v2/{path}{self.query}"
-
-    @property
-    def auth(self) -> str | None:
-        return self._auth
-
-    def same_origin(self, url: str) -> bool:
-        return _origin(url) == _origin(self.base)
-
-    # -- ping and challenges -------------------------------------------------------------
-    def ready(self) -> None:
-        """Ping ``/v2/`` once and answer its challenge, if any."""
-        if self._ready:
-            return
-        with self._lock:
-            if self._ready:
-                return
-            creds = self.credentials
-            first = creds.header if creds is not None and creds.type == "Bearer" else None
-            resp = self.job.transfer.request("GET", self.url(""), auth=first, limit=1 << 20,
-                                             retry=not self.mirror)
-            if resp.status == 200:
-                self._auth = first
-            elif resp.status == 401 and self.same_origin(resp.url):
-                self._answer(resp.headers.get("WWW-Authenticate"), force=False)
-            else:
-                raise self.errors(resp.status, resp.url, resp.data, resp.headers)
-            self._ready = True
-
-    def reauthenticate(self, challenge: str | None, used: str | None) -> None:
-        """A 401 mid-pull: drop the token that was refused and answer the challenge again
-        (asking ``/v2/`` for one when the 401 came without)."""
-        with self._lock:
-            if self._auth != used:
-                return  # another thread already did
-            if self._token_key is not None:
-                self._cache.drop(self._token_key)
-            if not challenge:
-                resp = self.job.transfer.request("GET", self.url(""), limit=1 << 20,
-                                                 retry=not self.mirror)
-                if resp.status != 401 or not self.same_origin(resp.url):
-                    raise Unauthorized(f"{self.ref.canonical}: the registry refused us"
-                                       f" (401) without saying how to authenticate")
-                challenge = resp.headers.get("WWW-Authenticate")
-            self._answer(challenge, force=True)
-
-    def _answer(self, value: str | None, force: bool) -> None:
-        challenges = parse_challenges(value)
-        bearer = next((p for s, p in challenges if s == "bearer" and p.get("realm")), None)
-        basic = next((p for s, p in challenges if s == "basic"), None)
-        creds = self.credentials
-        if bearer is not None:
-            self._auth = "Bearer " + self._token(bearer, force)
-        elif basic is not None and creds is not None and creds.type == "Basic":
-            if force and self._auth == creds.header:
-                raise Unauthorized(f"{self.ref.canonical}: the registry refused the credentials:"
-                                   " check them")
-            self._auth = creds.header
-        else:
-            kind = "Basic credentials (base64 user:password)" if basic is not None else \
-                "credentials"
-            raise Unauthorized(f"{self.ref.canonical} needs {kind}: pass credentials"
-                               " or check them")
-
-    def _realm(self, realm: str) -> str:
-        p = urlsplit(realm)
-        if p.scheme not in ("http", "https") or not p.hostname:
-            raise UpstreamError(f"{self.ref.canonical}: the registry named an unusable token"
-                                f" service {redact(realm)!r} (http or https only)")
-        if p.scheme == "http" and urlsplit(self.base).scheme == "https" \
-                and not self.job.config.is_insecure(p.netloc):
-            raise UpstreamError(f"{self.ref.canonical}: the registry named a plain-http token"
-                                f" service {redact(realm)}; refusing to send credentials in"
-                                " the clear (mark it --insecure-registry if you mean it)")
-        return realm
-
-    def _token(self, params: dict[str, str], force: bool) -> str:
-        realm = self._realm(params["realm"])
-        service = params.get("service")
-        scopes = [f"repository:{self.ref.repository}:pull"]
-        for s in (params.get("scope") or "").split():
-            if s not in scopes:
-                scopes.insert(0, s)  # some token servers only read the first scope
-        creds = self.credentials
-        who = hashlib.sha256(creds.header.encode()).hexdigest() if creds else ""
-        key = (self.base, realm, service, tuple(scopes), who)
-        self._token_key = key
-        if not force:
-            cached = self._cache.get(key)
-            if cached is not None:
-                return cached
-        p = urlsplit(realm)
-        query = parse_qsl(p.query, keep_blank_values=True)
-        if service:
-            query.append(("service", service))
-        query.extend(("scope", s) for s in scopes)
-        url = urlunsplit((p.scheme, p.netloc, p.path or "/", urlencode(query), ""))
-        log.debug("asking %s for a token (scope %s)", redact(url), " ".join(scopes))
-        resp = self.job.transfer.request("GET", url, headers={"Accept": "application/json"},
-                                         auth=creds.header if creds else None, limit=1 << 20,
-                                         retry=not self.mirror)
-        if resp.status in (401, 403):
-            if creds is None:
-                raise Unauthorized(f"{self.ref.canonical} needs credentials: the token service"
-                                   f" refused an anonymous request ({resp.status})")
-            raise Unauthorized(f"{self.ref.canonical}: the token service refused the"
-                               f" credentials ({resp.status}): check them")
-        if resp.status != 200:
-            raise self.errors(resp.status, resp.url, resp.data, resp.headers)
-        try:
-            doc = json.loads(resp.data)
-            token = doc.get("token") or doc.get("access_token")
-            expires = doc.get("expires_in")
-        except (ValueError, AttributeError):
-            token = None
-        if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
-            raise UpstreamError(f"{self.ref.canonical}: the token service answered without"
-                                " a usable token")
-        if not isinstance(expires, (int, float)) or isinstance(expires, bool) or expires <= 0:
-            expires = _DEFAULT_EXPIRES
-        self._cache.put(key, token, float(expires))
-        return token
 
 
 class _Either:
@@ -384,19 +96,18 @@ class _Puller:
     def __init__(self, job: Job, ref: OCIRef) -> None:
         self.job = job
         self.ref = ref
-        scheme = "http" if job.config.is_insecure(ref.api_host) or \
-            job.config.is_insecure(ref.registry) else "https"
-        mirrors = job.config.registry_mirrors.get(ref.registry.lower()) or ()
+        scheme = _scheme(job, ref)
+        configured = job.config.registry_mirrors.get(ref.registry.lower()) or ()
         # a mirror host marked --insecure-registry is plain http, as a registry is
         mirrors = ["http://" + m.split("://", 1)[1]
-                   if job.config.is_insecure(urlsplit(m).netloc) else m for m in mirrors]
-        self.endpoints = [_Endpoint(job, ref, m, mirror=True) for m in mirrors]
-        self.endpoints.append(_Endpoint(job, ref, f"{scheme}://{ref.api_host}", mirror=False))
+                   if job.config.is_insecure(urlsplit(m).netloc) else m for m in configured]
+        self.endpoints = [Endpoint(job, ref, m, mirror=True) for m in mirrors]
+        self.endpoints.append(Endpoint(job, ref, f"{scheme}://{ref.api_host}", mirror=False))
         self._dead: set[int] = set()
         self._lock = threading.Lock()
 
     # -- endpoints ----------------------------------------------------------------------------
-    def _call(self, fn: Callable[[_Endpoint], object]) -> object:
+    def _call(self, fn: Callable[[Endpoint], object]) -> object:
         """``fn(endpoint)`` on the first live endpoint; a failing mirror falls back."""
         for i, ep in enumerate(self.endpoints):
             if i in self._dead:
@@ -421,7 +132,7 @@ class _Puller:
     def manifest(self, reference: str) -> _Manifest:
         return self._call(partial(self._manifest, reference))  # type: ignore[return-value]
 
-    def _manifest(self, reference: str, ep: _Endpoint) -> _Manifest:
+    def _manifest(self, reference: str, ep: Endpoint) -> _Manifest:
         url = ep.url(f"{self.ref.repository}/manifests/{reference}")
         transfer = self.job.transfer
         for attempt in (0, 1):
@@ -558,7 +269,7 @@ class _Puller:
         if job.cancel.is_set():
             raise Cancelled(f"pull of {self.ref.canonical} was cancelled")
 
-    def _blob(self, d: Descriptor, cancel: _Either, ep: _Endpoint) -> None:
+    def _blob(self, d: Descriptor, cancel: _Either, ep: Endpoint) -> None:
         job = self.job
         job.on_ingest(d.digest)
         with job.store.writer(d.digest, d.size, cancel) as w:  # type: ignore[arg-type]
@@ -578,7 +289,9 @@ class _Puller:
                         raise  # a redirect target's or a DENIED: a new token will not help
                     log.debug("%s: blob %s: token refused; asking again", self.ref.canonical,
                               d.digest)
-                    ep.reauthenticate(e.context["challenge"], used)  # resumes from w.offset
+                    challenge = e.context["challenge"]  # the WWW-Authenticate value, or None
+                    ep.reauthenticate(challenge if isinstance(challenge, str) else None,
+                                      used)  # resumes from w.offset
             w.commit(d.digest, job.lease)
 
 
@@ -644,6 +357,31 @@ def _wanted(job: Job) -> Platform | None:
 
 # --------------------------------------------------------------------------------------------
 # entry point
+
+
+def _scheme(job: Job, ref: OCIRef) -> str:
+    insecure = job.config.is_insecure(ref.api_host) or job.config.is_insecure(ref.registry)
+    return "http" if insecure else "https"
+
+
+def confirm_access(job: Job, ref: OCIRef, digest: str) -> None:
+    """May ``job.credentials`` pull ``digest`` from ``ref``'s repository now?  Raise if not.
+
+    One manifest ``HEAD`` by digest in the repository's pull scope, at the registry itself:
+    a mirror answering proves nothing about the caller's access to the registry.
+    """
+    ep = Endpoint(job, ref, f"{_scheme(job, ref)}://{ref.api_host}", mirror=False)
+    ep.ready()
+    url = ep.url(f"{ref.repository}/manifests/{digest}")
+    for attempt in (0, 1):
+        used = ep.auth
+        resp = job.transfer.request("HEAD", url, headers={"Accept": ACCEPT}, auth=used)
+        if resp.status == 401 and attempt == 0 and ep.same_origin(resp.url):
+            ep.reauthenticate(resp.headers.get("WWW-Authenticate"), used)
+            continue
+        break
+    if resp.status != 200:
+        raise ep.errors(resp.status, resp.url, b"", resp.headers)
 
 
 def pull(job: Job, ref: OCIRef) -> PullResult:
@@ -718,4 +456,4 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
                       platform=_platform_str(platform) if platform else None)
 
 
-__all__ = ["ACCEPT", "choose_platform", "parse_challenges", "pull", "registry_error"]
+__all__ = ["ACCEPT", "choose_platform", "confirm_access", "pull"]

@@ -64,11 +64,15 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+; only type checkers read it
 
 _CHUNK = 64 * 1024
 _SOCKET_TIMEOUT = 10.0
@@ -85,8 +89,8 @@ class FaultyRequest:
     target: str
     headers: dict[str, str]
     connection: int
-    range: Optional[str] = None
-    if_range: Optional[str] = None
+    range: str | None = None
+    if_range: str | None = None
     status: int = 0
     body_bytes: int = 0
     complete: bool = False
@@ -102,25 +106,25 @@ class _Version:
 @dataclass
 class _Resource:
     versions: list[_Version]
-    drop_after: Optional[int] = None
-    drop_times: Optional[int] = 1
+    drop_after: int | None = None
+    drop_times: int | None = 1
     drop_reset: bool = False
-    stall_after: Optional[int] = None
+    stall_after: int | None = None
     stall_seconds: float = 0.0
-    stall_times: Optional[int] = 1
+    stall_times: int | None = 1
     statuses: Sequence[int] = ()
-    retry_after: Optional[str] = None
+    retry_after: str | None = None
     lie_length: int = 0
     no_length: bool = False
     extra_bytes: int = 0
     ignore_range: bool = False
     corrupt: bool = False
-    corrupt_times: Optional[int] = None
-    change_etag_after: Optional[int] = None
-    content_disposition: Optional[str] = None
+    corrupt_times: int | None = None
+    change_etag_after: int | None = None
+    content_disposition: str | None = None
     content_type: str = "application/octet-stream"
-    require_auth: Optional[str] = None
-    redirect_to: Optional[str] = None
+    require_auth: str | None = None
+    redirect_to: str | None = None
     redirect_status: int = 302
     headers: dict[str, str] = field(default_factory=dict)
     # counters, changed under the server's lock
@@ -148,7 +152,7 @@ def _corrupted(data: bytes) -> bytes:
     return bytes(buf)
 
 
-def _under(limit: Optional[int], done: int) -> bool:
+def _under(limit: int | None, done: int) -> bool:
     return limit is None or done < limit
 
 
@@ -182,7 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:
@@ -310,17 +314,17 @@ class _Handler(BaseHTTPRequestHandler):
 
         status, start, end = 200, 0, size
         content_range = None
-        if rec.range is not None and not res.ignore_range:
-            if rec.if_range is None or rec.if_range in (version.etag, version.last_modified):
-                parsed = _parse_range(rec.range, size)
-                if parsed == "unsatisfiable":
-                    self._simple(416, "range not satisfiable\n",
-                                 {"Content-Range": f"bytes */{size}", "ETag": version.etag}, rec)
-                    return
-                if parsed is not None:
-                    status, (start, last) = 206, parsed
-                    end = last + 1
-                    content_range = f"bytes {start}-{last}/{size}"
+        if rec.range is not None and not res.ignore_range and (
+                rec.if_range is None or rec.if_range in (version.etag, version.last_modified)):
+            parsed = _parse_range(rec.range, size)
+            if parsed == "unsatisfiable":
+                self._simple(416, "range not satisfiable\n",
+                             {"Content-Range": f"bytes */{size}", "ETag": version.etag}, rec)
+                return
+            if parsed is not None:
+                status, (start, last) = 206, parsed
+                end = last + 1
+                content_range = f"bytes {start}-{last}/{size}"
         body_len = end - start
 
         close_delimited = res.no_length or res.extra_bytes > 0
@@ -513,8 +517,7 @@ class FaultyServer:
         return list(self._server.errors)
 
     def _path(self, path_or_url: str) -> str:
-        if path_or_url.startswith(self.url):
-            path_or_url = path_or_url[len(self.url):]
+        path_or_url = path_or_url.removeprefix(self.url)
         if not path_or_url.startswith("/"):
             path_or_url = "/" + path_or_url
         return path_or_url.split("?", 1)[0]
@@ -544,7 +547,7 @@ class FaultyServer:
         self._server.close_connections(wait=2.0)
         self._server.server_close()
 
-    def __enter__(self) -> FaultyServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

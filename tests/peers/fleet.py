@@ -44,11 +44,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peers import ChildProcess
 from peers.nginx import _free_ports, _quote, _set_pdeathsig
 from peers.registry import RegistryPeer
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+; only type checkers read it
 
 # --------------------------------------------------------------------------------------------
 # a pull-through cache
@@ -162,7 +165,8 @@ def start_tinyproxy(workdir: Path, auth: tuple[str, str] | None = None,
         (workdir / "tinyproxy.log").write_bytes(b"")
         with open(workdir / "stderr.log", "wb") as err:
             proc = subprocess.Popen([binary, "-d", "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                    stdout=err, stderr=err, preexec_fn=_set_pdeathsig())
+                                    stdout=err, stderr=err,
+                                    preexec_fn=_set_pdeathsig())  # noqa: PLW1509 - only prctl(PDEATHSIG), which Popen has no option for
         peer = Tinyproxy(workdir, port, auth, proc)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.poll() is None:
@@ -288,6 +292,8 @@ http {{
         ssl_certificate_key {_quote(pki.key_path)};
         location = /__ping {{ return 204; }}
         location /files/ {{ alias {_quote(f"{root}/")}; }}
+        # an https -> http downgrade (to a loopback port nothing should ever be asked on)
+        location = /downgrade {{ return 302 http://127.0.0.1:9/files/x; }}
     }}
 }}
 """
@@ -349,7 +355,8 @@ def start_tls_nginx(workdir: Path, pki: Pki) -> TlsNginx:
             proc = subprocess.Popen(
                 [binary, "-p", f"{workdir}/", "-c", str(conf), "-e", str(workdir / "error.log"),
                  "-g", "daemon off;"],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, preexec_fn=_set_pdeathsig())
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                preexec_fn=_set_pdeathsig())  # noqa: PLW1509 - only prctl(PDEATHSIG), which Popen has no option for
         peer = TlsNginx(workdir, root, port, pki, proc)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.poll() is None:
@@ -448,7 +455,7 @@ class TlsFront:
             with contextlib.suppress(OSError):
                 s.close()
 
-    def __enter__(self) -> TlsFront:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -56,8 +56,9 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -356,7 +357,7 @@ def start_nginx(workdir: Path, limit_rate: str | None = None) -> NginxPeer:
                 [binary, "-p", f"{workdir}/", "-c", str(conf), "-e", str(workdir / "error.log"),
                  "-g", "daemon off;"],
                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                preexec_fn=_set_pdeathsig(),
+                preexec_fn=_set_pdeathsig(),  # noqa: PLW1509 - only prctl(PDEATHSIG), which Popen has no option for
             )
         peer = NginxPeer(workdir, root, port, cdn_port, proc)
         deadline = time.monotonic() + _START_TIMEOUT

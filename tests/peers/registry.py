@@ -55,7 +55,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from peers.tokenserver import (  # noqa: F401 - re-exported
@@ -69,6 +69,9 @@ from peers.tokenserver import (  # noqa: F401 - re-exported
     fetch_token,
     parse_challenge,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+; only type checkers read it
 
 BLOB_RE = re.compile(r"^/v2/(?P<repo>.+)/blobs/(?P<digest>[A-Za-z0-9_+.-]+:[A-Fa-f0-9]+)$")
 _HOP = frozenset(
@@ -674,7 +677,7 @@ class _BlobHostHandler(BaseHTTPRequestHandler):
             self._error(rec, 403, "SignatureDoesNotMatch", "bad or expired signature")
             return
         try:
-            f = open(proxy.blob_file(digest), "rb")
+            f = open(proxy.blob_file(digest), "rb")  # noqa: SIM115 - closed by the with below
         except OSError:
             self._error(rec, 404, "NoSuchKey", "The specified key does not exist.")
             return
@@ -834,7 +837,7 @@ class RegistryPeer(CountingProxy):
             port = free_port()
             with open(self.config_path, "w") as f:
                 f.write(self._config(storage, port))
-            self._log = open(self.log_path, "ab")
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child's log; closed at stop
             self.process = subprocess.Popen(
                 [binary, "serve", self.config_path], stdin=subprocess.DEVNULL,
                 stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -869,15 +872,14 @@ class RegistryPeer(CountingProxy):
 
     def _stop_process(self) -> None:
         p, self.process = self.process, None
-        if p is not None:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
+        if p is not None and p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -901,7 +903,7 @@ class RegistryPeer(CountingProxy):
         if self.token_server is not None:
             self.token_server.close()
 
-    def __enter__(self) -> RegistryPeer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -47,8 +47,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+; only type checkers read it
 
 USER = "alice"
 PASSWORD = "s3cret"
@@ -288,7 +291,7 @@ class TokenServer:
             self._thread.join(5)
             self._thread = None
 
-    def __enter__(self) -> TokenServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
