@@ -23,9 +23,8 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
-from nekko_sm import __version__, retrying
+from nekko_sm import __version__, egress, retrying
 from nekko_sm import download as _download
-from nekko_sm import egress
 from nekko_sm.config import Config
 from nekko_sm.errors import (
     Forbidden,
