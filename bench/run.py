@@ -16,6 +16,8 @@ Scenarios (see BENCHMARKS.md for targets and findings):
 4. an LFS file on the fake Hub: ``nekko-sm pull hf:///`` vs ``huggingface_hub.hf_hub_download``;
 5. cache-hit API: ``nekko-sm serve`` with 10,000 entries under ``wrk -t2 -c32 -d10s``;
 6. peak RSS of a pull and cold start of ``nekko-sm status URL``;
+7. a repository of 200 small files on the fake Hub: ``nekko-sm pull hf:///ORG/NAME`` vs
+   ``huggingface_hub.snapshot_download`` (requests counted at the fake Hub).
 8. a model in a ModelPack tar layer on the docker-registry: ``pull`` (download, then unpack
    into one blob per file) vs ``pull`` of the same bytes as a raw layer, and the unpack alone.
 
@@ -708,6 +710,107 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
     return [row]
 
 
+SNAPSHOT_SCRIPT = r"""
+import sys, time
+t0 = time.perf_counter()
+from huggingface_hub import snapshot_download
+t1 = time.perf_counter()
+p = snapshot_download(repo_id=sys.argv[1], cache_dir=sys.argv[2])
+t2 = time.perf_counter()
+print(p)
+print(f"import {t1 - t0:.3f} download {t2 - t1:.3f}", file=sys.stderr)
+"""
+
+
+def small_repo_files(n: int = 200) -> dict[str, bytes]:
+    """``n`` small regular (git, non-LFS) files in a few directories: configs, tokenizers,
+    code, as a repository of many small files holds them (200 B to ~8 KB, deterministic)."""
+    out = {}
+    for i in range(n):
+        size = 200 + (i * 397) % 8000
+        body = hashlib.sha256(b"small%d" % i).hexdigest().encode() * (size // 64 + 1)
+        out[f"part{i % 8}/file{i:03}.{('json', 'txt', 'py', 'md')[i % 4]}"] = body[:size]
+    return out
+
+
+def scenario7(ctx: Context, reps: int) -> list[Row]:
+    from peers.fakehub import start_fakehub
+
+    files = small_repo_files()
+    total = sum(len(v) for v in files.values())
+    row = Row("7", f"{len(files)} small files ({total // 1024} KiB), fake Hub: pull hf:///ORG/NAME"
+              " vs snapshot_download", target="≤ 0.5× snapshot_download time")
+    log("scenario 7: starting the fake Hub")
+    hub = start_fakehub()
+    ctx.stack.callback(hub.close)
+    hub.add_repo("bench/small-files", files=files)
+    want = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    hub_host = hub.endpoint.split("://", 1)[1]
+    out = ctx.work / "out-s7"
+    out.mkdir(exist_ok=True)
+    cache, hf_home = out / "nekko-cache", out / "hf-home"
+    script = out / "snapshot.py"
+    script.write_text(SNAPSHOT_SCRIPT)
+    requests: dict[str, list] = {"nekko": [], "snapshot_download": []}
+
+    def check_tree(root: Path, who: str) -> None:
+        got = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+        if got != set(want):
+            raise BenchError(f"{who}: {len(got)} files, expected {len(want)}")
+        for name, digest in want.items():
+            check_file(root / name, digest, who)
+
+    def nekko(rep: int) -> dict:
+        settle(cache)
+        hub.clear_log()
+        env = ctx.nekko_env(HF_ENDPOINT=hub.endpoint)
+        dt, r, rss = ctx.nekko_timed(["--insecure-registry", hub_host, "pull",
+                                      "hf:///bench/small-files"], cache, env)
+        if r.returncode != 0:
+            raise BenchError(f"nekko-sm failed: {tail(r.stderr)}")
+        requests["nekko"].append(len(hub.log()))
+        check_tree(Path(r.stdout.decode().strip().splitlines()[-1]), "nekko-sm")
+        settle(cache)
+        return {"nekko": dt, **({"nekko_rss_mib": rss} if rss else {})}
+
+    def snapshot(rep: int) -> dict:
+        settle(hf_home)
+        hub.clear_log()
+        env = ctx.nekko_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.endpoint,
+                            HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        dt, r = run_timed([PY, script, "bench/small-files", str(hf_home / "hub")], env=env)
+        if r.returncode != 0:
+            raise BenchError(f"snapshot_download failed: {tail(r.stderr)}")
+        requests["snapshot_download"].append(len(hub.log()))
+        check_tree(Path(r.stdout.decode().strip().splitlines()[-1]), "snapshot_download")
+        settle(hf_home)
+        return {"snapshot_download": dt}
+
+    log(f"scenario 7: {reps} reps")
+    stats, errors = measure([Tool("nekko", nekko), Tool("snapshot_download", snapshot)], reps)
+    row.peers = peer_texts(stats, ["snapshot_download"])
+    row.data = {k: v.as_json() for k, v in stats.items()}
+    row.data.update(files=len(files), bytes=total,
+                    requests_per_pull={k: v[0] if v else None for k, v in requests.items()})
+    if "nekko" in errors:
+        row.error = errors["nekko"]
+    if "snapshot_download" in errors:
+        row.notes.append(f"snapshot_download failed: {tail(errors['snapshot_download'], 300)}")
+    if "nekko" in stats:
+        row.nekko = stats["nekko"].fmt()
+        if "snapshot_download" in stats:
+            r = stats["nekko"].median / stats["snapshot_download"].median
+            row.ratios.append(("nekko/snapshot_download", r))
+            row.checks.append(("nekko ≤ 0.5× snapshot_download", r <= 0.5))
+        n, h = requests["nekko"], requests["snapshot_download"]
+        if n and h:
+            row.notes.append(f"requests at the fake Hub per pull: nekko {n[0]}, snapshot_download"
+                             f" {h[0]} (it HEADs each file, then GETs it)")
+        row.notes.append("every file of both trees matched its sha256")
+        rss_note(row, stats)
+    return [row]
+
+
 # --------------------------------------------------------------------------------------------
 # scenario 5: the cache-hit API under wrk
 
@@ -1311,7 +1414,7 @@ def main(argv: list | None = None) -> int:
                     help="128 MiB sizes and fewer repetitions (~2-3 min smoke run)")
     ap.add_argument("--selftest", action="store_true",
                     help="scenario 1 only, at 8 MiB, in a few seconds; fails only on errors")
-    ap.add_argument("--only", metavar="N,...", help="scenarios to run (1-6, 8)")
+    ap.add_argument("--only", metavar="N,...", help="scenarios to run (1-8)")
     ap.add_argument("--size-mib", type=int, help="size for scenarios 1-4 and 6 (default 1024)")
     ap.add_argument("--reps", type=int, help="repetitions per tool (default: per scenario)")
     ap.add_argument("--out", metavar="PREFIX",
@@ -1330,8 +1433,8 @@ def main(argv: list | None = None) -> int:
         only = {"1"}
     else:
         args.size_mib = args.size_mib or (128 if args.quick else 1024)
-        only = set((args.only or "1,2,3,4,5,6,8").replace(" ", "").split(","))
-    bad = only - {"1", "2", "3", "4", "5", "6", "8"}
+        only = set((args.only or "1,2,3,4,5,6,7,8").replace(" ", "").split(","))
+    bad = only - {"1", "2", "3", "4", "5", "6", "7", "8"}
     if bad:
         ap.error(f"unknown scenario(s) {','.join(sorted(bad))}")
     mode = "selftest" if args.selftest else "quick" if args.quick else "full"
@@ -1341,6 +1444,7 @@ def main(argv: list | None = None) -> int:
         "2": args.reps or (2 if quick else 3),
         "3": args.reps or (2 if quick else 3),
         "4": args.reps or (2 if quick else 3),
+        "7": args.reps or (3 if quick else 5),
         "8": args.reps or (2 if quick else 3),
     }
     if args.out:
@@ -1349,7 +1453,7 @@ def main(argv: list | None = None) -> int:
         out_prefix = None
     elif args.quick:
         out_prefix = ROOT / "bench" / "results-quick"
-    elif only != {"1", "2", "3", "4", "5", "6", "8"}:
+    elif only != {"1", "2", "3", "4", "5", "6", "7", "8"}:
         out_prefix = ROOT / "bench" / "results-partial"
     else:
         out_prefix = ROOT / "bench" / "results"
@@ -1379,6 +1483,7 @@ def main(argv: list | None = None) -> int:
             ("4", lambda: scenario4(ctx, reps["4"], size_label)),
             ("5", lambda: scenario5(ctx, 1 if quick else 3, 5 if quick else 10)),
             ("6", lambda: scenario6(ctx, 1 if quick else 3, 10, size_label)),
+            ("7", lambda: scenario7(ctx, reps["7"])),
             ("8", lambda: scenario8(ctx, reps["8"], size_label)),
         ]
         for sid, fn in plan:

@@ -41,7 +41,7 @@ from nekko_sm.errors import (
     OriginRefused,
     UnsupportedMediaType,
 )
-from nekko_sm.refs import has_query_credentials, redact
+from nekko_sm.refs import has_query_credentials, redact, with_patterns
 from nekko_sm.service import Service
 
 log = logging.getLogger("nekko_sm.api")
@@ -452,6 +452,9 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(is_async, bool):
             raise BadRequest('"async" must be true or false')
         creds = Credentials.make(req.get("credentials"), req.get("credentialsType"))
+        # "include"/"exclude" (hf:// only) become part of the URL: its canonical query.
+        url = with_patterns(url, req.get("include"), req.get("exclude"),
+                            self.service.config.hf_endpoint)
         flight, entry = self.service.start(url, creds, req.get("digest"), req.get("platform") or None)
         if entry is not None:
             self._send(200, entry)

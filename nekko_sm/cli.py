@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["Bearer", "Basic"], help="Bearer (default) or Basic, any case")
     s.add_argument("--digest", metavar="sha256:HEX",
                    help="expected digest of the entry: the file's sha256 for a single file")
+    s.add_argument("--include", metavar="PATTERN", action="append",
+                   help="hf:// only: pull only the files matching PATTERN (fnmatch on the path"
+                        " in the repository, as huggingface_hub's allow_patterns; repeatable)")
+    s.add_argument("--exclude", metavar="PATTERN", action="append",
+                   help="hf:// only: then skip the files matching PATTERN (repeatable)")
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
     s = sub.add_parser("status", parents=[common],
@@ -179,6 +184,8 @@ def _setup_logging(verbose: int, command: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if command == "serve" \
         else "nekko-sm: %(message)s"
+    if command != "serve" and sys.stderr.isatty():
+        fmt = "\r\033[K" + fmt  # a line (a retry's) over the progress bar, which redraws below
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger("nekko_sm")
     root.handlers[:] = [handler]
@@ -284,9 +291,12 @@ def _cmd_pull(config, args) -> int:
             raise BadRequest(f"cannot read --credentials-file: {e.strerror}") from None
         secret = secret.strip()
     creds = Credentials.make(secret, args.credentials_type)
+    from nekko_sm.refs import with_patterns
+
+    url = with_patterns(args.url, args.include, args.exclude, config.hf_endpoint)
     svc = _service(config)
     try:
-        flight, entry = svc.start(args.url, creds, args.digest, getattr(args, "platform", None))
+        flight, entry = svc.start(url, creds, args.digest, getattr(args, "platform", None))
         if entry is None:
             if sys.stderr.isatty():
                 with _ProgressBar(flight):

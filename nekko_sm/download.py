@@ -81,8 +81,8 @@ def download(transfer, url: str, writer, *, auth, headers, expected_size, immuta
                 failures += 1
             if failures >= transfer.attempts:
                 raise
-            log.info("%s: %s; resuming at byte %d", redact(url), e.message, writer.offset)
-            transfer._sleep(failures, e.retry_after)
+            transfer._sleep(failures, e.retry_after,  # one visible line per wait
+                            f"{e.message}; resuming at byte {writer.offset}")
         except (Unauthorized, Forbidden) as e:
             # An expired signed URL at a CDN: ask the origin again, once or twice.
             if not e.context.get("redirected") or failures >= 2:
