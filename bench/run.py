@@ -17,7 +17,7 @@ Scenarios (see BENCHMARKS.md for targets and findings):
 5. cache-hit API: ``nekko-sm serve`` with 10,000 entries under ``wrk -t2 -c32 -d10s``;
 6. peak RSS of a pull and cold start of ``nekko-sm status URL``;
 7. a repository of 200 small files on the fake Hub: ``nekko-sm pull hf:///ORG/NAME`` vs
-   ``huggingface_hub.snapshot_download`` (requests counted at the fake Hub).
+   ``huggingface_hub.snapshot_download`` (requests counted at the fake Hub);
 8. a model in a ModelPack tar layer on the docker-registry: ``pull`` (download, then unpack
    into one blob per file) vs ``pull`` of the same bytes as a raw layer, and the unpack alone.
 

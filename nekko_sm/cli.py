@@ -376,7 +376,7 @@ def _cmd_rm(config, args) -> int:
 
 def _cmd_gc(config, args) -> int:
     svc = _service(config)
-    r = svc.store.gc(dry_run=args.dry_run)
+    r = svc.gc(dry_run=args.dry_run)
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {len(r.blobs_freed)} blobs ({r.bytes_freed} bytes),"
           f" {len(r.partials_freed)} partial downloads")
@@ -393,7 +393,7 @@ def _cmd_verify(config, args) -> int:
             print(f"nekko-sm: {key} is not in the cache", file=sys.stderr)
             return EXIT_ABSENT
         roots = [desc]
-    problems = svc.store.verify(roots, repair=args.repair)
+    problems = svc.verify(roots, repair=args.repair)
     for digest, problem in problems:
         print(f"damaged: {digest}: {problem}" + (" (removed)" if args.repair and
                                                  problem == "digest mismatch" else ""))

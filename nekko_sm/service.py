@@ -9,6 +9,7 @@ makes an entry "incomplete" (206) rather than absent (404).
 
 from __future__ import annotations
 
+import builtins
 import copy
 import dataclasses
 import json
@@ -16,6 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -34,6 +36,7 @@ from nekko_sm.errors import (
     UnsafeName,
     UpstreamUnavailable,
 )
+from nekko_sm.models.hfcache import HFCacheView
 from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse, safe_name
 from nekko_sm.sources.base import (
     A_DIGEST,
@@ -55,6 +58,7 @@ from nekko_sm.store import (
     TITLE,
     Descriptor,
     FileLock,
+    GCReport,
     Lease,
     Store,
     check_digest,
@@ -345,6 +349,11 @@ class Service:
         if self._is_single_file(desc, files) is None:
             self.store.make_view(key, [(f["name"], f["digest"]) for f in files])
         self.store.put_entry(key, desc)
+        if result.hf_view is not None:
+            try:  # CACHE_DIR/huggingface/hub, for engines that know the repo id (DESIGN 8)
+                HFCacheView(self.store).add(result.hf_view)
+            except (NekkoError, OSError) as e:
+                log.warning("%s: not in the Hugging Face cache view: %s", key, e)
 
     def _count_bytes(self, n: int) -> None:
         with self._lock:
@@ -527,6 +536,7 @@ class Service:
                 pass
             record.unlink(missing_ok=True)
         gone = self.store.remove_entry(key)
+        HFCacheView(self.store).remove(key)  # before gc: its hard links hold the blobs' bytes
         self.access.forget(key)
         with self._lock:
             self._failures.pop(key, None)
@@ -537,6 +547,22 @@ class Service:
         report = self.store.gc(partials=False)
         return {"url": key, "blobs_freed": len(report.blobs_freed),
                 "bytes_freed": report.bytes_freed}
+
+    def gc(self, dry_run: bool = False) -> GCReport:
+        """``store.gc``, the Hugging Face cache view first pruned of entries no longer
+        there (its hard links would keep the freed blobs' bytes on disk)."""
+        if not dry_run:
+            HFCacheView(self.store).prune(d.annotations[REF_NAME] for d in self.store.entries())
+        return self.store.gc(dry_run=dry_run)
+
+    def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
+               ) -> builtins.list[tuple[str, str]]:
+        """``store.verify``; with ``repair``, the entries it removed leave the Hugging Face
+        cache view too (whose hard links would still show the damaged bytes)."""
+        problems = self.store.verify(roots, repair=repair)
+        if repair and problems:
+            HFCacheView(self.store).prune(d.annotations[REF_NAME] for d in self.store.entries())
+        return problems
 
     def close(self) -> None:
         with self._lock:

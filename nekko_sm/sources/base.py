@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
+from nekko_sm.models.hfcache import HFEntry
 from nekko_sm.store import (
     EMPTY_JSON,
     MT_EMPTY,
@@ -96,6 +97,7 @@ class FileItem:
     digest: str
     size: int
     media_type: str = "application/octet-stream"
+    etag: str | None = None  # the source's name for the bytes (HF: sha256, or git blob id)
 
 
 @dataclass
@@ -108,6 +110,7 @@ class PullResult:
     model: str | None = None  # the name in ``files`` of the file an engine loads
     files_manifest: Descriptor | None = None  # lists ``files`` when the layers are not them
     unpacked: list = field(default_factory=list)  # digests of the tar layers unpacked
+    hf_view: HFEntry | None = None  # what the Hugging Face cache view shows of the entry
 
 
 def store_artifact(job: Job, files: list, artifact_type: str,
@@ -122,7 +125,7 @@ def store_artifact(job: Job, files: list, artifact_type: str,
                    "data": "e30="},
         "layers": [
             {"mediaType": f.media_type, "digest": f.digest, "size": f.size,
-             "annotations": {TITLE: f.name}}
+             "annotations": {TITLE: f.name, **({A_ETAG: f.etag} if f.etag else {})}}
             for f in files
         ],
     }
