@@ -564,3 +564,25 @@ def test_a_follower_reads_behind_the_frontier(tmp_path):
         with pytest.raises(Cancelled):
             reader.read(10)
         reader.close()
+
+
+def test_a_second_name_of_an_unpacked_image_reuses_its_files(make, registry):
+    """The same manifest under another name (a digest, another tag) is not unpacked again;
+    with --discard-unpacked-layers its tar layers are not even downloaded again."""
+    pack = mp.modctl({"config.json": b"{}", "weights.bin": os.urandom(1 << 20)})
+    url = mp.push_pack(registry, "models/twice:v1", pack)
+    by_digest = url.rsplit(":", 1)[0] + "@" + pack.digest
+    svc = make(registry.host, discard_unpacked_layers=True)
+    first, _ = svc.pull(url)
+    registry.reset()
+    second, _ = svc.pull(by_digest)
+    check_engine_ready(second, pack)
+    assert [(f["name"], f["digest"]) for f in second["files"]] == \
+        [(f["name"], f["digest"]) for f in first["files"]]
+    tars = [d["digest"] for d in pack.doc["layers"]]
+    assert not any(registry.blob_gets(d) for d in tars)
+    svc.remove(url)
+    check_engine_ready(svc.status(by_digest), pack)  # the other name keeps its files
+    assert svc.store.verify() == []
+    svc.remove(by_digest)
+    assert list(svc.store.blobs()) == []

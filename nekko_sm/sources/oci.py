@@ -40,6 +40,7 @@ from nekko_sm.models import formats, unpack
 from nekko_sm.refs import OCIRef, safe_name
 from nekko_sm.sources.base import (
     A_FORMAT,
+    A_MODEL,
     FILES_ARTIFACT_TYPE,
     FileItem,
     Job,
@@ -48,6 +49,7 @@ from nekko_sm.sources.base import (
 )
 from nekko_sm.sources.registry_auth import Endpoint
 from nekko_sm.store import (
+    A_FILES,
     INDEX_TYPES,
     MANIFEST_TYPES,
     MT_DOCKER_LIST,
@@ -233,7 +235,9 @@ class _Puller:
         self.job.store.put_bytes(m.data, self.job.lease, expected_digest=m.digest)
 
     # -- blobs ----------------------------------------------------------------------------------
-    def fetch_blobs(self, blobs: list[Descriptor]) -> None:
+    def fetch_blobs(self, blobs: list[Descriptor], unpacking: int = 0) -> None:
+        """Every blob of ``blobs`` the store lacks, ``jobs`` at a time.  ``unpacking``: bytes
+        of tar layers about to be unpacked, whose files need room of their own."""
         job = self.job
         unique: dict[str, Descriptor] = {}
         for d in blobs:
@@ -250,7 +254,7 @@ class _Puller:
         _skip(job, present)
         if not missing:
             return
-        job.store.ensure_space(sum(d.size for d in missing), self.ref.canonical)
+        job.store.ensure_space(sum(d.size for d in missing) + unpacking, self.ref.canonical)
         stop = threading.Event()
         errors: list[BaseException] = []
 
@@ -557,12 +561,23 @@ def _engine_ready(job: Job, ref: OCIRef, puller: _Puller, m: _Manifest, plain: l
         puller.fetch_blobs([config_desc])
         config = job.store.read_blob(config_desc.digest, MAX_MANIFEST)
     plan = formats.plan(m.doc, config)
-    if not any(lp.kind in (formats.TAR, formats.SNIFF) for lp in plan.layers):
+    read = [lp for lp in plan.layers if lp.kind in (formats.TAR, formats.SNIFF)]
+    known = _unpacked_before(job, m.digest)
+    if known is not None:  # another entry of this very manifest: its files, as they are
+        files, model, listing = known
+        file_digests = {f.digest for f in files}
+        tars = [lp.digest for lp in read if lp.digest not in file_digests]
+        if job.config.discard_unpacked_layers:  # what would be freed need not come
+            blobs = [d for d in blobs if d.digest not in tars]
+        puller.fetch_blobs(blobs)
+        log.debug("%s: the files of %s are cached already", ref.canonical, m.digest)
+        return files, fmt, model, listing, tars
+    if not read:
         puller.fetch_blobs(blobs)  # nothing to read: the layers are the files
         done = unpack.materialize(job.store, plan, _open_blob(job), job.lease, job.cancel,
                                   what=ref.canonical)
     else:
-        done = _fetch_unpacking(job, ref, puller, plan, blobs)
+        done = _fetch_unpacking(job, ref, puller, plan, blobs, sum(lp.size for lp in read))
     types = {d.get("digest"): d.get("mediaType") for d in m.doc["layers"]}
     files = [FileItem(f.name, f.digest, f.size, str(types.get(f.digest) or
                                                      "application/octet-stream"))
@@ -581,8 +596,37 @@ def _open_blob(job: Job) -> Callable[[formats.LayerPlan], BinaryIO]:
     return open_layer
 
 
+def _unpacked_before(job: Job, manifest: str) -> tuple | None:
+    """``(files, model, listing)`` of an entry of the same image manifest whose files are
+    all still in the store (unpacking it again would make the same blobs), else None."""
+    for entry in job.store.entries():
+        listing = entry.annotations.get(A_FILES)
+        if entry.digest != manifest or not isinstance(listing, str):
+            continue
+        job.lease.add(listing)  # before reading it: gc cannot take it meanwhile
+        try:
+            doc = json.loads(job.store.read_blob(listing))
+            layers = doc["layers"]
+            files = [FileItem(str(d["annotations"][TITLE]), str(d["digest"]), int(d["size"]),
+                              str(d.get("mediaType") or "application/octet-stream"))
+                     for d in layers]
+        except (OSError, ValueError, KeyError, TypeError, NekkoError):
+            continue
+        if not all(job.store.has_blob(f.digest, f.size) for f in files):
+            continue
+        for f in files:
+            job.lease.add(f.digest)
+        if not all(job.store.has_blob(f.digest, f.size) for f in files):
+            continue  # freed between the look and the lease
+        desc = Descriptor(MT_OCI_MANIFEST, listing, len(job.store.read_blob(listing)),
+                          artifact_type=FILES_ARTIFACT_TYPE)
+        model = entry.annotations.get(A_MODEL)
+        return files, model if isinstance(model, str) else None, desc
+    return None
+
+
 def _fetch_unpacking(job: Job, ref: OCIRef, puller: _Puller, plan: formats.ModelPlan,
-                     blobs: list) -> unpack.UnpackResult:
+                     blobs: list, unpacking: int) -> unpack.UnpackResult:
     """``puller.fetch_blobs(blobs)`` with the unpacker of ``plan`` reading alongside."""
     feed = _Feed(job)
     outcome: dict = {}
@@ -599,7 +643,7 @@ def _fetch_unpacking(job: Job, ref: OCIRef, puller: _Puller, plan: formats.Model
     puller.feed = feed
     unpacker.start()
     try:
-        puller.fetch_blobs(blobs)
+        puller.fetch_blobs(blobs, unpacking)
     except BaseException:
         feed.finish(failed=True)
         unpacker.join()
