@@ -113,6 +113,19 @@ def parse_address(text: str) -> Address:
     return Address("tcp", host=m.group(1) or "0.0.0.0", port=port)
 
 
+def _loopback(host: str) -> bool:
+    """``host`` names this machine (nothing sent to it leaves it)."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+            ".localhost"):
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Config:
     cache_dir: Path
@@ -288,6 +301,12 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
     hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
         raise ConfigError("HF_TOKEN must be printable ASCII")
+    endpoint = urlsplit(hf_endpoint)
+    if (hf_token and endpoint.scheme == "http" and not _loopback(endpoint.hostname or "")
+            and not {endpoint.netloc.lower(), (endpoint.hostname or "").lower()}
+            & {h.lower() for h in insecure}):
+        raise ConfigError(f"HF_TOKEN would go in clear text to {hf_endpoint}: use https, or"
+                          f" allow it with --insecure-registry {endpoint.netloc}")
 
     return Config(
         cache_dir=cache_dir.absolute(),

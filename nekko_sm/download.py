@@ -102,8 +102,10 @@ def _start_ranged(writer, total: int, validator: str | None, conns: int,
     part = ranged.part_size_for(total, conns, max_span)
     done = writer.offset
     parts = ([[0, done, done]] if done else []) + ranged.plan(total, part, done)
-    writer.preallocate(total)
+    # The map first: killed after the preallocation, a restart must not take the file's
+    # full size (zeros) for downloaded bytes; the map says what is really there.
     writer.save_state(ranged={"total": total, "parts": parts, "validator": validator})
+    writer.preallocate(total)
 
 
 def _fetch_ranged(transfer, url, writer, auth, headers, errors, progress, conns,

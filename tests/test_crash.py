@@ -249,3 +249,32 @@ def test_disk_full_midway_keeps_the_partial_and_the_cache(tiny_disk, faulty):
         assert svc.pull(other)[0]["digest"] == sha(b"still works")
     finally:
         svc.close()
+
+
+_KILLED_AFTER_PREALLOCATE = """
+import os, sys
+from nekko_sm import download
+from nekko_sm.store import Store
+w = Store(sys.argv[1]).init().writer("url:http://x/big", None)
+real = w.preallocate
+def die(total):
+    real(total)
+    os._exit(9)  # killed here: the file has its full size, of zeros
+w.preallocate = die
+download._start_ranged(w, 4 << 20, None, 4, None)
+"""
+
+
+def test_a_kill_right_after_preallocation_never_passes_zeros_for_data(tmp_path):
+    """A ranged download preallocates its file to the full size.  Killed before the part
+    map said what is there, a restart took the file's size for data and committed zeros."""
+    cache = tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-c", _KILLED_AFTER_PREALLOCATE, str(cache)], check=False,
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert r.returncode == 9, r.stderr
+    w = Store(cache).init().writer("url:http://x/big", None)
+    try:
+        assert w.offset == 0, "a restart would take preallocated zeros for downloaded bytes"
+    finally:
+        w.close()
