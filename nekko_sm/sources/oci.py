@@ -653,8 +653,11 @@ def _fetch_unpacking(job: Job, ref: OCIRef, puller: _Puller, plan: formats.Model
     feed.finish(failed=False)
     unpacker.join()
     error = outcome.get("error")
-    if isinstance(error, (FollowLost, Cancelled)) and not job.cancel.is_set():
-        log.info("%s: a layer was downloaded again; unpacking from the blobs", ref.canonical)
+    if isinstance(error, (FollowLost, Cancelled, OSError)) and not job.cancel.is_set():
+        # A download started over, moved to another endpoint, or its partial went: what
+        # was read alongside is not to be trusted; the verified blobs are all there now.
+        log.info("%s: a layer was downloaded again (%s); unpacking from the blobs",
+                 ref.canonical, error)
         return unpack.materialize(job.store, plan, _open_blob(job), job.lease, job.cancel,
                                   what=ref.canonical)
     if error is not None:

@@ -413,8 +413,15 @@ class Follower(io.RawIOBase):
         self._size = size
         self._stop = stop
         self._resets = writer.resets
-        self._fd = os.open(writer._data_path, os.O_RDONLY)  # the same inode after commit
         self._pos = 0
+        try:
+            if writer.ended:
+                raise FileNotFoundError(writer._data_path)
+            self._fd = os.open(writer._data_path, os.O_RDONLY)  # the same inode after commit
+        except FileNotFoundError:
+            self._fd = -1
+            self.close()
+            raise FollowLost(f"{writer.ref} stopped before it could be read") from None
 
     def readable(self) -> bool:
         return True
@@ -461,7 +468,7 @@ class Follower(io.RawIOBase):
         return len(data)
 
     def close(self) -> None:
-        if not self.closed:
+        if not self.closed and self._fd >= 0:
             os.close(self._fd)
         super().close()
 
