@@ -176,12 +176,18 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def _send(self, status: int, body: object | None = None, headers: dict | None = None) -> None:
-        data = b""
+        data = None
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        self._send_json(status, data, headers)
+
+    def _send_json(self, status: int, data: bytes | None, headers: dict | None = None) -> None:
+        """Answer with ``data``, JSON already encoded (None: no body)."""
         self.send_response(status)
-        if body is not None:
+        if data is not None:
             self.send_header("Content-Type", "application/json")
+        else:
+            data = b""
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
@@ -277,7 +283,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         arg = self._content_arg()
         if arg is None:
-            self._send(200, {"entries": self.service.list()})
+            texts = self.service.catalog.list_texts()
+            self._send_json(200, ('{"entries":[' + ",".join(texts) + "]}\n").encode())
+            return
+        cached = self.service.answer(arg, decode_url)  # a complete entry: no JSON work
+        if cached is not None:
+            self._send_json(200, cached)
             return
         entry = self.service.status(decode_url(arg))
         self._send(200 if entry["state"] == "complete" else 206, entry)

@@ -308,6 +308,8 @@ def _cmd_status(config, args) -> int:
         else:
             print(f"absent: {e.message}")
         return EXIT_ABSENT
+    finally:
+        svc.store.close()
     if args.json:
         print(json.dumps(entry, indent=2))
     else:
@@ -317,7 +319,11 @@ def _cmd_status(config, args) -> int:
 
 
 def _cmd_path(config, args) -> int:
-    entry = _service(config).status(args.url)
+    svc = _service(config)
+    try:
+        entry = svc.status(args.url)
+    finally:
+        svc.store.close()
     if entry["state"] != "complete":
         print(f"nekko-sm: {entry['url']} is {entry['state']}, not complete", file=sys.stderr)
         return EXIT_INCOMPLETE
@@ -326,25 +332,38 @@ def _cmd_path(config, args) -> int:
 
 
 def _cmd_ls(config, args) -> int:
-    entries = _service(config).list()
-    if args.json:
-        print(json.dumps(entries, indent=2))
+    svc = _service(config)
+    try:
+        texts = svc.catalog.list_texts()
+    finally:
+        svc.store.close()
+    out = sys.stdout
+    if args.json:  # one entry a line: json's indent= would use its slow pure-Python encoder
+        out.write("[\n" + ",\n".join(texts) + "\n]\n" if texts else "[]\n")
         return EXIT_OK
-    for e in entries:
+    for text in texts:
+        e = json.loads(text)
         size = e.get("size")
-        print(f"{e['state']:<11} {size if size is not None else '?':>14}  {e['url']}")
+        out.write(f"{e['state']:<11} {size if size is not None else '?':>14}  {e['url']}\n")
     return EXIT_OK
 
 
 def _cmd_rm(config, args) -> int:
-    r = _service(config).remove(args.url)
+    svc = _service(config)
+    try:
+        r = svc.remove(args.url)
+    finally:
+        svc.close()
     print(f"removed {r['url']} ({r['blobs_freed']} blobs, {r['bytes_freed']} bytes freed)")
     return EXIT_OK
 
 
 def _cmd_gc(config, args) -> int:
     svc = _service(config)
-    r = svc.store.gc(dry_run=args.dry_run)
+    try:
+        r = svc.store.gc(dry_run=args.dry_run)
+    finally:
+        svc.close()
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {len(r.blobs_freed)} blobs ({r.bytes_freed} bytes),"
           f" {len(r.partials_freed)} partial downloads")
@@ -353,15 +372,18 @@ def _cmd_gc(config, args) -> int:
 
 def _cmd_verify(config, args) -> int:
     svc = _service(config)
-    roots = None
-    if args.url:
-        key = svc.canonical(args.url)
-        desc = svc.store.get_entry(key)
-        if desc is None:
-            print(f"nekko-sm: {key} is not in the cache", file=sys.stderr)
-            return EXIT_ABSENT
-        roots = [desc]
-    problems = svc.store.verify(roots, repair=args.repair)
+    try:
+        roots = None
+        if args.url:
+            key = svc.canonical(args.url)
+            desc = svc.store.get_entry(key)
+            if desc is None:
+                print(f"nekko-sm: {key} is not in the cache", file=sys.stderr)
+                return EXIT_ABSENT
+            roots = [desc]
+        problems = svc.store.verify(roots, repair=args.repair)
+    finally:
+        svc.close()
     for digest, problem in problems:
         print(f"damaged: {digest}: {problem}" + (" (removed)" if args.repair and
                                                  problem == "digest mismatch" else ""))
