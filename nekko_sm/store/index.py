@@ -459,12 +459,13 @@ class _Flusher:
         self._index = index
         self._cond = threading.Condition()
         self._dirty = False
+        self._used = False  # asked at least once since the last stop
         self._thread: threading.Thread | None = None
         self._cost = 0.0
 
     def kick(self) -> None:
         with self._cond:
-            self._dirty = True
+            self._dirty = self._used = True
             _PENDING.add(self._index)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
@@ -483,6 +484,8 @@ class _Flusher:
                 delay = min(1.0, max(0.005, 2 * self._cost))
             time.sleep(delay)
             with self._cond:
+                if not self._dirty:  # stop() flushed meanwhile
+                    continue
                 self._dirty = False
             started = time.monotonic()
             try:
@@ -492,9 +495,10 @@ class _Flusher:
             self._cost = time.monotonic() - started
 
     def stop(self) -> None:
+        """Leave index.json current (waiting for a rewrite under way) if anything changed."""
         with self._cond:
-            dirty, self._dirty = self._dirty, False
-        if dirty:
+            used, self._used, self._dirty = self._used, False, False
+        if used:
             self._index.flush()
         _PENDING.discard(self._index)
 
