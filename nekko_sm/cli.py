@@ -334,17 +334,15 @@ def _cmd_path(config, args) -> int:
 def _cmd_ls(config, args) -> int:
     svc = _service(config)
     try:
-        texts = svc.catalog.list_texts()
+        if args.json:  # one entry a line: json's indent= would use its slow pure-Python encoder
+            texts = svc.catalog.list_texts()
+            sys.stdout.write("[\n" + ",\n".join(texts) + "\n]\n" if texts else "[]\n")
+            return EXIT_OK
+        rows = svc.catalog.summaries()
     finally:
         svc.store.close()
-    out = sys.stdout
-    if args.json:  # one entry a line: json's indent= would use its slow pure-Python encoder
-        out.write("[\n" + ",\n".join(texts) + "\n]\n" if texts else "[]\n")
-        return EXIT_OK
-    for text in texts:
-        e = json.loads(text)
-        size = e.get("size")
-        out.write(f"{e['state']:<11} {size if size is not None else '?':>14}  {e['url']}\n")
+    sys.stdout.write("".join(f"{state:<11} {size if size is not None else '?':>14}  {url}\n"
+                             for url, state, size in rows))
     return EXIT_OK
 
 

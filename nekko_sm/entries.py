@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -222,10 +223,8 @@ class Catalog:
                                 f" {failure['message']}")
         raise EntryNotFound(f"{key} is not in the cache")
 
-    def list_texts(self) -> list[str]:
-        """Every entry as JSON text: the complete ones by URL, then pulls under way."""
-        out: list[str] = []
-        seen: set[str] = set()
+    def _infos(self) -> Iterator[tuple[str, str]]:
+        """(key, template) of every complete entry by key; renders what has none yet."""
         missing: list[tuple[str, str]] = []
         for key, info in self.store.entry_infos():
             if info is None:
@@ -234,9 +233,11 @@ class Catalog:
                     continue
                 info = self.template(key, desc)
                 missing.append((key, info))
-            out.append(self._absolute(info))
-            seen.add(key)
+            yield key, info
         self.store.set_entry_info(missing)
+
+    def _pending(self, seen: set[str]) -> Iterator[dict]:
+        """The entries of pulls under way or interrupted, other than ``seen``."""
         for record in sorted(self.pulls_dir.glob("*.json")):
             try:
                 url = json.loads(record.read_text())["url"]
@@ -244,14 +245,38 @@ class Catalog:
                 continue
             if url not in seen:
                 try:
-                    out.append(json.dumps(self.status(url), separators=(",", ":")))
+                    yield self.status(url)
                 except NekkoError:
                     pass
+
+    def list_texts(self) -> list[str]:
+        """Every entry as JSON text: the complete ones by URL, then pulls under way."""
+        out: list[str] = []
+        seen: set[str] = set()
+        for key, info in self._infos():
+            out.append(self._absolute(info))
+            seen.add(key)
+        out.extend(json.dumps(e, separators=(",", ":")) for e in self._pending(seen))
+        return out
+
+    def summaries(self) -> list[tuple[str, str, int | None]]:
+        """(url, state, size) of every entry, as :meth:`list_texts` orders them.
+
+        A complete entry's size is read from its template without parsing it: the
+        template starts with ``url``, ``state`` and ``digest``, whose values hold no bare
+        quote, so the first ``,"size":`` is the entry's own.
+        """
+        out: list[tuple[str, str, int | None]] = []
+        seen: set[str] = set()
+        for key, info in self._infos():
+            at = info.index(',"size":') + 8
+            out.append((key, "complete", int(info[at:info.index(",", at)])))
+            seen.add(key)
+        out.extend((e["url"], e["state"], e.get("size")) for e in self._pending(seen))
         return out
 
     def list(self) -> list:
         return [json.loads(t) for t in self.list_texts()]
-
 
 def _held(lock_path: Path) -> bool:
     """Is someone (this or another process) holding the flock at ``lock_path``?"""

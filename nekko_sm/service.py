@@ -89,7 +89,7 @@ class Service:
     def __init__(self, config: Config, store: Store | None = None,
                  transfer=None) -> None:
         self.config = config
-        self.store = store or Store(config.cache_dir).init()
+        self.store = store or Store(config.cache_dir)
         self._transfer = transfer  # made on first use: status/path need no network stack
         self.pulls_dir = self.store.ingest_dir / "pulls"
         self.pulls_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +99,8 @@ class Service:
         # traceback holds frames and buffers), the oldest forgotten past _MAX_FAILURES.
         self._failures: OrderedDict[str, dict] = OrderedDict()
         self.catalog = Catalog(self.store, self.pulls_dir, self._live)
+        self.store.describe = self.catalog.template  # entries taken over at open
+        self.store.init()
         self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
 
     @property

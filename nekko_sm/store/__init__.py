@@ -38,6 +38,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Callable
 
 from nekko_sm.store.db import require_sqlite
 from nekko_sm.store.gc import Collector, GCReport, Lease
@@ -110,6 +111,15 @@ class Store(Layout):
         self.create()
         self._index.db  # noqa: B018 - opening checks index.json and the trash
         return self
+
+    @property
+    def describe(self) -> Callable[[str, Descriptor], str | None]:
+        """What :meth:`put_entry`'s ``info`` would be for an entry taken over at open."""
+        return self._index.describe
+
+    @describe.setter
+    def describe(self, fn: Callable[[str, Descriptor], str | None]) -> None:
+        self._index.describe = fn
 
     def flush(self) -> None:
         """Make index.json show every entry committed so far (it follows by group commit)."""

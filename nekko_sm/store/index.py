@@ -116,6 +116,8 @@ class Index:
         self._path = layout.index_path
         # Set by the store: the digests a descriptor's tree reaches (gc's reachable).
         self.reach: Callable[[Iterable[Descriptor]], set[str]] = lambda roots: set()
+        # Set by whoever renders entries: their ``info`` for an entry taken over at open.
+        self.describe: Callable[[str, Descriptor], str | None] = lambda key, desc: None
         self.on_open: list[Callable[[], None]] = []
         self._db: Database | None = None
         self._ready = False
@@ -440,10 +442,12 @@ class Index:
                     sizes[digest] = self.layout.blob_path(digest).stat().st_size
                 except FileNotFoundError:
                     pass  # counted all the same: verify reports what is missing
-            reaches.append((key, d, reach, sizes))
+            d = Descriptor(d.media_type, d.digest, d.size, d.annotations, d.artifact_type,
+                           d.platform)
+            reaches.append((key, d, reach, sizes, self.describe(key, d)))
         with self.db.write() as conn:
-            for key, d, reach, sizes in reaches:
-                self._upsert(conn, key, d, reach, sizes, None, now)
+            for key, d, reach, sizes, info in reaches:
+                self._upsert(conn, key, d, reach, sizes, info, now)
             bump(conn, "generation", "revision")
 
 
