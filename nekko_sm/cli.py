@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", parents=[common],
                        help="re-hash blobs; exit 1 when any is damaged")
     s.add_argument("url", metavar="URL", nargs="?")
-    s.add_argument("--repair", action="store_true", help="remove damaged blobs")
+    s.add_argument("--repair", action="store_true",
+                   help="remove damaged blobs (and the entries needing them), fix the counts")
     return p
 
 
@@ -383,8 +384,9 @@ def _cmd_verify(config, args) -> int:
     finally:
         svc.close()
     for digest, problem in problems:
-        print(f"damaged: {digest}: {problem}" + (" (removed)" if args.repair and
-                                                 problem == "digest mismatch" else ""))
+        done = "" if not args.repair else " (removed)" if problem == "digest mismatch" \
+            else " (recounted)" if problem.startswith(("reference count", "the database")) else ""
+        print(f"damaged: {digest}: {problem}{done}")
     if not problems:
         print("ok")
     return EXIT_FAILED if problems else EXIT_OK
