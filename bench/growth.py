@@ -89,22 +89,8 @@ def point(ctx: bench.Context, peer, n: int, args: argparse.Namespace) -> dict:
         res["status_cold_ms"] = _median_ms(
             [_timed(ctx.nekko("status", url, cache=cache), env) for _ in range(args.starts)])
     cache.mkdir(exist_ok=True)
-    port = bench.free_port()
-    logf = open(ctx.work / f"serve-{n}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(ctx.nekko("--address", f"127.0.0.1:{port}", "serve", cache=cache),
-                            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env)
+    proc, port, stop = bench.start_serve(ctx, cache, f"serve-{n}", timeout=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if bench.http_call(port, "GET", "/healthz", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise bench.BenchError("serve did not come up: "
-                                       + bench.tail((ctx.work / f"serve-{n}.log").read_bytes()))
-            time.sleep(0.05)
         res["rss_start"] = _rss_mib(proc.pid)
         posts, deletes, new = [], [], []
         for j in range(args.posts):
@@ -150,13 +136,7 @@ def point(ctx: bench.Context, peer, n: int, args: argparse.Namespace) -> dict:
                           "p99_ms": statistics.median(w["p99_ms"] for w in runs)}
         res["rss_end"] = _rss_mib(proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        logf.close()
+        stop()
     for name in ("index.json", "nekko.db"):
         if (cache / name).exists():
             res[f"{name}_mib"] = round((cache / name).stat().st_size / (1 << 20), 1)
