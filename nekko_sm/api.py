@@ -43,6 +43,7 @@ MAX_BODY = 64 << 10  # a POST body is a small JSON object
 MAX_DRAIN = 64 << 20  # an oversized body up to this is read and dropped before the 413
 CONNECTION_TIMEOUT = 60.0  # seconds a client may sit idle or dribble a request
 _CONTENT_ARG = re.compile(r"/content/([^\s?#\"']+)")
+_DATE: list = [0, ""]  # (second, its Date header)
 
 
 def encode_url(url: str) -> str:
@@ -191,9 +192,25 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD" and data:
-            self.wfile.write(data)
+        body = data if self.command != "HEAD" else b""
+        buf = getattr(self, "_headers_buffer", None)  # http.server's, since 3.3
+        if isinstance(buf, list) and self.request_version != "HTTP/0.9":
+            buf.append(b"\r\n" + body)  # header and body in one write, one packet
+            self.flush_headers()
+        else:
+            self.end_headers()
+            if body:
+                self.wfile.write(body)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The Date header, formatted once a second rather than once a request."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        now = int(time.time())
+        cached = _DATE
+        if cached[0] != now:
+            cached = _DATE[:] = [now, super().date_time_string(now)]
+        return str(cached[1])
 
     def _error(self, err: NekkoError) -> None:
         self.server.count_error(err.code)  # type: ignore[attr-defined]

@@ -32,8 +32,10 @@ from nekko_sm.refs import safe_name
 from nekko_sm.sources.base import A_DIGEST, A_PLATFORM, DIRECTORY_ARTIFACT_TYPES
 from nekko_sm.store import INDEX_TYPES, MANIFEST_TYPES, TITLE, Descriptor, FileLock, Store, key_for
 
-# Encoded answers kept for the API; past this many, start again (a bound, not an LRU).
-_MAX_ANSWERS = 20_000
+# Encoded answers kept for the API; past this many bytes, start again (a bound on memory,
+# not an LRU).  ~100,000 small entries fit; each costs its bytes plus about this much.
+_MAX_ANSWER_BYTES = 64 << 20
+_ANSWER_OVERHEAD = 200
 _PATH_KEY = '"path":"'
 
 
@@ -68,6 +70,7 @@ class Catalog:
         self._files_cache: dict[str, list] = {}
         self._answers: dict[str, bytes] = {}
         self._answers_revision = -1
+        self._answers_bytes = 0
         self._lock = threading.Lock()
 
     # -- rendering ------------------------------------------------------------------------
@@ -154,12 +157,14 @@ class Catalog:
 
     def text(self, key: str) -> str | None:
         """The complete entry for ``key`` as JSON text, or None when there is none."""
-        rec = self.store.entry_record(key)
-        if rec is None:
+        found, info = self.store.entry_info(key)
+        if not found:
             return None
-        info = rec.info
-        if info is None:
-            info = self.template(key, rec.descriptor)
+        if info is None:  # taken over from an old index.json: render it once
+            desc = self.store.get_entry(key)
+            if desc is None:
+                return None
+            info = self.template(key, desc)
             self.store.set_entry_info([(key, info)])
         return self._absolute(info)
 
@@ -181,6 +186,7 @@ class Catalog:
             with self._lock:
                 if revision != self._answers_revision:
                     self._answers = answers = {}
+                    self._answers_bytes = 0
                     self._answers_revision = revision
         hit = answers.get(token)
         if hit is not None:
@@ -189,9 +195,13 @@ class Catalog:
         if text is None:
             return None
         body = text.encode() + b"\n"
-        if len(answers) >= _MAX_ANSWERS:
-            answers.clear()
-        answers[token] = body
+        with self._lock:
+            if self._answers is answers:
+                self._answers_bytes += len(body) + len(token) + _ANSWER_OVERHEAD
+                if self._answers_bytes > _MAX_ANSWER_BYTES:
+                    self._answers = answers = {}
+                    self._answers_bytes = 0
+                answers[token] = body
         return body
 
     # -- status and list ------------------------------------------------------------------

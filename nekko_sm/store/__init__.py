@@ -163,6 +163,10 @@ class Store(Layout):
     def entry_record(self, url: str) -> EntryRecord | None:
         return self._index.record(url)
 
+    def entry_info(self, url: str) -> tuple[bool, str | None]:
+        """(whether ``url`` has an entry, the ``info`` given with it): one small read."""
+        return self._index.info(url)
+
     def entry_records(self) -> Iterator[EntryRecord]:
         """Every entry by URL, with its use, pin and hold, from one snapshot."""
         return self._index.records()

@@ -101,8 +101,8 @@ class Database:
         self.path = root / DB_NAME
         self._pool: list[Any] = []
         self._pool_lock = threading.Lock()
-        self._watch: Any = None
-        self._watch_lock = threading.Lock()
+        self._watch = threading.local()  # a connection per thread, for data_version only
+        self._watchers: list[Any] = []
         self.id = ""
         try:
             conn = self._connect()
@@ -204,21 +204,25 @@ class Database:
             raise _translate(e, self.path) from e
 
     def data_version(self) -> int:
-        """A number that changes whenever another connection committed (a few µs)."""
-        with self._watch_lock:
-            if self._watch is None:
-                self._watch = self._connect()
-            return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
+        """A number that changes whenever another connection committed (a few µs).
+
+        Each thread asks its own connection, so API threads never wait for one another.
+        """
+        conn = getattr(self._watch, "conn", None)
+        if conn is None:
+            conn = self._watch.conn = self._connect()
+            with self._pool_lock:
+                self._watchers.append(conn)
+        return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
     def close(self) -> None:
         with self._pool_lock:
             pool, self._pool = self._pool, []
+            pool += self._watchers
+            self._watchers = []
+            self._watch = threading.local()
         for conn in pool:
             conn.close()
-        with self._watch_lock:
-            if self._watch is not None:
-                self._watch.close()
-                self._watch = None
 
 
 def _statements(script: str) -> Iterator[str]:

@@ -124,7 +124,7 @@ class Index:
         self._open_lock = threading.RLock()
         self._file_lock = threading.RLock()  # one rewrite of index.json at a time per process
         self._flusher = _Flusher(self)
-        self._revision = (-1, 0)  # (data_version seen, revision then)
+        self._revision = threading.local()  # .seen: (data_version, revision, database)
 
     # -- the database ---------------------------------------------------------------------
     @property
@@ -162,17 +162,23 @@ class Index:
         connection committed since the last call.
         """
         db = self.db
-        seen, rev = self._revision
+        mine = self._revision  # per thread: each asks its own connection, whose numbers
+        seen = getattr(mine, "seen", None)  # mean nothing on another's
         version = db.data_version()
-        if version != seen:
+        if seen is None or seen[0] != version or seen[2] is not db:
             rev = int(db.query("SELECT value FROM meta WHERE name = 'revision'")[0][0])
-            self._revision = (version, rev)
-        return rev
+            mine.seen = seen = (version, rev, db)
+        return int(seen[1])
 
     # -- entries --------------------------------------------------------------------------
     def get(self, url: str) -> Descriptor | None:
         rows = self.db.query("SELECT descriptor FROM entries WHERE key = ?", (url,))
         return Descriptor.from_json(json.loads(rows[0][0])) if rows else None
+
+    def info(self, url: str) -> tuple[bool, str | None]:
+        """(is there an entry, its info): one small read, no descriptor parsed."""
+        rows = self.db.query("SELECT info FROM entries WHERE key = ?", (url,))
+        return (True, rows[0][0]) if rows else (False, None)
 
     def record(self, url: str) -> EntryRecord | None:
         rows = self.db.query(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (url,))
