@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", parents=[common],
                        help="re-hash blobs; exit 1 when any is damaged")
     s.add_argument("url", metavar="URL", nargs="?")
-    s.add_argument("--repair", action="store_true", help="remove damaged blobs")
+    s.add_argument("--repair", action="store_true",
+                   help="remove damaged blobs (and the entries needing them), fix the counts")
     return p
 
 
@@ -335,6 +336,8 @@ def _cmd_status(config, args) -> int:
         else:
             print(f"absent: {e.message}")
         return EXIT_ABSENT
+    finally:
+        svc.store.close()
     if args.json:
         print(json.dumps(entry, indent=2))
     else:
@@ -344,7 +347,11 @@ def _cmd_status(config, args) -> int:
 
 
 def _cmd_path(config, args) -> int:
-    entry = _service(config).status(args.url)
+    svc = _service(config)
+    try:
+        entry = svc.status(args.url)
+    finally:
+        svc.store.close()
     if entry["state"] != "complete":
         print(f"nekko-sm: {entry['url']} is {entry['state']}, not complete", file=sys.stderr)
         return EXIT_INCOMPLETE
@@ -353,25 +360,36 @@ def _cmd_path(config, args) -> int:
 
 
 def _cmd_ls(config, args) -> int:
-    entries = _service(config).list()
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return EXIT_OK
-    for e in entries:
-        size = e.get("size")
-        print(f"{e['state']:<11} {size if size is not None else '?':>14}  {e['url']}")
+    svc = _service(config)
+    try:
+        if args.json:  # one entry a line: json's indent= would use its slow pure-Python encoder
+            texts = svc.catalog.list_texts()
+            sys.stdout.write("[\n" + ",\n".join(texts) + "\n]\n" if texts else "[]\n")
+            return EXIT_OK
+        rows = svc.catalog.summaries()
+    finally:
+        svc.store.close()
+    sys.stdout.write("".join(f"{state:<11} {size if size is not None else '?':>14}  {url}\n"
+                             for url, state, size in rows))
     return EXIT_OK
 
 
 def _cmd_rm(config, args) -> int:
-    r = _service(config).remove(args.url)
+    svc = _service(config)
+    try:
+        r = svc.remove(args.url)
+    finally:
+        svc.close()
     print(f"removed {r['url']} ({r['blobs_freed']} blobs, {r['bytes_freed']} bytes freed)")
     return EXIT_OK
 
 
 def _cmd_gc(config, args) -> int:
     svc = _service(config)
-    r = svc.store.gc(dry_run=args.dry_run)
+    try:
+        r = svc.store.gc(dry_run=args.dry_run)
+    finally:
+        svc.close()
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {len(r.blobs_freed)} blobs ({r.bytes_freed} bytes),"
           f" {len(r.partials_freed)} partial downloads")
@@ -380,18 +398,22 @@ def _cmd_gc(config, args) -> int:
 
 def _cmd_verify(config, args) -> int:
     svc = _service(config)
-    roots = None
-    if args.url:
-        key = svc.canonical(args.url)
-        desc = svc.store.get_entry(key)
-        if desc is None:
-            print(f"nekko-sm: {key} is not in the cache", file=sys.stderr)
-            return EXIT_ABSENT
-        roots = [desc]
-    problems = svc.store.verify(roots, repair=args.repair)
+    try:
+        roots = None
+        if args.url:
+            key = svc.canonical(args.url)
+            desc = svc.store.get_entry(key)
+            if desc is None:
+                print(f"nekko-sm: {key} is not in the cache", file=sys.stderr)
+                return EXIT_ABSENT
+            roots = [desc]
+        problems = svc.store.verify(roots, repair=args.repair)
+    finally:
+        svc.close()
     for digest, problem in problems:
-        print(f"damaged: {digest}: {problem}" + (" (removed)" if args.repair and
-                                                 problem == "digest mismatch" else ""))
+        done = "" if not args.repair else " (removed)" if problem == "digest mismatch" \
+            else " (recounted)" if problem.startswith(("reference count", "the database")) else ""
+        print(f"damaged: {digest}: {problem}{done}")
     if not problems:
         print("ok")
     return EXIT_FAILED if problems else EXIT_OK

@@ -44,6 +44,6 @@ def render(service, api_errors: dict) -> str:
         pass
     metric("nekko_cache_bytes", "gauge", "Bytes in blobs/.", [({}, size)])
     metric("nekko_cache_blobs", "gauge", "Blobs in blobs/.", [({}, count)])
-    metric("nekko_cache_entries", "gauge", "Entries in index.json.",
-           [({}, len(service.store.entries()))])
+    metric("nekko_cache_entries", "gauge", "Entries in the cache.",
+           [({}, service.store.count_entries())])
     return "\n".join(lines) + "\n"

@@ -25,35 +25,24 @@ from typing import Any, Callable
 from nekko_sm import access
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
+from nekko_sm.entries import Catalog, is_single_file, pull_paths
 from nekko_sm.errors import (
     Cancelled,
     Conflict,
     EntryNotFound,
     InsufficientStorage,
     NekkoError,
-    UnsafeName,
     UpstreamUnavailable,
 )
-from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse, safe_name
-from nekko_sm.sources.base import (
-    A_DIGEST,
-    A_PLATFORM,
-    DIRECTORY_ARTIFACT_TYPES,
-    Job,
-    Progress,
-    PullResult,
-)
+from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse
+from nekko_sm.sources.base import A_DIGEST, A_PLATFORM, Job, Progress, PullResult
 from nekko_sm.store import (
     INDEX_TYPES,
-    MANIFEST_TYPES,
-    REF_NAME,
-    TITLE,
     Descriptor,
     FileLock,
     Lease,
     Store,
     check_digest,
-    key_for,
     write_atomic,
 )
 
@@ -114,7 +103,7 @@ class Service:
     def __init__(self, config: Config, store: Store | None = None,
                  transfer=None) -> None:
         self.config = config
-        self.store = store or Store(config.cache_dir).init()
+        self.store = store or Store(config.cache_dir)
         self._transfer = transfer  # made on first use: status/path need no network stack
         self.pulls_dir = self.store.ingest_dir / "pulls"
         self.pulls_dir.mkdir(parents=True, exist_ok=True)
@@ -123,8 +112,10 @@ class Service:
         # The last failure of each URL, as its JSON error only (never the exception: its
         # traceback holds frames and buffers), the oldest forgotten past _MAX_FAILURES.
         self._failures: OrderedDict[str, dict] = OrderedDict()
-        self._files_cache: dict[str, list] = {}
         self.access = access.AccessChecks()
+        self.catalog = Catalog(self.store, self.pulls_dir, self._live)
+        self.store.describe = self.catalog.template  # entries taken over at open
+        self.store.init()
         self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
 
     @property
@@ -178,11 +169,8 @@ class Service:
         key = ref.canonical
         auth = access.pull_auth(self, ref, credentials)
         cred = access.credential_hash(auth)
-        desc = self.store.get_entry(key)
-        if desc is not None and _platform_matches(desc, platform):
-            self.access.confirm(self, key, ref, desc, credentials)
-            entry = self._entry_json(key, desc)
-            _check_digest(entry, digest)
+        entry = self._cached(key, platform, digest, ref, credentials)
+        if entry is not None:
             return None, entry
         with self._lock:
             flight = self._flights.get(key)
@@ -207,9 +195,21 @@ class Service:
             raise Cancelled(f"{key} was removed while the pull ran")
         self.access.confirm(self, key, ref, desc, credentials)
 
+    def _cached(self, key: str, platform: str | None, digest: str | None, ref,
+                credentials: Credentials | None) -> dict | None:
+        """The complete entry for ``key`` if it answers this request: a protected one only
+        once this caller's access is confirmed (first: a refused caller learns nothing, not
+        even the digest), then 409 if it is not the digest asked for."""
+        desc = self.store.get_entry(key)
+        if desc is None or not _platform_matches(desc, platform):
+            return None
+        self.access.confirm(self, key, ref, desc, credentials)
+        entry = self.catalog.entry(key)
+        _check_digest(entry, digest)
+        return entry
+
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
-        k = key_for(key)
-        return self.pulls_dir / f"{k}.json", self.pulls_dir / f"{k}.lock"
+        return pull_paths(self.pulls_dir, key)
 
     def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
         key = flight.url
@@ -232,11 +232,8 @@ class Service:
     def _pull_locked(self, flight: Flight, ref, credentials, digest, platform) -> dict:
         key = flight.url
         record = self._pull_paths(key)[0]
-        desc = self.store.get_entry(key)
-        if desc is not None and _platform_matches(desc, platform):  # another process did it
-            self.access.confirm(self, key, ref, desc, credentials)
-            entry = self._entry_json(key, desc)
-            _check_digest(entry, digest)
+        entry = self._cached(key, platform, digest, ref, credentials)
+        if entry is not None:  # another process did it
             return {"result": (entry, False)}
         log.info("pulling %s", key)
         state: dict[str, Any] = {"url": key, "started": time.time(), "ingest": []}
@@ -264,7 +261,7 @@ class Service:
                 if auth is not None:  # this caller just proved its access
                     self.access.remember(key, access.credential_hash(auth))
             record.unlink(missing_ok=True)
-            entry = self._entry_json(key, self.store.get_entry(key))
+            entry = self.catalog.entry(key)
             self._count("complete", ref)
             took = max(time.time() - flight.started, 1e-6)
             got = flight.progress.done - flight.progress.deduplicated
@@ -324,10 +321,10 @@ class Service:
         if result.platform:
             ann[A_PLATFORM] = result.platform
         desc = Descriptor(m.media_type, m.digest, m.size, ann, m.artifact_type, m.platform)
-        files = self._files_of(desc)
-        if self._is_single_file(desc, files) is None:
+        files = self.catalog.files_of(desc)
+        if is_single_file(desc, files) is None:
             self.store.make_view(key, [(f["name"], f["digest"]) for f in files])
-        self.store.put_entry(key, desc)
+        self.store.put_entry(key, desc, self.catalog.template(key, desc))
 
     def _count_bytes(self, n: int) -> None:
         with self._lock:
@@ -339,140 +336,22 @@ class Service:
             self.stats["pulls"][k] = self.stats["pulls"].get(k, 0) + 1
 
     # -- reading entries ----------------------------------------------------------------
-    def _files_of(self, desc: Descriptor) -> list:
-        cached = self._files_cache.get(desc.digest)
-        if cached is not None:
-            return cached
-        files: list = []
-        if desc.media_type in MANIFEST_TYPES:
-            files = self._manifest_files(desc, "")
-        elif desc.media_type in INDEX_TYPES:
-            seen: set = set()
-            for child in self.store.children(desc):
-                p = child.platform or {}
-                if p.get("os") == "unknown" and p.get("architecture") == "unknown":
-                    continue  # an attestation manifest (SBOM, provenance), not an image
-                prefix = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
-                try:  # the fields come from the registry: they must name one directory
-                    prefix = safe_name(prefix) if "/" not in prefix else ""
-                except UnsafeName:
-                    prefix = ""
-                for f in self._manifest_files(child, (prefix or child.digest[7:19]) + "/"):
-                    if f["name"] not in seen:  # two children of one platform: first wins
-                        seen.add(f["name"])
-                        files.append(f)
-        if len(self._files_cache) > 100_000:
-            self._files_cache.clear()
-        self._files_cache[desc.digest] = files
-        return files
-
-    def _manifest_files(self, desc: Descriptor, prefix: str) -> list:
-        try:
-            doc = json.loads(self.store.read_blob(desc.digest))
-        except (OSError, ValueError):
-            return []
-        out = []
-        for layer in doc.get("layers") or []:
-            if not isinstance(layer, dict):
-                continue
-            if not isinstance(layer.get("digest"), str):
-                continue
-            title = (layer.get("annotations") or {}).get(TITLE)
-            name = layer["digest"].replace(":", "-")
-            if title:
-                try:
-                    name = safe_name(title)
-                except UnsafeName:
-                    pass  # never a path outside the view: keep the digest name
-            out.append({"name": prefix + name, "digest": layer.get("digest"),
-                        "size": layer.get("size"),
-                        "path": str(self.store.blob_path(layer["digest"]))})
-        return out
-
-    @staticmethod
-    def _is_single_file(desc: Descriptor, files: list) -> dict | None:
-        """The one file of a single-file artifact entry, else None."""
-        if (desc.artifact_type and len(files) == 1 and desc.media_type in MANIFEST_TYPES
-                and desc.artifact_type not in DIRECTORY_ARTIFACT_TYPES):
-            return files[0]
-        return None
-
-    def _entry_json(self, key: str, desc: Descriptor | None) -> dict:
-        if desc is None:
-            raise EntryNotFound(f"{key} is not in the cache")
-        files = self._files_of(desc)
-        single = self._is_single_file(desc, files)
-        digest = desc.annotations.get(A_DIGEST, desc.digest)
-        size = sum(f["size"] or 0 for f in files) if files else desc.size
-        entry = {
-            "url": key,
-            "state": "complete",
-            "digest": digest,
-            "size": size,
-            "downloaded": size,
-            "path": single["path"] if single else str(self.store.view_path(key)),
-            "files": files,
-        }
-        if desc.digest != digest:
-            entry["manifest"] = desc.digest
-        if desc.annotations.get(A_PLATFORM):
-            entry["platform"] = desc.annotations[A_PLATFORM]
-        if desc.annotations.get(access.A_PROTECTED):
-            entry["protected"] = True  # pulled with credentials (access.py)
-        return entry
-
-    def status(self, url: str) -> dict:
-        """The entry for ``url``: complete, incomplete (with progress), or EntryNotFound."""
-        key = self.canonical(url)
-        desc = self.store.get_entry(key)
-        if desc is not None:
-            return self._entry_json(key, desc)
+    def _live(self, key: str) -> tuple[Progress | None, dict | None]:
         with self._lock:
             flight = self._flights.get(key)
             failure = self._failures.get(key)
-        if flight is not None:
-            p = flight.progress
-            return {"url": key, "state": "downloading", "downloaded": p.done, "size": p.total,
-                    "files": []}
-        record, lock_path = self._pull_paths(key)
-        try:
-            state = json.loads(record.read_text())
-        except (OSError, ValueError):
-            state = None
-        if state is not None:
-            busy = _held(lock_path)
-            done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
-            entry: dict[str, Any] = {
-                "url": key, "state": "downloading" if busy else "incomplete",
-                "downloaded": done, "size": None, "files": []}
-            if failure is not None:
-                entry["error"] = dict(failure)
-            return entry
-        if failure is not None:
-            raise EntryNotFound(f"{key} is not in the cache: the last pull failed:"
-                                f" {failure['message']}")
-        raise EntryNotFound(f"{key} is not in the cache")
+        return (flight.progress if flight is not None else None), failure
+
+    def status(self, url: str) -> dict:
+        """The entry for ``url``: complete, incomplete (with progress), or EntryNotFound."""
+        return self.catalog.status(self.canonical(url))
+
+    def answer(self, token: str, decode: Callable[[str], str]) -> bytes | None:
+        """The encoded answer for a complete entry asked for as ``token`` (a path's text)."""
+        return self.catalog.answer(token, lambda t: self.canonical(decode(t)))
 
     def list(self) -> list:
-        out = []
-        for d in self.store.entries():
-            key = d.annotations[REF_NAME]
-            try:
-                out.append(self._entry_json(key, d))
-            except NekkoError:
-                continue
-        seen = {e["url"] for e in out}
-        for record in sorted(self.pulls_dir.glob("*.json")):
-            try:
-                url = json.loads(record.read_text())["url"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if url not in seen:
-                try:
-                    out.append(self.status(url))
-                except NekkoError:
-                    pass
-        return out
+        return self.catalog.list()
 
     # -- removing -------------------------------------------------------------------------
     def remove(self, url: str, wait: float = 30.0) -> dict:
@@ -495,7 +374,7 @@ class Service:
             except (OSError, ValueError):
                 pass
             record.unlink(missing_ok=True)
-        gone = self.store.remove_entry(key)
+        gone, report = self.store.free_entry(key)
         self.access.forget(key)
         with self._lock:
             self._failures.pop(key, None)
@@ -503,7 +382,6 @@ class Service:
             raise EntryNotFound(f"{key} is not in the cache")
         for r in refs:
             self.store.discard_partial(r)
-        report = self.store.gc(partials=False)
         return {"url": key, "blobs_freed": len(report.blobs_freed),
                 "bytes_freed": report.bytes_freed}
 
@@ -520,6 +398,7 @@ class Service:
                 pass
         if self._transfer is not None:
             self._transfer.close()
+        self.store.close()
 
 
 def _platform_matches(desc: Descriptor, wanted: str | None) -> bool:
@@ -547,17 +426,6 @@ def _check_digest(entry: dict, wanted: str | None) -> None:
         return
     raise Conflict(f"{entry['url']} is cached with digest {entry.get('digest')}, not the"
                    f" {wanted} asked for: remove it first (rm, or DELETE) to pull it again")
-
-
-def _held(lock_path: Path) -> bool:
-    """Is someone (this or another process) holding the flock at ``lock_path``?"""
-    if not lock_path.exists():
-        return False
-    probe = FileLock(lock_path)
-    if probe.acquire(blocking=False):
-        probe.release()
-        return False
-    return True
 
 
 def _internal(e: BaseException) -> NekkoError:

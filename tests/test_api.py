@@ -9,6 +9,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -120,6 +122,33 @@ def test_post_get_head_delete(api, nginx):
     assert not Path(entry["path"]).exists()
     assert api.call("DELETE", content(url))[0] == 404
     assert api.call("GET", content(url))[0] == 404
+
+
+def test_cache_hit_answers_from_memory_until_any_process_changes_the_cache(api, nginx, pyz,
+                                                                           monkeypatch):
+    url = nginx.put("hit.bin", b"answered from memory")
+    other = nginx.put("hit-other.bin", b"another entry")
+    assert api.call("POST", "/content/", {"url": url})[0] == 201
+    status, first, _ = api.call("GET", content(url))
+    assert status == 200
+    store = api.service.store
+    real, reads = store.entry_info, []
+    monkeypatch.setattr(store, "entry_info", lambda key: (reads.append(key), real(key))[1])
+    for _ in range(3):
+        status, again, r = api.call("GET", content(url))
+        assert status == 200 and again == first and r.getheader("Date")
+    assert reads == []  # a dictionary lookup of the encoded answer
+    # a change in this process drops the answers: the next GET reads the database again
+    assert api.call("POST", "/content/", {"url": other})[0] == 201
+    reads.clear()
+    assert api.call("GET", content(url))[0] == 200
+    assert reads == [url]
+    # a change by another process (the CLI) on the same cache: the next GET sees it
+    r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(store.root), "rm", url],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert api.call("GET", content(url))[0] == 404
+    assert api.call("GET", content(other))[0] == 200
 
 
 @pytest.mark.parametrize("encode", [

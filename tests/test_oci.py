@@ -511,6 +511,7 @@ def test_cache_is_readable_by_skopeo_and_umoci(svc, seeded, tmp_path):
     umoci = require_binary("umoci")
     info = seeded["public/single:v1"]
     svc.pull(info.url)
+    svc.store.flush()  # index.json follows the database by group commit: now, not soon
     cache = svc.store.root
     r = subprocess.run([umoci, "ls", "--layout", str(cache)], capture_output=True, text=True, check=False,
                        timeout=60)
