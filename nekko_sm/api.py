@@ -35,7 +35,7 @@ from nekko_sm.errors import (
     NekkoError,
 )
 from nekko_sm.refs import redact
-from nekko_sm.service import Service
+from nekko_sm.service import Service, check_hold
 
 log = logging.getLogger("nekko_sm.api")
 
@@ -312,18 +312,26 @@ class Handler(BaseHTTPRequestHandler):
         is_async = req.get("async", False)
         if not isinstance(is_async, bool):
             raise BadRequest('"async" must be true or false')
+        pin = req.get("pin")
+        if pin is not None and not isinstance(pin, bool):
+            raise BadRequest('"pin" must be true or false')
+        hold = check_hold(req.get("hold"))
         creds = Credentials.make(req.get("credentials"), req.get("credentialsType"))
-        flight, entry = self.service.start(url, creds, req.get("digest"), req.get("platform") or None)
+        flight, entry = self.service.start(url, creds, req.get("digest"),
+                                           req.get("platform") or None, pin, hold)
         if entry is not None:
             self._send(200, entry)
             return
         assert flight is not None
         if is_async:
+            if pin is not None or hold:  # also when this caller joined after the commit
+                flight.future.add_done_callback(
+                    lambda f: f.exception() or self.service.mark(flight.url, pin, hold, False))
             self._send(202, {"url": flight.url, "state": "downloading",
                              "downloaded": flight.progress.done, "size": flight.progress.total},
                        {"Location": "/content/" + encode_url(flight.url)})
             return
-        entry, created = flight.future.result()
+        entry, created = self.service.finish(flight, pin, hold)
         self._send(201 if created else 200, entry)
 
     def _delete(self) -> None:
@@ -428,6 +436,9 @@ def run(config: Config, ready=None) -> int:
     import signal
 
     service = Service(config)
+    if service.budget.enabled:
+        log.info("disk budget: %s", service.budget.describe())
+        service.budget.enforce("to bring the cache within its budget at start")
     srv = make_server(service, config.address)
     stopping = threading.Event()
 

@@ -28,7 +28,7 @@ from nekko_sm.errors import (
 TRACE = 5
 WIRE = 3
 
-COMMANDS = ("serve", "pull", "status", "path", "ls", "rm", "gc", "verify")
+COMMANDS = ("serve", "pull", "status", "path", "ls", "rm", "gc", "verify", "pin", "unpin")
 
 DESCRIPTION = """\
 nekko-sm downloads OCI images and artifacts (oci://), Hugging Face files and repositories
@@ -42,6 +42,7 @@ environment:
   NEKKO_PLATFORM, NEKKO_JOBS, NEKKO_INSECURE_REGISTRIES, NEKKO_REGISTRY_MIRRORS
   HF_ENDPOINT, HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), SSL_CERT_FILE
   HTTPS_PROXY, HTTP_PROXY, NO_PROXY (lower-case spellings too)
+  NEKKO_MAX_CACHE_SIZE, NEKKO_MIN_FREE_SPACE
 
 with no COMMAND, nekko-sm runs serve
 
@@ -72,6 +73,13 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                         " (env NEKKO_REGISTRY_MIRRORS, comma-separated)")
     p.add_argument("--ca-cert", metavar="FILE", default=d,
                    help="CA bundle for https (env SSL_CERT_FILE; default the system's)")
+    p.add_argument("--max-cache-size", metavar="SIZE", default=d,
+                   help="keep blobs/ and ingest/ within SIZE (bytes, or K/M/G/T, powers of"
+                        " 1024), evicting least recently used entries before a pull writes"
+                        " (env NEKKO_MAX_CACHE_SIZE; default unlimited)")
+    p.add_argument("--min-free-space", metavar="SIZE|N%", default=d,
+                   help="keep this much of the cache's file system free, evicting likewise"
+                        " (env NEKKO_MIN_FREE_SPACE; default none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["Bearer", "Basic"], help="Bearer (default) or Basic, any case")
     s.add_argument("--digest", metavar="sha256:HEX",
                    help="expected digest of the entry: the file's sha256 for a single file")
+    s.add_argument("--pin", action="store_true", help="pin the entry: never evicted")
+    s.add_argument("--hold", metavar="SECONDS", type=_seconds,
+                   help="keep the entry from eviction for SECONDS from now")
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
     s = sub.add_parser("status", parents=[common],
@@ -113,14 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm", parents=[common], help="remove URL, free blobs no one else uses")
     s.add_argument("url", metavar="URL")
 
-    s = sub.add_parser("gc", parents=[common], help="free unreferenced blobs and stale partials")
+    s = sub.add_parser("gc", parents=[common],
+                       help="free unreferenced blobs and stale partials; keep the budget")
     s.add_argument("--dry-run", action="store_true", help="only say what would be freed")
 
     s = sub.add_parser("verify", parents=[common],
                        help="re-hash blobs; exit 1 when any is damaged")
     s.add_argument("url", metavar="URL", nargs="?")
     s.add_argument("--repair", action="store_true", help="remove damaged blobs")
+
+    s = sub.add_parser("pin", parents=[common], help="pin a cached URL: it is never evicted")
+    s.add_argument("url", metavar="URL")
+    s = sub.add_parser("unpin", parents=[common], help="unpin a cached URL")
+    s.add_argument("url", metavar="URL")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"--hold must be from 0 to 315360000 seconds: {text!r}")
+    return value
 
 
 def _normalise_verbose(argv: list) -> list:
@@ -177,7 +204,7 @@ def main(argv: list | None = None) -> int:
 
     flags = {k: getattr(args, k, None) for k in
              ("cache_dir", "address", "verbose", "platform", "insecure_registry", "jobs",
-              "registry_mirror", "ca_cert")}
+              "registry_mirror", "ca_cert", "max_cache_size", "min_free_space")}
     try:
         config = _config.build(flags, os.environ)
     except NekkoError as e:
@@ -264,13 +291,16 @@ def _cmd_pull(config, args) -> int:
     creds = Credentials.make(secret, args.credentials_type)
     svc = _service(config)
     try:
-        flight, entry = svc.start(args.url, creds, args.digest, getattr(args, "platform", None))
+        pin = True if args.pin else None
+        flight, entry = svc.start(args.url, creds, args.digest, getattr(args, "platform", None),
+                                  pin, args.hold)
         if entry is None:
             if sys.stderr.isatty():
                 with _ProgressBar(flight):
-                    entry, _ = _wait(flight)
+                    _wait(flight)
             else:
-                entry, _ = _wait(flight)
+                _wait(flight)
+            entry, _ = svc.finish(flight, pin, args.hold)
     finally:
         svc.close()
     if args.json:
@@ -321,7 +351,7 @@ def _cmd_status(config, args) -> int:
 def _cmd_path(config, args) -> int:
     svc = _service(config)
     try:
-        entry = svc.status(args.url)
+        entry = svc.use(args.url)
     finally:
         svc.store.close()
     if entry["state"] != "complete":
@@ -344,8 +374,18 @@ def _cmd_ls(config, args) -> int:
     for text in texts:
         e = json.loads(text)
         size = e.get("size")
-        out.write(f"{e['state']:<11} {size if size is not None else '?':>14}  {e['url']}\n")
+        flags = "pinned" if e.get("pinned") else "-"
+        held = e.get("held_until")
+        if held is not None and held > time.time():
+            flags = ("pinned," if e.get("pinned") else "") + "held-until=" + _when(held)
+        used = _when(e["last_used"]) if e.get("last_used") is not None else "-"
+        out.write(f"{e['state']:<11} {size if size is not None else '?':>14}  {used:<19}"
+                  f"  {flags:<10}  {e['url']}\n")
     return EXIT_OK
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
 
 
 def _cmd_rm(config, args) -> int:
@@ -362,11 +402,19 @@ def _cmd_gc(config, args) -> int:
     svc = _service(config)
     try:
         r = svc.store.gc(dry_run=args.dry_run)
+        evicted = None
+        if not args.dry_run and svc.budget.enabled:
+            evicted = svc.budget.enforce("to bring the cache within its budget (gc)")
     finally:
         svc.close()
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {len(r.blobs_freed)} blobs ({r.bytes_freed} bytes),"
           f" {len(r.partials_freed)} partial downloads")
+    if evicted is not None:
+        print(f"evicted {len(evicted.evicted)} entries and partials ({evicted.bytes_freed}"
+              f" bytes) to keep the budget ({svc.budget.describe()})"
+              + (f"; still {evicted.over} bytes over: pinned, held or in flight"
+                 if evicted.over else ""))
     return EXIT_OK
 
 
@@ -392,7 +440,18 @@ def _cmd_verify(config, args) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def _cmd_pin(config, args) -> int:
+    svc = _service(config)
+    try:
+        entry = svc.pin(args.url, args.command == "pin")
+    finally:
+        svc.store.close()
+    print(f"{'pinned' if entry['pinned'] else 'unpinned'} {entry['url']}")
+    return EXIT_OK
+
+
 _COMMANDS = {
     "serve": _cmd_serve, "pull": _cmd_pull, "status": _cmd_status, "path": _cmd_path,
     "ls": _cmd_ls, "rm": _cmd_rm, "gc": _cmd_gc, "verify": _cmd_verify,
+    "pin": _cmd_pin, "unpin": _cmd_pin,
 }

@@ -148,8 +148,11 @@ class Catalog:
             entry["platform"] = desc.annotations[A_PLATFORM]
         return json.dumps(entry, separators=(",", ":"))
 
-    def _absolute(self, text: str) -> str:
-        return text.replace(_PATH_KEY, _PATH_KEY + self._root_path)
+    def _absolute(self, text: str, pinned: bool, held_until: float | None,
+                  last_used: float | None) -> str:
+        """The kept rendering made whole: absolute paths, and the entry's use (DESIGN 5)."""
+        return (text[:-1].replace(_PATH_KEY, _PATH_KEY + self._root_path)
+                + _use_fields(pinned, held_until, last_used) + "}")
 
     def text(self, key: str) -> str | None:
         """The complete entry for ``key`` as JSON text, or None when there is none."""
@@ -160,7 +163,7 @@ class Catalog:
         if info is None:
             info = self.template(key, rec.descriptor)
             self.store.set_entry_info([(key, info)])
-        return self._absolute(info)
+        return self._absolute(info, rec.pinned, rec.held_until, rec.last_used)
 
     def entry(self, key: str) -> dict:
         """The complete entry for ``key``; EntryNotFound when there is none."""
@@ -202,7 +205,7 @@ class Catalog:
         progress, failure = self._live(key)
         if progress is not None:
             return {"url": key, "state": "downloading", "downloaded": progress.done,
-                    "size": progress.total, "files": []}
+                    "size": progress.total, "files": [], **_NO_USE}
         record, lock_path = pull_paths(self.pulls_dir, key)
         try:
             state = json.loads(record.read_text())
@@ -213,7 +216,7 @@ class Catalog:
             done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
             entry: dict[str, Any] = {
                 "url": key, "state": "downloading" if busy else "incomplete",
-                "downloaded": done, "size": None, "files": []}
+                "downloaded": done, "size": None, "files": [], **_NO_USE}
             if failure is not None:
                 entry["error"] = dict(failure)
             return entry
@@ -227,14 +230,14 @@ class Catalog:
         out: list[str] = []
         seen: set[str] = set()
         missing: list[tuple[str, str]] = []
-        for key, info in self.store.entry_infos():
+        for key, info, pinned, held_until, last_used in self.store.entry_infos():
             if info is None:
                 desc = self.store.get_entry(key)
                 if desc is None:
                     continue
                 info = self.template(key, desc)
                 missing.append((key, info))
-            out.append(self._absolute(info))
+            out.append(self._absolute(info, pinned, held_until, last_used))
             seen.add(key)
         self.store.set_entry_info(missing)
         for record in sorted(self.pulls_dir.glob("*.json")):
@@ -251,6 +254,17 @@ class Catalog:
 
     def list(self) -> list:
         return [json.loads(t) for t in self.list_texts()]
+
+
+# An entry not (yet) in the cache: not pinned, not held, never used.
+_NO_USE: dict[str, Any] = {"pinned": False, "held_until": None, "last_used": None}
+
+
+def _use_fields(pinned: bool, held_until: float | None, last_used: float | None) -> str:
+    """``,"pinned":…,"held_until":…,"last_used":…`` (epoch seconds, sub-second precision)."""
+    return (',"pinned":' + ("true" if pinned else "false")
+            + ',"held_until":' + (repr(float(held_until)) if held_until is not None else "null")
+            + ',"last_used":' + (repr(float(last_used)) if last_used is not None else "null"))
 
 
 def _held(lock_path: Path) -> bool:

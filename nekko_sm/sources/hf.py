@@ -249,7 +249,7 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
             if count_total and job.progress.total is None:
                 job.progress.expect(total)
                 job.progress.add(offset)
-            job.store.ensure_space(total - offset, redact(url))
+            job.ensure_space(total - offset, redact(url), offset)
 
     with job.writer(ingest_ref, size, hashers) as w:
         if trusted is not None and size is not None and job.store.has_blob(trusted, size):
@@ -374,7 +374,7 @@ def _pull_repo(job: Job, ref: HFRef) -> PullResult:
                if not (f.sha256 and job.store.has_blob("sha256:" + f.sha256, f.size))]
     job.progress.expect(sum(f.size for f in tree))
     job.progress.add(sum(f.size for f in tree) - sum(f.size for f in missing))
-    job.store.ensure_space(sum(f.size for f in missing), ref.canonical)
+    job.ensure_space(sum(f.size for f in missing), ref.canonical)
 
     failed = threading.Event()
     sub = replace(job, cancel=_EitherSet(job.cancel, failed))  # type: ignore[arg-type]

@@ -1,0 +1,438 @@
+"""The disk budget (issue 13, DESIGN 9): LRU eviction before a pull writes, pins and holds.
+
+Every test pulls real files from a real nginx, each with its own contents (so no two
+entries share a blob unless the test means them to), and checks ``verify`` after each step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nekko_sm import cli
+from nekko_sm import config as cfg
+from nekko_sm.api import encode_url, make_server
+from nekko_sm.errors import ConfigError, EntryNotFound, InsufficientStorage
+from nekko_sm.service import Service
+
+KIB = 1024
+MIB = 1 << 20
+
+
+def _svc(cache: Path, **flags) -> Service:
+    return Service(cfg.build({"cache_dir": str(cache), "jobs": "1", **flags}, {}))
+
+
+def _files(nginx, prefix: str, n: int, size: int) -> list[str]:
+    """``n`` files of ``size`` bytes, each with contents no other test file has."""
+    return [nginx.put(f"{prefix}-{i}.bin", os.urandom(size)) for i in range(n)]
+
+
+def _blob_bytes(cache: Path) -> int:
+    return sum(p.stat().st_size for p in (cache / "blobs" / "sha256").iterdir())
+
+
+def _verified(svc: Service) -> None:
+    assert svc.store.verify() == [], "verify found damage"
+
+
+def _amount(message: str, what: str) -> float:
+    """The bytes a 507's message says are ``what`` (pinned, held): "300.6 KiB pinned"."""
+    m = re.search(r"([\d.]+) (B|KiB|MiB|GiB|TiB) " + what, message)
+    assert m, f"the message does not say how much is {what}: {message}"
+    return float(m.group(1)) * 1024 ** ["B", "KiB", "MiB", "GiB", "TiB"].index(m.group(2))
+
+
+def _cached(svc: Service) -> set[str]:
+    return {e["url"] for e in svc.list() if e["state"] == "complete"}
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, want", [
+    ("0", 0), ("123", 123), ("123B", 123), ("1K", KIB), ("1k", KIB), ("1Ki", KIB),
+    ("1KiB", KIB), ("1KB", KIB), ("1.5G", 3 << 29), ("2TiB", 2 << 40), ("3 MB", 3 * MIB),
+])
+def test_sizes_parse_as_powers_of_1024(text, want):
+    assert cfg.parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "x", "1.5", "-1", "1X", "1KBB", "1e3", "1iB", "K", "1 K i B"])
+def test_bad_sizes_are_refused(text):
+    with pytest.raises(ConfigError):
+        cfg.parse_size(text, "--max-cache-size")
+
+
+def test_budget_options_flag_env_default(tmp_path):
+    c = cfg.build({"cache_dir": str(tmp_path)}, {})
+    assert (c.max_cache_size, c.min_free_space, c.min_free_percent) == (None, None, None)
+    env = {"NEKKO_MAX_CACHE_SIZE": "2G", "NEKKO_MIN_FREE_SPACE": "10%"}
+    c = cfg.build({"cache_dir": str(tmp_path)}, env)
+    assert (c.max_cache_size, c.min_free_space, c.min_free_percent) == (2 << 30, None, 10.0)
+    c = cfg.build({"cache_dir": str(tmp_path), "max_cache_size": "1M",
+                   "min_free_space": "5G"}, env)
+    assert (c.max_cache_size, c.min_free_space, c.min_free_percent) == (MIB, 5 << 30, None)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--max-cache-size", "lots", "ls"], ["--min-free-space", "150%", "ls"],
+    ["--min-free-space=-3G", "ls"], ["ls", "--max-cache-size=1.5"],
+])
+def test_bad_budget_values_exit_2_before_anything_starts(argv, capsys, tmp_path):
+    assert cli.main(["--cache-dir", str(tmp_path / "c"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("--max-cache-size" in err or "--min-free-space" in err)
+    assert not (tmp_path / "c" / "nekko.db").exists()
+
+
+def test_bad_budget_env_exits_2(monkeypatch, capsys):
+    monkeypatch.setenv("NEKKO_MAX_CACHE_SIZE", "ten gigs")
+    assert cli.main(["ls"]) == 2
+    assert "NEKKO_MAX_CACHE_SIZE" in capsys.readouterr().err
+
+
+# -- eviction --------------------------------------------------------------------------------------
+
+
+def test_lru_order_is_respected(tmp_path, nginx):
+    """With room for three files, the fourth evicts the least recently used, not the oldest."""
+    urls = _files(nginx, "lru", 5, 200 * KIB)
+    svc = _svc(tmp_path / "cache", max_cache_size="700K")
+    try:
+        for u in urls[:3]:
+            svc.pull(u)
+            _verified(svc)
+        svc.pull(urls[0])  # a use: urls[1] is now the least recently used
+        svc.pull(urls[3])
+        assert _cached(svc) == {urls[0], urls[2], urls[3]}
+        _verified(svc)
+        svc.use(urls[2])  # `path` is a use too
+        svc.pull(urls[4])
+        assert _cached(svc) == {urls[2], urls[3], urls[4]}
+        _verified(svc)
+        # Two files and their small artifact manifests (the empty config is shared).
+        assert svc.budget.evictions == 2
+        assert 400 * KIB < svc.budget.bytes_evicted < 404 * KIB
+        assert _blob_bytes(svc.store.root) <= 700 * KIB
+    finally:
+        svc.close()
+
+
+def test_status_get_and_ls_are_not_use(tmp_path, nginx):
+    urls = _files(nginx, "notuse", 3, 300 * KIB)
+    svc = _svc(tmp_path / "cache", max_cache_size="700K")
+    try:
+        svc.pull(urls[0])
+        svc.pull(urls[1])
+        before = svc.status(urls[0])["last_used"]
+        svc.status(urls[0])
+        svc.list()
+        assert svc.status(urls[0])["last_used"] == before
+        svc.pull(urls[2])
+        assert _cached(svc) == {urls[1], urls[2]}
+    finally:
+        svc.close()
+
+
+def test_pinned_and_held_entries_survive_any_number_of_pulls(tmp_path, nginx):
+    pinned, held, *rest = _files(nginx, "keep", 12, 150 * KIB)
+    svc = _svc(tmp_path / "cache", max_cache_size="610K")  # 4 files and their manifests
+    try:
+        svc.pull(pinned, pin=True)
+        svc.pull(held, hold=3600)
+        assert svc.status(pinned)["pinned"] is True
+        assert svc.status(held)["held_until"] > time.time() + 3500
+        for u in rest:  # room for two more at a time: ten pulls cycle through it
+            svc.pull(u)
+            assert {pinned, held} <= _cached(svc)
+            _verified(svc)
+        assert svc.budget.evictions == len(rest) - 2
+        assert _cached(svc) == {pinned, held, *rest[-2:]}
+    finally:
+        svc.close()
+
+
+def test_pull_that_cannot_fit_gets_507_and_changes_nothing(tmp_path, nginx):
+    small = _files(nginx, "fit", 2, 200 * KIB)
+    pinned = nginx.put("fit-pinned.bin", os.urandom(300 * KIB))
+    big = nginx.put("fit-big.bin", os.urandom(600 * KIB))
+    svc = _svc(tmp_path / "cache", max_cache_size="800K")
+    try:
+        svc.pull(pinned, pin=True)
+        for u in small:
+            svc.pull(u)
+        before = {e["url"]: e for e in svc.list()}
+        blobs = sorted(p.name for p in (svc.store.blobs_dir).iterdir())
+        with pytest.raises(InsufficientStorage) as e:
+            svc.pull(big)
+        assert e.value.status == 507 and e.value.exit_code == 1
+        msg = e.value.message
+        assert 300 * KIB < _amount(msg, "pinned") < 302 * KIB  # the file and its manifest
+        assert _amount(msg, "held") == 0 and "free on disk" in msg
+        assert {e["url"]: e for e in svc.list()} == before  # nothing evicted, nothing added
+        assert sorted(p.name for p in svc.store.blobs_dir.iterdir()) == blobs
+        assert svc.budget.evictions == 0
+        assert svc.store.partial_size("url:" + big) == 0  # refused before writing a byte
+        _verified(svc)
+    finally:
+        svc.close()
+
+
+def test_shared_blobs_are_kept_and_not_counted_as_freed(tmp_path, nginx):
+    """Evicting one of two entries with the same bytes frees nothing; the other stays whole."""
+    data = os.urandom(300 * KIB)
+    a, b = nginx.put("same-a.bin", data), nginx.put("same-b.bin", data)
+    other = nginx.put("same-other.bin", os.urandom(300 * KIB))
+    svc = _svc(tmp_path / "cache", max_cache_size="700K")
+    try:
+        svc.pull(a)
+        svc.pull(b)  # the same blob: the cache holds 300 KiB
+        svc.pull(other)  # fits beside it
+        assert _cached(svc) == {a, b, other}
+        third = nginx.put("same-third.bin", os.urandom(300 * KIB))
+        svc.pull(third)  # must free 200 KiB: a (frees nothing), then b (frees the blob)
+        assert _cached(svc) == {other, third}
+        _verified(svc)
+    finally:
+        svc.close()
+
+
+def test_post_pin_hold_and_use_through_the_api(tmp_path, nginx):
+    urls = _files(nginx, "api", 4, 200 * KIB)
+    service = _svc(tmp_path / "cache", max_cache_size="500K")
+    srv = make_server(service, cfg.parse_address("127.0.0.1:0"))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+
+    def post(body: dict) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/content/", json.dumps(body))
+        r = conn.getresponse()
+        out = r.status, json.loads(r.read())
+        conn.close()
+        return out
+
+    def get(path: str) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", path)
+        out = conn.getresponse().read().decode()
+        conn.close()
+        return out
+
+    try:
+        status, e = post({"url": urls[0], "pin": True})
+        assert status == 201 and e["pinned"] is True and e["held_until"] is None
+        status, e = post({"url": urls[1]})
+        assert status == 201 and e["pinned"] is False and e["last_used"] > 0
+        status, e = post({"url": urls[1], "hold": 60})  # already cached: 200, and held
+        assert status == 200 and time.time() + 50 < e["held_until"] <= time.time() + 60
+        first = e["last_used"]
+        status, e = post({"url": urls[1]})  # a use moves last_used, in the next GET too
+        assert e["last_used"] > first
+        assert json.loads(get("/content/" + encode_url(urls[1])))["last_used"] == e["last_used"]
+        status, e = post({"url": urls[0], "pin": False})
+        assert status == 200 and e["pinned"] is False
+        status, e = post({"url": urls[0], "pin": True})
+        # Both protected: a third file cannot fit, and says why.
+        status, e = post({"url": urls[2]})
+        assert status == 507 and e["error"]["code"] == "insufficient-storage"
+        assert 200 * KIB < _amount(e["error"]["message"], "pinned") < 202 * KIB
+        assert 200 * KIB < _amount(e["error"]["message"], "held") < 202 * KIB
+        for bad in ({"url": urls[2], "pin": "yes"}, {"url": urls[2], "hold": -1},
+                    {"url": urls[2], "hold": "10"}, {"url": urls[2], "hold": True}):
+            status, e = post(bad)
+            assert status == 400, bad
+        metrics = get("/metrics")
+        assert "\nnekko_cache_budget_bytes 512000\n" in metrics
+        assert "\nnekko_evictions_total 0\n" in metrics
+        service.store.set_pin(urls[0], False)
+        status, e = post({"url": urls[2]})
+        assert status == 201
+        metrics = get("/metrics")
+        assert "\nnekko_evictions_total 1\n" in metrics
+        evicted = int(re.search(r"^nekko_evicted_bytes_total (\d+)$", metrics, re.MULTILINE).group(1))
+        assert 200 * KIB < evicted < 202 * KIB  # the file and its manifest
+        _verified(service)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        service.close()
+
+
+def test_cli_pin_unpin_pull_pin_hold_and_ls(tmp_path, nginx, capsys):
+    urls = _files(nginx, "cli", 2, 100 * KIB)
+    cache = str(tmp_path / "cache")
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = cli.main(["--cache-dir", cache, *argv])
+        return code, capsys.readouterr().out
+
+    assert run("pull", "--pin", urls[0])[0] == 0
+    assert run("pull", "--hold", "120", urls[1])[0] == 0
+    _, out = run("ls")
+    lines = {ln.split()[-1]: ln for ln in out.splitlines()}
+    assert "pinned" in lines[urls[0]] and "held-until=" in lines[urls[1]]
+    _, out = run("ls", "--json")
+    entries = {e["url"]: e for e in json.loads(out)}
+    assert entries[urls[0]]["pinned"] is True and entries[urls[1]]["pinned"] is False
+    assert entries[urls[1]]["held_until"] > time.time() + 100
+    for e in entries.values():
+        assert isinstance(e["last_used"], float) and e["last_used"] != int(e["last_used"])
+    assert run("unpin", urls[0]) == (0, f"unpinned {urls[0]}\n")
+    assert run("pin", urls[1]) == (0, f"pinned {urls[1]}\n")
+    assert run("pin", nginx.url + "/files/never-pulled.bin")[0] == 4
+    assert run("unpin", nginx.url + "/files/never-pulled.bin")[0] == 4
+    before = json.loads(run("ls", "--json")[1])[0]["last_used"]
+    assert run("path", urls[0])[0] == 0  # a use
+    after = {e["url"]: e for e in json.loads(run("ls", "--json")[1])}
+    assert after[urls[0]]["last_used"] > before
+    assert run("pull", "--hold", "soon", urls[0])[0] == 2
+
+
+def test_pins_and_use_survive_a_restart(tmp_path, nginx):
+    urls = _files(nginx, "restart", 3, 200 * KIB)
+    cache = tmp_path / "cache"
+    svc = _svc(cache, max_cache_size="500K")
+    svc.pull(urls[0], pin=True)
+    svc.pull(urls[1])
+    svc.close()
+    svc = _svc(cache, max_cache_size="500K")
+    try:
+        assert svc.status(urls[0])["pinned"] is True
+        svc.pull(urls[2])
+        assert _cached(svc) == {urls[0], urls[2]}
+    finally:
+        svc.close()
+
+
+def test_stale_partials_go_first(tmp_path, faulty):
+    """An interrupted download's partial is evicted before any entry."""
+    keep = faulty.add("stale-keep.bin", os.urandom(200 * KIB))
+    svc = _svc(tmp_path / "cache", max_cache_size="700K")
+    try:
+        svc.pull(keep)
+        w = svc.store.writer("url:http://127.0.0.1:1/abandoned.bin")
+        w.write(os.urandom(300 * KIB))
+        w.sync()
+        w.save_state(etag='"abandoned"')
+        w.close()  # unlocked: no live pull holds it
+        assert svc.store.partials_size() >= 300 * KIB
+        svc.pull(faulty.add("stale-new.bin", os.urandom(250 * KIB)))
+        assert keep in _cached(svc)
+        assert svc.store.partial_size("url:http://127.0.0.1:1/abandoned.bin") == 0
+        assert svc.budget.evictions == 1
+        _verified(svc)
+    finally:
+        svc.close()
+
+
+def test_lowering_the_budget_and_gc_shrinks_the_cache(tmp_path, nginx, capsys):
+    urls = _files(nginx, "shrink", 6, 100 * KIB)
+    cache = tmp_path / "cache"
+    svc = _svc(cache)
+    try:
+        for u in urls:
+            svc.pull(u)
+        svc.store.set_pin(urls[0], True)
+        svc.use(urls[1])
+    finally:
+        svc.close()
+    assert _blob_bytes(cache) >= 600 * KIB
+    assert cli.main(["--cache-dir", str(cache), "--max-cache-size", "350K", "gc"]) == 0
+    out = capsys.readouterr().out
+    assert "evicted 3 entries" in out, out
+    svc = _svc(cache)
+    try:
+        assert _cached(svc) == {urls[0], urls[1], urls[5]}  # pinned, used, newest
+        _verified(svc)
+    finally:
+        svc.close()
+    assert _blob_bytes(cache) <= 350 * KIB
+    assert cli.main(["--cache-dir", str(cache), "verify"]) == 0
+
+
+def test_serve_brings_the_cache_within_budget_at_start(tmp_path, nginx, pyz):
+    urls = _files(nginx, "serve", 4, 100 * KIB)
+    cache = tmp_path / "cache"
+    svc = _svc(cache)
+    for u in urls:
+        svc.pull(u)
+    svc.close()
+    sock = tmp_path / "api.sock"
+    proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(cache),
+                             "--address", f"unix:{sock}", "--max-cache-size", "250K", "serve"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert err.count("evicted entry") == 2, err
+    svc = _svc(cache)
+    try:
+        assert _cached(svc) == set(urls[2:])
+        _verified(svc)
+    finally:
+        svc.close()
+
+
+def test_no_budget_evicts_nothing(tmp_path, nginx):
+    urls = _files(nginx, "unlimited", 5, 100 * KIB)
+    svc = _svc(tmp_path / "cache")
+    try:
+        for u in urls:
+            svc.pull(u)
+        assert _cached(svc) == set(urls)
+        assert not svc.budget.enabled and svc.budget.enforce().evicted == []
+    finally:
+        svc.close()
+
+
+def test_entry_being_pulled_elsewhere_is_not_evicted(tmp_path, nginx):
+    """An entry another process is pulling again (its pull lock held) is never a candidate."""
+    urls = _files(nginx, "busy", 3, 300 * KIB)
+    svc = _svc(tmp_path / "cache", max_cache_size="700K")
+    try:
+        svc.pull(urls[0])
+        svc.pull(urls[1])
+        from nekko_sm.store import FileLock
+
+        lock = FileLock(svc._pull_paths(urls[0])[1])
+        lock.acquire()  # as another process's pull of urls[0] would
+        try:
+            svc.pull(urls[2])
+        finally:
+            lock.release()
+        assert _cached(svc) == {urls[0], urls[2]}
+    finally:
+        svc.close()
+
+
+def test_unknown_budget_pin_of_absent_entry_is_404(tmp_path):
+    svc = _svc(tmp_path / "cache")
+    try:
+        with pytest.raises(EntryNotFound):
+            svc.pin("http://127.0.0.1:1/none.bin")
+    finally:
+        svc.close()
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
