@@ -25,6 +25,7 @@ from nekko_sm import config as cfg
 from nekko_sm.api import encode_url, make_server
 from nekko_sm.errors import ConfigError, EntryNotFound, InsufficientStorage
 from nekko_sm.service import Service
+from nekko_sm.store import Store
 
 KIB = 1024
 MIB = 1 << 20
@@ -436,3 +437,198 @@ def test_unknown_budget_pin_of_absent_entry_is_404(tmp_path):
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# -- the disk, other processes, crashes ---------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (root only; CI runs as root)."""
+    if os.geteuid() != 0:
+        msg = "PEER MISSING: a tmpfs mount needs root; the --min-free-space tests did not run"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        msg = f"cannot mount a tmpfs here ({r.stderr.strip()}); the --min-free-space tests did not run"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+# The cache's own small files (nekko.db and its log, index.json) are not counted: they may
+# take this much of what --min-free-space keeps.
+_BOOKKEEPING = 2 * MIB
+
+
+@pytest.mark.parametrize("setting, keep", [("24M", 24 * MIB), ("40%", int(0.4 * 64 * MIB))])
+def test_min_free_space_on_a_small_disk_keeps_that_much_free(small_disk, nginx, setting, keep):
+    urls = _files(nginx, f"disk-{setting[:-1]}", 10, 6 * MIB)  # 60 MiB through a 64 MiB disk
+    svc = _svc(small_disk / "cache", min_free_space=setting)
+    try:
+        for u in urls:
+            svc.pull(u)
+            assert _free(small_disk) >= keep - _BOOKKEEPING, "less free than --min-free-space"
+            _verified(svc)
+        assert urls[-1] in _cached(svc) and urls[0] not in _cached(svc)
+        assert svc.budget.evictions >= 10 - (64 * MIB - keep) // (6 * MIB)
+        too_big = nginx.put(f"disk-{setting[:-1]}-big.bin", os.urandom(48 * MIB))
+        before = _cached(svc)
+        with pytest.raises(InsufficientStorage) as e:
+            svc.pull(too_big)  # can never leave that much free: refused, nothing evicted
+        assert "free on disk" in e.value.message
+        assert _cached(svc) == before
+        _verified(svc)
+    finally:
+        svc.close()
+
+
+@pytest.fixture(scope="module")
+def slow_nginx(tmp_path_factory):
+    """nginx at 1 MB/s per connection, so a pull in one process outlasts one in another."""
+    from peers.nginx import start_nginx
+
+    peer = start_nginx(tmp_path_factory.mktemp("slow-nginx"), limit_rate="1m")
+    yield peer
+    peer.stop()
+
+
+def test_cli_and_serve_share_one_budget(tmp_path, nginx, slow_nginx, pyz):
+    """A CLI pull while serve pulls: the CLI counts serve's reservation and evicts for it,
+    never the partial serve is writing; afterwards the cache is within the budget."""
+    cache = tmp_path / "cache"
+    a, b = (nginx.put(f"share-{n}.bin", os.urandom(1536 * KIB)) for n in "ab")
+    c_data = os.urandom(6 * MIB)
+    c = slow_nginx.put("share-c.bin", c_data)  # about five seconds
+    d = nginx.put("share-d.bin", os.urandom(1536 * KIB))
+    budget = ["--max-cache-size", "9300K"]  # B, C, D (9 MiB) and their manifests
+    for u in (a, b):
+        subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *budget, "pull", u],
+                       check=True, capture_output=True)
+    sock = tmp_path / "api.sock"
+    proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(cache), *budget,
+                             "--address", f"unix:{sock}", "serve"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        posted = _unix_post(sock, {"url": c, "async": True})
+        assert posted[0] == 202
+        # Wait until serve has reserved (its lease says so) and started writing.
+        store = Store(cache)
+        while not any(r for _, r in store.live_leases().values()):
+            assert time.monotonic() < deadline, "serve never reserved room for its pull"
+            time.sleep(0.02)
+        r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *budget,
+                            "-v", "1", "pull", d], capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        assert _unix_get(sock, c)[0] == 206, "serve's pull ended before the CLI's: no overlap"
+        assert f"evicted entry {a}" in r.stderr and b not in r.stderr  # LRU, and only what was needed
+        assert "evicted partial" not in r.stderr  # never serve's live download
+        while _unix_get(sock, c)[0] != 200:
+            assert proc.poll() is None and time.monotonic() < deadline + 60
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "evicted" not in err  # serve had room: the CLI made it before
+    svc = _svc(cache)
+    try:
+        assert _cached(svc) == {b, c, d}
+        assert Path(svc.status(c)["path"]).read_bytes() == c_data
+        _verified(svc)
+    finally:
+        svc.close()
+    assert _blob_bytes(cache) <= 9300 * KIB
+
+
+def _unix_request(sock: Path, method: str, path: str, body: bytes | None = None):
+    import socket
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(60)
+            self.sock.connect(str(sock))
+
+    conn = Conn("localhost")
+    try:
+        conn.request(method, path, body)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    finally:
+        conn.close()
+
+
+def _unix_post(sock: Path, body: dict):
+    return _unix_request(sock, "POST", "/content/", json.dumps(body).encode())
+
+
+def _unix_get(sock: Path, url: str):
+    return _unix_request(sock, "GET", "/content/" + encode_url(url))
+
+
+@pytest.mark.slow
+def test_sigkill_during_eviction_leaves_a_consistent_cache(tmp_path, nginx, pyz):
+    cache = tmp_path / "cache"
+    svc = _svc(cache)
+    urls = [nginx.put(f"kill-evict-{i}.bin", os.urandom(4 * KIB + i)) for i in range(80)]
+    try:
+        for u in urls:
+            svc.pull(u)
+    finally:
+        svc.close()
+    import random
+
+    rng = random.Random(20261202)
+    killed = 0
+    for budget in ("250K", "170K", "100K", "40K"):
+        count = Store(cache).count_entries()
+        proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(cache),
+                                 "--max-cache-size", budget, "gc"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while Store(cache).count_entries() >= count and proc.poll() is None:
+            assert time.monotonic() < deadline, "gc never started evicting"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        if proc.wait(timeout=10) == -signal.SIGKILL:
+            killed += 1
+        s = Store(cache)
+        assert s.verify() == [], "a kill during eviction broke the cache"
+        for desc in s.entries():
+            assert s.has_blob(desc.digest, desc.size)
+        doc = json.loads((cache / "index.json").read_text())
+        assert isinstance(doc["manifests"], list)
+        s.close()
+    assert killed >= 2, "the kills all came after gc had finished: nothing was tested"
+    assert cli.main(["--cache-dir", str(cache), "--max-cache-size", "40K", "gc"]) == 0
+    assert _blob_bytes(cache) <= 40 * KIB
+    assert cli.main(["--cache-dir", str(cache), "verify"]) == 0
+    svc = _svc(cache)
+    try:
+        kept = _cached(svc)
+        assert kept and kept == set(urls[-len(kept):])  # never used again: the newest stay
+        again, created = svc.pull(urls[0])  # an evicted URL comes back whole
+        assert created and Path(again["path"]).stat().st_size == 4 * KIB
+    finally:
+        svc.close()
