@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nekko_sm.config import Config
+from nekko_sm.entries import lock_held
 from nekko_sm.errors import InsufficientStorage
 from nekko_sm.store import FileLock, Lease, Store, key_for
 from nekko_sm.store.layout import SPACE_MARGIN
@@ -103,6 +104,7 @@ class Eviction:
     name: str  # the URL, or the ingest directory
     nbytes: int  # what the plan expects it to free
     last_used: float
+    reach: list[str] = field(default_factory=list)  # an entry's digests (for the plan)
 
 
 @dataclass
@@ -204,12 +206,7 @@ class Budget:
 
         out: set[str] = set()
         for record in self._pulls_dir.glob("*.json"):
-            lock_path = record.with_suffix(".lock")
-            if not lock_path.exists():
-                continue
-            probe = FileLock(lock_path)
-            if probe.acquire(blocking=False):
-                probe.release()
+            if not lock_held(record.with_suffix(".lock")):
                 continue  # an interrupted pull: its partials are stale for the budget
             try:
                 refs = json.loads(record.read_text()).get("ingest", [])
@@ -306,10 +303,12 @@ class Budget:
     def _plan(self, u: Usage, need: int) -> tuple[list[Eviction], float | None]:
         """What to evict, in order, to free ``need`` bytes; and the oldest use kept after it.
 
-        Greedy in LRU order: an entry whose blobs are all shared with newer entries frees
-        nothing itself but is still the least recently used, so it goes first (the entries
-        after it then free the shared blobs).  Nothing is evicted unless the whole plan
-        reaches ``need`` (the caller checks).
+        Greedy in LRU order, counting what each eviction really frees: blobs whose last
+        reference goes and that no live pull leased.  An entry that frees nothing itself
+        (its blobs are shared with newer entries, or leased) stays in the plan only when a
+        later eviction in it frees one of its blobs -- which needed its reference gone too;
+        otherwise evicting it would be in vain, and it is kept.  Nothing is evicted unless
+        the whole plan reaches ``need`` (the caller checks).
         """
         plan: list[Eviction] = []
         total = 0
@@ -339,8 +338,10 @@ class Budget:
                 counts[d] = (refs - 1, size)
                 if refs == 1 and d not in u.leased:
                     freed += size
-            plan.append(Eviction("entry", rec.key, freed, rec.last_used))
+            plan.append(Eviction("entry", rec.key, freed, rec.last_used, reach))
             total += freed
+        plan = [e for e in plan if e.kind == "partial" or e.nbytes > 0 or any(
+            counts.get(d, (1, 0))[0] == 0 and d not in u.leased for d in e.reach)]
         return plan, oldest_kept
 
     def _evict(self, plan: list[Eviction], oldest_kept: float | None, why: str,
@@ -356,9 +357,9 @@ class Budget:
             else:
                 if self._busy(ev.name):
                     continue
-                gone, gc_report = self.store.free_entry(ev.name)
+                gone, gc_report = self.store.free_entry(ev.name, unused_since=ev.last_used)
                 if gone is None:
-                    continue  # removed meanwhile
+                    continue  # removed, used, pinned or held since the plan: the next round sees
                 freed = gc_report.bytes_freed
             with self._stats_lock:
                 self.evictions += 1
@@ -366,9 +367,9 @@ class Budget:
             if report is not None:
                 report.evicted.append(ev)
                 report.bytes_freed += freed
-            log.info("evicted %s %s (last used %s, %s freed) %s", ev.kind, ev.name,
-                     time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ev.last_used)),
-                     human(freed), why)
+            # Epoch times with microseconds, so a log shows the order (bench/soak_budget.py).
+            log.info("evicted %s %s (last used %s = %.6f, %s freed, at %.6f) %s", ev.kind,
+                     ev.name, _iso(ev.last_used), ev.last_used, human(freed), time.time(), why)
             if self.on_evict is not None:
                 self.on_evict(ev, oldest_kept)
 
@@ -398,6 +399,10 @@ class Budget:
                 f" {human(pinned)} pinned, {human(held)} held, {human(u.in_flight)} for pulls"
                 f" in flight; {human(u.free)} free on disk (keeping {human(self.floor(u.disk))}"
                 "); nothing was evicted")
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1e6):06d}"
 
 
 def _dir_bytes(d: Path) -> tuple[int | None, float]:

@@ -212,7 +212,7 @@ class Catalog:
         except (OSError, ValueError):
             state = None
         if state is not None:
-            busy = _held(lock_path)
+            busy = lock_held(lock_path)
             done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
             entry: dict[str, Any] = {
                 "url": key, "state": "downloading" if busy else "incomplete",
@@ -267,7 +267,7 @@ def _use_fields(pinned: bool, held_until: float | None, last_used: float | None)
             + ',"last_used":' + (repr(float(last_used)) if last_used is not None else "null"))
 
 
-def _held(lock_path: Path) -> bool:
+def lock_held(lock_path: Path) -> bool:
     """Is someone (this or another process) holding the flock at ``lock_path``?"""
     if not lock_path.exists():
         return False

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
-from nekko_sm.entries import Catalog, is_single_file, pull_paths
+from nekko_sm.entries import Catalog, is_single_file, lock_held, pull_paths
 from nekko_sm.errors import (
     BadRequest,
     Cancelled,
@@ -196,10 +196,13 @@ class Service:
         desc = self.store.get_entry(key)
         if desc is None or not _platform_matches(desc, platform):
             return None
-        if digest is not None:
-            _check_digest(self.catalog.entry(key), digest)
-        self.mark(key, pin, hold)
-        return self.catalog.entry(key)
+        try:
+            if digest is not None:
+                _check_digest(self.catalog.entry(key), digest)
+            self.mark(key, pin, hold)
+            return self.catalog.entry(key)
+        except EntryNotFound:
+            return None  # evicted or removed just now: pull it again
 
     def finish(self, flight: Flight, pin: bool | None = None,
                hold: float | None = None) -> tuple[dict, bool]:
@@ -247,14 +250,7 @@ class Service:
         with self._lock:
             if key in self._flights:
                 return True
-        lock_path = self._pull_paths(key)[1]
-        if not lock_path.exists():
-            return False
-        probe = FileLock(lock_path)
-        if probe.acquire(blocking=False):
-            probe.release()
-            return False
-        return True
+        return lock_held(self._pull_paths(key)[1])
 
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
         return pull_paths(self.pulls_dir, key)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from peers import tmpfs
 
 from nekko_sm import cli
 from nekko_sm import config as cfg
@@ -445,22 +446,8 @@ def sha(data: bytes) -> str:
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs (root only; CI runs as root)."""
-    if os.geteuid() != 0:
-        msg = "PEER MISSING: a tmpfs mount needs root; the --min-free-space tests did not run"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        msg = f"cannot mount a tmpfs here ({r.stderr.strip()}); the --min-free-space tests did not run"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "small", "64m", "the --min-free-space tests") as mnt:
+        yield mnt
 
 
 def _free(path: Path) -> int:
@@ -630,5 +617,105 @@ def test_sigkill_during_eviction_leaves_a_consistent_cache(tmp_path, nginx, pyz)
         assert kept and kept == set(urls[-len(kept):])  # never used again: the newest stay
         again, created = svc.pull(urls[0])  # an evicted URL comes back whole
         assert created and Path(again["path"]).stat().st_size == 4 * KIB
+    finally:
+        svc.close()
+
+
+def test_an_image_makes_room_from_its_descriptors(tmp_path, nginx, registry, seeded):
+    """An OCI pull declares its missing blobs' sizes before fetching: the LRU file goes, the
+    image fits; with a budget too small for the image, 507 and nothing evicted."""
+    info = seeded["public/single:v1"]
+    image = sum(d["size"] for d in info.layers) + (info.config_size or 0) + info.size
+    old, new = _files(nginx, "oci-room", 2, max(image // 2, 64 * KIB))
+    budget = image + 2 * max(image // 2, 64 * KIB) - 1024  # not room for all three
+
+    def svc_for(cache: Path, size: int) -> Service:
+        config = cfg.build({"cache_dir": str(cache), "insecure_registry": [registry.host],
+                            "platform": "linux/amd64", "max_cache_size": str(size)}, {})
+        return Service(config)
+
+    svc = svc_for(tmp_path / "cache", budget)
+    try:
+        svc.pull(old)
+        svc.pull(new)
+        registry.reset()
+        _, created = svc.pull(info.url)
+        assert created and _cached(svc) == {new, info.url}
+        _verified(svc)
+    finally:
+        svc.close()
+    svc = svc_for(tmp_path / "small", image // 2)
+    try:
+        with pytest.raises(InsufficientStorage):
+            svc.pull(info.url)
+        assert _cached(svc) == set() and svc.budget.evictions == 0
+        assert not any(svc.store.has_blob(d["digest"]) for d in info.layers)
+        _verified(svc)
+    finally:
+        svc.close()
+
+
+def test_a_hub_repository_makes_room_from_the_hub_sizes(tmp_path, nginx, fakehub):
+    """A whole repository asks once for all its missing files (then each file's ask is
+    inside that): the LRU file goes, the repository fits, and its files are whole."""
+    files = {f"shard-{i}.safetensors": os.urandom(120 * KIB) for i in range(3)}
+    fakehub.add_repo("budget/three-shards", files=files)
+    old, new = _files(nginx, "hf-room", 2, 150 * KIB)
+    config = cfg.build({"cache_dir": str(tmp_path / "cache"), "max_cache_size": "560K"},
+                       {"HF_ENDPOINT": fakehub.endpoint})
+    svc = Service(config)
+    try:
+        svc.pull(old)
+        svc.pull(new)
+        entry, created = svc.pull("hf:///budget/three-shards")
+        assert created and _cached(svc) == {new, entry["url"]}
+        assert svc.budget.evictions == 1
+        for name, data in files.items():
+            assert (Path(entry["path"]) / name).read_bytes() == data
+        _verified(svc)
+    finally:
+        svc.close()
+    config = cfg.build({"cache_dir": str(tmp_path / "small"), "max_cache_size": "300K"},
+                       {"HF_ENDPOINT": fakehub.endpoint})
+    svc = Service(config)
+    try:
+        with pytest.raises(InsufficientStorage):
+            svc.pull("hf:///budget/three-shards")  # 360 KiB of files: refused up front
+        assert not any(svc.store.has_blob(sha(d)) for d in files.values())
+        _verified(svc)
+    finally:
+        svc.close()
+
+
+def test_an_entry_whose_blobs_a_live_pull_leased_is_not_evicted_in_vain(tmp_path, nginx):
+    """An entry all of whose blobs a pull in flight has leased frees nothing: it is kept,
+    the next one in LRU order goes instead, and the leased blobs stay on disk."""
+    urls = _files(nginx, "leased", 3, 300 * KIB)
+    svc = _svc(tmp_path / "cache", max_cache_size="700K")
+    try:
+        first, _ = svc.pull(urls[0])
+        svc.pull(urls[1])
+        from nekko_sm.store import Lease
+
+        with Lease(svc.store) as lease:  # as a live pull of the same image would
+            for digest in svc.store.reach_of(urls[0]):  # its file and manifest
+                lease.add(digest)
+            svc.pull(urls[2])
+            assert _cached(svc) == {urls[0], urls[2]}  # urls[1] went, though newer
+            assert svc.store.has_blob(first["digest"])
+        _verified(svc)
+    finally:
+        svc.close()
+
+
+def test_a_hold_that_ended_protects_nothing(tmp_path, nginx):
+    urls = _files(nginx, "expired", 3, 300 * KIB)
+    svc = _svc(tmp_path / "cache", max_cache_size="700K")
+    try:
+        svc.pull(urls[0], hold=3600)
+        svc.pull(urls[1])
+        svc.store.set_hold(urls[0], time.time() - 1)  # as if the hour had passed
+        svc.pull(urls[2])
+        assert _cached(svc) == {urls[1], urls[2]}
     finally:
         svc.close()

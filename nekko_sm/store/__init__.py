@@ -180,9 +180,13 @@ class Store(Layout):
             self._views.remove(url)
         return gone
 
-    def free_entry(self, url: str) -> tuple[Descriptor | None, GCReport]:
-        """Drop the entry and its view and delete the blobs only it used (no live pull's)."""
-        return self._gc.free(url)
+    def free_entry(self, url: str, unused_since: float | None = None,
+                   ) -> tuple[Descriptor | None, GCReport]:
+        """Drop the entry and its view and delete the blobs only it used (no live pull's).
+
+        ``unused_since``: only if it is not pinned, not held, not used after that (eviction).
+        """
+        return self._gc.free(url, unused_since)
 
     def generation(self) -> int:
         """Bumped by every change to the set of entries (what index.json shows)."""

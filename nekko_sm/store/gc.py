@@ -195,7 +195,8 @@ class Collector:
         return out
 
     # -- freeing one entry -----------------------------------------------------------------
-    def free(self, url: str) -> tuple[Descriptor | None, GCReport]:
+    def free(self, url: str, unused_since: float | None = None,
+             ) -> tuple[Descriptor | None, GCReport]:
         """Remove ``url`` and delete exactly the blobs no other entry and no live pull needs.
 
         In one write transaction: the entry goes, the counts of what it reached go down,
@@ -205,12 +206,22 @@ class Collector:
         finds it gone and fetches it again; a commit checks, under the same lock, that all
         it names is present.  The trash is emptied after the commit; a crash in between
         is repaired at the next open (:meth:`recover_trash`).
+
+        With ``unused_since`` (an eviction), nothing happens unless, in that same
+        transaction, the entry is still unpinned, not held past now and not used after
+        ``unused_since``: a use, pin or hold that came after the eviction was planned wins.
         """
         report = GCReport()
         index = self.index
         moved: list[tuple[str, Path, int]] = []
         try:
             with index.db.write() as conn:
+                if unused_since is not None:
+                    row = conn.execute("SELECT last_used, pinned, held_until FROM entries"
+                                       " WHERE key = ?", (url,)).fetchone()
+                    if row is None or row[0] > unused_since or row[1] \
+                            or (row[2] is not None and row[2] > time.time()):
+                        return None, report
                 gone = index.drop(conn, url)
                 if gone is None:
                     return None, report
