@@ -242,6 +242,10 @@ class Budget:
             for _ in range(_ROUNDS):
                 u = self.usage()
                 need = self.over(u, extra, min(extra, max(0, nbytes)))
+                log.debug("budget for %s: %d more; entries %d, reserved %d, written %d,"
+                          " stale partials %d, free %d: %d to free", what, extra, u.entries,
+                          u.reserved, u.written, sum(p.nbytes for p in u.stale), u.free,
+                          max(0, need))
                 if need <= 0:
                     lease.reserve(footprint)
                     return
