@@ -42,7 +42,7 @@ from nekko_sm.errors import (
     UnsupportedMediaType,
 )
 from nekko_sm.refs import has_query_credentials, redact, with_patterns
-from nekko_sm.service import Service
+from nekko_sm.service import Service, check_hold
 
 log = logging.getLogger("nekko_sm.api")
 
@@ -479,21 +479,29 @@ class Handler(BaseHTTPRequestHandler):
         is_async = req.get("async", False)
         if not isinstance(is_async, bool):
             raise BadRequest('"async" must be true or false')
+        pin = req.get("pin")
+        if pin is not None and not isinstance(pin, bool):
+            raise BadRequest('"pin" must be true or false')
+        hold = check_hold(req.get("hold"))
         creds = Credentials.make(req.get("credentials"), req.get("credentialsType"))
         # "include"/"exclude" (hf:// only) become part of the URL: its canonical query.
         url = with_patterns(url, req.get("include"), req.get("exclude"),
                             self.service.config.hf_endpoint)
-        flight, entry = self.service.start(url, creds, req.get("digest"), req.get("platform") or None)
+        flight, entry = self.service.start(url, creds, req.get("digest"),
+                                           req.get("platform") or None, pin, hold)
         if entry is not None:
             self._send(200, entry)
             return
         assert flight is not None
         if is_async:
+            if pin is not None or hold:  # also when this caller joined after the commit
+                flight.future.add_done_callback(
+                    lambda f: f.exception() or self.service.mark(flight.url, pin, hold, False))
             self._send(202, {"url": flight.url, "state": "downloading",
                              "downloaded": flight.progress.done, "size": flight.progress.total},
                        {"Location": "/content/" + encode_url(flight.url)})
             return
-        entry, created = flight.future.result()
+        entry, created = self.service.finish(flight, pin, hold)
         self._send(201 if created else 200, entry)
 
     def _delete(self) -> None:
@@ -607,6 +615,9 @@ def run(config: Config, ready=None) -> int:
     import signal
 
     service = Service(config)
+    if service.budget.enabled:
+        log.info("disk budget: %s", service.budget.describe())
+        service.budget.enforce("to bring the cache within its budget at start")
     srv = make_server(service, config.address)
     stopping = threading.Event()
 

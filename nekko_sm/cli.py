@@ -28,7 +28,7 @@ from nekko_sm.errors import (
 TRACE = 5
 WIRE = 3
 
-COMMANDS = ("serve", "pull", "status", "path", "ls", "rm", "gc", "verify")
+COMMANDS = ("serve", "pull", "status", "path", "ls", "rm", "gc", "verify", "pin", "unpin")
 
 DESCRIPTION = """\
 nekko-sm downloads OCI images and artifacts (oci://), Hugging Face files and repositories
@@ -42,7 +42,8 @@ environment:
   NEKKO_PLATFORM, NEKKO_JOBS, NEKKO_INSECURE_REGISTRIES, NEKKO_REGISTRY_MIRRORS
   HF_ENDPOINT, HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), SSL_CERT_FILE
   HTTPS_PROXY, HTTP_PROXY, NO_PROXY (lower-case spellings too)
-  NEKKO_API_TOKEN_FILE, NEKKO_DENY_NETWORKS, NEKKO_ALLOW_NETWORKS
+  NEKKO_API_TOKEN_FILE, NEKKO_DENY_NETWORKS, NEKKO_ALLOW_NETWORKS,
+  NEKKO_MAX_CACHE_SIZE, NEKKO_MIN_FREE_SPACE
 
 with no COMMAND, nekko-sm runs serve
 
@@ -88,6 +89,13 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     p.add_argument("--allow-network", metavar="CIDR", action="append", default=d,
                    help="allow CIDR even inside a denied network (the most specific wins);"
                         " repeatable (env NEKKO_ALLOW_NETWORKS, comma-separated; default none)")
+    p.add_argument("--max-cache-size", metavar="SIZE", default=d,
+                   help="keep blobs/ and ingest/ within SIZE (bytes, or K/M/G/T, powers of"
+                        " 1024), evicting least recently used entries before a pull writes"
+                        " (env NEKKO_MAX_CACHE_SIZE; default unlimited)")
+    p.add_argument("--min-free-space", metavar="SIZE|N%", default=d,
+                   help="keep this much of the cache's file system free, evicting likewise"
+                        " (env NEKKO_MIN_FREE_SPACE; default none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " in the repository, as huggingface_hub's allow_patterns; repeatable)")
     s.add_argument("--exclude", metavar="PATTERN", action="append",
                    help="hf:// only: then skip the files matching PATTERN (repeatable)")
+    s.add_argument("--pin", action="store_true", help="pin the entry: never evicted")
+    s.add_argument("--hold", metavar="SECONDS", type=_seconds,
+                   help="keep the entry from eviction for SECONDS from now")
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
     s = sub.add_parser("status", parents=[common],
@@ -134,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm", parents=[common], help="remove URL, free blobs no one else uses")
     s.add_argument("url", metavar="URL")
 
-    s = sub.add_parser("gc", parents=[common], help="free unreferenced blobs and stale partials")
+    s = sub.add_parser("gc", parents=[common],
+                       help="free unreferenced blobs and stale partials; keep the budget")
     s.add_argument("--dry-run", action="store_true", help="only say what would be freed")
 
     s = sub.add_parser("verify", parents=[common],
@@ -142,7 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("url", metavar="URL", nargs="?")
     s.add_argument("--repair", action="store_true",
                    help="remove damaged blobs (and the entries needing them), fix the counts")
+
+    s = sub.add_parser("pin", parents=[common], help="pin a cached URL: it is never evicted")
+    s.add_argument("url", metavar="URL")
+    s = sub.add_parser("unpin", parents=[common], help="unpin a cached URL")
+    s.add_argument("url", metavar="URL")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"--hold must be from 0 to 315360000 seconds: {text!r}")
+    return value
 
 
 def _normalise_verbose(argv: list) -> list:
@@ -202,7 +229,7 @@ def main(argv: list | None = None) -> int:
     flags = {k: getattr(args, k, None) for k in
              ("cache_dir", "address", "verbose", "platform", "insecure_registry", "jobs",
               "registry_mirror", "ca_cert", "api_token_file", "deny_network", "allow_network",
-              "verify_cached_credentials")}
+              "verify_cached_credentials", "max_cache_size", "min_free_space")}
     try:
         config = _config.build(flags, os.environ)
     except NekkoError as e:
@@ -292,13 +319,16 @@ def _cmd_pull(config, args) -> int:
     url = with_patterns(args.url, args.include, args.exclude, config.hf_endpoint)
     svc = _service(config)
     try:
-        flight, entry = svc.start(url, creds, args.digest, getattr(args, "platform", None))
+        pin = True if args.pin else None
+        flight, entry = svc.start(url, creds, args.digest, getattr(args, "platform", None),
+                                  pin, args.hold)
         if entry is None:
             if sys.stderr.isatty():
                 with _ProgressBar(flight):
-                    entry, _ = _wait(flight)
+                    _wait(flight)
             else:
-                entry, _ = _wait(flight)
+                _wait(flight)
+            entry, _ = svc.finish(flight, pin, args.hold)
     finally:
         svc.close()
     if args.json:
@@ -349,7 +379,7 @@ def _cmd_status(config, args) -> int:
 def _cmd_path(config, args) -> int:
     svc = _service(config)
     try:
-        entry = svc.status(args.url)
+        entry = svc.use(args.url)
     finally:
         svc.store.close()
     if entry["state"] != "complete":
@@ -369,9 +399,20 @@ def _cmd_ls(config, args) -> int:
         rows = svc.catalog.summaries()
     finally:
         svc.store.close()
-    sys.stdout.write("".join(f"{state:<11} {size if size is not None else '?':>14}  {url}\n"
-                             for url, state, size in rows))
+    now = time.time()
+    lines = []
+    for url, state, size, pinned, held, used in rows:
+        flags = "pinned" if pinned else "-"
+        if held is not None and held > now:
+            flags = ("pinned," if pinned else "") + "held-until=" + _when(held)
+        lines.append(f"{state:<11} {size if size is not None else '?':>14}"
+                     f"  {_when(used) if used is not None else '-':<19}  {flags:<10}  {url}\n")
+    sys.stdout.write("".join(lines))
     return EXIT_OK
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
 
 
 def _cmd_rm(config, args) -> int:
@@ -388,11 +429,19 @@ def _cmd_gc(config, args) -> int:
     svc = _service(config)
     try:
         r = svc.store.gc(dry_run=args.dry_run)
+        evicted = None
+        if not args.dry_run and svc.budget.enabled:
+            evicted = svc.budget.enforce("to bring the cache within its budget (gc)")
     finally:
         svc.close()
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {len(r.blobs_freed)} blobs ({r.bytes_freed} bytes),"
           f" {len(r.partials_freed)} partial downloads")
+    if evicted is not None:
+        print(f"evicted {len(evicted.evicted)} entries and partials ({evicted.bytes_freed}"
+              f" bytes) to keep the budget ({svc.budget.describe()})"
+              + (f"; still {evicted.over} bytes over: pinned, held or in flight"
+                 if evicted.over else ""))
     return EXIT_OK
 
 
@@ -419,7 +468,18 @@ def _cmd_verify(config, args) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def _cmd_pin(config, args) -> int:
+    svc = _service(config)
+    try:
+        entry = svc.pin(args.url, args.command == "pin")
+    finally:
+        svc.store.close()
+    print(f"{'pinned' if entry['pinned'] else 'unpinned'} {entry['url']}")
+    return EXIT_OK
+
+
 _COMMANDS = {
     "serve": _cmd_serve, "pull": _cmd_pull, "status": _cmd_status, "path": _cmd_path,
     "ls": _cmd_ls, "rm": _cmd_rm, "gc": _cmd_gc, "verify": _cmd_verify,
+    "pin": _cmd_pin, "unpin": _cmd_pin,
 }

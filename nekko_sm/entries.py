@@ -155,21 +155,25 @@ class Catalog:
             entry["protected"] = True  # pulled with credentials (access.py)
         return json.dumps(entry, separators=(",", ":"))
 
-    def _absolute(self, text: str) -> str:
-        return text.replace(_PATH_KEY, _PATH_KEY + self._root_path)
+    def _absolute(self, text: str, pinned: bool, held_until: float | None,
+                  last_used: float | None) -> str:
+        """The kept rendering made whole: absolute paths, and the entry's use (DESIGN 5)."""
+        return (text[:-1].replace(_PATH_KEY, _PATH_KEY + self._root_path)
+                + _use_fields(pinned, held_until, last_used) + "}")
 
     def text(self, key: str) -> str | None:
         """The complete entry for ``key`` as JSON text, or None when there is none."""
-        found, info = self.store.entry_info(key)
-        if not found:
+        row = self.store.entry_info(key)
+        if row is None:
             return None
+        info, pinned, held_until, last_used = row
         if info is None:  # taken over from an old index.json: render it once
             desc = self.store.get_entry(key)
             if desc is None:
                 return None
             info = self.template(key, desc)
             self.store.set_entry_info([(key, info)])
-        return self._absolute(info)
+        return self._absolute(info, pinned, held_until, last_used)
 
     def entry(self, key: str) -> dict:
         """The complete entry for ``key``; EntryNotFound when there is none."""
@@ -216,18 +220,18 @@ class Catalog:
         progress, failure = self._live(key)
         if progress is not None:
             return {"url": key, "state": "downloading", "downloaded": progress.done,
-                    "size": progress.total, "files": []}
+                    "size": progress.total, "files": [], **_NO_USE}
         record, lock_path = pull_paths(self.pulls_dir, key)
         try:
             state = json.loads(record.read_text())
         except (OSError, ValueError):
             state = None
         if state is not None:
-            busy = _held(lock_path)
+            busy = lock_held(lock_path)
             done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
             entry: dict[str, Any] = {
                 "url": key, "state": "downloading" if busy else "incomplete",
-                "downloaded": done, "size": None, "files": []}
+                "downloaded": done, "size": None, "files": [], **_NO_USE}
             if failure is not None:
                 entry["error"] = dict(failure)
             return entry
@@ -236,17 +240,18 @@ class Catalog:
                                 f" {failure['message']}")
         raise EntryNotFound(f"{key} is not in the cache")
 
-    def _infos(self) -> Iterator[tuple[str, str]]:
-        """(key, template) of every complete entry by key; renders what has none yet."""
+    def _infos(self) -> Iterator[tuple[str, str, bool, float | None, float]]:
+        """(key, template, pinned, held until, last used) of every complete entry by key;
+        renders what has none yet."""
         missing: list[tuple[str, str]] = []
-        for key, info in self.store.entry_infos():
+        for key, info, pinned, held_until, last_used in self.store.entry_infos():
             if info is None:
                 desc = self.store.get_entry(key)
                 if desc is None:
                     continue
                 info = self.template(key, desc)
                 missing.append((key, info))
-            yield key, info
+            yield key, info, pinned, held_until, last_used
         self.store.set_entry_info(missing)
 
     def _pending(self, seen: set[str]) -> Iterator[dict]:
@@ -266,32 +271,47 @@ class Catalog:
         """Every entry as JSON text: the complete ones by URL, then pulls under way."""
         out: list[str] = []
         seen: set[str] = set()
-        for key, info in self._infos():
-            out.append(self._absolute(info))
+        for key, info, pinned, held_until, last_used in self._infos():
+            out.append(self._absolute(info, pinned, held_until, last_used))
             seen.add(key)
         out.extend(json.dumps(e, separators=(",", ":")) for e in self._pending(seen))
         return out
 
-    def summaries(self) -> list[tuple[str, str, int | None]]:
-        """(url, state, size) of every entry, as :meth:`list_texts` orders them.
+    def summaries(self) -> list[tuple[str, str, int | None, bool, float | None, float | None]]:
+        """(url, state, size, pinned, held until, last used) of every entry, as
+        :meth:`list_texts` orders them.
 
         A complete entry's size is read from its template without parsing it: the
         template starts with ``url``, ``state`` and ``digest``, whose values hold no bare
         quote, so the first ``,"size":`` is the entry's own.
         """
-        out: list[tuple[str, str, int | None]] = []
+        out: list[tuple[str, str, int | None, bool, float | None, float | None]] = []
         seen: set[str] = set()
-        for key, info in self._infos():
+        for key, info, pinned, held_until, last_used in self._infos():
             at = info.index(',"size":') + 8
-            out.append((key, "complete", int(info[at:info.index(",", at)])))
+            out.append((key, "complete", int(info[at:info.index(",", at)]), pinned, held_until,
+                        last_used))
             seen.add(key)
-        out.extend((e["url"], e["state"], e.get("size")) for e in self._pending(seen))
+        out.extend((e["url"], e["state"], e.get("size"), False, None, None)
+                   for e in self._pending(seen))
         return out
 
     def list(self) -> list:
         return [json.loads(t) for t in self.list_texts()]
 
-def _held(lock_path: Path) -> bool:
+
+# An entry not (yet) in the cache: not pinned, not held, never used.
+_NO_USE: dict[str, Any] = {"pinned": False, "held_until": None, "last_used": None}
+
+
+def _use_fields(pinned: bool, held_until: float | None, last_used: float | None) -> str:
+    """``,"pinned":…,"held_until":…,"last_used":…`` (epoch seconds, sub-second precision)."""
+    return (',"pinned":' + ("true" if pinned else "false")
+            + ',"held_until":' + (repr(float(held_until)) if held_until is not None else "null")
+            + ',"last_used":' + (repr(float(last_used)) if last_used is not None else "null"))
+
+
+def lock_held(lock_path: Path) -> bool:
     """Is someone (this or another process) holding the flock at ``lock_path``?"""
     if not lock_path.exists():
         return False

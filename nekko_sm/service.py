@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -25,8 +26,9 @@ from typing import Any, Callable
 from nekko_sm import access
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
-from nekko_sm.entries import Catalog, is_single_file, pull_paths
+from nekko_sm.entries import Catalog, is_single_file, lock_held, pull_paths
 from nekko_sm.errors import (
+    BadRequest,
     Cancelled,
     Conflict,
     EntryNotFound,
@@ -68,6 +70,14 @@ class Flight:
         self.digest: str | None = None  # the digest the pull checks (its first caller's)
         self.cred = "anonymous"  # hash of the credentials the pull uses (access.credential_hash)
         self.protected = False  # the pull uses credentials: its entry will be protected
+        self.marks: dict[str, Any] = {}  # pin/hold its callers asked for, set at commit
+
+    def want(self, pin: bool | None, hold: float | None) -> None:
+        """A caller's pin and hold, applied when the pull commits (the last pin wins)."""
+        if pin is not None:
+            self.marks["pin"] = pin
+        if hold:
+            self.marks["hold"] = max(hold, self.marks.get("hold", 0))
 
     def joined(self, digest: str | None, confirm: Callable[[], None] | None = None) -> Flight:
         """This flight as another caller sees it: ``confirm()`` proves the caller's access
@@ -117,6 +127,9 @@ class Service:
         self.store.describe = self.catalog.template  # entries taken over at open
         self.store.init()
         self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
+        from nekko_sm.budget import Budget
+
+        self.budget = Budget(self.store, config, self.busy)
 
     @property
     def transfer(self):
@@ -152,35 +165,45 @@ class Service:
 
     # -- pulling ------------------------------------------------------------------------
     def pull(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
-             platform: str | None = None) -> tuple[dict, bool]:
+             platform: str | None = None, pin: bool | None = None,
+             hold: float | None = None) -> tuple[dict, bool]:
         """Download ``url`` unless cached; returns (entry, created_now)."""
-        flight, entry = self.start(url, credentials, digest, platform)
+        flight, entry = self.start(url, credentials, digest, platform, pin, hold)
         if entry is not None:
             return entry, False
         assert flight is not None
-        return flight.future.result()
+        return self.finish(flight, pin, hold)
 
     def start(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
-              platform: str | None = None) -> tuple[Flight | None, dict | None]:
-        """Begin (or join) a pull.  Returns (flight, None), or (None, entry) when cached."""
+              platform: str | None = None, pin: bool | None = None,
+              hold: float | None = None) -> tuple[Flight | None, dict | None]:
+        """Begin (or join) a pull.  Returns (flight, None), or (None, entry) when cached.
+
+        ``pin`` (True/False) pins or unpins the entry, ``hold`` (seconds) keeps it from
+        eviction that long from now; both also for an entry already cached, and both, like
+        the request itself, count as a use of it (DESIGN 9).
+        """
         if digest is not None:
             check_digest(digest)
+        hold = check_hold(hold)
         ref, platform = self.resolve(url, platform or None)
         key = ref.canonical
         auth = access.pull_auth(self, ref, credentials)
         cred = access.credential_hash(auth)
-        entry = self._cached(key, platform, digest, ref, credentials)
+        entry = self._cached(key, platform, digest, ref, credentials, pin, hold)
         if entry is not None:
             return None, entry
         with self._lock:
             flight = self._flights.get(key)
             if flight is not None:
+                flight.want(pin, hold)
                 confirm = None
                 if flight.protected and cred != flight.cred:
                     confirm = partial(self._confirm_landed, key, ref, credentials)
                 return flight.joined(digest, confirm), None
             flight = Flight(key, self._count_bytes)
             flight.digest, flight.cred, flight.protected = digest, cred, auth is not None
+            flight.want(pin, hold)
             self._flights[key] = flight
             self._failures.pop(key, None)
         runner = threading.Thread(target=self._run, name=f"pull {key[:60]}", daemon=True,
@@ -196,17 +219,71 @@ class Service:
         self.access.confirm(self, key, ref, desc, credentials)
 
     def _cached(self, key: str, platform: str | None, digest: str | None, ref,
-                credentials: Credentials | None) -> dict | None:
+                credentials: Credentials | None, pin: bool | None = None,
+                hold: float | None = None) -> dict | None:
         """The complete entry for ``key`` if it answers this request: a protected one only
         once this caller's access is confirmed (first: a refused caller learns nothing, not
-        even the digest), then 409 if it is not the digest asked for."""
+        even the digest), then 409 if it is not the digest asked for.  Answering it is a
+        use (and applies ``pin``, ``hold``)."""
         desc = self.store.get_entry(key)
         if desc is None or not _platform_matches(desc, platform):
             return None
         self.access.confirm(self, key, ref, desc, credentials)
-        entry = self.catalog.entry(key)
-        _check_digest(entry, digest)
+        try:
+            if digest is not None:
+                _check_digest(self.catalog.entry(key), digest)
+            self.mark(key, pin, hold)
+            return self.catalog.entry(key)
+        except EntryNotFound:
+            return None  # evicted or removed just now: pull it again
+
+    def finish(self, flight: Flight, pin: bool | None = None,
+               hold: float | None = None) -> tuple[dict, bool]:
+        """Wait for ``flight``; (entry, created_now) with this caller's pin and hold applied."""
+        entry, created = flight.future.result()
+        if pin is not None or hold is not None:  # a caller who joined after the commit
+            self.mark(entry["url"], pin, hold)
+            entry = self.catalog.entry(entry["url"])
+        return entry, created
+
+    # -- use, pins, holds ------------------------------------------------------------------
+    def mark(self, key: str, pin: bool | None = None, hold: float | None = None,
+             use: bool = True) -> bool:
+        """Record a use of ``key``, and pin/unpin and hold it as asked; False if absent."""
+        found = True
+        if use:
+            found = self.store.touch(key)
+        if pin is not None:
+            found = self.store.set_pin(key, pin)
+        if hold:
+            rec = self.store.entry_record(key)
+            if rec is None:
+                return False
+            until = time.time() + hold
+            if rec.held_until is None or rec.held_until < until:
+                found = self.store.set_hold(key, until)
+        return found
+
+    def use(self, url: str) -> dict:
+        """The complete entry for ``url``, recorded as used (``path``); EntryNotFound if not."""
+        entry = self.status(url)
+        if entry.get("state") == "complete" and self.store.touch(entry["url"]):
+            entry = self.status(url)
         return entry
+
+    def pin(self, url: str, pinned: bool = True) -> dict:
+        """Pin (or unpin) a cached entry: it is never evicted.  EntryNotFound if absent."""
+        key = self.canonical(url)
+        if not self.store.set_pin(key, pinned):
+            raise EntryNotFound(f"{key} is not in the cache")
+        return self.catalog.entry(key)
+
+    def busy(self, key: str) -> bool:
+        """Is ``key`` being pulled, by this process or another?"""
+        with self._lock:
+            if key in self._flights:
+                return True
+        return lock_held(self._pull_paths(key)[1])
 
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
         return pull_paths(self.pulls_dir, key)
@@ -232,7 +309,10 @@ class Service:
     def _pull_locked(self, flight: Flight, ref, credentials, digest, platform) -> dict:
         key = flight.url
         record = self._pull_paths(key)[0]
-        entry = self._cached(key, platform, digest, ref, credentials)
+        with self._lock:
+            marks = dict(flight.marks)
+        entry = self._cached(key, platform, digest, ref, credentials, marks.get("pin"),
+                             marks.get("hold"))
         if entry is not None:  # another process did it
             return {"result": (entry, False)}
         log.info("pulling %s", key)
@@ -252,7 +332,8 @@ class Service:
 
             with Lease(self.store) as lease:
                 job = Job(self.config, self.store, self.transfer, lease, credentials, digest,
-                          platform, flight.cancel, flight.progress, on_ingest)
+                          platform, flight.cancel, flight.progress, on_ingest,
+                          functools.partial(self.budget.make_room, lease))
                 result = self._source_pull(job, ref)
                 if flight.cancel.is_set():
                     raise Cancelled(f"pull of {key} was cancelled")
@@ -260,7 +341,12 @@ class Service:
                 self._commit(key, result, auth[0] if auth else None)
                 if auth is not None:  # this caller just proved its access
                     self.access.remember(key, access.credential_hash(auth))
+                with self._lock:
+                    marks = dict(flight.marks)
+                if marks:  # still under the pull's lock: never evictable in between
+                    self.mark(key, marks.get("pin"), marks.get("hold"), use=False)
             record.unlink(missing_ok=True)
+            self.budget.settle()
             entry = self.catalog.entry(key)
             self._count("complete", ref)
             took = max(time.time() - flight.started, 1e-6)
@@ -274,6 +360,9 @@ class Service:
         except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             err = e if isinstance(e, NekkoError) else _internal(e)
             keep = isinstance(err, _RESUMABLE) or (isinstance(err, Cancelled) and flight.keep_partial)
+            if err.context.get("up_front") and not any(
+                    self.store.partial_size(r) for r in state["ingest"]):
+                keep = False  # refused before a byte was written: nothing to resume
             if not keep:
                 record.unlink(missing_ok=True)
             self._count(err.code, ref)
@@ -399,6 +488,21 @@ class Service:
         if self._transfer is not None:
             self._transfer.close()
         self.store.close()
+
+
+# The longest hold one request may ask for (an engine renews its hold while it runs).
+MAX_HOLD = 10 * 365 * 86400
+
+
+def check_hold(hold: object) -> float | None:
+    """A hold in seconds from a request: a number from 0 to MAX_HOLD, else BadRequest."""
+    if hold is None:
+        return None
+    if isinstance(hold, bool) or not isinstance(hold, (int, float)) \
+            or not 0 <= hold <= MAX_HOLD:
+        raise BadRequest(f'"hold" must be a number of seconds from 0 to {MAX_HOLD},'
+                         f" not {str(hold)[:40]!r}")
+    return float(hold)
 
 
 def _platform_matches(desc: Descriptor, wanted: str | None) -> bool:

@@ -110,9 +110,10 @@ def test_post_get_head_delete(api, nginx):
     assert entry["digest"] == sha(data) and entry["state"] == "complete"
     assert Path(entry["path"]).read_bytes() == data
     status, again, _ = api.call("POST", "/content/", {"url": url})
-    assert status == 200 and again == entry
+    assert status == 200 and again["last_used"] > entry["last_used"]  # a use (DESIGN 9)
+    assert {**again, "last_used": 0} == {**entry, "last_used": 0}
     status, got, _ = api.call("GET", content(url))
-    assert status == 200 and got == entry
+    assert status == 200 and got == again  # a GET is not a use
     status, body, r = api.call("HEAD", content(url))
     assert status == 200 and body == b"" and int(r.getheader("Content-Length")) > 0
     status, listing, _ = api.call("GET", "/content/")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from peers import tmpfs
 from peers.nginx import start_nginx
 
 from nekko_sm import config as cfg
@@ -191,22 +192,8 @@ def test_fifty_parallel_posts_and_deletes_on_shared_blobs(pyz, tmp_path, nginx):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 24 MiB tmpfs (root only; CI runs as root)."""
-    if os.geteuid() != 0:
-        msg = "PEER MISSING: a tmpfs mount needs root; the full-disk tests did not run"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        msg = f"cannot mount a tmpfs here ({r.stderr.strip()}); the full-disk tests did not run"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "tiny", "24m", "the full-disk tests") as mnt:
+        yield mnt
 
 
 def _svc(cache: Path) -> Service:

@@ -135,7 +135,9 @@ def test_single_image(svc, reg, seeded):
     assert Path(entry["path"]).is_dir()
     # a second pull is answered from the cache without asking the registry
     reg.clear()
-    assert svc.pull(info.url) == (entry, False)
+    again, created = svc.pull(info.url)
+    assert not created and again["last_used"] > entry["last_used"]  # a use (DESIGN 9)
+    assert {**again, "last_used": 0} == {**entry, "last_used": 0}
     assert reg.requests == []
 
 

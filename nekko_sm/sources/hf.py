@@ -350,7 +350,7 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
             if count_total and job.progress.total is None:
                 job.progress.expect(total)
                 job.progress.add(offset)
-            job.store.ensure_space(total - offset, redact(url))
+            job.ensure_space(total - offset, redact(url), offset)
 
     with job.writer(ingest_ref, size, hashers) as w:
         if vouched and size is not None and job.store.has_blob(vouched, size):
@@ -374,7 +374,7 @@ def _fetch_small(job: Job, url: str, auth: str | None, errors, size: int, git_oi
                  expected: str | None) -> str:
     """A small git file: one GET (retried whole), checked against its git blob id and size
     (and ``expected``), then stored in one write."""
-    job.store.ensure_space(size, redact(url))
+    job.ensure_space(size, redact(url))
     r = job.transfer.request("GET", url, auth=auth, limit=max(size, 1 << 16))  # or an error
     if r.status != 200:
         raise errors(r.status, r.url, r.data, r.headers)
@@ -553,7 +553,7 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
                if not (f.sha256 and job.store.has_blob("sha256:" + f.sha256, f.size))]
     job.progress.expect(sum(f.size for f in tree))
     job.progress.skip(sum(f.size for f in tree) - sum(f.size for f in missing))
-    job.store.ensure_space(sum(f.size for f in missing), ref.canonical)
+    job.ensure_space(sum(f.size for f in missing), ref.canonical)
 
     failed = threading.Event()
     sub = replace(job, cancel=_EitherSet(job.cancel, failed))  # type: ignore[arg-type]

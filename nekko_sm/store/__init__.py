@@ -163,16 +163,18 @@ class Store(Layout):
     def entry_record(self, url: str) -> EntryRecord | None:
         return self._index.record(url)
 
-    def entry_info(self, url: str) -> tuple[bool, str | None]:
-        """(whether ``url`` has an entry, the ``info`` given with it): one small read."""
+    def entry_info(self, url: str) -> tuple[str | None, bool, float | None, float] | None:
+        """(the ``info`` given with ``url``'s entry, pinned, held until, last used), or None
+        when it has none: one small read."""
         return self._index.info(url)
 
     def entry_records(self) -> Iterator[EntryRecord]:
         """Every entry by URL, with its use, pin and hold, from one snapshot."""
         return self._index.records()
 
-    def entry_infos(self) -> Iterator[tuple[str, str | None]]:
-        """(URL, what :meth:`put_entry` was given as ``info``) of every entry, by URL."""
+    def entry_infos(self) -> Iterator[tuple[str, str | None, bool, float | None, float]]:
+        """(URL, what :meth:`put_entry` was given as ``info``, pinned, held until, last used)
+        of every entry, by URL."""
         return self._index.infos()
 
     def set_entry_info(self, pairs: Iterable[tuple[str, str]]) -> None:
@@ -193,9 +195,13 @@ class Store(Layout):
             self._views.remove(url)
         return gone
 
-    def free_entry(self, url: str) -> tuple[Descriptor | None, GCReport]:
-        """Drop the entry and its view and delete the blobs only it used (no live pull's)."""
-        return self._gc.free(url)
+    def free_entry(self, url: str, unused_since: float | None = None,
+                   ) -> tuple[Descriptor | None, GCReport]:
+        """Drop the entry and its view and delete the blobs only it used (no live pull's).
+
+        ``unused_since``: only if it is not pinned, not held, not used after that (eviction).
+        """
+        return self._gc.free(url, unused_since)
 
     def generation(self) -> int:
         """Bumped by every change to the set of entries (what index.json shows)."""
@@ -228,6 +234,18 @@ class Store(Layout):
         """Bytes that removing ``url`` alone would free."""
         return self._index.unique_size(url)
 
+    def blob_bytes(self) -> int:
+        """Bytes of the blobs entries reach, each once: one read (a running total)."""
+        return self._index.blob_bytes()
+
+    def blob_counts(self, digests: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """(reference count, size) of those of ``digests`` that some entry reaches."""
+        return self._index.blob_counts(digests)
+
+    def reach_of(self, url: str) -> list[str]:
+        """Every digest the entry's manifest tree reaches (empty when absent)."""
+        return self._index.reach_of(url)
+
     # -- aliases ---------------------------------------------------------------------------
     def alias(self, kind: str, key: str) -> str | None:
         return self._index.alias(kind, key)
@@ -255,6 +273,10 @@ class Store(Layout):
 
     def reachable(self, roots: Iterable[Descriptor]) -> set[str]:
         return self._gc.reachable(roots)
+
+    def live_leases(self) -> dict[str, tuple[set[str], int]]:
+        """Every live pull's lease by name: (digests it holds, bytes it reserved)."""
+        return self._gc.live_leases()
 
     def gc(self, dry_run: bool = False, partials: bool = True,
            partial_max_age: float = 7 * 86400) -> GCReport:

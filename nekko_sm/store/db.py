@@ -71,6 +71,24 @@ _MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     INSERT INTO meta (name, value) VALUES ('generation', 0), ('revision', 0);
     """,
+    # The disk budget (DESIGN 9) asks "how many bytes do the entries' blobs take?" before
+    # every pull: a running total of blobs.size, kept by triggers in the same transactions
+    # that change the counts, so it is one read whatever the size of the cache.
+    """
+    INSERT INTO meta (name, value) VALUES ('blob_bytes',
+        (SELECT coalesce(sum(size), 0) FROM blobs));
+    CREATE TRIGGER blob_bytes_insert AFTER INSERT ON blobs BEGIN
+        UPDATE meta SET value = value + coalesce(new.size, 0) WHERE name = 'blob_bytes';
+    END;
+    CREATE TRIGGER blob_bytes_delete AFTER DELETE ON blobs BEGIN
+        UPDATE meta SET value = value - coalesce(old.size, 0) WHERE name = 'blob_bytes';
+    END;
+    CREATE TRIGGER blob_bytes_update AFTER UPDATE OF size ON blobs
+    WHEN old.size IS NOT new.size BEGIN
+        UPDATE meta SET value = value - coalesce(old.size, 0) + coalesce(new.size, 0)
+        WHERE name = 'blob_bytes';
+    END;
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -167,10 +185,16 @@ class Database:
                     conn.close()
 
     @contextmanager
-    def transaction(self, write: bool) -> Iterator[Any]:
-        """A read snapshot, or (``write``) the database's one writer, until the block ends."""
+    def transaction(self, write: bool, durable: bool = True) -> Iterator[Any]:
+        """A read snapshot, or (``write``) the database's one writer, until the block ends.
+
+        ``durable=False``: the commit is not fsynced (``synchronous = NORMAL``): it survives
+        the process, not a power cut, until the next durable commit or checkpoint.
+        """
         try:
             with self._conn() as conn:
+                if not durable:
+                    conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     yield conn
@@ -178,11 +202,13 @@ class Database:
                     conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
+                if not durable:
+                    conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as e:
             raise _translate(e, self.path) from e
 
-    def write(self) -> Any:
-        return self.transaction(write=True)
+    def write(self, durable: bool = True) -> Any:
+        return self.transaction(write=True, durable=durable)
 
     def read(self) -> Any:
         return self.transaction(write=False)

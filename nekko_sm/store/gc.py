@@ -18,7 +18,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 _CHUNK = 1 << 20
 # Directories under ingest/ that are not partial downloads.
 _NOT_PARTIALS = ("leases", "pulls", "trash")
+# A lease file's line for the bytes its pull reserved (not a digest: gc reads past it).
+_RESERVE = "reserve "
 
 
 class Lease:
@@ -55,14 +57,23 @@ class Lease:
         self._lock = FileLock(self.path)
         self._lock.acquire()
         self.digests: set[str] = set()
+        self.reserved = 0  # bytes the disk budget set aside for this pull
 
     def add(self, digest: str) -> None:
         if digest in self.digests:
             return
-        with open(self.path, "a") as f:
-            f.write(digest + "\n")
-            f.flush()
+        self._append(digest)
         self.digests.add(digest)
+
+    def reserve(self, nbytes: int) -> None:
+        """Record that this pull may take up to ``nbytes`` in the cache (the last one holds)."""
+        self._append(f"{_RESERVE}{int(nbytes)}")
+        self.reserved = int(nbytes)
+
+    def _append(self, line: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -138,13 +149,13 @@ class Collector:
             stack.extend(self.children(d))
         return seen
 
-    def _live_leases(self, remove_stale: bool) -> set[str]:
-        out: set[str] = set()
+    def _lease_texts(self, remove_stale: bool) -> Iterator[tuple[str, str]]:
+        """(name, text) of every live lease; a stale one (its owner died) is skipped."""
         leases_dir = self.layout.leases_dir
         try:
             names = os.listdir(leases_dir)
         except FileNotFoundError:
-            return out
+            return
         for name in names:
             path = leases_dir / name
             lock = FileLock(path)
@@ -156,13 +167,36 @@ class Collector:
                     lock.release()
                 continue
             try:
-                out.update(x for x in path.read_text().split() if DIGEST_RE.match(x))
+                yield name, path.read_text()
             except OSError:
                 pass
+
+    def _live_leases(self, remove_stale: bool) -> set[str]:
+        out: set[str] = set()
+        for _, text in self._lease_texts(remove_stale):
+            out.update(x for x in text.split() if DIGEST_RE.match(x))
+        return out
+
+    def live_leases(self) -> dict[str, tuple[set[str], int]]:
+        """Every live pull's lease by name: (digests it holds, bytes it reserved)."""
+        out: dict[str, tuple[set[str], int]] = {}
+        for name, text in self._lease_texts(remove_stale=False):
+            digests: set[str] = set()
+            reserved = 0
+            for line in text.splitlines():
+                if line.startswith(_RESERVE):
+                    try:
+                        reserved = int(line[len(_RESERVE):])
+                    except ValueError:
+                        pass
+                elif DIGEST_RE.match(line):
+                    digests.add(line)
+            out[name] = (digests, reserved)
         return out
 
     # -- freeing one entry -----------------------------------------------------------------
-    def free(self, url: str) -> tuple[Descriptor | None, GCReport]:
+    def free(self, url: str, unused_since: float | None = None,
+             ) -> tuple[Descriptor | None, GCReport]:
         """Remove ``url`` and delete exactly the blobs no other entry and no live pull needs.
 
         In one write transaction: the entry goes, the counts of what it reached go down,
@@ -172,12 +206,22 @@ class Collector:
         finds it gone and fetches it again; a commit checks, under the same lock, that all
         it names is present.  The trash is emptied after the commit; a crash in between
         is repaired at the next open (:meth:`recover_trash`).
+
+        With ``unused_since`` (an eviction), nothing happens unless, in that same
+        transaction, the entry is still unpinned, not held past now and not used after
+        ``unused_since``: a use, pin or hold that came after the eviction was planned wins.
         """
         report = GCReport()
         index = self.index
         moved: list[tuple[str, Path, int]] = []
         try:
             with index.db.write() as conn:
+                if unused_since is not None:
+                    row = conn.execute("SELECT last_used, pinned, held_until FROM entries"
+                                       " WHERE key = ?", (url,)).fetchone()
+                    if row is None or row[0] > unused_since or row[1] \
+                            or (row[2] is not None and row[2] > time.time()):
+                        return None, report
                 gone = index.drop(conn, url)
                 if gone is None:
                     return None, report

@@ -175,10 +175,12 @@ class Index:
         rows = self.db.query("SELECT descriptor FROM entries WHERE key = ?", (url,))
         return Descriptor.from_json(json.loads(rows[0][0])) if rows else None
 
-    def info(self, url: str) -> tuple[bool, str | None]:
-        """(is there an entry, its info): one small read, no descriptor parsed."""
-        rows = self.db.query("SELECT info FROM entries WHERE key = ?", (url,))
-        return (True, rows[0][0]) if rows else (False, None)
+    def info(self, url: str) -> tuple[str | None, bool, float | None, float] | None:
+        """(its info, pinned, held until, last used), or None when there is no entry: one
+        small read, no descriptor parsed."""
+        rows = self.db.query("SELECT info, pinned, held_until, last_used FROM entries"
+                             " WHERE key = ?", (url,))
+        return (rows[0][0], bool(rows[0][1]), rows[0][2], rows[0][3]) if rows else None
 
     def record(self, url: str) -> EntryRecord | None:
         rows = self.db.query(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (url,))
@@ -189,9 +191,11 @@ class Index:
         for row in self._stream(f"SELECT {_COLUMNS} FROM entries ORDER BY key"):
             yield _record(row)
 
-    def infos(self) -> Iterator[tuple[str, str | None]]:
-        """(key, rendered entry or None) of every entry by key, from one snapshot."""
-        yield from self._stream("SELECT key, info FROM entries ORDER BY key")
+    def infos(self) -> Iterator[tuple[str, str | None, bool, float | None, float]]:
+        """(key, rendered entry or None, pinned, held until, last used) of every entry by
+        key, from one snapshot."""
+        yield from self._stream("SELECT key, info, pinned, held_until, last_used FROM entries"
+                                " ORDER BY key")
 
     def _stream(self, sql: str, args: tuple = ()) -> Iterator[Any]:
         with self.db.read() as conn:
@@ -299,10 +303,15 @@ class Index:
 
     # -- use, pins, holds -----------------------------------------------------------------
     def touch(self, url: str, when: float | None = None) -> bool:
-        """Record a use of ``url`` (one UPDATE; index.json and answers are unchanged)."""
+        """Record a use of ``url``: one small transaction, not fsynced (a use lost to a power
+        cut only makes an entry look older), that moves ``revision`` (answers show it)."""
         when = time.time() if when is None else when
-        return self.db.execute("UPDATE entries SET last_used = max(last_used, ?) WHERE key = ?",
-                               (when, url)) > 0
+        with self.db.write(durable=False) as conn:
+            changed = conn.execute("UPDATE entries SET last_used = max(last_used, ?)"
+                                   " WHERE key = ?", (when, url)).rowcount > 0
+            if changed:
+                bump(conn, "revision")
+        return changed
 
     def _set(self, url: str, column: str, value: object) -> bool:
         with self.db.write() as conn:
@@ -332,6 +341,21 @@ class Index:
             sql += " LIMIT ?"
             args = (now, int(limit))
         return [_record(r) for r in self.db.query(sql, args)]
+
+    def blob_bytes(self) -> int:
+        """Bytes of every blob some entry reaches, each counted once (kept by triggers)."""
+        return int(self.db.query("SELECT value FROM meta WHERE name = 'blob_bytes'")[0][0])
+
+    def blob_counts(self, digests: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """(reference count, size) of those of ``digests`` some entry reaches."""
+        out: dict[str, tuple[int, int]] = {}
+        with self.db.read() as conn:
+            for d in digests:
+                row = conn.execute("SELECT refs, size FROM blobs WHERE digest = ?",
+                                   (d,)).fetchone()
+                if row is not None:
+                    out[d] = (int(row[0]), int(row[1] or 0))
+        return out
 
     def unique_size(self, url: str) -> int:
         """Bytes of the blobs only ``url`` reaches: what removing it alone would free."""
