@@ -147,7 +147,7 @@ class Soak:
     def api(self, body: dict) -> tuple[int, dict]:
         conn = Unix(str(self.sock))
         try:
-            conn.request("POST", "/content/", json.dumps(body))
+            conn.request("POST", "/content/", json.dumps(body), {"Content-Type": "application/json"})
             r = conn.getresponse()
             return r.status, json.loads(r.read())
         finally:

@@ -220,7 +220,7 @@ def test_post_pin_hold_and_use_through_the_api(tmp_path, nginx):
 
     def post(body: dict) -> tuple[int, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("POST", "/content/", json.dumps(body))
+        conn.request("POST", "/content/", json.dumps(body), {"Content-Type": "application/json"})
         r = conn.getresponse()
         out = r.status, json.loads(r.read())
         conn.close()
