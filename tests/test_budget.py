@@ -558,7 +558,7 @@ def _unix_request(sock: Path, method: str, path: str, body: bytes | None = None)
 
     conn = Conn("localhost")
     try:
-        conn.request(method, path, body)
+        conn.request(method, path, body, {"Content-Type": "application/json"} if body else {})
         r = conn.getresponse()
         return r.status, json.loads(r.read() or b"null")
     finally:
