@@ -124,7 +124,6 @@ class Index:
         self._open_lock = threading.RLock()
         self._file_lock = threading.RLock()  # one rewrite of index.json at a time per process
         self._flusher = _Flusher(self)
-        self._revision = threading.local()  # .seen: (data_version, revision, database)
 
     # -- the database ---------------------------------------------------------------------
     @property
@@ -159,16 +158,9 @@ class Index:
         """Changes whenever anything an answer about an entry shows changed, in any process.
 
         One ``PRAGMA data_version`` per call (µs); the counter is read only when some
-        connection committed since the last call.
+        connection committed since.
         """
-        db = self.db
-        mine = self._revision  # per thread: each asks its own connection, whose numbers
-        seen = getattr(mine, "seen", None)  # mean nothing on another's
-        version = db.data_version()
-        if seen is None or seen[0] != version or seen[2] is not db:
-            rev = int(db.query("SELECT value FROM meta WHERE name = 'revision'")[0][0])
-            mine.seen = seen = (version, rev, db)
-        return int(seen[1])
+        return self.db.watch("revision")
 
     # -- entries --------------------------------------------------------------------------
     def get(self, url: str) -> Descriptor | None:
