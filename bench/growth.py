@@ -61,14 +61,28 @@ def _p90_ms(values: list) -> float:
     return round(sorted(values)[int(0.9 * (len(values) - 1))] * 1e3, 2)
 
 
-def _timed(cmd: list, env: dict) -> float:
+def _timed(cmd: list, env: dict, cpu: list | None = None) -> float:
+    """Wall seconds of one run of ``cmd``; its CPU seconds (user + sys) go to ``cpu``."""
     t = time.perf_counter()
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, env=env, check=False)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     dt = time.perf_counter() - t
-    if r.returncode != 0:
-        raise bench.BenchError(f"{cmd[-2:]} exited {r.returncode}: {bench.tail(r.stderr)}")
+    if proc.returncode != 0:
+        raise bench.BenchError(f"{cmd[-2:]} exited {proc.returncode}: {bench.tail(err)}")
+    if cpu is not None:
+        cpu.append(usage.ru_utime + usage.ru_stime)
     return dt
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + sys) process ``pid`` has used, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def point(ctx: bench.Context, peer, n: int, args: argparse.Namespace) -> dict:
@@ -82,17 +96,27 @@ def point(ctx: bench.Context, peer, n: int, args: argparse.Namespace) -> dict:
         items = bench.build_entries(ctx, cache, peer, n)
         res["build_s"] = round(time.perf_counter() - t, 1)
         res["first_open_s"] = round(_timed(ctx.nekko("ls", cache=cache), env), 2)
+        cpu: list = []
         res["ls_s"] = round(statistics.median(
-            _timed(ctx.nekko("ls", cache=cache), env) for _ in range(3)), 3)
+            _timed(ctx.nekko("ls", cache=cache), env, cpu) for _ in range(3)), 3)
+        res["ls_cpu_s"] = round(statistics.median(cpu), 3)
         url = items[n // 2][0]
         _timed(ctx.nekko("status", url, cache=cache), env)
+        cpu = []
         res["status_cold_ms"] = _median_ms(
-            [_timed(ctx.nekko("status", url, cache=cache), env) for _ in range(args.starts)])
+            [_timed(ctx.nekko("status", url, cache=cache), env, cpu) for _ in range(args.starts)])
+        res["status_cpu_ms"] = _median_ms(cpu)
+        cpu = []
+        _timed([PY, "-c", "pass"], env)
+        res["python_pass_ms"] = _median_ms(
+            [_timed([PY, "-c", "pass"], env, cpu) for _ in range(args.starts)])
+        res["python_pass_cpu_ms"] = _median_ms(cpu)
     cache.mkdir(exist_ok=True)
     proc, port, stop = bench.start_serve(ctx, cache, f"serve-{n}", timeout=120)
     try:
         res["rss_start"] = _rss_mib(proc.pid)
         posts, deletes, new = [], [], []
+        cpu0 = _cpu_s(proc.pid)
         for j in range(args.posts):
             url = peer.put(f"growth-{n}-{j}", f"new entry {n} {j}\n".encode())
             body = json.dumps({"url": url}).encode()
@@ -102,14 +126,20 @@ def point(ctx: bench.Context, peer, n: int, args: argparse.Namespace) -> dict:
             if status != 201:
                 raise bench.BenchError(f"POST {url}: {status} {resp[:200]!r}")
             new.append(url)
+        time.sleep(2.5)  # the index.json rewrites these commits asked for belong to them
+        cpu1 = _cpu_s(proc.pid)
         for url in new:
             t = time.perf_counter()
             status, resp = bench.http_call(port, "DELETE", "/content/" + bench.b64(url))
             deletes.append(time.perf_counter() - t)
             if status != 204:
                 raise bench.BenchError(f"DELETE {url}: {status} {resp[:200]!r}")
-        res["post_ms"] = {"median": _median_ms(posts), "p90": _p90_ms(posts)}
-        res["delete_ms"] = {"median": _median_ms(deletes), "p90": _p90_ms(deletes)}
+        time.sleep(2.5)
+        cpu2 = _cpu_s(proc.pid)
+        res["post_ms"] = {"median": _median_ms(posts), "p90": _p90_ms(posts),
+                          "server_cpu": round((cpu1 - cpu0) / len(posts) * 1e3, 2)}
+        res["delete_ms"] = {"median": _median_ms(deletes), "p90": _p90_ms(deletes),
+                            "server_cpu": round((cpu2 - cpu1) / len(deletes) * 1e3, 2)}
         if items and shutil.which("wrk"):
             for url, digest in random.sample(items, min(20, len(items))):
                 status, body = bench.http_call(port, "GET", "/content/" + bench.b64(url))
@@ -174,17 +204,20 @@ def main(argv: list | None = None) -> int:
     out = Path(__file__).resolve().parent / f"growth-{args.label}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     base = results["points"][0]
-    print(f"\n{'entries':>8} {'POST ms':>9} {'×0':>6} {'DELETE ms':>10} {'×0':>6} {'ls s':>7}"
-          f" {'status ms':>10} {'GET/s':>7} {'p99 ms':>7} {'RSS MiB':>8}")
+    print(f"\n{'entries':>8} {'POST ms':>8} {'×0':>5} {'cpu ms':>7} {'×0':>5} {'DEL ms':>7}"
+          f" {'×0':>5} {'cpu ms':>7} {'×0':>5} {'ls s':>6} {'status':>7} {'GET/s':>6}"
+          f" {'p99':>6} {'RSS':>6}")
     for p in results["points"]:
         w = p.get("wrk") or {}
-        print(f"{p['entries']:>8,} {p['post_ms']['median']:>9.1f}"
-              f" {p['post_ms']['median'] / base['post_ms']['median']:>6.2f}"
-              f" {p['delete_ms']['median']:>10.1f}"
-              f" {p['delete_ms']['median'] / base['delete_ms']['median']:>6.2f}"
-              f" {p.get('ls_s', 0):>7.2f} {p.get('status_cold_ms', 0):>10.0f}"
-              f" {w.get('rps', 0):>7.0f} {w.get('p99_ms', 0):>7.2f}"
-              f" {p['rss_end'].get('VmRSS', 0):>8.1f}")
+        row = [f"{p['entries']:>8,}"]
+        for k in ("post_ms", "delete_ms"):
+            for m in ("median", "server_cpu"):
+                v, b = p[k][m], base[k][m]
+                row.append(f"{v:>7.1f} {v / b if b else 0:>5.2f}")
+        row.append(f"{p.get('ls_s', 0):>6.2f} {p.get('status_cold_ms', 0):>7.0f}"
+                   f" {w.get('rps', 0):>6.0f} {w.get('p99_ms', 0):>6.1f}"
+                   f" {p['rss_end'].get('VmRSS', 0):>6.1f}")
+        print(" ".join(row))
     print(f"results: {out}")
     return 0
 

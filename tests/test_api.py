@@ -152,6 +152,25 @@ def test_cache_hit_answers_from_memory_until_any_process_changes_the_cache(api, 
     assert api.call("GET", content(other))[0] == 200
 
 
+def test_a_connection_per_request_leaks_no_database_handle(api, nginx):
+    url = nginx.put("fd.bin", b"one connection each")
+    assert api.call("POST", "/content/", {"url": url})[0] == 201
+
+    def db_fds() -> int:
+        fds = os.listdir("/proc/self/fd")
+        return sum(1 for fd in fds
+                   if os.path.realpath(f"/proc/self/fd/{fd}").startswith(
+                       str(api.service.store.root / "nekko.db")))
+
+    for _ in range(3):  # warm: the pool, the first threads
+        api.call("GET", content(url))
+    before = db_fds()
+    for _ in range(100):  # each on a new connection: a new handler thread
+        assert api.call("GET", content(url))[0] == 200
+    time.sleep(0.2)  # the last handler threads end
+    assert db_fds() <= before + 4
+
+
 @pytest.mark.parametrize("encode", [
     lambda u: base64.b64encode(u.encode()).decode(),
     lambda u: base64.urlsafe_b64encode(u.encode()).decode().rstrip("="),

@@ -119,8 +119,8 @@ class Database:
         self.path = root / DB_NAME
         self._pool: list[Any] = []
         self._pool_lock = threading.Lock()
-        self._watch = threading.local()  # a connection per thread, for data_version only
-        self._watchers: list[Any] = []
+        # Connections that only watch for changes: [connection, data_version seen, value].
+        self._watchers: list[list] = []
         self.id = ""
         try:
             conn = self._connect()
@@ -178,7 +178,7 @@ class Database:
                 conn.close()
             else:
                 with self._pool_lock:
-                    if len(self._pool) < 8:
+                    if len(self._pool) < 16:
                         self._pool.append(conn)
                         conn = None
                 if conn is not None:
@@ -229,24 +229,37 @@ class Database:
         except sqlite3.Error as e:
             raise _translate(e, self.path) from e
 
-    def data_version(self) -> int:
-        """A number that changes whenever another connection committed (a few µs).
+    def watch(self, name: str) -> int:
+        """The ``meta`` counter ``name``, read again only when some process committed since.
 
-        Each thread asks its own connection, so API threads never wait for one another.
+        Costs one ``PRAGMA data_version`` (µs).  Its numbers belong to one connection and
+        count the commits of the *others*, so the watching connections never write, each
+        remembers what it saw, and they are pooled (a connection per API thread would be
+        opened and dropped with each client connection, and SQLite keeps the files of a
+        dropped connection open while others hold locks on the same database).
         """
-        conn = getattr(self._watch, "conn", None)
-        if conn is None:
-            conn = self._watch.conn = self._connect()
-            with self._pool_lock:
-                self._watchers.append(conn)
-        return int(conn.execute("PRAGMA data_version").fetchone()[0])
+        with self._pool_lock:
+            item = self._watchers.pop() if self._watchers else None
+        try:
+            if item is None:
+                item = [self._connect(), None, 0]
+            conn = item[0]
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != item[1]:
+                item[2] = int(conn.execute("SELECT value FROM meta WHERE name = ?",
+                                           (name,)).fetchone()[0])
+                item[1] = version
+        except sqlite3.Error as e:
+            raise _translate(e, self.path) from e
+        with self._pool_lock:
+            self._watchers.append(item)
+        return int(item[2])
 
     def close(self) -> None:
         with self._pool_lock:
             pool, self._pool = self._pool, []
-            pool += self._watchers
+            pool += [w[0] for w in self._watchers]
             self._watchers = []
-            self._watch = threading.local()
         for conn in pool:
             conn.close()
 
