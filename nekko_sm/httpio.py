@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+from typing import Callable
 from urllib.parse import urlsplit
 
 from urllib3.exceptions import HTTPError as _Urllib3Error
@@ -93,13 +94,15 @@ def readinto1(resp, view: memoryview) -> int:
     return got
 
 
-def fill(resp, view: memoryview) -> tuple[int, BaseException | None]:
+def fill(resp, view: memoryview, seen: Callable[[int], None] | None = None,
+         ) -> tuple[int, BaseException | None]:
     """Fill ``view`` from ``resp``'s body: ``(bytes read, the error that stopped it)``.
 
     Stops early at the end of the body, or when less than ``MIN_READ`` of room is left (so
     a read never waits for a few bytes).  An error (a reset, a read timeout) is returned,
     not raised, so the bytes that did arrive are kept: a stalled connection is resumed
-    from its last byte."""
+    from its last byte.  ``seen(n)`` is told of every read as it happens (to measure a
+    slow connection without waiting for a full buffer)."""
     got = 0
     size = len(view)
     while got < size:
@@ -110,6 +113,8 @@ def fill(resp, view: memoryview) -> tuple[int, BaseException | None]:
         if not n:
             break
         got += n
+        if seen is not None:
+            seen(n)
         if size - got < MIN_READ:
             break
     return got, None

@@ -54,6 +54,8 @@ GROW_MIN = 64 << 20  # smaller blobs keep the connections they start with
 TICK = 0.05  # seconds between looks of the controller
 PROBE = 0.15  # seconds one stream is measured before more connections are tried
 WINDOW = 0.25  # seconds each later connection count is measured
+WINDOW_BYTES = 2 << 20  # ... and at least this much per connection (servers pace in bursts),
+WINDOW_MAX = 4  # unless the window is this many times longer already
 SETTLE = 0.5  # at most this long for new connections to start bringing bytes
 GAIN = 1.25  # a step up must raise the aggregate rate this much to be kept
 HASH_BOUND = 0.85  # the hasher busy this share of the time: more bytes would only wait
@@ -98,9 +100,12 @@ class _Worker:
 
     def __init__(self, name: str, budget: threading.Semaphore | None) -> None:
         self.name = name
-        self.got = 0  # bytes this connection brought (only its own thread adds)
+        self.got = 0  # bytes this connection received (only its own thread adds)
         self.budget = budget  # the semaphore its connection came from, if any
         self.alive = True
+
+    def saw(self, n: int) -> None:
+        self.got += n
 
 
 class RangedFetch:
@@ -325,8 +330,8 @@ class RangedFetch:
             for w in self._workers:
                 if w.budget is not None:
                     w.budget.release()
-            if self.adaptive and self._frozen and self._memory is not None:
-                self._memory[self._origin] = self.target
+            if self.adaptive and (self._frozen or self._level) and self._memory is not None:
+                self._memory[self._origin] = self.target  # what it settled at, or got to
         try:
             self._save()
         except NekkoError:
@@ -364,11 +369,12 @@ class RangedFetch:
                 self._mark = (now, got, busy)
             return
         t0, g0, b0 = self._mark
-        if now - t0 < (PROBE if self._level == 0 else WINDOW):
+        n = self._levels[self._level]
+        least = PROBE if self._level == 0 else WINDOW
+        if now - t0 < least or (got - g0 < n * WINDOW_BYTES and now - t0 < least * WINDOW_MAX):
             return
         rate = (got - g0) / (now - t0)
         hashing = (busy - b0) / (now - t0)
-        n = self._levels[self._level]
         self._rates[self._level] = rate
         below = self._rates.get(self._level - 1)
         left = self.total - sum(p.next - p.start for p in self.parts)
@@ -531,13 +537,12 @@ class RangedFetch:
                     if self._stop.is_set():
                         raise Cancelled("another part failed")
                     buf = writer.buffer()
-                    n, err = fill(resp, buf[:min(len(buf), p.end - pos, end - pos)])
+                    n, err = fill(resp, buf[:min(len(buf), p.end - pos, end - pos)], w.saw)
                     n = min(n, p.end - pos)  # the part may have been split meanwhile
                     if n:
                         writer.pwrite(buf[:n], pos)  # the buffer is the writer's now
                         pos += n
                         p.next = pos
-                        w.got += n
                         if progress is not None:
                             progress(n)
                         if p.start <= self._front:
