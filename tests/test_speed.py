@@ -199,3 +199,17 @@ def test_fill_reads_an_http_client_body_in_place_and_the_connection_is_reused(ng
         assert bytes(out) == data
     log = nginx.requests_for("fill.bin")
     assert len(log) == 2 and log[0]["connection"] == log[1]["connection"]
+
+
+def test_a_long_stream_is_written_back_while_it_arrives(store, monkeypatch):
+    monkeypatch.setattr(ingest, "_FLUSH_EVERY", 1 << 20)
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(ingest.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    data = os.urandom(4 << 20)
+    with store.writer("wb") as w:
+        for i in range(0, len(data), 256 << 10):
+            w.write(data[i:i + (256 << 10)])
+        w._flusher.join()
+        assert synced  # before the commit's fsync, not instead of it
+        assert w.commit(sha(data)).digest == sha(data)

@@ -42,6 +42,7 @@ _HASH_CHUNK = 4 << 20  # bytes read back at a time, for what is no longer held i
 BUFFER = 1 << 20  # one receive buffer (IngestWriter.buffer)
 _HOLD = 32 << 20  # received bytes kept for the hasher ahead of what it has hashed
 _POOL = 16  # spare receive buffers kept for reuse
+_FLUSH_EVERY = 64 << 20  # appended bytes between background fdatasyncs (early writeback)
 
 Hasher = Callable[[], "hashlib._Hash"]
 
@@ -105,6 +106,8 @@ class IngestWriter:
         self._held_bytes = 0
         self._pool: list[_Buffer] = []
         self._busy = 0.0  # seconds the hasher spent hashing
+        self._unflushed = 0
+        self._flusher: threading.Thread | None = None
         self._new_hashes()
         size = os.fstat(self._fd).st_size
         ranged = self.state.get("ranged")
@@ -293,6 +296,22 @@ class IngestWriter:
             self._kick_locked()
         if not hold:
             self._recycle(view)
+        if append:
+            self._unflushed += n
+            if self._unflushed >= _FLUSH_EVERY and not (self._flusher and self._flusher.is_alive()):
+                # Start writing back now, beside the download, so the fsync of the commit
+                # has little left to do.  (Ranged downloads sync with every save already.)
+                self._unflushed = 0
+                self._flusher = threading.Thread(target=self._flush, args=(self._file(),),
+                                                 daemon=True, name=f"flush {self.ref[:40]}")
+                self._flusher.start()
+
+    @staticmethod
+    def _flush(fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError:  # the commit's fsync reports what is wrong
+            pass
 
     def _wait_for_hasher(self, pos: int) -> None:
         with self._cond:
@@ -415,6 +434,8 @@ class IngestWriter:
 
     def _close_fd(self) -> None:
         self._stop_hasher()
+        if self._flusher is not None:
+            self._flusher.join()  # it holds the descriptor
         with self._cond:
             self._held.clear()
             self._held_bytes = 0
