@@ -452,6 +452,14 @@ def cpu_per_gib(stats: dict, name: str, size: int) -> float | None:
     return s.median / (size / (1 << 30)) if s else None
 
 
+def cpu_note(row: Row, stats: dict, peer: str, size: int) -> None:
+    """nekko's and ``peer``'s CPU seconds per GiB, side by side."""
+    cpu, theirs = cpu_per_gib(stats, "nekko", size), cpu_per_gib(stats, peer, size)
+    if cpu is not None and theirs is not None:
+        row.nekko += f"; CPU {cpu:.2f} s/GiB"
+        row.peers.append((f"{peer} CPU", f"{theirs:.2f} s/GiB"))
+
+
 def before_after(row: Row, stats: dict) -> None:
     """The baseline build's time and the ratio, when --baseline was given."""
     if "nekko (before)" in stats and "nekko" in stats:
@@ -642,11 +650,7 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
             r = n.median / stats["skopeo+sync"].median
             row.ratios.append(("nekko/skopeo+sync", r))
             row.info_checks.append(("nekko ≤ 0.8× skopeo+sync", r <= 0.8))
-        cpu = cpu_per_gib(stats, "nekko", info.total_size)
-        if cpu is not None and "skopeo_cpu" in stats:
-            row.nekko += f"; CPU {cpu:.2f} s/GiB"
-            row.peers.append(("skopeo CPU",
-                              f"{cpu_per_gib(stats, 'skopeo', info.total_size):.2f} s/GiB"))
+        cpu_note(row, stats, "skopeo", info.total_size)
         before_after(row, stats)
         row.notes.append("every layer and the config verified by sha256 in both layouts")
         rss_note(row, stats)
@@ -785,11 +789,7 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
             r = n.median / stats["hf_hub_download+sync"].median
             row.ratios.append(("nekko/hf_hub_download+sync", r))
             row.info_checks.append(("nekko ≤ 0.8× hf_hub_download+sync", r <= 0.8))
-        cpu = cpu_per_gib(stats, "nekko", ctx.size)
-        if cpu is not None and "hf_hub_download_cpu" in stats:
-            row.nekko += f"; CPU {cpu:.2f} s/GiB"
-            row.peers.append(("hf_hub_download CPU",
-                              f"{cpu_per_gib(stats, 'hf_hub_download', ctx.size):.2f} s/GiB"))
+        cpu_note(row, stats, "hf_hub_download", ctx.size)
         before_after(row, stats)
         row.notes.append("both outputs' sha256 matched the source")
         rss_note(row, stats)
