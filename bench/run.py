@@ -19,7 +19,9 @@ Scenarios (see BENCHMARKS.md for targets and findings):
 5. cache-hit API: ``nekko-sm serve`` with 10,000 entries under ``wrk -t2 -c32 -d10s``;
 6. peak RSS of a pull and cold start of ``nekko-sm status URL``;
 7. a repository of 200 small files on the fake Hub: ``nekko-sm pull hf:///ORG/NAME`` vs
-   ``huggingface_hub.snapshot_download`` (requests counted at the fake Hub).
+   ``huggingface_hub.snapshot_download`` (requests counted at the fake Hub);
+8. a model in a ModelPack tar layer on the docker-registry: ``pull`` (download, then unpack
+   into one blob per file) vs ``pull`` of the same bytes as a raw layer, and the unpack alone.
 
 Every tool runs as a fresh process, repetitions are interleaved (the order rotates each
 round) and the page cache is flushed (``sync``) and the previous output deleted before each
@@ -1202,6 +1204,202 @@ def scenario6(ctx: Context, rss_runs: int, starts: int, label_size: str) -> list
 
 
 # --------------------------------------------------------------------------------------------
+# scenario 8: unpacking a tar layer vs the same bytes as a raw layer
+
+
+def _push_blob(peer, repo: str, path: Path, digest: str) -> dict:
+    """A blob from a file, by monolithic upload (streamed, never whole in memory)."""
+    from urllib.parse import urlsplit
+
+    size = path.stat().st_size
+    if peer.request("HEAD", f"/v2/{repo}/blobs/{digest}", direct=True).status != 200:
+        start = peer.request("POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"},
+                             b"", direct=True)
+        loc = urlsplit(start.headers["location"])
+        target = f"{loc.path}?{loc.query}&digest={digest}" if loc.query else \
+            f"{loc.path}?digest={digest}"
+        with open(path, "rb") as f:
+            put = peer.request("PUT", target, {"Content-Type": "application/octet-stream",
+                                               "Content-Length": str(size)}, f, direct=True)
+        if put.status != 201:
+            raise BenchError(f"PUT blob {digest}: {put.status} {put.body[:200]!r}")
+    return {"digest": digest, "size": size}
+
+
+def _tar_of(src: Path, name: str, out: Path) -> str:
+    """``out``: an uncompressed tar with one member ``name`` holding ``src``, as modctl writes
+    it (USTAR/PAX header, data, padding, two zero blocks); returns its sha256 hex."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = src.stat().st_size
+    info.mode, info.uid, info.gid, info.mtime = 0o644, 1000, 1000, 1748779200
+    h = hashlib.sha256()
+    with open(out, "wb") as f, open(src, "rb") as s:
+        def put(b: bytes) -> None:
+            f.write(b)
+            h.update(b)
+        put(info.tobuf(tarfile.PAX_FORMAT))
+        while True:
+            b = s.read(4 * MIB)
+            if not b:
+                break
+            put(b)
+        put(b"\0" * (-info.size % 512) + b"\0" * 1024)
+    return h.hexdigest()
+
+
+_UNPACK_ONLY = """
+import json
+import sys
+from nekko_sm.models import formats, unpack
+from nekko_sm.store import Lease, Store
+store = Store(sys.argv[1]).init()
+doc = json.loads(open(sys.argv[2], "rb").read())
+plan = formats.plan(doc)
+with Lease(store) as lease:
+    r = unpack.materialize(store, plan, lambda lp: open(store.blob_path(lp.digest), "rb"), lease)
+print(json.dumps({f.name: f.digest for f in r.files}))
+"""
+
+
+def scenario8(ctx: Context, reps: int, label_size: str) -> list[Row]:
+    from peers.modelpacks import go_json
+    from peers.registry import start_registry
+
+    row = Row("8", f"{label_size} model in a ModelPack tar layer, local docker-registry:"
+              " pull (download + unpack) vs pull of the same bytes as a raw layer",
+              target="≤ 1.2× the raw pull's time; peak RSS < 100 MiB")
+    src, want = ctx.source()
+    log("scenario 8: starting docker-registry, pushing the tar and the raw model")
+    peer = start_registry(str(ctx.work / "registry8"))
+    ctx.stack.callback(peer.close)
+    tar = ctx.work / "data" / "model.tar"
+    tar_hex = _tar_of(src, "model.safetensors", tar)
+    config_json = ctx.work / "data" / "config.json"
+    config_json.write_bytes(b'{"architectures": ["NekkoBench"]}')
+    cfg_hex = sha256_file(config_json)
+    model_cfg = ctx.work / "data" / "modelcfg.json"
+    model_cfg.write_bytes(go_json({"descriptor": {"name": "bench"},
+                                   "modelfs": {"type": "layers", "diffIds": []},
+                                   "config": {"format": "safetensors"}}))
+    manifests = {}
+    for repo, kind, blob, blob_hex in (("bench/tar", "tar", tar, tar_hex),
+                                       ("bench/raw", "raw", src, want)):
+        cdesc = _push_blob(peer, repo, model_cfg, "sha256:" + sha256_file(model_cfg))
+        ldesc = _push_blob(peer, repo, blob, "sha256:" + blob_hex)
+        jdesc = _push_blob(peer, repo, config_json, "sha256:" + cfg_hex)
+        doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+               "artifactType": "application/vnd.cncf.model.manifest.v1+json",
+               "config": {"mediaType": "application/vnd.cncf.model.config.v1+json", **cdesc},
+               "layers": [
+                   {"mediaType": "application/vnd.cncf.model.weight.config.v1.raw", **jdesc,
+                    "annotations": {"org.cncf.model.filepath": "config.json"}},
+                   {"mediaType": f"application/vnd.cncf.model.weight.v1.{kind}", **ldesc,
+                    "annotations": {"org.cncf.model.filepath": "model.safetensors"}}]}
+        body = go_json(doc)
+        put = peer.request("PUT", f"/v2/{repo}/manifests/v1",
+                           {"Content-Type": doc["mediaType"], "Content-Length": str(len(body))},
+                           body, direct=True)
+        if put.status != 201:
+            raise BenchError(f"PUT manifest {repo}: {put.status} {put.body[:200]!r}")
+        manifests[kind] = body
+    host = peer.registry_host
+    out = ctx.work / "out-s8"
+    out.mkdir(exist_ok=True)
+    cache = out / "nekko-cache"
+
+    def check(entry_json: str, c: Path) -> None:
+        entry = json.loads(entry_json)
+        got = {f["name"]: f["digest"] for f in entry["files"]}
+        if got != {"model.safetensors": "sha256:" + want, "config.json": "sha256:" + cfg_hex}:
+            raise BenchError(f"nekko-sm's view is {got}")
+        model = c / "blobs" / "sha256" / want
+        if sha256_file(model) != want:
+            raise BenchError("the unpacked model.safetensors does not hash to the source's")
+
+    def blobs_bytes(c: Path) -> int:
+        return sum(p.stat().st_size for p in (c / "blobs" / "sha256").iterdir())
+
+    def pull(kind: str, discard: bool = False) -> Callable[[int], dict]:
+        name = kind + ("+discard" if discard else "")
+
+        def run(rep: int) -> dict:
+            settle(cache)
+            env = ctx.nekko_env(**({"NEKKO_DISCARD_UNPACKED_LAYERS": "1"} if discard else {}))
+            dt, r, rss = ctx.nekko_timed(["--insecure-registry", host, "pull", "--json",
+                                          f"oci://{host}/bench/{kind}:v1"], cache, env)
+            check(r.stdout.decode(), cache)
+            got = {name: dt, **({f"{name}_rss_mib": rss} if rss else {})}
+            if discard:
+                got[f"{name}_disk_ratio"] = blobs_bytes(cache) / src.stat().st_size
+            settle(cache)
+            return got
+        return run
+
+    layer_doc = out / "tar-manifest.json"
+    layer_doc.write_bytes(manifests["tar"])
+    ucache = out / "unpack-cache"
+
+    def unpack_only(rep: int) -> dict:
+        settle(ucache)
+        (ucache / "blobs" / "sha256").mkdir(parents=True)
+        os.link(tar, ucache / "blobs" / "sha256" / tar_hex)
+        os.link(config_json, ucache / "blobs" / "sha256" / cfg_hex)
+        os.sync()
+        rss_file = ctx.work / "rss8.txt"
+        env = dict(ctx.nekko_env(), PYTHONPATH=str(ctx.pyz))
+        dt, r = run_timed(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), PY, "-c",
+                           _UNPACK_ONLY, str(ucache), str(layer_doc)], env=env)
+        files = json.loads(r.stdout.decode().strip().splitlines()[-1])
+        if files.get("model.safetensors") != "sha256:" + want:
+            raise BenchError(f"the unpack alone gave {files}")
+        rss = int(rss_file.read_text().split()[-1]) / 1024
+        settle(ucache)
+        return {"unpack": dt, "unpack_rss_mib": rss}
+
+    log(f"scenario 8: {reps} reps")
+    stats, errors = measure([Tool("raw", pull("raw")), Tool("tar", pull("tar")),
+                             Tool("unpack", unpack_only),
+                             Tool("tar+discard", pull("tar", discard=True))], reps)
+    peer.close()
+    row.data = {k: v.as_json() for k, v in stats.items()}
+    row.data["bytes"] = src.stat().st_size
+    for name, err in errors.items():
+        row.notes.append(f"{name} failed: {tail(err, 300)}")
+    if errors:
+        row.error = "; ".join(f"{k}: {tail(v, 200)}" for k, v in errors.items())
+    size_mib = src.stat().st_size / MIB
+    if "tar" in stats and "raw" in stats:
+        t, r = stats["tar"], stats["raw"]
+        row.nekko = (f"tar pull {t.fmt()}, {size_mib / t.median:.0f} MiB/s; unpack alone "
+                     + (f"{stats['unpack'].fmt()}, {size_mib / stats['unpack'].median:.0f}"
+                        " MiB/s" if "unpack" in stats else "—"))
+        row.peers = [("raw-layer pull", r.fmt() + f", {size_mib / r.median:.0f} MiB/s")]
+        if "tar+discard" in stats:
+            row.peers.append(("tar pull, --discard-unpacked-layers",
+                              stats["tar+discard"].fmt()))
+        ratio = t.median / r.median
+        row.ratios.append(("tar pull/raw pull", ratio))
+        row.checks.append(("tar pull ≤ 1.2× raw pull", ratio <= 1.2))
+        if "unpack" in stats:
+            u = stats["unpack"].median / r.median
+            row.ratios.append(("unpack alone/raw pull", u))
+            row.info_checks.append(("unpack alone ≤ 1.2× raw pull", u <= 1.2))
+        rss = [x for k, st in stats.items() if k.endswith("_rss_mib") for x in st.values]
+        if rss:
+            row.checks.append(("peak RSS < 100 MiB", max(rss) < 100))
+            row.notes.append("peak RSS: " + ", ".join(
+                f"{k[:-8]} {stats[k].hi:.0f} MiB" for k in sorted(stats)
+                if k.endswith("_rss_mib")))
+        if "tar+discard_disk_ratio" in stats:
+            row.notes.append("with --discard-unpacked-layers the cache holds"
+                             f" {stats['tar+discard_disk_ratio'].hi:.3f}× the file's size")
+        row.notes.append("every view verified: model.safetensors hashes to the source")
+    return [row]
+
+
+# --------------------------------------------------------------------------------------------
 # report
 
 
@@ -1312,7 +1510,7 @@ def main(argv: list | None = None) -> int:
                     help="128 MiB sizes and fewer repetitions (~2-3 min smoke run)")
     ap.add_argument("--selftest", action="store_true",
                     help="scenario 1 only, at 8 MiB, in a few seconds; fails only on errors")
-    ap.add_argument("--only", metavar="N,...", help="scenarios to run (1-7)")
+    ap.add_argument("--only", metavar="N,...", help="scenarios to run (1-8)")
     ap.add_argument("--size-mib", type=int, help="size for scenarios 1-4 and 6 (default 1024)")
     ap.add_argument("--reps", type=int, help="repetitions per tool (default: per scenario)")
     ap.add_argument("--out", metavar="PREFIX",
@@ -1336,9 +1534,9 @@ def main(argv: list | None = None) -> int:
         only = {"1"}
     else:
         args.size_mib = args.size_mib or (128 if args.quick else 1024)
-        only = set((args.only or "1,2,3,4,5,6,7").replace(" ", "").split(","))
+        only = set((args.only or "1,2,3,4,5,6,7,8").replace(" ", "").split(","))
     args.throttled_mib = args.throttled_mib or (64 if args.quick else 256)
-    bad = only - {"1", "2", "3", "4", "5", "6", "7"}
+    bad = only - {"1", "2", "3", "4", "5", "6", "7", "8"}
     if bad:
         ap.error(f"unknown scenario(s) {','.join(sorted(bad))}")
     mode = "selftest" if args.selftest else "quick" if args.quick else "full"
@@ -1349,6 +1547,7 @@ def main(argv: list | None = None) -> int:
         "3": args.reps or (2 if quick else 3),
         "4": args.reps or (2 if quick else 3),
         "7": args.reps or (3 if quick else 5),
+        "8": args.reps or (2 if quick else 3),
     }
     if args.out:
         out_prefix: Path | None = Path(args.out)
@@ -1356,7 +1555,7 @@ def main(argv: list | None = None) -> int:
         out_prefix = None
     elif args.quick:
         out_prefix = ROOT / "bench" / "results-quick"
-    elif only != {"1", "2", "3", "4", "5", "6", "7"}:
+    elif only != {"1", "2", "3", "4", "5", "6", "7", "8"}:
         out_prefix = ROOT / "bench" / "results-partial"
     else:
         out_prefix = ROOT / "bench" / "results"
@@ -1387,6 +1586,7 @@ def main(argv: list | None = None) -> int:
             ("5", lambda: scenario5(ctx, 1 if quick else 3, 5 if quick else 10)),
             ("6", lambda: scenario6(ctx, 1 if quick else 3, 10, size_label)),
             ("7", lambda: scenario7(ctx, reps["7"])),
+            ("8", lambda: scenario8(ctx, reps["8"], size_label)),
         ]
         for sid, fn in plan:
             if sid not in only:

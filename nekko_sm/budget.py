@@ -364,6 +364,9 @@ class Budget:
                 gone, gc_report = self.store.free_entry(ev.name, unused_since=ev.last_used)
                 if gone is None:
                     continue  # removed, used, pinned or held since the plan: the next round sees
+                from nekko_sm.models.hfcache import HFCacheView
+
+                HFCacheView(self.store).remove(ev.name)  # its hard links held the bytes too
                 freed = gc_report.bytes_freed
             with self._stats_lock:
                 self.evictions += 1

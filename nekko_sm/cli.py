@@ -43,7 +43,7 @@ environment:
   HF_ENDPOINT, HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), SSL_CERT_FILE
   HTTPS_PROXY, HTTP_PROXY, NO_PROXY (lower-case spellings too)
   NEKKO_API_TOKEN_FILE, NEKKO_DENY_NETWORKS, NEKKO_ALLOW_NETWORKS,
-  NEKKO_MAX_CACHE_SIZE, NEKKO_MIN_FREE_SPACE
+  NEKKO_MAX_CACHE_SIZE, NEKKO_MIN_FREE_SPACE, NEKKO_DISCARD_UNPACKED_LAYERS
 
 with no COMMAND, nekko-sm runs serve
 
@@ -82,6 +82,10 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help="before answering from the cache with an entry pulled with"
                         " credentials, ask the upstream whether this caller's credentials may"
                         " fetch it now (env NEKKO_VERIFY_CACHED_CREDENTIALS; default always)")
+    p.add_argument("--discard-unpacked-layers", action="store_true", default=d,
+                   help="free a model's tar layers once their files are in the cache: its"
+                        " disk use is its files only, but OCI tools can no longer copy that"
+                        " image out (env NEKKO_DISCARD_UNPACKED_LAYERS=1; default off)")
     p.add_argument("--deny-network", metavar="CIDR", action="append", default=d,
                    help="never connect to addresses in CIDR; repeatable (env"
                         " NEKKO_DENY_NETWORKS, comma-separated; link-local and cloud metadata"
@@ -229,7 +233,8 @@ def main(argv: list | None = None) -> int:
     flags = {k: getattr(args, k, None) for k in
              ("cache_dir", "address", "verbose", "platform", "insecure_registry", "jobs",
               "registry_mirror", "ca_cert", "api_token_file", "deny_network", "allow_network",
-              "verify_cached_credentials", "max_cache_size", "min_free_space")}
+              "verify_cached_credentials", "max_cache_size", "min_free_space",
+              "discard_unpacked_layers")}
     try:
         config = _config.build(flags, os.environ)
     except NekkoError as e:
@@ -428,7 +433,7 @@ def _cmd_rm(config, args) -> int:
 def _cmd_gc(config, args) -> int:
     svc = _service(config)
     try:
-        r = svc.store.gc(dry_run=args.dry_run)
+        r = svc.gc(dry_run=args.dry_run)
         evicted = None
         if not args.dry_run and svc.budget.enabled:
             evicted = svc.budget.enforce("to bring the cache within its budget (gc)")
@@ -456,7 +461,7 @@ def _cmd_verify(config, args) -> int:
                 print(f"nekko-sm: {key} is not in the cache", file=sys.stderr)
                 return EXIT_ABSENT
             roots = [desc]
-        problems = svc.store.verify(roots, repair=args.repair)
+        problems = svc.verify(roots, repair=args.repair)
     finally:
         svc.close()
     for digest, problem in problems:

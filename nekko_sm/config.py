@@ -147,6 +147,7 @@ class Config:
     max_cache_size: int | None = None  # bytes under blobs/ and ingest/ (DESIGN 9)
     min_free_space: int | None = None  # bytes to keep free on the cache's file system
     min_free_percent: float | None = None  # ... or this share of it
+    discard_unpacked_layers: bool = False  # free tar layers once their files are committed
     notes: tuple = ()  # things to say once at start-up
 
     @property
@@ -177,6 +178,18 @@ def _int(value: object, name: str, lo: int, hi: int) -> int:
     if not lo <= n <= hi:
         raise ConfigError(f"{name} must be between {lo} and {hi}, not {n}")
     return n
+
+
+def _bool(value: object, name: str) -> bool:
+    """An on/off setting: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false), not {value!r}")
 
 
 def _split(values: object) -> list:
@@ -322,6 +335,8 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
     if verify not in ("always", "never"):
         raise ConfigError(f"--verify-cached-credentials must be 'always' or 'never', not"
                           f" {verify!r}")
+    discard = pick("discard_unpacked_layers", "NEKKO_DISCARD_UNPACKED_LAYERS")
+    discard_b = _bool(discard, "--discard-unpacked-layers/NEKKO_DISCARD_UNPACKED_LAYERS")
     hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
         raise ConfigError("HF_TOKEN must be printable ASCII")
@@ -359,5 +374,6 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         max_cache_size=max_cache_size,
         min_free_space=min_free,
         min_free_percent=min_free_pct,
+        discard_unpacked_layers=discard_b,
         notes=tuple(notes),
     )

@@ -30,14 +30,31 @@ from typing import Any, Callable
 from nekko_sm.access import A_PROTECTED
 from nekko_sm.errors import EntryNotFound, NekkoError, UnsafeName
 from nekko_sm.refs import safe_name
-from nekko_sm.sources.base import A_DIGEST, A_PLATFORM, DIRECTORY_ARTIFACT_TYPES
-from nekko_sm.store import INDEX_TYPES, MANIFEST_TYPES, TITLE, Descriptor, FileLock, Store, key_for
+from nekko_sm.sources.base import (
+    A_DIGEST,
+    A_FORMAT,
+    A_MODEL,
+    A_PLATFORM,
+    DIRECTORY_ARTIFACT_TYPES,
+)
+from nekko_sm.store import (
+    A_FILES,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MT_OCI_MANIFEST,
+    TITLE,
+    Descriptor,
+    FileLock,
+    Store,
+    key_for,
+)
 
 # Encoded answers kept for the API; past this many bytes, start again (a bound on memory,
 # not an LRU).  ~100,000 small entries fit; each costs its bytes plus about this much.
 _MAX_ANSWER_BYTES = 64 << 20
 _ANSWER_OVERHEAD = 200
 _PATH_KEY = '"path":"'
+_MODEL_KEY = '"model":"'
 
 
 def pull_paths(pulls_dir: Path, key: str) -> tuple[Path, Path]:
@@ -47,8 +64,10 @@ def pull_paths(pulls_dir: Path, key: str) -> tuple[Path, Path]:
 
 
 def is_single_file(desc: Descriptor, files: list) -> dict | None:
-    """The one file of a single-file artifact entry, else None."""
-    if (desc.artifact_type and len(files) == 1 and desc.media_type in MANIFEST_TYPES
+    """The one file of a single-file artifact entry, or of a model whose view is that one
+    file and nothing else (DESIGN section 8), else None."""
+    if ((desc.artifact_type or desc.annotations.get(A_FORMAT)) and len(files) == 1
+            and desc.media_type in MANIFEST_TYPES
             and desc.artifact_type not in DIRECTORY_ARTIFACT_TYPES):
         return files[0]
     return None
@@ -80,11 +99,15 @@ class Catalog:
 
     def files_of(self, desc: Descriptor) -> list:
         """The files of an entry: name, digest, size, path (relative to the cache root)."""
-        cached = self._files_cache.get(desc.digest)
+        listing = desc.annotations.get(A_FILES)
+        cache_key = f"{desc.digest} {listing}" if listing else desc.digest
+        cached = self._files_cache.get(cache_key)
         if cached is not None:
             return cached
         files: list = []
-        if desc.media_type in MANIFEST_TYPES:
+        if listing:  # unpacked: the view's files, listed in a manifest of their own
+            files = self._manifest_files(Descriptor(MT_OCI_MANIFEST, listing, 0), "")
+        elif desc.media_type in MANIFEST_TYPES:
             files = self._manifest_files(desc, "")
         elif desc.media_type in INDEX_TYPES:
             seen: set = set()
@@ -103,7 +126,7 @@ class Catalog:
                         files.append(f)
         if len(self._files_cache) > 10_000:
             self._files_cache.clear()
-        self._files_cache[desc.digest] = files
+        self._files_cache[cache_key] = files
         return files
 
     def _manifest_files(self, desc: Descriptor, prefix: str) -> list:
@@ -153,12 +176,20 @@ class Catalog:
             entry["platform"] = desc.annotations[A_PLATFORM]
         if desc.annotations.get(A_PROTECTED):
             entry["protected"] = True  # pulled with credentials (access.py)
+        if desc.annotations.get(A_FORMAT):
+            entry["format"] = desc.annotations[A_FORMAT]
+        model = desc.annotations.get(A_MODEL)
+        found = next((f for f in files if f["name"] == model), None) if model else None
+        if model and found is not None:  # made absolute with the paths (_MODEL_KEY)
+            entry["model"] = found["path"] if single else \
+                self._rel(self.store.view_path(key) / model)
         return json.dumps(entry, separators=(",", ":"))
 
     def _absolute(self, text: str, pinned: bool, held_until: float | None,
                   last_used: float | None) -> str:
         """The kept rendering made whole: absolute paths, and the entry's use (DESIGN 5)."""
         return (text[:-1].replace(_PATH_KEY, _PATH_KEY + self._root_path)
+                .replace(_MODEL_KEY, _MODEL_KEY + self._root_path)
                 + _use_fields(pinned, held_until, last_used) + "}")
 
     def text(self, key: str) -> str | None:

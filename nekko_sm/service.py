@@ -9,6 +9,7 @@ makes an entry "incomplete" (206) rather than absent (404).
 
 from __future__ import annotations
 
+import builtins
 import copy
 import dataclasses
 import functools
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -36,12 +38,17 @@ from nekko_sm.errors import (
     NekkoError,
     UpstreamUnavailable,
 )
+from nekko_sm.models.hfcache import HFCacheView
 from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse
-from nekko_sm.sources.base import A_DIGEST, A_PLATFORM, Job, Progress, PullResult
+from nekko_sm.sources.base import A_DIGEST, A_FORMAT, A_MODEL, A_PLATFORM, Job, Progress, PullResult
 from nekko_sm.store import (
+    A_DISCARDED,
+    A_FILES,
     INDEX_TYPES,
+    REF_NAME,
     Descriptor,
     FileLock,
+    GCReport,
     Lease,
     Store,
     check_digest,
@@ -345,6 +352,10 @@ class Service:
                     marks = dict(flight.marks)
                 if marks:  # still under the pull's lock: never evictable in between
                     self.mark(key, marks.get("pin"), marks.get("hold"), use=False)
+            if self.config.discard_unpacked_layers and result.unpacked:
+                freed = self.store.discard(result.unpacked)  # after the lease: ours no more
+                log.info("%s: freed %d unpacked tar layers (%d bytes)", key,
+                         len(freed.blobs_freed), freed.bytes_freed)
             record.unlink(missing_ok=True)
             self.budget.settle()
             entry = self.catalog.entry(key)
@@ -409,11 +420,24 @@ class Service:
             ann[access.A_PROTECTED] = protected  # what kind of credential, never the secret
         if result.platform:
             ann[A_PLATFORM] = result.platform
+        if result.format:
+            ann[A_FORMAT] = result.format
+        if result.model:
+            ann[A_MODEL] = result.model
+        if result.files_manifest is not None:
+            ann[A_FILES] = result.files_manifest.digest
+            if self.config.discard_unpacked_layers and result.unpacked:
+                ann[A_DISCARDED] = " ".join(sorted(result.unpacked))
         desc = Descriptor(m.media_type, m.digest, m.size, ann, m.artifact_type, m.platform)
         files = self.catalog.files_of(desc)
         if is_single_file(desc, files) is None:
             self.store.make_view(key, [(f["name"], f["digest"]) for f in files])
         self.store.put_entry(key, desc, self.catalog.template(key, desc))
+        if result.hf_view is not None:
+            try:  # CACHE_DIR/huggingface/hub, for engines that know the repo id (DESIGN 8)
+                HFCacheView(self.store).add(result.hf_view)
+            except (NekkoError, OSError) as e:
+                log.warning("%s: not in the Hugging Face cache view: %s", key, e)
 
     def _count_bytes(self, n: int) -> None:
         with self._lock:
@@ -463,6 +487,7 @@ class Service:
             except (OSError, ValueError):
                 pass
             record.unlink(missing_ok=True)
+        HFCacheView(self.store).remove(key)  # first: its hard links hold the blobs' bytes
         gone, report = self.store.free_entry(key)
         self.access.forget(key)
         with self._lock:
@@ -473,6 +498,22 @@ class Service:
             self.store.discard_partial(r)
         return {"url": key, "blobs_freed": len(report.blobs_freed),
                 "bytes_freed": report.bytes_freed}
+
+    def gc(self, dry_run: bool = False) -> GCReport:
+        """``store.gc``, the Hugging Face cache view first pruned of entries no longer
+        there (its hard links would keep the freed blobs' bytes on disk)."""
+        if not dry_run:
+            HFCacheView(self.store).prune(d.annotations[REF_NAME] for d in self.store.entries())
+        return self.store.gc(dry_run=dry_run)
+
+    def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
+               ) -> builtins.list[tuple[str, str]]:
+        """``store.verify``; with ``repair``, the entries it removed leave the Hugging Face
+        cache view too (whose hard links would still show the damaged bytes)."""
+        problems = self.store.verify(roots, repair=repair)
+        if repair and problems:
+            HFCacheView(self.store).prune(d.annotations[REF_NAME] for d in self.store.entries())
+        return problems
 
     def close(self) -> None:
         with self._lock:

@@ -202,7 +202,7 @@ def test_oras_refuses_a_directory_layer_with_paths_outside_its_title(store):
     layer = pack.doc["layers"][0]
     tar = mp.tar_bytes([Entry("weights", type="dir"), Entry("weights/a.bin", b"A"),
                         Entry("other/b.bin", b"B")])
-    pack = _replace_layer(pack, 0, mp.gzip_bytes(tar), layer["mediaType"], layer["annotations"])
+    pack = mp.replace_layer(pack, 0, mp.gzip_bytes(tar), layer["mediaType"], layer["annotations"])
     with pytest.raises(UnsafeLayer, match="outside the layer's directory"):
         materialize(store, pack)
 
@@ -244,6 +244,27 @@ def test_a_docker_v2_image_is_an_image_too(store):
     assert pack.doc["mediaType"] == mp.DOCKER_MANIFEST and detect_format(pack.doc) == "image"
     result = materialize(store, pack)
     assert [f.name for f in result.files] == ["model.gguf"] and result.model == "model.gguf"
+
+
+def test_an_ordinary_image_leaves_out_what_no_engine_opens(store):
+    """A distribution's image holds dangling links (/etc/mtab), device nodes and links that
+    loop (Debian's /usr/bin/X11 -> .): its whole-file-system view leaves them out."""
+    pack = mp.image([[Entry("etc", type="dir"), Entry("etc/os-release", b"ID=test\n"),
+                      Entry("etc/mtab", type="symlink", linkname="/proc/self/mounts"),
+                      Entry("dev", type="dir"), Entry("dev/null", type="chr"),
+                      Entry("usr", type="dir"), Entry("usr/bin", type="dir"),
+                      Entry("usr/bin/tool", b"#!/bin/sh\n", mode=0o755),
+                      Entry("usr/bin/X11", type="symlink", linkname="."),
+                      Entry("usr/null", type="symlink", linkname="/dev/null")]], {})
+    result = materialize(store, pack)
+    assert sorted(contents(store, result)) == ["etc/os-release", "usr/bin/tool"]
+
+
+def test_a_dangling_link_in_a_modelcar_view_is_refused(store):
+    pack = mp.image([[Entry("models", type="dir"), Entry("models/a", b"a"),
+                      Entry("models/l", type="symlink", linkname="missing")]], {})
+    with pytest.raises(UnsafeLayer, match="names nothing"):
+        materialize(store, pack)
 
 
 def test_an_image_with_a_device_in_its_view_is_refused(store):
@@ -300,40 +321,13 @@ def test_an_image_layer_repeating_a_name_is_refused(store):
 # hostile tars: refused, nothing outside the cache
 
 
-HOSTILE = {
-    "absolute path": [Entry("/etc/passwd", b"root::0:0::/:/bin/sh\n")],
-    "dot-dot": [Entry("../escape", b"x")],
-    "dot-dot inside": [Entry("a/../../escape", b"x")],
-    "symlink to /etc/passwd": [Entry("passwd", type="symlink", linkname="/etc/passwd")],
-    "symlink up and out": [Entry("sub", type="dir"),
-                           Entry("sub/p", type="symlink", linkname="../../etc/passwd")],
-    "hard link to /etc/passwd": [Entry("p", type="hardlink", linkname="/etc/passwd")],
-    "hard link to nothing": [Entry("p", type="hardlink", linkname="missing")],
-    "character device": [Entry("null", type="chr")],
-    "block device": [Entry("sda", type="blk")],
-    "fifo": [Entry("pipe", type="fifo")],
-    "duplicate": [Entry("model.bin", b"1"), Entry("model.bin", b"2")],
-    "overlong component": [Entry("a" * 256, b"x")],
-    "overlong path": [Entry("/".join(["d" * 200] * 21), b"x")],
-    "too deep": [Entry("/".join(["d"] * 300), b"x")],
-    "not UTF-8": [Entry("", b"x", raw_name=b"caf\xe9.bin")],
-    "file and directory": [Entry("a", b"file"), Entry("a/b", b"under a file")],
-    "directory then file": [Entry("a/b", b"x"), Entry("a", b"file")],
-    "file under a link": [Entry("sub", type="dir"), Entry("d", type="symlink", linkname="sub"),
-                          Entry("d/x", b"written through a link")],
-    "dangling link": [Entry("l", type="symlink", linkname="nothing")],
-    "link loop": [Entry("a", type="symlink", linkname="b"),
-                  Entry("b", type="symlink", linkname="a")],
-    "link to its own directory": [Entry("d", type="dir"), Entry("d/x", b"x"),
-                                  Entry("d/self", type="symlink", linkname=".")],
-    "control character": [Entry("bad\nname", b"x")],
-}
+HOSTILE = mp.HOSTILE
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_tar_is_refused_and_writes_nothing_outside_the_cache(store, tmp_path, case):
     pack = mp.modctl({"config.json": b"{}"})
-    pack = _replace_layer(pack, 0, mp.tar_bytes(HOSTILE[case]),
+    pack = mp.replace_layer(pack, 0, mp.tar_bytes(HOSTILE[case]),
                           "application/vnd.cncf.model.weight.v1.tar",
                           {"org.cncf.model.filepath": "model.bin"})
     pulled(store, pack)
@@ -450,7 +444,7 @@ def test_an_untitled_layer_of_unknown_type_is_judged_by_its_bytes(store):
 
 def test_a_plain_tar_labelled_gzip_is_read_by_its_bytes(store):
     pack = mp.modctl({"config.json": b"{}"})
-    pack = _replace_layer(pack, 0, mp.tar_bytes([Entry("config.json", b"{}")]),
+    pack = mp.replace_layer(pack, 0, mp.tar_bytes([Entry("config.json", b"{}")]),
                           "application/vnd.cncf.model.weight.config.v1.tar+gzip",
                           {"org.cncf.model.filepath": "config.json"})
     assert contents(store, materialize(store, pack)) == {"config.json": b"{}"}
@@ -464,7 +458,7 @@ def test_zstd_layer_unpacks_or_is_refused_naming_the_layer(store):
                               check=True).stdout
     else:
         blob = b"\x28\xb5\x2f\xfd" + b"\0" * 32  # the magic is all the refusal reads
-    pack = _replace_layer(mp.modctl({"x": b""}), 0, blob,
+    pack = mp.replace_layer(mp.modctl({"x": b""}), 0, blob,
                           "application/vnd.cncf.model.weight.config.v1.tar+zstd",
                           {"org.cncf.model.filepath": "config.json"})
     try:
@@ -479,7 +473,7 @@ def test_zstd_layer_unpacks_or_is_refused_naming_the_layer(store):
 
 
 def test_a_tar_that_does_not_read_is_an_invalid_layer(store):
-    pack = _replace_layer(mp.modctl({"x": b""}), 0, b"\x1f\x8b" + b"garbage" * 100,
+    pack = mp.replace_layer(mp.modctl({"x": b""}), 0, b"\x1f\x8b" + b"garbage" * 100,
                           "application/vnd.cncf.model.weight.v1.tar+gzip",
                           {"org.cncf.model.filepath": "x"})
     with pytest.raises(BrokenLayer, match="not a readable tar"):
@@ -587,16 +581,6 @@ def test_packs_push_to_a_real_registry_byte_for_byte(registry):
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def _replace_layer(pack: mp.Pack, index: int, blob: bytes, media_type: str,
-                   annotations: dict) -> mp.Pack:
-    doc = pack.doc
-    doc["layers"] = [d for i, d in enumerate(doc["layers"]) if i == index]
-    doc["layers"][0] = {"mediaType": media_type, "digest": mp.sha256(blob), "size": len(blob),
-                        "annotations": annotations}
-    blobs = {doc["config"]["digest"]: pack.config, mp.sha256(blob): blob}
-    return mp.Pack(pack.producer, pack.format, mp.go_json(doc), pack.media_type, blobs, {})
 
 
 def test_builders_write_go_shaped_tars():

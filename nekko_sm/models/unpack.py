@@ -28,14 +28,15 @@ from __future__ import annotations
 import gzip
 import importlib
 import io
+import os
 import posixpath
+import stat
 import sys
 import tarfile
-import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Protocol
 
 from nekko_sm.errors import BrokenLayer, Cancelled, UnsafeLayer, UnsupportedLayer
 from nekko_sm.models.formats import (
@@ -52,6 +53,7 @@ from nekko_sm.models.formats import (
 )
 
 CHUNK = 1 << 20
+COPY = 16 << 20  # bytes of an uncompressed tar's member copied in the kernel at a time
 SMALL = 1 << 20  # read whole and stored with put_bytes (no write when already present)
 MAX_LINK_HOPS = 40  # as Linux's MAXSYMLINKS
 MAX_FILES = 1_000_000  # a link to a directory lists its files again: bound the listing
@@ -338,14 +340,40 @@ def _decompressed(raw: BinaryIO, what: str) -> BinaryIO:
 _READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
+def _plain_file(raw: BinaryIO) -> int | None:
+    """The descriptor of ``raw`` when it is a regular file at its start holding an
+    uncompressed tar (whose members' bytes can then be copied in the kernel), else None."""
+    try:
+        fd = raw.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not raw.seekable() or raw.tell() != 0:
+            return None
+    except (AttributeError, OSError, ValueError):
+        return None
+    wait = getattr(raw, "wait_for", None)  # a layer still downloading (store.ingest.Follower)
+    if wait is not None:
+        wait(512)
+    return fd if sniff(os.pread(fd, 512, 0)) in ("tar", "unknown") else None
+
+
 class _Members:
-    """The members of a tar stream, in order, each with its index; memory stays flat."""
+    """The members of a tar stream, in order, each with its index; memory stays flat.
+
+    ``direct`` is the descriptor of an uncompressed tar on a file (read with seeks, its
+    members' bytes copied by offset), else None (a stream, decompressed as it is read).
+    """
 
     def __init__(self, raw: BinaryIO, what: str) -> None:
         self.what = what
+        self.direct = _plain_file(raw)
+        self.wait_for: Callable[[int], None] = getattr(raw, "wait_for", lambda end: None)
         try:
-            self.tar = tarfile.open(fileobj=_decompressed(raw, what), mode="r|",  # noqa: SIM115
-                                    bufsize=CHUNK, encoding="utf-8", errors="surrogateescape")
+            if self.direct is not None:
+                self.tar = tarfile.open(fileobj=raw, mode="r:",  # noqa: SIM115
+                                        encoding="utf-8", errors="surrogateescape")
+            else:
+                self.tar = tarfile.open(fileobj=_decompressed(raw, what), mode="r|",  # noqa: SIM115
+                                        bufsize=CHUNK, encoding="utf-8",
+                                        errors="surrogateescape")
         except _READ_ERRORS as e:
             raise BrokenLayer(f"{what} is not a readable tar: {e}") from None
 
@@ -546,6 +574,18 @@ class _Unpacker:
         with self.store.writer(f"unpack:{lp.digest}:{i}", m.size, self.cancel) as w:
             if w.offset:
                 w.reset()  # a partial from an interrupted unpack: the tar is read again anyway
+            if members.direct is not None:  # an uncompressed tar on disk: by offset
+                if m.offset_data + m.size > lp.size:
+                    raise BrokenLayer(f"{members.what}: {m.name!r} is shorter than its"
+                                      " header says")
+                done = 0
+                while done < m.size:
+                    n = min(COPY, m.size - done)
+                    members.wait_for(m.offset_data + done + n)  # still downloading
+                    w.copy_from(members.direct, m.offset_data + done, n)
+                    self._count(n)
+                    done += n
+                return w.commit(None, self.lease).digest  # type: ignore[no-any-return]
             while True:
                 chunk = members.read(f, CHUNK)
                 if not chunk:
@@ -609,6 +649,8 @@ class _Unpacker:
             if node.kind == _DIR:
                 continue
             if node.kind == _SPECIAL:
+                if self._whole_image(root):
+                    continue  # /dev/null of an ordinary image: nothing an engine opens
                 raise UnsafeLayer(f"{self.what or 'the model'}: {path!r} is {node.target}:"
                                   " a model holds files only")
             if node.kind == _LINK:
@@ -622,8 +664,22 @@ class _Unpacker:
                 raise UnsafeLayer(f"{self.what or 'the model'} lists more than {MAX_FILES}"
                                   " files (links to directories?)")
 
+    def _whole_image(self, root: str) -> bool:
+        """The view is an ordinary image's whole file system (no ``models/``): its dangling
+        links (``/etc/mtab``), links to devices and looping links (Debian's
+        ``/usr/bin/X11 -> .``) are left out of the view instead of refusing the image."""
+        return self.plan.rootfs and not root
+
     def _through_link(self, path: str, root: str, depth: int
                       ) -> Iterator[tuple[str, str, _Node]]:
+        try:
+            yield from self._link_files(path, root, depth)
+        except UnsafeLayer:
+            if not self._whole_image(root):
+                raise
+
+    def _link_files(self, path: str, root: str, depth: int
+                    ) -> Iterator[tuple[str, str, _Node]]:
         who = self.what or "the model"
         resolved, node = self.tree.resolve(path)
         link = self.tree.get(path)
@@ -663,8 +719,14 @@ class _Unpacker:
         return [out[k] for k in sorted(out)]
 
 
+class Stop(Protocol):
+    """What a cancel signal must do: a threading.Event, or anything that says so."""
+
+    def is_set(self) -> bool: ...
+
+
 def materialize(store, plan: ModelPlan, open_layer: Opener, lease,  # type: ignore[no-untyped-def]
-                cancel: threading.Event | None = None, what: str = "",
+                cancel: Stop | None = None, what: str = "",
                 on_bytes: Callable[[int], None] | None = None) -> UnpackResult:
     """The files of the model ``plan`` describes, every one a committed blob.
 

@@ -61,6 +61,7 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.httpio import content_range
+from nekko_sm.models.hfcache import HFEntry, HFFile
 from nekko_sm.refs import HFRef, redact, safe_name
 from nekko_sm.sources.base import (
     A_ETAG,
@@ -433,7 +434,17 @@ def _pull_file(job: Job, ref: HFRef) -> PullResult:
     files = [FileItem(posixpath.basename(ref.path), digest, size)]
     manifest = store_artifact(job, files, FILE_ARTIFACT_TYPE, {
         A_SOURCE_URL: url, A_HF_COMMIT: commit, A_ETAG: meta.etag})
-    return PullResult(manifest, digest, files)
+    view = _view(job, ref, commit, [HFFile(ref.path, digest, size, git_oid or sha256 or "")])
+    return PullResult(manifest, digest, files, hf_view=view)
+
+
+def _view(job: Job, ref: HFRef, commit: str | None, files: list) -> HFEntry | None:
+    """What the Hugging Face cache view shows of this pull (DESIGN section 8): only for the
+    default endpoint (the one HF_ENDPOINT names), and only with every file's ETag known."""
+    if ref.registry != _endpoint_host(job) or not commit or not all(f.etag for f in files):
+        return None
+    return HFEntry(ref.canonical, ref.repo_type, ref.repo_id, ref.revision, commit,
+                   tuple(files))
 
 
 @dataclass
@@ -586,7 +597,8 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
         raise Cancelled(f"pull of {ref.canonical} was cancelled")
 
     prefix = ref.path + "/" if ref.path else ""
-    files = [FileItem(f.path[len(prefix):], *results[f.path]) for f in tree]
+    files = [FileItem(f.path[len(prefix):], *results[f.path], etag=f.git_oid or f.sha256)
+             for f in tree]
     where = f"/{quote(ref.path)}" if ref.path else ""
     manifest = store_artifact(job, files, REPO_ARTIFACT_TYPE, {
         A_SOURCE_URL: f"{base}/{ref.type_prefix}{ref.repo_id}/tree/{commit}{where}",
@@ -594,4 +606,6 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
     if job.digest is not None and job.digest != manifest.digest:
         raise IntegrityError(f"{ref.canonical} resolved to {manifest.digest},"
                              f" not the {job.digest} asked for")
-    return PullResult(manifest, manifest.digest, files)
+    view = _view(job, ref, commit, [HFFile(f.path, *results[f.path], f.git_oid or f.sha256
+                                           or "") for f in tree])
+    return PullResult(manifest, manifest.digest, files, hf_view=view)

@@ -43,8 +43,10 @@ from typing import Callable
 from nekko_sm.store.db import require_sqlite
 from nekko_sm.store.gc import Collector, GCReport, Lease
 from nekko_sm.store.index import Descriptor, EntryRecord, Index
-from nekko_sm.store.ingest import Hasher, Ingest, IngestWriter
+from nekko_sm.store.ingest import FollowLost, Hasher, Ingest, IngestWriter
 from nekko_sm.store.layout import (
+    A_DISCARDED,
+    A_FILES,
     EMPTY_JSON,
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -65,6 +67,8 @@ from nekko_sm.store.locks import FileLock
 from nekko_sm.store.views import Views
 
 __all__ = [
+    "A_DISCARDED",
+    "A_FILES",
     "EMPTY_JSON",
     "INDEX_TYPES",
     "MANIFEST_TYPES",
@@ -78,6 +82,7 @@ __all__ = [
     "Descriptor",
     "EntryRecord",
     "FileLock",
+    "FollowLost",
     "GCReport",
     "Hasher",
     "IngestWriter",
@@ -277,6 +282,11 @@ class Store(Layout):
     def live_leases(self) -> dict[str, tuple[set[str], int]]:
         """Every live pull's lease by name: (digests it holds, bytes it reserved)."""
         return self._gc.live_leases()
+
+    def discard(self, digests: Iterable[str]) -> GCReport:
+        """Free those of ``digests`` that no entry reaches and no live pull leases (the tar
+        layers of an entry unpacked with --discard-unpacked-layers)."""
+        return self._gc.discard(digests)
 
     def gc(self, dry_run: bool = False, partials: bool = True,
            partial_max_age: float = 7 * 86400) -> GCReport:

@@ -26,9 +26,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from nekko_sm.errors import NekkoError
 from nekko_sm.store.index import Descriptor, Index
 from nekko_sm.store.layout import (
+    A_DISCARDED,
+    A_FILES,
     DIGEST_RE,
     INDEX_TYPES,
     MANIFEST_TYPES,
+    MT_OCI_MANIFEST,
     REF_NAME,
     Layout,
     fsync_dir,
@@ -139,14 +142,23 @@ class Collector:
         return out
 
     def reachable(self, roots: Iterable[Descriptor]) -> set[str]:
+        """Every digest ``roots`` reach: their manifest trees, the file listing an entry
+        names (``io.nekko.files``), minus the tar layers it discarded once unpacked
+        (``io.nekko.discarded``; another entry that needs one still reaches it)."""
         seen: set[str] = set()
-        stack = list(roots)
-        while stack:
-            d = stack.pop()
-            if d.digest in seen:
-                continue
-            seen.add(d.digest)
-            stack.extend(self.children(d))
+        for root in roots:
+            ann = root.annotations or {}
+            skip = set(str(ann.get(A_DISCARDED) or "").split())
+            stack = [root]
+            listing = ann.get(A_FILES)
+            if isinstance(listing, str) and DIGEST_RE.match(listing):
+                stack.append(Descriptor(MT_OCI_MANIFEST, listing, 0))
+            while stack:
+                d = stack.pop()
+                if d.digest in seen or d.digest in skip:
+                    continue
+                seen.add(d.digest)
+                stack.extend(self.children(d))
         return seen
 
     def _lease_texts(self, remove_stale: bool) -> Iterator[tuple[str, str]]:
@@ -292,6 +304,31 @@ class Collector:
                 self._put_back([(digest, path, 0)])
             else:
                 unlink(path)
+    def discard(self, digests: Iterable[str]) -> GCReport:
+        """Free those of ``digests`` that no entry counts and no live lease holds (the tar
+        layers an entry listed as discarded are not in its reach, so not in its counts)."""
+        report = GCReport()
+        wanted = {d for d in digests if DIGEST_RE.match(d)}
+        if not wanted:
+            return report
+        with self.index.db.write() as conn:  # no commit counts one of them meanwhile
+            leased = self._live_leases(remove_stale=False)
+            for digest in sorted(wanted - leased):
+                row = conn.execute("SELECT refs FROM blobs WHERE digest = ?",
+                                   (digest,)).fetchone()
+                if row is not None and row[0] > 0:
+                    continue  # another entry needs it whole
+                path = self.layout.blob_path(digest)
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                unlink(path)
+                report.blobs_freed.append(digest)
+                report.bytes_freed += size
+        if report.blobs_freed:
+            fsync_dir(self.layout.blobs_dir)
+        return report
 
     # -- sweep ------------------------------------------------------------------------------
     def gc(self, dry_run: bool = False, partials: bool = True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import sys
@@ -43,6 +44,8 @@ BUFFER = 1 << 20  # one receive buffer (IngestWriter.buffer)
 _HOLD = 32 << 20  # received bytes kept for the hasher ahead of what it has hashed
 _POOL = 16  # spare receive buffers kept for reuse
 _FLUSH_EVERY = 64 << 20  # appended bytes between background fdatasyncs (early writeback)
+_HASH_CHUNK = 4 << 20
+_COPY_CHUNK = 16 << 20  # copy_file_range per call: the hasher follows, a cancel is seen
 
 Hasher = Callable[[], "hashlib._Hash"]
 
@@ -108,6 +111,8 @@ class IngestWriter:
         self._busy = 0.0  # seconds the hasher spent hashing
         self._unflushed = 0
         self._flusher: threading.Thread | None = None
+        self.resets = 0  # how often the bytes started over (a follower cannot go on then)
+        self.ended = False  # committed, discarded or closed: no more bytes from this writer
         self._new_hashes()
         size = os.fstat(self._fd).st_size
         ranged = self.state.get("ranged")
@@ -270,6 +275,37 @@ class IngestWriter:
                 f"upstream sent more than the {self.expected_size} bytes promised for {self.ref}")
         self._place(data, self.offset, append=True)
 
+    def copy_from(self, fd: int, offset: int, n: int) -> None:
+        """Append ``n`` bytes of the file open at ``fd`` from ``offset`` (a file inside an
+        uncompressed tar layer), copied in the kernel where it can be (``copy_file_range``:
+        no pass through Python, page cache to page cache); hashed behind, as :meth:`write`."""
+        if self.expected_size is not None and self.offset + n > self.expected_size:
+            raise SizeMismatch(
+                f"more than the {self.expected_size} bytes promised for {self.ref}")
+        copy = getattr(os, "copy_file_range", None)
+        done = 0
+        while done < n:
+            self._check_cancel()
+            want = min(_COPY_CHUNK, n - done)
+            got = 0
+            if copy is not None:
+                try:
+                    got = copy(fd, self._file(), want, offset + done, self.offset)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise self._os_error(e) from e
+                    copy = None  # another file system, an old kernel: the plain way
+            if copy is None:
+                data = os.pread(fd, want, offset + done)
+                self._pwrite_all(data, self.offset)
+                got = len(data)
+            if got <= 0:
+                raise CacheCorrupt(f"{self.ref}: the source ended {n - done} bytes early")
+            done += got
+            with self._cond:
+                self.offset += got
+            self._kick()
+
     def pwrite(self, data: bytes | memoryview, pos: int) -> None:
         """Place ``data`` at ``pos`` (a ranged download); call :meth:`advance` as parts finish."""
         self._check_cancel()
@@ -370,6 +406,8 @@ class IngestWriter:
             self.offset = 0
             self._hash_error = None
             self._busy = 0.0
+            self.resets += 1
+            self._cond.notify_all()
         self.state.pop("ranged", None)
 
     def hexdigest(self, name: str) -> str:
@@ -432,7 +470,15 @@ class IngestWriter:
         self._remove_dir()
         return Descriptor("application/octet-stream", digest, size)
 
+    def follow(self, size: int, stop: Callable[[], bool]) -> Follower:
+        """A reader of these bytes as they arrive (``size`` in all): it waits behind the
+        contiguous frontier, so a tar layer is unpacked while it downloads."""
+        return Follower(self, size, stop)
+
     def _close_fd(self) -> None:
+        with self._cond:
+            self.ended = True
+            self._cond.notify_all()
         self._stop_hasher()
         if self._flusher is not None:
             self._flusher.join()  # it holds the descriptor
@@ -511,6 +557,83 @@ def _allocates_cheaply(fd: int) -> bool:
         return True
     magic = ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF  # f_type, the first word
     return magic in _CHEAP_FALLOCATE
+class FollowLost(Exception):
+    """The bytes a :class:`Follower` read may not be the ones the writer commits (they
+    started over, or the writer stopped early): read the committed blob instead."""
+
+
+class Follower(io.RawIOBase):
+    """Reads an :class:`IngestWriter`'s ``data`` behind its frontier, waiting for bytes.
+
+    Seekable, with a real descriptor (``fileno``), so an uncompressed tar can be read by
+    offset.  ``stop()`` true, or the writer starting over or ending early, ends the wait
+    (:class:`~nekko_sm.errors.Cancelled`, :class:`FollowLost`).
+    """
+
+    def __init__(self, writer: IngestWriter, size: int, stop: Callable[[], bool]) -> None:
+        super().__init__()
+        self._w = writer
+        self._size = size
+        self._stop = stop
+        self._resets = writer.resets
+        self._pos = 0
+        try:
+            if writer.ended:
+                raise FileNotFoundError(writer._data_path)
+            self._fd = os.open(writer._data_path, os.O_RDONLY)  # the same inode after commit
+        except FileNotFoundError:
+            self._fd = -1
+            self.close()
+            raise FollowLost(f"{writer.ref} stopped before it could be read") from None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def wait_for(self, end: int) -> None:
+        """Until the first ``end`` bytes (at most all of them) are there."""
+        end = min(end, self._size)
+        w = self._w
+        with w._cond:
+            while w.offset < end:
+                if w.resets != self._resets or w.ended:
+                    raise FollowLost(f"{w.ref} started over or stopped")
+                if self._stop():
+                    raise Cancelled(f"reading {w.ref} was cancelled")
+                w._cond.wait(0.5)
+            if w.resets != self._resets:
+                raise FollowLost(f"{w.ref} started over")
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def,override]
+        """All of ``b`` (up to the end), as a file would: tarfile wants whole headers."""
+        want = min(len(b), self._size - self._pos)
+        if want <= 0:
+            return 0
+        self.wait_for(self._pos + want)
+        data = os.pread(self._fd, want, self._pos)
+        if self._w.resets != self._resets:
+            raise FollowLost(f"{self._w.ref} started over")
+        b[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed and self._fd >= 0:
+            os.close(self._fd)
+        super().close()
 
 
 def _contiguous(parts: list, size: int) -> int:

@@ -703,6 +703,53 @@ def modelcar(files: dict[str, bytes] | None = None) -> Pack:
 
 
 # --------------------------------------------------------------------------------------------
+# hostile tars
+
+
+# Tar layers a model must not be unpacked from, by what each tries.
+HOSTILE: dict[str, list[Entry]] = {
+    "absolute path": [Entry("/etc/passwd", b"root::0:0::/:/bin/sh\n")],
+    "dot-dot": [Entry("../escape", b"x")],
+    "dot-dot inside": [Entry("a/../../escape", b"x")],
+    "symlink to /etc/passwd": [Entry("passwd", type="symlink", linkname="/etc/passwd")],
+    "symlink up and out": [Entry("sub", type="dir"),
+                           Entry("sub/p", type="symlink", linkname="../../etc/passwd")],
+    "hard link to /etc/passwd": [Entry("p", type="hardlink", linkname="/etc/passwd")],
+    "hard link to nothing": [Entry("p", type="hardlink", linkname="missing")],
+    "character device": [Entry("null", type="chr")],
+    "block device": [Entry("sda", type="blk")],
+    "fifo": [Entry("pipe", type="fifo")],
+    "duplicate": [Entry("model.bin", b"1"), Entry("model.bin", b"2")],
+    "overlong component": [Entry("a" * 256, b"x")],
+    "overlong path": [Entry("/".join(["d" * 200] * 21), b"x")],
+    "too deep": [Entry("/".join(["d"] * 300), b"x")],
+    "not UTF-8": [Entry("", b"x", raw_name=b"caf\xe9.bin")],
+    "file and directory": [Entry("a", b"file"), Entry("a/b", b"under a file")],
+    "directory then file": [Entry("a/b", b"x"), Entry("a", b"file")],
+    "file under a link": [Entry("sub", type="dir"), Entry("d", type="symlink", linkname="sub"),
+                          Entry("d/x", b"written through a link")],
+    "dangling link": [Entry("l", type="symlink", linkname="nothing")],
+    "link loop": [Entry("a", type="symlink", linkname="b"),
+                  Entry("b", type="symlink", linkname="a")],
+    "link to its own directory": [Entry("d", type="dir"), Entry("d/x", b"x"),
+                                  Entry("d/self", type="symlink", linkname=".")],
+    "control character": [Entry("bad\nname", b"x")],
+}
+
+
+def replace_layer(pack: Pack, index: int, blob: bytes, media_type: str,
+                  annotations: dict) -> Pack:
+    """``pack`` with only its layer ``index``, and that replaced by ``blob`` (a hostile tar):
+    its view is unknown (empty)."""
+    doc = pack.doc
+    doc["layers"] = [d for i, d in enumerate(doc["layers"]) if i == index]
+    doc["layers"][0] = {"mediaType": media_type, "digest": sha256(blob), "size": len(blob),
+                        "annotations": annotations}
+    blobs = {doc["config"]["digest"]: pack.config, sha256(blob): blob}
+    return Pack(pack.producer, pack.format, go_json(doc), pack.media_type, blobs, {})
+
+
+# --------------------------------------------------------------------------------------------
 # pushing
 
 
@@ -713,6 +760,18 @@ def push_pack(peer: Any, repo_tag: str, pack: Pack, creds: tuple[str, str] | Non
     repo, _, tag = repo_tag.rpartition(":")
     if creds is None:
         creds = getattr(peer, "credentials", None)
+    token_server = getattr(peer, "token_server", None)
+    if creds and token_server is not None:  # a token up front: a big body is sent once
+        from peers.tokenserver import fetch_token
+
+        token = fetch_token(token_server.realm, peer.service,
+                            [f"repository:{repo}:pull,push"], creds)
+        request = peer.request
+
+        def with_token(*args: Any, **kw: Any) -> Any:
+            return request(*args, **{**kw, "token": token})
+
+        peer = _Calls(peer, with_token)
     for digest, data in pack.blobs.items():
         head = peer.request("HEAD", f"/v2/{repo}/blobs/{digest}", creds=creds, direct=True)
         if head.status == 200:
@@ -739,6 +798,14 @@ def push_pack(peer: Any, repo_tag: str, pack: Pack, creds: tuple[str, str] | Non
     if served and served != pack.digest:
         raise RuntimeError(f"{repo_tag}: the registry says {served}, we pushed {pack.digest}")
     return f"oci://{peer.host}/{repo_tag}"
+
+
+class _Calls:
+    """``peer`` with its ``request`` replaced."""
+
+    def __init__(self, peer: Any, request: Any) -> None:
+        self.host = peer.host
+        self.request = request
 
 
 def standard_packs() -> dict[str, Pack]:
