@@ -42,7 +42,7 @@ from nekko_sm.errors import (
     UnsupportedMediaType,
 )
 from nekko_sm.refs import has_query_credentials, redact, with_patterns
-from nekko_sm.service import Service
+from nekko_sm.service import Service, check_hold
 
 log = logging.getLogger("nekko_sm.api")
 
@@ -57,6 +57,7 @@ LINGER_IDLE = 1.0  # ... and at most this long without a byte
 LINGER_BYTES = 64 << 20
 REALM = 'Bearer realm="nekko-sm"'
 _CONTENT_ARG = re.compile(r"/content/([^\s?#\"']+)")
+_DATE: list = [0, ""]  # (second, its Date header)
 
 
 def encode_url(url: str) -> str:
@@ -295,18 +296,40 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def _send(self, status: int, body: object | None = None, headers: dict | None = None) -> None:
-        data = b""
+        data = None
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        self._send_json(status, data, headers)
+
+    def _send_json(self, status: int, data: bytes | None, headers: dict | None = None) -> None:
+        """Answer with ``data``, JSON already encoded (None: no body)."""
         self.send_response(status)
-        if body is not None:
+        if data is not None:
             self.send_header("Content-Type", "application/json")
+        else:
+            data = b""
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD" and data:
-            self.wfile.write(data)
+        body = data if self.command != "HEAD" else b""
+        buf = getattr(self, "_headers_buffer", None)  # http.server's, since 3.3
+        if isinstance(buf, list) and self.request_version != "HTTP/0.9":
+            buf.append(b"\r\n" + body)  # header and body in one write, one packet
+            self.flush_headers()
+        else:
+            self.end_headers()
+            if body:
+                self.wfile.write(body)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The Date header, formatted once a second rather than once a request."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        now = int(time.time())
+        cached = _DATE
+        if cached[0] != now:
+            cached = _DATE[:] = [now, super().date_time_string(now)]
+        return str(cached[1])
 
     def _error(self, err: NekkoError) -> None:
         self.server.count_error(err.code)  # type: ignore[attr-defined]
@@ -427,7 +450,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         arg = self._content_arg()
         if arg is None:
-            self._send(200, {"entries": self.service.list()})
+            texts = self.service.catalog.list_texts()
+            self._send_json(200, ('{"entries":[' + ",".join(texts) + "]}\n").encode())
+            return
+        cached = self.service.answer(arg, decode_url)  # a complete entry: no JSON work
+        if cached is not None:
+            self._send_json(200, cached)
             return
         entry = self.service.status(decode_url(arg))
         self._send(200 if entry["state"] == "complete" else 206, entry)
@@ -451,21 +479,29 @@ class Handler(BaseHTTPRequestHandler):
         is_async = req.get("async", False)
         if not isinstance(is_async, bool):
             raise BadRequest('"async" must be true or false')
+        pin = req.get("pin")
+        if pin is not None and not isinstance(pin, bool):
+            raise BadRequest('"pin" must be true or false')
+        hold = check_hold(req.get("hold"))
         creds = Credentials.make(req.get("credentials"), req.get("credentialsType"))
         # "include"/"exclude" (hf:// only) become part of the URL: its canonical query.
         url = with_patterns(url, req.get("include"), req.get("exclude"),
                             self.service.config.hf_endpoint)
-        flight, entry = self.service.start(url, creds, req.get("digest"), req.get("platform") or None)
+        flight, entry = self.service.start(url, creds, req.get("digest"),
+                                           req.get("platform") or None, pin, hold)
         if entry is not None:
             self._send(200, entry)
             return
         assert flight is not None
         if is_async:
+            if pin is not None or hold:  # also when this caller joined after the commit
+                flight.future.add_done_callback(
+                    lambda f: f.exception() or self.service.mark(flight.url, pin, hold, False))
             self._send(202, {"url": flight.url, "state": "downloading",
                              "downloaded": flight.progress.done, "size": flight.progress.total},
                        {"Location": "/content/" + encode_url(flight.url)})
             return
-        entry, created = flight.future.result()
+        entry, created = self.service.finish(flight, pin, hold)
         self._send(201 if created else 200, entry)
 
     def _delete(self) -> None:
@@ -579,6 +615,9 @@ def run(config: Config, ready=None) -> int:
     import signal
 
     service = Service(config)
+    if service.budget.enabled:
+        log.info("disk budget: %s", service.budget.describe())
+        service.budget.enforce("to bring the cache within its budget at start")
     srv = make_server(service, config.address)
     stopping = threading.Event()
 

@@ -136,6 +136,7 @@ class Config:
     jobs: int = DEFAULT_JOBS
     hf_endpoint: str = DEFAULT_HF_ENDPOINT
     hf_token: str | None = None
+    hf_token_repos: tuple = ()  # fnmatch patterns of repo ids HF_TOKEN may be used for; () = all
     registry_mirrors: Mapping[str, tuple] = field(default_factory=dict)
     ca_cert: str | None = None
     https_proxy: str | None = None
@@ -144,6 +145,9 @@ class Config:
     api_token_file: str | None = None  # the path only: the token is read by the server
     egress: Policy = field(default_factory=Policy.build)
     verify_cached_credentials: str = "always"  # or "never" (DESIGN section 10)
+    max_cache_size: int | None = None  # bytes under blobs/ and ingest/ (DESIGN 9)
+    min_free_space: int | None = None  # bytes to keep free on the cache's file system
+    min_free_percent: float | None = None  # ... or this share of it
     discard_unpacked_layers: bool = False  # free tar layers once their files are committed
     notes: tuple = ()  # things to say once at start-up
 
@@ -209,6 +213,42 @@ def read_api_token(path: str) -> str:
     if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
         raise ConfigError(f"the API token in {path} must be printable ASCII without spaces")
     return token
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(I?B?)$", re.IGNORECASE)
+_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+
+
+def parse_size(text: object, name: str = "size") -> int:
+    """Bytes from ``123``, ``512K``, ``1.5G``, ``10GiB``, ``2Ti``, ``3 MB`` (powers of 1024).
+
+    A bare number is bytes (``B`` may follow); ``K``/``M``/``G``/``T``/``P`` are powers of
+    1024 whatever the spelling (``K``, ``Ki``, ``KiB``, ``KB``), as kubelet and ``ls -h``
+    read them.  Anything else is a ConfigError naming ``name``.
+    """
+    raw = str(text).strip()
+    m = _SIZE.match(raw)
+    unit, tail = (m.group(2).upper(), m.group(3).upper()) if m else ("", "")
+    if not m or (not unit and tail not in ("", "B")):
+        raise ConfigError(f"{name} must be a size such as 500M, 20G or 2TiB, not {raw!r}")
+    if not unit and "." in m.group(1):
+        raise ConfigError(f"{name} in bytes must be a whole number, not {raw!r}")
+    number = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
+    return int(number * 1024 ** _UNITS[unit])
+
+
+def parse_free_space(text: object, name: str = "--min-free-space") -> tuple[int | None, float | None]:
+    """``SIZE`` (bytes, see :func:`parse_size`) or ``N%`` of the file system: (bytes, percent)."""
+    raw = str(text).strip()
+    if raw.endswith("%"):
+        try:
+            pct = float(raw[:-1].strip())
+        except ValueError:
+            pct = -1.0
+        if not 0 <= pct < 100:
+            raise ConfigError(f"{name} must be a size or a percentage from 0% to 99%, not {raw!r}")
+        return None, pct
+    return parse_size(raw, name), None
 
 
 def _usable_dir(path: Path) -> bool:
@@ -308,6 +348,13 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         raise ConfigError(f"HF_TOKEN would go in clear text to {hf_endpoint}: use https, or"
                           f" allow it with --insecure-registry {endpoint.netloc}")
 
+    max_size = pick("max_cache_size", "NEKKO_MAX_CACHE_SIZE")
+    max_cache_size = (parse_size(max_size, "--max-cache-size/NEKKO_MAX_CACHE_SIZE")
+                      if max_size is not None else None)
+    free_v = pick("min_free_space", "NEKKO_MIN_FREE_SPACE")
+    min_free, min_free_pct = (parse_free_space(free_v, "--min-free-space/NEKKO_MIN_FREE_SPACE")
+                              if free_v is not None else (None, None))
+
     return Config(
         cache_dir=cache_dir.absolute(),
         address=address,
@@ -317,6 +364,8 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         jobs=jobs,
         hf_endpoint=hf_endpoint,
         hf_token=hf_token.strip() if hf_token else None,
+        hf_token_repos=tuple(p.strip() for p in (_env(environ, "NEKKO_HF_TOKEN_REPOS") or "")
+                             .split(",") if p.strip()),
         registry_mirrors={k: tuple(v) for k, v in mirrors.items()},
         ca_cert=str(ca) if ca else None,
         https_proxy=proxies["HTTPS_PROXY"],
@@ -325,6 +374,9 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         api_token_file=str(Path(str(token_file)).absolute()) if token_file else None,
         egress=egress,
         verify_cached_credentials=verify,
+        max_cache_size=max_cache_size,
+        min_free_space=min_free,
+        min_free_percent=min_free_pct,
         discard_unpacked_layers=discard_b,
         notes=tuple(notes),
     )

@@ -159,7 +159,9 @@ def test_single_image(svc, reg, seeded):
     assert Path(entry["path"]).is_dir()
     # a second pull is answered from the cache without asking the registry
     reg.clear()
-    assert svc.pull(info.url) == (entry, False)
+    again, created = svc.pull(info.url)
+    assert not created and again["last_used"] > entry["last_used"]  # a use (DESIGN 9)
+    assert {**again, "last_used": 0} == {**entry, "last_used": 0}
     assert reg.requests == []
 
 
@@ -541,6 +543,7 @@ def test_cache_is_readable_by_skopeo_and_umoci(svc, seeded, tmp_path):
     umoci = require_binary("umoci")
     info = seeded["public/single:v1"]
     svc.pull(info.url)
+    svc.store.flush()  # index.json follows the database by group commit: now, not soon
     cache = svc.store.root
     r = subprocess.run([umoci, "ls", "--layout", str(cache)], capture_output=True, text=True, check=False,
                        timeout=60)

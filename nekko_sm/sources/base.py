@@ -85,6 +85,16 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: Progress = field(default_factory=Progress)
     on_ingest: Callable[[str], None] = lambda ref: None  # records resumable ingest refs
+    # Makes room for (nbytes, what, resumed) before writing: the disk budget (budget.py).
+    room: Callable[[int, str, int], None] | None = None
+
+    def ensure_space(self, nbytes: int, what: str, resumed: int = 0) -> None:
+        """Before writing ``nbytes`` more (``resumed`` are in a partial already): 507 if
+        they cannot fit, after evicting what the budget allows."""
+        if self.room is None:
+            self.store.ensure_space(nbytes, what)
+        else:
+            self.room(nbytes, what, resumed)
 
     def writer(self, ref: str, expected_size: int | None = None, extra_hashers=None):
         self.on_ingest(ref)

@@ -35,6 +35,7 @@ private or missing repository; ``429`` names the rate-limit bucket and when to r
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -193,13 +194,23 @@ def base_url(job: Job, ref: HFRef) -> str:
 def auth_header(job: Job, ref: HFRef) -> str | None:
     """The caller's credentials, else HF_TOKEN, which goes only to the HF_ENDPOINT's host:
     with HF_ENDPOINT a mirror, to the mirror, never to huggingface.co nor to any other
-    registry a URL names."""
+    registry a URL names; with NEKKO_HF_TOKEN_REPOS, only for the repositories it names (the
+    node's token is a policy, not a gift to every caller)."""
     if job.credentials is not None:
         return job.credentials.header
     token = job.config.hf_token
-    if token and ref.registry == _endpoint_host(job):
+    if token and ref.registry == _endpoint_host(job) and node_token_allowed(job.config, ref):
         return f"Bearer {token}"
     return None
+
+
+def node_token_allowed(config, ref: HFRef) -> bool:
+    """May HF_TOKEN be used for ``ref``'s repository (NEKKO_HF_TOKEN_REPOS patterns)?"""
+    patterns = config.hf_token_repos
+    if not patterns:
+        return True
+    names = (ref.repo_id, f"{ref.repo_type}s/{ref.repo_id}")
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
 def resolve_url(base: str, ref: HFRef, path: str, revision: str | None = None) -> str:
@@ -351,7 +362,7 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
             if count_total and job.progress.total is None:
                 job.progress.expect(total)
                 job.progress.add(offset)
-            job.store.ensure_space(total - offset, redact(url))
+            job.ensure_space(total - offset, redact(url), offset)
 
     with job.writer(ingest_ref, size, hashers) as w:
         if vouched and size is not None and job.store.has_blob(vouched, size):
@@ -375,7 +386,7 @@ def _fetch_small(job: Job, url: str, auth: str | None, errors, size: int, git_oi
                  expected: str | None) -> str:
     """A small git file: one GET (retried whole), checked against its git blob id and size
     (and ``expected``), then stored in one write."""
-    job.store.ensure_space(size, redact(url))
+    job.ensure_space(size, redact(url))
     r = job.transfer.request("GET", url, auth=auth, limit=max(size, 1 << 16))  # or an error
     if r.status != 200:
         raise errors(r.status, r.url, r.data, r.headers)
@@ -564,7 +575,7 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
                if not (f.sha256 and job.store.has_blob("sha256:" + f.sha256, f.size))]
     job.progress.expect(sum(f.size for f in tree))
     job.progress.skip(sum(f.size for f in tree) - sum(f.size for f in missing))
-    job.store.ensure_space(sum(f.size for f in missing), ref.canonical)
+    job.ensure_space(sum(f.size for f in missing), ref.canonical)
 
     failed = threading.Event()
     sub = replace(job, cancel=_EitherSet(job.cancel, failed))  # type: ignore[arg-type]

@@ -54,7 +54,7 @@ def pull(job: Job, ref: HTTPRef) -> PullResult:
             if job.progress.total is None:
                 job.progress.expect(total)
                 job.progress.add(offset)
-            job.store.ensure_space(total - offset, ref.canonical)
+            job.ensure_space(total - offset, ref.canonical, offset)
 
     with job.writer("url:" + ref.canonical) as w:
         headers = job.transfer.download(ref.fetch_url, w, auth=auth, progress=job.progress.add,

@@ -254,7 +254,7 @@ class _Puller:
         _skip(job, present)
         if not missing:
             return
-        job.store.ensure_space(sum(d.size for d in missing) + unpacking, self.ref.canonical)
+        job.ensure_space(sum(d.size for d in missing) + unpacking, self.ref.canonical)
         stop = threading.Event()
         errors: list[BaseException] = []
 
