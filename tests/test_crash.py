@@ -67,6 +67,7 @@ def test_sigkill_at_random_points_never_corrupts_and_resumes(pyz, tmp_path, slow
     longest = 1.2 if jobs == "1" else 1.0  # two connections go twice as fast
     name = url.rsplit("/", 1)[1]
     cache = tmp_path / "cache"
+    Store(cache).init().close()  # a kill before the first process made the cache: not a crash
     cmd = [sys.executable, str(pyz), "--cache-dir", str(cache), "--jobs", jobs, "pull", url]
     rng = random.Random(20261124 + int(jobs))
     for i in range(10):  # 10 seeds per mode, 20 kills in all
