@@ -304,6 +304,7 @@ class Collector:
                 self._put_back([(digest, path, 0)])
             else:
                 unlink(path)
+
     def discard(self, digests: Iterable[str]) -> GCReport:
         """Free those of ``digests`` that no entry counts and no live lease holds (the tar
         layers an entry listed as discarded are not in its reach, so not in its counts)."""
