@@ -279,6 +279,7 @@ def test_skopeo_copies_an_unpacked_image_out_and_umoci_reads_the_layout(make, re
     umoci = require_binary("umoci")
     svc = make(registry.host)
     entry, _ = svc.pull(pushed["modelcar"])
+    svc.store.flush()  # index.json is rewritten by group commit: current at exit or flush
     cache = svc.store.root
     r = subprocess.run([umoci, "ls", "--layout", str(cache)], capture_output=True, text=True,
                        check=False, timeout=60)

@@ -37,7 +37,14 @@ from typing import Any, Callable
 
 from nekko_sm.errors import CacheCorrupt, InsufficientStorage
 from nekko_sm.store.db import Database, bump, counter
-from nekko_sm.store.layout import MT_OCI_INDEX, REF_NAME, Layout, check_digest, fsync_dir
+from nekko_sm.store.layout import (
+    MT_OCI_INDEX,
+    REF_NAME,
+    Layout,
+    check_digest,
+    fsync_dir,
+    write_atomic,
+)
 from nekko_sm.store.locks import FileLock
 
 log = logging.getLogger("nekko_sm.store")
@@ -383,6 +390,18 @@ class Index:
             return ("", -1)
         m = _HEADER.match(head)
         return (m.group(1).decode(), int(m.group(2))) if m else None
+
+    def create_file(self) -> None:
+        """Write an empty index.json if there is none, so the layout is valid from the start.
+
+        The database does not exist yet, or a crash came before the first rewrite; the file
+        is not stamped, so the next open merges it (nothing) and rewrites it from the table.
+        """
+        if not self._path.exists():
+            with self._file_lock, FileLock(self.layout.lock_path):
+                if not self._path.exists():
+                    write_atomic(self._path, b'{"manifests":[],"mediaType":"' + MT_OCI_INDEX.encode()
+                                 + b'","schemaVersion":2}')
 
     def sync_file(self) -> None:
         """Make index.json show the database: merge a foreign one in, rebuild one behind."""
