@@ -8,7 +8,8 @@ layer's bytes, and returns the model's files: ``name -> (digest, size, executabl
   has ``compression.zstd``, else :class:`UnsupportedLayer` naming the layer) and every
   regular file in it is committed through the store's writer, hashed while it is written,
   never held whole in memory (files up to :data:`SMALL` bytes are read whole and stored with
-  ``put_bytes``, which skips the write when the blob is already there).  The same bytes from
+  ``put_small``, which skips the write when the blob is already there and needs no ingest
+  directory, lock or thread; ``blobs/`` is fsynced once at the end).  The same bytes from
   anywhere (a safetensors shard from the Hub and from a registry) are one blob.
 * Image layers (``plan.rootfs``) are applied in order as changesets: whiteouts ``.wh.NAME``
   and opaque ``.wh..wh..opq`` hide what lower layers made; the view is ``models/`` when the
@@ -418,6 +419,7 @@ class _Unpacker:
         self.on_bytes = on_bytes
         self.tree = _Tree(plan.rootfs, what)
         self.unpacked: list[str] = []
+        self.small = False  # small files were stored: blobs/ wants one fsync at the end
 
     def layer_what(self, lp: LayerPlan) -> str:
         lead = f"{self.what}: " if self.what else ""
@@ -430,6 +432,8 @@ class _Unpacker:
         view_root = self._view_root()
         self._fill_pending(view_root)
         files = self._files(view_root)
+        if self.small:
+            self.store.sync_blobs()  # their renames, once for all, before anyone names them
         return UnpackResult(files, choose_model(f.name for f in files), view_root,
                             self.unpacked)
 
@@ -568,7 +572,8 @@ class _Unpacker:
             data = members.read(f, m.size + 1)
             if len(data) != m.size:
                 raise BrokenLayer(f"{members.what}: {m.name!r} is shorter than its header says")
-            digest = self.store.put_bytes(data, self.lease)
+            digest = self.store.put_small(data, self.lease)
+            self.small = True
             self._count(len(data))
             return digest  # type: ignore[no-any-return]
         with self.store.writer(f"unpack:{lp.digest}:{i}", m.size, self.cancel) as w:

@@ -147,6 +147,10 @@ class Store(Layout):
         """Store a small blob (manifest, config) and return its digest."""
         return self._ingest.put_bytes(data, lease, expected_digest)
 
+    def put_small(self, data: bytes, lease: Lease | None = None) -> str:
+        """Store a small file of an unpacked layer; call :meth:`sync_blobs` once after."""
+        return self._ingest.put_small(data, lease)
+
     def partial_size(self, ref: str) -> int:
         return self._ingest.partial_size(ref)
 

@@ -13,6 +13,7 @@ adds an entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -372,8 +373,14 @@ class Collector:
             fsync_dir(layout.blobs_dir)
         if partials and layout.ingest_dir.exists():
             wanted = self._wanted_partials(time.time() - partial_max_age)
+            stale = time.time() - 3600
             for name in os.listdir(layout.ingest_dir):
                 d = layout.ingest_dir / name
+                if name.startswith(".small-"):  # left by a crash between write and rename
+                    with contextlib.suppress(OSError):
+                        if d.stat().st_mtime < stale and not dry_run:
+                            unlink(d)
+                    continue
                 if name in _NOT_PARTIALS or name in wanted or not d.is_dir():
                     continue
                 lock = FileLock(d / "lock")

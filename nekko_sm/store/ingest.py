@@ -557,6 +557,12 @@ def _allocates_cheaply(fd: int) -> bool:
         return True
     magic = ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF  # f_type, the first word
     return magic in _CHEAP_FALLOCATE
+def _space(e: OSError, what: str) -> OSError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(f"disk full storing {what}")
+    return e
+
+
 class FollowLost(Exception):
     """The bytes a :class:`Follower` read may not be the ones the writer commits (they
     started over, or the writer stopped early): read the committed blob instead."""
@@ -686,6 +692,35 @@ class Ingest:
             w.reset()
             w.write(data)
             w.commit(digest)
+        return digest
+
+    def put_small(self, data: bytes, lease: Lease | None = None) -> str:
+        """Store a small blob the cheap way (the many small files of an unpacked layer):
+        written to ``ingest/.small-*``, fsynced and renamed into ``blobs/``, without an
+        ingest directory, a lock or a hasher thread (about twice as fast as
+        :meth:`put_bytes`).  Two writers of the same bytes rename the same content into
+        place.  The caller fsyncs ``blobs/`` once when done (:meth:`Layout.sync_blobs`),
+        before any entry names what it stored."""
+        digest = sha256_digest(data)
+        if lease is not None:
+            lease.add(digest)  # before the check: gc cannot take it from under us
+        if self.layout.has_blob(digest, len(data)):
+            return digest
+        tmp = self.layout.ingest_dir / (f".small-{digest[7:23]}-{os.getpid()}-"
+                                        f"{threading.get_ident()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.layout.blob_path(digest))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _space(e, digest) from e
         return digest
 
     def partial_size(self, ref: str) -> int:

@@ -146,6 +146,10 @@ class Layout:
             if len(name) == 64 and not name.startswith("."):
                 yield "sha256:" + name
 
+    def sync_blobs(self) -> None:
+        """Make renames into ``blobs/`` durable (after :meth:`Ingest.put_small`)."""
+        fsync_dir(self.blobs_dir)
+
     def ensure_space(self, nbytes: int, what: str = "download") -> None:
         """Refuse up front when ``nbytes`` more cannot fit (507)."""
         st = os.statvfs(self.root)
