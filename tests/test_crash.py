@@ -88,8 +88,12 @@ def test_sigkill_at_random_points_never_corrupts_and_resumes(pyz, tmp_path, slow
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).read_bytes() == data
     assert_consistent(cache)
-    # The last pull fetched exactly what the saved state did not have.
-    assert slow_nginx.body_bytes(name, all_statuses=True) == len(data) - kept
+    # The last pull fetched what the saved state did not have: never less (the content check
+    # above), and more only by what was in flight when a stream was cut to split it among
+    # connections (the adaptive start opens one stream, then splits; nginx counts what it
+    # sent into the socket, read or not).
+    fetched = slow_nginx.body_bytes(name, all_statuses=True)
+    assert len(data) - kept <= fetched <= len(data) - kept + (8 << 20), (fetched, kept)
 
 
 def test_cli_and_server_fetch_one_url_once(pyz, tmp_path, faulty):
