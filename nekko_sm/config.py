@@ -167,8 +167,11 @@ def _split(values: object) -> list:
 
 
 def _usable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
+    try:  # each missing directory 0755 exactly: not 0777 & ~umask (world-writable at 000)
+        for d in [*reversed(path.absolute().parents), path]:
+            if not d.is_dir():
+                d.mkdir(0o755, exist_ok=True)
+                os.chmod(d, 0o755)
     except OSError:
         return False
     return os.access(path, os.W_OK | os.X_OK)

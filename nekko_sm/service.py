@@ -52,6 +52,10 @@ from nekko_sm.store import (
     Store,
     check_digest,
     key_for,
+    listdir,
+    make_dirs,
+    read_file,
+    unlink,
     write_atomic,
 )
 
@@ -103,7 +107,7 @@ class Service:
         self.store = store or Store(config.cache_dir).init()
         self._transfer = transfer  # made on first use: status/path need no network stack
         self.pulls_dir = self.store.ingest_dir / "pulls"
-        self.pulls_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.pulls_dir)
         self._lock = threading.Lock()
         self._flights: dict[str, Flight] = {}
         # The last failure of each URL, as its JSON error only (never the exception: its
@@ -194,7 +198,7 @@ class Service:
                 outcome = self._pull_locked(flight, ref, credentials, digest, platform)
             finally:
                 if not record.exists():  # nothing to resume: leave no file per URL behind
-                    lock_path.unlink(missing_ok=True)  # waiters re-check the inode
+                    unlink(lock_path)  # waiters re-check the inode
                 lock.release()  # before answering: a caller told "failed" must not see it busy
         except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             outcome = {"error": e if isinstance(e, NekkoError) else _internal(e)}
@@ -212,7 +216,7 @@ class Service:
         log.info("pulling %s", key)
         state: dict[str, Any] = {"url": key, "started": time.time(), "ingest": []}
         try:
-            old = json.loads(record.read_text())
+            old = json.loads(read_file(record))
             state["ingest"] = [r for r in old.get("ingest", []) if isinstance(r, str)]
         except (OSError, ValueError):
             pass
@@ -231,7 +235,7 @@ class Service:
                 if flight.cancel.is_set():
                     raise Cancelled(f"pull of {key} was cancelled")
                 self._commit(key, result)
-            record.unlink(missing_ok=True)
+            unlink(record)
             entry = self._entry_json(key, self.store.get_entry(key))
             self._count("complete", ref)
             took = max(time.time() - flight.started, 1e-6)
@@ -246,7 +250,7 @@ class Service:
             err = e if isinstance(e, NekkoError) else _internal(e)
             keep = isinstance(err, _RESUMABLE) or (isinstance(err, Cancelled) and flight.keep_partial)
             if not keep:
-                record.unlink(missing_ok=True)
+                unlink(record)
             self._count(err.code, ref)
             log.info("pull %s failed: %s", key, err.message)
             return {"error": err}
@@ -400,7 +404,7 @@ class Service:
                     "files": []}
         record, lock_path = self._pull_paths(key)
         try:
-            state = json.loads(record.read_text())
+            state = json.loads(read_file(record))
         except (OSError, ValueError):
             state = None
         if state is not None:
@@ -426,9 +430,10 @@ class Service:
             except NekkoError:
                 continue
         seen = {e["url"] for e in out}
-        for record in sorted(self.pulls_dir.glob("*.json")):
+        for record in sorted(self.pulls_dir / n for n in listdir(self.pulls_dir)
+                             if n.endswith(".json")):
             try:
-                url = json.loads(record.read_text())["url"]
+                url = json.loads(read_file(record))["url"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if url not in seen:
@@ -455,10 +460,10 @@ class Service:
         refs: list = []
         if had_record:
             try:
-                refs = json.loads(record.read_text()).get("ingest", [])
+                refs = json.loads(read_file(record)).get("ingest", [])
             except (OSError, ValueError):
                 pass
-            record.unlink(missing_ok=True)
+            unlink(record)
         gone = self.store.remove_entry(key)
         with self._lock:
             self._failures.pop(key, None)

@@ -17,6 +17,9 @@ Safety rules, after containerd's content store:
 * ``index.json`` is replaced atomically (write, fsync, rename, fsync dir) under ``.lock``.
 * A writer holds an exclusive ``flock`` on its ingest directory: two threads or two
   processes asking for the same blob download it once; the second finds it committed.
+* No link planted in the cache is followed: every path below the root is opened component
+  by component with O_NOFOLLOW, relative to its directory's descriptor (``layout``); a cache
+  directory others could change is refused when the store is opened.
 * A pull *leases* every digest before it relies on it; gc, under ``.lock``, frees only
   blobs that neither the index nor a live lease reaches.  A lease whose owner died is
   stale (its flock is free) and is ignored and removed.
@@ -51,7 +54,11 @@ from nekko_sm.store.layout import (
     Layout,
     check_digest,
     key_for,
+    listdir,
+    make_dirs,
+    read_file,
     sha256_digest,
+    unlink,
     write_atomic,
 )
 from nekko_sm.store.locks import FileLock
@@ -77,7 +84,11 @@ __all__ = [
     "Store",
     "check_digest",
     "key_for",
+    "listdir",
+    "make_dirs",
+    "read_file",
     "sha256_digest",
+    "unlink",
     "write_atomic",
 ]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -29,7 +30,14 @@ from nekko_sm.store.layout import (
     REF_NAME,
     Layout,
     fsync_dir,
+    is_dir,
+    is_file,
     key_for,
+    listdir,
+    lstat,
+    make_dirs,
+    open_file,
+    read_file,
     unlink,
 )
 from nekko_sm.store.locks import FileLock, remove_locked_dir
@@ -45,7 +53,7 @@ class Lease:
     """Digests a live pull relies on before the index names them (protects them from gc)."""
 
     def __init__(self, layout: Layout) -> None:
-        layout.leases_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(layout.leases_dir)
         self.path = layout.leases_dir / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
         self._lock = FileLock(self.path)
         self._lock.acquire()
@@ -54,13 +62,15 @@ class Lease:
     def add(self, digest: str) -> None:
         if digest in self.digests:
             return
-        with open(self.path, "a") as f:
-            f.write(digest + "\n")
-            f.flush()
+        fd = open_file(self.path, os.O_WRONLY | os.O_APPEND)  # never through a planted link
+        try:
+            os.write(fd, (digest + "\n").encode())
+        finally:
+            os.close(fd)
         self.digests.add(digest)
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        unlink(self.path)
         self._lock.release()
 
     def __enter__(self) -> Self:
@@ -136,7 +146,7 @@ class Collector:
         out: set[str] = set()
         leases_dir = self.layout.leases_dir
         try:
-            names = os.listdir(leases_dir)
+            names = listdir(leases_dir)
         except FileNotFoundError:
             return out
         for name in names:
@@ -150,7 +160,8 @@ class Collector:
                     lock.release()
                 continue
             try:
-                out.update(x for x in path.read_text().split() if DIGEST_RE.match(x))
+                out.update(x for x in read_file(path).decode("ascii", "replace").split()
+                           if DIGEST_RE.match(x))
             except OSError:
                 pass
         return out
@@ -174,7 +185,7 @@ class Collector:
                     continue
                 path = layout.blob_path(digest)
                 try:
-                    size = path.stat().st_size
+                    size = lstat(path).st_size  # a link planted there is removed, not followed
                 except FileNotFoundError:
                     continue
                 report.blobs_freed.append(digest)
@@ -183,11 +194,15 @@ class Collector:
                     unlink(path)
             report.views_freed.extend(
                 self.views.sweep((d.annotations[REF_NAME] for d in entries), dry_run))
-            if partials and layout.ingest_dir.exists():
+            if partials and is_dir(layout.ingest_dir):
                 wanted = self._wanted_partials(time.time() - partial_max_age)
-                for name in os.listdir(layout.ingest_dir):
+                for name in listdir(layout.ingest_dir):
                     d = layout.ingest_dir / name
-                    if name in ("leases", "pulls") or name in wanted or not d.is_dir():
+                    if name in ("leases", "pulls") or name in wanted:
+                        continue
+                    if not is_dir(d):  # a link or a file: not a partial of ours
+                        if not dry_run and not is_file(d):
+                            unlink(d)  # the link itself, never what it names
                         continue
                     lock = FileLock(d / "lock")
                     if not lock.acquire(blocking=False):
@@ -205,15 +220,20 @@ class Collector:
         """Ingest keys an interrupted pull will resume, unless they went stale."""
         wanted: set = set()
         ingest_dir = self.layout.ingest_dir
-        for record in (ingest_dir / "pulls").glob("*.json"):
+        try:
+            records = [n for n in listdir(ingest_dir / "pulls") if n.endswith(".json")]
+        except FileNotFoundError:
+            records = []
+        for record in records:
             try:
-                refs = json.loads(record.read_text()).get("ingest", [])
+                refs = json.loads(read_file(ingest_dir / "pulls" / record)).get("ingest", [])
             except (OSError, ValueError, AttributeError):
                 continue
             for ref in refs if isinstance(refs, list) else []:
                 key = key_for(str(ref))
                 try:
-                    touched = max(p.stat().st_mtime for p in (ingest_dir / key).iterdir())
+                    touched = max(lstat(ingest_dir / key / p).st_mtime
+                                  for p in listdir(ingest_dir / key))
                 except (OSError, ValueError):
                     continue
                 if touched >= fresh_after:
@@ -224,14 +244,17 @@ class Collector:
     def verify_blob(self, digest: str) -> bool:
         h = hashlib.sha256()
         try:
-            with open(self.layout.blob_path(digest), "rb") as f:
-                while True:
-                    chunk = f.read(_CHUNK)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-        except FileNotFoundError:
+            fd = open_file(self.layout.blob_path(digest), os.O_RDONLY)
+        except OSError:  # missing, or a link planted there (never followed)
             return False
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
         return "sha256:" + h.hexdigest() == digest
 
     def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
@@ -249,8 +272,15 @@ class Collector:
             wanted = self.reachable(roots)
         for digest in sorted(wanted):
             path = self.layout.blob_path(digest)
-            if not path.exists():
+            try:
+                regular = stat.S_ISREG(lstat(path).st_mode)
+            except FileNotFoundError:
                 problems.append((digest, "missing"))
+                continue
+            if not regular:
+                problems.append((digest, "not a regular file"))
+                if repair:
+                    unlink(path)  # a link planted there: removed, never followed
             elif not self.verify_blob(digest):
                 problems.append((digest, "digest mismatch"))
                 if repair:

@@ -17,7 +17,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from nekko_sm.errors import CacheCorrupt
-from nekko_sm.store.layout import MT_OCI_INDEX, REF_NAME, Layout, check_digest, write_atomic
+from nekko_sm.store.layout import (
+    MT_OCI_INDEX,
+    REF_NAME,
+    Layout,
+    check_digest,
+    is_file,
+    lstat,
+    read_file,
+    write_atomic,
+)
 from nekko_sm.store.locks import FileLock
 
 
@@ -76,15 +85,15 @@ class Index:
 
     def create(self) -> None:
         """Write an empty index if there is none."""
-        if not self._path.exists():
+        if not is_file(self._path):
             with FileLock(self.layout.lock_path):
-                if not self._path.exists():
+                if not is_file(self._path):
                     self._write([])
 
     def _load(self) -> tuple[list[Descriptor], dict]:
         """index.json, parsed once per change (the file is replaced, never edited)."""
         try:
-            st = self._path.stat()
+            st = lstat(self._path)
         except FileNotFoundError:
             return [], {}
         cached = self._cache
@@ -95,10 +104,10 @@ class Index:
             if cached and cached[0] == (st.st_mtime_ns, st.st_ino, st.st_size):
                 return cached[1], cached[2]
             try:
-                doc = json.loads(self._path.read_bytes())
+                doc = json.loads(read_file(self._path))
                 manifests = [Descriptor.from_json(d) for d in doc.get("manifests", [])]
             except (ValueError, AttributeError) as e:
-                raise CacheCorrupt(f"{self._path} does not parse: {e}") from e
+                raise CacheCorrupt(f"the cache's index.json does not parse: {e}") from e
             by_ref = {d.annotations.get(REF_NAME): d for d in manifests
                       if d.annotations.get(REF_NAME)}
             self._cache = ((st.st_mtime_ns, st.st_ino, st.st_size), manifests, by_ref)

@@ -28,7 +28,21 @@ from nekko_sm.errors import (
     SizeMismatch,
 )
 from nekko_sm.store.index import Descriptor
-from nekko_sm.store.layout import Layout, fsync_dir, sha256_digest, write_atomic
+from nekko_sm.store.layout import (
+    Layout,
+    fsync_dir,
+    is_dir,
+    listdir,
+    lstat,
+    make_dirs,
+    open_file,
+    parent_dir,
+    read_file,
+    rename,
+    sha256_digest,
+    unlink,
+    write_atomic,
+)
 from nekko_sm.store.locks import FileLock, remove_locked_dir
 
 if TYPE_CHECKING:
@@ -77,12 +91,13 @@ class IngestWriter:
         self._state_path = self.dir / "state.json"
         self.state: dict = {}
         try:
-            self.state = json.loads(self._state_path.read_text())
+            self.state = json.loads(read_file(self._state_path))
         except (OSError, ValueError):
             self.state = {}
-        if self.state.get("ref") != ref:
+        if not isinstance(self.state, dict) or self.state.get("ref") != ref:
             self.state = {"ref": ref}
-        self._fd: int | None = os.open(self._data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd: int | None = open_file(self._data_path, os.O_RDWR | os.O_CREAT, 0o644,
+                                         replace_link=True)
         self._cond = threading.Condition()
         self._hasher: threading.Thread | None = None
         self._hash_error: BaseException | None = None
@@ -297,16 +312,12 @@ class IngestWriter:
         if lease is not None:
             lease.add(digest)
         target = self.layout.blob_path(digest)
+        os.fchmod(self._file(), 0o444)  # the descriptor's file: never a link's target
         self._close_fd()
-        try:
-            # A blob of the right size is the same bytes (written once, verified); one of
-            # another size was damaged after the fact: replace it with the verified bytes.
-            present = target.stat().st_size == size
-        except FileNotFoundError:
-            present = False
-        if not present:
-            os.chmod(self._data_path, 0o444)
-            os.replace(self._data_path, target)
+        # A blob of the right size is the same bytes (written once, verified); one of
+        # another size (or a link planted there) is replaced with the verified bytes.
+        if not self.layout.has_blob(digest, size):
+            rename(self._data_path, target)  # both directories reached without links
             fsync_dir(target.parent)
         self._remove_dir()
         return Descriptor("application/octet-stream", digest, size)
@@ -321,9 +332,10 @@ class IngestWriter:
         # Remove everything while still holding the lock; waiters notice that the lock
         # file they hold is gone and start on a fresh one.
         for name in ("data", "state.json", "lock"):
-            (self.dir / name).unlink(missing_ok=True)
+            unlink(self.dir / name)
         try:
-            self.dir.rmdir()
+            with parent_dir(self.dir) as (dfd, name):
+                os.rmdir(name, dir_fd=dfd)
         except OSError:
             pass
         self._lock.release()
@@ -380,7 +392,7 @@ class Ingest:
         (so two pulls of the same blob share one ingest), otherwise something stable
         like the source URL, so an interrupted download resumes.
         """
-        self.layout.ingest_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.layout.ingest_dir)
         return IngestWriter(self.layout, ref, expected_size, cancel, extra_hashers)
 
     def put_bytes(self, data: bytes, lease: Lease | None = None,
@@ -405,11 +417,11 @@ class Ingest:
         """Bytes a partial download holds (for a ranged one, what its saved part map says)."""
         d = self.layout.ingest_path(ref)
         try:
-            size = (d / "data").stat().st_size
-        except FileNotFoundError:
+            size = lstat(d / "data").st_size
+        except OSError:
             return 0
         try:
-            ranged = json.loads((d / "state.json").read_text()).get("ranged")
+            ranged = json.loads(read_file(d / "state.json")).get("ranged")
         except (OSError, ValueError, AttributeError):
             ranged = None
         if ranged:
@@ -422,9 +434,14 @@ class Ingest:
     def partials_size(self) -> int:
         """Bytes all partial downloads hold (what a resume will not fetch again)."""
         total = 0
-        for state in self.layout.ingest_dir.glob("*/state.json"):
+        try:
+            names = listdir(self.layout.ingest_dir)
+        except FileNotFoundError:
+            names = []
+        for name in names:
             try:
-                total += self.partial_size(json.loads(state.read_text())["ref"])
+                state = read_file(self.layout.ingest_dir / name / "state.json")
+                total += self.partial_size(json.loads(state)["ref"])
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         return total
@@ -432,7 +449,7 @@ class Ingest:
     def discard_partial(self, ref: str) -> bool:
         """Remove the partial download for ``ref`` unless someone is writing it."""
         d = self.layout.ingest_path(ref)
-        if not d.is_dir():
+        if not is_dir(d):
             return False
         lock = FileLock(d / "lock")
         if not lock.acquire(blocking=False):
