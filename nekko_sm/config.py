@@ -22,6 +22,10 @@ DEFAULT_ADDRESS = "localhost:8050"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 DEFAULT_JOBS = 8
 MAX_JOBS = 64
+DEFAULT_MAX_PULL_SIZE = 2 << 40  # 2 TiB: more than any model, less than a node's disks
+# Files (blobs) one pull may create: a Hub repository's files, an image's layers.  The Hub
+# advises fewer than 10,000 files per directory; a model has tens to hundreds.
+DEFAULT_MAX_PULL_FILES = 10_000
 
 _OSES = {"linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos",
          "aix", "android", "ios", "plan9", "dragonfly", "js", "wasip1"}
@@ -127,6 +131,8 @@ class Config:
     https_proxy: str | None = None
     http_proxy: str | None = None
     no_proxy: str | None = None
+    max_pull_size: int = DEFAULT_MAX_PULL_SIZE
+    max_pull_files: int = DEFAULT_MAX_PULL_FILES
     notes: tuple = ()  # things to say once at start-up
 
     @property
@@ -156,6 +162,24 @@ def _int(value: object, name: str, lo: int, hi: int) -> int:
         raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
     if not lo <= n <= hi:
         raise ConfigError(f"{name} must be between {lo} and {hi}, not {n}")
+    return n
+
+
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(?:([KMGTP])(i?)B?|B?)$", re.IGNORECASE)
+_SIZE_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(value: object, name: str) -> int:
+    """A size: bytes, or a number with K, M, G, T or P (powers of 1024; ``Ki``, ``KiB`` and
+    ``KB`` spellings too, any case), e.g. ``2T``, ``1.5GiB``, ``500000``."""
+    text = str(value).strip()
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"{name} must be a size such as 500G or 2TiB (bytes, or K/M/G/T:"
+                          f" powers of 1024), not {text[:40]!r}")
+    n = int(float(m.group(1)) * 1024 ** _SIZE_POWERS.get((m.group(2) or "").lower(), 0))
+    if not 0 < n < 1 << 63:
+        raise ConfigError(f"{name} must be more than 0 bytes and less than 8 EiB, not {text!r}")
     return n
 
 
@@ -198,6 +222,12 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
 
     jobs_v = pick("jobs", "NEKKO_JOBS")
     jobs = _int(jobs_v, "--jobs/NEKKO_JOBS", 1, MAX_JOBS) if jobs_v is not None else DEFAULT_JOBS
+    size_v = pick("max_pull_size", "NEKKO_MAX_PULL_SIZE")
+    max_pull_size = parse_size(size_v, "--max-pull-size/NEKKO_MAX_PULL_SIZE") \
+        if size_v is not None else DEFAULT_MAX_PULL_SIZE
+    files_v = pick("max_pull_files", "NEKKO_MAX_PULL_FILES")
+    max_pull_files = _int(files_v, "--max-pull-files/NEKKO_MAX_PULL_FILES", 1, 10_000_000) \
+        if files_v is not None else DEFAULT_MAX_PULL_FILES
 
     insecure = _split(flags.get("insecure_registry")) or _split(
         [_env(environ, "NEKKO_INSECURE_REGISTRIES") or ""])
@@ -261,5 +291,7 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         https_proxy=proxies["HTTPS_PROXY"],
         http_proxy=proxies["HTTP_PROXY"],
         no_proxy=_env(environ, "NO_PROXY", "no_proxy"),
+        max_pull_size=max_pull_size,
+        max_pull_files=max_pull_files,
         notes=tuple(notes),
     )

@@ -9,15 +9,110 @@ It holds no connection and never retries.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import socket
+import threading
+import time
+from collections import deque
 from urllib.parse import urlsplit
 
 from urllib3.exceptions import HTTPError as _Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
-from nekko_sm.errors import UpstreamError, UpstreamUnavailable
+from nekko_sm.errors import UpstreamError, UpstreamTooSlow, UpstreamUnavailable
 from nekko_sm.refs import redact
 
 MAX_STALLS = 20  # stalled connections replaced for one download before giving up
+
+# A server must not hold a worker forever by trickling (issue 9, finding 6).  Silence is
+# the read timeout's (30 s); a trickle -- a byte now and then, never 30 s of silence -- is
+# these rules', which every answer obeys:
+# * its headers arrive within HEADER_TIMEOUT seconds of the request (else the connection
+#   is shut, and the request retried like a dropped one: a bounded number of times);
+# * its body comes at LOW_SPEED_LIMIT bytes/s or more, on average over any LOW_SPEED_TIME
+#   seconds (curl's --speed-limit/--speed-time), else UpstreamTooSlow, not retried.
+# A rate over a window, not a deadline for the pull: a 500 GB model on a slow link takes
+# hours and is fine; 10 KiB/s is below any link a model is pulled over.
+HEADER_TIMEOUT = 60.0
+LOW_SPEED_LIMIT = 10 << 10
+LOW_SPEED_TIME = 60.0
+
+
+class SpeedGuard:
+    """The body rule above for one answer: ``update(n)`` after each read of ``n`` bytes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        now = time.monotonic()
+        self._got = 0
+        self._samples: deque[tuple[float, int]] = deque([(now, 0)])  # one a second at most
+
+    def update(self, n: int) -> None:
+        now = time.monotonic()
+        self._got += n
+        samples = self._samples
+        if now - samples[-1][0] >= 1.0:
+            samples.append((now, self._got))
+        while len(samples) > 1 and now - samples[1][0] >= LOW_SPEED_TIME:
+            samples.popleft()  # samples[0]: the newest at least a window old
+        start, got = samples[0]
+        if now - start >= LOW_SPEED_TIME and (self._got - got) / (now - start) < LOW_SPEED_LIMIT:
+            raise UpstreamTooSlow(
+                f"{redact(self.url)}: the server sent {self._got - got} bytes in"
+                f" {now - start:.0f} s, less than {LOW_SPEED_LIMIT} bytes/s: given up")
+
+
+class Reaper:
+    """One daemon thread that shuts the sockets whose deadline passed (a blocked read then
+    returns), for limits a socket timeout cannot set: it bounds each read, not their sum."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._live: dict[int, bool] = {}  # token -> fired
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, seconds: float) -> int:
+        with self._cond:
+            token = next(self._ids)
+            self._live[token] = False
+            heapq.heappush(self._heap, (time.monotonic() + seconds, token, sock))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="nekko-reaper")
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def unwatch(self, token: int) -> bool:
+        """Stop watching; True when the deadline had passed and the socket was shut."""
+        with self._cond:
+            return self._live.pop(token, False)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)  # unwatched
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token, sock = self._heap[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                self._live[token] = True
+                try:  # under the lock: an unwatch cannot slip in and reuse the connection
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+REAPER = Reaper()
 
 
 def origin(url: str) -> tuple:
@@ -46,7 +141,7 @@ def read_limited(resp, limit: int, url: str, strict: bool = True) -> bytes:
     n = 0
     try:
         while True:
-            chunk = resp.read(65536)
+            chunk = resp.read1(65536)  # what arrived: read(n) waits for n, however slowly
             if not chunk:
                 break
             n += len(chunk)

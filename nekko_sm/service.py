@@ -29,10 +29,11 @@ from nekko_sm.errors import (
     EntryNotFound,
     InsufficientStorage,
     NekkoError,
-    UnsafeName,
+    PullTooLarge,
+    UpstreamTooSlow,
     UpstreamUnavailable,
 )
-from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse, safe_name
+from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse
 from nekko_sm.sources.base import (
     A_DIGEST,
     A_PLATFORM,
@@ -40,12 +41,12 @@ from nekko_sm.sources.base import (
     Job,
     Progress,
     PullResult,
+    entry_files,
 )
 from nekko_sm.store import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     REF_NAME,
-    TITLE,
     Descriptor,
     FileLock,
     Lease,
@@ -65,17 +66,18 @@ log = logging.getLogger("nekko_sm.service")
 _MAX_FAILURES = 1000
 
 # Errors after which a partial download is worth keeping (the entry stays "incomplete").
-_RESUMABLE = (UpstreamUnavailable, InsufficientStorage)
+_RESUMABLE = (UpstreamUnavailable, InsufficientStorage, UpstreamTooSlow)
 
 
 class Flight:
     """One pull in progress, shared by every caller who asks for the same URL."""
 
-    def __init__(self, url: str, sink: Callable[[int], None] | None = None) -> None:
+    def __init__(self, url: str, sink: Callable[[int], None] | None = None,
+                 limit: int | None = None) -> None:
         self.url = url
         self.future: Future = Future()
         self.cancel = threading.Event()
-        self.progress = Progress(sink)
+        self.progress = Progress(sink, limit, url)
         self.started = time.time()
         self.keep_partial = False  # set when stopping the server: the pull stays resumable
         self.digest: str | None = None  # the digest the pull checks (its first caller's)
@@ -174,7 +176,7 @@ class Service:
             flight = self._flights.get(key)
             if flight is not None:
                 return flight.checked(digest), None
-            flight = Flight(key, self._count_bytes)
+            flight = Flight(key, self._count_bytes, self.config.max_pull_size)
             flight.digest = digest
             self._flights[key] = flight
             self._failures.pop(key, None)
@@ -251,6 +253,9 @@ class Service:
             keep = isinstance(err, _RESUMABLE) or (isinstance(err, Cancelled) and flight.keep_partial)
             if not keep:
                 unlink(record)
+            if isinstance(err, PullTooLarge):  # what arrived of it is not worth a resume
+                for r in state["ingest"]:
+                    self.store.discard_partial(r)
             self._count(err.code, ref)
             log.info("pull %s failed: %s", key, err.message)
             return {"error": err}
@@ -313,51 +318,11 @@ class Service:
         cached = self._files_cache.get(desc.digest)
         if cached is not None:
             return cached
-        files: list = []
-        if desc.media_type in MANIFEST_TYPES:
-            files = self._manifest_files(desc, "")
-        elif desc.media_type in INDEX_TYPES:
-            seen: set = set()
-            for child in self.store.children(desc):
-                p = child.platform or {}
-                if p.get("os") == "unknown" and p.get("architecture") == "unknown":
-                    continue  # an attestation manifest (SBOM, provenance), not an image
-                prefix = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
-                try:  # the fields come from the registry: they must name one directory
-                    prefix = safe_name(prefix) if "/" not in prefix else ""
-                except UnsafeName:
-                    prefix = ""
-                for f in self._manifest_files(child, (prefix or child.digest[7:19]) + "/"):
-                    if f["name"] not in seen:  # two children of one platform: first wins
-                        seen.add(f["name"])
-                        files.append(f)
+        files = entry_files(self.store, desc)
         if len(self._files_cache) > 100_000:
             self._files_cache.clear()
         self._files_cache[desc.digest] = files
         return files
-
-    def _manifest_files(self, desc: Descriptor, prefix: str) -> list:
-        try:
-            doc = json.loads(self.store.read_blob(desc.digest))
-        except (OSError, ValueError):
-            return []
-        out = []
-        for layer in doc.get("layers") or []:
-            if not isinstance(layer, dict):
-                continue
-            if not isinstance(layer.get("digest"), str):
-                continue
-            title = (layer.get("annotations") or {}).get(TITLE)
-            name = layer["digest"].replace(":", "-")
-            if title:
-                try:
-                    name = safe_name(title)
-                except UnsafeName:
-                    pass  # never a path outside the view: keep the digest name
-            out.append({"name": prefix + name, "digest": layer.get("digest"),
-                        "size": layer.get("size"),
-                        "path": str(self.store.blob_path(layer["digest"]))})
-        return out
 
     @staticmethod
     def _is_single_file(desc: Descriptor, files: list) -> dict | None:
@@ -534,7 +499,10 @@ def _internal(e: BaseException) -> NekkoError:
 
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return InsufficientStorage(f"disk full: {e.strerror}")
-        err = NekkoError(f"{type(e).__name__}: {e}")
+        # The message says what failed, not where: str(e) holds absolute paths (the log
+        # has them, for whoever runs the node).
+        log.warning("file system error: %s", e)
+        err = NekkoError(f"{type(e).__name__}: {e.strerror or 'failed'}")
     else:
         log.exception("unexpected error")
         err = NekkoError(f"internal error: {type(e).__name__}: {e}")

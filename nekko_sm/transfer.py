@@ -21,9 +21,14 @@ from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as _Urllib3Error
+from urllib3.exceptions import ProtocolError
+from urllib3.response import HTTPResponse
 
 from nekko_sm import download as _download
+from nekko_sm import httpio
 from nekko_sm.config import Config
 from nekko_sm.errors import (
     Forbidden,
@@ -34,6 +39,8 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.httpio import (
+    REAPER,
+    SpeedGuard,
     origin,
     read_limited,
     reason,
@@ -90,6 +97,61 @@ class Response:
     headers: Mapping[str, str]
     data: bytes
     url: str  # after redirects
+
+
+class _GuardedResponse(HTTPResponse):
+    """Every body read is timed (httpio.SpeedGuard): a trickle is given up."""
+
+    _guard: SpeedGuard
+
+    def read(self, amt: int | None = None, decode_content: bool | None = None,
+             cache_content: bool = False) -> bytes:
+        data = super().read(amt, decode_content, cache_content)
+        self._guard.update(len(data))
+        return data
+
+    def read1(self, amt: int | None = None, decode_content: bool | None = None) -> bytes:
+        data = super().read1(amt, decode_content)
+        self._guard.update(len(data))
+        return data
+
+
+def _timed_getresponse(conn: HTTPConnection, getresponse: Callable[[], HTTPResponse],
+                       ) -> HTTPResponse:
+    """``conn``'s answer, whose headers must all arrive within httpio.HEADER_TIMEOUT (a
+    socket timeout bounds each read, not a header dribbled a byte at a time), its body read
+    through a _GuardedResponse."""
+    token = REAPER.watch(conn.sock, httpio.HEADER_TIMEOUT)
+    try:
+        resp = getresponse()
+    except BaseException as e:
+        if REAPER.unwatch(token):
+            raise ProtocolError(f"no headers within {httpio.HEADER_TIMEOUT:.0f} s") from e
+        raise
+    if REAPER.unwatch(token):
+        resp.close()
+        raise ProtocolError(f"no headers within {httpio.HEADER_TIMEOUT:.0f} s")
+    resp.__class__ = _GuardedResponse
+    resp._guard = SpeedGuard(resp.url or "")  # type: ignore[attr-defined]
+    return resp
+
+
+class _HTTPConnection(HTTPConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _timed_getresponse(self, super().getresponse)
+
+
+class _HTTPSConnection(HTTPSConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _timed_getresponse(self, super().getresponse)
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
 
 
 class _NoProxy:
@@ -171,6 +233,7 @@ class Transfer:
                     m = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._pool_kw)
                 else:
                     m = urllib3.PoolManager(**self._pool_kw)
+                m.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
                 self._managers[self._proxy_for(url)] = m
             return m
 
@@ -363,6 +426,13 @@ def _cert_failure(e: BaseException | None) -> str | None:
 
 
 def _drain(resp) -> None:
+    """Read the rest of a small body so the connection can be reused; close it otherwise
+    (a redirect's endless, trickled body must not hold us)."""
+    length = resp.headers.get("Content-Length") or ""
+    if not (length.isdigit() and int(length) <= 64 << 10):
+        resp.close()
+        resp.release_conn()
+        return
     try:
         resp.drain_conn()
     except Exception:  # noqa: BLE001 - whatever broke, the connection is not reusable: close it

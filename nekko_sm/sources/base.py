@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import threading
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
+from nekko_sm.errors import ManifestInvalid, NekkoError, PullTooLarge, UnsafeName
+from nekko_sm.refs import safe_name
 from nekko_sm.store import (
     EMPTY_JSON,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
     MT_EMPTY,
     MT_OCI_MANIFEST,
     TITLE,
@@ -39,21 +45,50 @@ A_ORIGINAL = "io.nekko.source.digest"
 DIRECTORY_ARTIFACT_TYPES = frozenset({"application/vnd.nekko.hf.repo.v1"})
 
 
-class Progress:
-    """Bytes done and expected for one pull; shared by every caller waiting on it."""
+def human(n: int) -> str:
+    """``2199023255552`` -> ``2 TiB``: sizes in messages."""
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" or size == int(size) \
+                else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
-    def __init__(self, sink: Callable[[int], None] | None = None) -> None:
+
+class Progress:
+    """Bytes done and expected for one pull; shared by every caller waiting on it.
+
+    With a ``limit`` (--max-pull-size), a pull whose expected total passes it is refused
+    before its bytes are fetched, and one whose bytes pass it (a body of unknown length)
+    is cut off: PullTooLarge either way."""
+
+    def __init__(self, sink: Callable[[int], None] | None = None, limit: int | None = None,
+                 what: str = "the pull") -> None:
         self._lock = threading.Lock()
         self._sink = sink
+        self.limit = limit
+        self.what = what
         self.total: int | None = None
         self.done = 0
         self.deduplicated = 0  # bytes the cache already had (counted in done, not downloaded)
 
+    def _too_large(self, n: int, known: bool) -> PullTooLarge:
+        if known:
+            return PullTooLarge(f"{self.what} is {human(n)}, more than the {human(self.limit or 0)}"
+                                " this node allows (--max-pull-size): refused, nothing fetched")
+        return PullTooLarge(f"{self.what} passed the {human(self.limit or 0)} this node allows"
+                            " (--max-pull-size) with no size given up front: stopped, the"
+                            " partial download dropped")
+
     def add(self, n: int) -> None:
         with self._lock:
             self.done += n
+            over = self.limit is not None and self.done > self.limit
         if self._sink is not None:
             self._sink(n)
+        if over:
+            raise self._too_large(self.done, known=False)
 
     def skip(self, n: int) -> None:
         """``n`` bytes need no download: the cache already has them."""
@@ -64,6 +99,9 @@ class Progress:
     def expect(self, n: int) -> None:
         with self._lock:
             self.total = (self.total or 0) + n
+            total = self.total
+        if self.limit is not None and total > self.limit:
+            raise self._too_large(total, known=True)
 
 
 @dataclass
@@ -123,3 +161,119 @@ def store_artifact(job: Job, files: list, artifact_type: str,
     data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     digest = job.store.put_bytes(data, job.lease)
     return Descriptor(MT_OCI_MANIFEST, digest, len(data), artifact_type=artifact_type)
+
+
+# -- the files of an entry: the names its view gets ------------------------------------------
+
+
+def entry_files(store: Store, desc: Descriptor, limit: int | None = None,
+                what: str = "the pull") -> list[dict]:
+    """The files of the entry ``desc`` (a manifest, or an index) as its view names them:
+    ``[{"name", "digest", "size", "path"}]``, read from the manifests in the store.
+
+    A layer is named by its title (a title that is not a safe name by its digest,
+    ``sha256-HEX``); an index's images each get a directory named after their platform
+    (``linux-arm-v7``, else the digest's first 12 hex digits), attestations none, and a
+    second image of a platform already seen is left out of the view.  The one place that
+    names files: a pull checks these names (:func:`check_names`) before it downloads, and
+    the service builds the view from them.  More than ``limit`` files is PullTooLarge.
+    """
+    out: list[dict] = []
+    layers: dict[str, list[dict]] = {}  # a manifest named by several children: read once
+
+    def add(child: Descriptor, prefix: str) -> None:
+        if child.digest not in layers:
+            layers[child.digest] = _manifest_files(store, child)
+        for f in layers[child.digest]:
+            out.append({**f, "name": prefix + f["name"]})
+        if limit is not None and len(out) > limit:
+            raise PullTooLarge(f"{what} has more than {limit} files, the most one pull may"
+                               " have on this node (--max-pull-files): refused, nothing"
+                               " fetched")
+
+    if desc.media_type in MANIFEST_TYPES:
+        add(desc, "")
+    elif desc.media_type in INDEX_TYPES:
+        taken: set[str] = set()
+        for child in store.children(desc):
+            p = child.platform if isinstance(child.platform, dict) else {}
+            if p.get("os") == "unknown" and p.get("architecture") == "unknown":
+                continue  # an attestation manifest (SBOM, provenance), not an image
+            prefix = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
+            try:  # the fields come from the registry: they must name one directory
+                prefix = safe_name(prefix) if "/" not in prefix else ""
+            except UnsafeName:
+                prefix = ""
+            prefix = prefix or child.digest[7:19]
+            if prefix in taken:
+                continue  # two images of one platform: the first is the view's
+            taken.add(prefix)
+            add(child, prefix + "/")
+    return out
+
+
+def _manifest_files(store: Store, desc: Descriptor) -> list[dict]:
+    try:
+        doc = json.loads(store.read_blob(desc.digest))
+    except (OSError, ValueError, NekkoError):
+        return []
+    out = []
+    for layer in (doc.get("layers") if isinstance(doc, dict) else None) or []:
+        if not isinstance(layer, dict) or not isinstance(layer.get("digest"), str):
+            continue
+        try:
+            path = str(store.blob_path(layer["digest"]))
+        except NekkoError:
+            continue  # not a sha256 digest: nothing of ours to name
+        title = (layer.get("annotations") or {}).get(TITLE)
+        name = layer["digest"].replace(":", "-")
+        if title:
+            try:
+                name = safe_name(title)
+            except UnsafeName:
+                pass  # never a path outside the view: keep the digest name
+        out.append({"name": name, "digest": layer["digest"], "size": layer.get("size"),
+                    "path": path})
+    return out
+
+
+# Characters that make a name read other than it is (Trojan Source, CVE-2021-42574): the
+# bidirectional embeddings, overrides and isolates, and the implicit marks.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+NAME_MAX = 255  # bytes in one path component (every Linux file system's limit)
+PATH_NAME_MAX = 3800  # bytes in a whole name: PATH_MAX 4096, less room for the cache's own
+
+
+def check_names(names: Iterable[str], what: str) -> None:
+    """Refuse (ManifestInvalid, before any byte is fetched) a set of file names that cannot
+    be laid out as one view: two alike (also once Unicode-normalised, NFC, as macOS and
+    ZFS would store them), a file beside a directory of its name (``x`` and ``x/y``), a
+    component over 255 bytes or a name over 3,800, control or bidirectional characters.
+
+    ``names`` are safe relative paths already (:func:`nekko_sm.refs.safe_name`)."""
+    seen: dict[str, str] = {}
+    dirs: set[str] = set()
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if any(c in _BIDI or unicodedata.category(c) == "Cc" for c in name):
+            raise ManifestInvalid(f"{what}: the file name {_shown_name(name)} has control or"
+                                  " bidirectional characters")
+        parts = key.split("/")
+        if len(name.encode()) > PATH_NAME_MAX or any(len(p.encode()) > NAME_MAX for p in parts):
+            raise ManifestInvalid(f"{what}: the file name {_shown_name(name)} is too long"
+                                  f" ({NAME_MAX} bytes a component, {PATH_NAME_MAX} in all)")
+        if key in seen:
+            same = "" if seen[key] == name else " once Unicode-normalised"
+            raise ManifestInvalid(f"{what}: two files are named {_shown_name(name)}{same}")
+        seen[key] = name
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    clash = next((d for d in dirs if d in seen), None)
+    if clash is not None:
+        raise ManifestInvalid(f"{what}: {_shown_name(clash)} is both a file and a directory")
+
+
+def _shown_name(name: str) -> str:
+    """A name from upstream, for a message: escaped (no control or bidi character reaches a
+    terminal) and cut short."""
+    shown = ascii(name)
+    return shown if len(shown) <= 80 else shown[:77] + "...'"

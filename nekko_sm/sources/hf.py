@@ -40,6 +40,7 @@ from nekko_sm.errors import (
     GatedRepo,
     IntegrityError,
     NekkoError,
+    PullTooLarge,
     Unauthorized,
     UpstreamError,
     UpstreamNotFound,
@@ -52,6 +53,7 @@ from nekko_sm.sources.base import (
     FileItem,
     Job,
     PullResult,
+    check_names,
     store_artifact,
 )
 from nekko_sm.transfer import MAX_REDIRECTS, REDIRECT_STATUSES, default_error
@@ -340,7 +342,8 @@ def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None) -
                 continue
             path, size = e.get("path"), e.get("size")
             if not isinstance(path, str) or not isinstance(size, int) or size < 0:
-                raise UpstreamError(f"{redact(url)}: bad entry in the tree listing: {e!r:.200}")
+                raise UpstreamError(f"{redact(url)}: the tree listing has an entry without"
+                                    " a path or a size")  # said, not echoed (finding 9)
             name = safe_name(path)
             lfs = e["lfs"] if isinstance(e.get("lfs"), dict) else {}
             sha256 = lfs.get("oid") if isinstance(lfs.get("oid"), str) else None
@@ -350,6 +353,10 @@ def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None) -
                 git_oid=oid if oid and _SHA1.match(oid) and sha256 is None else None,
                 sha256=sha256 if sha256 and _SHA256.match(sha256) else None,
             )
+            if len(out) > job.config.max_pull_files:  # files per repository
+                raise PullTooLarge(f"{_repo_name(ref)} has more than {job.config.max_pull_files}"
+                                   " files, the most one pull may have on this node"
+                                   " (--max-pull-files): refused, nothing fetched")
         m = _LINK_NEXT.search(r.headers.get("Link") or "")
         url = urljoin(url, m.group(1)) if m else None
     return [out[k] for k in sorted(out)]
@@ -370,6 +377,7 @@ def _pull_repo(job: Job, ref: HFRef) -> PullResult:
     auth = auth_header(job, ref)
     commit = resolve_commit(job, ref, base, auth)
     tree = list_files(job, ref, base, commit, auth)
+    check_names((f.path for f in tree), ref.canonical)  # before any byte (finding 8)
     missing = [f for f in tree
                if not (f.sha256 and job.store.has_blob("sha256:" + f.sha256, f.size))]
     job.progress.expect(sum(f.size for f in tree))

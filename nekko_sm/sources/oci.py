@@ -34,10 +34,11 @@ from nekko_sm.errors import (
     ManifestInvalid,
     NekkoError,
     NoMatchingPlatform,
+    PullTooLarge,
     Unauthorized,
 )
 from nekko_sm.refs import OCIRef, safe_name
-from nekko_sm.sources.base import FileItem, Job, PullResult
+from nekko_sm.sources.base import FileItem, Job, PullResult, check_names, entry_files
 from nekko_sm.sources.registry_auth import Endpoint
 from nekko_sm.store import (
     INDEX_TYPES,
@@ -55,6 +56,8 @@ log = logging.getLogger("nekko_sm.oci")
 
 ACCEPT = f"{MT_OCI_INDEX}, {MT_OCI_MANIFEST}, {MT_DOCKER_LIST}, {MT_DOCKER_MANIFEST}"
 MAX_MANIFEST = 4 << 20
+# Distinct manifests one pull may fetch: an index of 20 platforms with attestations needs 40.
+MAX_MANIFESTS = 256
 _SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
             "application/vnd.docker.distribution.manifest.v1+prettyjws")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -387,47 +390,57 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
         raise IntegrityError(f"{ref.canonical} resolved to {top.digest}, not the expected"
                              f" {job.digest}; nothing was stored")
 
-    # Every manifest to keep, and the blobs they name.
-    manifests: list[_Manifest] = []
-    blobs: list[Descriptor] = []
-    files: list[FileItem] = []
+    # Every manifest to keep, stored as soon as it is checked (and then let go: an index may
+    # name one big manifest thousands of times), and the blobs they name, once each.
+    limit = job.config.max_pull_files
+    sizes: dict[str, int] = {}  # the manifests fetched (each once), by digest
+    blobs: dict[str, Descriptor] = {}
 
-    def walk(m: _Manifest, prefix: str, depth: int, listed: bool = True) -> None:
-        manifests.append(m)
+    def walk(m: _Manifest, depth: int) -> None:
+        puller.store(m)
         if m.media_type in MANIFEST_TYPES:
-            blobs.append(puller._descriptor(m.doc["config"], ""))
-            for layer in m.doc["layers"]:
-                d = puller._descriptor(layer, "")
-                blobs.append(d)
-                title = (layer.get("annotations") or {}).get(TITLE)
-                name = safe_name(title) if title is not None else d.digest.replace(":", "-")
-                if listed and all(f.name != prefix + name for f in files):
-                    files.append(FileItem(prefix + name, d.digest, d.size,
-                                          d.media_type or "application/octet-stream"))
+            if len(m.doc["layers"]) > limit:  # layers per image
+                raise PullTooLarge(f"{ref.canonical}: manifest {m.digest} has"
+                                   f" {len(m.doc['layers'])} layers, more than the {limit} one"
+                                   " pull may have on this node (--max-pull-files): refused,"
+                                   " nothing fetched")
+            for item in [m.doc["config"], *m.doc["layers"]]:
+                d = puller._descriptor(item, "")
+                blobs.setdefault(d.digest, d)
+            if len(blobs) > limit:
+                raise PullTooLarge(f"{ref.canonical} has more than {limit} blobs, the most one"
+                                   " pull may have on this node (--max-pull-files): refused,"
+                                   " nothing fetched")
             return
         if depth >= _MAX_NESTING:
             raise ManifestInvalid(f"{ref.canonical}: indexes nested too deep")
-        for d in m.doc["manifests"]:
-            child = puller.manifest(d["digest"])
-            if child.size != d["size"]:
+        children = m.doc["manifests"]
+        if len(sizes.keys() | {d["digest"] for d in children}) > MAX_MANIFESTS:
+            raise ManifestInvalid(f"{ref.canonical} names more than {MAX_MANIFESTS} manifests:"
+                                  " refused, no image needs that many")
+        for d in children:
+            seen = sizes.get(d["digest"])
+            if seen is None:
+                child = puller.manifest(d["digest"])
+                sizes[d["digest"]] = seen = child.size
+                if child.size == d["size"]:
+                    walk(child, depth + 1)
+                del child
+            if seen != d["size"]:
                 raise IntegrityError(f"{ref.canonical}: manifest {d['digest']} has"
-                                     f" {child.size} bytes, the index says {d['size']}")
-            p = d.get("platform") or {}
-            sub = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
-            walk(child, prefix + (sub or d["digest"][7:19]) + "/", depth + 1,
-                 listed and not _is_attestation(d))
+                                     f" {seen} bytes, the index says {d['size']}")
 
-    walk(chosen, "", 0)
-    # Manifests first (small), leased as they go in; then the blobs, in parallel.
-    for m in manifests:
-        puller.store(m)
-    puller.fetch_blobs(blobs)
-
+    walk(chosen, 0)
     artifact_type = chosen.doc.get("artifactType") if chosen.media_type in MANIFEST_TYPES \
         else None
     desc = Descriptor(chosen.media_type, chosen.digest, chosen.size,
                       artifact_type=artifact_type if isinstance(artifact_type, str) else None,
                       platform=platform)
+    # The names the view will get, checked before a single blob byte is fetched.
+    named = entry_files(job.store, desc, limit, ref.canonical)
+    check_names((f["name"] for f in named), ref.canonical)
+    puller.fetch_blobs(list(blobs.values()))
+    files = [FileItem(f["name"], f["digest"], f["size"]) for f in named]
     return PullResult(manifest=desc, digest=top.digest, files=files,
                       platform=_platform_str(platform) if platform else None)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import threading
@@ -26,6 +27,7 @@ from nekko_sm.store.index import Descriptor, Index
 from nekko_sm.store.layout import (
     DIGEST_RE,
     INDEX_TYPES,
+    LOW_SPACE,
     MANIFEST_TYPES,
     REF_NAME,
     Layout,
@@ -45,6 +47,8 @@ from nekko_sm.store.views import Views
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+; only mypy reads this
+
+log = logging.getLogger("nekko_sm.store")
 
 _CHUNK = 1 << 20
 
@@ -195,6 +199,10 @@ class Collector:
             report.views_freed.extend(
                 self.views.sweep((d.annotations[REF_NAME] for d in entries), dry_run))
             if partials and is_dir(layout.ingest_dir):
+                if layout.space_short():  # even those an interrupted pull would resume
+                    log.info("less than %.0f%% of the disk is free: removing every partial"
+                             " download no one is writing", LOW_SPACE * 100)
+                    partial_max_age = 0
                 wanted = self._wanted_partials(time.time() - partial_max_age)
                 for name in listdir(layout.ingest_dir):
                     d = layout.ingest_dir / name

@@ -144,7 +144,7 @@ class IngestWriter:
                     n = min(_HASH_CHUNK, end - start)
                     chunk = os.pread(fd, n, start)
                     if not chunk:
-                        raise OSError(f"{self._data_path} is shorter than expected")
+                        raise OSError(f"the partial of {self.ref} is shorter than expected")
                     sha.update(chunk)
                     for h in extra:
                         h.update(chunk)

@@ -50,6 +50,9 @@ MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST)
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 # Keep this much free beyond what a download needs, so the index can still be written.
 SPACE_MARGIN = 16 << 20
+# Below this fraction of its file system free, gc also drops the partial downloads an
+# interrupted pull would resume: the space is worth more than the resume.
+LOW_SPACE = 0.05
 
 
 def check_digest(digest: str) -> str:
@@ -487,6 +490,11 @@ class Layout:
         for name in names:
             if len(name) == 64 and not name.startswith("."):
                 yield "sha256:" + name
+
+    def space_short(self) -> bool:
+        """Less than LOW_SPACE (5%) of the cache's file system is free."""
+        st = os.statvfs(self.root)
+        return st.f_bavail < st.f_blocks * LOW_SPACE
 
     def ensure_space(self, nbytes: int, what: str = "download") -> None:
         """Refuse up front when ``nbytes`` more cannot fit (507)."""
