@@ -13,16 +13,19 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import socketserver
 import stat
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 from nekko_sm import __version__
 from nekko_sm.config import Address, Config
+from nekko_sm.connlimit import BoundedServerMixin
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
     BadRequest,
@@ -92,7 +95,18 @@ class _Deadline(io.RawIOBase):
     def __init__(self, sock: socket.socket, timeout: float | None) -> None:
         self._sock = sock
         self._timeout = timeout
-        self.deadline: float | None = None
+        self._deadline: float | None = None
+        self.fresh = False  # no byte of the request yet: the connection is idle
+        self.give_up: Callable[[], bool] | None = None  # the server wants idle threads back
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float | None) -> None:
+        self._deadline = value
+        self.fresh = value is not None
 
     def readable(self) -> bool:
         return True
@@ -103,11 +117,20 @@ class _Deadline(io.RawIOBase):
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("the request took too long to arrive")
+        if self.fresh and self.give_up is not None:
+            # Idle between requests: while every handler thread is taken (connlimit), an
+            # idle keep-alive connection gives its thread back within a second.
+            while not select.select([self._sock], [], [], min(left, 1.0))[0]:
+                left = self.deadline - time.monotonic()
+                if left <= 0 or self.give_up():
+                    raise socket.timeout("idle connection closed: the server is busy")
         self._sock.settimeout(min(left, self._timeout) if self._timeout else left)
         try:
-            return self._sock.recv_into(buf)
+            n = self._sock.recv_into(buf)
         finally:
             self._sock.settimeout(self._timeout)
+        self.fresh = False
+        return n
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -158,6 +181,7 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile.close()
         self._input = _Deadline(self.connection, self.timeout)
+        self._input.give_up = getattr(self.server, "saturated", None)
         self.rfile = io.BufferedReader(self._input)
 
     def handle_one_request(self) -> None:
@@ -324,7 +348,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(204)
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(BoundedServerMixin, ThreadingHTTPServer):  # bounded threads: connlimit
     daemon_threads = True
     request_queue_size = 128
 

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any, Callable
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
+    Busy,
     Cancelled,
     Conflict,
     EntryNotFound,
@@ -65,8 +66,73 @@ log = logging.getLogger("nekko_sm.service")
 # Failures remembered for status (a URL's last error), the oldest forgotten first.
 _MAX_FAILURES = 1000
 
+# Pulls run on a fixed pool of worker threads (each pull may use up to --jobs more for its
+# blobs and ranges); the rest wait in a queue, at most MAX_QUEUED_PULLS, beyond which a new
+# pull is refused (503 busy).  500 slow pulls used to be 1,001 threads and 2,506 fds.
+PULL_WORKERS = 16
+MAX_QUEUED_PULLS = 1000
+
 # Errors after which a partial download is worth keeping (the entry stays "incomplete").
 _RESUMABLE = (UpstreamUnavailable, InsufficientStorage, UpstreamTooSlow)
+
+
+class _Workers:
+    """A fixed number of daemon threads that run queued pulls, oldest first.  Threads start
+    as work comes and end after a minute idle, or at :meth:`close`."""
+
+    IDLE = 60.0
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Callable[..., None], tuple]] = deque()
+        self._threads = 0
+        self._idle = 0
+        self._closed = False
+
+    def __len__(self) -> int:
+        """Pulls waiting for a worker."""
+        with self._cond:
+            return len(self._queue)
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        with self._cond:
+            self._queue.append((fn, args))
+            if len(self._queue) > self._idle and self._threads < self._n:
+                self._threads += 1
+                threading.Thread(target=self._loop, daemon=True, name="pull worker").start()
+            self._cond.notify()
+
+    def discard(self, first_arg: object) -> bool:
+        """Take the queued call whose first argument is ``first_arg`` out of the queue."""
+        with self._cond:
+            for item in self._queue:
+                if item[1] and item[1][0] is first_arg:
+                    self._queue.remove(item)
+                    return True
+        return False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                while not self._queue and not self._closed:
+                    if not self._cond.wait(self.IDLE) and not self._queue:
+                        break
+                self._idle -= 1
+                if not self._queue:
+                    self._threads -= 1
+                    return
+                fn, args = self._queue.popleft()
+            try:
+                fn(*args)
+            except BaseException:  # _run answers its callers itself: this is a bug
+                log.exception("pull worker")
 
 
 class Flight:
@@ -116,6 +182,7 @@ class Service:
         # traceback holds frames and buffers), the oldest forgotten past _MAX_FAILURES.
         self._failures: OrderedDict[str, dict] = OrderedDict()
         self._files_cache: dict[str, list] = {}
+        self._workers = _Workers(PULL_WORKERS)
         self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
 
     @property
@@ -176,13 +243,13 @@ class Service:
             flight = self._flights.get(key)
             if flight is not None:
                 return flight.checked(digest), None
+            if len(self._workers) >= MAX_QUEUED_PULLS:
+                raise Busy(f"{MAX_QUEUED_PULLS} pulls are waiting already: try again later")
             flight = Flight(key, self._count_bytes, self.config.max_pull_size)
             flight.digest = digest
             self._flights[key] = flight
             self._failures.pop(key, None)
-        runner = threading.Thread(target=self._run, name=f"pull {key[:60]}", daemon=True,
-                                  args=(flight, ref, credentials, digest, platform))
-        runner.start()
+            self._workers.submit(self._run, flight, ref, credentials, digest, platform)
         return flight, None
 
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
@@ -192,6 +259,9 @@ class Service:
     def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
         key = flight.url
         outcome: dict = {"error": Cancelled(f"pull of {key} ended without an answer")}
+        if flight.cancel.is_set():  # cancelled while it waited for a worker
+            self._land(flight, error=Cancelled(f"pull of {key} was cancelled"))
+            return
         try:
             record, lock_path = self._pull_paths(key)
             lock = FileLock(lock_path)
@@ -416,6 +486,8 @@ class Service:
             flight = self._flights.get(key)
         if flight is not None:
             flight.cancel.set()
+            if self._workers.discard(flight):  # still waiting for a worker: it ends now
+                self._land(flight, error=Cancelled(f"pull of {key} was cancelled"))
             try:
                 flight.future.result(timeout=wait)
             except (NekkoError, FutureTimeout):  # its failure is its caller's; we only wait
@@ -446,6 +518,9 @@ class Service:
         for f in flights:
             f.keep_partial = True
             f.cancel.set()
+            if self._workers.discard(f):
+                self._land(f, error=Cancelled(f"pull of {f.url} was cancelled: stopping"))
+        self._workers.close()
         for f in flights:
             try:
                 f.future.result(timeout=10)
