@@ -127,11 +127,43 @@ def is_stall(e: BaseException) -> bool:
                                                          ReadTimeoutError)
 
 
+# http.client's complaints about an answer quote the answer: say what was wrong instead.
+_MALFORMED = {
+    "BadStatusLine": "the answer is not HTTP",
+    "LineTooLong": "a line of the answer is too long",
+    "UnknownProtocol": "the answer is not HTTP/1.x",
+    "RemoteDisconnected": "the server closed the connection without an answer",
+    "IncompleteRead": "the body ended early",
+    "InvalidChunkLength": "the chunked body is malformed",
+    "InvalidHeader": "a header of the answer is malformed",
+}
+
+
 def reason(e: BaseException) -> str:
-    """What went wrong, short, without the object addresses urllib3 puts in its messages."""
+    """What went wrong, short, without the object addresses urllib3 puts in its messages,
+    and without quoting what the server sent (issue 9, finding 9)."""
+    seen: set[int] = set()
+    todo: list[object] = [e]
+    while todo:  # the innermost cause that is a malformed answer decides
+        x = todo.pop()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if type(x).__name__ in _MALFORMED:
+            return _MALFORMED[type(x).__name__]
+        context = None if x.__suppress_context__ else x.__context__
+        todo += [getattr(x, "reason", None), x.__cause__, context, *x.args]
     r = getattr(e, "reason", None) or e
     text = str(r)
-    return text.split(": ", 1)[-1][:200] if "object at 0x" in text else text[:200]
+    text = text.split(": ", 1)[-1] if "object at 0x" in text else text
+    return sanitise(text, 200)
+
+
+def sanitise(text: str, limit: int = 200) -> str:
+    """``text`` with every character but printable ASCII escaped, at most ``limit`` long."""
+    shown = text.encode("ascii", "backslashreplace").decode()
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def read_limited(resp, limit: int, url: str, strict: bool = True) -> bytes:

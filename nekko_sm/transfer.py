@@ -124,9 +124,9 @@ def _timed_getresponse(conn: HTTPConnection, getresponse: Callable[[], HTTPRespo
     token = REAPER.watch(conn.sock, httpio.HEADER_TIMEOUT)
     try:
         resp = getresponse()
-    except BaseException as e:
-        if REAPER.unwatch(token):
-            raise ProtocolError(f"no headers within {httpio.HEADER_TIMEOUT:.0f} s") from e
+    except BaseException:
+        if REAPER.unwatch(token):  # what the shut socket made of the read says less
+            raise ProtocolError(f"no headers within {httpio.HEADER_TIMEOUT:.0f} s") from None
         raise
     if REAPER.unwatch(token):
         resp.close()
@@ -263,7 +263,7 @@ class Transfer:
         inner = getattr(e, "original_error", None) or e
         m = _TUNNEL_RE.search(str(inner))
         if m is not None:
-            status, said = int(m.group(1)), f"{m.group(1)} {m.group(2).strip()}".strip()
+            status, said = int(m.group(1)), m.group(1)  # the status, not the proxy's words
             if status == 407:
                 return UpstreamError(f"{redact(url)}: {self._proxy_refused(url, said)}")
             if 400 <= status < 500 and status not in RETRY_STATUSES:

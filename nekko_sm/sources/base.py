@@ -256,23 +256,23 @@ def check_names(names: Iterable[str], what: str) -> None:
     for name in names:
         key = unicodedata.normalize("NFC", name)
         if any(c in _BIDI or unicodedata.category(c) == "Cc" for c in name):
-            raise ManifestInvalid(f"{what}: the file name {_shown_name(name)} has control or"
+            raise ManifestInvalid(f"{what}: the file name {shown_name(name)} has control or"
                                   " bidirectional characters")
         parts = key.split("/")
         if len(name.encode()) > PATH_NAME_MAX or any(len(p.encode()) > NAME_MAX for p in parts):
-            raise ManifestInvalid(f"{what}: the file name {_shown_name(name)} is too long"
+            raise ManifestInvalid(f"{what}: the file name {shown_name(name)} is too long"
                                   f" ({NAME_MAX} bytes a component, {PATH_NAME_MAX} in all)")
         if key in seen:
             same = "" if seen[key] == name else " once Unicode-normalised"
-            raise ManifestInvalid(f"{what}: two files are named {_shown_name(name)}{same}")
+            raise ManifestInvalid(f"{what}: two files are named {shown_name(name)}{same}")
         seen[key] = name
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
     clash = next((d for d in dirs if d in seen), None)
     if clash is not None:
-        raise ManifestInvalid(f"{what}: {_shown_name(clash)} is both a file and a directory")
+        raise ManifestInvalid(f"{what}: {shown_name(clash)} is both a file and a directory")
 
 
-def _shown_name(name: str) -> str:
+def shown_name(name: str) -> str:
     """A name from upstream, for a message: escaped (no control or bidi character reaches a
     terminal) and cut short."""
     shown = ascii(name)

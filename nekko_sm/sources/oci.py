@@ -37,8 +37,16 @@ from nekko_sm.errors import (
     PullTooLarge,
     Unauthorized,
 )
+from nekko_sm.httpio import sanitise
 from nekko_sm.refs import OCIRef, safe_name
-from nekko_sm.sources.base import FileItem, Job, PullResult, check_names, entry_files
+from nekko_sm.sources.base import (
+    FileItem,
+    Job,
+    PullResult,
+    check_names,
+    entry_files,
+    shown_name,
+)
 from nekko_sm.sources.registry_auth import Endpoint
 from nekko_sm.store import (
     INDEX_TYPES,
@@ -62,6 +70,7 @@ _SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
             "application/vnd.docker.distribution.manifest.v1+prettyjws")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ATTESTATION = "attestation-manifest"
+_OTHER_ALGORITHMS = frozenset({"sha384", "sha512", "blake3"})  # named when refused
 _MAX_NESTING = 4
 
 
@@ -160,8 +169,8 @@ class _Puller:
                                  " nothing was stored")
         served = (headers.get("Docker-Content-Digest") or "").strip()
         if served.startswith("sha256:") and served != digest:
-            raise IntegrityError(f"{what}: Docker-Content-Digest says {served}, the bytes"
-                                 f" hash to {digest}; nothing was stored")
+            raise IntegrityError(f"{what}: the registry's Docker-Content-Digest is not the"
+                                 f" digest of its bytes ({digest}); nothing was stored")
         try:
             doc = json.loads(data)
         except ValueError as e:
@@ -183,11 +192,11 @@ class _Puller:
             elif isinstance(doc.get("config"), dict):
                 media_type = MT_OCI_MANIFEST
         if media_type not in INDEX_TYPES + MANIFEST_TYPES:
-            raise ManifestInvalid(f"{what} has media type {media_type or header_type!r};"
-                                  " expected an OCI or Docker v2 manifest or index")
+            log.debug("%s: media type %s", what, sanitise(repr(media_type or header_type)))
+            raise ManifestInvalid(f"{what} is not an OCI or Docker v2 manifest or index (its"
+                                  " media type is none of theirs)")
         if doc.get("schemaVersion") != 2:
-            raise ManifestInvalid(f"{what}: schemaVersion {doc.get('schemaVersion')!r},"
-                                  " expected 2")
+            raise ManifestInvalid(f"{what}: its schemaVersion is not 2")
         m = _Manifest(media_type, digest, data, doc)
         if media_type in INDEX_TYPES:
             if not isinstance(doc.get("manifests"), list):
@@ -205,7 +214,8 @@ class _Puller:
                 if title is not None:
                     name = safe_name(title)  # UnsafeName: 400, nothing indexed
                     if name in names:
-                        raise ManifestInvalid(f"{what}: two layers are titled {name!r}")
+                        raise ManifestInvalid(f"{what}: two layers are titled"
+                                              f" {shown_name(name)}")
                     names.add(name)
         return m
 
@@ -215,10 +225,13 @@ class _Puller:
             raise ManifestInvalid(f"{what}: a descriptor is not an object")
         digest, size = d.get("digest"), d.get("size")
         if not isinstance(digest, str) or not _DIGEST.match(digest):
-            raise ManifestInvalid(f"{what}: unsupported digest {str(digest)[:80]!r}"
-                                  " (only sha256 is supported)")
+            algorithm = digest.split(":", 1)[0] if isinstance(digest, str) else ""
+            known = f" ({algorithm})" if algorithm in _OTHER_ALGORITHMS else ""
+            raise ManifestInvalid(f"{what}: a descriptor's digest is not sha256:<64 hex>"
+                                  f"{known}; only sha256 is supported")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ManifestInvalid(f"{what}: descriptor {digest} has a bad size {size!r}")
+            raise ManifestInvalid(f"{what}: descriptor {digest} has a size that is not a whole"
+                                  " number of bytes")
         mt = d.get("mediaType")
         return Descriptor(mt if isinstance(mt, str) else "", digest, size,
                           artifact_type=d.get("artifactType"), platform=d.get("platform"))
@@ -313,6 +326,23 @@ def _platform_str(p: Mapping) -> str:
     return "/".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
 
 
+def _platforms_shown(manifests: list) -> list[str]:
+    """An index's platforms for a message: those that parse (known os and architecture),
+    at most 20, and how many others there are -- never the index's own strings as such."""
+    valid: set[str] = set()
+    others = 0
+    for x in manifests:
+        if _is_attestation(x):
+            continue
+        try:
+            valid.add(str(parse_platform(_platform_str(x.get("platform") or {}))))
+        except (BadRequest, TypeError, AttributeError):
+            others += 1
+    shown = sorted(valid)[:20]
+    more = len(valid) - len(shown) + others
+    return shown + ([f"{more} other{'s' if more > 1 else ''}"] if more else [])
+
+
 def _is_attestation(d: Mapping) -> bool:
     p = d.get("platform") or {}
     ann = d.get("annotations") or {}
@@ -372,8 +402,7 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
     if top.media_type in INDEX_TYPES and want is not None:
         d = choose_platform(top.doc["manifests"], want)
         if d is None:
-            available = sorted({_platform_str(x.get("platform") or {}) or "unknown"
-                                for x in top.doc["manifests"] if not _is_attestation(x)})
+            available = _platforms_shown(top.doc["manifests"])
             raise NoMatchingPlatform(
                 f"{ref.canonical} has no image for {want}; available:"
                 f" {', '.join(available) or 'none'} (choose one with --platform, or 'all')",
@@ -382,7 +411,7 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
         chosen = puller.manifest(d["digest"])
         if chosen.media_type not in MANIFEST_TYPES:
             raise ManifestInvalid(f"{ref.canonical}: the index entry for {want} is not an"
-                                  f" image manifest ({chosen.media_type})")
+                                  " image manifest")
         if chosen.size != d["size"]:
             raise IntegrityError(f"{ref.canonical}: manifest {d['digest']} has {chosen.size}"
                                  f" bytes, the index says {d['size']}")
