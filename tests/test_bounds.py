@@ -284,9 +284,14 @@ def test_headers_dribbled_a_byte_at_a_time_are_given_up(tmp_path, monkeypatch):
             svc.close()
 
 
-def test_a_body_trickled_below_the_rate_is_given_up_and_kept(tmp_path, monkeypatch):
+@pytest.fixture
+def low_speed(monkeypatch):
+    """The body rule in seconds, not a minute: under 2,000 bytes/s over 2 s."""
     monkeypatch.setattr(httpio, "LOW_SPEED_TIME", 2.0)
     monkeypatch.setattr(httpio, "LOW_SPEED_LIMIT", 2000)
+
+
+def test_a_body_trickled_below_the_rate_is_given_up_and_kept(tmp_path, low_speed):
     body = os.urandom(400)
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\nETag: \"t1\"\r\n\r\n"
     with dribbler(head, body, 0.02, "body", connections=5, fast_after=8) as (url, seen):
@@ -302,9 +307,7 @@ def test_a_body_trickled_below_the_rate_is_given_up_and_kept(tmp_path, monkeypat
             svc.close()
 
 
-def test_a_trickled_small_answer_is_given_up(tmp_path, monkeypatch):
-    monkeypatch.setattr(httpio, "LOW_SPEED_TIME", 2.0)
-    monkeypatch.setattr(httpio, "LOW_SPEED_LIMIT", 2000)
+def test_a_trickled_small_answer_is_given_up(tmp_path, low_speed):
     body = b'{"schemaVersion": 2}' + b" " * 380
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
     with dribbler(head, body, 0.02, "body", connections=5, fast_after=8) as (url, seen):

@@ -211,61 +211,62 @@ def test_blobs_dir_that_is_a_link_receives_nothing(cache, victim, nginx):
 # views
 
 
-def test_views_that_is_a_link_is_never_followed(cache, victim, registry, seeded):
+@pytest.fixture
+def image(cache, registry, seeded):
+    """(service, URL, view directory) of an image pulled into the cache."""
     svc = make_service(cache, registry.host)
     url = seeded["public/single:v1"].url
     try:
         entry, _ = svc.pull(url)  # an image: a view directory of named links
         view = Path(entry["path"])
         assert view.parent == svc.store.views_dir and view.is_dir()
-        # views -> victim, with a directory in the victim named as the entry's view and one
-        # named as no entry: the old gc removed every subdirectory of the victim, rm the
-        # entry's, and the next pull built its view in the victim.
-        os.replace(svc.store.views_dir, cache / "views.real")
-        (victim.path / view.name).mkdir()
-        victim.before = victim.snapshot()
-        os.symlink(victim.path, svc.store.views_dir)
-
-        svc.store.gc()
-        assert victim.intact()
-        svc.remove(url)
-        assert victim.intact()
-        with pytest.raises(UnsafeCachePath):
-            svc.pull(url)
-        assert victim.intact()
-        assert run_cli(cache, "gc", hosts=(registry.host,)) == 2  # refused at start-up
-        assert victim.intact()
-
-        os.unlink(svc.store.views_dir)
-        os.replace(cache / "views.real", svc.store.views_dir)
-        entry, _ = svc.pull(url)
-        assert Path(entry["path"]).is_dir()
-        assert svc.store.verify() == []
+        yield svc, url, view
     finally:
         svc.close()
 
 
-def test_a_view_that_is_a_link_is_removed_not_descended(cache, victim, registry, seeded):
-    svc = make_service(cache, registry.host)
-    url = seeded["public/single:v1"].url
-    try:
-        entry, _ = svc.pull(url)
-        view = Path(entry["path"])
-        for p in sorted(view.rglob("*"), reverse=True):
-            os.unlink(p) if not p.is_dir() or p.is_symlink() else os.rmdir(p)
-        os.rmdir(view)
-        os.symlink(victim.path, view)  # views/KEY -> victim
-        os.symlink(victim.path, svc.store.views_dir / ("f" * 32))  # a view no entry names
-        svc.store.gc()
-        assert victim.intact()
-        assert not os.path.lexists(svc.store.views_dir / ("f" * 32))
-        svc.remove(url)
-        assert victim.intact() and not os.path.lexists(view)
-        entry, _ = svc.pull(url)  # the view is built again, as a directory
-        assert Path(entry["path"]).is_dir() and not Path(entry["path"]).is_symlink()
-        assert svc.store.verify() == []
-    finally:
-        svc.close()
+def test_views_that_is_a_link_is_never_followed(cache, victim, registry, image):
+    svc, url, view = image
+    # views -> victim, with a directory in the victim named as the entry's view and one
+    # named as no entry: the old gc removed every subdirectory of the victim, rm the
+    # entry's, and the next pull built its view in the victim.
+    os.replace(svc.store.views_dir, cache / "views.real")
+    (victim.path / view.name).mkdir()
+    victim.before = victim.snapshot()
+    os.symlink(victim.path, svc.store.views_dir)
+
+    svc.store.gc()
+    assert victim.intact()
+    svc.remove(url)
+    assert victim.intact()
+    with pytest.raises(UnsafeCachePath):
+        svc.pull(url)
+    assert victim.intact()
+    assert run_cli(cache, "gc", hosts=(registry.host,)) == 2  # refused at start-up
+    assert victim.intact()
+
+    os.unlink(svc.store.views_dir)
+    os.replace(cache / "views.real", svc.store.views_dir)
+    entry, _ = svc.pull(url)
+    assert Path(entry["path"]).is_dir()
+    assert svc.store.verify() == []
+
+
+def test_a_view_that_is_a_link_is_removed_not_descended(victim, image):
+    svc, url, view = image
+    for p in sorted(view.rglob("*"), reverse=True):
+        os.unlink(p) if not p.is_dir() or p.is_symlink() else os.rmdir(p)
+    os.rmdir(view)
+    os.symlink(victim.path, view)  # views/KEY -> victim
+    os.symlink(victim.path, svc.store.views_dir / ("f" * 32))  # a view no entry names
+    svc.store.gc()
+    assert victim.intact()
+    assert not os.path.lexists(svc.store.views_dir / ("f" * 32))
+    svc.remove(url)
+    assert victim.intact() and not os.path.lexists(view)
+    entry, _ = svc.pull(url)  # the view is built again, as a directory
+    assert Path(entry["path"]).is_dir() and not Path(entry["path"]).is_symlink()
+    assert svc.store.verify() == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ def svc(tmp_path, hostile):
     s = Service(config, transfer=Transfer(config, read_timeout=5.0, attempts=1, backoff=0.01))
     yield s
     s.close()
+    assert s.store.verify() == []
 
 
 def assert_not_reflected(message: str) -> None:
