@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import select
 import socket
 import socketserver
 import stat
@@ -117,16 +116,24 @@ class _Deadline(io.RawIOBase):
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("the request took too long to arrive")
-        if self.fresh and self.give_up is not None:
-            # Idle between requests: while every handler thread is taken (connlimit), an
-            # idle keep-alive connection gives its thread back within a second.
-            while not select.select([self._sock], [], [], min(left, 1.0))[0]:
-                left = self.deadline - time.monotonic()
-                if left <= 0 or self.give_up():
-                    raise socket.timeout("idle connection closed: the server is busy")
-        self._sock.settimeout(min(left, self._timeout) if self._timeout else left)
+        # Idle between requests (fresh), a read waits a second at a time: while every
+        # handler thread is taken (connlimit), an idle keep-alive connection gives its
+        # thread back within a second.
+        idle = self.fresh and self.give_up is not None
         try:
-            n = self._sock.recv_into(buf)
+            while True:
+                wait = min(left, self._timeout) if self._timeout else left
+                self._sock.settimeout(min(wait, 1.0) if idle else wait)
+                try:
+                    n = self._sock.recv_into(buf)
+                    break
+                except socket.timeout:
+                    left = self.deadline - time.monotonic()
+                    if not idle or left <= 0:
+                        raise
+                    if self.give_up():  # type: ignore[misc]
+                        raise socket.timeout("idle connection closed: the server is busy")\
+                            from None
         finally:
             self._sock.settimeout(self._timeout)
         self.fresh = False

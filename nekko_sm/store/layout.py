@@ -212,8 +212,8 @@ def open_file(path: Path | str, flags: int, mode: int = FILE_MODE,
                 else:
                     fd = os.open(name, flags, dir_fd=dfd)
             except FileNotFoundError:
-                if flags & os.O_CREAT:
-                    continue  # removed between our two opens: make it again
+                # Removed between our two opens, or its directory was (an ingest that was
+                # committed): the caller walks the path again (FileLock does).
                 raise
             except OSError as e:
                 if e.errno != errno.ELOOP:
