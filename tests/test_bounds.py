@@ -107,9 +107,12 @@ def test_a_full_queue_is_refused_with_503(tmp_path, slow_nginx, monkeypatch):
     try:
         body = os.urandom(64 << 10)
         urls = [slow_nginx.put(f"bounds/queue-{i}.bin", body) for i in range(6)]
-        for u in urls[:5]:
+        for u in urls[:2]:
             svc.start(u)
-        wait_until(lambda: len(svc._workers) == 3)
+        wait_until(lambda: len(svc._workers) == 0)  # both taken by the two workers
+        for u in urls[2:5]:
+            svc.start(u)
+        assert len(svc._workers) == 3
         with pytest.raises(Busy) as e:
             svc.start(urls[5])
         assert e.value.status == 503 and e.value.code == "busy"
