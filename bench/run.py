@@ -6,16 +6,22 @@
     python3 bench/run.py --only 1,5        # some scenarios only
     python3 bench/run.py --size-mib 512    # another size for scenarios 1-4 and 6
     python3 bench/run.py --selftest        # scenario 1 at 8 MiB in a few seconds (CI smoke)
+    python3 bench/run.py --baseline OLD.pyz  # also an older build, interleaved: before/after
 
 Scenarios (see BENCHMARKS.md for targets and findings):
 
-1. one file from an unthrottled nginx: ``nekko-sm pull`` vs ``curl -o`` (also ``&& sync f``)
-   and ``aria2c -x8 -s8``;
-2. the same file behind nginx ``limit_rate 20m`` per connection (a CDN);
+1. one file from an unthrottled nginx: ``nekko-sm pull`` (defaults, and ``--jobs 1``) vs
+   ``curl -o`` (also ``&& sync f``) and ``aria2c -x16 -s16``; CPU seconds per GiB too;
+2. a 256 MiB file behind nginx ``limit_rate 20m`` per connection (a CDN): the same tools,
+   and ``aria2c -x16 -s16 -k1M`` (without ``-k1M`` aria2c splits no finer than 20 MiB);
 3. an 8-layer image on a local docker-registry: ``nekko-sm pull oci://`` vs ``skopeo copy``;
 4. an LFS file on the fake Hub: ``nekko-sm pull hf:///`` vs ``huggingface_hub.hf_hub_download``;
 5. cache-hit API: ``nekko-sm serve`` with 10,000 entries under ``wrk -t2 -c32 -d10s``;
-6. peak RSS of a pull and cold start of ``nekko-sm status URL``.
+6. peak RSS of a pull and cold start of ``nekko-sm status URL``;
+7. a repository of 200 small files on the fake Hub: ``nekko-sm pull hf:///ORG/NAME`` vs
+   ``huggingface_hub.snapshot_download`` (requests counted at the fake Hub);
+8. a model in a ModelPack tar layer on the docker-registry: ``pull`` (download, then unpack
+   into one blob per file) vs ``pull`` of the same bytes as a raw layer, and the unpack alone.
 
 Every tool runs as a fresh process, repetitions are interleaved (the order rotates each
 round) and the page cache is flushed (``sync``) and the previous output deleted before each
@@ -45,6 +51,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -123,11 +130,17 @@ def tail(text: str | bytes, n: int = 600) -> str:
 
 def run_timed(cmd: list, env: dict | None = None, timeout: float = 1800,
               cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess]:
-    """Run ``cmd`` to completion; (wall seconds, result).  Raises BenchError on failure."""
+    """Run ``cmd`` to completion; (wall seconds, result).  Raises BenchError on failure.
+
+    ``result.cpu_s`` is the user + system CPU seconds of the child and everything it waited
+    for (getrusage of the children before and after; nothing else is reaped meanwhile)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     r = subprocess.run([str(c) for c in cmd], stdin=subprocess.DEVNULL, capture_output=True,
                        env=env, timeout=timeout, cwd=cwd, check=False)
     dt = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # type: ignore[attr-defined]
     if r.returncode != 0:
         raise BenchError(f"{Path(str(cmd[0])).name} … exited {r.returncode}: "
                          f"{tail(r.stderr) or tail(r.stdout)}")
@@ -228,7 +241,8 @@ class Context:
         self.stack = contextlib.ExitStack()
         self.size = args.size_mib * MIB
         self.pyz = self.work / "nekko-sm.pyz"
-        self._source: tuple[Path, str] | None = None
+        self.baseline = self.work / "nekko-sm-before.pyz" if args.baseline else None
+        self._sources: dict[int, tuple[Path, str]] = {}
         self.keep: dict[str, Any] = {}  # state shared between scenarios (5 -> 6)
 
     # -- nekko ---------------------------------------------------------------------------
@@ -248,17 +262,21 @@ class Context:
         with contextlib.suppress(Exception):
             info["version"] = subprocess.run([PY, str(self.pyz), "--version"],
                                              capture_output=True, text=True, check=False).stdout.strip()
+        if self.baseline is not None:
+            shutil.copy2(self.args.baseline, self.baseline)
+            info["baseline_pyz_sha256"] = sha256_file(self.baseline)
         return info
 
-    def nekko(self, *args: str, cache: Path) -> list:
-        return [PY, str(self.pyz), "--cache-dir", str(cache), *args]
+    def nekko(self, *args: str, cache: Path, pyz: Path | None = None) -> list:
+        return [PY, str(pyz or self.pyz), "--cache-dir", str(cache), *args]
 
-    def nekko_timed(self, args: list, cache: Path, env: dict) -> tuple[float, Any, float | None]:
+    def nekko_timed(self, args: list, cache: Path, env: dict,
+                    pyz: Path | None = None) -> tuple[float, Any, float | None]:
         """Run nekko-sm once; (wall seconds, result, peak RSS in MiB or None)."""
         rss_file = self.work / "rss.txt"
         wrap = (["/usr/bin/time", "-f", "%M", "-o", str(rss_file)]
                 if os.path.exists("/usr/bin/time") else [])
-        dt, r = run_timed(wrap + self.nekko(*args, cache=cache), env=env)
+        dt, r = run_timed(wrap + self.nekko(*args, cache=cache, pyz=pyz), env=env)
         rss = None
         with contextlib.suppress(OSError, ValueError, IndexError):
             rss = int(rss_file.read_text().split()[-1]) / 1024
@@ -273,24 +291,26 @@ class Context:
         return env
 
     # -- data ----------------------------------------------------------------------------
-    def source(self) -> tuple[Path, str]:
-        """The big random file (made once): (path, sha256 hex)."""
-        if self._source is None:
+    def source(self, size: int | None = None) -> tuple[Path, str]:
+        """A random file of ``size`` bytes (default ``--size-mib``; made once): (path, sha256)."""
+        size = size or self.size
+        if size not in self._sources:
             d = self.work / "data"
             d.mkdir(exist_ok=True)
-            path = d / "big.bin"
-            log(f"writing a {self.size // MIB} MiB random source file")
-            digest = write_random_file(path, self.size)
-            self._source = (path, digest)
-        return self._source
+            path = d / f"big-{size}.bin"
+            log(f"writing a {size // MIB} MiB random source file")
+            digest = write_random_file(path, size, seed=1 if size == self.size else size)
+            self._sources[size] = (path, digest)
+        return self._sources[size]
 
-    def nginx(self, name: str, limit_rate: str | None = None, with_source: bool = True):
+    def nginx(self, name: str, limit_rate: str | None = None, with_source: bool = True,
+              size: int | None = None):
         from peers.nginx import start_nginx
 
         peer = start_nginx(self.work / name, limit_rate=limit_rate)
         self.stack.callback(peer.stop)
         if with_source:
-            src, _ = self.source()
+            src, _ = self.source(size)
             dst = peer.root / "big.bin"
             os.link(src, dst)  # same bytes, no copy
         return peer
@@ -363,43 +383,93 @@ def check_file(path: Path, want_hex: str, who: str) -> None:
 # scenarios 1 and 2: one file over http
 
 
-def file_tools(ctx: Context, url: str, want: str, tag: str, aria_opts: list) -> list[Tool]:
+ARIA = ["-x16", "-s16"]  # aria2c's strongest documented split (16 connections per server)
+
+
+def nekko_tools(ctx: Context, tag: str, args: list, check: Callable[[Any, Path], None],
+                env: dict | None = None, jobs1: bool = False) -> list[Tool]:
+    """nekko-sm with defaults, and (``jobs1``) with ``--jobs 1``, and the baseline build."""
     out = ctx.work / f"out-{tag}"
     out.mkdir(exist_ok=True)
     cache = out / "nekko-cache"
+    env = env or ctx.nekko_env()
+
+    def one(name: str, extra: list, pyz: Path | None) -> Tool:
+        def fn(rep: int) -> dict:
+            settle(cache)
+            dt, r, rss = ctx.nekko_timed([*extra, *args], cache, env, pyz=pyz)
+            check(r, cache)
+            settle(cache)
+            got = {name: dt, f"{name}_cpu": r.cpu_s}
+            if rss and name == "nekko":
+                got["nekko_rss_mib"] = rss
+            return got
+        return Tool(name, fn)
+
+    tools = [one("nekko", [], None)]
+    if jobs1:
+        tools.append(one("nekko --jobs 1", ["--jobs", "1"], None))
+    if ctx.baseline is not None:
+        tools.append(one("nekko (before)", [], ctx.baseline))
+    return tools
+
+
+def file_tools(ctx: Context, url: str, want: str, tag: str, arias: dict,
+               jobs1: bool = False) -> list[Tool]:
+    out = ctx.work / f"out-{tag}"
+    out.mkdir(exist_ok=True)
     curl_f = out / "curl.bin"
     aria_f = out / "aria.bin"
 
-    def nekko(rep: int) -> dict:
-        settle(cache)
-        dt, r, rss = ctx.nekko_timed(["pull", url], cache, ctx.nekko_env())
-        check_nekko_blob(r.stdout.decode(), cache, want)
-        settle(cache)
-        return {"nekko": dt, **({"nekko_rss_mib": rss} if rss else {})}
-
     def curl(rep: int) -> dict:
         settle(curl_f)
-        dt, _ = run_timed(["curl", "-sS", "--fail", "-o", curl_f, url])
+        dt, r = run_timed(["curl", "-sS", "--fail", "-o", curl_f, url])
         t = time.perf_counter()
         subprocess.run(["sync", str(curl_f)], check=True)
         dts = dt + time.perf_counter() - t
         check_file(curl_f, want, "curl")
         settle(curl_f)
-        return {"curl": dt, "curl+sync": dts}
+        return {"curl": dt, "curl+sync": dts, "curl_cpu": r.cpu_s}
 
-    def aria(rep: int) -> dict:
-        settle(aria_f, str(aria_f) + ".aria2")
-        dt, _ = run_timed(["aria2c", *aria_opts, "-q", "--allow-overwrite=true",
-                           "--auto-file-renaming=false", "--file-allocation=none",
-                           "--console-log-level=error", "-d", out, "-o", aria_f.name, url])
-        t = time.perf_counter()
-        subprocess.run(["sync", str(aria_f)], check=True)
-        dts = dt + time.perf_counter() - t
-        check_file(aria_f, want, "aria2c")
-        settle(aria_f)
-        return {"aria2c": dt, "aria2c+sync": dts}
+    def aria(name: str, opts: list) -> Tool:
+        def fn(rep: int) -> dict:
+            settle(aria_f, str(aria_f) + ".aria2")
+            dt, r = run_timed(["aria2c", *opts, "-q", "--allow-overwrite=true",
+                               "--auto-file-renaming=false", "--file-allocation=none",
+                               "--console-log-level=error", "-d", out, "-o", aria_f.name, url])
+            t = time.perf_counter()
+            subprocess.run(["sync", str(aria_f)], check=True)
+            dts = dt + time.perf_counter() - t
+            check_file(aria_f, want, "aria2c")
+            settle(aria_f)
+            return {name: dt, f"{name}+sync": dts, f"{name}_cpu": r.cpu_s}
+        return Tool(name, fn)
 
-    return [Tool("nekko", nekko), Tool("curl", curl), Tool("aria2c", aria)]
+    nekkos = nekko_tools(ctx, tag, ["pull", url],
+                         lambda r, cache: check_nekko_blob(r.stdout.decode(), cache, want),
+                         jobs1=jobs1)
+    return nekkos + [Tool("curl", curl)] + [aria(n, o) for n, o in arias.items()]
+
+
+def cpu_per_gib(stats: dict, name: str, size: int) -> float | None:
+    s = stats.get(f"{name}_cpu")
+    return s.median / (size / (1 << 30)) if s else None
+
+
+def cpu_note(row: Row, stats: dict, peer: str, size: int) -> None:
+    """nekko's and ``peer``'s CPU seconds per GiB, side by side."""
+    cpu, theirs = cpu_per_gib(stats, "nekko", size), cpu_per_gib(stats, peer, size)
+    if cpu is not None and theirs is not None:
+        row.nekko += f"; CPU {cpu:.2f} s/GiB"
+        row.peers.append((f"{peer} CPU", f"{theirs:.2f} s/GiB"))
+
+
+def before_after(row: Row, stats: dict) -> None:
+    """The baseline build's time and the ratio, when --baseline was given."""
+    if "nekko (before)" in stats and "nekko" in stats:
+        row.peers.append(("nekko (before)", stats["nekko (before)"].fmt()))
+        row.ratios.append(("nekko/nekko (before)",
+                           stats["nekko"].median / stats["nekko (before)"].median))
 
 
 def rss_note(row: Row, stats: dict) -> None:
@@ -417,11 +487,15 @@ def scenario1(ctx: Context, reps: int, label_size: str) -> list[Row]:
     _, want = ctx.source()
     url = f"{peer.url}/files/big.bin"
     log(f"scenario 1: {label_size} from unthrottled nginx, {reps} reps")
-    stats, errors = measure(file_tools(ctx, url, want, "s1", ["-x8", "-s8"]), reps)
+    stats, errors = measure(file_tools(ctx, url, want, "s1", {"aria2c": ARIA}, jobs1=True),
+                            reps)
     peer.stop()
-    row = Row("1", f"{label_size} file, unthrottled nginx: pull vs curl, aria2c -x8 -s8",
-              target="≤ 1.1× curl time (judged vs `curl -o f && sync f`; nekko fsyncs)")
-    row.peers = peer_texts(stats, ["curl", "curl+sync", "aria2c", "aria2c+sync"])
+    row = Row("1", f"{label_size} file, unthrottled nginx: pull (defaults) vs curl,"
+                   " aria2c -x16 -s16, pull --jobs 1",
+              target="≤ 1.1× curl time (judged vs `curl -o f && sync f`; nekko fsyncs);"
+                     " defaults ≤ --jobs 1; CPU s/GiB ≤ 1.3× curl's")
+    row.peers = peer_texts(stats, ["curl", "curl+sync", "aria2c", "aria2c+sync",
+                                   "nekko --jobs 1"])
     row.data = {k: v.as_json() for k, v in stats.items()}
     row.data["bytes"] = ctx.size
     if "nekko" in errors:
@@ -432,32 +506,50 @@ def scenario1(ctx: Context, reps: int, label_size: str) -> list[Row]:
     if "nekko" in stats:
         n = stats["nekko"]
         row.nekko = n.fmt() + f", {ctx.size / MIB / n.median:.0f} MiB/s"
-        for peer_name in ("curl", "curl+sync", "aria2c", "aria2c+sync"):
+        for peer_name in ("curl", "curl+sync", "aria2c", "aria2c+sync", "nekko --jobs 1"):
             if peer_name in stats:
                 row.ratios.append((f"nekko/{peer_name}", n.median / stats[peer_name].median))
         if "curl+sync" in stats:
             row.checks.append(("nekko ≤ 1.1× curl+sync",
                                n.median <= 1.1 * stats["curl+sync"].median))
+        if "nekko --jobs 1" in stats:
+            row.checks.append(("defaults ≤ --jobs 1",
+                               n.median <= stats["nekko --jobs 1"].median))
+        cpu, cpu_curl = cpu_per_gib(stats, "nekko", ctx.size), cpu_per_gib(stats, "curl", ctx.size)
+        if cpu is not None and cpu_curl:
+            row.nekko += f"; CPU {cpu:.2f} s/GiB"
+            row.peers.append(("curl CPU", f"{cpu_curl:.2f} s/GiB"))
+            row.ratios.append(("CPU nekko/curl", cpu / cpu_curl))
+            row.checks.append(("CPU s/GiB ≤ 1.3× curl", cpu <= 1.3 * cpu_curl))
+            row.data["cpu_s_per_gib"] = {k: round(cpu_per_gib(stats, k, ctx.size) or 0, 3)
+                                         for k in ("nekko", "nekko --jobs 1", "nekko (before)",
+                                                   "curl", "aria2c")
+                                         if f"{k}_cpu" in stats}
         if "curl" in stats:
             row.info_checks.append(("nekko ≤ 1.1× bare curl (no sync)",
                                     n.median <= 1.1 * stats["curl"].median))
+        before_after(row, stats)
         row.notes.append("every output's sha256 matched the source")
         rss_note(row, stats)
     return [row]
 
 
 def scenario2(ctx: Context, reps: int, label_size: str) -> list[Row]:
-    peer = ctx.nginx("nginx2", limit_rate="20m")
-    _, want = ctx.source()
+    size = ctx.args.throttled_mib * MIB
+    label = f"{ctx.args.throttled_mib} MiB" if size != 1 << 30 else "1 GiB"
+    peer = ctx.nginx("nginx2", limit_rate="20m", size=size)
+    _, want = ctx.source(size)
     url = f"{peer.url}/files/big.bin"
-    log(f"scenario 2: {label_size} behind limit_rate 20m, {reps} reps")
-    stats, errors = measure(file_tools(ctx, url, want, "s2", ["-x8", "-s8"]), reps)
+    log(f"scenario 2: {label} behind limit_rate 20m, {reps} reps")
+    arias = {"aria2c": ARIA, "aria2c -k1M": [*ARIA, "-k1M"]}
+    stats, errors = measure(file_tools(ctx, url, want, "s2", arias), reps)
     peer.stop()
-    row = Row("2", f"{label_size} file, nginx limit_rate 20m/connection: pull vs curl, aria2c -x8",
-              target="speed ≥ aria2c -x8 and ≥ 6× curl")
-    row.peers = peer_texts(stats, ["curl", "aria2c"])
+    row = Row("2", f"{label} file, nginx limit_rate 20m/connection: pull (defaults) vs curl,"
+                   " aria2c -x16 -s16",
+              target="≤ 1.0× aria2c -x16 -s16 time and speed ≥ 6× curl")
+    row.peers = peer_texts(stats, ["curl", "aria2c", "aria2c -k1M"])
     row.data = {k: v.as_json() for k, v in stats.items()}
-    row.data["bytes"] = ctx.size
+    row.data["bytes"] = size
     if "nekko" in errors:
         row.error = errors["nekko"]
     for name, err in errors.items():
@@ -465,16 +557,24 @@ def scenario2(ctx: Context, reps: int, label_size: str) -> list[Row]:
             row.notes.append(f"{name} failed: {tail(err, 300)}")
     if "nekko" in stats:
         n = stats["nekko"]
-        row.nekko = n.fmt() + f", {ctx.size / MIB / n.median:.0f} MiB/s"
+        row.nekko = n.fmt() + f", {size / MIB / n.median:.0f} MiB/s"
         if "curl" in stats:
             speedup = stats["curl"].median / n.median
             row.ratios.append(("speed nekko/curl", speedup))
             row.checks.append(("speed ≥ 6× curl", speedup >= 6))
-        if "aria2c" in stats:
-            sp = stats["aria2c"].median / n.median
-            row.ratios.append(("speed nekko/aria2c", sp))
-            row.checks.append(("speed ≥ aria2c -x8", sp >= 1.0))
+        for name, label, judged in (("aria2c", "aria2c -x16 -s16", True),
+                                     ("aria2c -k1M", "aria2c -x16 -s16 -k1M", False)):
+            if name in stats:
+                r = n.median / stats[name].median
+                row.ratios.append((f"nekko/{label}", r))
+                (row.checks if judged else row.info_checks).append((f"≤ 1.0× {label}", r <= 1))
+        cpu = cpu_per_gib(stats, "nekko", size)
+        if cpu is not None:
+            row.nekko += f"; CPU {cpu:.2f} s/GiB"
+        before_after(row, stats)
         row.notes.append("every output's sha256 matched the source")
+        row.notes.append("aria2c -x16 -s16 splits no finer than its -k (20 MiB): 8 connections"
+                         " for 256 MiB; -k1M lets it open all 16")
         rss_note(row, stats)
     return [row]
 
@@ -506,7 +606,6 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
     want[info.config_digest] = info.config_size
     out = ctx.work / "out-s3"
     out.mkdir(exist_ok=True)
-    cache = out / "nekko-cache"
     sko_dir = out / "skopeo-layout"
     no_auth = out / "no-auth.json"
 
@@ -518,18 +617,13 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
             if sha256_file(p) != digest.split(":", 1)[1]:
                 raise BenchError(f"{who}: blob {digest} does not hash to its digest")
 
-    def nekko(rep: int) -> dict:
-        settle(cache)
-        dt, _, rss = ctx.nekko_timed(["--insecure-registry", host, "pull", f"oci://{ref}"],
-                                     cache, ctx.nekko_env())
-        verify_layout(cache, "nekko-sm")
-        settle(cache)
-        return {"nekko": dt, **({"nekko_rss_mib": rss} if rss else {})}
+    nekkos = nekko_tools(ctx, "s3", ["--insecure-registry", host, "pull", f"oci://{ref}"],
+                         lambda r, c: verify_layout(c, "nekko-sm"))
 
     def skopeo(rep: int) -> dict:
         settle(sko_dir)
         env = dict(os.environ, REGISTRY_AUTH_FILE=str(no_auth))
-        dt, _ = run_timed(["skopeo", "--insecure-policy", "copy", "--quiet",
+        dt, r = run_timed(["skopeo", "--insecure-policy", "copy", "--quiet",
                            "--src-tls-verify=false", "--src-no-creds", f"docker://{ref}",
                            f"oci:{sko_dir}:v1"], env=env)
         t = time.perf_counter()
@@ -537,10 +631,10 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
         dts = dt + time.perf_counter() - t
         verify_layout(sko_dir, "skopeo")
         settle(sko_dir)
-        return {"skopeo": dt, "skopeo+sync": dts}
+        return {"skopeo": dt, "skopeo+sync": dts, "skopeo_cpu": r.cpu_s}
 
     log(f"scenario 3: {reps} reps")
-    stats, errors = measure([Tool("nekko", nekko), Tool("skopeo", skopeo)], reps)
+    stats, errors = measure([*nekkos, Tool("skopeo", skopeo)], reps)
     peer.close()
     row.peers = peer_texts(stats, ["skopeo", "skopeo+sync"])
     row.data = {k: v.as_json() for k, v in stats.items()}
@@ -560,6 +654,8 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
             r = n.median / stats["skopeo+sync"].median
             row.ratios.append(("nekko/skopeo+sync", r))
             row.info_checks.append(("nekko ≤ 0.8× skopeo+sync", r <= 0.8))
+        cpu_note(row, stats, "skopeo", info.total_size)
+        before_after(row, stats)
         row.notes.append("every layer and the config verified by sha256 in both layouts")
         rss_note(row, stats)
     return [row]
@@ -636,20 +732,15 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
     hub_host = hub.endpoint.split("://", 1)[1]
     out = ctx.work / "out-s4"
     out.mkdir(exist_ok=True)
-    cache = out / "nekko-cache"
     hf_home = out / "hf-home"
     script = out / "hf_download.py"
     script.write_text(HF_SCRIPT)
     inner: list = []
 
-    def nekko(rep: int) -> dict:
-        settle(cache)
-        env = ctx.nekko_env(HF_ENDPOINT=hub.endpoint)
-        dt, r, rss = ctx.nekko_timed(["--insecure-registry", hub_host, "pull",
-                                      "hf:///bench/model/model.gguf"], cache, env)
-        check_nekko_blob(r.stdout.decode(), cache, want)
-        settle(cache)
-        return {"nekko": dt, **({"nekko_rss_mib": rss} if rss else {})}
+    nekkos = nekko_tools(ctx, "s4", ["--insecure-registry", hub_host, "pull",
+                                     "hf:///bench/model/model.gguf"],
+                         lambda r, c: check_nekko_blob(r.stdout.decode(), c, want),
+                         env=ctx.nekko_env(HF_ENDPOINT=hub.endpoint))
 
     def hf(rep: int) -> dict:
         settle(hf_home)
@@ -664,10 +755,11 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
         dts = dt + time.perf_counter() - t
         check_file(Path(r.stdout.decode().strip().splitlines()[-1]), want, "hf_hub_download")
         settle(hf_home)
-        return {"hf_hub_download": dt, "hf_hub_download+sync": dts}
+        return {"hf_hub_download": dt, "hf_hub_download+sync": dts,
+                "hf_hub_download_cpu": r.cpu_s}
 
     log(f"scenario 4: {reps} reps")
-    stats, errors = measure([Tool("nekko", nekko), Tool("hf_hub_download", hf)], reps)
+    stats, errors = measure([*nekkos, Tool("hf_hub_download", hf)], reps)
     hub.close()
     cdn_gets = sum(1 for r in hub.log("cdn") if r.method == "GET")
     row.data["cdn_gets"] = cdn_gets
@@ -701,7 +793,110 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
             r = n.median / stats["hf_hub_download+sync"].median
             row.ratios.append(("nekko/hf_hub_download+sync", r))
             row.info_checks.append(("nekko ≤ 0.8× hf_hub_download+sync", r <= 0.8))
+        cpu_note(row, stats, "hf_hub_download", ctx.size)
+        before_after(row, stats)
         row.notes.append("both outputs' sha256 matched the source")
+        rss_note(row, stats)
+    return [row]
+
+
+SNAPSHOT_SCRIPT = r"""
+import sys, time
+t0 = time.perf_counter()
+from huggingface_hub import snapshot_download
+t1 = time.perf_counter()
+p = snapshot_download(repo_id=sys.argv[1], cache_dir=sys.argv[2])
+t2 = time.perf_counter()
+print(p)
+print(f"import {t1 - t0:.3f} download {t2 - t1:.3f}", file=sys.stderr)
+"""
+
+
+def small_repo_files(n: int = 200) -> dict[str, bytes]:
+    """``n`` small regular (git, non-LFS) files in a few directories: configs, tokenizers,
+    code, as a repository of many small files holds them (200 B to ~8 KB, deterministic)."""
+    out = {}
+    for i in range(n):
+        size = 200 + (i * 397) % 8000
+        body = hashlib.sha256(b"small%d" % i).hexdigest().encode() * (size // 64 + 1)
+        out[f"part{i % 8}/file{i:03}.{('json', 'txt', 'py', 'md')[i % 4]}"] = body[:size]
+    return out
+
+
+def scenario7(ctx: Context, reps: int) -> list[Row]:
+    from peers.fakehub import start_fakehub
+
+    files = small_repo_files()
+    total = sum(len(v) for v in files.values())
+    row = Row("7", f"{len(files)} small files ({total // 1024} KiB), fake Hub: pull hf:///ORG/NAME"
+              " vs snapshot_download", target="≤ 0.5× snapshot_download time")
+    log("scenario 7: starting the fake Hub")
+    hub = start_fakehub()
+    ctx.stack.callback(hub.close)
+    hub.add_repo("bench/small-files", files=files)
+    want = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    hub_host = hub.endpoint.split("://", 1)[1]
+    out = ctx.work / "out-s7"
+    out.mkdir(exist_ok=True)
+    cache, hf_home = out / "nekko-cache", out / "hf-home"
+    script = out / "snapshot.py"
+    script.write_text(SNAPSHOT_SCRIPT)
+    requests: dict[str, list] = {"nekko": [], "snapshot_download": []}
+
+    def check_tree(root: Path, who: str) -> None:
+        got = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+        if got != set(want):
+            raise BenchError(f"{who}: {len(got)} files, expected {len(want)}")
+        for name, digest in want.items():
+            check_file(root / name, digest, who)
+
+    def nekko(rep: int) -> dict:
+        settle(cache)
+        hub.clear_log()
+        env = ctx.nekko_env(HF_ENDPOINT=hub.endpoint)
+        dt, r, rss = ctx.nekko_timed(["--insecure-registry", hub_host, "pull",
+                                      "hf:///bench/small-files"], cache, env)
+        if r.returncode != 0:
+            raise BenchError(f"nekko-sm failed: {tail(r.stderr)}")
+        requests["nekko"].append(len(hub.log()))
+        check_tree(Path(r.stdout.decode().strip().splitlines()[-1]), "nekko-sm")
+        settle(cache)
+        return {"nekko": dt, **({"nekko_rss_mib": rss} if rss else {})}
+
+    def snapshot(rep: int) -> dict:
+        settle(hf_home)
+        hub.clear_log()
+        env = ctx.nekko_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.endpoint,
+                            HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        dt, r = run_timed([PY, script, "bench/small-files", str(hf_home / "hub")], env=env)
+        if r.returncode != 0:
+            raise BenchError(f"snapshot_download failed: {tail(r.stderr)}")
+        requests["snapshot_download"].append(len(hub.log()))
+        check_tree(Path(r.stdout.decode().strip().splitlines()[-1]), "snapshot_download")
+        settle(hf_home)
+        return {"snapshot_download": dt}
+
+    log(f"scenario 7: {reps} reps")
+    stats, errors = measure([Tool("nekko", nekko), Tool("snapshot_download", snapshot)], reps)
+    row.peers = peer_texts(stats, ["snapshot_download"])
+    row.data = {k: v.as_json() for k, v in stats.items()}
+    row.data.update(files=len(files), bytes=total,
+                    requests_per_pull={k: v[0] if v else None for k, v in requests.items()})
+    if "nekko" in errors:
+        row.error = errors["nekko"]
+    if "snapshot_download" in errors:
+        row.notes.append(f"snapshot_download failed: {tail(errors['snapshot_download'], 300)}")
+    if "nekko" in stats:
+        row.nekko = stats["nekko"].fmt()
+        if "snapshot_download" in stats:
+            r = stats["nekko"].median / stats["snapshot_download"].median
+            row.ratios.append(("nekko/snapshot_download", r))
+            row.checks.append(("nekko ≤ 0.5× snapshot_download", r <= 0.5))
+        n, h = requests["nekko"], requests["snapshot_download"]
+        if n and h:
+            row.notes.append(f"requests at the fake Hub per pull: nekko {n[0]}, snapshot_download"
+                             f" {h[0]} (it HEADs each file, then GETs it)")
+        row.notes.append("every file of both trees matched its sha256")
         rss_note(row, stats)
     return [row]
 
@@ -830,6 +1025,39 @@ def parse_wrk(text: str) -> dict:
     return out
 
 
+def start_serve(ctx: Context, cache: Path, name: str, timeout: float = 20,
+                ) -> tuple[subprocess.Popen, int, Callable[[], None]]:
+    """``nekko-sm serve`` on a free port, answering /healthz: (process, port, stop)."""
+    port = free_port()
+    log_path = ctx.work / f"{name}.log"
+    logf = open(log_path, "wb")  # noqa: SIM115 - closed by stop
+    proc = subprocess.Popen(ctx.nekko("--address", f"127.0.0.1:{port}", "serve", cache=cache),
+                            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                            env=ctx.nekko_env())
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        logf.close()
+
+    ctx.stack.callback(stop)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http_call(port, "GET", "/healthz", timeout=2)[0] == 200:
+                return proc, port, stop
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"nekko-sm serve did not come up: {tail(log_path.read_bytes())}")
+        time.sleep(0.05)
+
+
 def scenario5(ctx: Context, runs: int, duration: int, entries: int = 10_000) -> list[Row]:
     row = Row("5", f"cache-hit API: serve with {entries:,} entries, wrk -t2 -c32 GET /content/B64",
               target="≥ 3,000 GET/s and p99 < 10 ms")
@@ -845,34 +1073,7 @@ def scenario5(ctx: Context, runs: int, duration: int, entries: int = 10_000) -> 
     for url, _ in random.sample(items, 3):
         run_timed(ctx.nekko("status", url, cache=cache), env=ctx.nekko_env())
 
-    port = free_port()
-    logf = open(ctx.work / "serve5.log", "wb")  # noqa: SIM115 - closed by stop_server
-    proc = subprocess.Popen(ctx.nekko("--address", f"127.0.0.1:{port}", "serve", cache=cache),
-                            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                            env=ctx.nekko_env())
-
-    def stop_server() -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        logf.close()
-
-    ctx.stack.callback(stop_server)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if http_call(port, "GET", "/healthz", timeout=2)[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise BenchError("nekko-sm serve did not come up: "
-                             + tail((ctx.work / "serve5.log").read_bytes()))
-        time.sleep(0.05)
+    _, port, stop_server = start_serve(ctx, cache, "serve5")
 
     # correctness first: random entries answer 200 with the right digest
     t = time.perf_counter()
@@ -930,7 +1131,7 @@ def scenario5(ctx: Context, runs: int, duration: int, entries: int = 10_000) -> 
                      " checked for 200 + digest before the load; 0 non-2xx under load"
                      if not bad else "")
     row.notes.append(f"POST of one new entry at {entries:,} entries: median"
-                     f" {Stats(add_ms).median:.0f} ms (index.json rewritten and fsynced)")
+                     f" {Stats(add_ms).median:.0f} ms")
     return [row]
 
 
@@ -1000,6 +1201,202 @@ def scenario6(ctx: Context, rss_runs: int, starts: int, label_size: str) -> list
         rows.append(row)
     peer.stop()
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# scenario 8: unpacking a tar layer vs the same bytes as a raw layer
+
+
+def _push_blob(peer, repo: str, path: Path, digest: str) -> dict:
+    """A blob from a file, by monolithic upload (streamed, never whole in memory)."""
+    from urllib.parse import urlsplit
+
+    size = path.stat().st_size
+    if peer.request("HEAD", f"/v2/{repo}/blobs/{digest}", direct=True).status != 200:
+        start = peer.request("POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"},
+                             b"", direct=True)
+        loc = urlsplit(start.headers["location"])
+        target = f"{loc.path}?{loc.query}&digest={digest}" if loc.query else \
+            f"{loc.path}?digest={digest}"
+        with open(path, "rb") as f:
+            put = peer.request("PUT", target, {"Content-Type": "application/octet-stream",
+                                               "Content-Length": str(size)}, f, direct=True)
+        if put.status != 201:
+            raise BenchError(f"PUT blob {digest}: {put.status} {put.body[:200]!r}")
+    return {"digest": digest, "size": size}
+
+
+def _tar_of(src: Path, name: str, out: Path) -> str:
+    """``out``: an uncompressed tar with one member ``name`` holding ``src``, as modctl writes
+    it (USTAR/PAX header, data, padding, two zero blocks); returns its sha256 hex."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = src.stat().st_size
+    info.mode, info.uid, info.gid, info.mtime = 0o644, 1000, 1000, 1748779200
+    h = hashlib.sha256()
+    with open(out, "wb") as f, open(src, "rb") as s:
+        def put(b: bytes) -> None:
+            f.write(b)
+            h.update(b)
+        put(info.tobuf(tarfile.PAX_FORMAT))
+        while True:
+            b = s.read(4 * MIB)
+            if not b:
+                break
+            put(b)
+        put(b"\0" * (-info.size % 512) + b"\0" * 1024)
+    return h.hexdigest()
+
+
+_UNPACK_ONLY = """
+import json
+import sys
+from nekko_sm.models import formats, unpack
+from nekko_sm.store import Lease, Store
+store = Store(sys.argv[1]).init()
+doc = json.loads(open(sys.argv[2], "rb").read())
+plan = formats.plan(doc)
+with Lease(store) as lease:
+    r = unpack.materialize(store, plan, lambda lp: open(store.blob_path(lp.digest), "rb"), lease)
+print(json.dumps({f.name: f.digest for f in r.files}))
+"""
+
+
+def scenario8(ctx: Context, reps: int, label_size: str) -> list[Row]:
+    from peers.modelpacks import go_json
+    from peers.registry import start_registry
+
+    row = Row("8", f"{label_size} model in a ModelPack tar layer, local docker-registry:"
+              " pull (download + unpack) vs pull of the same bytes as a raw layer",
+              target="≤ 1.2× the raw pull's time; peak RSS < 100 MiB")
+    src, want = ctx.source()
+    log("scenario 8: starting docker-registry, pushing the tar and the raw model")
+    peer = start_registry(str(ctx.work / "registry8"))
+    ctx.stack.callback(peer.close)
+    tar = ctx.work / "data" / "model.tar"
+    tar_hex = _tar_of(src, "model.safetensors", tar)
+    config_json = ctx.work / "data" / "config.json"
+    config_json.write_bytes(b'{"architectures": ["NekkoBench"]}')
+    cfg_hex = sha256_file(config_json)
+    model_cfg = ctx.work / "data" / "modelcfg.json"
+    model_cfg.write_bytes(go_json({"descriptor": {"name": "bench"},
+                                   "modelfs": {"type": "layers", "diffIds": []},
+                                   "config": {"format": "safetensors"}}))
+    manifests = {}
+    for repo, kind, blob, blob_hex in (("bench/tar", "tar", tar, tar_hex),
+                                       ("bench/raw", "raw", src, want)):
+        cdesc = _push_blob(peer, repo, model_cfg, "sha256:" + sha256_file(model_cfg))
+        ldesc = _push_blob(peer, repo, blob, "sha256:" + blob_hex)
+        jdesc = _push_blob(peer, repo, config_json, "sha256:" + cfg_hex)
+        doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+               "artifactType": "application/vnd.cncf.model.manifest.v1+json",
+               "config": {"mediaType": "application/vnd.cncf.model.config.v1+json", **cdesc},
+               "layers": [
+                   {"mediaType": "application/vnd.cncf.model.weight.config.v1.raw", **jdesc,
+                    "annotations": {"org.cncf.model.filepath": "config.json"}},
+                   {"mediaType": f"application/vnd.cncf.model.weight.v1.{kind}", **ldesc,
+                    "annotations": {"org.cncf.model.filepath": "model.safetensors"}}]}
+        body = go_json(doc)
+        put = peer.request("PUT", f"/v2/{repo}/manifests/v1",
+                           {"Content-Type": doc["mediaType"], "Content-Length": str(len(body))},
+                           body, direct=True)
+        if put.status != 201:
+            raise BenchError(f"PUT manifest {repo}: {put.status} {put.body[:200]!r}")
+        manifests[kind] = body
+    host = peer.registry_host
+    out = ctx.work / "out-s8"
+    out.mkdir(exist_ok=True)
+    cache = out / "nekko-cache"
+
+    def check(entry_json: str, c: Path) -> None:
+        entry = json.loads(entry_json)
+        got = {f["name"]: f["digest"] for f in entry["files"]}
+        if got != {"model.safetensors": "sha256:" + want, "config.json": "sha256:" + cfg_hex}:
+            raise BenchError(f"nekko-sm's view is {got}")
+        model = c / "blobs" / "sha256" / want
+        if sha256_file(model) != want:
+            raise BenchError("the unpacked model.safetensors does not hash to the source's")
+
+    def blobs_bytes(c: Path) -> int:
+        return sum(p.stat().st_size for p in (c / "blobs" / "sha256").iterdir())
+
+    def pull(kind: str, discard: bool = False) -> Callable[[int], dict]:
+        name = kind + ("+discard" if discard else "")
+
+        def run(rep: int) -> dict:
+            settle(cache)
+            env = ctx.nekko_env(**({"NEKKO_DISCARD_UNPACKED_LAYERS": "1"} if discard else {}))
+            dt, r, rss = ctx.nekko_timed(["--insecure-registry", host, "pull", "--json",
+                                          f"oci://{host}/bench/{kind}:v1"], cache, env)
+            check(r.stdout.decode(), cache)
+            got = {name: dt, **({f"{name}_rss_mib": rss} if rss else {})}
+            if discard:
+                got[f"{name}_disk_ratio"] = blobs_bytes(cache) / src.stat().st_size
+            settle(cache)
+            return got
+        return run
+
+    layer_doc = out / "tar-manifest.json"
+    layer_doc.write_bytes(manifests["tar"])
+    ucache = out / "unpack-cache"
+
+    def unpack_only(rep: int) -> dict:
+        settle(ucache)
+        (ucache / "blobs" / "sha256").mkdir(parents=True)
+        os.link(tar, ucache / "blobs" / "sha256" / tar_hex)
+        os.link(config_json, ucache / "blobs" / "sha256" / cfg_hex)
+        os.sync()
+        rss_file = ctx.work / "rss8.txt"
+        env = dict(ctx.nekko_env(), PYTHONPATH=str(ctx.pyz))
+        dt, r = run_timed(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), PY, "-c",
+                           _UNPACK_ONLY, str(ucache), str(layer_doc)], env=env)
+        files = json.loads(r.stdout.decode().strip().splitlines()[-1])
+        if files.get("model.safetensors") != "sha256:" + want:
+            raise BenchError(f"the unpack alone gave {files}")
+        rss = int(rss_file.read_text().split()[-1]) / 1024
+        settle(ucache)
+        return {"unpack": dt, "unpack_rss_mib": rss}
+
+    log(f"scenario 8: {reps} reps")
+    stats, errors = measure([Tool("raw", pull("raw")), Tool("tar", pull("tar")),
+                             Tool("unpack", unpack_only),
+                             Tool("tar+discard", pull("tar", discard=True))], reps)
+    peer.close()
+    row.data = {k: v.as_json() for k, v in stats.items()}
+    row.data["bytes"] = src.stat().st_size
+    for name, err in errors.items():
+        row.notes.append(f"{name} failed: {tail(err, 300)}")
+    if errors:
+        row.error = "; ".join(f"{k}: {tail(v, 200)}" for k, v in errors.items())
+    size_mib = src.stat().st_size / MIB
+    if "tar" in stats and "raw" in stats:
+        t, r = stats["tar"], stats["raw"]
+        row.nekko = (f"tar pull {t.fmt()}, {size_mib / t.median:.0f} MiB/s; unpack alone "
+                     + (f"{stats['unpack'].fmt()}, {size_mib / stats['unpack'].median:.0f}"
+                        " MiB/s" if "unpack" in stats else "—"))
+        row.peers = [("raw-layer pull", r.fmt() + f", {size_mib / r.median:.0f} MiB/s")]
+        if "tar+discard" in stats:
+            row.peers.append(("tar pull, --discard-unpacked-layers",
+                              stats["tar+discard"].fmt()))
+        ratio = t.median / r.median
+        row.ratios.append(("tar pull/raw pull", ratio))
+        row.checks.append(("tar pull ≤ 1.2× raw pull", ratio <= 1.2))
+        if "unpack" in stats:
+            u = stats["unpack"].median / r.median
+            row.ratios.append(("unpack alone/raw pull", u))
+            row.info_checks.append(("unpack alone ≤ 1.2× raw pull", u <= 1.2))
+        rss = [x for k, st in stats.items() if k.endswith("_rss_mib") for x in st.values]
+        if rss:
+            row.checks.append(("peak RSS < 100 MiB", max(rss) < 100))
+            row.notes.append("peak RSS: " + ", ".join(
+                f"{k[:-8]} {stats[k].hi:.0f} MiB" for k in sorted(stats)
+                if k.endswith("_rss_mib")))
+        if "tar+discard_disk_ratio" in stats:
+            row.notes.append("with --discard-unpacked-layers the cache holds"
+                             f" {stats['tar+discard_disk_ratio'].hi:.3f}× the file's size")
+        row.notes.append("every view verified: model.safetensors hashes to the source")
+    return [row]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1113,7 +1510,7 @@ def main(argv: list | None = None) -> int:
                     help="128 MiB sizes and fewer repetitions (~2-3 min smoke run)")
     ap.add_argument("--selftest", action="store_true",
                     help="scenario 1 only, at 8 MiB, in a few seconds; fails only on errors")
-    ap.add_argument("--only", metavar="N,...", help="scenarios to run (1-6)")
+    ap.add_argument("--only", metavar="N,...", help="scenarios to run (1-8)")
     ap.add_argument("--size-mib", type=int, help="size for scenarios 1-4 and 6 (default 1024)")
     ap.add_argument("--reps", type=int, help="repetitions per tool (default: per scenario)")
     ap.add_argument("--out", metavar="PREFIX",
@@ -1122,6 +1519,11 @@ def main(argv: list | None = None) -> int:
                          " --only, nothing for --selftest or an interrupted run)")
     ap.add_argument("--workdir", metavar="DIR", help="where the temporary directory goes")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--throttled-mib", type=int,
+                    help="size of scenario 2's file (default 256; 64 with --quick)")
+    ap.add_argument("--baseline", metavar="PYZ",
+                    help="also run this (older) nekko-sm.pyz in scenarios 1-4, interleaved"
+                         " with the current build: a before/after in the same run")
     ap.add_argument("--raw-fakehub", action="store_true",
                     help="scenario 4 without the bench-side cache of the fake CDN's per-request"
                          " whole-file MD5 (see BENCHMARKS.md)")
@@ -1132,8 +1534,9 @@ def main(argv: list | None = None) -> int:
         only = {"1"}
     else:
         args.size_mib = args.size_mib or (128 if args.quick else 1024)
-        only = set((args.only or "1,2,3,4,5,6").replace(" ", "").split(","))
-    bad = only - {"1", "2", "3", "4", "5", "6"}
+        only = set((args.only or "1,2,3,4,5,6,7,8").replace(" ", "").split(","))
+    args.throttled_mib = args.throttled_mib or (64 if args.quick else 256)
+    bad = only - {"1", "2", "3", "4", "5", "6", "7", "8"}
     if bad:
         ap.error(f"unknown scenario(s) {','.join(sorted(bad))}")
     mode = "selftest" if args.selftest else "quick" if args.quick else "full"
@@ -1143,6 +1546,8 @@ def main(argv: list | None = None) -> int:
         "2": args.reps or (2 if quick else 3),
         "3": args.reps or (2 if quick else 3),
         "4": args.reps or (2 if quick else 3),
+        "7": args.reps or (3 if quick else 5),
+        "8": args.reps or (2 if quick else 3),
     }
     if args.out:
         out_prefix: Path | None = Path(args.out)
@@ -1150,7 +1555,7 @@ def main(argv: list | None = None) -> int:
         out_prefix = None
     elif args.quick:
         out_prefix = ROOT / "bench" / "results-quick"
-    elif only != {"1", "2", "3", "4", "5", "6"}:
+    elif only != {"1", "2", "3", "4", "5", "6", "7", "8"}:
         out_prefix = ROOT / "bench" / "results-partial"
     else:
         out_prefix = ROOT / "bench" / "results"
@@ -1180,6 +1585,8 @@ def main(argv: list | None = None) -> int:
             ("4", lambda: scenario4(ctx, reps["4"], size_label)),
             ("5", lambda: scenario5(ctx, 1 if quick else 3, 5 if quick else 10)),
             ("6", lambda: scenario6(ctx, 1 if quick else 3, 10, size_label)),
+            ("7", lambda: scenario7(ctx, reps["7"])),
+            ("8", lambda: scenario8(ctx, reps["8"], size_label)),
         ]
         for sid, fn in plan:
             if sid not in only:

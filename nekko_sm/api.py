@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -23,10 +26,11 @@ from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 from nekko_sm import __version__
-from nekko_sm.config import Address, Config
+from nekko_sm.config import Address, Config, read_api_token
 from nekko_sm.connlimit import BoundedServerMixin
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
+    ApiUnauthorized,
     BadRequest,
     BodyTooLarge,
     ConfigError,
@@ -34,17 +38,28 @@ from nekko_sm.errors import (
     InvalidBase64,
     InvalidJSON,
     MethodNotAllowed,
+    MisdirectedRequest,
     NekkoError,
+    OriginRefused,
+    UnsupportedMediaType,
 )
-from nekko_sm.refs import redact
-from nekko_sm.service import Service
+from nekko_sm.refs import has_query_credentials, redact, with_patterns
+from nekko_sm.service import Service, check_hold
 
 log = logging.getLogger("nekko_sm.api")
 
 MAX_BODY = 64 << 10  # a POST body is a small JSON object
-MAX_DRAIN = 64 << 20  # an oversized body up to this is read and dropped before the 413
 CONNECTION_TIMEOUT = 60.0  # seconds a client may sit idle or dribble a request
+# After answering a request whose body we did not read (a 413, a 401 ...), the connection is
+# half-closed and what the client still sends is read and dropped for a while, as nginx's
+# lingering close does: closing at once, with its bytes unread, would reset the connection
+# and the client could lose the answer.
+LINGER_SECONDS = 5.0  # at most this long in all
+LINGER_IDLE = 1.0  # ... and at most this long without a byte
+LINGER_BYTES = 64 << 20
+REALM = 'Bearer realm="nekko-sm"'
 _CONTENT_ARG = re.compile(r"/content/([^\s?#\"']+)")
+_DATE: list = [0, ""]  # (second, its Date header)
 
 
 def encode_url(url: str) -> str:
@@ -79,11 +94,95 @@ def _loggable(text: str) -> str:
             url = decode_url(m.group(1))
         except NekkoError:
             return m.group(0)
-        if "@" not in url.partition("://")[2].split("/", 1)[0]:
+        if ("@" not in url.partition("://")[2].split("/", 1)[0]
+                and not has_query_credentials(url.partition("?")[2].partition("#")[0])):
             return m.group(0)
         return f"/content/<{redact(url)}>"
 
     return _CONTENT_ARG.sub(one, text)
+
+
+class ApiToken:
+    """The API's Bearer token, from ``--api-token-file``: re-read when the file changes (a
+    Kubernetes Secret is updated in place) and on SIGHUP.  Only its hash is kept."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple | None = None
+        self._digest = b""
+        self.reload(strict=True)
+
+    def _identity(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def reload(self, strict: bool = False) -> bool:
+        """Read the file again; a file that cannot be read keeps the token we have."""
+        with self._lock:
+            stamp = self._identity()
+            try:
+                token = read_api_token(self.path)
+            except ConfigError as e:
+                if strict:
+                    raise
+                self._stamp = stamp  # do not retry a bad file on every request
+                log.warning("%s; still using the API token read before", e.message)
+                return False
+            self._digest = hashlib.sha256(token.encode()).digest()
+            self._stamp = stamp
+            return True
+
+    def accepts(self, authorization: str | None) -> bool:
+        if self._identity() != self._stamp and self.reload():
+            log.info("the API token file %s changed: token re-read", self.path)
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        given_digest = hashlib.sha256(given.strip().encode("utf-8", "replace")).digest()
+        ok = hmac.compare_digest(given_digest, self._digest)  # constant time, any length
+        return ok and scheme.lower() == "bearer"
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of(header: str) -> str:
+    """The host of a Host header value, without its port."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def _linger(sock: socket.socket) -> None:
+    """Half-close, then read and drop what the client still sends, for a bounded time."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    end = time.monotonic() + LINGER_SECONDS
+    got = 0
+    try:
+        while got < LINGER_BYTES:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(min(left, LINGER_IDLE))
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            got += len(chunk)
+    except OSError:
+        pass
 
 
 class _Deadline(io.RawIOBase):
@@ -193,7 +292,28 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._input.deadline = time.monotonic() + self.timeout if self.timeout else None
+        self._body_read = False
         super().handle_one_request()
+
+    def finish(self) -> None:
+        if getattr(self, "_linger", False):
+            try:
+                self.wfile.flush()
+            except OSError:
+                pass
+            _linger(self.connection)
+        super().finish()
+
+    def handle_expect_100(self) -> bool:
+        """No ``100 Continue`` for a body we will refuse: the client hears the 413 instead."""
+        length = (self.headers.get("Content-Length") or "").strip()
+        if length.isascii() and length.isdigit() and int(length) > MAX_BODY:
+            return True
+        return super().handle_expect_100()
+
+    def _announces_body(self) -> bool:
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return length != "0" or "Transfer-Encoding" in self.headers
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -207,26 +327,53 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def _send(self, status: int, body: object | None = None, headers: dict | None = None) -> None:
-        data = b""
+        data = None
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        self._send_json(status, data, headers)
+
+    def _send_json(self, status: int, data: bytes | None, headers: dict | None = None) -> None:
+        """Answer with ``data``, JSON already encoded (None: no body)."""
         self.send_response(status)
-        if body is not None:
+        if data is not None:
             self.send_header("Content-Type", "application/json")
+        else:
+            data = b""
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD" and data:
-            self.wfile.write(data)
+        body = data if self.command != "HEAD" else b""
+        buf = getattr(self, "_headers_buffer", None)  # http.server's, since 3.3
+        if isinstance(buf, list) and self.request_version != "HTTP/0.9":
+            buf.append(b"\r\n" + body)  # header and body in one write, one packet
+            self.flush_headers()
+        else:
+            self.end_headers()
+            if body:
+                self.wfile.write(body)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The Date header, formatted once a second rather than once a request."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        now = int(time.time())
+        cached = _DATE
+        if cached[0] != now:
+            cached = _DATE[:] = [now, super().date_time_string(now)]
+        return str(cached[1])
 
     def _error(self, err: NekkoError) -> None:
         self.server.count_error(err.code)  # type: ignore[attr-defined]
         status = err.status if 400 <= err.status < 600 else 500
-        self._send(status, err.to_json())
+        headers = {}
+        if isinstance(err, ApiUnauthorized):
+            headers["WWW-Authenticate"] = REALM + (
+                ', error="invalid_token"' if "Authorization" in self.headers else "")
+        self._send(status, err.to_json(), headers)
 
     def _dispatch(self, fn) -> None:
         try:
+            self._admit()
             fn()
         except NekkoError as e:
             self._error(e)
@@ -235,6 +382,38 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # the server keeps serving, whatever happened
             log.exception("error handling %s %s", self.command, _loggable(self.path))
             self._error(NekkoError(f"internal error: {type(e).__name__}"))
+        finally:
+            if not self._body_read and self._announces_body():
+                # What follows on this connection is the body we did not read, not a request.
+                self.close_connection = True
+                self._linger = True
+
+    def _admit(self) -> None:
+        """Who may call (DESIGN section 10), checked before any byte of a body is read."""
+        path = urlsplit(self.path).path
+        if path == "/healthz" and self.command in ("GET", "HEAD"):
+            return  # liveness probes: open to all, says nothing but "ok" and the version
+        srv = self.server
+        host = self.headers.get("Host")
+        if srv.loopback and host is not None and not _is_loopback(_host_of(host)):  # type: ignore[attr-defined]
+            raise MisdirectedRequest(
+                "this server listens on loopback and answers only requests addressed to"
+                " localhost, 127.0.0.1 or [::1] (a Host header of another name is a DNS"
+                " rebinding attempt from a web page)")
+        if "Origin" in self.headers:
+            raise OriginRefused("requests from web pages (with an Origin header) are refused:"
+                                " the nekko-sm API is not for browsers")
+        token: ApiToken | None = srv.api_token  # type: ignore[attr-defined]
+        if token is not None and not token.accepts(self.headers.get("Authorization")):
+            raise ApiUnauthorized("this API needs Authorization: Bearer TOKEN, the token of"
+                                  " the server's --api-token-file")
+        if self.command == "POST":
+            self._body_length()  # framing (400) and size (413) before the media type
+            media = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
+                raise UnsupportedMediaType(
+                    "POST a JSON body with Content-Type: application/json"
+                    " (curl: -H 'Content-Type: application/json')")
 
     def _content_arg(self) -> str | None:
         path = urlsplit(self.path).path
@@ -244,29 +423,23 @@ class Handler(BaseHTTPRequestHandler):
             return path[len("/content/"):]
         raise EntryNotFound(f"no such endpoint {path[:100]!r}")
 
-    def _read_body(self) -> bytes:
+    def _body_length(self) -> int:
+        """The announced body length, checked; refused (unread: a lingering close follows,
+        see _dispatch) when it is not one we take."""
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
-            self.close_connection = True
             raise BadRequest("send the body with Content-Length, not chunked")
         lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
         length = (lengths.pop() or "0") if len(lengths) == 1 else "" if lengths else "0"
         if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
-            self.close_connection = True
             raise BadRequest("bad Content-Length")
         n = int(length)
         if n > MAX_BODY:
-            # Read (and drop) a moderate excess so the client sees our answer rather than a
-            # broken pipe; beyond that, answer and hang up.
-            self.close_connection = True
-            if n <= MAX_DRAIN:
-                left = n
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 1 << 16))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
             raise BodyTooLarge(f"request body of {n} bytes is larger than {MAX_BODY}")
-        body = self.rfile.read(n)
+        return n
+
+    def _read_body(self) -> bytes:
+        body = self.rfile.read(self._body_length())
+        self._body_read = True
         self._input.deadline = None  # the request is in: what follows may take its time
         return body
 
@@ -308,7 +481,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         arg = self._content_arg()
         if arg is None:
-            self._send(200, {"entries": self.service.list()})
+            texts = self.service.catalog.list_texts()
+            self._send_json(200, ('{"entries":[' + ",".join(texts) + "]}\n").encode())
+            return
+        cached = self.service.answer(arg, decode_url)  # a complete entry: no JSON work
+        if cached is not None:
+            self._send_json(200, cached)
             return
         entry = self.service.status(decode_url(arg))
         self._send(200 if entry["state"] == "complete" else 206, entry)
@@ -332,18 +510,29 @@ class Handler(BaseHTTPRequestHandler):
         is_async = req.get("async", False)
         if not isinstance(is_async, bool):
             raise BadRequest('"async" must be true or false')
+        pin = req.get("pin")
+        if pin is not None and not isinstance(pin, bool):
+            raise BadRequest('"pin" must be true or false')
+        hold = check_hold(req.get("hold"))
         creds = Credentials.make(req.get("credentials"), req.get("credentialsType"))
-        flight, entry = self.service.start(url, creds, req.get("digest"), req.get("platform") or None)
+        # "include"/"exclude" (hf:// only) become part of the URL: its canonical query.
+        url = with_patterns(url, req.get("include"), req.get("exclude"),
+                            self.service.config.hf_endpoint)
+        flight, entry = self.service.start(url, creds, req.get("digest"),
+                                           req.get("platform") or None, pin, hold)
         if entry is not None:
             self._send(200, entry)
             return
         assert flight is not None
         if is_async:
+            if pin is not None or hold:  # also when this caller joined after the commit
+                flight.future.add_done_callback(
+                    lambda f: f.exception() or self.service.mark(flight.url, pin, hold, False))
             self._send(202, {"url": flight.url, "state": "downloading",
                              "downloaded": flight.progress.done, "size": flight.progress.total},
                        {"Location": "/content/" + encode_url(flight.url)})
             return
-        entry, created = flight.future.result()
+        entry, created = self.service.finish(flight, pin, hold)
         self._send(201 if created else 200, entry)
 
     def _delete(self) -> None:
@@ -364,7 +553,11 @@ class _Server(BoundedServerMixin, ThreadingHTTPServer):  # bounded threads: conn
         self.service = service
         self._errors: dict[str, int] = {}
         self._errors_lock = threading.Lock()
+        path = service.config.api_token_file
+        self.api_token = ApiToken(path) if path else None
         super().__init__(addr, handler)
+        # On loopback, the Host header must name loopback too (DNS rebinding).
+        self.loopback = family != socket.AF_UNIX and _is_loopback(str(self.server_address[0]))
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_UNIX:
@@ -443,11 +636,19 @@ def bound_address(srv: _Server) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # type: ignore[str-bytes-safe]
 
 
+def _reread_token(token: ApiToken) -> None:
+    if token.reload():
+        log.info("SIGHUP: re-read the API token from %s", token.path)
+
+
 def run(config: Config, ready=None) -> int:
     """Serve until SIGTERM/SIGINT, then stop cleanly (partials stay resumable)."""
     import signal
 
     service = Service(config)
+    if service.budget.enabled:
+        log.info("disk budget: %s", service.budget.describe())
+        service.budget.enforce("to bring the cache within its budget at start")
     srv = make_server(service, config.address)
     stopping = threading.Event()
 
@@ -457,10 +658,20 @@ def run(config: Config, ready=None) -> int:
             log.info("signal %d: stopping", signum)
             threading.Thread(target=srv.shutdown, daemon=True).start()
 
+    def reread(signum, frame) -> None:
+        if srv.api_token is not None:
+            threading.Thread(target=_reread_token, args=(srv.api_token,), daemon=True).start()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, reread)
     log.info("nekko-sm %s serving on %s, cache %s", __version__, bound_address(srv),
              config.cache_dir)
+    if srv.api_token is None and config.address.kind == "tcp" and not srv.loopback:
+        log.warning("serving on %s without --api-token-file: anyone who can reach this port"
+                    " can pull, list and delete; give a token file, or listen on localhost or"
+                    " a Unix socket", bound_address(srv))
     if ready is not None:
         ready(srv)
     try:

@@ -28,7 +28,7 @@ from nekko_sm.errors import (
 TRACE = 5
 WIRE = 3
 
-COMMANDS = ("serve", "pull", "status", "path", "ls", "rm", "gc", "verify")
+COMMANDS = ("serve", "pull", "status", "path", "ls", "rm", "gc", "verify", "pin", "unpin")
 
 DESCRIPTION = """\
 nekko-sm downloads OCI images and artifacts (oci://), Hugging Face files and repositories
@@ -43,6 +43,8 @@ environment:
   HF_ENDPOINT, HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), SSL_CERT_FILE
   HTTPS_PROXY, HTTP_PROXY, NO_PROXY (lower-case spellings too)
   NEKKO_MAX_PULL_SIZE, NEKKO_MAX_PULL_FILES
+  NEKKO_API_TOKEN_FILE, NEKKO_DENY_NETWORKS, NEKKO_ALLOW_NETWORKS,
+  NEKKO_MAX_CACHE_SIZE, NEKKO_MIN_FREE_SPACE, NEKKO_DISCARD_UNPACKED_LAYERS
 
 with no COMMAND, nekko-sm runs serve
 
@@ -80,6 +82,32 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     p.add_argument("--max-pull-files", metavar="N", default=d,
                    help="refuse a pull of more than N files: a repository's files, an image's"
                         " layers (env NEKKO_MAX_PULL_FILES; default 10000)")
+    p.add_argument("--api-token-file", metavar="FILE", default=d,
+                   help="serve: every request but GET /healthz needs 'Authorization: Bearer"
+                        " TOKEN', the first line of FILE; re-read when FILE changes and on"
+                        " SIGHUP (env NEKKO_API_TOKEN_FILE; default none)")
+    p.add_argument("--verify-cached-credentials", metavar="always|never", default=d,
+                   help="before answering from the cache with an entry pulled with"
+                        " credentials, ask the upstream whether this caller's credentials may"
+                        " fetch it now (env NEKKO_VERIFY_CACHED_CREDENTIALS; default always)")
+    p.add_argument("--discard-unpacked-layers", action="store_true", default=d,
+                   help="free a model's tar layers once their files are in the cache: its"
+                        " disk use is its files only, but OCI tools can no longer copy that"
+                        " image out (env NEKKO_DISCARD_UNPACKED_LAYERS=1; default off)")
+    p.add_argument("--deny-network", metavar="CIDR", action="append", default=d,
+                   help="never connect to addresses in CIDR; repeatable (env"
+                        " NEKKO_DENY_NETWORKS, comma-separated; link-local and cloud metadata"
+                        " addresses are always denied unless allowed)")
+    p.add_argument("--allow-network", metavar="CIDR", action="append", default=d,
+                   help="allow CIDR even inside a denied network (the most specific wins);"
+                        " repeatable (env NEKKO_ALLOW_NETWORKS, comma-separated; default none)")
+    p.add_argument("--max-cache-size", metavar="SIZE", default=d,
+                   help="keep blobs/ and ingest/ within SIZE (bytes, or K/M/G/T, powers of"
+                        " 1024), evicting least recently used entries before a pull writes"
+                        " (env NEKKO_MAX_CACHE_SIZE; default unlimited)")
+    p.add_argument("--min-free-space", metavar="SIZE|N%", default=d,
+                   help="keep this much of the cache's file system free, evicting likewise"
+                        " (env NEKKO_MIN_FREE_SPACE; default none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["Bearer", "Basic"], help="Bearer (default) or Basic, any case")
     s.add_argument("--digest", metavar="sha256:HEX",
                    help="expected digest of the entry: the file's sha256 for a single file")
+    s.add_argument("--include", metavar="PATTERN", action="append",
+                   help="hf:// only: pull only the files matching PATTERN (fnmatch on the path"
+                        " in the repository, as huggingface_hub's allow_patterns; repeatable)")
+    s.add_argument("--exclude", metavar="PATTERN", action="append",
+                   help="hf:// only: then skip the files matching PATTERN (repeatable)")
+    s.add_argument("--pin", action="store_true", help="pin the entry: never evicted")
+    s.add_argument("--hold", metavar="SECONDS", type=_seconds,
+                   help="keep the entry from eviction for SECONDS from now")
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
     s = sub.add_parser("status", parents=[common],
@@ -121,14 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm", parents=[common], help="remove URL, free blobs no one else uses")
     s.add_argument("url", metavar="URL")
 
-    s = sub.add_parser("gc", parents=[common], help="free unreferenced blobs and stale partials")
+    s = sub.add_parser("gc", parents=[common],
+                       help="free unreferenced blobs and stale partials; keep the budget")
     s.add_argument("--dry-run", action="store_true", help="only say what would be freed")
 
     s = sub.add_parser("verify", parents=[common],
                        help="re-hash blobs; exit 1 when any is damaged")
     s.add_argument("url", metavar="URL", nargs="?")
-    s.add_argument("--repair", action="store_true", help="remove damaged blobs")
+    s.add_argument("--repair", action="store_true",
+                   help="remove damaged blobs (and the entries needing them), fix the counts")
+
+    s = sub.add_parser("pin", parents=[common], help="pin a cached URL: it is never evicted")
+    s.add_argument("url", metavar="URL")
+    s = sub.add_parser("unpin", parents=[common], help="unpin a cached URL")
+    s.add_argument("url", metavar="URL")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"--hold must be from 0 to 315360000 seconds: {text!r}")
+    return value
 
 
 def _normalise_verbose(argv: list) -> list:
@@ -166,6 +219,8 @@ def _setup_logging(verbose: int, command: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if command == "serve" \
         else "nekko-sm: %(message)s"
+    if command != "serve" and sys.stderr.isatty():
+        fmt = "\r\033[K" + fmt  # a line (a retry's) over the progress bar, which redraws below
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger("nekko_sm")
     root.handlers[:] = [handler]
@@ -185,7 +240,9 @@ def main(argv: list | None = None) -> int:
 
     flags = {k: getattr(args, k, None) for k in
              ("cache_dir", "address", "verbose", "platform", "insecure_registry", "jobs",
-              "registry_mirror", "ca_cert", "max_pull_size", "max_pull_files")}
+              "registry_mirror", "ca_cert", "api_token_file", "deny_network", "allow_network",
+              "verify_cached_credentials", "max_cache_size", "min_free_space",
+              "discard_unpacked_layers", "max_pull_size", "max_pull_files")}
     try:
         config = _config.build(flags, os.environ)
     except NekkoError as e:
@@ -270,15 +327,21 @@ def _cmd_pull(config, args) -> int:
             raise BadRequest(f"cannot read --credentials-file: {e.strerror}") from None
         secret = secret.strip()
     creds = Credentials.make(secret, args.credentials_type)
+    from nekko_sm.refs import with_patterns
+
+    url = with_patterns(args.url, args.include, args.exclude, config.hf_endpoint)
     svc = _service(config)
     try:
-        flight, entry = svc.start(args.url, creds, args.digest, getattr(args, "platform", None))
+        pin = True if args.pin else None
+        flight, entry = svc.start(url, creds, args.digest, getattr(args, "platform", None),
+                                  pin, args.hold)
         if entry is None:
             if sys.stderr.isatty():
                 with _ProgressBar(flight):
-                    entry, _ = _wait(flight)
+                    _wait(flight)
             else:
-                entry, _ = _wait(flight)
+                _wait(flight)
+            entry, _ = svc.finish(flight, pin, args.hold)
     finally:
         svc.close()
     if args.json:
@@ -316,6 +379,8 @@ def _cmd_status(config, args) -> int:
         else:
             print(f"absent: {e.message}")
         return EXIT_ABSENT
+    finally:
+        svc.store.close()
     if args.json:
         print(json.dumps(entry, indent=2))
     else:
@@ -325,7 +390,11 @@ def _cmd_status(config, args) -> int:
 
 
 def _cmd_path(config, args) -> int:
-    entry = _service(config).status(args.url)
+    svc = _service(config)
+    try:
+        entry = svc.use(args.url)
+    finally:
+        svc.store.close()
     if entry["state"] != "complete":
         print(f"nekko-sm: {entry['url']} is {entry['state']}, not complete", file=sys.stderr)
         return EXIT_INCOMPLETE
@@ -334,51 +403,96 @@ def _cmd_path(config, args) -> int:
 
 
 def _cmd_ls(config, args) -> int:
-    entries = _service(config).list()
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return EXIT_OK
-    for e in entries:
-        size = e.get("size")
-        print(f"{e['state']:<11} {size if size is not None else '?':>14}  {e['url']}")
+    svc = _service(config)
+    try:
+        if args.json:  # one entry a line: json's indent= would use its slow pure-Python encoder
+            texts = svc.catalog.list_texts()
+            sys.stdout.write("[\n" + ",\n".join(texts) + "\n]\n" if texts else "[]\n")
+            return EXIT_OK
+        rows = svc.catalog.summaries()
+    finally:
+        svc.store.close()
+    now = time.time()
+    lines = []
+    for url, state, size, pinned, held, used in rows:
+        flags = "pinned" if pinned else "-"
+        if held is not None and held > now:
+            flags = ("pinned," if pinned else "") + "held-until=" + _when(held)
+        lines.append(f"{state:<11} {size if size is not None else '?':>14}"
+                     f"  {_when(used) if used is not None else '-':<19}  {flags:<10}  {url}\n")
+    sys.stdout.write("".join(lines))
     return EXIT_OK
 
 
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+
+
 def _cmd_rm(config, args) -> int:
-    r = _service(config).remove(args.url)
+    svc = _service(config)
+    try:
+        r = svc.remove(args.url)
+    finally:
+        svc.close()
     print(f"removed {r['url']} ({r['blobs_freed']} blobs, {r['bytes_freed']} bytes freed)")
     return EXIT_OK
 
 
 def _cmd_gc(config, args) -> int:
     svc = _service(config)
-    r = svc.store.gc(dry_run=args.dry_run)
+    try:
+        r = svc.gc(dry_run=args.dry_run)
+        evicted = None
+        if not args.dry_run and svc.budget.enabled:
+            evicted = svc.budget.enforce("to bring the cache within its budget (gc)")
+    finally:
+        svc.close()
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {len(r.blobs_freed)} blobs ({r.bytes_freed} bytes),"
           f" {len(r.partials_freed)} partial downloads")
+    if evicted is not None:
+        print(f"evicted {len(evicted.evicted)} entries and partials ({evicted.bytes_freed}"
+              f" bytes) to keep the budget ({svc.budget.describe()})"
+              + (f"; still {evicted.over} bytes over: pinned, held or in flight"
+                 if evicted.over else ""))
     return EXIT_OK
 
 
 def _cmd_verify(config, args) -> int:
     svc = _service(config)
-    roots = None
-    if args.url:
-        key = svc.canonical(args.url)
-        desc = svc.store.get_entry(key)
-        if desc is None:
-            print(f"nekko-sm: {key} is not in the cache", file=sys.stderr)
-            return EXIT_ABSENT
-        roots = [desc]
-    problems = svc.store.verify(roots, repair=args.repair)
+    try:
+        roots = None
+        if args.url:
+            key = svc.canonical(args.url)
+            desc = svc.store.get_entry(key)
+            if desc is None:
+                print(f"nekko-sm: {key} is not in the cache", file=sys.stderr)
+                return EXIT_ABSENT
+            roots = [desc]
+        problems = svc.verify(roots, repair=args.repair)
+    finally:
+        svc.close()
     for digest, problem in problems:
-        print(f"damaged: {digest}: {problem}" + (" (removed)" if args.repair and
-                                                 problem == "digest mismatch" else ""))
+        done = "" if not args.repair else " (removed)" if problem == "digest mismatch" \
+            else " (recounted)" if problem.startswith(("reference count", "the database")) else ""
+        print(f"damaged: {digest}: {problem}{done}")
     if not problems:
         print("ok")
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def _cmd_pin(config, args) -> int:
+    svc = _service(config)
+    try:
+        entry = svc.pin(args.url, args.command == "pin")
+    finally:
+        svc.store.close()
+    print(f"{'pinned' if entry['pinned'] else 'unpinned'} {entry['url']}")
+    return EXIT_OK
+
+
 _COMMANDS = {
     "serve": _cmd_serve, "pull": _cmd_pull, "status": _cmd_status, "path": _cmd_path,
     "ls": _cmd_ls, "rm": _cmd_rm, "gc": _cmd_gc, "verify": _cmd_verify,
+    "pin": _cmd_pin, "unpin": _cmd_pin,
 }

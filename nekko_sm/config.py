@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import cast
 from urllib.parse import urlsplit
 
+from nekko_sm.egress import Policy
 from nekko_sm.errors import ConfigError, InvalidPlatform
 
 DEFAULT_CACHE_DIR = "/var/lib/nekko/cache"
@@ -116,6 +117,19 @@ def parse_address(text: str) -> Address:
     return Address("tcp", host=m.group(1) or "0.0.0.0", port=port)
 
 
+def _loopback(host: str) -> bool:
+    """``host`` names this machine (nothing sent to it leaves it)."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+            ".localhost"):
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Config:
     cache_dir: Path
@@ -133,6 +147,13 @@ class Config:
     no_proxy: str | None = None
     max_pull_size: int = DEFAULT_MAX_PULL_SIZE
     max_pull_files: int = DEFAULT_MAX_PULL_FILES
+    api_token_file: str | None = None  # the path only: the token is read by the server
+    egress: Policy = field(default_factory=Policy.build)
+    verify_cached_credentials: str = "always"  # or "never" (DESIGN section 10)
+    max_cache_size: int | None = None  # bytes under blobs/ and ingest/ (DESIGN 9)
+    min_free_space: int | None = None  # bytes to keep free on the cache's file system
+    min_free_percent: float | None = None  # ... or this share of it
+    discard_unpacked_layers: bool = False  # free tar layers once their files are committed
     notes: tuple = ()  # things to say once at start-up
 
     @property
@@ -165,22 +186,16 @@ def _int(value: object, name: str, lo: int, hi: int) -> int:
     return n
 
 
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(?:([KMGTP])(i?)B?|B?)$", re.IGNORECASE)
-_SIZE_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-
-
-def parse_size(value: object, name: str) -> int:
-    """A size: bytes, or a number with K, M, G, T or P (powers of 1024; ``Ki``, ``KiB`` and
-    ``KB`` spellings too, any case), e.g. ``2T``, ``1.5GiB``, ``500000``."""
-    text = str(value).strip()
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ConfigError(f"{name} must be a size such as 500G or 2TiB (bytes, or K/M/G/T:"
-                          f" powers of 1024), not {text[:40]!r}")
-    n = int(float(m.group(1)) * 1024 ** _SIZE_POWERS.get((m.group(2) or "").lower(), 0))
-    if not 0 < n < 1 << 63:
-        raise ConfigError(f"{name} must be more than 0 bytes and less than 8 EiB, not {text!r}")
-    return n
+def _bool(value: object, name: str) -> bool:
+    """An on/off setting: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false), not {value!r}")
 
 
 def _split(values: object) -> list:
@@ -188,6 +203,57 @@ def _split(values: object) -> list:
     for v in cast("Iterable[object]", values or []):  # flags come from argparse: a list or None
         out.extend(x.strip() for x in str(v).split(",") if x.strip())
     return out
+
+
+def read_api_token(path: str) -> str:
+    """The API token: the first line of ``path``, which must be a printable ASCII word."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"cannot read the API token file {path}: {why}") from None
+    if not token:
+        raise ConfigError(f"the API token file {path} is empty")
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise ConfigError(f"the API token in {path} must be printable ASCII without spaces")
+    return token
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(I?B?)$", re.IGNORECASE)
+_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+
+
+def parse_size(text: object, name: str = "size") -> int:
+    """Bytes from ``123``, ``512K``, ``1.5G``, ``10GiB``, ``2Ti``, ``3 MB`` (powers of 1024).
+
+    A bare number is bytes (``B`` may follow); ``K``/``M``/``G``/``T``/``P`` are powers of
+    1024 whatever the spelling (``K``, ``Ki``, ``KiB``, ``KB``), as kubelet and ``ls -h``
+    read them.  Anything else is a ConfigError naming ``name``.
+    """
+    raw = str(text).strip()
+    m = _SIZE.match(raw)
+    unit, tail = (m.group(2).upper(), m.group(3).upper()) if m else ("", "")
+    if not m or (not unit and tail not in ("", "B")):
+        raise ConfigError(f"{name} must be a size such as 500M, 20G or 2TiB, not {raw!r}")
+    if not unit and "." in m.group(1):
+        raise ConfigError(f"{name} in bytes must be a whole number, not {raw!r}")
+    number = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
+    return int(number * 1024 ** _UNITS[unit])
+
+
+def parse_free_space(text: object, name: str = "--min-free-space") -> tuple[int | None, float | None]:
+    """``SIZE`` (bytes, see :func:`parse_size`) or ``N%`` of the file system: (bytes, percent)."""
+    raw = str(text).strip()
+    if raw.endswith("%"):
+        try:
+            pct = float(raw[:-1].strip())
+        except ValueError:
+            pct = -1.0
+        if not 0 <= pct < 100:
+            raise ConfigError(f"{name} must be a size or a percentage from 0% to 99%, not {raw!r}")
+        return None, pct
+    return parse_size(raw, name), None
 
 
 def _usable_dir(path: Path) -> bool:
@@ -225,6 +291,9 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
     size_v = pick("max_pull_size", "NEKKO_MAX_PULL_SIZE")
     max_pull_size = parse_size(size_v, "--max-pull-size/NEKKO_MAX_PULL_SIZE") \
         if size_v is not None else DEFAULT_MAX_PULL_SIZE
+    if not 0 < max_pull_size < 1 << 63:
+        raise ConfigError("--max-pull-size/NEKKO_MAX_PULL_SIZE must be more than 0 bytes and"
+                          f" less than 8 EiB, not {size_v!r}")
     files_v = pick("max_pull_files", "NEKKO_MAX_PULL_FILES")
     max_pull_files = _int(files_v, "--max-pull-files/NEKKO_MAX_PULL_FILES", 1, 10_000_000) \
         if files_v is not None else DEFAULT_MAX_PULL_FILES
@@ -273,9 +342,35 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
                 "http", "https"):
             raise ConfigError(f"{name} must be an http:// or https:// proxy, not {value!r}"
                               " (SOCKS is not supported)")
+    token_file = pick("api_token_file", "NEKKO_API_TOKEN_FILE")
+    if token_file is not None:
+        read_api_token(str(token_file))  # a bad file stops the start, not the first request
+    egress = Policy.build(
+        _split(flags.get("deny_network")) or _split([_env(environ, "NEKKO_DENY_NETWORKS") or ""]),
+        _split(flags.get("allow_network")) or _split([_env(environ, "NEKKO_ALLOW_NETWORKS") or ""]))
+    verify = str(pick("verify_cached_credentials", "NEKKO_VERIFY_CACHED_CREDENTIALS")
+                 or "always").strip().lower()
+    if verify not in ("always", "never"):
+        raise ConfigError(f"--verify-cached-credentials must be 'always' or 'never', not"
+                          f" {verify!r}")
+    discard = pick("discard_unpacked_layers", "NEKKO_DISCARD_UNPACKED_LAYERS")
+    discard_b = _bool(discard, "--discard-unpacked-layers/NEKKO_DISCARD_UNPACKED_LAYERS")
     hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
         raise ConfigError("HF_TOKEN must be printable ASCII")
+    endpoint = urlsplit(hf_endpoint)
+    if (hf_token and endpoint.scheme == "http" and not _loopback(endpoint.hostname or "")
+            and not {endpoint.netloc.lower(), (endpoint.hostname or "").lower()}
+            & {h.lower() for h in insecure}):
+        raise ConfigError(f"HF_TOKEN would go in clear text to {hf_endpoint}: use https, or"
+                          f" allow it with --insecure-registry {endpoint.netloc}")
+
+    max_size = pick("max_cache_size", "NEKKO_MAX_CACHE_SIZE")
+    max_cache_size = (parse_size(max_size, "--max-cache-size/NEKKO_MAX_CACHE_SIZE")
+                      if max_size is not None else None)
+    free_v = pick("min_free_space", "NEKKO_MIN_FREE_SPACE")
+    min_free, min_free_pct = (parse_free_space(free_v, "--min-free-space/NEKKO_MIN_FREE_SPACE")
+                              if free_v is not None else (None, None))
 
     return Config(
         cache_dir=cache_dir.absolute(),
@@ -293,5 +388,12 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         no_proxy=_env(environ, "NO_PROXY", "no_proxy"),
         max_pull_size=max_pull_size,
         max_pull_files=max_pull_files,
+        api_token_file=str(Path(str(token_file)).absolute()) if token_file else None,
+        egress=egress,
+        verify_cached_credentials=verify,
+        max_cache_size=max_cache_size,
+        min_free_space=min_free,
+        min_free_percent=min_free_pct,
+        discard_unpacked_layers=discard_b,
         notes=tuple(notes),
     )

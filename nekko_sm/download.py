@@ -11,6 +11,7 @@ proxies, redirects and credentials are :mod:`nekko_sm.transfer`'s) and never imp
 
 from __future__ import annotations
 
+import http.client
 import logging
 from collections.abc import Mapping
 
@@ -28,6 +29,7 @@ from nekko_sm.httpio import (
     MAX_STALLS,
     content_range,
     content_range_total,
+    fill,
     is_stall,
     read_limited,
     reason,
@@ -53,7 +55,8 @@ def download(transfer, url: str, writer, *, auth, headers, expected_size, immuta
                 if on_total is not None:
                     on_total(writer.state["ranged"]["total"], _progress_mark(writer))
                     on_total = None
-                _fetch_ranged(transfer, url, writer, auth, headers, errors, progress, conns)
+                _fetch_ranged(transfer, url, writer, auth, headers, errors, progress, conns,
+                              max_span)
                 return writer.state.get("headers") or {}
             if (not ranges_refused and expected_size is not None and immutable
                     and _wants_ranges(expected_size - writer.offset, conns, max_span)):
@@ -81,8 +84,8 @@ def download(transfer, url: str, writer, *, auth, headers, expected_size, immuta
                 failures += 1
             if failures >= transfer.attempts:
                 raise
-            log.info("%s: %s; resuming at byte %d", redact(url), e.message, writer.offset)
-            transfer._sleep(failures, e.retry_after)
+            transfer._sleep(failures, e.retry_after,  # one visible line per wait
+                            f"{e.message}; resuming at byte {writer.offset}")
         except (Unauthorized, Forbidden) as e:
             # An expired signed URL at a CDN: ask the origin again, once or twice.
             if not e.context.get("redirected") or failures >= 2:
@@ -99,19 +102,23 @@ def _wants_ranges(remaining: int, conns: int, max_span: int | None) -> bool:
 def _start_ranged(writer, total: int, validator: str | None, conns: int,
                   max_span: int | None) -> None:
     """Turn ``writer`` into a ranged download of ``total`` bytes from its frontier."""
+    if total >= ranged.GROW_MIN and conns > 1:  # parts enough for every connection it may get
+        conns = max(conns, ranged.MAX_CONNECTIONS)
     part = ranged.part_size_for(total, conns, max_span)
     done = writer.offset
     parts = ([[0, done, done]] if done else []) + ranged.plan(total, part, done)
-    writer.preallocate(total)
+    # The map first: killed after the preallocation, a restart must not take the file's
+    # full size (zeros) for downloaded bytes; the map says what is really there.
     writer.save_state(ranged={"total": total, "parts": parts, "validator": validator})
+    writer.preallocate(total)
 
 
 def _fetch_ranged(transfer, url, writer, auth, headers, errors, progress, conns,
-                  first=None) -> None:
+                  max_span, first=None) -> None:
     state = writer.state["ranged"]
     fetch = ranged.RangedFetch(transfer, url, writer, auth=auth, headers=headers,
                                validator=state.get("validator"), errors=errors,
-                               progress=progress, connections=conns)
+                               progress=progress, connections=conns, max_span=max_span)
     fetch.run(first)
 
 
@@ -183,7 +190,7 @@ def _download_once(transfer, url, writer, auth, headers, expected_size, immutabl
             _start_ranged(writer, whole, None if immutable else validator, conns,
                                max_span)
             _fetch_ranged(transfer, url, writer, auth, headers, errors, progress, conns,
-                               first=resp)
+                          max_span, first=resp)
             return resp.headers
         _stream(resp, writer, url, remaining, progress)
         if expected_size is not None and writer.offset < expected_size and remaining is None:
@@ -201,23 +208,29 @@ def _stream(resp, writer, url, remaining, progress) -> None:
     got = 0
     try:
         while True:
-            want = CHUNK if remaining is None else min(CHUNK, remaining - got)
+            # Straight from the socket into a buffer the writer then owns (and hashes
+            # from); what arrived before a stall or a reset is kept, so a resume asks only
+            # for the bytes after it.
+            buf = writer.buffer()
+            want = len(buf) if remaining is None else min(len(buf), remaining - got)
             if want <= 0:
                 break
-            # read1: whatever has arrived (up to want). read(amt) would block until amt
-            # bytes and lose the ones it holds if the connection then stalls or drops.
-            chunk = resp.read1(want)
-            if not chunk:
-                break
-            writer.write(chunk)
-            got += len(chunk)
-            if progress is not None:
-                progress(len(chunk))
+            n, err = fill(resp, buf[:want])
+            if n:
+                writer.write(buf[:n])
+                got += n
+                if progress is not None:
+                    progress(n)
+            if err is not None:
+                raise err
+            if not n:
+                break  # the body ended
     except BaseException as e:
         # Whatever stopped us, the body is not read to its end: this connection must
         # not go back to the pool (release_conn would hand it to the next request).
         resp.close()
-        if isinstance(e, NekkoError) or not isinstance(e, (_Urllib3Error, OSError)):
+        if isinstance(e, NekkoError) or not isinstance(
+                e, (_Urllib3Error, OSError, http.client.HTTPException)):
             raise  # disk full, cancelled, too many bytes, Ctrl-C: not the network's fault
         raise UpstreamUnavailable(f"{redact(url)}: connection broke after {got} bytes:"
                                   f" {reason(e)}", stalled=is_stall(e)) from e

@@ -78,6 +78,13 @@ class UnsafeName(BadRequest):
     code = "unsafe-name"
 
 
+class UnsafeLayer(UnsafeName):
+    """A layer whose contents would escape the model: absolute or ``..`` paths, links leaving
+    it, devices, duplicate or colliding names, overlong or non-UTF-8 names."""
+
+    code = "layer-unsafe"
+
+
 class InvalidPlatform(BadRequest):
     code = "invalid-platform"
 
@@ -90,6 +97,38 @@ class BodyTooLarge(BadRequest):
 class MethodNotAllowed(BadRequest):
     code = "method-not-allowed"
     status = 405
+
+
+class UnsupportedMediaType(BadRequest):
+    code = "unsupported-media-type"
+    status = 415
+
+
+# --- who may call the API (DESIGN section 10) -----------------------------------------
+
+
+class ApiUnauthorized(NekkoError):
+    """The API wants its Bearer token (--api-token-file) and did not get it."""
+
+    code = "api-unauthorized"
+    status = 401
+    exit_code = EXIT_USAGE
+
+
+class OriginRefused(NekkoError):
+    """A request from a web page (it has an Origin header): the API is not for browsers."""
+
+    code = "origin-refused"
+    status = 403
+    exit_code = EXIT_USAGE
+
+
+class MisdirectedRequest(NekkoError):
+    """A Host header that does not name this loopback server (DNS rebinding)."""
+
+    code = "misdirected-request"
+    status = 421
+    exit_code = EXIT_USAGE
 
 
 # --- local state -----------------------------------------------------------------------
@@ -117,6 +156,13 @@ class Cancelled(Conflict):
 class InsufficientStorage(NekkoError, OSError):
     code = "insufficient-storage"
     status = 507
+
+
+class UnsupportedLayer(NekkoError):
+    """A layer in a form this interpreter cannot read (zstd without ``compression.zstd``)."""
+
+    code = "layer-unsupported"
+    status = 501
 
 
 class CacheCorrupt(NekkoError):
@@ -186,6 +232,13 @@ class ManifestInvalid(UpstreamError):
     code = "manifest-invalid"
 
 
+class BrokenLayer(UpstreamError):
+    """A layer that verifies against its digest but is not what its media type says (a tar
+    that does not read, an invalid whiteout).  The registry served it as it was pushed."""
+
+    code = "layer-invalid"
+
+
 class UpstreamNotFound(NekkoError):
     code = "upstream-not-found"
     status = 404
@@ -209,3 +262,10 @@ class Forbidden(NekkoError):
 
 class GatedRepo(Forbidden):
     code = "gated-repo"
+
+
+class EgressDenied(Forbidden):
+    """The destination is one nekko-sm does not connect to (the egress policy)."""
+
+    code = "egress-denied"
+    exit_code = EXIT_USAGE  # retrying will not help: the configuration says no

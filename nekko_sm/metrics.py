@@ -44,6 +44,29 @@ def render(service, api_errors: dict) -> str:
         pass
     metric("nekko_cache_bytes", "gauge", "Bytes in blobs/.", [({}, size)])
     metric("nekko_cache_blobs", "gauge", "Blobs in blobs/.", [({}, count)])
-    metric("nekko_cache_entries", "gauge", "Entries in index.json.",
-           [({}, len(service.store.entries()))])
+    metric("nekko_cache_entries", "gauge", "Entries in the cache.",
+           [({}, service.store.count_entries())])
+    budget = service.budget
+    metric("nekko_evictions_total", "counter",
+           "Entries and stale partial downloads evicted by this process to keep the budget.",
+           [({}, budget.evictions)])
+    metric("nekko_evicted_bytes_total", "counter", "Bytes those evictions freed.",
+           [({}, budget.bytes_evicted)])
+    if budget.enabled:
+        try:
+            use = budget.usage()
+        except OSError:
+            use = None
+        if budget.max_size is not None:
+            metric("nekko_cache_budget_bytes", "gauge",
+                   "The cache budget (--max-cache-size).", [({}, budget.max_size)])
+        if use is not None:
+            metric("nekko_cache_budget_used_bytes", "gauge",
+                   "What the budget counts: blobs entries reach, pulls in flight (reserved),"
+                   " partial downloads.", [({}, use.used)])
+            metric("nekko_disk_min_free_bytes", "gauge",
+                   "Free space the budget keeps on the cache's file system (--min-free-space).",
+                   [({}, budget.floor(use.disk))])
+            metric("nekko_disk_free_bytes", "gauge",
+                   "Free space on the cache's file system.", [({}, use.free)])
     return "\n".join(lines) + "\n"

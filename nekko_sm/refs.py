@@ -6,10 +6,12 @@ entry.  Parsing never touches the network.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from nekko_sm.errors import InvalidReference, UnsafeName, UnsupportedScheme
@@ -26,6 +28,23 @@ _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _HF_SPECIAL_REV = re.compile(r"^(refs/pr/[0-9]+|refs/convert/[A-Za-z0-9_.-]+)(?:/|$)")
 _URL_SAFE = "/%:@!$&'()*+,;=~-._"  # RFC 3986 pchar, "/" and existing %-escapes
 _HF_REPO_TYPES = {"datasets": "dataset", "spaces": "space", "models": "model"}
+# What a pattern keeps as is in the canonical query; anything else is percent-encoded.
+_PATTERN_SAFE = "*?[]!/:@,;-._~"
+MAX_PATTERNS = 256
+
+# Query parameters that are credentials (signed URLs: AWS SigV4 and S3 v2, CloudFront, GCS,
+# Azure SAS, and plain tokens): never part of a cache key, never logged or stored.
+QUERY_CREDENTIALS = frozenset({
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid",
+    "signature", "policy", "key-pair-id", "x-goog-signature", "x-goog-credential",
+    "googleaccessid", "sig", "token", "access_token"})
+# What each scheme signs along with them: it changes with every signature, not with the
+# content, so it leaves the key too, but only when a credential above is in the query.
+QUERY_SIGNING = frozenset({
+    "x-amz-algorithm", "x-amz-date", "x-amz-expires", "x-amz-signedheaders",
+    "x-goog-algorithm", "x-goog-date", "x-goog-expires", "x-goog-signedheaders", "expires",
+    "sv", "ss", "srt", "sp", "se", "st", "spr", "sip", "sr", "si", "sdd", "skoid", "sktid",
+    "skt", "ske", "sks", "skv"})
 
 
 def safe_name(name: str) -> str:
@@ -54,6 +73,10 @@ def _shown(url: str) -> str:
     authority, slash, tail = rest.partition("/")
     if "@" in authority:
         authority = "***@" + authority.rsplit("@", 1)[1]
+    tail, q, query = tail.partition("?")
+    if q:  # a signed URL's query is a credential: show that there was one, not what it said
+        query, hash_, fragment = query.partition("#")
+        tail += "?" + ("***" if has_query_credentials(query) else query) + hash_ + fragment
     return repr((scheme + sep + authority + slash + tail)[:200])
 
 
@@ -108,7 +131,9 @@ class HFRef:
     repo_type: str  # model | dataset | space
     repo_id: str  # org/name
     revision: str  # branch, tag, 40-hex commit or refs/pr/N
-    path: str  # "" for the whole repository
+    path: str  # "" for the whole repository; a file, or a directory (its sub-tree)
+    include: tuple = ()  # fnmatch patterns (sorted, unique): keep only files matching one
+    exclude: tuple = ()  # fnmatch patterns (sorted, unique): then drop files matching one
 
     @property
     def type_prefix(self) -> str:
@@ -121,7 +146,22 @@ class HFRef:
         # revision has its "/" encoded, so "@a%2Fb/f" and "@a/b/f" stay two different keys.
         special = _HF_SPECIAL_REV.fullmatch(self.revision + "/")
         rev = _escape(self.revision, slash=bool(special))
-        return f"hf://{self.registry}/{self.type_prefix}{self.repo_id}@{rev}{tail}"
+        query = "&".join([f"include={quote(p, safe=_PATTERN_SAFE)}" for p in self.include]
+                         + [f"exclude={quote(p, safe=_PATTERN_SAFE)}" for p in self.exclude])
+        return (f"hf://{self.registry}/{self.type_prefix}{self.repo_id}@{rev}{tail}"
+                + (f"?{query}" if query else ""))
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.include or self.exclude)
+
+    def wants(self, path: str) -> bool:
+        """Whether the repository file ``path`` is selected, as huggingface_hub's
+        ``allow_patterns``/``ignore_patterns`` select: ``fnmatchcase`` on the path in the
+        repository, where ``*`` matches ``/`` too."""
+        if self.include and not any(fnmatchcase(path, p) for p in self.include):
+            return False
+        return not any(fnmatchcase(path, p) for p in self.exclude)
 
     @property
     def quoted_revision(self) -> str:
@@ -132,12 +172,18 @@ class HFRef:
 
 @dataclass(frozen=True)
 class HTTPRef:
-    url: str  # canonical, without userinfo or fragment
-    userinfo: str | None  # "user:pass" from the URL, used as Basic credentials if none given
+    url: str  # canonical, without userinfo, fragment or query credentials
+    userinfo: str | None = field(repr=False)  # "user:pass" from the URL: Basic credentials
+    signed: str | None = field(default=None, repr=False)  # the URL with its query credentials
 
     @property
     def canonical(self) -> str:
         return self.url
+
+    @property
+    def fetch_url(self) -> str:
+        """The URL to send upstream: the canonical one plus any query credentials."""
+        return self.signed or self.url
 
     @property
     def host(self) -> str:
@@ -233,9 +279,74 @@ def _endpoint_host(endpoint: str) -> str:
     return parts.netloc.lower()
 
 
+def hf_pattern(pattern: object, url: str = "") -> str:
+    """One include/exclude pattern in its canonical form: a backslash is a "/", a trailing
+    "/" means everything below ("dir/" is "dir/*", as huggingface_hub reads it), leading
+    "/" are dropped (repository paths have none)."""
+    where = f" in {_shown(url)}" if url else ""
+    if not isinstance(pattern, str):
+        raise InvalidReference(f"an include/exclude pattern must be a string{where}")
+    try:
+        pattern.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidReference(f"an include/exclude pattern is not valid Unicode{where}") from None
+    if any(ord(c) < 32 or c == "\x7f" for c in pattern) or len(pattern) > 1024:
+        raise InvalidReference(f"bad include/exclude pattern {pattern[:100]!r}{where}:"
+                               " control characters or too long")
+    p = pattern.replace("\\", "/")
+    if p.endswith("/"):
+        p += "*"
+    p = p.lstrip("/")
+    if not p:
+        raise InvalidReference(f"empty include/exclude pattern{where}")
+    return p
+
+
+def _patterns(values, what: str, url: str = "") -> tuple:
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise InvalidReference(f'"{what}" must be a list of patterns')
+    out = tuple(sorted({hf_pattern(v, url) for v in values}))
+    if len(out) > MAX_PATTERNS:
+        raise InvalidReference(f'at most {MAX_PATTERNS} "{what}" patterns')
+    return out
+
+
+def _hf_query(query: str, url: str) -> tuple[tuple, tuple]:
+    """``include=P&exclude=Q…`` (each repeatable, any order) of an hf:// URL."""
+    got: dict[str, list] = {"include": [], "exclude": []}
+    for item in query.split("&"):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        try:
+            key, value = unquote(key, errors="strict"), unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise InvalidReference(f"{_shown(url)}: the query is not UTF-8") from None
+        if key not in got or not eq:
+            raise InvalidReference(f"{_shown(url)}: unknown query {key[:40]!r}; an hf:// URL"
+                                   " takes only include=PATTERN and exclude=PATTERN")
+        got[key].append(value)
+    return (_patterns(got["include"], "include", url), _patterns(got["exclude"], "exclude", url))
+
+
+def with_patterns(url: str, include=None, exclude=None,
+                  hf_endpoint: str = "https://huggingface.co") -> str:
+    """``url`` with more include/exclude patterns (a pull's "include"/"exclude" fields),
+    as its canonical URL; patterns belong to hf:// URLs only."""
+    if not include and not exclude:
+        return url
+    ref = parse(url, hf_endpoint)
+    if not isinstance(ref, HFRef):
+        raise InvalidReference("include/exclude patterns apply to hf:// URLs only")
+    inc = _patterns(list(ref.include) + list(_patterns(include or [], "include")), "include")
+    exc = _patterns(list(ref.exclude) + list(_patterns(exclude or [], "exclude")), "exclude")
+    return replace(ref, include=inc, exclude=exc).canonical
+
+
 def parse_hf(url: str, hf_endpoint: str = "https://huggingface.co") -> HFRef:
     rest = url.split("://", 1)[1]
-    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    rest = rest.split("#", 1)[0]
+    rest, _, query = rest.partition("?")
     first, _, tail = rest.partition("/")
     if first == "":
         registry = _endpoint_host(hf_endpoint)
@@ -277,7 +388,8 @@ def parse_hf(url: str, hf_endpoint: str = "https://huggingface.co") -> HFRef:
     path = ""
     if rest_segs:
         path = safe_name(unquote("/".join(rest_segs)))
-    return HFRef(registry, repo_type, f"{org}/{name}", revision, path)
+    include, exclude = _hf_query(query, url)
+    return HFRef(registry, repo_type, f"{org}/{name}", revision, path, include, exclude)
 
 
 def parse_http(url: str) -> HTTPRef:
@@ -302,7 +414,45 @@ def parse_http(url: str) -> HTTPRef:
     # the wire: "a b" and "a%20b" are one key, and the canonical form re-parses to itself.
     path = quote(parts.path or "/", safe=_URL_SAFE)
     query = quote(parts.query, safe=_URL_SAFE + "?")
-    return HTTPRef(urlunsplit((scheme, host, path, query, "")), userinfo)
+    kept = strip_query_credentials(query)
+    signed = urlunsplit((scheme, host, path, query, "")) if kept != query else None
+    return HTTPRef(urlunsplit((scheme, host, path, kept, "")), userinfo, signed)
+
+
+def _param_names(query: str) -> list[str]:
+    return [unquote(p.split("=", 1)[0]).strip().lower() for p in query.split("&")]
+
+
+def has_query_credentials(query: str) -> bool:
+    return any(n in QUERY_CREDENTIALS for n in _param_names(query))
+
+
+def strip_query_credentials(query: str) -> str:
+    """``query`` without its credential parameters (and, then, what they sign along)."""
+    if not has_query_credentials(query):
+        return query
+    parts = query.split("&")
+    return "&".join(p for p, n in zip(parts, _param_names(query))
+                    if n not in QUERY_CREDENTIALS and n not in QUERY_SIGNING)
+
+
+def hide_query_credentials(text: str) -> str:
+    """``text`` (a URL, or a request target ``/path?query``) without query credentials."""
+    head, q, rest = text.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    if not q or not has_query_credentials(query):
+        return text
+    return f"{head}?{strip_query_credentials(query)}{hash_}{fragment}"
+
+
+class QueryCredentialFilter(logging.Filter):
+    """For loggers that are not ours (urllib3 logs request targets at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(hide_query_credentials(a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
 
 
 def redact(url: str) -> str:

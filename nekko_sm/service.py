@@ -9,21 +9,28 @@ makes an entry "incomplete" (206) rather than absent (404).
 
 from __future__ import annotations
 
+import builtins
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from nekko_sm import access
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
+from nekko_sm.entries import Catalog, is_single_file, lock_held, pull_paths
 from nekko_sm.errors import (
+    BadRequest,
     Busy,
     Cancelled,
     Conflict,
@@ -34,27 +41,20 @@ from nekko_sm.errors import (
     UpstreamTooSlow,
     UpstreamUnavailable,
 )
+from nekko_sm.models.hfcache import HFCacheView
 from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse
-from nekko_sm.sources.base import (
-    A_DIGEST,
-    A_PLATFORM,
-    DIRECTORY_ARTIFACT_TYPES,
-    Job,
-    Progress,
-    PullResult,
-    entry_files,
-)
+from nekko_sm.sources.base import A_DIGEST, A_FORMAT, A_MODEL, A_PLATFORM, Job, Progress, PullResult
 from nekko_sm.store import (
+    A_DISCARDED,
+    A_FILES,
     INDEX_TYPES,
-    MANIFEST_TYPES,
     REF_NAME,
     Descriptor,
     FileLock,
+    GCReport,
     Lease,
     Store,
     check_digest,
-    key_for,
-    listdir,
     make_dirs,
     read_file,
     unlink,
@@ -147,22 +147,42 @@ class Flight:
         self.started = time.time()
         self.keep_partial = False  # set when stopping the server: the pull stays resumable
         self.digest: str | None = None  # the digest the pull checks (its first caller's)
+        self.cred = "anonymous"  # hash of the credentials the pull uses (access.credential_hash)
+        self.protected = False  # the pull uses credentials: its entry will be protected
+        self.marks: dict[str, Any] = {}  # pin/hold its callers asked for, set at commit
 
-    def checked(self, digest: str | None) -> Flight:
-        """This flight as a caller asking for ``digest`` sees it: its answer must match."""
-        if digest is None or digest == self.digest:
+    def want(self, pin: bool | None, hold: float | None) -> None:
+        """A caller's pin and hold, applied when the pull commits (the last pin wins)."""
+        if pin is not None:
+            self.marks["pin"] = pin
+        if hold:
+            self.marks["hold"] = max(hold, self.marks.get("hold", 0))
+
+    def joined(self, digest: str | None, confirm: Callable[[], None] | None = None) -> Flight:
+        """This flight as another caller sees it: ``confirm()`` proves the caller's access
+        (a protected pull, other credentials), then the answer must match ``digest``."""
+        if (digest is None or digest == self.digest) and confirm is None:
             return self
         view = copy.copy(self)
         view.future = Future()
 
-        def land(done: Future) -> None:
+        def answer(done: Future) -> None:
             try:
                 entry, created = done.result()
+                if confirm is not None:
+                    confirm()  # first: a refused caller learns nothing, not even the digest
                 _check_digest(entry, digest)
             except BaseException as e:  # noqa: BLE001 - the joined caller's answer
                 view.future.set_exception(e)
             else:
                 view.future.set_result((entry, created))
+
+        def land(done: Future) -> None:
+            if confirm is None:
+                answer(done)
+            else:  # asks the upstream: not on the thread that answers everyone else
+                threading.Thread(target=answer, args=(done,), name="access check",
+                                 daemon=True).start()
 
         self.future.add_done_callback(land)
         return view
@@ -172,7 +192,7 @@ class Service:
     def __init__(self, config: Config, store: Store | None = None,
                  transfer=None) -> None:
         self.config = config
-        self.store = store or Store(config.cache_dir).init()
+        self.store = store or Store(config.cache_dir)
         self._transfer = transfer  # made on first use: status/path need no network stack
         self.pulls_dir = self.store.ingest_dir / "pulls"
         make_dirs(self.pulls_dir)
@@ -181,9 +201,15 @@ class Service:
         # The last failure of each URL, as its JSON error only (never the exception: its
         # traceback holds frames and buffers), the oldest forgotten past _MAX_FAILURES.
         self._failures: OrderedDict[str, dict] = OrderedDict()
-        self._files_cache: dict[str, list] = {}
         self._workers = _Workers(PULL_WORKERS)
+        self.access = access.AccessChecks()
+        self.catalog = Catalog(self.store, self.pulls_dir, self._live)
+        self.store.describe = self.catalog.template  # entries taken over at open
+        self.store.init()
         self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
+        from nekko_sm.budget import Budget
+
+        self.budget = Budget(self.store, config, self.busy)
 
     @property
     def transfer(self):
@@ -219,42 +245,128 @@ class Service:
 
     # -- pulling ------------------------------------------------------------------------
     def pull(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
-             platform: str | None = None) -> tuple[dict, bool]:
+             platform: str | None = None, pin: bool | None = None,
+             hold: float | None = None) -> tuple[dict, bool]:
         """Download ``url`` unless cached; returns (entry, created_now)."""
-        flight, entry = self.start(url, credentials, digest, platform)
+        flight, entry = self.start(url, credentials, digest, platform, pin, hold)
         if entry is not None:
             return entry, False
         assert flight is not None
-        return flight.future.result()
+        return self.finish(flight, pin, hold)
 
     def start(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
-              platform: str | None = None) -> tuple[Flight | None, dict | None]:
-        """Begin (or join) a pull.  Returns (flight, None), or (None, entry) when cached."""
+              platform: str | None = None, pin: bool | None = None,
+              hold: float | None = None) -> tuple[Flight | None, dict | None]:
+        """Begin (or join) a pull.  Returns (flight, None), or (None, entry) when cached.
+
+        ``pin`` (True/False) pins or unpins the entry, ``hold`` (seconds) keeps it from
+        eviction that long from now; both also for an entry already cached, and both, like
+        the request itself, count as a use of it (DESIGN 9).
+        """
         if digest is not None:
             check_digest(digest)
+        hold = check_hold(hold)
         ref, platform = self.resolve(url, platform or None)
         key = ref.canonical
-        desc = self.store.get_entry(key)
-        if desc is not None and _platform_matches(desc, platform):
-            entry = self._entry_json(key, desc)
-            _check_digest(entry, digest)
+        auth = access.pull_auth(self, ref, credentials)
+        cred = access.credential_hash(auth)
+        entry = self._cached(key, platform, digest, ref, credentials, pin, hold)
+        if entry is not None:
             return None, entry
         with self._lock:
             flight = self._flights.get(key)
             if flight is not None:
-                return flight.checked(digest), None
+                flight.want(pin, hold)
+                confirm = None
+                if flight.protected and cred != flight.cred:
+                    confirm = partial(self._confirm_landed, key, ref, credentials)
+                return flight.joined(digest, confirm), None
             if len(self._workers) >= MAX_QUEUED_PULLS:
                 raise Busy(f"{MAX_QUEUED_PULLS} pulls are waiting already: try again later")
             flight = Flight(key, self._count_bytes, self.config.max_pull_size)
-            flight.digest = digest
+            flight.digest, flight.cred, flight.protected = digest, cred, auth is not None
+            flight.want(pin, hold)
             self._flights[key] = flight
             self._failures.pop(key, None)
             self._workers.submit(self._run, flight, ref, credentials, digest, platform)
         return flight, None
 
+    def _confirm_landed(self, key: str, ref, credentials: Credentials | None) -> None:
+        """A caller who joined a protected pull proves access once the entry is there."""
+        desc = self.store.get_entry(key)
+        if desc is None:
+            raise Cancelled(f"{key} was removed while the pull ran")
+        self.access.confirm(self, key, ref, desc, credentials)
+
+    def _cached(self, key: str, platform: str | None, digest: str | None, ref,
+                credentials: Credentials | None, pin: bool | None = None,
+                hold: float | None = None) -> dict | None:
+        """The complete entry for ``key`` if it answers this request: a protected one only
+        once this caller's access is confirmed (first: a refused caller learns nothing, not
+        even the digest), then 409 if it is not the digest asked for.  Answering it is a
+        use (and applies ``pin``, ``hold``)."""
+        desc = self.store.get_entry(key)
+        if desc is None or not _platform_matches(desc, platform):
+            return None
+        self.access.confirm(self, key, ref, desc, credentials)
+        try:
+            if digest is not None:
+                _check_digest(self.catalog.entry(key), digest)
+            self.mark(key, pin, hold)
+            return self.catalog.entry(key)
+        except EntryNotFound:
+            return None  # evicted or removed just now: pull it again
+
+    def finish(self, flight: Flight, pin: bool | None = None,
+               hold: float | None = None) -> tuple[dict, bool]:
+        """Wait for ``flight``; (entry, created_now) with this caller's pin and hold applied."""
+        entry, created = flight.future.result()
+        if pin is not None or hold is not None:  # a caller who joined after the commit
+            self.mark(entry["url"], pin, hold)
+            entry = self.catalog.entry(entry["url"])
+        return entry, created
+
+    # -- use, pins, holds ------------------------------------------------------------------
+    def mark(self, key: str, pin: bool | None = None, hold: float | None = None,
+             use: bool = True) -> bool:
+        """Record a use of ``key``, and pin/unpin and hold it as asked; False if absent."""
+        found = True
+        if use:
+            found = self.store.touch(key)
+        if pin is not None:
+            found = self.store.set_pin(key, pin)
+        if hold:
+            rec = self.store.entry_record(key)
+            if rec is None:
+                return False
+            until = time.time() + hold
+            if rec.held_until is None or rec.held_until < until:
+                found = self.store.set_hold(key, until)
+        return found
+
+    def use(self, url: str) -> dict:
+        """The complete entry for ``url``, recorded as used (``path``); EntryNotFound if not."""
+        entry = self.status(url)
+        if entry.get("state") == "complete" and self.store.touch(entry["url"]):
+            entry = self.status(url)
+        return entry
+
+    def pin(self, url: str, pinned: bool = True) -> dict:
+        """Pin (or unpin) a cached entry: it is never evicted.  EntryNotFound if absent."""
+        key = self.canonical(url)
+        if not self.store.set_pin(key, pinned):
+            raise EntryNotFound(f"{key} is not in the cache")
+        return self.catalog.entry(key)
+
+    def busy(self, key: str) -> bool:
+        """Is ``key`` being pulled, by this process or another?"""
+        with self._lock:
+            if key in self._flights:
+                return True
+        return lock_held(self._pull_paths(key)[1])
+
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
-        k = key_for(key)
-        return self.pulls_dir / f"{k}.json", self.pulls_dir / f"{k}.lock"
+        return pull_paths(self.pulls_dir, key)
 
     def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
         key = flight.url
@@ -280,10 +392,11 @@ class Service:
     def _pull_locked(self, flight: Flight, ref, credentials, digest, platform) -> dict:
         key = flight.url
         record = self._pull_paths(key)[0]
-        desc = self.store.get_entry(key)
-        if desc is not None and _platform_matches(desc, platform):  # another process did it
-            entry = self._entry_json(key, desc)
-            _check_digest(entry, digest)
+        with self._lock:
+            marks = dict(flight.marks)
+        entry = self._cached(key, platform, digest, ref, credentials, marks.get("pin"),
+                             marks.get("hold"))
+        if entry is not None:  # another process did it
             return {"result": (entry, False)}
         log.info("pulling %s", key)
         state: dict[str, Any] = {"url": key, "started": time.time(), "ingest": []}
@@ -302,13 +415,26 @@ class Service:
 
             with Lease(self.store) as lease:
                 job = Job(self.config, self.store, self.transfer, lease, credentials, digest,
-                          platform, flight.cancel, flight.progress, on_ingest)
+                          platform, flight.cancel, flight.progress, on_ingest,
+                          functools.partial(self.budget.make_room, lease))
                 result = self._source_pull(job, ref)
                 if flight.cancel.is_set():
                     raise Cancelled(f"pull of {key} was cancelled")
-                self._commit(key, result)
+                auth = access.pull_auth(self, ref, credentials)
+                self._commit(key, result, auth[0] if auth else None)
+                if auth is not None:  # this caller just proved its access
+                    self.access.remember(key, access.credential_hash(auth))
+                with self._lock:
+                    marks = dict(flight.marks)
+                if marks:  # still under the pull's lock: never evictable in between
+                    self.mark(key, marks.get("pin"), marks.get("hold"), use=False)
+            if self.config.discard_unpacked_layers and result.unpacked:
+                freed = self.store.discard(result.unpacked)  # after the lease: ours no more
+                log.info("%s: freed %d unpacked tar layers (%d bytes)", key,
+                         len(freed.blobs_freed), freed.bytes_freed)
             unlink(record)
-            entry = self._entry_json(key, self.store.get_entry(key))
+            self.budget.settle()
+            entry = self.catalog.entry(key)
             self._count("complete", ref)
             took = max(time.time() - flight.started, 1e-6)
             got = flight.progress.done - flight.progress.deduplicated
@@ -321,6 +447,9 @@ class Service:
         except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             err = e if isinstance(e, NekkoError) else _internal(e)
             keep = isinstance(err, _RESUMABLE) or (isinstance(err, Cancelled) and flight.keep_partial)
+            if err.context.get("up_front") and not any(
+                    self.store.partial_size(r) for r in state["ingest"]):
+                keep = False  # refused before a byte was written: nothing to resume
             if not keep:
                 unlink(record)
             if isinstance(err, PullTooLarge):  # what arrived of it is not worth a resume
@@ -362,17 +491,32 @@ class Service:
             return hf.pull(job, ref)
         raise AssertionError(f"no source for {ref!r}")
 
-    def _commit(self, key: str, result: PullResult) -> None:
+    def _commit(self, key: str, result: PullResult, protected: str | None = None) -> None:
         m = result.manifest
         ann = dict(m.annotations)
         ann[A_DIGEST] = result.digest
+        if protected:
+            ann[access.A_PROTECTED] = protected  # what kind of credential, never the secret
         if result.platform:
             ann[A_PLATFORM] = result.platform
+        if result.format:
+            ann[A_FORMAT] = result.format
+        if result.model:
+            ann[A_MODEL] = result.model
+        if result.files_manifest is not None:
+            ann[A_FILES] = result.files_manifest.digest
+            if self.config.discard_unpacked_layers and result.unpacked:
+                ann[A_DISCARDED] = " ".join(sorted(result.unpacked))
         desc = Descriptor(m.media_type, m.digest, m.size, ann, m.artifact_type, m.platform)
-        files = self._files_of(desc)
-        if self._is_single_file(desc, files) is None:
+        files = self.catalog.files_of(desc)
+        if is_single_file(desc, files) is None:
             self.store.make_view(key, [(f["name"], f["digest"]) for f in files])
-        self.store.put_entry(key, desc)
+        self.store.put_entry(key, desc, self.catalog.template(key, desc))
+        if result.hf_view is not None:
+            try:  # CACHE_DIR/huggingface/hub, for engines that know the repo id (DESIGN 8)
+                HFCacheView(self.store).add(result.hf_view)
+            except (NekkoError, OSError) as e:
+                log.warning("%s: not in the Hugging Face cache view: %s", key, e)
 
     def _count_bytes(self, n: int) -> None:
         with self._lock:
@@ -384,99 +528,22 @@ class Service:
             self.stats["pulls"][k] = self.stats["pulls"].get(k, 0) + 1
 
     # -- reading entries ----------------------------------------------------------------
-    def _files_of(self, desc: Descriptor) -> list:
-        cached = self._files_cache.get(desc.digest)
-        if cached is not None:
-            return cached
-        files = entry_files(self.store, desc)
-        if len(self._files_cache) > 100_000:
-            self._files_cache.clear()
-        self._files_cache[desc.digest] = files
-        return files
-
-    @staticmethod
-    def _is_single_file(desc: Descriptor, files: list) -> dict | None:
-        """The one file of a single-file artifact entry, else None."""
-        if (desc.artifact_type and len(files) == 1 and desc.media_type in MANIFEST_TYPES
-                and desc.artifact_type not in DIRECTORY_ARTIFACT_TYPES):
-            return files[0]
-        return None
-
-    def _entry_json(self, key: str, desc: Descriptor | None) -> dict:
-        if desc is None:
-            raise EntryNotFound(f"{key} is not in the cache")
-        files = self._files_of(desc)
-        single = self._is_single_file(desc, files)
-        digest = desc.annotations.get(A_DIGEST, desc.digest)
-        size = sum(f["size"] or 0 for f in files) if files else desc.size
-        entry = {
-            "url": key,
-            "state": "complete",
-            "digest": digest,
-            "size": size,
-            "downloaded": size,
-            "path": single["path"] if single else str(self.store.view_path(key)),
-            "files": files,
-        }
-        if desc.digest != digest:
-            entry["manifest"] = desc.digest
-        if desc.annotations.get(A_PLATFORM):
-            entry["platform"] = desc.annotations[A_PLATFORM]
-        return entry
-
-    def status(self, url: str) -> dict:
-        """The entry for ``url``: complete, incomplete (with progress), or EntryNotFound."""
-        key = self.canonical(url)
-        desc = self.store.get_entry(key)
-        if desc is not None:
-            return self._entry_json(key, desc)
+    def _live(self, key: str) -> tuple[Progress | None, dict | None]:
         with self._lock:
             flight = self._flights.get(key)
             failure = self._failures.get(key)
-        if flight is not None:
-            p = flight.progress
-            return {"url": key, "state": "downloading", "downloaded": p.done, "size": p.total,
-                    "files": []}
-        record, lock_path = self._pull_paths(key)
-        try:
-            state = json.loads(read_file(record))
-        except (OSError, ValueError):
-            state = None
-        if state is not None:
-            busy = _held(lock_path)
-            done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
-            entry: dict[str, Any] = {
-                "url": key, "state": "downloading" if busy else "incomplete",
-                "downloaded": done, "size": None, "files": []}
-            if failure is not None:
-                entry["error"] = dict(failure)
-            return entry
-        if failure is not None:
-            raise EntryNotFound(f"{key} is not in the cache: the last pull failed:"
-                                f" {failure['message']}")
-        raise EntryNotFound(f"{key} is not in the cache")
+        return (flight.progress if flight is not None else None), failure
+
+    def status(self, url: str) -> dict:
+        """The entry for ``url``: complete, incomplete (with progress), or EntryNotFound."""
+        return self.catalog.status(self.canonical(url))
+
+    def answer(self, token: str, decode: Callable[[str], str]) -> bytes | None:
+        """The encoded answer for a complete entry asked for as ``token`` (a path's text)."""
+        return self.catalog.answer(token, lambda t: self.canonical(decode(t)))
 
     def list(self) -> list:
-        out = []
-        for d in self.store.entries():
-            key = d.annotations[REF_NAME]
-            try:
-                out.append(self._entry_json(key, d))
-            except NekkoError:
-                continue
-        seen = {e["url"] for e in out}
-        for record in sorted(self.pulls_dir / n for n in listdir(self.pulls_dir)
-                             if n.endswith(".json")):
-            try:
-                url = json.loads(read_file(record))["url"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if url not in seen:
-                try:
-                    out.append(self.status(url))
-                except NekkoError:
-                    pass
-        return out
+        return self.catalog.list()
 
     # -- removing -------------------------------------------------------------------------
     def remove(self, url: str, wait: float = 30.0) -> dict:
@@ -501,16 +568,33 @@ class Service:
             except (OSError, ValueError):
                 pass
             unlink(record)
-        gone = self.store.remove_entry(key)
+        HFCacheView(self.store).remove(key)  # first: its hard links hold the blobs' bytes
+        gone, report = self.store.free_entry(key)
+        self.access.forget(key)
         with self._lock:
             self._failures.pop(key, None)
         if gone is None and not had_record and flight is None:
             raise EntryNotFound(f"{key} is not in the cache")
         for r in refs:
             self.store.discard_partial(r)
-        report = self.store.gc(partials=False)
         return {"url": key, "blobs_freed": len(report.blobs_freed),
                 "bytes_freed": report.bytes_freed}
+
+    def gc(self, dry_run: bool = False) -> GCReport:
+        """``store.gc``, the Hugging Face cache view first pruned of entries no longer
+        there (its hard links would keep the freed blobs' bytes on disk)."""
+        if not dry_run:
+            HFCacheView(self.store).prune(d.annotations[REF_NAME] for d in self.store.entries())
+        return self.store.gc(dry_run=dry_run)
+
+    def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
+               ) -> builtins.list[tuple[str, str]]:
+        """``store.verify``; with ``repair``, the entries it removed leave the Hugging Face
+        cache view too (whose hard links would still show the damaged bytes)."""
+        problems = self.store.verify(roots, repair=repair)
+        if repair and problems:
+            HFCacheView(self.store).prune(d.annotations[REF_NAME] for d in self.store.entries())
+        return problems
 
     def close(self) -> None:
         with self._lock:
@@ -528,6 +612,22 @@ class Service:
                 pass
         if self._transfer is not None:
             self._transfer.close()
+        self.store.close()
+
+
+# The longest hold one request may ask for (an engine renews its hold while it runs).
+MAX_HOLD = 10 * 365 * 86400
+
+
+def check_hold(hold: object) -> float | None:
+    """A hold in seconds from a request: a number from 0 to MAX_HOLD, else BadRequest."""
+    if hold is None:
+        return None
+    if isinstance(hold, bool) or not isinstance(hold, (int, float)) \
+            or not 0 <= hold <= MAX_HOLD:
+        raise BadRequest(f'"hold" must be a number of seconds from 0 to {MAX_HOLD},'
+                         f" not {str(hold)[:40]!r}")
+    return float(hold)
 
 
 def _platform_matches(desc: Descriptor, wanted: str | None) -> bool:
@@ -555,17 +655,6 @@ def _check_digest(entry: dict, wanted: str | None) -> None:
         return
     raise Conflict(f"{entry['url']} is cached with digest {entry.get('digest')}, not the"
                    f" {wanted} asked for: remove it first (rm, or DELETE) to pull it again")
-
-
-def _held(lock_path: Path) -> bool:
-    """Is someone (this or another process) holding the flock at ``lock_path``?"""
-    if not lock_path.exists():
-        return False
-    probe = FileLock(lock_path)
-    if probe.acquire(blocking=False):
-        probe.release()
-        return False
-    return True
 
 
 def _internal(e: BaseException) -> NekkoError:

@@ -27,8 +27,9 @@ from urllib3.exceptions import HTTPError as _Urllib3Error
 from urllib3.exceptions import ProtocolError
 from urllib3.response import HTTPResponse
 
+from nekko_sm import __version__, egress, httpio, retrying
 from nekko_sm import download as _download
-from nekko_sm import httpio
+from nekko_sm import ranged as _ranged
 from nekko_sm.config import Config
 from nekko_sm.errors import (
     Forbidden,
@@ -45,11 +46,13 @@ from nekko_sm.httpio import (
     read_limited,
     reason,
 )
-from nekko_sm.refs import redact
+from nekko_sm.refs import QueryCredentialFilter, redact
 
 log = logging.getLogger("nekko_sm.transfer")
+logging.getLogger("urllib3.connectionpool").addFilter(QueryCredentialFilter())  # signed URLs
 
-USER_AGENT = "nekko-sm"
+# A specific User-Agent (the Hub asks tools to name themselves; its logs and rate limits do).
+USER_AGENT = f"nekko-sm/{__version__} (urllib3/{urllib3.__version__})"
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
@@ -83,8 +86,9 @@ def default_error(status: int, url: str, body: bytes, headers: Mapping[str, str]
     if status in (404, 410):
         return UpstreamNotFound(f"{where}: not found ({status})")
     if status in RETRY_STATUSES:
-        return UpstreamUnavailable(f"{where}: server answered {status}",
-                                   retry_after=retry_after(headers.get("Retry-After")))
+        return UpstreamUnavailable(f"{where}: server answered {status}"
+                                   + retrying.describe(status, headers),
+                                   retry_after=retrying.wait_hint(status, headers))
     return UpstreamError(f"{where}: unexpected answer {status}")
 
 
@@ -194,13 +198,19 @@ class Transfer:
         self.backoff = backoff
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self._no_proxy = _NoProxy(config.no_proxy)
-        # Connections beyond one per download, shared by every ranged download at once.
+        # Connections beyond one per download, shared by every ranged download at once:
+        # --jobs - 1 to start with, and more (up to ranged.connection_cap in all) for a
+        # download that measurably goes faster with them.  What worked, per origin.
         self.extra_connections = threading.Semaphore(max(0, config.jobs - 1))
+        self.pacer = retrying.Pacer(reserve=2 * config.jobs)  # rate limits, per server
+        self.connection_cap = _ranged.connection_cap(config.jobs)
+        self.more_connections = threading.Semaphore(self.connection_cap - config.jobs)
+        self.connection_memory: dict[tuple, int] = {}
         self._lock = threading.Lock()
         self._managers: dict[str | None, urllib3.PoolManager] = {}
         self._pool_kw: dict[str, Any] = {  # keyword arguments of every PoolManager
             "num_pools": 64,
-            "maxsize": max(4, config.jobs * 2),
+            "maxsize": max(4, self.connection_cap),
             "block": False,
             "retries": False,
             "timeout": self.timeout,
@@ -231,9 +241,10 @@ class Transfer:
                             proxy_basic_auth=f"{unquote(p.username)}:{unquote(p.password or '')}")
                         proxy = proxy.replace(p.netloc, p.netloc.rsplit("@", 1)[1])
                     m = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._pool_kw)
-                else:
-                    m = urllib3.PoolManager(**self._pool_kw)
-                m.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+                    m.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+                else:  # checked addresses (egress) and timed answers (httpio) both
+                    m = egress.pool_manager(self.config.egress, _HTTPConnection,
+                                            _HTTPSConnection, **self._pool_kw)
                 self._managers[self._proxy_for(url)] = m
             return m
 
@@ -258,8 +269,14 @@ class Transfer:
             return UpstreamError(f"{redact(url)}: the TLS certificate of {whose} is not trusted"
                                  f" ({cert}); give the CA that signed it with --ca-cert FILE"
                                  " or SSL_CERT_FILE")
-        if not via_proxy:
-            return UpstreamUnavailable(f"{redact(url)}: {reason(e)}")
+        dns = None if via_proxy else retrying.dns_failure(e)
+        if dns is not None:  # said plainly; "no such name" at once, without retries
+            host = urlsplit(url).hostname
+            cls = UpstreamError if dns[0] else UpstreamUnavailable
+            return cls(f"{redact(url)}: cannot resolve host {host!r} ({dns[1]})")
+        if not via_proxy:  # refused or timed out, a banner: the log's, not the caller's
+            log.info("%s: cannot connect: %s", redact(url), reason(e))
+            return UpstreamUnavailable(f"{redact(url)}: cannot connect (the reason is logged)")
         inner = getattr(e, "original_error", None) or e
         m = _TUNNEL_RE.search(str(inner))
         if m is not None:
@@ -296,7 +313,9 @@ class Transfer:
             left_origin = left_origin or origin(url) != home
             if auth is not None and not left_origin:
                 h["Authorization"] = auth
+            retrying.pause(*self.pacer.delay(url))  # a rate limit running dry: spread out
             log.log(5, "%s %s", method, redact(url))
+            self.config.egress.check_url(url)  # every hop; direct connections check addresses
             if log.isEnabledFor(3):  # wire level: headers, never a credential
                 log.log(3, "> %s %s %s", method, redact(url), _safe_headers(h))
             try:
@@ -307,6 +326,7 @@ class Transfer:
                 )
             except _Urllib3Error as e:
                 raise self._connection_error(url, e) from e
+            self.pacer.observe(url, resp.headers)
             if log.isEnabledFor(3):
                 log.log(3, "< %d %s %s", resp.status, redact(url), _safe_headers(resp.headers))
             if resp.status == 407 and self._proxy_for(url):
@@ -342,23 +362,29 @@ class Transfer:
             try:
                 resp, final = self.open(method, url, headers, auth, body, follow_redirects)
                 try:
-                    data = read_limited(resp, limit, url) if method != "HEAD" else b""
+                    # Read even a HEAD answer (no body: this returns at once): http.client
+                    # forgets a response only once it is read or garbage-collected, and a
+                    # pooled connection whose last response is still open fails its next
+                    # request with ResponseNotReady('Request-sent') (every retry did).
+                    data = read_limited(resp, limit, url)
                 finally:
                     resp.release_conn()
                 if retry and resp.status in RETRY_STATUSES and attempt < self.attempts:
-                    self._sleep(attempt, retry_after(resp.headers.get("Retry-After")))
+                    self._sleep(attempt, retrying.wait_hint(resp.status, resp.headers),
+                                f"{method} {redact(final)}: {resp.status}"
+                                + retrying.describe(resp.status, resp.headers))
                     continue
                 return Response(resp.status, resp.headers, data, final)
             except UpstreamUnavailable as e:
                 if not retry or attempt >= self.attempts:
                     raise
-                self._sleep(attempt, e.retry_after)
+                self._sleep(attempt, e.retry_after, e.message)
 
-    def _sleep(self, attempt: int, hint: float | None) -> None:
+    def _sleep(self, attempt: int, hint: float | None, what: str = "a download failed") -> None:
         delay = hint if hint is not None else min(30.0, self.backoff * (2 ** (attempt - 1)))
         delay *= 1.0 if hint is not None else random.uniform(0.8, 1.2)
-        log.debug("retrying in %.1fs", delay)
-        time.sleep(delay)
+        retrying.notice(what, attempt, self.attempts, delay)  # one visible line per wait
+        retrying.sleep(delay)
 
     # -- streaming download into the store ----------------------------------------------
     def download(self, url: str, writer, *, auth: str | None = None,
@@ -409,19 +435,9 @@ _TUNNEL_RE = re.compile(r"Tunnel connection failed: (\d{3})(.*)$")
 
 def _cert_failure(e: BaseException | None) -> str | None:
     """Why a certificate was refused, when that is what ``e`` (or what it wraps) says."""
-    seen: set[int] = set()
-    todo = [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
+    for x in retrying.causes(e):
         if isinstance(x, ssl.SSLCertVerificationError):
             return str(x.verify_message or x.reason or x)[:200]
-        if isinstance(x, BaseException):
-            todo += [getattr(x, "reason", None), getattr(x, "original_error", None),
-                     x.__cause__, x.__context__]
-            todo += [a for a in x.args if isinstance(a, BaseException)]
     return None
 
 

@@ -9,6 +9,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -59,7 +61,10 @@ class Api:
         c = self.conn()
         try:
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-            c.request(method, path, body=data, headers=headers or {})
+            hdrs = dict(headers or {})
+            if method == "POST":  # what the API wants (415 otherwise)
+                hdrs.setdefault("Content-Type", "application/json")
+            c.request(method, path, body=data, headers=hdrs)
             r = c.getresponse()
             payload = r.read()
             doc = json.loads(payload) if payload and r.getheader("Content-Type") == "application/json" else payload
@@ -105,9 +110,10 @@ def test_post_get_head_delete(api, nginx):
     assert entry["digest"] == sha(data) and entry["state"] == "complete"
     assert Path(entry["path"]).read_bytes() == data
     status, again, _ = api.call("POST", "/content/", {"url": url})
-    assert status == 200 and again == entry
+    assert status == 200 and again["last_used"] > entry["last_used"]  # a use (DESIGN 9)
+    assert {**again, "last_used": 0} == {**entry, "last_used": 0}
     status, got, _ = api.call("GET", content(url))
-    assert status == 200 and got == entry
+    assert status == 200 and got == again  # a GET is not a use
     status, body, r = api.call("HEAD", content(url))
     assert status == 200 and body == b"" and int(r.getheader("Content-Length")) > 0
     status, listing, _ = api.call("GET", "/content/")
@@ -117,6 +123,52 @@ def test_post_get_head_delete(api, nginx):
     assert not Path(entry["path"]).exists()
     assert api.call("DELETE", content(url))[0] == 404
     assert api.call("GET", content(url))[0] == 404
+
+
+def test_cache_hit_answers_from_memory_until_any_process_changes_the_cache(api, nginx, pyz,
+                                                                           monkeypatch):
+    url = nginx.put("hit.bin", b"answered from memory")
+    other = nginx.put("hit-other.bin", b"another entry")
+    assert api.call("POST", "/content/", {"url": url})[0] == 201
+    status, first, _ = api.call("GET", content(url))
+    assert status == 200
+    store = api.service.store
+    real, reads = store.entry_info, []
+    monkeypatch.setattr(store, "entry_info", lambda key: (reads.append(key), real(key))[1])
+    for _ in range(3):
+        status, again, r = api.call("GET", content(url))
+        assert status == 200 and again == first and r.getheader("Date")
+    assert reads == []  # a dictionary lookup of the encoded answer
+    # a change in this process drops the answers: the next GET reads the database again
+    assert api.call("POST", "/content/", {"url": other})[0] == 201
+    reads.clear()
+    assert api.call("GET", content(url))[0] == 200
+    assert reads == [url]
+    # a change by another process (the CLI) on the same cache: the next GET sees it
+    r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(store.root), "rm", url],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert api.call("GET", content(url))[0] == 404
+    assert api.call("GET", content(other))[0] == 200
+
+
+def test_a_connection_per_request_leaks_no_database_handle(api, nginx):
+    url = nginx.put("fd.bin", b"one connection each")
+    assert api.call("POST", "/content/", {"url": url})[0] == 201
+
+    def db_fds() -> int:
+        fds = os.listdir("/proc/self/fd")
+        return sum(1 for fd in fds
+                   if os.path.realpath(f"/proc/self/fd/{fd}").startswith(
+                       str(api.service.store.root / "nekko.db")))
+
+    for _ in range(3):  # warm: the pool, the first threads
+        api.call("GET", content(url))
+    before = db_fds()
+    for _ in range(100):  # each on a new connection: a new handler thread
+        assert api.call("GET", content(url))[0] == 200
+    time.sleep(0.2)  # the last handler threads end
+    assert db_fds() <= before + 4
 
 
 @pytest.mark.parametrize("encode", [

@@ -135,3 +135,25 @@ def test_cli_bad_value_exits_2(tmp_path, capsys):
 def test_global_options_after_the_command(tmp_path, capsys):
     assert main(["ls", "--cache-dir", str(tmp_path), "-vv"]) == 0
     assert Path(tmp_path, "oci-layout").exists()
+
+
+@pytest.mark.parametrize("endpoint, insecure, ok", [
+    ("http://hub.internal:8080", [], False),  # clear text over the network: refused
+    ("http://hub.internal:8080", ["hub.internal:8080"], True),  # the operator said so
+    ("http://hub.internal:8080", ["hub.internal"], True),
+    ("http://127.0.0.1:9000", [], True),  # never leaves the machine
+    ("http://localhost:9000", [], True),
+    ("http://[::1]:9000", [], True),
+    ("https://hub.internal", [], True),
+])
+def test_hf_token_is_not_sent_in_clear_text_without_an_opt_in(tmp_path, endpoint, insecure, ok):
+    """Issue 9, finding 9: HF_TOKEN went to an http:// HF_ENDPOINT without a word."""
+    flags = {"cache_dir": str(tmp_path), "insecure_registry": insecure}
+    env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_secret"}
+    if ok:
+        assert cfg.build(flags, env).hf_token == "hf_secret"
+    else:
+        with pytest.raises(ConfigError, match="clear text") as e:
+            cfg.build(flags, env)
+        assert "hf_secret" not in e.value.message
+    cfg.build(flags, {"HF_ENDPOINT": endpoint})  # without a token any endpoint is fine

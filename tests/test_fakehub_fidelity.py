@@ -1,8 +1,14 @@
 """The fake Hub (tests/peers/hub.py) against the official huggingface_hub client, and quick
 direct-HTTP checks of its fault toggles.
 
-If huggingface_hub accepts what the fake serves (headers, redirects, errors, pagination), the fake is
-close enough to the real Hub for nekko-sm's own Hugging Face client to be tested against it.
+If huggingface_hub accepts what the fake serves (headers, redirects, errors, pagination, rate
+limits, the Xet-era redirect to the bridge), the fake is close enough to the real Hub for
+nekko-sm's own Hugging Face client to be tested against it.
+
+The client runs with Xet downloads disabled (HF_HUB_DISABLE_XET, as behind a mirror): the fake
+sends every Xet header and answers the xet-auth token request, but implements no CAS server, so
+the official client parses the Xet data (checked below) and then downloads over plain HTTP from
+the bridge, the fallback the real Hub keeps for every client without hf_xet.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ def hf(tmp_path_factory):
 
     # constants are read once at import (another test module may have imported it first)
     mp.setattr(constants, "HF_HUB_OFFLINE", False)
+    mp.setattr(constants, "HF_HUB_DISABLE_XET", True)  # no CAS server here (module docstring)
     mp.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
     mp.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
     yield huggingface_hub
@@ -115,11 +122,19 @@ def dl(hf, hub: FakeHub, tmp_path):
 
 @pytest.fixture(autouse=True)
 def wire_invariants(request, hub: FakeHub):
-    """After every client test: no Authorization ever reached the CDN, no Xet header was sent."""
+    """After every client test: no Authorization ever reached the CDN or the bridge, every
+    LFS redirect carried its Xet headers, and no CDN/bridge ETag was ever the sha256."""
     hub.clear_log()
     hub.clear_faults()
     hub.tree_page_size = 1000
+    hub.xet, hub.lfs_redirect_status, hub.strip_headers = True, 302, set()
+    hub.anonymous_401_code, hub.max_unranged_size = True, 50 * 1000**3
     yield
+    stripped = {h.lower() for h in hub.strip_headers}
+    hub.xet, hub.lfs_redirect_status, hub.strip_headers = True, 302, set()
+    hub.anonymous_401_code, hub.max_unranged_size = True, 50 * 1000**3
+    for bucket in ("api", "resolvers", "pages"):
+        hub.set_rate_limit(bucket, 1_000_000)
     if request.node.name.startswith("test_direct_"):
         hub.clear_log()
         return
@@ -127,11 +142,15 @@ def wire_invariants(request, hub: FakeHub):
     assert not [r for r in log if r.server == "cdn" and r.has_authorization], (
         "Authorization sent to the CDN"
     )
+    shas = {b.sha256 for b in hub._lfs.values()}
     for r in log:
-        names = [k.lower() for k, _ in r.response_headers]
-        assert not [n for n in names if n.startswith("x-xet")], r
-        link = (r.response_header("Link") or "").lower()
-        assert "xet" not in link, r
+        if r.server == "cdn" and r.status in (200, 206):
+            assert r.response_header("ETag").strip('"') not in shas, r
+        if r.server == "hub" and r.status in (302, 307) and "/xet-bridge-us/" in (
+            r.response_header("Location") or ""
+        ):
+            assert "x-xet-hash" in stripped or r.response_header("X-Xet-Hash"), r
+            assert 'rel="xet-auth"' in r.response_header("Link"), r
 
 
 def _err(hf, name):
@@ -179,7 +198,13 @@ def test_lfs_file_in_subfolder(hf, dl, hub, repos):
         token=False,
     )
     assert meta.etag == hashlib.sha256(GGUF).hexdigest() and meta.size == len(GGUF)
-    assert meta.location.startswith(hub.cdn_endpoint + "/")
+    assert meta.location.startswith(hub.cdn_endpoint + "/xet-bridge-us/")
+    # the Xet data huggingface_hub reads from the redirect: the hash, and where its token is
+    blob = hub.blob("fid/model", "weights/q4/model.Q4_K_M.gguf")
+    assert meta.xet_file_data.file_hash == blob.xet_hash != blob.sha256
+    assert meta.xet_file_data.refresh_route == (
+        f"{hub.endpoint}/api/models/fid/model/xet-read-token/{repos['second']}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -346,6 +371,113 @@ def test_retry_after_dropped_connection(dl, hub):
     assert cdn[1].range is None and cdn[1].status == 200
 
 
+@pytest.mark.parametrize("status", [302, 307])
+def test_lfs_redirect_302_or_307_to_the_bridge(dl, hub, status):
+    hub.lfs_redirect_status = status
+    assert dl("fid/model", "weights/model.safetensors").read_bytes() == WEIGHTS
+    (redirect,) = [r for r in hub.log() if r.server == "hub" and r.method == "HEAD"]
+    assert redirect.status == status
+    cdn = [r for r in hub.log() if r.server == "cdn"]
+    assert cdn and all(r.path.startswith("/xet-bridge-us/") for r in cdn)
+
+
+def test_stripped_linked_headers_still_download(hf, dl, hub):
+    """A cache in front of the Hub drops X-Linked-Size and X-Xet-Hash: the client does without."""
+    hub.strip_headers = {"X-Linked-Size", "X-Xet-Hash"}
+    url = hf.hf_hub_url("fid/model", "weights/model.safetensors", endpoint=hub.endpoint)
+    meta = hf.get_hf_file_metadata(url, token=False)
+    assert meta.size is None and meta.xet_file_data is None
+    assert meta.etag == hashlib.sha256(WEIGHTS).hexdigest()  # X-Linked-Etag is still there
+    assert dl("fid/model", "weights/model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_xet_read_token(hf, hub, repos):
+    from huggingface_hub.utils._xet import refresh_xet_connection_info
+
+    meta = hf.get_hf_file_metadata(
+        hf.hf_hub_url("fid/model", "weights/model.safetensors", endpoint=hub.endpoint), token=False
+    )
+    info = refresh_xet_connection_info(file_data=meta.xet_file_data, headers={})
+    assert info.endpoint == hub.cdn_endpoint and info.access_token.startswith("xet_")
+    assert info.expiration_unix_epoch > 0
+    (call,) = [r for r in hub.log() if "xet-read-token" in r.path]
+    assert call.path == f"/api/models/fid/model/xet-read-token/{repos['second']}"
+    assert json.loads(_req(hub.endpoint + call.path)[1])["casUrl"] == hub.cdn_endpoint
+    # a gated repo's token needs access, as its files do
+    with pytest.raises(_err(hf, "GatedRepoError")):
+        refresh_xet_connection_info(
+            file_data=type(meta.xet_file_data)(
+                file_hash="0" * 64,
+                refresh_route=f"{hub.endpoint}/api/models/fid/gated/xet-read-token/main",
+            ),
+            headers={},
+        )
+
+
+def test_tree_xet_hash(hf, hub):
+    api = hf.HfApi(endpoint=hub.endpoint, token=False)
+    from huggingface_hub.utils._xet import is_valid_xet_hash
+
+    files = {e.path: e for e in api.list_repo_tree("fid/model", recursive=True)
+             if isinstance(e, hf.hf_api.RepoFile)}
+    w = files["weights/model.safetensors"]
+    assert w.xet_hash == hub.blob("fid/model", w.path).xet_hash and is_valid_xet_hash(w.xet_hash)
+    assert files["config.json"].xet_hash is None  # a git file is not in Xet
+    gated = {e.path: e for e in api.list_repo_tree("fid/gated")}  # public listing, hidden hash
+    assert gated["w.safetensors"].xet_hash == "*" * 64
+    assert not is_valid_xet_hash(gated["w.safetensors"].xet_hash)
+    assert gated["w.safetensors"].lfs.sha256 == hashlib.sha256(WEIGHTS).hexdigest()
+
+
+def test_rate_limit_headers_and_429(hf, hub):
+    """The official parser reads the fake's RateLimit headers; its backoff waits out a 429
+    that has no Retry-After (t seconds, +1) and then succeeds."""
+    from huggingface_hub.utils import http_backoff, parse_ratelimit_headers
+
+    hub.set_rate_limit("api", 2, window=1)
+    url = hub.endpoint + "/api/models/fid/model"
+    first = http_backoff("GET", url)
+    info = parse_ratelimit_headers(first.headers)
+    assert (info.resource_type, info.remaining, info.limit, info.window_seconds) == (
+        "api", 1, 2, 1)
+    assert http_backoff("GET", url).status_code == 200
+    hub.clear_log()
+    third = http_backoff("GET", url, max_retries=3)  # over the quota: 429, waits, then 200
+    assert third.status_code == 200
+    statuses = [r.status for r in hub.log()]
+    assert statuses[0] == 429 and statuses[-1] == 200
+    too_many = hub.log()[0]
+    assert too_many.response_header("Retry-After") is None
+    assert too_many.response_header("RateLimit").startswith('"api";r=0;t=')
+    res = [r for r in (_req(hub.resolve_url("fid/model", "README.md"), "HEAD")[0],)]
+    assert parse_ratelimit_headers(dict(res[0].getheaders())).resource_type == "resolvers"
+    # the error the official client shows for a 429 names the bucket
+    hub.set_rate_limit("api", 0, window=60)
+    with pytest.raises(_err(hf, "HfHubHTTPError")) as e:
+        hf.HfApi(endpoint=hub.endpoint, token=False).model_info("fid/model")
+    assert "'api' rate limit" in str(e.value) and "Retry after" in str(e.value)
+
+
+def test_anonymous_401_without_error_code(hf, hub):
+    hub.anonymous_401_code = False
+    with pytest.raises(_err(hf, "HfHubHTTPError")) as e:
+        hf.HfApi(endpoint=hub.endpoint, token=False).model_info("fid/private")
+    assert e.value.response.status_code == 401
+    assert e.value.response.headers.get("X-Error-Code") is None
+    assert e.value.response.headers["X-Error-Message"] == "Invalid username or password."
+
+
+def test_large_file_needs_ranges(hf, dl, hub, monkeypatch):
+    """Over 50 GB the CDN answers only ranged GETs, and the official client refuses plain HTTP
+    for such files (it needs hf_xet); scaled down here."""
+    from huggingface_hub import constants
+
+    hub.max_unranged_size = len(WEIGHTS) - 1
+    monkeypatch.setattr(constants, "MAX_HTTP_DOWNLOAD_SIZE", len(WEIGHTS) - 1)
+    with pytest.raises(ValueError, match="too large"):
+        dl("fid/model", "weights/model.safetensors")
+
+
 # --------------------------------------------------------------------------------------------
 # the fake itself, over plain HTTP
 
@@ -377,7 +509,22 @@ def test_direct_lfs_redirect_headers(hub, repos):
     assert r.getheader("X-Repo-Commit") == repos["second"]
     assert r.getheader("ETag").startswith('W/"')  # the redirect body's, not the file's
     assert int(r.getheader("Content-Length")) == len(body) != len(WEIGHTS)
-    assert r.getheader("Location").startswith(hub.cdn_endpoint + "/repos/")
+    assert r.getheader("Location").startswith(hub.cdn_endpoint + "/xet-bridge-us/")
+    blob = hub.blob("fid/model", "weights/model.safetensors")
+    assert r.getheader("X-Xet-Hash") == blob.xet_hash
+    link = r.getheader("Link")
+    assert f'/api/models/fid/model/xet-read-token/{repos["second"]}>; rel="xet-auth"' in link
+    assert f'/v1/reconstructions/{blob.xet_hash}>; rel="xet-reconstruction-info"' in link
+    r, _ = _req(r.getheader("Location"), "HEAD")  # the bridge: its ETag is the Xet hash
+    assert r.status == 200 and r.getheader("ETag") == f'"{blob.xet_hash}"'
+    hub.xet = False  # the older LFS CDN: an S3 MD5 ETag, no Xet header
+    try:
+        r, _ = _req(hub.resolve_url("fid/model", "weights/model.safetensors"))
+        assert r.getheader("X-Xet-Hash") is None and "/repos/" in r.getheader("Location")
+        r, _ = _req(r.getheader("Location"), "HEAD")
+        assert r.getheader("ETag") == f'"{hashlib.md5(WEIGHTS).hexdigest()}"'
+    finally:
+        hub.xet = True
 
 
 def test_direct_cdn_range_auth_and_faults(hub, repos):
@@ -416,7 +563,7 @@ def test_direct_expired_signatures(hub):
     assert r.status == 403 and b"Request has expired" in body
     new = _cdn_url(hub, "fid/model", "weights/model.safetensors")
     assert new != old and _req(new)[0].status == 200
-    tampered = new.replace("/repos/", "/repos/x")
+    tampered = new.replace("/xet-bridge-us/", "/xet-bridge-us/x")
     assert _req(tampered)[0].status == 403
 
 
@@ -513,3 +660,38 @@ def test_direct_tree_link_header(hub):
         set(e["lfs"]) == {"oid", "size", "pointerSize"} and e["size"] == e["lfs"]["size"]
         for e in lfs
     )
+
+
+def test_direct_range_less_get_of_a_huge_file(hub):
+    hub.max_unranged_size = len(WEIGHTS) - 1
+    try:
+        url = _cdn_url(hub, "fid/model", "weights/model.safetensors")
+        r, body = _req(url)
+        assert r.status == 400 and b"Range" in body
+        r, body = _req(url, headers={"Range": "bytes=0-"})
+        assert r.status == 206 and body == WEIGHTS
+        hub.bridge_max_size = len(WEIGHTS) - 1  # the bridge refuses even ranges
+        assert _req(url, headers={"Range": "bytes=0-9"})[0].status == 400
+    finally:
+        hub.max_unranged_size, hub.bridge_max_size = 50 * 1000**3, None
+
+
+def test_direct_resolve_cache_redirect_length_is_the_body(hub):
+    r, body = _req(hub.resolve_url("fid/model", "config.json"))
+    assert r.status == 307 and r.getheader("Location").startswith("/api/resolve-cache/")
+    assert int(r.getheader("Content-Length")) == len(body) != len(CONFIG)
+
+
+def test_direct_tree_pages_of_1000_with_directories(hub):
+    hub.add_repo("fid/wide", files={f"d{i % 7}/f{i}.txt": b"%d" % i for i in range(2100)})
+    url = hub.endpoint + "/api/models/fid/wide/tree/main?recursive=true"
+    pages = []
+    while url:
+        r, body = _req(url)
+        pages.append(json.loads(body))
+        link = r.getheader("Link")
+        url = link[1 : link.index(">")] if link else None
+        assert url is None or (url.startswith(hub.endpoint + "/") and "cursor=" in url)
+    assert [len(p) for p in pages] == [1000, 1000, 107]
+    kinds = {e["type"] for p in pages for e in p}
+    assert kinds == {"file", "directory"}

@@ -474,7 +474,8 @@ def _post(server, body: dict) -> tuple[int, dict]:
     host, port = server.server_address[:2]
     c = http.client.HTTPConnection(host, port, timeout=60)
     try:
-        c.request("POST", "/content/", body=json.dumps(body).encode())
+        c.request("POST", "/content/", body=json.dumps(body).encode(),
+                  headers={"Content-Type": "application/json"})
         r = c.getresponse()
         return r.status, json.loads(r.read())
     finally:

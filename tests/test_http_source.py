@@ -58,7 +58,8 @@ def test_pull_stores_raw_file_wrapped_in_artifact(svc, nginx):
     # second pull: nothing transferred
     nginx.clear_log()
     again, created = svc.pull(url)
-    assert not created and again == entry
+    assert not created and again["last_used"] > entry["last_used"]  # a use (DESIGN 9)
+    assert {**again, "last_used": 0} == {**entry, "last_used": 0}
     assert nginx.requests_for("plain.bin") == []
 
 
@@ -91,7 +92,11 @@ def test_userinfo_is_basic_credentials_and_not_the_key(svc, nginx):
     host = nginx.url.split("://")[1]
     entry, _ = svc.pull(f"http://{BASIC_USER}:{BASIC_PASSWORD}@{host}/basic/ui.bin")
     assert entry["url"] == f"http://{host}/basic/ui.bin"
+    svc.store.flush()
+    assert entry["url"] in (svc.store.root / "index.json").read_text()
     assert BASIC_PASSWORD not in (svc.store.root / "index.json").read_text()
+    for name in ("nekko.db", "nekko.db-wal"):  # the entry is in one of them, no password
+        assert BASIC_PASSWORD.encode() not in (svc.store.root / name).read_bytes()
 
 
 def test_redirect_to_other_host_drops_authorization(svc, nginx):

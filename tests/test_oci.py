@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,7 @@ from nekko_sm.errors import (
 )
 from nekko_sm.service import Service
 from nekko_sm.sources import oci, registry_auth
-from nekko_sm.store import MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, REF_NAME
+from nekko_sm.store import MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, REF_NAME, Store
 from nekko_sm.transfer import Transfer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,28 @@ def index_json(cache: Path) -> dict:
     return json.loads((cache / "index.json").read_bytes())
 
 
+def rootfs(store, info) -> dict:
+    """name -> bytes of an image's file system, read from its layers in the cache with
+    tarfile (the test images have no whiteouts and no links)."""
+    out = {}
+    for d in info.layers:
+        with tarfile.open(store.blob_path(d["digest"]), "r:gz") as tar:
+            for m in tar:
+                if m.isreg():
+                    out[m.name] = tar.extractfile(m).read()
+    return out
+
+
+def check_view(store, entry: dict, expected: dict) -> None:
+    """The entry's files and its view directory hold exactly ``expected`` (name -> bytes)."""
+    assert sorted(f["name"] for f in entry["files"]) == sorted(expected)
+    view = Path(entry["path"])
+    for f in entry["files"]:
+        assert f["digest"] == sha(expected[f["name"]]) and f["size"] == len(expected[f["name"]])
+        assert Path(f["path"]).read_bytes() == expected[f["name"]]
+        assert (view / f["name"]).read_bytes() == expected[f["name"]]
+
+
 # --------------------------------------------------------------------------------------------
 # each kind of image
 
@@ -121,11 +144,12 @@ def test_single_image(svc, reg, seeded):
     assert created
     assert entry["url"] == info.url and entry["state"] == "complete"
     assert entry["digest"] == info.digest and "manifest" not in entry
-    assert [(f["digest"], f["size"]) for f in entry["files"]] == \
-        [(d["digest"], d["size"]) for d in info.layers]
-    assert [f["name"] for f in entry["files"]] == \
-        [d["digest"].replace(":", "-") for d in info.layers]
-    assert entry["size"] == sum(info.layer_sizes)
+    # an ordinary image is its file system (DESIGN section 8): the layers, unpacked
+    assert entry["format"] == "image" and "model" not in entry
+    files = rootfs(svc.store, info)
+    assert len(files) == 2 * len(info.layers)
+    check_view(svc.store, entry, files)
+    assert entry["size"] == sum(len(b) for b in files.values())
     assert blob(svc, info.digest) == info.manifest  # byte for byte as served
     for d in info.blob_digests():
         assert svc.store.verify_blob(d)
@@ -135,7 +159,9 @@ def test_single_image(svc, reg, seeded):
     assert Path(entry["path"]).is_dir()
     # a second pull is answered from the cache without asking the registry
     reg.clear()
-    assert svc.pull(info.url) == (entry, False)
+    again, created = svc.pull(info.url)
+    assert not created and again["last_used"] > entry["last_used"]  # a use (DESIGN 9)
+    assert {**again, "last_used": 0} == {**entry, "last_used": 0}
     assert reg.requests == []
 
 
@@ -147,7 +173,8 @@ def test_docker_v2_schema2_image(svc, seeded):
     assert svc.store.get_entry(info.url).media_type == MT_DOCKER_MANIFEST
     assert blob(svc, info.digest) == info.manifest
     assert svc.store.has_blob(info.config_digest, info.config_size)
-    assert {f["digest"] for f in entry["files"]} == set(info.layer_digests)
+    assert entry["format"] == "image"
+    check_view(svc.store, entry, rootfs(svc.store, info))
 
 
 def test_multi_arch_picks_the_configured_platform(svc, reg, seeded):
@@ -156,7 +183,7 @@ def test_multi_arch_picks_the_configured_platform(svc, reg, seeded):
     entry, _ = svc.pull(info.url)
     assert entry["digest"] == info.index_digest  # what the tag resolved to
     assert entry["manifest"] == amd64.digest and entry["platform"] == "linux/amd64"
-    assert {f["digest"] for f in entry["files"]} == set(amd64.layer_digests)
+    check_view(svc.store, entry, rootfs(svc.store, amd64))
     desc = svc.store.get_entry(info.url)
     assert desc.digest == amd64.digest and desc.platform == {"architecture": "amd64",
                                                               "os": "linux"}
@@ -369,13 +396,18 @@ def test_shared_layers_are_fetched_and_stored_once(svc, reg, seeded):
     a, b = seeded["public/share-a:v1"], seeded["public/share-b:v1"]
     shared = a.layer_digests[:len(SHARED_LAYERS)]
     assert shared == b.layer_digests[:len(SHARED_LAYERS)]
-    svc.pull(a.url)
-    svc.pull(b.url)
+    ea, _ = svc.pull(a.url)
+    eb, _ = svc.pull(b.url)
     for d in shared:
         assert reg.blob_gets(d) == 1
     assert svc.stats["bytes_deduplicated"] == sum(a.layer_sizes[:len(SHARED_LAYERS)])
+    # the layers, their files (those of the shared layers once), each image's file listing
+    files = {f["digest"] for f in ea["files"] + eb["files"]}
+    assert len(files) == 2 * (len(a.layers) + len(b.layers) - len(SHARED_LAYERS))
+    listings = {svc.store.get_entry(i.url).annotations["io.nekko.files"] for i in (a, b)}
     assert sorted(svc.store.blobs()) == sorted(
-        a.blob_digests() | b.blob_digests() | {a.digest, b.digest})
+        a.blob_digests() | b.blob_digests() | {a.digest, b.digest} | files | listings
+        | {sha(b"{}")})
 
 
 def test_concurrent_pulls_sharing_layers_fetch_each_once(svc, reg, seeded):
@@ -394,7 +426,7 @@ def test_removing_one_image_keeps_layers_another_image_needs(svc, seeded, cli, r
     svc.pull(a.url)
     svc.pull(b.url)
     report = svc.remove(a.url)
-    assert report["blobs_freed"] == 3  # a's manifest, config, own layer
+    assert report["blobs_freed"] == 6  # a's manifest, config, own layer, its 2 files, listing
     for d in b.blob_digests() | {b.digest}:
         assert svc.store.verify_blob(d), d
     assert svc.store.verify() == []
@@ -511,6 +543,7 @@ def test_cache_is_readable_by_skopeo_and_umoci(svc, seeded, tmp_path):
     umoci = require_binary("umoci")
     info = seeded["public/single:v1"]
     svc.pull(info.url)
+    svc.store.flush()  # index.json follows the database by group commit: now, not soon
     cache = svc.store.root
     r = subprocess.run([umoci, "ls", "--layout", str(cache)], capture_output=True, text=True, check=False,
                        timeout=60)
@@ -543,7 +576,11 @@ def test_cli_pull_each_kind(cli, reg, seeded):
         assert r.returncode == 0, r.stderr
         entry = json.loads(r.stdout)
         assert entry["digest"] == info.digest
-        assert {f["digest"] for f in entry["files"]} == set(info.layer_digests)
+        if info.artifact_type:
+            assert {f["digest"] for f in entry["files"]} == set(info.layer_digests)
+        else:
+            store = Store(cli.cache)
+            check_view(store, entry, rootfs(store, info))
     r = cli("status", seeded["public/model:v1"].url)
     assert r.returncode == 0
 

@@ -148,27 +148,22 @@ def test_part_size_choice():
     assert ranged.part_size_for(20 << 20, 8) == ranged.MIN_PART
 
 
-def test_concurrent_big_downloads_share_one_connection_budget(tmp_path, nginx, small_parts):
-    """Four big blobs at once with --jobs 4: 4 own connections + at most 3 extra, not 16."""
-    store, transfer = make(tmp_path, jobs=4)
-    blobs = [os.urandom(6 << 20) for _ in range(4)]
-    urls = [nginx.put(f"budget-{i}.bin", b) for i, b in enumerate(blobs)]
+def count_connections(transfer) -> dict:
+    """Make ``transfer`` count the answers open at once; ``["peak"]`` is the most."""
     lock = threading.Lock()
-    now = peak = 0
+    seen = {"now": 0, "peak": 0}
     real_open = transfer.open
 
     def counting_open(*a, **kw):
-        nonlocal now, peak
         resp, final = real_open(*a, **kw)
         with lock:
-            now += 1
-            peak = max(peak, now)
+            seen["now"] += 1
+            seen["peak"] = max(seen["peak"], seen["now"])
         real_release = resp.release_conn
 
         def release():
-            nonlocal now
             with lock:
-                now -= 1
+                seen["now"] -= 1
             real_release()
             resp.release_conn = real_release
 
@@ -176,6 +171,15 @@ def test_concurrent_big_downloads_share_one_connection_budget(tmp_path, nginx, s
         return resp, final
 
     transfer.open = counting_open
+    return seen
+
+
+def test_concurrent_big_downloads_share_one_connection_budget(tmp_path, nginx, small_parts):
+    """Four big blobs at once with --jobs 4: 4 own connections + at most 3 extra, not 16."""
+    store, transfer = make(tmp_path, jobs=4)
+    blobs = [os.urandom(6 << 20) for _ in range(4)]
+    urls = [nginx.put(f"budget-{i}.bin", b) for i, b in enumerate(blobs)]
+    seen = count_connections(transfer)
     results = {}
 
     def one(i):
@@ -188,5 +192,195 @@ def test_concurrent_big_downloads_share_one_connection_budget(tmp_path, nginx, s
     for t in threads:
         t.join()
     assert [results[i].digest for i in range(4)] == [sha(b) for b in blobs]
+    peak = seen["peak"]
     assert peak <= 4 + 3, peak
     assert transfer.extra_connections.acquire(blocking=False)  # the budget was given back
+
+
+# -- adaptive connections (issue 11) -------------------------------------------------------
+
+
+class _NoThread:
+    """Stands in for threading.Thread in ranged: workers exist, nothing runs."""
+
+    def __init__(self, *a, **kw):
+        pass
+
+    def start(self):
+        pass
+
+    def is_alive(self):
+        return False
+
+    def join(self):
+        pass
+
+
+class _FakeWriter:
+    def __init__(self, total, part):
+        self.state = {"ranged": {"total": total, "parts": ranged.plan(total, part)}}
+        self.busy = 0.0
+
+    def hash_stats(self):
+        return 0, self.busy
+
+    def advance(self, frontier):
+        pass
+
+
+class _FakeTransfer:
+    def __init__(self, jobs=8):
+        self.extra_connections = threading.Semaphore(jobs - 1)
+        self.connection_cap = ranged.connection_cap(jobs)
+        self.more_connections = threading.Semaphore(self.connection_cap - jobs)
+        self.connection_memory = {}
+        self.attempts = 3
+
+
+def _fetch_for(monkeypatch, transfer, jobs=8, total=1 << 30):
+    monkeypatch.setattr(ranged.threading, "Thread", _NoThread)
+    writer = _FakeWriter(total, 8 << 20)
+    f = ranged.RangedFetch(transfer, "http://cdn.test/big", writer, auth=None, headers=None,
+                           validator=None, errors=None, progress=None, connections=jobs)
+    f._spawn(own=True)
+    f._settle_until = 0.0
+    return f, writer
+
+
+def _drive(f, writer, per_connection, link, hashing=0.1, seconds=3.0):
+    """Run the controller against a model: each connection brings ``per_connection``
+    bytes/s, all of them together at most ``link``; the hasher is busy ``hashing``."""
+    now = 0.0
+    while now < seconds and not f._frozen:
+        now += ranged.TICK
+        alive = [w for w in f._workers if w.alive]
+        rate = min(link, per_connection * len(alive))
+        for w in alive:
+            w.got += int(rate / len(alive) * ranged.TICK) or 1
+        writer.busy += hashing * ranged.TICK
+        f._adapt(now)
+        with f._lock:  # workers over the target leave at their next part boundary
+            for w in [w for w in f._workers if w.alive][f.target:]:
+                f._leave(w)
+    return f.target
+
+
+def test_a_per_connection_limit_grows_to_the_cap(monkeypatch):
+    f, writer = _fetch_for(monkeypatch, _FakeTransfer(jobs=8))
+    assert f.target == 1  # one stream first
+    assert _drive(f, writer, per_connection=20 << 20, link=10 << 30) == 32
+    assert f._frozen
+
+
+def test_a_link_one_stream_fills_drops_back_to_one(monkeypatch):
+    f, writer = _fetch_for(monkeypatch, _FakeTransfer(jobs=8))
+    assert _drive(f, writer, per_connection=500 << 20, link=520 << 20) == 1
+    assert f._rates[1] < f._rates[0] * ranged.GAIN  # it did try --jobs, which did not pay
+
+
+def test_growth_stops_where_the_rate_stops_rising(monkeypatch):
+    f, writer = _fetch_for(monkeypatch, _FakeTransfer(jobs=8))
+    assert _drive(f, writer, per_connection=20 << 20, link=200 << 20) == 8  # 16 did not pay
+
+
+def test_no_more_connections_when_hashing_is_the_limit(monkeypatch):
+    f, writer = _fetch_for(monkeypatch, _FakeTransfer(jobs=8))
+    assert _drive(f, writer, per_connection=20 << 20, link=10 << 30, hashing=0.95) == 1
+    assert len(f._workers) == 1  # not even tried
+
+
+def test_growth_stays_within_the_transfers_budget(monkeypatch):
+    transfer = _FakeTransfer(jobs=8)
+    for _ in range(20):  # other downloads hold most of the spare connections
+        assert transfer.more_connections.acquire(blocking=False) or \
+            transfer.extra_connections.acquire(blocking=False)
+    f, writer = _fetch_for(monkeypatch, transfer)
+    got = _drive(f, writer, per_connection=20 << 20, link=10 << 30)
+    assert got == 12  # 1 own + the 11 the others left free
+    assert not transfer.more_connections.acquire(blocking=False)
+
+
+def test_a_small_blob_keeps_the_connections_it_starts_with(monkeypatch):
+    f, _ = _fetch_for(monkeypatch, _FakeTransfer(jobs=8), total=ranged.GROW_MIN - 1)
+    assert f.target == 8 and f._frozen and not f.adaptive
+
+
+def test_an_origin_starts_where_it_settled_before(monkeypatch):
+    transfer = _FakeTransfer(jobs=8)
+    transfer.connection_memory[("http", "cdn.test", 80)] = 16
+    f, _ = _fetch_for(monkeypatch, transfer)
+    assert f.target == 16 and f._frozen
+
+
+def test_joining_connections_take_untouched_parts_from_a_lone_stream(monkeypatch):
+    f, _ = _fetch_for(monkeypatch, _FakeTransfer(jobs=8), total=64 << 20)  # 8 parts
+    lone = f._workers[0]
+    first = f._claim(lone)
+    assert first is f.parts[0] and all(p.owner is lone for p in f.parts)  # the whole run
+    assert f._run_end(lone, first) == 64 << 20  # in one request
+    f.target = 3
+    others = [ranged._Worker(f"w{i}", None) for i in range(2)]
+    f._active += 2
+    got = [f._claim(w) for w in others]
+    assert got == f.parts[1:3]  # nearest the frontier
+    first.next = first.end
+    assert f._go_on(lone, first, first.end, 64 << 20) is None  # the lone stream stops there
+    again = f._claim(lone)  # and takes up the first part no one has
+    assert again is f.parts[3] and f.parts[4].owner is None
+
+
+def test_an_idle_connection_splits_the_part_with_most_left(monkeypatch):
+    f, _ = _fetch_for(monkeypatch, _FakeTransfer(jobs=8), total=16 << 20)  # 2 parts
+    f.target = 3
+    a, b, c = f._workers[0], ranged._Worker("b", None), ranged._Worker("c", None)
+    f._active += 2
+    pa, pb = f._claim(a), f._claim(b)
+    pa.next = pa.start + (1 << 20)
+    pb.next = pb.start + (6 << 20)
+    new = f._claim(c)
+    assert new is not None and new.owner is c
+    assert new.start == pa.end and new.start >= pa.next + ranged.MARGIN  # a's part, behind a
+    spans = [(p.start, p.end) for p in f.parts]
+    assert spans == sorted(spans) and spans[0][0] == 0 and spans[-1][1] == 16 << 20
+    assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))  # the map still tiles the blob
+
+
+def test_a_lone_stream_brings_a_big_blob_in_one_request(tmp_path, nginx, monkeypatch,
+                                                        small_parts):
+    """While the controller keeps one stream, a big blob is one open-ended request, as
+    curl would make it, and still saved as a part map (resumable)."""
+    monkeypatch.setattr(ranged, "GROW_MIN", 8 << 20)
+    monkeypatch.setattr(ranged, "PROBE", 3600.0)  # never decides to add connections
+    data = os.urandom(24 << 20)
+    url = nginx.put("lone.bin", data)
+    store, transfer = make(tmp_path)
+    nginx.clear_log()
+    with store.writer("lone") as w:
+        transfer.download(url, w)
+        assert len(w.state["ranged"]["parts"]) > 1
+        assert w.commit(sha(data)).digest == sha(data)
+    log = nginx.requests_for("lone.bin")
+    assert [(r["status"], r["range"]) for r in log] == [(200, "")]
+    assert log[0]["body_bytes_sent"] == len(data)
+
+
+def test_a_throttled_server_gets_more_connections_than_jobs(tmp_path, monkeypatch):
+    """nginx at 4 MiB/s per connection, --jobs 2: the download grows past two connections
+    (within the cap), the budgets are all given back and the count is remembered."""
+    from peers.nginx import start_nginx
+
+    monkeypatch.setattr(ranged, "GROW_MIN", 8 << 20)
+    peer = start_nginx(tmp_path / "slow", limit_rate="4m")
+    try:
+        data = os.urandom(48 << 20)
+        url = peer.put("slow.bin", data)
+        store, transfer = make(tmp_path, jobs=2)
+        seen = count_connections(transfer)
+        assert fetch(store, transfer, url).digest == sha(data)
+        assert 2 < seen["peak"] <= ranged.connection_cap(2)  # grew, within the cap
+        remembered = transfer.connection_memory[("http", "127.0.0.1", peer.port)]
+        assert 2 < remembered <= ranged.connection_cap(2)
+        for sem, n in ((transfer.extra_connections, 1), (transfer.more_connections, 6)):
+            assert all(sem.acquire(blocking=False) for _ in range(n))
+    finally:
+        peer.stop()

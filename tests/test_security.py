@@ -150,7 +150,10 @@ class Api:
         try:
             data = raw if raw is not None else (
                 json.dumps(body).encode() if body is not None else None)
-            c.request(method, path, body=data, headers=headers or {})
+            hdrs = dict(headers or {})
+            if method == "POST":  # what the API wants (415 otherwise)
+                hdrs.setdefault("Content-Type", "application/json")
+            c.request(method, path, body=data, headers=hdrs)
             r = c.getresponse()
             payload = r.read()
             text = payload.decode("utf-8", "replace")
@@ -690,7 +693,7 @@ def test_a_10_mb_body_is_refused_and_the_server_keeps_serving(api_server):
                                      headers={"Content-Type": "application/json"})
     assert status == 413 and doc["error"]["code"] == "body-too-large"
     # a lie: a huge Content-Length and a small body; answered at once, connection closed
-    answer = raw_request(api_server.port, b"POST /content/ HTTP/1.1\r\nHost: x\r\n"
+    answer = raw_request(api_server.port, b"POST /content/ HTTP/1.1\r\nHost: localhost\r\n"
                          b"Content-Length: 99999999999\r\n\r\n{}")
     assert status_of(answer) == 413 and json_body(answer)["error"]["code"] == "body-too-large"
     assert api_server.healthy()
@@ -700,22 +703,23 @@ HEADERS_200 = b"".join(b"X-H%d: v\r\n" % i for i in range(200))
 
 
 @pytest.mark.parametrize("what, request_bytes, expect", [
-    ("200 headers", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + HEADERS_200 + b"\r\n", 431),
+    ("200 headers", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + HEADERS_200 + b"\r\n", 431),
     ("a 100 KB header line",
-     b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
-    ("a 64 KB path", b"GET /content/" + b"A" * (64 << 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+     b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
+    ("a 64 KB path", b"GET /content/" + b"A" * (64 << 10) + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
      414),
-    ("a 60 KB base64 path", b"GET /content/" + b"QUFB" * 15_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ("a 60 KB base64 path", b"GET /content/" + b"QUFB" * 15_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
      400),
-    ("a 64 KB method", b"A" * (64 << 10) + b" / HTTP/1.1\r\nHost: x\r\n\r\n", 414),
-    ("two Content-Lengths", (b"POST /content/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    ("a 64 KB method", b"A" * (64 << 10) + b" / HTTP/1.1\r\nHost: localhost\r\n\r\n", 414),
+    ("two Content-Lengths", (b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
                              b"Content-Length: 20\r\n\r\n{}"), 400),
     ("a non-ASCII digit Content-Length",
-     b"POST /content/ HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n{}", 400),
-    ("a chunked body", (b"POST /content/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+     b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: \xb2\r\n\r\n{}", 400),
+    ("a chunked body", (b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
                         b"\r\n2\r\n{}\r\n0\r\n\r\n"), 400),
     ("JSON nested 60000 deep",
-     b"POST /content/ HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n" + b"[" * 60_000, 400),
+     b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 60000\r\n\r\n" + b"[" * 60_000, 400),
 ])
 def test_oversized_and_malformed_requests_are_refused(api_server, what, request_bytes, expect):
     answer = raw_request(api_server.port, request_bytes)
@@ -735,7 +739,7 @@ def test_slowloris_neither_blocks_others_nor_lasts(tmp_path, monkeypatch):
         try:
             for _ in range(50):
                 s = socket.create_connection(("127.0.0.1", a.port), timeout=10)
-                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
                 slow.append(s)
             stop = threading.Event()
 

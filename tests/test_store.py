@@ -204,9 +204,11 @@ def test_put_entry_refuses_uncommitted_blob(store):
 
 
 def test_corrupt_index_is_reported(store):
+    """index.json is read when a cache is opened: a file that is not ours is merged in,
+    so one that does not parse is reported, not silently replaced."""
     (store.root / "index.json").write_text("{not json")
     with pytest.raises(CacheCorrupt):
-        store.entries()
+        Store(store.root).entries()
 
 
 def test_gc_keeps_what_entries_and_leases_reach(store):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import ManifestInvalid, NekkoError, PullTooLarge, UnsafeName
+from nekko_sm.models.hfcache import HFEntry
 from nekko_sm.refs import safe_name
 from nekko_sm.store import (
     EMPTY_JSON,
@@ -40,6 +41,10 @@ A_HF_COMMIT = "io.nekko.hf.commit"
 A_DIGEST = "io.nekko.digest"  # the entry's "digest" (file sha256, or the image digest resolved)
 A_PLATFORM = "io.nekko.platform"
 A_ORIGINAL = "io.nekko.source.digest"
+# An OCI entry whose files are not its manifest's layers as they are (DESIGN section 8):
+A_FORMAT = "io.nekko.format"  # the packaging: modelpack, docker-model, kitops, ollama, ...
+A_MODEL = "io.nekko.model"  # the view name of the file an engine loads (a GGUF)
+FILES_ARTIFACT_TYPE = "application/vnd.nekko.files.v1"
 
 # Artifact types whose entry is always a directory of named links, even with one file.
 DIRECTORY_ARTIFACT_TYPES = frozenset({"application/vnd.nekko.hf.repo.v1"})
@@ -118,6 +123,16 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: Progress = field(default_factory=Progress)
     on_ingest: Callable[[str], None] = lambda ref: None  # records resumable ingest refs
+    # Makes room for (nbytes, what, resumed) before writing: the disk budget (budget.py).
+    room: Callable[[int, str, int], None] | None = None
+
+    def ensure_space(self, nbytes: int, what: str, resumed: int = 0) -> None:
+        """Before writing ``nbytes`` more (``resumed`` are in a partial already): 507 if
+        they cannot fit, after evicting what the budget allows."""
+        if self.room is None:
+            self.store.ensure_space(nbytes, what)
+        else:
+            self.room(nbytes, what, resumed)
 
     def writer(self, ref: str, expected_size: int | None = None, extra_hashers=None):
         self.on_ingest(ref)
@@ -130,6 +145,7 @@ class FileItem:
     digest: str
     size: int
     media_type: str = "application/octet-stream"
+    etag: str | None = None  # the source's name for the bytes (HF: sha256, or git blob id)
 
 
 @dataclass
@@ -138,6 +154,11 @@ class PullResult:
     digest: str  # the entry's digest (DESIGN section 5)
     files: list  # [FileItem]
     platform: str | None = None
+    format: str | None = None  # OCI: how the manifest packages its files (A_FORMAT)
+    model: str | None = None  # the name in ``files`` of the file an engine loads
+    files_manifest: Descriptor | None = None  # lists ``files`` when the layers are not them
+    unpacked: list = field(default_factory=list)  # digests of the tar layers unpacked
+    hf_view: HFEntry | None = None  # what the Hugging Face cache view shows of the entry
 
 
 def store_artifact(job: Job, files: list, artifact_type: str,
@@ -152,7 +173,7 @@ def store_artifact(job: Job, files: list, artifact_type: str,
                    "data": "e30="},
         "layers": [
             {"mediaType": f.media_type, "digest": f.digest, "size": f.size,
-             "annotations": {TITLE: f.name}}
+             "annotations": {TITLE: f.name, **({A_ETAG: f.etag} if f.etag else {})}}
             for f in files
         ],
     }

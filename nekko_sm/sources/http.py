@@ -64,10 +64,10 @@ def pull(job: Job, ref: HTTPRef) -> PullResult:
             if job.progress.total is None:
                 job.progress.expect(total)
                 job.progress.add(offset)
-            job.store.ensure_space(total - offset, ref.canonical)
+            job.ensure_space(total - offset, ref.canonical, offset)
 
     with job.writer("url:" + ref.canonical) as w:
-        headers = job.transfer.download(ref.url, w, auth=auth, progress=job.progress.add,
+        headers = job.transfer.download(ref.fetch_url, w, auth=auth, progress=job.progress.add,
                                         on_total=check_space)
         desc = w.commit(job.digest, job.lease)
     name = file_name_from(headers.get("Content-Disposition"), ref.file_name)

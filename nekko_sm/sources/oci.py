@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import BinaryIO, Callable
 from urllib.parse import urlsplit
 
 from nekko_sm.config import Platform, normalize_arch, parse_platform
@@ -36,19 +36,25 @@ from nekko_sm.errors import (
     NoMatchingPlatform,
     PullTooLarge,
     Unauthorized,
+    UnsafeName,
 )
 from nekko_sm.httpio import sanitise
+from nekko_sm.models import formats, unpack
 from nekko_sm.refs import OCIRef, safe_name
 from nekko_sm.sources.base import (
+    A_FORMAT,
+    A_MODEL,
+    FILES_ARTIFACT_TYPE,
     FileItem,
     Job,
     PullResult,
     check_names,
-    entry_files,
     shown_name,
+    store_artifact,
 )
 from nekko_sm.sources.registry_auth import Endpoint
 from nekko_sm.store import (
+    A_FILES,
     INDEX_TYPES,
     MANIFEST_TYPES,
     MT_DOCKER_LIST,
@@ -57,6 +63,7 @@ from nekko_sm.store import (
     MT_OCI_MANIFEST,
     TITLE,
     Descriptor,
+    FollowLost,
     sha256_digest,
 )
 
@@ -108,8 +115,7 @@ class _Puller:
     def __init__(self, job: Job, ref: OCIRef) -> None:
         self.job = job
         self.ref = ref
-        scheme = "http" if job.config.is_insecure(ref.api_host) or \
-            job.config.is_insecure(ref.registry) else "https"
+        scheme = _scheme(job, ref)
         configured = job.config.registry_mirrors.get(ref.registry.lower()) or ()
         # a mirror host marked --insecure-registry is plain http, as a registry is
         mirrors = ["http://" + m.split("://", 1)[1]
@@ -118,6 +124,7 @@ class _Puller:
         self.endpoints.append(Endpoint(job, ref, f"{scheme}://{ref.api_host}", mirror=False))
         self._dead: set[int] = set()
         self._lock = threading.Lock()
+        self.feed: _Feed | None = None  # told of each blob's writer, for unpacking as it comes
 
     # -- endpoints ----------------------------------------------------------------------------
     def _call(self, fn: Callable[[Endpoint], object]) -> object:
@@ -240,7 +247,9 @@ class _Puller:
         self.job.store.put_bytes(m.data, self.job.lease, expected_digest=m.digest)
 
     # -- blobs ----------------------------------------------------------------------------------
-    def fetch_blobs(self, blobs: list[Descriptor]) -> None:
+    def fetch_blobs(self, blobs: list[Descriptor], unpacking: int = 0) -> None:
+        """Every blob of ``blobs`` the store lacks, ``jobs`` at a time.  ``unpacking``: bytes
+        of tar layers about to be unpacked, whose files need room of their own."""
         job = self.job
         unique: dict[str, Descriptor] = {}
         for d in blobs:
@@ -257,7 +266,7 @@ class _Puller:
         _skip(job, present)
         if not missing:
             return
-        job.store.ensure_space(sum(d.size for d in missing), self.ref.canonical)
+        job.ensure_space(sum(d.size for d in missing) + unpacking, self.ref.canonical)
         stop = threading.Event()
         errors: list[BaseException] = []
 
@@ -292,7 +301,11 @@ class _Puller:
         with job.store.writer(d.digest, d.size, cancel) as w:  # type: ignore[arg-type]
             if job.store.has_blob(d.digest, d.size):
                 _skip(job, d.size)  # another pull committed it while we waited
+                if self.feed is not None:
+                    self.feed.committed(d.digest)
                 return
+            if self.feed is not None:
+                self.feed.started(d.digest, w, d.size)
             url = ep.url(f"{self.ref.repository}/blobs/{d.digest}")
             for attempt in (0, 1):
                 used = ep.auth
@@ -310,6 +323,8 @@ class _Puller:
                     ep.reauthenticate(challenge if isinstance(challenge, str) else None,
                                       used)  # resumes from w.offset
             w.commit(d.digest, job.lease)
+            if self.feed is not None:
+                self.feed.committed(d.digest)
 
 
 def _skip(job: Job, n: int) -> None:
@@ -393,6 +408,31 @@ def _wanted(job: Job) -> Platform | None:
 # entry point
 
 
+def _scheme(job: Job, ref: OCIRef) -> str:
+    insecure = job.config.is_insecure(ref.api_host) or job.config.is_insecure(ref.registry)
+    return "http" if insecure else "https"
+
+
+def confirm_access(job: Job, ref: OCIRef, digest: str) -> None:
+    """May ``job.credentials`` pull ``digest`` from ``ref``'s repository now?  Raise if not.
+
+    One manifest ``HEAD`` by digest in the repository's pull scope, at the registry itself:
+    a mirror answering proves nothing about the caller's access to the registry.
+    """
+    ep = Endpoint(job, ref, f"{_scheme(job, ref)}://{ref.api_host}", mirror=False)
+    ep.ready()
+    url = ep.url(f"{ref.repository}/manifests/{digest}")
+    for attempt in (0, 1):
+        used = ep.auth
+        resp = job.transfer.request("HEAD", url, headers={"Accept": ACCEPT}, auth=used)
+        if resp.status == 401 and attempt == 0 and ep.same_origin(resp.url):
+            ep.reauthenticate(resp.headers.get("WWW-Authenticate"), used)
+            continue
+        break
+    if resp.status != 200:
+        raise ep.errors(resp.status, resp.url, b"", resp.headers)
+
+
 def pull(job: Job, ref: OCIRef) -> PullResult:
     puller = _Puller(job, ref)
     want = _wanted(job)
@@ -419,59 +459,272 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
         raise IntegrityError(f"{ref.canonical} resolved to {top.digest}, not the expected"
                              f" {job.digest}; nothing was stored")
 
-    # Every manifest to keep, stored as soon as it is checked (and then let go: an index may
-    # name one big manifest thousands of times), and the blobs they name, once each.
+    # Every manifest to keep (each distinct one once: an index may name one big manifest
+    # thousands of times), the blobs they name, once each, and the files of the view.
     limit = job.config.max_pull_files
-    sizes: dict[str, int] = {}  # the manifests fetched (each once), by digest
+    manifests: dict[str, _Manifest] = {}  # the manifests fetched, by digest
     blobs: dict[str, Descriptor] = {}
+    files: list[FileItem] = []
+    named: set[tuple[str, str]] = set()
 
-    def walk(m: _Manifest, depth: int) -> None:
-        puller.store(m)
+    def too_many(what: str) -> PullTooLarge:
+        return PullTooLarge(f"{ref.canonical} has more than {limit} {what}, the most one pull"
+                            " may have on this node (--max-pull-files): refused, nothing"
+                            " fetched")
+
+    def walk(m: _Manifest, prefix: str, depth: int, listed: bool = True) -> None:
+        manifests.setdefault(m.digest, m)
         if m.media_type in MANIFEST_TYPES:
             if len(m.doc["layers"]) > limit:  # layers per image
                 raise PullTooLarge(f"{ref.canonical}: manifest {m.digest} has"
                                    f" {len(m.doc['layers'])} layers, more than the {limit} one"
                                    " pull may have on this node (--max-pull-files): refused,"
                                    " nothing fetched")
-            for item in [m.doc["config"], *m.doc["layers"]]:
-                d = puller._descriptor(item, "")
+            c = puller._descriptor(m.doc["config"], "")
+            blobs.setdefault(c.digest, c)
+            for layer in m.doc["layers"]:
+                d = puller._descriptor(layer, "")
                 blobs.setdefault(d.digest, d)
+                title = (layer.get("annotations") or {}).get(TITLE)
+                name = safe_name(title) if title is not None else d.digest.replace(":", "-")
+                if listed and (prefix + name, d.digest) not in named:
+                    named.add((prefix + name, d.digest))
+                    files.append(FileItem(prefix + name, d.digest, d.size,
+                                          d.media_type or "application/octet-stream"))
             if len(blobs) > limit:
-                raise PullTooLarge(f"{ref.canonical} has more than {limit} blobs, the most one"
-                                   " pull may have on this node (--max-pull-files): refused,"
-                                   " nothing fetched")
+                raise too_many("blobs")
+            if len(files) > limit:
+                raise too_many("files")
             return
         if depth >= _MAX_NESTING:
             raise ManifestInvalid(f"{ref.canonical}: indexes nested too deep")
         children = m.doc["manifests"]
-        if len(sizes.keys() | {d["digest"] for d in children}) > MAX_MANIFESTS:
+        if len(manifests.keys() | {d["digest"] for d in children}) > MAX_MANIFESTS:
             raise ManifestInvalid(f"{ref.canonical} names more than {MAX_MANIFESTS} manifests:"
                                   " refused, no image needs that many")
+        taken: set[str] = set()
         for d in children:
-            seen = sizes.get(d["digest"])
-            if seen is None:
-                child = puller.manifest(d["digest"])
-                sizes[d["digest"]] = seen = child.size
-                if child.size == d["size"]:
-                    walk(child, depth + 1)
-                del child
-            if seen != d["size"]:
+            child = manifests.get(d["digest"]) or puller.manifest(d["digest"])
+            if child.size != d["size"]:
                 raise IntegrityError(f"{ref.canonical}: manifest {d['digest']} has"
-                                     f" {seen} bytes, the index says {d['size']}")
+                                     f" {child.size} bytes, the index says {d['size']}")
+            p = d.get("platform") or {}
+            sub = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
+            try:  # the fields come from the registry: they must name one directory
+                sub = safe_name(sub) if sub and "/" not in sub else ""
+            except UnsafeName:
+                sub = ""
+            sub = sub or d["digest"][7:19]
+            keep = listed and not _is_attestation(d) and sub not in taken
+            if keep:
+                taken.add(sub)  # two images of one platform: the first is the view's
+            walk(child, prefix + sub + "/", depth + 1, keep)
 
-    walk(chosen, 0)
+    walk(chosen, "", 0)
+    # The names the view will get, checked before a single blob byte is fetched.
+    check_names((f.name for f in files), ref.canonical)
+    image = chosen.media_type in MANIFEST_TYPES
+    if image:
+        formats.plan(chosen.doc)  # hostile names are refused before a byte is fetched
+    # Manifests first (small), leased as they go in; then the blobs, in parallel.
+    for m in manifests.values():
+        puller.store(m)
+    model = _engine_ready(job, ref, puller, chosen, files, list(blobs.values())) \
+        if image else None
+    if not image:
+        puller.fetch_blobs(list(blobs.values()))
+
     artifact_type = chosen.doc.get("artifactType") if chosen.media_type in MANIFEST_TYPES \
         else None
     desc = Descriptor(chosen.media_type, chosen.digest, chosen.size,
                       artifact_type=artifact_type if isinstance(artifact_type, str) else None,
                       platform=platform)
-    # The names the view will get, checked before a single blob byte is fetched.
-    named = entry_files(job.store, desc, limit, ref.canonical)
-    check_names((f["name"] for f in named), ref.canonical)
-    puller.fetch_blobs(list(blobs.values()))
-    files = [FileItem(f["name"], f["digest"], f["size"]) for f in named]
-    return PullResult(manifest=desc, digest=top.digest, files=files,
-                      platform=_platform_str(platform) if platform else None)
+    result = PullResult(manifest=desc, digest=top.digest, files=files,
+                        platform=_platform_str(platform) if platform else None)
+    if model is not None:
+        result.files, result.format, result.model, result.files_manifest, result.unpacked = \
+            model
+    return result
 
 
-__all__ = ["ACCEPT", "choose_platform", "pull"]
+class _Feed:
+    """Which layers are downloading (and their writers) or committed, for an unpacker that
+    reads each layer as it arrives instead of after every blob is in."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._cond = threading.Condition()
+        self._writers: dict[str, tuple] = {}  # digest -> (writer, size, how often started)
+        self._done: set[str] = set()
+        self.failed = False  # the fetch failed: nobody will bring the rest
+        self.stop = threading.Event()  # set by the fetch's end when the unpacker must quit
+        self.lost = False  # a writer started over: the unpacker's reading is not to be trusted
+
+    def stopping(self) -> bool:
+        return self.stop.is_set() or self.job.cancel.is_set()
+
+    def started(self, digest: str, writer: object, size: int) -> None:
+        with self._cond:
+            old = self._writers.get(digest)
+            if old is not None:
+                self.lost = True  # a second attempt (another endpoint): read the blob later
+            self._writers[digest] = (writer, size)
+            self._cond.notify_all()
+
+    def committed(self, digest: str) -> None:
+        with self._cond:
+            self._done.add(digest)
+            self._cond.notify_all()
+
+    def finish(self, failed: bool) -> None:
+        with self._cond:
+            self.failed = failed
+            if failed:
+                self.stop.set()
+            self._cond.notify_all()
+
+    def open(self, lp: formats.LayerPlan) -> BinaryIO:
+        """The layer's bytes: its blob once committed, else a reader behind its download."""
+        store = self.job.store
+        with self._cond:
+            while True:
+                if lp.digest in self._done or store.has_blob(lp.digest, lp.size):
+                    return open(store.blob_path(lp.digest), "rb")  # the unpacker closes it
+                started = self._writers.get(lp.digest)
+                if started is not None and not self.lost:
+                    writer, size = started
+                    return writer.follow(size, self.stopping)  # type: ignore[no-any-return]
+                if self.failed or self.stopping():
+                    raise Cancelled(f"{lp.digest} will not arrive")
+                if self.lost:
+                    raise FollowLost(f"{lp.digest} is downloaded again")
+                self._cond.wait(0.5)
+
+
+def _engine_ready(job: Job, ref: OCIRef, puller: _Puller, m: _Manifest, plain: list,
+                  blobs: list) -> tuple:
+    """Fetch ``blobs`` and return the files of image manifest ``m`` named as its packaging
+    names them (DESIGN section 8): tar layers unpacked into one blob per file, image
+    layers applied with whiteouts.
+
+    The unpacker runs beside the fetch, reading each tar layer as it arrives (behind its
+    download's contiguous frontier), so unpacking adds little to the pull; what it read is
+    only used once every blob is verified, and when a download started over the layers are
+    unpacked again from the committed blobs.
+
+    Returns ``(files, format, model, files manifest, unpacked)``.  When the view is the
+    layers as they are under their titles (``plain``, an ORAS or nekko artifact), the files
+    stay in layer order and need no manifest of their own.
+    """
+    fmt = formats.detect_format(m.doc)
+    config = None
+    if fmt == formats.KITOPS:  # the Kitfile says how older ModelKits hold their paths
+        config_desc = next(d for d in blobs if d.digest == m.doc["config"]["digest"])
+        puller.fetch_blobs([config_desc])
+        config = job.store.read_blob(config_desc.digest, MAX_MANIFEST)
+    plan = formats.plan(m.doc, config)
+    read = [lp for lp in plan.layers if lp.kind in (formats.TAR, formats.SNIFF)]
+    known = _unpacked_before(job, m.digest)
+    if known is not None:  # another entry of this very manifest: its files, as they are
+        files, model, listing = known
+        file_digests = {f.digest for f in files}
+        tars = [lp.digest for lp in read if lp.digest not in file_digests]
+        if job.config.discard_unpacked_layers:  # what would be freed need not come
+            blobs = [d for d in blobs if d.digest not in tars]
+        puller.fetch_blobs(blobs)
+        log.debug("%s: the files of %s are cached already", ref.canonical, m.digest)
+        return files, fmt, model, listing, tars
+    if not read:
+        puller.fetch_blobs(blobs)  # nothing to read: the layers are the files
+        done = unpack.materialize(job.store, plan, _open_blob(job), job.lease, job.cancel,
+                                  what=ref.canonical)
+    else:
+        done = _fetch_unpacking(job, ref, puller, plan, blobs, sum(lp.size for lp in read))
+    types = {d.get("digest"): d.get("mediaType") for d in m.doc["layers"]}
+    files = [FileItem(f.name, f.digest, f.size, str(types.get(f.digest) or
+                                                     "application/octet-stream"))
+             for f in done.files]
+    if sorted((f.name, f.digest) for f in files) == sorted((f.name, f.digest) for f in plain):
+        return plain, fmt, done.model, None, []
+    listing = store_artifact(job, files, FILES_ARTIFACT_TYPE, {A_FORMAT: fmt})
+    log.debug("%s: %s, %d files from %d tar layers", ref.canonical, fmt, len(files),
+              len(done.unpacked))
+    return files, fmt, done.model, listing, list(done.unpacked)
+
+
+def _open_blob(job: Job) -> Callable[[formats.LayerPlan], BinaryIO]:
+    def open_layer(lp: formats.LayerPlan) -> BinaryIO:
+        return open(job.store.blob_path(lp.digest), "rb")  # the unpacker closes it
+    return open_layer
+
+
+def _unpacked_before(job: Job, manifest: str) -> tuple | None:
+    """``(files, model, listing)`` of an entry of the same image manifest whose files are
+    all still in the store (unpacking it again would make the same blobs), else None."""
+    for entry in job.store.entries():
+        listing = entry.annotations.get(A_FILES)
+        if entry.digest != manifest or not isinstance(listing, str):
+            continue
+        job.lease.add(listing)  # before reading it: gc cannot take it meanwhile
+        try:
+            doc = json.loads(job.store.read_blob(listing))
+            layers = doc["layers"]
+            files = [FileItem(str(d["annotations"][TITLE]), str(d["digest"]), int(d["size"]),
+                              str(d.get("mediaType") or "application/octet-stream"))
+                     for d in layers]
+        except (OSError, ValueError, KeyError, TypeError, NekkoError):
+            continue
+        if not all(job.store.has_blob(f.digest, f.size) for f in files):
+            continue
+        for f in files:
+            job.lease.add(f.digest)
+        if not all(job.store.has_blob(f.digest, f.size) for f in files):
+            continue  # freed between the look and the lease
+        desc = Descriptor(MT_OCI_MANIFEST, listing, len(job.store.read_blob(listing)),
+                          artifact_type=FILES_ARTIFACT_TYPE)
+        model = entry.annotations.get(A_MODEL)
+        return files, model if isinstance(model, str) else None, desc
+    return None
+
+
+def _fetch_unpacking(job: Job, ref: OCIRef, puller: _Puller, plan: formats.ModelPlan,
+                     blobs: list, unpacking: int) -> unpack.UnpackResult:
+    """``puller.fetch_blobs(blobs)`` with the unpacker of ``plan`` reading alongside."""
+    feed = _Feed(job)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = unpack.materialize(
+                job.store, plan, feed.open, job.lease, _Either(job.cancel, feed.stop),
+                what=ref.canonical)
+        except BaseException as e:  # noqa: BLE001 - handed to the pull below
+            outcome["error"] = e
+
+    unpacker = threading.Thread(target=run, name=f"unpack {ref.canonical[:40]}", daemon=True)
+    puller.feed = feed
+    unpacker.start()
+    try:
+        puller.fetch_blobs(blobs, unpacking)
+    except BaseException:
+        feed.finish(failed=True)
+        unpacker.join()
+        raise
+    finally:
+        puller.feed = None
+    feed.finish(failed=False)
+    unpacker.join()
+    error = outcome.get("error")
+    if isinstance(error, (FollowLost, Cancelled, OSError)) and not job.cancel.is_set():
+        # A download started over, moved to another endpoint, or its partial went: what
+        # was read alongside is not to be trusted; the verified blobs are all there now.
+        log.info("%s: a layer was downloaded again (%s); unpacking from the blobs",
+                 ref.canonical, error)
+        return unpack.materialize(job.store, plan, _open_blob(job), job.lease, job.cancel,
+                                  what=ref.canonical)
+    if error is not None:
+        raise error
+    return outcome["result"]  # type: ignore[no-any-return]
+
+
+__all__ = ["ACCEPT", "choose_platform", "confirm_access", "pull"]

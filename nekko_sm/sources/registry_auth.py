@@ -221,7 +221,11 @@ class Endpoint:
 
     # -- ping and challenges -------------------------------------------------------------
     def ready(self) -> None:
-        """Ping ``/v2/`` once and answer its challenge, if any."""
+        """Ping ``/v2/`` once and answer its challenge, if any.
+
+        A registry without the ping (registry.ollama.ai answers ``404``) is asked as it is:
+        with the caller's Bearer token, if any, answering a challenge when a request gets one.
+        """
         if self._ready:
             return
         with self._lock:
@@ -232,6 +236,9 @@ class Endpoint:
             resp = self.job.transfer.request("GET", self.url(""), auth=first, limit=1 << 20,
                                              retry=not self.mirror)
             if resp.status == 200:
+                self._auth = first
+            elif resp.status == 404:
+                log.debug("%s has no /v2/ ping (404); asking it as it is", self)
                 self._auth = first
             elif resp.status == 401 and self.same_origin(resp.url):
                 self._answer(resp.headers.get("WWW-Authenticate"), force=False)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
+import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Callable
 
 from nekko_sm.errors import (
@@ -50,9 +53,21 @@ if TYPE_CHECKING:
 
     from nekko_sm.store.gc import Lease
 
+_HASH_CHUNK = 4 << 20  # bytes read back at a time, for what is no longer held in memory
+BUFFER = 1 << 20  # one receive buffer (IngestWriter.buffer)
+_HOLD = 32 << 20  # received bytes kept for the hasher ahead of what it has hashed
+_POOL = 16  # spare receive buffers kept for reuse
+_FLUSH_EVERY = 64 << 20  # appended bytes between background fdatasyncs (early writeback)
 _HASH_CHUNK = 4 << 20
+_COPY_CHUNK = 16 << 20  # copy_file_range per call: the hasher follows, a cancel is seen
 
 Hasher = Callable[[], "hashlib._Hash"]
+
+
+class _Buffer(bytearray):
+    """A receive buffer handed out by :meth:`IngestWriter.buffer`."""
+
+    __slots__ = ()
 
 
 class IngestWriter:
@@ -61,8 +76,11 @@ class IngestWriter:
     Holds the ingest lock while open.  Bytes go to ``data`` through an unbuffered file
     descriptor, either appended (:meth:`write`) or placed at an offset (:meth:`pwrite`, for
     ranged downloads, which then :meth:`advance` the contiguous frontier).  A background
-    thread hashes ``data`` from the page cache behind that frontier, so hashing overlaps
-    the network and the disk instead of adding to them.
+    thread hashes behind that frontier, so hashing overlaps the network and the disk
+    instead of adding to them.  It hashes the very buffers it was given while they are at
+    most ``_HOLD`` bytes ahead of it (a writer at the frontier waits when it runs that far
+    ahead, so one stream is never read back), and reads back from the page cache only
+    what it no longer holds: bytes of a resumed partial, parts that arrived far ahead.
 
     ``offset`` is the contiguous frontier: how many leading bytes are present.  A partial
     left by an earlier attempt (even a crashed one) is picked up at open: its bytes are
@@ -102,6 +120,14 @@ class IngestWriter:
         self._hasher: threading.Thread | None = None
         self._hash_error: BaseException | None = None
         self._stop_hashing = False
+        self._held: dict[int, memoryview] = {}  # offset -> received bytes not hashed yet
+        self._held_bytes = 0
+        self._pool: list[_Buffer] = []
+        self._busy = 0.0  # seconds the hasher spent hashing
+        self._unflushed = 0
+        self._flusher: threading.Thread | None = None
+        self.resets = 0  # how often the bytes started over (a follower cannot go on then)
+        self.ended = False  # committed, discarded or closed: no more bytes from this writer
         self._new_hashes()
         size = os.fstat(self._fd).st_size
         ranged = self.state.get("ranged")
@@ -120,42 +146,72 @@ class IngestWriter:
         self._sha = hashlib.sha256()
         self._hashers = {name: make() for name, make in self._extra.items()}
         self._hashed = 0
+        self._held.clear()
+        self._held_bytes = 0
 
     def _kick(self) -> None:
         with self._cond:
-            if self._hasher is None and self._hashed < self.offset:
-                self._stop_hashing = False
-                self._hasher = threading.Thread(target=self._hash_loop, daemon=True,
-                                                name=f"hash {self.ref[:40]}")
-                self._hasher.start()
-            self._cond.notify_all()
+            self._kick_locked()
+
+    def _kick_locked(self) -> None:
+        if self._hasher is None and self._hashed < self.offset:
+            self._stop_hashing = False
+            self._hasher = threading.Thread(target=self._hash_loop, daemon=True,
+                                            name=f"hash {self.ref[:40]}")
+            self._hasher.start()
+        self._cond.notify_all()
+
+    def _next_piece(self) -> tuple | None:
+        """(start, held bytes or None, end of a read-back, hashes) to hash next; under the lock."""
+        while self._hashed >= self.offset and not self._stop_hashing:
+            self._cond.wait()
+        if self._stop_hashing:
+            return None
+        start, end = self._hashed, self.offset
+        data = self._held.pop(start, None)
+        mine = data is not None
+        if data is not None and start + len(data) > end:
+            # Only its head is behind the frontier yet: hash that, keep the rest held.
+            self._held[end] = data[end - start:]
+            data, mine = data[:end - start], False
+        if data is None:
+            for k in [k for k in self._held if k < start]:  # passed by a read-back
+                self._held_bytes -= len(self._held.pop(k))
+            # Read back up to the next held buffer (or the frontier), a chunk at a time.
+            end = min([k for k in self._held if k < end] + [end, start + _HASH_CHUNK])
+        return start, data, mine, end, self._sha, list(self._hashers.values())
 
     def _hash_loop(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while self._hashed >= self.offset and not self._stop_hashing:
-                        self._cond.wait()
+                    piece = self._next_piece()
+                    if piece is None:
+                        return
+                    fd = self._file()
+                start, data, mine, end, sha, extra = piece
+                t = time.perf_counter()
+                if data is None:
+                    data = memoryview(os.pread(fd, end - start, start))
+                    if not data:
+                        raise OSError(f"the partial of {self.ref} is shorter than expected")
+                    held = 0
+                else:
+                    held = len(data)
+                sha.update(data)
+                for h in extra:
+                    h.update(data)
+                self._busy += time.perf_counter() - t
+                with self._cond:
                     if self._stop_hashing:
                         return
-                    start, end, fd = self._hashed, self.offset, self._file()
-                    sha, extra = self._sha, list(self._hashers.values())
-                while start < end:
-                    n = min(_HASH_CHUNK, end - start)
-                    chunk = os.pread(fd, n, start)
-                    if not chunk:
-                        raise OSError(f"the partial of {self.ref} is shorter than expected")
-                    sha.update(chunk)
-                    for h in extra:
-                        h.update(chunk)
-                    start += len(chunk)
-                    with self._cond:
-                        if self._stop_hashing:
-                            return
-                        if self._sha is not sha:  # reset meanwhile: start over
-                            break
-                        self._hashed = start
-                        self._cond.notify_all()
+                    if self._sha is not sha:  # reset meanwhile: start over
+                        continue
+                    self._hashed = start + len(data)
+                    self._held_bytes -= held
+                    self._cond.notify_all()
+                if mine:
+                    self._recycle(data)
         except BaseException as e:  # noqa: BLE001 - any failure is surfaced by digest/commit
             with self._cond:
                 self._hash_error = e
@@ -165,6 +221,10 @@ class IngestWriter:
                 if self._hasher is threading.current_thread():
                     self._hasher = None
                 self._cond.notify_all()
+
+    def hash_stats(self) -> tuple[int, float]:
+        """(bytes hashed so far, seconds the hasher has been busy): is hashing the limit?"""
+        return self._hashed, self._busy
 
     def _wait_hashed(self) -> None:
         with self._cond:
@@ -207,6 +267,20 @@ class IngestWriter:
                 f"disk full after {self.offset} bytes of {self.ref}; the partial is kept for resume")
         return e
 
+    def buffer(self) -> memoryview:
+        """A buffer of ``BUFFER`` bytes to receive into.  Once (a slice of) it is passed to
+        :meth:`write` or :meth:`pwrite` it belongs to the writer: the hasher reads it
+        instead of the file, and reuses it afterwards.  Do not touch it again."""
+        try:
+            return memoryview(self._pool.pop())
+        except IndexError:
+            return memoryview(_Buffer(BUFFER))
+
+    def _recycle(self, data: memoryview) -> None:
+        buf = data.obj
+        if isinstance(buf, _Buffer) and len(self._pool) < _POOL:
+            self._pool.append(buf)
+
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data`` at the frontier."""
         self._check_cancel()
@@ -214,10 +288,38 @@ class IngestWriter:
         if self.expected_size is not None and self.offset + n > self.expected_size:
             raise SizeMismatch(
                 f"upstream sent more than the {self.expected_size} bytes promised for {self.ref}")
-        self._pwrite_all(data, self.offset)
-        with self._cond:
-            self.offset += n
-        self._kick()
+        self._place(data, self.offset, append=True)
+
+    def copy_from(self, fd: int, offset: int, n: int) -> None:
+        """Append ``n`` bytes of the file open at ``fd`` from ``offset`` (a file inside an
+        uncompressed tar layer), copied in the kernel where it can be (``copy_file_range``:
+        no pass through Python, page cache to page cache); hashed behind, as :meth:`write`."""
+        if self.expected_size is not None and self.offset + n > self.expected_size:
+            raise SizeMismatch(
+                f"more than the {self.expected_size} bytes promised for {self.ref}")
+        copy = getattr(os, "copy_file_range", None)
+        done = 0
+        while done < n:
+            self._check_cancel()
+            want = min(_COPY_CHUNK, n - done)
+            got = 0
+            if copy is not None:
+                try:
+                    got = copy(fd, self._file(), want, offset + done, self.offset)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise self._os_error(e) from e
+                    copy = None  # another file system, an old kernel: the plain way
+            if copy is None:
+                data = os.pread(fd, want, offset + done)
+                self._pwrite_all(data, self.offset)
+                got = len(data)
+            if got <= 0:
+                raise CacheCorrupt(f"{self.ref}: the source ended {n - done} bytes early")
+            done += got
+            with self._cond:
+                self.offset += got
+            self._kick()
 
     def pwrite(self, data: bytes | memoryview, pos: int) -> None:
         """Place ``data`` at ``pos`` (a ranged download); call :meth:`advance` as parts finish."""
@@ -225,7 +327,50 @@ class IngestWriter:
         if self.expected_size is not None and pos + len(data) > self.expected_size:
             raise SizeMismatch(f"upstream sent bytes past the {self.expected_size} promised"
                                f" for {self.ref}")
-        self._pwrite_all(data, pos)
+        self._place(data, pos, append=False)
+
+    def _place(self, data: bytes | memoryview, pos: int, append: bool) -> None:
+        """Write ``data`` at ``pos`` and hand it to the hasher while it is close enough."""
+        view = memoryview(data)
+        if pos - self._hashed >= _HOLD and self._held_bytes and pos <= self.offset:
+            self._wait_for_hasher(pos)  # far ahead of the hash at the frontier: let it catch up
+        self._pwrite_all(view, pos)
+        n = len(view)
+        owned = isinstance(data, bytes) or isinstance(view.obj, _Buffer)
+        with self._cond:
+            hold = self._hashed <= pos < self._hashed + _HOLD and pos not in self._held
+            if hold:
+                self._held[pos] = view if owned else memoryview(bytes(view))
+                self._held_bytes += n
+            if append:
+                self.offset += n
+            self._kick_locked()
+        if not hold:
+            self._recycle(view)
+        if append:
+            self._unflushed += n
+            if self._unflushed >= _FLUSH_EVERY and not (self._flusher and self._flusher.is_alive()):
+                # Start writing back now, beside the download, so the fsync of the commit
+                # has little left to do.  (Ranged downloads sync with every save already.)
+                self._unflushed = 0
+                self._flusher = threading.Thread(target=self._flush, args=(self._file(),),
+                                                 daemon=True, name=f"flush {self.ref[:40]}")
+                self._flusher.start()
+
+    @staticmethod
+    def _flush(fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError:  # the commit's fsync reports what is wrong
+            pass
+
+    def _wait_for_hasher(self, pos: int) -> None:
+        with self._cond:
+            while (pos - self._hashed >= _HOLD and self._held_bytes
+                   and self._hashed < self.offset and self._hash_error is None):
+                self._kick_locked()
+                self._cond.wait(0.25)
+                self._check_cancel()
 
     def _pwrite_all(self, data: bytes | memoryview, pos: int) -> None:
         view = memoryview(data)
@@ -240,19 +385,30 @@ class IngestWriter:
     def advance(self, frontier: int) -> None:
         """The first ``frontier`` bytes are now all present (ranged downloads)."""
         with self._cond:
-            self.offset = max(self.offset, frontier)
-        self._kick()
+            if frontier > self.offset:
+                self.offset = frontier
+                self._kick_locked()
 
     def preallocate(self, total: int) -> None:
-        """Reserve ``total`` bytes on disk now: a disk that is too small fails here, not later."""
+        """Reserve ``total`` bytes on disk now: a disk that is too small fails here, not later.
+
+        Only where the file system allocates without writing (ext4, xfs, btrfs...): tmpfs
+        would zero every page now, and glibc emulates fallocate elsewhere by writing a byte
+        per block.  There the free space is checked and the file extended sparsely."""
+        fd = self._file()
+        if not hasattr(os, "posix_fallocate") or not _allocates_cheaply(fd):
+            st = os.fstat(fd)
+            vfs = os.fstatvfs(fd)
+            if total - st.st_blocks * 512 > vfs.f_bavail * vfs.f_frsize:
+                raise self._os_error(OSError(errno.ENOSPC, "no space left"))
+            if st.st_size < total:
+                os.ftruncate(fd, total)
+            return
         try:
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(self._file(), 0, total)
-            else:  # pragma: no cover - macOS
-                os.ftruncate(self._file(), total)
+            os.posix_fallocate(fd, 0, total)
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                os.ftruncate(self._file(), total)
+                os.ftruncate(fd, total)
             else:
                 raise self._os_error(e) from e
 
@@ -264,6 +420,9 @@ class IngestWriter:
             self._new_hashes()
             self.offset = 0
             self._hash_error = None
+            self._busy = 0.0
+            self.resets += 1
+            self._cond.notify_all()
         self.state.pop("ranged", None)
 
     def hexdigest(self, name: str) -> str:
@@ -322,8 +481,22 @@ class IngestWriter:
         self._remove_dir()
         return Descriptor("application/octet-stream", digest, size)
 
+    def follow(self, size: int, stop: Callable[[], bool]) -> Follower:
+        """A reader of these bytes as they arrive (``size`` in all): it waits behind the
+        contiguous frontier, so a tar layer is unpacked while it downloads."""
+        return Follower(self, size, stop)
+
     def _close_fd(self) -> None:
+        with self._cond:
+            self.ended = True
+            self._cond.notify_all()
         self._stop_hasher()
+        if self._flusher is not None:
+            self._flusher.join()  # it holds the descriptor
+        with self._cond:
+            self._held.clear()
+            self._held_bytes = 0
+        self._pool.clear()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -359,6 +532,120 @@ class IngestWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# statfs magic numbers of file systems whose fallocate reserves blocks without writing them
+_CHEAP_FALLOCATE = {
+    0xEF53,  # ext2/3/4
+    0x58465342,  # xfs
+    0x9123683E,  # btrfs
+    0xF2F52010,  # f2fs
+    0x794C7630,  # overlayfs (its upper layer decides)
+    0x7461636F,  # ocfs2
+    0xCA451A4E,  # bcachefs
+}
+_fstatfs: object = None
+
+
+def _allocates_cheaply(fd: int) -> bool:
+    """Whether fallocate on ``fd``'s file system only reserves blocks (Linux statfs f_type);
+    True where this cannot be told, as before."""
+    global _fstatfs
+    if not sys.platform.startswith("linux"):
+        return True
+    if _fstatfs is None:
+        try:
+            import ctypes
+
+            _fstatfs = ctypes.CDLL(None, use_errno=True).fstatfs
+        except (ImportError, OSError, AttributeError):
+            _fstatfs = False
+    if not _fstatfs:
+        return True
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs: 120 bytes on 64-bit Linux
+    if _fstatfs(fd, buf) != 0:  # type: ignore[operator]
+        return True
+    magic = ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF  # f_type, the first word
+    return magic in _CHEAP_FALLOCATE
+class FollowLost(Exception):
+    """The bytes a :class:`Follower` read may not be the ones the writer commits (they
+    started over, or the writer stopped early): read the committed blob instead."""
+
+
+class Follower(io.RawIOBase):
+    """Reads an :class:`IngestWriter`'s ``data`` behind its frontier, waiting for bytes.
+
+    Seekable, with a real descriptor (``fileno``), so an uncompressed tar can be read by
+    offset.  ``stop()`` true, or the writer starting over or ending early, ends the wait
+    (:class:`~nekko_sm.errors.Cancelled`, :class:`FollowLost`).
+    """
+
+    def __init__(self, writer: IngestWriter, size: int, stop: Callable[[], bool]) -> None:
+        super().__init__()
+        self._w = writer
+        self._size = size
+        self._stop = stop
+        self._resets = writer.resets
+        self._pos = 0
+        try:
+            if writer.ended:
+                raise FileNotFoundError(writer._data_path)
+            self._fd = open_file(writer._data_path, os.O_RDONLY)  # the same inode after commit
+        except FileNotFoundError:
+            self._fd = -1
+            self.close()
+            raise FollowLost(f"{writer.ref} stopped before it could be read") from None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def wait_for(self, end: int) -> None:
+        """Until the first ``end`` bytes (at most all of them) are there."""
+        end = min(end, self._size)
+        w = self._w
+        with w._cond:
+            while w.offset < end:
+                if w.resets != self._resets or w.ended:
+                    raise FollowLost(f"{w.ref} started over or stopped")
+                if self._stop():
+                    raise Cancelled(f"reading {w.ref} was cancelled")
+                w._cond.wait(0.5)
+            if w.resets != self._resets:
+                raise FollowLost(f"{w.ref} started over")
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def,override]
+        """All of ``b`` (up to the end), as a file would: tarfile wants whole headers."""
+        want = min(len(b), self._size - self._pos)
+        if want <= 0:
+            return 0
+        self.wait_for(self._pos + want)
+        data = os.pread(self._fd, want, self._pos)
+        if self._w.resets != self._resets:
+            raise FollowLost(f"{self._w.ref} started over")
+        b[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed and self._fd >= 0:
+            os.close(self._fd)
+        super().close()
 
 
 def _contiguous(parts: list, size: int) -> int:

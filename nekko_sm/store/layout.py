@@ -37,6 +37,11 @@ from nekko_sm.errors import (
 log = logging.getLogger("nekko_sm.store")
 
 REF_NAME = "org.opencontainers.image.ref.name"
+# On an index.json entry whose files are not its manifest's layers (unpacked tar layers,
+# DESIGN section 8): the digest of a manifest listing the files, which the entry reaches
+# too, and the tar layers it freed with --discard-unpacked-layers, which it no longer does.
+A_FILES = "io.nekko.files"
+A_DISCARDED = "io.nekko.discarded"
 TITLE = "org.opencontainers.image.title"
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -30,6 +30,29 @@ def require_binary(name: str, package: str | None = None) -> str:
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def tmpfs(mnt, size: str, what: str):
+    """Mount a tmpfs of ``size`` (``24m``) at ``mnt`` for the block: root only; a loud skip
+    elsewhere, a failure under CI (CI runs as root).  ``what`` names the tests that need it."""
+    if os.geteuid() != 0:
+        msg = f"PEER MISSING: a tmpfs mount needs root; {what} did not run"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    mnt.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        msg = f"cannot mount a tmpfs here ({r.stderr.strip()}); {what} did not run"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def require_module(name: str) -> None:
     try:
         __import__(name)

@@ -20,27 +20,56 @@ What it answers, as the real Hub does (checked against the official ``huggingfac
     ``Accept-Ranges`` (``206`` for a ``Range``).  Text files of 1 kB..10 MB are sent
     ``Content-Encoding: gzip``, chunked, when the client accepts gzip, as CloudFront in front of the
     Hub does (and then a ``Range`` is ignored: ``200``).  ``hub.gzip_text = False`` turns that off.
-  - LFS file: ``302`` with an absolute ``Location`` on the CDN host (signed query that expires),
+  - LFS file: ``302`` (``hub.lfs_redirect_status = 307`` for the other answer the Hub gives) with
+    an absolute ``Location`` on the CDN host (signed query that expires, about an hour),
     ``X-Linked-Etag: "<sha256>"``, ``X-Linked-Size``, ``X-Repo-Commit``.  Its ``ETag`` and
     ``Content-Length`` describe the redirect body, NOT the file: a client must use the
-    ``X-Linked-*`` headers.
-* the CDN: ``GET``/``HEAD`` of the signed URL, ``Range`` (``206``/``416``) and ``If-Range``; ``400``
-  to any request with ``Authorization``; ``403`` for a bad or expired signature
-  (``hub.expire_signatures()``).  Its ``ETag`` is an S3-style MD5, not the sha256.
+    ``X-Linked-*`` headers.  In the Xet era (``hub.xet``, the default) the ``Location`` is the
+    Xet bridge (``/xet-bridge-us/{repo hash}/{xet hash}``, cas-bridge.xethub.hf.co on the Hub)
+    and the answer also carries ``X-Xet-Hash`` and ``Link: <…/xet-read-token/{commit}>;
+    rel="xet-auth", <…/v1/reconstructions/{xet hash}>; rel="xet-reconstruction-info"``;
+    ``hub.xet = False`` is the older LFS CDN (``/repos/…/{sha256}``, cdn-lfs.hf.co).
+    ``hub.strip_headers`` drops headers from resolve answers as a CloudFront cache hit may
+    (``X-Linked-Size``, ``X-Xet-Hash``, …; ``Content-Length`` of a HEAD).
+* the CDN and the bridge: ``GET``/``HEAD`` of the signed URL, ``Range`` (``206``/``416``) and
+  ``If-Range``; ``400`` to any request with ``Authorization``; ``403`` for a bad or expired
+  signature (``hub.expire_signatures()``); ``400`` to a GET without ``Range`` of a file over
+  ``hub.max_unranged_size`` (50 GB), and from the bridge to any request for a file over
+  ``hub.bridge_max_size`` (unset: the bridge's trouble with very large files).  The CDN's
+  ``ETag`` is an S3-style MD5, the bridge's the Xet hash (computed with ``hf_xet`` when it is
+  installed): never the sha256.  ``/v1/…`` and ``/v2/…`` (the CAS API) answer ``501``.
+* rate limits: every Hub answer carries ``RateLimit: "BUCKET";r=LEFT;t=RESET`` and
+  ``RateLimit-Policy: "fixed window";"BUCKET";q=QUOTA;w=WINDOW`` for its bucket (``resolvers``
+  for /resolve/ and the resolve cache, ``api`` for /api/, ``pages`` for the rest), counted in a
+  fixed window; over the quota, ``429`` without ``Retry-After``.  Quotas are generous unless a
+  test sets them (``hub.set_rate_limit``).
 * fault toggles per file (``hub.set_fault``: ``corrupt``, ``drop_after`` once, ``ignore_range``),
   and injected ``429``/``5xx`` with ``Retry-After`` (``hub.inject_errors``).
 * errors with ``X-Error-Code``/``X-Error-Message`` and a JSON ``{"error": …}`` body: ``RepoNotFound``
-  (``401`` to anonymous callers, ``404`` to authenticated ones, also for private repos the token
-  cannot see), ``RevisionNotFound`` (404), ``EntryNotFound`` (404, with ``X-Repo-Commit``),
+  (``401`` "Invalid username or password." to anonymous callers, without the code when
+  ``hub.anonymous_401_code = False``, as the Hub often answers; ``404`` to authenticated ones,
+  also for private repos the token cannot see), ``RevisionNotFound`` (404), ``EntryNotFound`` (404, with ``X-Repo-Commit``),
   ``GatedRepo`` (``401`` anonymous, ``403`` authenticated without access; only files are gated,
   the repo info and tree stay public as on the Hub), and ``401`` with
   ``X-Error-Message: Invalid credentials in Authorization header`` (no code) for an unknown token.
 * ``GET /api/{models|datasets|spaces}/{repo_id}[/revision/{rev}]`` (repo info, ``?blobs=true`` for
   sizes and LFS info), ``…/tree/{rev}[/{path}]?recursive=…&expand=…`` (paginated with an absolute
-  ``Link: <…&cursor=…>; rel="next"``), ``…/refs``.
+  ``Link: <…&cursor=…>; rel="next"``, 1,000 entries a page, directories mixed in; LFS entries
+  carry ``xetHash``, 64 asterisks for callers who may not read a gated repo's files or with
+  ``hub.hide_xet_hashes``), ``…/refs``, ``…/xet-read-token/{rev}`` (``casUrl``, ``accessToken``,
+  ``exp`` and the ``X-Xet-Cas-Url``/``X-Xet-Access-Token``/``X-Xet-Token-Expiration`` headers).
 * ``307`` with a relative ``Location`` for renamed repos (``hub.add_alias``).
 
-It never sends any Xet header (``X-Xet-*``, ``Link: …; rel="xet-auth"``), so clients use plain HTTP.
+Not modelled: the Xet CAS protocol itself (reconstruction terms, xorbs, chunk dedup): a Xet
+client must fall back to the bridge (huggingface_hub with ``HF_HUB_DISABLE_XET``).
+
+Sources: huggingface_hub's ``file_download.py`` (metadata, redirects, X-Linked-*, Xet data,
+50 GB), ``utils/_http.py`` (RateLimit parsing, 401/429 handling), ``utils/_xet.py`` (token
+endpoint and headers), ``hf_api.py`` (tree listing, ``xetHash``); the Hub's rate-limit docs
+(huggingface.co/docs/hub/rate-limits: buckets, 5-minute windows) and huggingface_hub#3553
+(the header format); the Xet spec's file-id page (X-Xet-Hash on the resolve redirect);
+xet-core#592 (the bridge's 400 on very large files); huggingface_hub#4741 (proxies stripping
+HEAD headers) and #2991 (Range for files over 50 GB).
 
 Usable outside pytest (``start_fakehub()``, the benchmark does); under pytest the session-scoped
 fixture ``fakehub`` starts one (register with ``pytest_plugins = ["peers.fakehub"]`` or import it).
@@ -115,7 +144,7 @@ _GZIP_MIN, _GZIP_MAX = 1000, 10_000_000  # what CloudFront compresses
 _CHUNK = 1 << 20
 _HUB_EXPOSE = (
     "X-Repo-Commit,X-Request-Id,X-Error-Code,X-Error-Message,X-Total-Count,ETag,Link,"
-    "Accept-Ranges,Content-Range,X-Linked-Size,X-Linked-ETag"
+    "Accept-Ranges,Content-Range,X-Linked-Size,X-Linked-ETag,X-Xet-Hash"
 )
 
 
@@ -167,6 +196,17 @@ class Blob:
             object.__setattr__(self, "_md5", md5)
         return md5
 
+    @property
+    def xet_hash(self) -> str:
+        """The file's Xet hash (64 hex), as the Hub's ``X-Xet-Hash`` and the bridge's ``ETag``
+        carry it: computed by ``hf_xet`` when installed, else a stand-in of the same shape
+        (keyed BLAKE2b) that is, like the real one, never the sha256."""
+        xh = self.__dict__.get("_xet")
+        if xh is None:
+            xh = _xet_hash(self.data)
+            object.__setattr__(self, "_xet", xh)
+        return xh
+
     @classmethod
     def make(cls, data: bytes, lfs: bool) -> Blob:
         sha256 = hashlib.sha256(data).hexdigest()
@@ -174,6 +214,25 @@ class Blob:
             pointer = lfs_pointer(sha256, len(data))
             return cls(data, sha256, True, git_blob_sha1(pointer), pointer)
         return cls(data, sha256, False, git_blob_sha1(data), None)
+
+
+def _xet_hash(data: bytes) -> str:
+    try:
+        import hf_xet  # the official implementation, when installed
+    except ImportError:
+        hf_xet = None
+    if hf_xet is not None:
+        import os
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix="fakehub-xet-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return hf_xet.hash_files([name])[0].hash
+        finally:
+            os.unlink(name)
+    return hashlib.blake2b(data, digest_size=32, key=b"fakehub-xet-standin").hexdigest()
 
 
 def _git_tree_oids(files: dict[str, Blob]) -> dict[str, str]:
@@ -315,6 +374,7 @@ class _Injected:
     count: int
     retry_after: int | None
     path_contains: str | None
+    reset: int | None = None  # a 429's RateLimit t=
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,11 +389,28 @@ class FakeHub:
         self.tree_page_size_expand = tree_page_size_expand
         self.resolve_cache = True
         self.gzip_text = True
+        # Xet era (2025-): LFS files redirect to the Xet bridge with X-Xet-Hash and Link
+        # rel="xet-auth"/"xet-reconstruction-info"; False = the older LFS CDN (MD5 ETag).
+        self.xet = True
+        self.lfs_redirect_status = 302  # the Hub also answers 307 at times
+        self.strip_headers: set[str] = set()  # what a cache in front of the Hub drops
+        self.max_unranged_size = 50 * 1000**3  # a GET without Range of more: 400
+        self.bridge_max_size: int | None = None  # the bridge's 400 even with ranges
+        self.anonymous_401_code = True  # False: anonymous 401s carry no X-Error-Code
+        self.hide_xet_hashes = False  # True: every tree xetHash is 64 asterisks
+        # Fixed-window rate limits per bucket (quota, window seconds), counted for all
+        # callers alike; generous by default so a test session never reaches them
+        # (set_rate_limit sets real ones).  The Hub's anonymous quotas: api 500,
+        # resolvers 3000, pages 100 per 300 s.
+        self.rate_limits: dict[str, tuple[int, int]] = {
+            "api": (100_000, 300), "resolvers": (1_000_000, 300), "pages": (10_000, 300)}
+        self._windows: dict[str, list] = {}  # bucket -> [start, count]
         self.tokens: dict[str, set | None] = {GOOD_TOKEN: None, NOACCESS_TOKEN: set()}
         self.repos: dict[tuple[str, str], Repo] = {}
         self.aliases: dict[tuple[str, str], str] = {}
         self.requests: list[LoggedRequest] = []
         self._lfs: dict[str, Blob] = {}  # sha256 -> blob, what the CDN serves
+        self._xet: dict[str, Blob] = {}  # xet hash -> blob, what the bridge serves
         self._faults: dict[str, Fault] = {}  # sha256 -> fault
         self._injected: list[_Injected] = []
         self._signatures: dict[str, tuple[str, int, int]] = {}  # sig -> (path, expires, generation)
@@ -528,11 +605,34 @@ class FakeHub:
         count: int = 1,
         retry_after: int | None = None,
         path_contains: str | None = None,
+        reset: int | None = None,
     ) -> None:
         """The next ``count`` requests to ``server`` ("hub"/"cdn") whose path contains
-        ``path_contains`` answer ``status`` (with ``Retry-After`` if given)."""
+        ``path_contains`` answer ``status`` (with ``Retry-After`` if given).  A Hub 429
+        carries ``RateLimit: "BUCKET";r=0;t=RESET`` (``reset``, else ``retry_after``, else 60)
+        and, as on the Hub, no ``Retry-After`` unless ``retry_after`` is given."""
         with self._lock:
-            self._injected.append(_Injected(server, status, count, retry_after, path_contains))
+            self._injected.append(
+                _Injected(server, status, count, retry_after, path_contains, reset))
+
+    def set_rate_limit(self, bucket: str, quota: int, window: int = 300) -> None:
+        """A fixed window of ``window`` seconds holding ``quota`` requests of ``bucket``
+        ("api", "resolvers", "pages"); the window starts (again) now."""
+        with self._lock:
+            self.rate_limits[bucket] = (quota, window)
+            self._windows.pop(bucket, None)
+
+    def _count(self, bucket: str) -> tuple[int, int, int, int, bool]:
+        """Count one request of ``bucket``: (remaining, reset_in, quota, window, over)."""
+        quota, window = self.rate_limits.get(bucket, (10**9, 300))
+        now = time.time()
+        with self._lock:
+            w = self._windows.get(bucket)
+            if w is None or now >= w[0] + window:
+                w = self._windows[bucket] = [now, 0]
+            w[1] += 1
+            reset = max(1, int(w[0] + window - now + 0.999))
+            return max(0, quota - w[1]), reset, quota, window, w[1] > quota
 
     def expire_signatures(self) -> None:
         """Every CDN URL handed out so far answers 403 "Request has expired" from now on; the Hub
@@ -586,6 +686,7 @@ class FakeHub:
             files[path] = blob
             if blob.lfs:
                 self._lfs[blob.sha256] = blob
+                self._xet[blob.xet_hash] = blob
         depth, p = 0, parent
         while p is not None:
             depth, p = depth + 1, repo.commits[p].parent
@@ -604,7 +705,10 @@ class FakeHub:
 
     def _sign(self, repo: Repo, blob: Blob, filename: str) -> str:
         rh = hashlib.sha256((_URL_PREFIX[repo.repo_type] + repo.repo_id).encode()).hexdigest()
-        path = f"/repos/{rh[:2]}/{rh[2:4]}/{rh}/{blob.sha256}"
+        if self.xet:  # cas-bridge.xethub.hf.co/xet-bridge-us/{repo hash}/{xet hash}
+            path = f"/xet-bridge-us/{rh[:24]}/{blob.xet_hash}"
+        else:  # cdn-lfs.hf.co/repos/{..}/{..}/{repo hash}/{sha256}
+            path = f"/repos/{rh[:2]}/{rh[2:4]}/{rh}/{blob.sha256}"
         name = filename.rsplit("/", 1)[-1]
         disposition = "inline; filename*=UTF-8''{}; filename=\"{}\";".format(
             quote(name),
@@ -645,6 +749,14 @@ class FakeHub:
                     inj.count -= 1
                     return inj
         return None
+
+
+def _bucket(path: str) -> str:
+    """The Hub's rate-limit bucket of a request path: every URL with a /resolve/ segment
+    (and the resolve cache it redirects to) is a resolver, /api/ the API, the rest pages."""
+    if "/resolve/" in path or path.startswith("/api/resolve-cache/"):
+        return "resolvers"
+    return "api" if path.startswith("/api/") else "pages"
 
 
 def _norm_type(repo_type: str | None) -> str:
@@ -713,6 +825,10 @@ def _accepts_gzip(value: str | None) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm
+    # holds a small body until the client's delayed ACK (~40 ms a request), which no real
+    # server does and which would make the benchmark measure that.
+    disable_nagle_algorithm = True
     server_version = "fakehub"
     sys_version = ""
     timeout = 120
@@ -741,10 +857,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.read(length)
         raw_path, _, self._query = self.path.partition("?")
         self._raw_path = raw_path
+        self._limit = None
         try:
+            if self.server.role == "hub":
+                self._limit = (_bucket(raw_path), *hub._count(_bucket(raw_path)))
             inj = hub._take_injected(self.server.role, raw_path)
             if inj is not None:
                 self._injected_error(inj)
+            if self._limit is not None and self._limit[5]:
+                # Over the quota: 429, usually without Retry-After (RateLimit says when).
+                self._json(429, {"error": f"You have exceeded the {self._limit[0]!r} rate"
+                                          " limit. Retry later or pass a token."})
             if self.server.role == "cdn":
                 self._cdn()
             else:
@@ -790,6 +913,13 @@ class _Handler(BaseHTTPRequestHandler):
         super().send_response(code, message)
 
     def send_header(self, keyword, value):
+        hub = self.server.hub
+        if hub.strip_headers and self.server.role == "hub" and (
+                "/resolve/" in self._raw_path or self._raw_path.startswith("/api/resolve-cache/")):
+            strip = {h.lower() for h in hub.strip_headers}
+            k = keyword.lower()
+            if k in strip and (k != "content-length" or self.command == "HEAD"):
+                return  # a cache in front of the Hub dropped it (the body keeps its framing)
         self._resp_headers.append((keyword, str(value)))
         super().send_header(keyword, value)
 
@@ -806,12 +936,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _request_id(self) -> str:
         return f"Root=1-{int(time.time()):08x}-{secrets.token_hex(12)}"
 
-    def _hub_headers(self, ratelimit: str = "api") -> list[tuple[str, str]]:
+    def _hub_headers(self) -> list[tuple[str, str]]:
+        bucket, remaining, reset, quota, window, _ = self._limit or ("api", 0, 300, 0, 300, 0)
         return [
             ("X-Powered-By", "huggingface-moon"),
             ("X-Request-Id", self._request_id()),
-            ("RateLimit", f'"{ratelimit}";r=2999;t=172'),
-            ("RateLimit-Policy", f'"fixed window";"{ratelimit}";q=3000;w=300'),
+            ("RateLimit", f'"{bucket}";r={remaining};t={reset}'),
+            ("RateLimit-Policy", f'"fixed window";"{bucket}";q={quota};w={window}'),
             ("Access-Control-Allow-Origin", "https://huggingface.co"),
             ("Access-Control-Expose-Headers", _HUB_EXPOSE),
             ("Vary", "Origin, Accept"),
@@ -849,12 +980,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.role == "cdn":
             code = "SlowDown" if inj.status in (429, 503) else "InternalError"
             self._xml_error(inj.status, code, "Injected error", extra)
-        if inj.status == 429:
-            t = inj.retry_after if inj.retry_after is not None else 60
-            extra += [
-                ("RateLimit", f'"api";r=0;t={t}'),
-                ("RateLimit-Policy", '"fixed window";"api";q=3000;w=300'),
-            ]
+        if inj.status == 429:  # the bucket is empty: RateLimit says r=0 and when it resets
+            t = inj.reset if inj.reset is not None else (inj.retry_after or 60)
+            bucket, _, _, quota, window, _ = self._limit or ("api", 0, 0, 3000, 300, 0)
+            self._limit = (bucket, 0, t, quota, window, True)
             self._json(429, {"error": "Too many requests"}, extra)
         self._json(inj.status, {"error": f"Injected error {inj.status}"}, extra)
 
@@ -990,6 +1119,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cdn(self) -> None:
         hub = self.server.hub
+        if self._raw_path.startswith(("/v1/", "/v2/")):  # the CAS API a Xet client talks to
+            self._reply(501, [("Content-Type", "text/plain; charset=utf-8")],
+                        b"the fake Hub does not implement the Xet CAS API")
         if self.headers.get("Authorization") is not None:
             self._xml_error(
                 400,
@@ -1016,11 +1148,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._xml_error(403, "AccessDenied", "Access denied")
         if issued[2] < generation or time.time() > expires:
             self._xml_error(403, "AccessDenied", "Request has expired")
-        sha256 = self._raw_path.rsplit("/", 1)[-1]
-        blob = hub._lfs.get(sha256)
+        key = self._raw_path.rsplit("/", 1)[-1]
+        bridge = self._raw_path.startswith("/xet-bridge-us/")
+        blob = (hub._xet if bridge else hub._lfs).get(key)
         if blob is None:
             self._xml_error(404, "NoSuchKey", "The specified key does not exist.")
-        etag = f'"{blob.cdn_etag}"'  # an S3 ETag, NOT the sha256
+        if bridge and hub.bridge_max_size is not None and blob.size > hub.bridge_max_size:
+            self._reply(400, [("Content-Type", "text/plain; charset=utf-8")], b"Bad Request")
+        if self.command == "GET" and not self.headers.get("Range") and (
+                blob.size > hub.max_unranged_size):
+            # Over 50 GB the CDN and the bridge answer only ranged GETs.
+            self._xml_error(400, "InvalidRequest", "Range header required for objects over"
+                            f" {hub.max_unranged_size} bytes")
+        # The bridge's ETag is the Xet hash, the CDN's an S3 MD5: NEVER the sha256.
+        etag = f'"{blob.xet_hash}"' if bridge else f'"{blob.cdn_etag}"'
         headers = [
             ("Content-Type", "application/octet-stream"),
             ("Content-Disposition", q.get("response-content-disposition", "inline")),
@@ -1076,7 +1217,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = (f"Temporary Redirect. Redirecting to {location}").encode()
         self._reply(
             307,
-            self._hub_headers("resolvers")
+            self._hub_headers()
             + [("Location", location), ("Content-Type", "text/plain; charset=utf-8")],
             body,
         )
@@ -1099,9 +1240,11 @@ class _Handler(BaseHTTPRequestHandler):
         repo = hub.repos.get((repo_type, repo_id))
         grants = hub.tokens.get(token) if token else set()
         allowed = authed and (grants is None or repo_id in (grants or ()))
+        self._allowed = bool(allowed) or (repo is not None and not repo.gated and not repo.private)
         if repo is None or (repo.private and not allowed):
             if not authed:
-                self._error(401, "Invalid username or password.", "RepoNotFound")
+                code = "RepoNotFound" if hub.anonymous_401_code else None
+                self._error(401, "Invalid username or password.", code)
             self._error(404, "Repository not found", "RepoNotFound")
         if files and repo.gated and not allowed:
             kind = {"model": "model", "dataset": "dataset", "space": "space"}[repo_type]
@@ -1136,23 +1279,29 @@ class _Handler(BaseHTTPRequestHandler):
         commit_hdr = [("X-Repo-Commit", commit.sha)]
         if blob is None:
             self._error(404, "Entry not found", "EntryNotFound", commit_hdr)
-        base = self._hub_headers("resolvers") + commit_hdr
+        base = self._hub_headers() + commit_hdr
         if blob.lfs:
             location = hub._sign(repo, blob, path)
-            body = (f"Found. Redirecting to {location}").encode()
-            self._reply(
-                302,
-                base
-                + [
-                    ("Content-Type", "text/plain; charset=utf-8"),
-                    ("Location", location),
-                    ("Accept-Ranges", "bytes"),
-                    ("X-Linked-Size", str(blob.size)),
-                    ("X-Linked-ETag", f'"{blob.sha256}"'),
-                    ("ETag", f'W/"{len(body):x}-{hashlib.sha1(body).hexdigest()[:27]}"'),
-                ],
-                body,
-            )
+            status = hub.lfs_redirect_status
+            word = "Found" if status == 302 else "Temporary Redirect"
+            body = (f"{word}. Redirecting to {location}").encode()
+            headers = base + [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Location", location),
+                ("Accept-Ranges", "bytes"),
+                ("X-Linked-Size", str(blob.size)),
+                ("X-Linked-ETag", f'"{blob.sha256}"'),
+                ("ETag", f'W/"{len(body):x}-{hashlib.sha1(body).hexdigest()[:27]}"'),
+            ]
+            if hub.xet:
+                plural = _TYPE_PLURAL[repo_type]
+                auth = f"{hub.endpoint}/api/{plural}/{repo_id}/xet-read-token/{commit.sha}"
+                recon = f"{hub.cdn_endpoint}/v1/reconstructions/{blob.xet_hash}"
+                headers += [
+                    ("X-Xet-Hash", blob.xet_hash),
+                    ("Link", f'<{auth}>; rel="xet-auth", <{recon}>; rel="xet-reconstruction-info"'),
+                ]
+            self._reply(status, headers, body)
         if hub.resolve_cache and not via_cache:
             location = "/api/resolve-cache/{}/{}/{}/{}?{}=&etag={}".format(
                 _TYPE_PLURAL[repo_type],
@@ -1220,7 +1369,8 @@ class _Handler(BaseHTTPRequestHandler):
         if len(segs) < 2 or segs[0] not in _PLURAL_TYPE:
             self._not_found()
         repo_type, rest = _PLURAL_TYPE[segs[0]], segs[1:]
-        subpaths = ("revision", "tree", "refs", "resolve", "paths-info", "commits")
+        subpaths = ("revision", "tree", "refs", "resolve", "paths-info", "commits",
+                    "xet-read-token")
         if len(rest) >= 2 and rest[1] not in subpaths:
             repo_id, rest = "/".join(unquote(s) for s in rest[:2]), rest[2:]
         else:
@@ -1240,7 +1390,23 @@ class _Handler(BaseHTTPRequestHandler):
             self._tree(repo_type, repo_id, rev, "/".join(unquote(s) for s in extra).strip("/"))
         if rest[0] == "refs" and len(rest) == 1:
             self._refs(repo_type, repo_id)
+        if rest[0] == "xet-read-token" and len(rest) >= 2:
+            rev, extra = _split_rev(rest[1:])
+            self._xet_token(repo_type, repo_id, rev)
         self._not_found()
+
+    def _xet_token(self, repo_type: str, repo_id: str, rev: str) -> None:
+        """A short-lived token for the CAS server (the Xet protocol's first step); the fake
+        names a CAS URL but does not implement the reconstruction API behind it."""
+        hub = self.server.hub
+        repo = self._repo_for(repo_type, repo_id, files=True)
+        self._commit_for(repo, rev)
+        exp = int(time.time()) + 3600
+        token = "xet_" + secrets.token_urlsafe(24)
+        cas = hub.cdn_endpoint
+        self._json(200, {"casUrl": cas, "exp": exp, "accessToken": token}, [
+            ("X-Xet-Cas-Url", cas), ("X-Xet-Access-Token", token),
+            ("X-Xet-Token-Expiration", str(exp))])
 
     def _params(self) -> dict[str, str]:
         return dict(parse_qsl(self._query, keep_blank_values=True))
@@ -1341,6 +1507,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 b = commit.files[p]
                 e = {"type": "file", "oid": b.git_oid, "size": b.size, "path": p}
+                if b.lfs and hub.xet:
+                    # hidden (64 asterisks) from callers who may not read a gated repo's files
+                    hidden = hub.hide_xet_hashes or not self._allowed
+                    e["xetHash"] = "*" * 64 if hidden else b.xet_hash
                 if b.lfs:
                     e["lfs"] = {
                         "oid": b.sha256,

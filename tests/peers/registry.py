@@ -21,6 +21,13 @@ temporarily with ``with peer.configured(...)``):
   DIGEST?X-Amz-...`` -- a second host name -- where a tiny blob server, reading the registry's
   own storage, answers ``400`` to any request carrying ``Authorization`` and supports
   ``Range``/``If-Range`` (object storage behind a registry, as S3/GCS redirects are).
+* ``expire_blob_urls_after=N`` (with ``redirect_blobs``): every presigned URL expires once it
+  has served N body bytes, as a signed CDN URL runs out in the middle of a long download: the
+  answer that crosses N is cut there, and any later request with that URL (a resume) gets
+  ``403 AccessDenied: Request has expired``.  Each redirect signs a fresh URL, so a client
+  must go back to the registry for a new one.
+* ``ignore_ranges=True``: blob GETs reach the registry without ``Range``/``If-Range``, so a
+  resume gets the whole blob again (``200``), as from a server that does not take ranges.
 * ``peer.drop_blob_once(digest, after_bytes)``: the next GET of that blob (at the proxy or the
   blob host) sends its headers and ``after_bytes`` bytes of body, then drops the connection.
 * ``fail_with=500`` (with ``fail_times=N`` for the next N requests only, ``fail_match=REGEX``
@@ -152,6 +159,8 @@ class CountingProxy:
         fail_times: int | None = None,
         fail_match: str | None = None,
         retry_after: int | None = None,
+        expire_blob_urls_after: int | None = None,
+        ignore_ranges: bool = False,
     ) -> None:
         self.backend = backend
         self.storage_dir = storage_dir
@@ -162,12 +171,20 @@ class CountingProxy:
         self.fail_times = fail_times
         self.fail_match = fail_match
         self.retry_after = retry_after
+        self.expire_blob_urls_after = expire_blob_urls_after
+        self.ignore_ranges = ignore_ranges
+        self._url_bytes: dict[str, int] = {}  # presigned URL (its signature) -> bytes served
+        self._nonce = 0
         self._drops: dict[str, int] = {}
         self._lock = threading.Lock()
         self._secret = secrets.token_bytes(16)
         self._servers: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
-        self._server = self._serve(_ProxyHandler)
+        self._server = self._serve(self.proxy_handler())
         self._blob_server = self._serve(_BlobHostHandler)
+
+    def proxy_handler(self) -> type:
+        """The request handler of the proxy (a subclass may misbehave differently)."""
+        return _ProxyHandler
 
     def _serve(self, handler: type) -> ThreadingHTTPServer:
         server = _QuietServer(("127.0.0.1", 0), handler)
@@ -248,7 +265,10 @@ class CountingProxy:
         self.clear()
         with self._lock:
             self._drops.clear()
+            self._url_bytes.clear()
         self.redirect_blobs = False
+        self.expire_blob_urls_after = None
+        self.ignore_ranges = False
         self.fail_with = None
         self.fail_times = None
         self.fail_match = None
@@ -260,7 +280,8 @@ class CountingProxy:
         option reset on exit."""
         self.reset()
         for k, v in options.items():
-            if k not in ("redirect_blobs", "fail_with", "fail_times", "fail_match", "retry_after"):
+            if k not in ("redirect_blobs", "fail_with", "fail_times", "fail_match", "retry_after",
+                         "expire_blob_urls_after", "ignore_ranges"):
                 raise TypeError(f"unknown proxy option {k}")
             setattr(self, k, v)
         try:
@@ -278,6 +299,23 @@ class CountingProxy:
         with self._lock:
             return self._drops.pop(digest, None)
 
+    def _url_allowance(self, signature: str, length: int) -> int | None:
+        """Body bytes a presigned URL may still serve (None: no limit); the answer about to
+        send ``length`` bytes is charged now, so a resume finds the URL spent."""
+        with self._lock:
+            budget = self.expire_blob_urls_after
+            if budget is None:
+                return None
+            used = self._url_bytes.get(signature, 0)
+            left = max(0, budget - used)
+            self._url_bytes[signature] = used + min(left, length) if length else budget
+            return left
+
+    def expired_url_refusals(self) -> int:
+        """Requests the blob host refused because their presigned URL had expired."""
+        with self._lock:
+            return sum(1 for r in self.blob_host_requests if r.status == 403)
+
     def _take_failure(self, path: str) -> int | None:
         with self._lock:
             if not self.fail_with:
@@ -291,14 +329,18 @@ class CountingProxy:
             return self.fail_with
 
     # -- presigned blob URLs --------------------------------------------------------------
-    def _sign(self, digest: str, expires: str) -> str:
-        return hmac.new(self._secret, f"{digest}\n{expires}".encode(), hashlib.sha256).hexdigest()
+    def _sign(self, digest: str, expires: str, nonce: str = "") -> str:
+        return hmac.new(self._secret, f"{digest}\n{expires}\n{nonce}".encode(),
+                        hashlib.sha256).hexdigest()
 
     def presigned_url(self, repo: str, digest: str) -> str:
         expires = str(int(time.time()) + 600)
+        with self._lock:
+            self._nonce += 1
+            nonce = str(self._nonce)
         q = urlencode({
             "repo": repo, "X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Expires": expires,
-            "X-Amz-Signature": self._sign(digest, expires),
+            "X-Amz-Date": nonce, "X-Amz-Signature": self._sign(digest, expires, nonce),
         })
         return f"http://{self.blob_host}/blobs/{quote(digest, safe=':')}?{q}"
 
@@ -546,6 +588,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         headers = self._headers_out()
         if kind == "chunked":
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        if blob_digest is not None and proxy.ignore_ranges:
+            headers = [(k, v) for k, v in headers if k.lower() not in ("range", "if-range")]
         try:
             resp = self._send_upstream(
                 self.command, headers, self._iter_body() if kind != "none" else None,
@@ -671,11 +715,13 @@ class _BlobHostHandler(BaseHTTPRequestHandler):
             return
         digest = m.group(1)
         expires = (q.get("X-Amz-Expires") or [""])[0]
+        nonce = (q.get("X-Amz-Date") or [""])[0]
         sig = (q.get("X-Amz-Signature") or [""])[0]
-        if not hmac.compare_digest(sig, proxy._sign(digest, expires)) or \
+        if not hmac.compare_digest(sig, proxy._sign(digest, expires, nonce)) or \
                 not expires.isdigit() or int(expires) < time.time():
             self._error(rec, 403, "SignatureDoesNotMatch", "bad or expired signature")
             return
+        self.signature = sig
         try:
             f = open(proxy.blob_file(digest), "rb")  # noqa: SIM115 - closed by the with below
         except OSError:
@@ -706,9 +752,18 @@ class _BlobHostHandler(BaseHTTPRequestHandler):
                     self.end_headers()
                     return
                 status = 206
-        rec.status = status
         length = end - start + 1 if size else 0
         drop_after = self.proxy._take_drop(digest) if self.command == "GET" else None
+        allowed = self.proxy._url_allowance(self.signature, length) \
+            if self.command == "GET" else None
+        if allowed is not None:
+            if allowed <= 0 and length:
+                self._error(rec, 403, "AccessDenied", "Request has expired")
+                return
+            drop_after = allowed if drop_after is None else min(drop_after, allowed)
+            if drop_after >= length:
+                drop_after = None
+        rec.status = status
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(length))

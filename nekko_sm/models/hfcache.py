@@ -1,0 +1,333 @@
+"""The Hugging Face cache view: ``CACHE_DIR/huggingface/hub/`` as huggingface_hub lays it out.
+
+With ``HF_HOME=CACHE_DIR/huggingface HF_HUB_OFFLINE=1``, huggingface_hub (and vLLM,
+transformers, llama.cpp's ``-hf``) find a pulled model by its repo id::
+
+    hub/models--ORG--NAME/blobs/ETAG                 the file's bytes
+    hub/models--ORG--NAME/snapshots/COMMIT/PATH      -> ../../blobs/ETAG (relative symlink)
+    hub/models--ORG--NAME/refs/REV                   COMMIT (no newline)
+
+``datasets--`` and ``spaces--`` likewise.  ETAG is what huggingface_hub names a blob after: the
+file's sha256 for an LFS file, its git blob id (sha1) for any other; the caller knows which
+from the Hub's answers.
+
+``blobs/ETAG`` is a HARD LINK to ``CACHE_DIR/blobs/sha256/HEX``: the same bytes, no copy, and
+a regular file as huggingface_hub itself writes it.  Not a symlink, because huggingface_hub
+releases before 2.x resolve a snapshot link to its final target, call a blob outside the
+repo's ``blobs/`` corrupt, and ``delete-cache`` would unlink the store's own blob.  When a hard
+link is impossible (another file system), a relative symlink to the store's blob is made.
+
+Every entry that contributed is recorded under ``huggingface/.nekko/entries/`` (one small JSON
+file per entry URL), so :meth:`HFCacheView.remove` takes away only what no other entry still
+needs: a file pulled alone and the whole repository at the same commit share the snapshot
+link, two revisions share blobs, and ``refs/REV`` goes back to the commit the newest remaining
+entry of that revision had.  huggingface_hub's ``trees/`` listings are never written: a
+listing says a snapshot is complete, and a single-file entry's snapshot is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from nekko_sm.errors import CacheCorrupt, UnsafeName
+from nekko_sm.models.formats import check_path
+
+REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_ETAG = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class HFFile:
+    path: str  # in the repository: "config.json", "text_encoder/model.safetensors"
+    digest: str  # the store's blob: "sha256:HEX"
+    size: int
+    etag: str  # huggingface_hub's blob name: the sha256 (LFS files) or the git blob sha1
+
+
+@dataclass(frozen=True)
+class HFEntry:
+    """What one nekko entry of the default Hub endpoint puts in the view."""
+
+    url: str  # the entry's canonical URL: what records it
+    repo_type: str  # model, dataset or space
+    repo_id: str  # "org/name" (or "name")
+    revision: str  # as asked for: "main", a tag, "refs/pr/1", or the commit itself
+    commit: str  # the 40-hex commit the files are from
+    files: tuple  # (HFFile, ...)
+
+
+def repo_folder(repo_type: str, repo_id: str) -> str:
+    """``models--ORG--NAME``, as huggingface_hub's ``repo_folder_name`` makes it."""
+    if repo_type not in REPO_TYPES:
+        raise UnsafeName(f"unknown Hugging Face repository type {repo_type!r}")
+    parts = repo_id.split("/")
+    if not 1 <= len(parts) <= 2 or not all(_NAME.match(p) and ".." not in p
+                                           and "--" not in p for p in parts):
+        raise UnsafeName(f"not a Hugging Face repository id: {repo_id!r}")
+    return "--".join([REPO_TYPES[repo_type], *parts])
+
+
+def _check(entry: HFEntry) -> None:
+    repo_folder(entry.repo_type, entry.repo_id)
+    if not _COMMIT.match(entry.commit):
+        raise UnsafeName(f"not a commit hash: {entry.commit!r}")
+    if check_path(entry.revision, "revision") != entry.revision:
+        raise UnsafeName(f"revision {entry.revision!r} is not a plain name")
+    for f in entry.files:
+        if check_path(f.path, entry.url) != f.path:
+            raise UnsafeName(f"{entry.url}: file name {f.path!r} is not a plain path")
+        if not _ETAG.match(f.etag):
+            raise UnsafeName(f"{entry.url}: {f.path!r} has an ETag that is no blob name:"
+                             f" {f.etag!r}")
+        if not _DIGEST.match(f.digest):
+            raise UnsafeName(f"{entry.url}: {f.path!r} has a bad digest {f.digest!r}")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (threads and processes alike)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _prune_empty(path: Path, stop: Path) -> None:
+    """Remove ``path`` and its parents up to (not including) ``stop`` while they are empty."""
+    while path != stop and stop in path.parents:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        path = path.parent
+
+
+class HFCacheView:
+    """The view under ``store.root/huggingface``; ``HF_HOME`` points there."""
+
+    def __init__(self, store) -> None:  # type: ignore[no-untyped-def]
+        self.store = store
+        self.home = Path(store.root) / "huggingface"
+        self.hub = self.home / "hub"
+        self._records = self.home / ".nekko" / "entries"
+        self._lock = self.home / ".nekko" / "lock"
+
+    # -- records ---------------------------------------------------------------------------
+    def _record_path(self, url: str) -> Path:
+        return self._records / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".json")
+
+    def _load(self, path: Path) -> dict | None:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) and isinstance(doc.get("files"), list) else None
+
+    def _all(self) -> list[dict]:
+        try:
+            names = sorted(os.listdir(self._records))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name.endswith(".json"):
+                doc = self._load(self._records / name)
+                if doc is not None:
+                    out.append(doc)
+        return out
+
+    def urls(self) -> list[str]:
+        """The entries the view holds files for."""
+        return sorted(str(r.get("url")) for r in self._all())
+
+    def repo_dir(self, repo_type: str, repo_id: str) -> Path:
+        return self.hub / repo_folder(repo_type, repo_id)
+
+    # -- add -------------------------------------------------------------------------------
+    def add(self, entry: HFEntry) -> Path:
+        """Lay ``entry`` out (again); returns its snapshot directory.  Idempotent."""
+        _check(entry)
+        for f in entry.files:
+            if not self.store.has_blob(f.digest, f.size):
+                raise CacheCorrupt(f"{entry.url}: blob {f.digest} of {f.path!r} is not in the"
+                                   " cache; pull it again")
+        record = {"url": entry.url, "repo_type": entry.repo_type, "repo_id": entry.repo_id,
+                  "revision": entry.revision, "commit": entry.commit, "added": time.time(),
+                  "files": [[f.path, f.digest, f.size, f.etag] for f in entry.files]}
+        repo = self.repo_dir(entry.repo_type, entry.repo_id)
+        snapshot = repo / "snapshots" / entry.commit
+        with _locked(self._lock):
+            old = self._load(self._record_path(entry.url))
+            _write_atomic(self._record_path(entry.url),
+                          json.dumps(record, sort_keys=True).encode())
+            if old is not None and old.get("url") == entry.url:
+                self._drop(old)  # the same URL pulled again (a branch moved): what it left
+            for f in entry.files:
+                blob = repo / "blobs" / f.etag
+                self._link_blob(self.store.blob_path(f.digest), blob)
+                pointer = snapshot / f.path
+                self._symlink(os.path.relpath(blob, pointer.parent), pointer)
+            if entry.revision != entry.commit:
+                self._write_ref(repo, entry.revision, entry.commit)
+        return snapshot
+
+    def _link_blob(self, source: Path, blob: Path) -> None:
+        src = os.stat(source)
+        try:
+            st = os.lstat(blob)
+            if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_dev) == (src.st_ino, src.st_dev):
+                return  # already this very file
+        except FileNotFoundError:
+            pass
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp(blob)
+        _unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP,
+                               errno.ENOTSUP):
+                raise
+            os.symlink(os.path.relpath(source, blob.parent), tmp)  # another file system
+        os.replace(tmp, blob)
+
+    def _symlink(self, target: str, link: Path) -> None:
+        try:
+            if os.readlink(link) == target:
+                return
+        except OSError:
+            pass
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp(link)
+        _unlink(tmp)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+    def _write_ref(self, repo: Path, revision: str, commit: str) -> None:
+        ref = repo / "refs" / revision
+        try:
+            if ref.read_text() == commit:
+                return
+        except OSError:
+            pass
+        _write_atomic(ref, commit.encode())
+
+    # -- remove ----------------------------------------------------------------------------
+    def remove(self, url: str) -> bool:
+        """Take ``url``'s files out of the view, keeping what other entries still need.
+        Returns False when the view held nothing for it."""
+        path = self._record_path(url)
+        with _locked(self._lock):
+            record = self._load(path)
+            if record is None or record.get("url") != url:
+                return False
+            _unlink(path)
+            self._drop(record)
+        return True
+
+    def _drop(self, record: dict) -> None:
+        """Remove what ``record`` (no longer among the records) made and no record needs."""
+        try:
+            repo = self.repo_dir(str(record["repo_type"]), str(record["repo_id"]))
+        except UnsafeName:
+            return  # a record we would not have written: nothing of it to remove
+        others = [r for r in self._all() if (r.get("repo_type"), r.get("repo_id")) ==
+                  (record["repo_type"], record["repo_id"])]
+        pointers = {(r["commit"], f[0]) for r in others for f in r["files"]}
+        etags = {f[3] for r in others for f in r["files"]}
+        commit = str(record["commit"])
+        snapshots = repo / "snapshots"
+        for name, digest, size, etag in record["files"]:
+            if (commit, name) not in pointers:
+                pointer = snapshots / commit / name
+                if pointer.is_symlink():
+                    _unlink(pointer)
+                _prune_empty(pointer.parent, snapshots)
+            if etag not in etags:
+                self._unlink_blob(repo / "blobs" / etag, digest, size)
+        self._reset_ref(repo, str(record["revision"]), commit, others)
+        if not others:
+            for sub in ("snapshots", "blobs", "refs"):
+                _prune_empty(repo / sub, repo)
+            _prune_empty(repo, self.hub)
+
+    def _unlink_blob(self, blob: Path, digest: str, size: int) -> None:
+        """Remove ``blob`` if it is ours: a link to the store's blob (or, the store's blob
+        gone, a file of its size); a file huggingface_hub wrote itself stays."""
+        try:
+            st = os.lstat(blob)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            _unlink(blob)
+            return
+        try:
+            src = os.stat(self.store.blob_path(digest))
+            ours = (st.st_ino, st.st_dev) == (src.st_ino, src.st_dev)
+        except FileNotFoundError:
+            ours = st.st_size == size
+        if ours:
+            _unlink(blob)
+
+    def _reset_ref(self, repo: Path, revision: str, commit: str, others: list) -> None:
+        if revision == commit:
+            return
+        same = [r for r in others if r.get("revision") == revision]
+        ref = repo / "refs" / revision
+        if same:
+            newest = max(same, key=lambda r: float(r.get("added") or 0))
+            self._write_ref(repo, revision, str(newest["commit"]))
+            return
+        try:
+            if ref.read_text() == commit:
+                _unlink(ref)
+        except OSError:
+            return
+        _prune_empty(ref.parent, repo / "refs")
+
+    def prune(self, keep: Iterable[str]) -> list[str]:
+        """Remove every entry not in ``keep`` (the URLs the index still has); for ``gc``."""
+        wanted = set(keep)
+        gone = [u for u in self.urls() if u not in wanted]
+        for url in gone:
+            self.remove(url)
+        return gone
