@@ -201,15 +201,24 @@ def readinto1(resp, view: memoryview) -> int:
     socket straight into ``view``: no bytes object per read, no copy.  Other responses
     fall back to ``read1``.  Returns 0 at the end of the body."""
     hr = getattr(resp, "_fp", None)
-    if not isinstance(hr, http.client.HTTPResponse) or hr.chunked:
-        data = (hr if isinstance(hr, http.client.HTTPResponse) else resp).read1(len(view))
+    guard = getattr(resp, "_guard", None)  # transfer's SpeedGuard: reads past resp are timed
+    if not isinstance(hr, http.client.HTTPResponse):
+        data = resp.read1(len(view))
         view[:len(data)] = data
+        return len(data)
+    if hr.chunked:
+        data = hr.read1(len(view))
+        view[:len(data)] = data
+        if guard is not None:
+            guard.update(len(data))
         return len(data)
     fp = hr.fp
     if fp is None:
         return 0
     n = len(view) if hr.length is None else min(len(view), hr.length)
     got = fp.readinto1(view[:n]) if n else 0
+    if guard is not None:
+        guard.update(got)
     if not got:
         hr.close()  # at its end (or the server closed): as http.client would
         return 0

@@ -195,6 +195,7 @@ class Service:
         self.store = store or Store(config.cache_dir)
         self._transfer = transfer  # made on first use: status/path need no network stack
         self.pulls_dir = self.store.ingest_dir / "pulls"
+        self.store.create()  # first: refuses (UnsafeCacheDir) a cache others could change
         make_dirs(self.pulls_dir)
         self._lock = threading.Lock()
         self._flights: dict[str, Flight] = {}

@@ -274,8 +274,14 @@ class Transfer:
             host = urlsplit(url).hostname
             cls = UpstreamError if dns[0] else UpstreamUnavailable
             return cls(f"{redact(url)}: cannot resolve host {host!r} ({dns[1]})")
+        why = reason(e)
+        if not via_proxy and "no headers within" in why:  # our deadline: no server's words
+            return UpstreamUnavailable(f"{redact(url)}: no headers within"
+                                       f" {httpio.HEADER_TIMEOUT:.0f} s")
         if not via_proxy:  # refused or timed out, a banner: the log's, not the caller's
-            log.info("%s: cannot connect: %s", redact(url), reason(e))
+            # The log has what was said (escaped, cut short); the caller, only that it failed.
+            said = httpio.sanitise(str(getattr(e, "reason", None) or e), 300)
+            log.info("%s: cannot connect: %s", redact(url), said)
             return UpstreamUnavailable(f"{redact(url)}: cannot connect (the reason is logged)")
         inner = getattr(e, "original_error", None) or e
         m = _TUNNEL_RE.search(str(inner))

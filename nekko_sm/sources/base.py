@@ -16,13 +16,10 @@ from typing import TYPE_CHECKING, Callable
 
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
-from nekko_sm.errors import ManifestInvalid, NekkoError, PullTooLarge, UnsafeName
+from nekko_sm.errors import ManifestInvalid, PullTooLarge
 from nekko_sm.models.hfcache import HFEntry
-from nekko_sm.refs import safe_name
 from nekko_sm.store import (
     EMPTY_JSON,
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     MT_EMPTY,
     MT_OCI_MANIFEST,
     TITLE,
@@ -182,80 +179,6 @@ def store_artifact(job: Job, files: list, artifact_type: str,
     data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     digest = job.store.put_bytes(data, job.lease)
     return Descriptor(MT_OCI_MANIFEST, digest, len(data), artifact_type=artifact_type)
-
-
-# -- the files of an entry: the names its view gets ------------------------------------------
-
-
-def entry_files(store: Store, desc: Descriptor, limit: int | None = None,
-                what: str = "the pull") -> list[dict]:
-    """The files of the entry ``desc`` (a manifest, or an index) as its view names them:
-    ``[{"name", "digest", "size", "path"}]``, read from the manifests in the store.
-
-    A layer is named by its title (a title that is not a safe name by its digest,
-    ``sha256-HEX``); an index's images each get a directory named after their platform
-    (``linux-arm-v7``, else the digest's first 12 hex digits), attestations none, and a
-    second image of a platform already seen is left out of the view.  The one place that
-    names files: a pull checks these names (:func:`check_names`) before it downloads, and
-    the service builds the view from them.  More than ``limit`` files is PullTooLarge.
-    """
-    out: list[dict] = []
-    layers: dict[str, list[dict]] = {}  # a manifest named by several children: read once
-
-    def add(child: Descriptor, prefix: str) -> None:
-        if child.digest not in layers:
-            layers[child.digest] = _manifest_files(store, child)
-        for f in layers[child.digest]:
-            out.append({**f, "name": prefix + f["name"]})
-        if limit is not None and len(out) > limit:
-            raise PullTooLarge(f"{what} has more than {limit} files, the most one pull may"
-                               " have on this node (--max-pull-files): refused, nothing"
-                               " fetched")
-
-    if desc.media_type in MANIFEST_TYPES:
-        add(desc, "")
-    elif desc.media_type in INDEX_TYPES:
-        taken: set[str] = set()
-        for child in store.children(desc):
-            p = child.platform if isinstance(child.platform, dict) else {}
-            if p.get("os") == "unknown" and p.get("architecture") == "unknown":
-                continue  # an attestation manifest (SBOM, provenance), not an image
-            prefix = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
-            try:  # the fields come from the registry: they must name one directory
-                prefix = safe_name(prefix) if "/" not in prefix else ""
-            except UnsafeName:
-                prefix = ""
-            prefix = prefix or child.digest[7:19]
-            if prefix in taken:
-                continue  # two images of one platform: the first is the view's
-            taken.add(prefix)
-            add(child, prefix + "/")
-    return out
-
-
-def _manifest_files(store: Store, desc: Descriptor) -> list[dict]:
-    try:
-        doc = json.loads(store.read_blob(desc.digest))
-    except (OSError, ValueError, NekkoError):
-        return []
-    out = []
-    for layer in (doc.get("layers") if isinstance(doc, dict) else None) or []:
-        if not isinstance(layer, dict) or not isinstance(layer.get("digest"), str):
-            continue
-        try:
-            path = str(store.blob_path(layer["digest"]))
-        except NekkoError:
-            continue  # not a sha256 digest: nothing of ours to name
-        title = (layer.get("annotations") or {}).get(TITLE)
-        name = layer["digest"].replace(":", "-")
-        if title:
-            try:
-                name = safe_name(title)
-            except UnsafeName:
-                pass  # never a path outside the view: keep the digest name
-        out.append({"name": name, "digest": layer["digest"], "size": layer.get("size"),
-                    "path": path})
-    return out
 
 
 # Characters that make a name read other than it is (Trojan Source, CVE-2021-42574): the

@@ -150,13 +150,16 @@ def hub_error(ref: HFRef, path: str | None = None, authenticated: bool = False,
                                     upstream_status=status)
         if status == 401 and (message.startswith(("Invalid credentials", "Invalid username"))
                               or authenticated):
-            return Unauthorized(f"{ref.registry} refused the token: {message or 'invalid'}"
-                                " (401)")
+            return Unauthorized(f"{ref.registry} refused the token: invalid credentials (401)")
         if message == "Access to this resource is disabled.":
             return Forbidden(f"{repo} is disabled on the Hub (403)")
         if status == 429:
             rl = retrying.parse(headers)
-            bucket = (f"its {rl.bucket!r} rate limit is used up"
+            named = rl.bucket if rl and rl.bucket in ("api", "resolvers", "pages") else None
+            bucket = (f"its {named!r} rate limit is used up" if named else "its rate limit is"
+                      " used up"  # a bucket name the Hub does not use is not echoed
+                      ) if rl else ""
+            bucket = (bucket
                       + (f" ({rl.quota} requests per {rl.window} s)" if rl.quota and rl.window
                          else "")
                       + f"; try again in {rl.reset} s") if rl else "too many requests"
