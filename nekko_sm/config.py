@@ -140,6 +140,7 @@ class Config:
     jobs: int = DEFAULT_JOBS
     hf_endpoint: str = DEFAULT_HF_ENDPOINT
     hf_token: str | None = None
+    hf_token_repos: tuple = ()  # fnmatch patterns of repo ids HF_TOKEN may be used for; () = all
     registry_mirrors: Mapping[str, tuple] = field(default_factory=dict)
     ca_cert: str | None = None
     https_proxy: str | None = None
@@ -381,6 +382,8 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         jobs=jobs,
         hf_endpoint=hf_endpoint,
         hf_token=hf_token.strip() if hf_token else None,
+        hf_token_repos=tuple(p.strip() for p in (_env(environ, "NEKKO_HF_TOKEN_REPOS") or "")
+                             .split(",") if p.strip()),
         registry_mirrors={k: tuple(v) for k, v in mirrors.items()},
         ca_cert=str(ca) if ca else None,
         https_proxy=proxies["HTTPS_PROXY"],

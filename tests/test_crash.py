@@ -32,6 +32,9 @@ def sha(data: bytes) -> str:
 
 def assert_consistent(cache: Path) -> None:
     """What a crash must never break: index parses, no partial blob, every blob verifies."""
+    if not (cache / "index.json").exists():  # killed before it made the layout at all
+        assert not list((cache / "blobs" / "sha256").glob("*"))
+        return
     doc = json.loads((cache / "index.json").read_text())
     assert isinstance(doc["manifests"], list)
     store = Store(cache)
@@ -67,6 +70,7 @@ def test_sigkill_at_random_points_never_corrupts_and_resumes(pyz, tmp_path, slow
     longest = 1.2 if jobs == "1" else 1.0  # two connections go twice as fast
     name = url.rsplit("/", 1)[1]
     cache = tmp_path / "cache"
+    Store(cache).init().close()  # a kill before the first process made the cache: not a crash
     cmd = [sys.executable, str(pyz), "--cache-dir", str(cache), "--jobs", jobs, "pull", url]
     rng = random.Random(20261124 + int(jobs))
     for i in range(10):  # 10 seeds per mode, 20 kills in all
@@ -363,13 +367,19 @@ def test_sigkill_inside_commits_and_removals_leaves_consistent_metadata(tmp_path
     assert r.returncode == 0, r.stderr
     total = int(r.stdout)
     rng = random.Random(20261201 + seed)
+    kills = 0
     for kill_at in sorted(rng.sample(range(1, total + 1), min(40, total))):
         cache = tmp_path / f"kill-{kill_at}"
         shutil.copytree(base, cache, symlinks=True)
         r = _worker(cache, seed, kill_at, 6)
-        assert r.returncode == -signal.SIGKILL, (kill_at, total, r.stderr)
+        if r.returncode == 0:  # the group-commit thread took fewer steps this time
+            assert int(r.stdout) < kill_at, (kill_at, r.stdout)
+        else:
+            assert r.returncode == -signal.SIGKILL, (kill_at, total, r.stderr)
+            kills += 1
         assert_metadata_consistent(cache)
         shutil.rmtree(cache)
+    assert kills >= 30, kills
 
 
 @pytest.mark.slow

@@ -244,3 +244,18 @@ def test_joining_a_protected_pull_proves_access(hsvc, faulty):
     assert friend.future.result(timeout=30)[0]["path"]
     gets = [r for r in faulty.requests_for("prot/slow.bin") if r.method == "GET"]
     assert len(gets) == 1  # one download; the stranger's check was a HEAD
+
+
+def test_the_nodes_token_is_used_only_for_the_repos_it_is_allowed_for(make, hub):
+    """Issue 14 item 5: NEKKO_HF_TOKEN_REPOS limits HF_TOKEN to the repositories it names;
+    for any other, a caller without credentials is anonymous (a private repo's existence is
+    not revealed by the node's access)."""
+    svc = make(env={"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": GOOD_TOKEN,
+                    "NEKKO_HF_TOKEN_REPOS": "acme/open*, other/*"})
+    entry, _ = svc.pull("hf:///acme/open/readme.md")
+    assert svc.store.get_entry(entry["url"]).annotations[A_PROTECTED] == "node"
+    hub.clear_log()
+    _refused(lambda: svc.pull("hf:///acme/private/config.json"))
+    assert hub.log() and not any(r.has_authorization for r in hub.log())
+    # the caller's own token still works for it
+    assert svc.pull("hf:///acme/private/config.json", Credentials.make(GOOD_TOKEN))[0]["path"]

@@ -35,6 +35,7 @@ private or missing repository; ``429`` names the rate-limit bucket and when to r
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -198,13 +199,23 @@ def base_url(job: Job, ref: HFRef) -> str:
 def auth_header(job: Job, ref: HFRef) -> str | None:
     """The caller's credentials, else HF_TOKEN, which goes only to the HF_ENDPOINT's host:
     with HF_ENDPOINT a mirror, to the mirror, never to huggingface.co nor to any other
-    registry a URL names."""
+    registry a URL names; with NEKKO_HF_TOKEN_REPOS, only for the repositories it names (the
+    node's token is a policy, not a gift to every caller)."""
     if job.credentials is not None:
         return job.credentials.header
     token = job.config.hf_token
-    if token and ref.registry == _endpoint_host(job):
+    if token and ref.registry == _endpoint_host(job) and node_token_allowed(job.config, ref):
         return f"Bearer {token}"
     return None
+
+
+def node_token_allowed(config, ref: HFRef) -> bool:
+    """May HF_TOKEN be used for ``ref``'s repository (NEKKO_HF_TOKEN_REPOS patterns)?"""
+    patterns = config.hf_token_repos
+    if not patterns:
+        return True
+    names = (ref.repo_id, f"{ref.repo_type}s/{ref.repo_id}")
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
 def resolve_url(base: str, ref: HFRef, path: str, revision: str | None = None) -> str:

@@ -125,6 +125,7 @@ class Store(Layout):
         Raises OSError when the directory is unusable, ConfigError without sqlite3.
         """
         self.create()
+        self._index.create_file()  # before the database: a valid layout at every moment
         self._index.db  # noqa: B018 - opening checks index.json and the trash
         return self
 

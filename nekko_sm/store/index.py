@@ -43,10 +43,12 @@ from nekko_sm.store.layout import (
     Layout,
     check_digest,
     fsync_dir,
+    is_file,
     open_file,
     read_file,
     rename,
     unlink,
+    write_atomic,
 )
 from nekko_sm.store.locks import FileLock
 
@@ -396,6 +398,18 @@ class Index:
             return ("", -1)
         m = _HEADER.match(head)
         return (m.group(1).decode(), int(m.group(2))) if m else None
+
+    def create_file(self) -> None:
+        """Write an empty index.json if there is none, so the layout is valid from the start.
+
+        The database does not exist yet, or a crash came before the first rewrite; the file
+        is not stamped, so the next open merges it (nothing) and rewrites it from the table.
+        """
+        if not is_file(self._path):
+            with self._file_lock, FileLock(self.layout.lock_path):
+                if not is_file(self._path):
+                    write_atomic(self._path, b'{"manifests":[],"mediaType":"' + MT_OCI_INDEX.encode()
+                                 + b'","schemaVersion":2}')
 
     def sync_file(self) -> None:
         """Make index.json show the database: merge a foreign one in, rebuild one behind."""
