@@ -22,10 +22,12 @@ import stat
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 from nekko_sm import __version__
 from nekko_sm.config import Address, Config, read_api_token
+from nekko_sm.connlimit import BoundedServerMixin
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
     ApiUnauthorized,
@@ -191,7 +193,18 @@ class _Deadline(io.RawIOBase):
     def __init__(self, sock: socket.socket, timeout: float | None) -> None:
         self._sock = sock
         self._timeout = timeout
-        self.deadline: float | None = None
+        self._deadline: float | None = None
+        self.fresh = False  # no byte of the request yet: the connection is idle
+        self.give_up: Callable[[], bool] | None = None  # the server wants idle threads back
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float | None) -> None:
+        self._deadline = value
+        self.fresh = value is not None
 
     def readable(self) -> bool:
         return True
@@ -202,11 +215,28 @@ class _Deadline(io.RawIOBase):
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("the request took too long to arrive")
-        self._sock.settimeout(min(left, self._timeout) if self._timeout else left)
+        # Idle between requests (fresh), a read waits a second at a time: while every
+        # handler thread is taken (connlimit), an idle keep-alive connection gives its
+        # thread back within a second.
+        idle = self.fresh and self.give_up is not None
         try:
-            return self._sock.recv_into(buf)
+            while True:
+                wait = min(left, self._timeout) if self._timeout else left
+                self._sock.settimeout(min(wait, 1.0) if idle else wait)
+                try:
+                    n = self._sock.recv_into(buf)
+                    break
+                except socket.timeout:
+                    left = self.deadline - time.monotonic()
+                    if not idle or left <= 0:
+                        raise
+                    if self.give_up():  # type: ignore[misc]
+                        raise socket.timeout("idle connection closed: the server is busy")\
+                            from None
         finally:
             self._sock.settimeout(self._timeout)
+        self.fresh = False
+        return n
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -257,6 +287,7 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile.close()
         self._input = _Deadline(self.connection, self.timeout)
+        self._input.give_up = getattr(self.server, "saturated", None)
         self.rfile = io.BufferedReader(self._input)
 
     def handle_one_request(self) -> None:
@@ -513,7 +544,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(204)
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(BoundedServerMixin, ThreadingHTTPServer):  # bounded threads: connlimit
     daemon_threads = True
     request_queue_size = 128
 

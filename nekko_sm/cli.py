@@ -42,6 +42,7 @@ environment:
   NEKKO_PLATFORM, NEKKO_JOBS, NEKKO_INSECURE_REGISTRIES, NEKKO_REGISTRY_MIRRORS
   HF_ENDPOINT, HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), SSL_CERT_FILE
   HTTPS_PROXY, HTTP_PROXY, NO_PROXY (lower-case spellings too)
+  NEKKO_MAX_PULL_SIZE, NEKKO_MAX_PULL_FILES
   NEKKO_API_TOKEN_FILE, NEKKO_DENY_NETWORKS, NEKKO_ALLOW_NETWORKS,
   NEKKO_MAX_CACHE_SIZE, NEKKO_MIN_FREE_SPACE, NEKKO_DISCARD_UNPACKED_LAYERS
 
@@ -74,6 +75,13 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                         " (env NEKKO_REGISTRY_MIRRORS, comma-separated)")
     p.add_argument("--ca-cert", metavar="FILE", default=d,
                    help="CA bundle for https (env SSL_CERT_FILE; default the system's)")
+    p.add_argument("--max-pull-size", metavar="SIZE", default=d,
+                   help="refuse a pull larger than SIZE (bytes, or K/M/G/T: powers of 1024);"
+                        " a body of unknown length is cut off when it passes"
+                        " (env NEKKO_MAX_PULL_SIZE; default 2T)")
+    p.add_argument("--max-pull-files", metavar="N", default=d,
+                   help="refuse a pull of more than N files: a repository's files, an image's"
+                        " layers (env NEKKO_MAX_PULL_FILES; default 10000)")
     p.add_argument("--api-token-file", metavar="FILE", default=d,
                    help="serve: every request but GET /healthz needs 'Authorization: Bearer"
                         " TOKEN', the first line of FILE; re-read when FILE changes and on"
@@ -234,7 +242,7 @@ def main(argv: list | None = None) -> int:
              ("cache_dir", "address", "verbose", "platform", "insecure_registry", "jobs",
               "registry_mirror", "ca_cert", "api_token_file", "deny_network", "allow_network",
               "verify_cached_credentials", "max_cache_size", "min_free_space",
-              "discard_unpacked_layers")}
+              "discard_unpacked_layers", "max_pull_size", "max_pull_files")}
     try:
         config = _config.build(flags, os.environ)
     except NekkoError as e:

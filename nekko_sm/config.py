@@ -23,6 +23,10 @@ DEFAULT_ADDRESS = "localhost:8050"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 DEFAULT_JOBS = 8
 MAX_JOBS = 64
+DEFAULT_MAX_PULL_SIZE = 2 << 40  # 2 TiB: more than any model, less than a node's disks
+# Files (blobs) one pull may create: a Hub repository's files, an image's layers.  The Hub
+# advises fewer than 10,000 files per directory; a model has tens to hundreds.
+DEFAULT_MAX_PULL_FILES = 10_000
 
 _OSES = {"linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos",
          "aix", "android", "ios", "plan9", "dragonfly", "js", "wasip1"}
@@ -142,6 +146,8 @@ class Config:
     https_proxy: str | None = None
     http_proxy: str | None = None
     no_proxy: str | None = None
+    max_pull_size: int = DEFAULT_MAX_PULL_SIZE
+    max_pull_files: int = DEFAULT_MAX_PULL_FILES
     api_token_file: str | None = None  # the path only: the token is read by the server
     egress: Policy = field(default_factory=Policy.build)
     verify_cached_credentials: str = "always"  # or "never" (DESIGN section 10)
@@ -252,8 +258,11 @@ def parse_free_space(text: object, name: str = "--min-free-space") -> tuple[int 
 
 
 def _usable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
+    try:  # each missing directory 0755 exactly: not 0777 & ~umask (world-writable at 000)
+        for d in [*reversed(path.absolute().parents), path]:
+            if not d.is_dir():
+                d.mkdir(0o755, exist_ok=True)
+                os.chmod(d, 0o755)
     except OSError:
         return False
     return os.access(path, os.W_OK | os.X_OK)
@@ -280,6 +289,15 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
 
     jobs_v = pick("jobs", "NEKKO_JOBS")
     jobs = _int(jobs_v, "--jobs/NEKKO_JOBS", 1, MAX_JOBS) if jobs_v is not None else DEFAULT_JOBS
+    size_v = pick("max_pull_size", "NEKKO_MAX_PULL_SIZE")
+    max_pull_size = parse_size(size_v, "--max-pull-size/NEKKO_MAX_PULL_SIZE") \
+        if size_v is not None else DEFAULT_MAX_PULL_SIZE
+    if not 0 < max_pull_size < 1 << 63:
+        raise ConfigError("--max-pull-size/NEKKO_MAX_PULL_SIZE must be more than 0 bytes and"
+                          f" less than 8 EiB, not {size_v!r}")
+    files_v = pick("max_pull_files", "NEKKO_MAX_PULL_FILES")
+    max_pull_files = _int(files_v, "--max-pull-files/NEKKO_MAX_PULL_FILES", 1, 10_000_000) \
+        if files_v is not None else DEFAULT_MAX_PULL_FILES
 
     insecure = _split(flags.get("insecure_registry")) or _split(
         [_env(environ, "NEKKO_INSECURE_REGISTRIES") or ""])
@@ -371,6 +389,8 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         https_proxy=proxies["HTTPS_PROXY"],
         http_proxy=proxies["HTTP_PROXY"],
         no_proxy=_env(environ, "NO_PROXY", "no_proxy"),
+        max_pull_size=max_pull_size,
+        max_pull_files=max_pull_files,
         api_token_file=str(Path(str(token_file)).absolute()) if token_file else None,
         egress=egress,
         verify_cached_credentials=verify,

@@ -199,14 +199,18 @@ class _Checked:
         raise last
 
 
-def pool_manager(policy: Policy, **kw):  # type: ignore[no-untyped-def]
-    """A urllib3 PoolManager whose connections go only to addresses ``policy`` allows."""
+def pool_manager(policy: Policy, http_base=None, https_base=None,  # type: ignore[no-untyped-def]
+                 **kw):
+    """A urllib3 PoolManager whose connections go only to addresses ``policy`` allows
+    (built on ``http_base``/``https_base``, urllib3's connection classes by default)."""
     import urllib3
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-    http_conn = type("CheckedHTTPConnection", (_Checked, HTTPConnection), {"policy": policy})
-    https_conn = type("CheckedHTTPSConnection", (_Checked, HTTPSConnection), {"policy": policy})
+    http_conn = type("CheckedHTTPConnection", (_Checked, http_base or HTTPConnection),
+                     {"policy": policy})
+    https_conn = type("CheckedHTTPSConnection", (_Checked, https_base or HTTPSConnection),
+                      {"policy": policy})
     m = urllib3.PoolManager(**kw)
     m.pool_classes_by_scheme = {
         "http": type("CheckedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),

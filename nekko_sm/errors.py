@@ -39,6 +39,13 @@ class ConfigError(NekkoError, ValueError):
     exit_code = EXIT_USAGE
 
 
+class UnsafeCacheDir(ConfigError):
+    """The cache directory (or one above it) could be changed by someone else: refused at
+    start-up, as sshd's StrictModes refuses a home directory others can write."""
+
+    code = "unsafe-cache-dir"
+
+
 class BadRequest(NekkoError, ValueError):
     code = "bad-request"
     status = 400
@@ -163,6 +170,28 @@ class CacheCorrupt(NekkoError):
     status = 500
 
 
+class UnsafeCachePath(CacheCorrupt, OSError):
+    """A symbolic link (or another kind of file) where the cache has its own directory or
+    file: never followed.  An OSError too, so code that skips unreadable files skips it."""
+
+    code = "unsafe-cache-path"
+
+
+class PullTooLarge(NekkoError):
+    """The pull would exceed --max-pull-size or --max-pull-files: the upstream is fine, the
+    node's policy refuses it, and asking again will not help (413, as for a body too large)."""
+
+    code = "pull-too-large"
+    status = 413
+
+
+class Busy(NekkoError):
+    """Too many pulls queued or connections open: try again shortly."""
+
+    code = "busy"
+    status = 503
+
+
 # --- the upstream's answer ----------------------------------------------------------------
 
 
@@ -181,6 +210,12 @@ class UpstreamUnavailable(UpstreamError):
     def __init__(self, message: str, retry_after: float | None = None, **context: object) -> None:
         super().__init__(message, **context)
         self.retry_after = retry_after
+
+
+class UpstreamTooSlow(UpstreamError):
+    """The upstream sends too slowly to be worth a worker (a trickle): not retried."""
+
+    code = "upstream-too-slow"
 
 
 class IntegrityError(UpstreamError):

@@ -9,19 +9,113 @@ It holds no connection and never retries.
 
 from __future__ import annotations
 
+import heapq
 import http.client
+import itertools
 import socket
+import threading
+import time
+from collections import deque
 from typing import Callable
 from urllib.parse import urlsplit
 
 from urllib3.exceptions import HTTPError as _Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
-from nekko_sm.errors import UpstreamError, UpstreamUnavailable
+from nekko_sm.errors import UpstreamError, UpstreamTooSlow, UpstreamUnavailable
 from nekko_sm.refs import redact
 
 MAX_STALLS = 20  # stalled connections replaced for one download before giving up
 MIN_READ = 64 << 10  # fill() stops when less room than this is left in the buffer
+
+# A server must not hold a worker forever by trickling (issue 9, finding 6).  Silence is
+# the read timeout's (30 s); a trickle -- a byte now and then, never 30 s of silence -- is
+# these rules', which every answer obeys:
+# * its headers arrive within HEADER_TIMEOUT seconds of the request (else the connection
+#   is shut, and the request retried like a dropped one: a bounded number of times);
+# * its body comes at LOW_SPEED_LIMIT bytes/s or more, on average over any LOW_SPEED_TIME
+#   seconds (curl's --speed-limit/--speed-time), else UpstreamTooSlow, not retried.
+# A rate over a window, not a deadline for the pull: a 500 GB model on a slow link takes
+# hours and is fine; 10 KiB/s is below any link a model is pulled over.
+HEADER_TIMEOUT = 60.0
+LOW_SPEED_LIMIT = 10 << 10
+LOW_SPEED_TIME = 60.0
+
+
+class SpeedGuard:
+    """The body rule above for one answer: ``update(n)`` after each read of ``n`` bytes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        now = time.monotonic()
+        self._got = 0
+        self._samples: deque[tuple[float, int]] = deque([(now, 0)])  # one a second at most
+
+    def update(self, n: int) -> None:
+        now = time.monotonic()
+        self._got += n
+        samples = self._samples
+        if now - samples[-1][0] >= 1.0:
+            samples.append((now, self._got))
+        while len(samples) > 1 and now - samples[1][0] >= LOW_SPEED_TIME:
+            samples.popleft()  # samples[0]: the newest at least a window old
+        start, got = samples[0]
+        if now - start >= LOW_SPEED_TIME and (self._got - got) / (now - start) < LOW_SPEED_LIMIT:
+            raise UpstreamTooSlow(
+                f"{redact(self.url)}: the server sent {self._got - got} bytes in"
+                f" {now - start:.0f} s, less than {LOW_SPEED_LIMIT} bytes/s: given up")
+
+
+class Reaper:
+    """One daemon thread that shuts the sockets whose deadline passed (a blocked read then
+    returns), for limits a socket timeout cannot set: it bounds each read, not their sum."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._live: dict[int, bool] = {}  # token -> fired
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, seconds: float) -> int:
+        with self._cond:
+            token = next(self._ids)
+            self._live[token] = False
+            heapq.heappush(self._heap, (time.monotonic() + seconds, token, sock))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="nekko-reaper")
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def unwatch(self, token: int) -> bool:
+        """Stop watching; True when the deadline had passed and the socket was shut."""
+        with self._cond:
+            return self._live.pop(token, False)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)  # unwatched
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token, sock = self._heap[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                self._live[token] = True
+                try:  # under the lock: an unwatch cannot slip in and reuse the connection
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+REAPER = Reaper()
 
 
 def origin(url: str) -> tuple:
@@ -36,11 +130,43 @@ def is_stall(e: BaseException) -> bool:
         getattr(e, "reason", None), ReadTimeoutError)
 
 
+# http.client's complaints about an answer quote the answer: say what was wrong instead.
+_MALFORMED = {
+    "BadStatusLine": "the answer is not HTTP",
+    "LineTooLong": "a line of the answer is too long",
+    "UnknownProtocol": "the answer is not HTTP/1.x",
+    "RemoteDisconnected": "the server closed the connection without an answer",
+    "IncompleteRead": "the body ended early",
+    "InvalidChunkLength": "the chunked body is malformed",
+    "InvalidHeader": "a header of the answer is malformed",
+}
+
+
 def reason(e: BaseException) -> str:
-    """What went wrong, short, without the object addresses urllib3 puts in its messages."""
+    """What went wrong, short, without the object addresses urllib3 puts in its messages,
+    and without quoting what the server sent (issue 9, finding 9)."""
+    seen: set[int] = set()
+    todo: list[object] = [e]
+    while todo:  # the innermost cause that is a malformed answer decides
+        x = todo.pop()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if type(x).__name__ in _MALFORMED:
+            return _MALFORMED[type(x).__name__]
+        context = None if x.__suppress_context__ else x.__context__
+        todo += [getattr(x, "reason", None), x.__cause__, context, *x.args]
     r = getattr(e, "reason", None) or e
     text = str(r)
-    return text.split(": ", 1)[-1][:200] if "object at 0x" in text else text[:200]
+    text = text.split(": ", 1)[-1] if "object at 0x" in text else text
+    return sanitise(text, 200)
+
+
+def sanitise(text: str, limit: int = 200) -> str:
+    """``text`` with every character but printable ASCII escaped, at most ``limit`` long."""
+    shown = text.encode("ascii", "backslashreplace").decode()
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def read_limited(resp, limit: int, url: str, strict: bool = True) -> bytes:
@@ -50,7 +176,7 @@ def read_limited(resp, limit: int, url: str, strict: bool = True) -> bytes:
     n = 0
     try:
         while True:
-            chunk = resp.read(65536)
+            chunk = resp.read1(65536)  # what arrived: read(n) waits for n, however slowly
             if not chunk:
                 break
             n += len(chunk)
@@ -75,15 +201,24 @@ def readinto1(resp, view: memoryview) -> int:
     socket straight into ``view``: no bytes object per read, no copy.  Other responses
     fall back to ``read1``.  Returns 0 at the end of the body."""
     hr = getattr(resp, "_fp", None)
-    if not isinstance(hr, http.client.HTTPResponse) or hr.chunked:
-        data = (hr if isinstance(hr, http.client.HTTPResponse) else resp).read1(len(view))
+    guard = getattr(resp, "_guard", None)  # transfer's SpeedGuard: reads past resp are timed
+    if not isinstance(hr, http.client.HTTPResponse):
+        data = resp.read1(len(view))
         view[:len(data)] = data
+        return len(data)
+    if hr.chunked:
+        data = hr.read1(len(view))
+        view[:len(data)] = data
+        if guard is not None:
+            guard.update(len(data))
         return len(data)
     fp = hr.fp
     if fp is None:
         return 0
     n = len(view) if hr.length is None else min(len(view), hr.length)
     got = fp.readinto1(view[:n]) if n else 0
+    if guard is not None:
+        guard.update(got)
     if not got:
         hr.close()  # at its end (or the server closed): as http.client would
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
+import string
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -461,4 +462,8 @@ def redact(url: str) -> str:
     except ValueError:
         return "<unparsable url>"
     netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    # A URL may come from upstream (a redirect's Location): nothing in it reaches a message
+    # or a terminal but printable ASCII, and not much of it.
+    shown = quote(shown, safe=string.punctuation)
+    return shown if len(shown) <= 300 else shown[:297] + "..."

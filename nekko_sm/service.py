@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -31,11 +31,14 @@ from nekko_sm.credentials import Credentials
 from nekko_sm.entries import Catalog, is_single_file, lock_held, pull_paths
 from nekko_sm.errors import (
     BadRequest,
+    Busy,
     Cancelled,
     Conflict,
     EntryNotFound,
     InsufficientStorage,
     NekkoError,
+    PullTooLarge,
+    UpstreamTooSlow,
     UpstreamUnavailable,
 )
 from nekko_sm.models.hfcache import HFCacheView
@@ -52,6 +55,9 @@ from nekko_sm.store import (
     Lease,
     Store,
     check_digest,
+    make_dirs,
+    read_file,
+    unlink,
     write_atomic,
 )
 
@@ -60,18 +66,84 @@ log = logging.getLogger("nekko_sm.service")
 # Failures remembered for status (a URL's last error), the oldest forgotten first.
 _MAX_FAILURES = 1000
 
+# Pulls run on a fixed pool of worker threads (each pull may use up to --jobs more for its
+# blobs and ranges); the rest wait in a queue, at most MAX_QUEUED_PULLS, beyond which a new
+# pull is refused (503 busy).  500 slow pulls used to be 1,001 threads and 2,506 fds.
+PULL_WORKERS = 16
+MAX_QUEUED_PULLS = 1000
+
 # Errors after which a partial download is worth keeping (the entry stays "incomplete").
-_RESUMABLE = (UpstreamUnavailable, InsufficientStorage)
+_RESUMABLE = (UpstreamUnavailable, InsufficientStorage, UpstreamTooSlow)
+
+
+class _Workers:
+    """A fixed number of daemon threads that run queued pulls, oldest first.  Threads start
+    as work comes and end after a minute idle, or at :meth:`close`."""
+
+    IDLE = 60.0
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Callable[..., None], tuple]] = deque()
+        self._threads = 0
+        self._idle = 0
+        self._closed = False
+
+    def __len__(self) -> int:
+        """Pulls waiting for a worker."""
+        with self._cond:
+            return len(self._queue)
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        with self._cond:
+            self._queue.append((fn, args))
+            if len(self._queue) > self._idle and self._threads < self._n:
+                self._threads += 1
+                threading.Thread(target=self._loop, daemon=True, name="pull worker").start()
+            self._cond.notify()
+
+    def discard(self, first_arg: object) -> bool:
+        """Take the queued call whose first argument is ``first_arg`` out of the queue."""
+        with self._cond:
+            for item in self._queue:
+                if item[1] and item[1][0] is first_arg:
+                    self._queue.remove(item)
+                    return True
+        return False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                while not self._queue and not self._closed:
+                    if not self._cond.wait(self.IDLE) and not self._queue:
+                        break
+                self._idle -= 1
+                if not self._queue:
+                    self._threads -= 1
+                    return
+                fn, args = self._queue.popleft()
+            try:
+                fn(*args)
+            except BaseException:  # _run answers its callers itself: this is a bug
+                log.exception("pull worker")
 
 
 class Flight:
     """One pull in progress, shared by every caller who asks for the same URL."""
 
-    def __init__(self, url: str, sink: Callable[[int], None] | None = None) -> None:
+    def __init__(self, url: str, sink: Callable[[int], None] | None = None,
+                 limit: int | None = None) -> None:
         self.url = url
         self.future: Future = Future()
         self.cancel = threading.Event()
-        self.progress = Progress(sink)
+        self.progress = Progress(sink, limit, url)
         self.started = time.time()
         self.keep_partial = False  # set when stopping the server: the pull stays resumable
         self.digest: str | None = None  # the digest the pull checks (its first caller's)
@@ -123,12 +195,14 @@ class Service:
         self.store = store or Store(config.cache_dir)
         self._transfer = transfer  # made on first use: status/path need no network stack
         self.pulls_dir = self.store.ingest_dir / "pulls"
-        self.pulls_dir.mkdir(parents=True, exist_ok=True)
+        self.store.create()  # first: refuses (UnsafeCacheDir) a cache others could change
+        make_dirs(self.pulls_dir)
         self._lock = threading.Lock()
         self._flights: dict[str, Flight] = {}
         # The last failure of each URL, as its JSON error only (never the exception: its
         # traceback holds frames and buffers), the oldest forgotten past _MAX_FAILURES.
         self._failures: OrderedDict[str, dict] = OrderedDict()
+        self._workers = _Workers(PULL_WORKERS)
         self.access = access.AccessChecks()
         self.catalog = Catalog(self.store, self.pulls_dir, self._live)
         self.store.describe = self.catalog.template  # entries taken over at open
@@ -208,14 +282,14 @@ class Service:
                 if flight.protected and cred != flight.cred:
                     confirm = partial(self._confirm_landed, key, ref, credentials)
                 return flight.joined(digest, confirm), None
-            flight = Flight(key, self._count_bytes)
+            if len(self._workers) >= MAX_QUEUED_PULLS:
+                raise Busy(f"{MAX_QUEUED_PULLS} pulls are waiting already: try again later")
+            flight = Flight(key, self._count_bytes, self.config.max_pull_size)
             flight.digest, flight.cred, flight.protected = digest, cred, auth is not None
             flight.want(pin, hold)
             self._flights[key] = flight
             self._failures.pop(key, None)
-        runner = threading.Thread(target=self._run, name=f"pull {key[:60]}", daemon=True,
-                                  args=(flight, ref, credentials, digest, platform))
-        runner.start()
+            self._workers.submit(self._run, flight, ref, credentials, digest, platform)
         return flight, None
 
     def _confirm_landed(self, key: str, ref, credentials: Credentials | None) -> None:
@@ -298,6 +372,9 @@ class Service:
     def _run(self, flight: Flight, ref, credentials, digest, platform) -> None:
         key = flight.url
         outcome: dict = {"error": Cancelled(f"pull of {key} ended without an answer")}
+        if flight.cancel.is_set():  # cancelled while it waited for a worker
+            self._land(flight, error=Cancelled(f"pull of {key} was cancelled"))
+            return
         try:
             record, lock_path = self._pull_paths(key)
             lock = FileLock(lock_path)
@@ -306,7 +383,7 @@ class Service:
                 outcome = self._pull_locked(flight, ref, credentials, digest, platform)
             finally:
                 if not record.exists():  # nothing to resume: leave no file per URL behind
-                    lock_path.unlink(missing_ok=True)  # waiters re-check the inode
+                    unlink(lock_path)  # waiters re-check the inode
                 lock.release()  # before answering: a caller told "failed" must not see it busy
         except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             outcome = {"error": e if isinstance(e, NekkoError) else _internal(e)}
@@ -325,7 +402,7 @@ class Service:
         log.info("pulling %s", key)
         state: dict[str, Any] = {"url": key, "started": time.time(), "ingest": []}
         try:
-            old = json.loads(record.read_text())
+            old = json.loads(read_file(record))
             state["ingest"] = [r for r in old.get("ingest", []) if isinstance(r, str)]
         except (OSError, ValueError):
             pass
@@ -356,7 +433,7 @@ class Service:
                 freed = self.store.discard(result.unpacked)  # after the lease: ours no more
                 log.info("%s: freed %d unpacked tar layers (%d bytes)", key,
                          len(freed.blobs_freed), freed.bytes_freed)
-            record.unlink(missing_ok=True)
+            unlink(record)
             self.budget.settle()
             entry = self.catalog.entry(key)
             self._count("complete", ref)
@@ -375,7 +452,10 @@ class Service:
                     self.store.partial_size(r) for r in state["ingest"]):
                 keep = False  # refused before a byte was written: nothing to resume
             if not keep:
-                record.unlink(missing_ok=True)
+                unlink(record)
+            if isinstance(err, PullTooLarge):  # what arrived of it is not worth a resume
+                for r in state["ingest"]:
+                    self.store.discard_partial(r)
             self._count(err.code, ref)
             log.info("pull %s failed: %s", key, err.message)
             return {"error": err}
@@ -474,6 +554,8 @@ class Service:
             flight = self._flights.get(key)
         if flight is not None:
             flight.cancel.set()
+            if self._workers.discard(flight):  # still waiting for a worker: it ends now
+                self._land(flight, error=Cancelled(f"pull of {key} was cancelled"))
             try:
                 flight.future.result(timeout=wait)
             except (NekkoError, FutureTimeout):  # its failure is its caller's; we only wait
@@ -483,10 +565,10 @@ class Service:
         refs: list = []
         if had_record:
             try:
-                refs = json.loads(record.read_text()).get("ingest", [])
+                refs = json.loads(read_file(record)).get("ingest", [])
             except (OSError, ValueError):
                 pass
-            record.unlink(missing_ok=True)
+            unlink(record)
         HFCacheView(self.store).remove(key)  # first: its hard links hold the blobs' bytes
         gone, report = self.store.free_entry(key)
         self.access.forget(key)
@@ -521,6 +603,9 @@ class Service:
         for f in flights:
             f.keep_partial = True
             f.cancel.set()
+            if self._workers.discard(f):
+                self._land(f, error=Cancelled(f"pull of {f.url} was cancelled: stopping"))
+        self._workers.close()
         for f in flights:
             try:
                 f.future.result(timeout=10)
@@ -579,7 +664,10 @@ def _internal(e: BaseException) -> NekkoError:
 
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return InsufficientStorage(f"disk full: {e.strerror}")
-        err = NekkoError(f"{type(e).__name__}: {e}")
+        # The message says what failed, not where: str(e) holds absolute paths (the log
+        # has them, for whoever runs the node).
+        log.warning("file system error: %s", e)
+        err = NekkoError(f"{type(e).__name__}: {e.strerror or 'failed'}")
     else:
         log.exception("unexpected error")
         err = NekkoError(f"internal error: {type(e).__name__}: {e}")

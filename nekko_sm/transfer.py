@@ -21,9 +21,13 @@ from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as _Urllib3Error
+from urllib3.exceptions import ProtocolError
+from urllib3.response import HTTPResponse
 
-from nekko_sm import __version__, egress, retrying
+from nekko_sm import __version__, egress, httpio, retrying
 from nekko_sm import download as _download
 from nekko_sm import ranged as _ranged
 from nekko_sm.config import Config
@@ -36,6 +40,8 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.httpio import (
+    REAPER,
+    SpeedGuard,
     origin,
     read_limited,
     reason,
@@ -95,6 +101,61 @@ class Response:
     headers: Mapping[str, str]
     data: bytes
     url: str  # after redirects
+
+
+class _GuardedResponse(HTTPResponse):
+    """Every body read is timed (httpio.SpeedGuard): a trickle is given up."""
+
+    _guard: SpeedGuard
+
+    def read(self, amt: int | None = None, decode_content: bool | None = None,
+             cache_content: bool = False) -> bytes:
+        data = super().read(amt, decode_content, cache_content)
+        self._guard.update(len(data))
+        return data
+
+    def read1(self, amt: int | None = None, decode_content: bool | None = None) -> bytes:
+        data = super().read1(amt, decode_content)
+        self._guard.update(len(data))
+        return data
+
+
+def _timed_getresponse(conn: HTTPConnection, getresponse: Callable[[], HTTPResponse],
+                       ) -> HTTPResponse:
+    """``conn``'s answer, whose headers must all arrive within httpio.HEADER_TIMEOUT (a
+    socket timeout bounds each read, not a header dribbled a byte at a time), its body read
+    through a _GuardedResponse."""
+    token = REAPER.watch(conn.sock, httpio.HEADER_TIMEOUT)
+    try:
+        resp = getresponse()
+    except BaseException:
+        if REAPER.unwatch(token):  # what the shut socket made of the read says less
+            raise ProtocolError(f"no headers within {httpio.HEADER_TIMEOUT:.0f} s") from None
+        raise
+    if REAPER.unwatch(token):
+        resp.close()
+        raise ProtocolError(f"no headers within {httpio.HEADER_TIMEOUT:.0f} s")
+    resp.__class__ = _GuardedResponse
+    resp._guard = SpeedGuard(resp.url or "")  # type: ignore[attr-defined]
+    return resp
+
+
+class _HTTPConnection(HTTPConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _timed_getresponse(self, super().getresponse)
+
+
+class _HTTPSConnection(HTTPSConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _timed_getresponse(self, super().getresponse)
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
 
 
 class _NoProxy:
@@ -180,8 +241,10 @@ class Transfer:
                             proxy_basic_auth=f"{unquote(p.username)}:{unquote(p.password or '')}")
                         proxy = proxy.replace(p.netloc, p.netloc.rsplit("@", 1)[1])
                     m = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._pool_kw)
-                else:
-                    m = egress.pool_manager(self.config.egress, **self._pool_kw)
+                    m.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+                else:  # checked addresses (egress) and timed answers (httpio) both
+                    m = egress.pool_manager(self.config.egress, _HTTPConnection,
+                                            _HTTPSConnection, **self._pool_kw)
                 self._managers[self._proxy_for(url)] = m
             return m
 
@@ -211,13 +274,19 @@ class Transfer:
             host = urlsplit(url).hostname
             cls = UpstreamError if dns[0] else UpstreamUnavailable
             return cls(f"{redact(url)}: cannot resolve host {host!r} ({dns[1]})")
+        why = reason(e)
+        if not via_proxy and "no headers within" in why:  # our deadline: no server's words
+            return UpstreamUnavailable(f"{redact(url)}: no headers within"
+                                       f" {httpio.HEADER_TIMEOUT:.0f} s")
         if not via_proxy:  # refused or timed out, a banner: the log's, not the caller's
-            log.info("%s: cannot connect: %s", redact(url), reason(e))
+            # The log has what was said (escaped, cut short); the caller, only that it failed.
+            said = httpio.sanitise(str(getattr(e, "reason", None) or e), 300)
+            log.info("%s: cannot connect: %s", redact(url), said)
             return UpstreamUnavailable(f"{redact(url)}: cannot connect (the reason is logged)")
         inner = getattr(e, "original_error", None) or e
         m = _TUNNEL_RE.search(str(inner))
         if m is not None:
-            status, said = int(m.group(1)), f"{m.group(1)} {m.group(2).strip()}".strip()
+            status, said = int(m.group(1)), m.group(1)  # the status, not the proxy's words
             if status == 407:
                 return UpstreamError(f"{redact(url)}: {self._proxy_refused(url, said)}")
             if 400 <= status < 500 and status not in RETRY_STATUSES:
@@ -379,6 +448,13 @@ def _cert_failure(e: BaseException | None) -> str | None:
 
 
 def _drain(resp) -> None:
+    """Read the rest of a small body so the connection can be reused; close it otherwise
+    (a redirect's endless, trickled body must not hold us)."""
+    length = resp.headers.get("Content-Length") or ""
+    if not (length.isdigit() and int(length) <= 64 << 10):
+        resp.close()
+        resp.release_conn()
+        return
     try:
         resp.drain_conn()
     except Exception:  # noqa: BLE001 - whatever broke, the connection is not reusable: close it

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import threading
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
+from nekko_sm.errors import ManifestInvalid, PullTooLarge
 from nekko_sm.models.hfcache import HFEntry
 from nekko_sm.store import (
     EMPTY_JSON,
@@ -44,21 +47,50 @@ FILES_ARTIFACT_TYPE = "application/vnd.nekko.files.v1"
 DIRECTORY_ARTIFACT_TYPES = frozenset({"application/vnd.nekko.hf.repo.v1"})
 
 
-class Progress:
-    """Bytes done and expected for one pull; shared by every caller waiting on it."""
+def human(n: int) -> str:
+    """``2199023255552`` -> ``2 TiB``: sizes in messages."""
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" or size == int(size) \
+                else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
-    def __init__(self, sink: Callable[[int], None] | None = None) -> None:
+
+class Progress:
+    """Bytes done and expected for one pull; shared by every caller waiting on it.
+
+    With a ``limit`` (--max-pull-size), a pull whose expected total passes it is refused
+    before its bytes are fetched, and one whose bytes pass it (a body of unknown length)
+    is cut off: PullTooLarge either way."""
+
+    def __init__(self, sink: Callable[[int], None] | None = None, limit: int | None = None,
+                 what: str = "the pull") -> None:
         self._lock = threading.Lock()
         self._sink = sink
+        self.limit = limit
+        self.what = what
         self.total: int | None = None
         self.done = 0
         self.deduplicated = 0  # bytes the cache already had (counted in done, not downloaded)
 
+    def _too_large(self, n: int, known: bool) -> PullTooLarge:
+        if known:
+            return PullTooLarge(f"{self.what} is {human(n)}, more than the {human(self.limit or 0)}"
+                                " this node allows (--max-pull-size): refused, nothing fetched")
+        return PullTooLarge(f"{self.what} passed the {human(self.limit or 0)} this node allows"
+                            " (--max-pull-size) with no size given up front: stopped, the"
+                            " partial download dropped")
+
     def add(self, n: int) -> None:
         with self._lock:
             self.done += n
+            over = self.limit is not None and self.done > self.limit
         if self._sink is not None:
             self._sink(n)
+        if over:
+            raise self._too_large(self.done, known=False)
 
     def skip(self, n: int) -> None:
         """``n`` bytes need no download: the cache already has them."""
@@ -69,6 +101,9 @@ class Progress:
     def expect(self, n: int) -> None:
         with self._lock:
             self.total = (self.total or 0) + n
+            total = self.total
+        if self.limit is not None and total > self.limit:
+            raise self._too_large(total, known=True)
 
 
 @dataclass
@@ -144,3 +179,45 @@ def store_artifact(job: Job, files: list, artifact_type: str,
     data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     digest = job.store.put_bytes(data, job.lease)
     return Descriptor(MT_OCI_MANIFEST, digest, len(data), artifact_type=artifact_type)
+
+
+# Characters that make a name read other than it is (Trojan Source, CVE-2021-42574): the
+# bidirectional embeddings, overrides and isolates, and the implicit marks.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+NAME_MAX = 255  # bytes in one path component (every Linux file system's limit)
+PATH_NAME_MAX = 3800  # bytes in a whole name: PATH_MAX 4096, less room for the cache's own
+
+
+def check_names(names: Iterable[str], what: str) -> None:
+    """Refuse (ManifestInvalid, before any byte is fetched) a set of file names that cannot
+    be laid out as one view: two alike (also once Unicode-normalised, NFC, as macOS and
+    ZFS would store them), a file beside a directory of its name (``x`` and ``x/y``), a
+    component over 255 bytes or a name over 3,800, control or bidirectional characters.
+
+    ``names`` are safe relative paths already (:func:`nekko_sm.refs.safe_name`)."""
+    seen: dict[str, str] = {}
+    dirs: set[str] = set()
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if any(c in _BIDI or unicodedata.category(c) == "Cc" for c in name):
+            raise ManifestInvalid(f"{what}: the file name {shown_name(name)} has control or"
+                                  " bidirectional characters")
+        parts = key.split("/")
+        if len(name.encode()) > PATH_NAME_MAX or any(len(p.encode()) > NAME_MAX for p in parts):
+            raise ManifestInvalid(f"{what}: the file name {shown_name(name)} is too long"
+                                  f" ({NAME_MAX} bytes a component, {PATH_NAME_MAX} in all)")
+        if key in seen:
+            same = "" if seen[key] == name else " once Unicode-normalised"
+            raise ManifestInvalid(f"{what}: two files are named {shown_name(name)}{same}")
+        seen[key] = name
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    clash = next((d for d in dirs if d in seen), None)
+    if clash is not None:
+        raise ManifestInvalid(f"{what}: {shown_name(clash)} is both a file and a directory")
+
+
+def shown_name(name: str) -> str:
+    """A name from upstream, for a message: escaped (no control or bidi character reaches a
+    terminal) and cut short."""
+    shown = ascii(name)
+    return shown if len(shown) <= 80 else shown[:77] + "...'"

@@ -55,6 +55,7 @@ from nekko_sm.errors import (
     GatedRepo,
     IntegrityError,
     NekkoError,
+    PullTooLarge,
     SizeMismatch,
     Unauthorized,
     UpstreamError,
@@ -71,6 +72,7 @@ from nekko_sm.sources.base import (
     FileItem,
     Job,
     PullResult,
+    check_names,
     store_artifact,
 )
 from nekko_sm.sources.hf_oids import GitOids
@@ -149,13 +151,16 @@ def hub_error(ref: HFRef, path: str | None = None, authenticated: bool = False,
                                     upstream_status=status)
         if status == 401 and (message.startswith(("Invalid credentials", "Invalid username"))
                               or authenticated):
-            return Unauthorized(f"{ref.registry} refused the token: {message or 'invalid'}"
-                                " (401)")
+            return Unauthorized(f"{ref.registry} refused the token: invalid credentials (401)")
         if message == "Access to this resource is disabled.":
             return Forbidden(f"{repo} is disabled on the Hub (403)")
         if status == 429:
             rl = retrying.parse(headers)
-            bucket = (f"its {rl.bucket!r} rate limit is used up"
+            named = rl.bucket if rl and rl.bucket in ("api", "resolvers", "pages") else None
+            bucket = (f"its {named!r} rate limit is used up" if named else "its rate limit is"
+                      " used up"  # a bucket name the Hub does not use is not echoed
+                      ) if rl else ""
+            bucket = (bucket
                       + (f" ({rl.quota} requests per {rl.window} s)" if rl.quota and rl.window
                          else "")
                       + f"; try again in {rl.reset} s") if rl else "too many requests"
@@ -511,7 +516,8 @@ def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None,
                 continue  # directories (and whatever else) are mixed in
             name, size = item.get("path"), item.get("size")
             if not isinstance(name, str) or not isinstance(size, int) or size < 0:
-                raise UpstreamError(f"{redact(url)}: bad entry in the tree listing: {item!r:.200}")
+                raise UpstreamError(f"{redact(url)}: the tree listing has an entry without"
+                                    " a path or a size")  # said, not echoed (finding 9)
             name = safe_name(name)
             lfs: dict = item["lfs"] if isinstance(item.get("lfs"), dict) else {}
             sha256 = lfs.get("oid") if isinstance(lfs.get("oid"), str) else None
@@ -522,6 +528,10 @@ def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None,
                 git_oid=oid if oid and _SHA1.match(oid) and not lfs else None,
                 sha256=sha256 if sha256 and _SHA256.match(sha256) else None,
             )
+            if len(out) > job.config.max_pull_files:  # files per repository
+                raise PullTooLarge(f"{_repo_name(ref)} has more than {job.config.max_pull_files}"
+                                   " files, the most one pull may have on this node"
+                                   " (--max-pull-files): refused, nothing fetched")
         m = _LINK_NEXT.search(r.headers.get("Link") or "")
         url = urljoin(url, m.group(1)) if m else None
     return [out[k] for k in sorted(out)]
@@ -561,6 +571,7 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
                                    f" revision {ref.revision!r}", hf_code="EntryNotFound") from e
         raise
     tree = [f for f in listed if ref.wants(f.path)]
+    check_names((f.path for f in tree), ref.canonical)  # before any byte (finding 8)
     if not tree and ref.filtered:
         raise UpstreamNotFound(f"no file of {_repo_name(ref)}"
                                f"{'/' + ref.path if ref.path else ''} at revision"

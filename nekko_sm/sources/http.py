@@ -6,9 +6,17 @@ import re
 from urllib.parse import unquote
 
 from nekko_sm.credentials import Credentials
-from nekko_sm.errors import UnsafeName
+from nekko_sm.errors import ManifestInvalid, UnsafeName
 from nekko_sm.refs import HTTPRef, safe_name
-from nekko_sm.sources.base import A_ETAG, A_SOURCE_URL, FileItem, Job, PullResult, store_artifact
+from nekko_sm.sources.base import (
+    A_ETAG,
+    A_SOURCE_URL,
+    FileItem,
+    Job,
+    PullResult,
+    check_names,
+    store_artifact,
+)
 
 ARTIFACT_TYPE = "application/vnd.nekko.file.v1"
 
@@ -34,8 +42,10 @@ def file_name_from(content_disposition: str | None, fallback: str) -> str:
     if name:
         name = name.replace("\\", "/").rsplit("/", 1)[-1]
         try:
-            return safe_name(name)
-        except UnsafeName:
+            name = safe_name(name)
+            check_names([name], "")  # no control or bidi character, not too long
+            return name
+        except (UnsafeName, ManifestInvalid):
             pass
     return fallback
 

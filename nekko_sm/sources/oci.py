@@ -34,8 +34,11 @@ from nekko_sm.errors import (
     ManifestInvalid,
     NekkoError,
     NoMatchingPlatform,
+    PullTooLarge,
     Unauthorized,
+    UnsafeName,
 )
+from nekko_sm.httpio import sanitise
 from nekko_sm.models import formats, unpack
 from nekko_sm.refs import OCIRef, safe_name
 from nekko_sm.sources.base import (
@@ -45,6 +48,8 @@ from nekko_sm.sources.base import (
     FileItem,
     Job,
     PullResult,
+    check_names,
+    shown_name,
     store_artifact,
 )
 from nekko_sm.sources.registry_auth import Endpoint
@@ -66,10 +71,13 @@ log = logging.getLogger("nekko_sm.oci")
 
 ACCEPT = f"{MT_OCI_INDEX}, {MT_OCI_MANIFEST}, {MT_DOCKER_LIST}, {MT_DOCKER_MANIFEST}"
 MAX_MANIFEST = 4 << 20
+# Distinct manifests one pull may fetch: an index of 20 platforms with attestations needs 40.
+MAX_MANIFESTS = 256
 _SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
             "application/vnd.docker.distribution.manifest.v1+prettyjws")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ATTESTATION = "attestation-manifest"
+_OTHER_ALGORITHMS = frozenset({"sha384", "sha512", "blake3"})  # named when refused
 _MAX_NESTING = 4
 
 
@@ -168,8 +176,8 @@ class _Puller:
                                  " nothing was stored")
         served = (headers.get("Docker-Content-Digest") or "").strip()
         if served.startswith("sha256:") and served != digest:
-            raise IntegrityError(f"{what}: Docker-Content-Digest says {served}, the bytes"
-                                 f" hash to {digest}; nothing was stored")
+            raise IntegrityError(f"{what}: the registry's Docker-Content-Digest is not the"
+                                 f" digest of its bytes ({digest}); nothing was stored")
         try:
             doc = json.loads(data)
         except ValueError as e:
@@ -191,11 +199,11 @@ class _Puller:
             elif isinstance(doc.get("config"), dict):
                 media_type = MT_OCI_MANIFEST
         if media_type not in INDEX_TYPES + MANIFEST_TYPES:
-            raise ManifestInvalid(f"{what} has media type {media_type or header_type!r};"
-                                  " expected an OCI or Docker v2 manifest or index")
+            log.debug("%s: media type %s", what, sanitise(repr(media_type or header_type)))
+            raise ManifestInvalid(f"{what} is not an OCI or Docker v2 manifest or index (its"
+                                  " media type is none of theirs)")
         if doc.get("schemaVersion") != 2:
-            raise ManifestInvalid(f"{what}: schemaVersion {doc.get('schemaVersion')!r},"
-                                  " expected 2")
+            raise ManifestInvalid(f"{what}: its schemaVersion is not 2")
         m = _Manifest(media_type, digest, data, doc)
         if media_type in INDEX_TYPES:
             if not isinstance(doc.get("manifests"), list):
@@ -213,7 +221,8 @@ class _Puller:
                 if title is not None:
                     name = safe_name(title)  # UnsafeName: 400, nothing indexed
                     if name in names:
-                        raise ManifestInvalid(f"{what}: two layers are titled {name!r}")
+                        raise ManifestInvalid(f"{what}: two layers are titled"
+                                              f" {shown_name(name)}")
                     names.add(name)
         return m
 
@@ -223,10 +232,13 @@ class _Puller:
             raise ManifestInvalid(f"{what}: a descriptor is not an object")
         digest, size = d.get("digest"), d.get("size")
         if not isinstance(digest, str) or not _DIGEST.match(digest):
-            raise ManifestInvalid(f"{what}: unsupported digest {str(digest)[:80]!r}"
-                                  " (only sha256 is supported)")
+            algorithm = digest.split(":", 1)[0] if isinstance(digest, str) else ""
+            known = f" ({algorithm})" if algorithm in _OTHER_ALGORITHMS else ""
+            raise ManifestInvalid(f"{what}: a descriptor's digest is not sha256:<64 hex>"
+                                  f"{known}; only sha256 is supported")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ManifestInvalid(f"{what}: descriptor {digest} has a bad size {size!r}")
+            raise ManifestInvalid(f"{what}: descriptor {digest} has a size that is not a whole"
+                                  " number of bytes")
         mt = d.get("mediaType")
         return Descriptor(mt if isinstance(mt, str) else "", digest, size,
                           artifact_type=d.get("artifactType"), platform=d.get("platform"))
@@ -329,6 +341,23 @@ def _platform_str(p: Mapping) -> str:
     return "/".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
 
 
+def _platforms_shown(manifests: list) -> list[str]:
+    """An index's platforms for a message: those that parse (known os and architecture),
+    at most 20, and how many others there are -- never the index's own strings as such."""
+    valid: set[str] = set()
+    others = 0
+    for x in manifests:
+        if _is_attestation(x):
+            continue
+        try:
+            valid.add(str(parse_platform(_platform_str(x.get("platform") or {}))))
+        except (BadRequest, TypeError, AttributeError):
+            others += 1
+    shown = sorted(valid)[:20]
+    more = len(valid) - len(shown) + others
+    return shown + ([f"{more} other{'s' if more > 1 else ''}"] if more else [])
+
+
 def _is_attestation(d: Mapping) -> bool:
     p = d.get("platform") or {}
     ann = d.get("annotations") or {}
@@ -413,8 +442,7 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
     if top.media_type in INDEX_TYPES and want is not None:
         d = choose_platform(top.doc["manifests"], want)
         if d is None:
-            available = sorted({_platform_str(x.get("platform") or {}) or "unknown"
-                                for x in top.doc["manifests"] if not _is_attestation(x)})
+            available = _platforms_shown(top.doc["manifests"])
             raise NoMatchingPlatform(
                 f"{ref.canonical} has no image for {want}; available:"
                 f" {', '.join(available) or 'none'} (choose one with --platform, or 'all')",
@@ -423,7 +451,7 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
         chosen = puller.manifest(d["digest"])
         if chosen.media_type not in MANIFEST_TYPES:
             raise ManifestInvalid(f"{ref.canonical}: the index entry for {want} is not an"
-                                  f" image manifest ({chosen.media_type})")
+                                  " image manifest")
         if chosen.size != d["size"]:
             raise IntegrityError(f"{ref.canonical}: manifest {d['digest']} has {chosen.size}"
                                  f" bytes, the index says {d['size']}")
@@ -431,46 +459,80 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
         raise IntegrityError(f"{ref.canonical} resolved to {top.digest}, not the expected"
                              f" {job.digest}; nothing was stored")
 
-    # Every manifest to keep, and the blobs they name.
-    manifests: list[_Manifest] = []
-    blobs: list[Descriptor] = []
+    # Every manifest to keep (each distinct one once: an index may name one big manifest
+    # thousands of times), the blobs they name, once each, and the files of the view.
+    limit = job.config.max_pull_files
+    manifests: dict[str, _Manifest] = {}  # the manifests fetched, by digest
+    blobs: dict[str, Descriptor] = {}
     files: list[FileItem] = []
+    named: set[tuple[str, str]] = set()
+
+    def too_many(what: str) -> PullTooLarge:
+        return PullTooLarge(f"{ref.canonical} has more than {limit} {what}, the most one pull"
+                            " may have on this node (--max-pull-files): refused, nothing"
+                            " fetched")
 
     def walk(m: _Manifest, prefix: str, depth: int, listed: bool = True) -> None:
-        manifests.append(m)
+        manifests.setdefault(m.digest, m)
         if m.media_type in MANIFEST_TYPES:
-            blobs.append(puller._descriptor(m.doc["config"], ""))
+            if len(m.doc["layers"]) > limit:  # layers per image
+                raise PullTooLarge(f"{ref.canonical}: manifest {m.digest} has"
+                                   f" {len(m.doc['layers'])} layers, more than the {limit} one"
+                                   " pull may have on this node (--max-pull-files): refused,"
+                                   " nothing fetched")
+            c = puller._descriptor(m.doc["config"], "")
+            blobs.setdefault(c.digest, c)
             for layer in m.doc["layers"]:
                 d = puller._descriptor(layer, "")
-                blobs.append(d)
+                blobs.setdefault(d.digest, d)
                 title = (layer.get("annotations") or {}).get(TITLE)
                 name = safe_name(title) if title is not None else d.digest.replace(":", "-")
-                if listed and all(f.name != prefix + name for f in files):
+                if listed and (prefix + name, d.digest) not in named:
+                    named.add((prefix + name, d.digest))
                     files.append(FileItem(prefix + name, d.digest, d.size,
                                           d.media_type or "application/octet-stream"))
+            if len(blobs) > limit:
+                raise too_many("blobs")
+            if len(files) > limit:
+                raise too_many("files")
             return
         if depth >= _MAX_NESTING:
             raise ManifestInvalid(f"{ref.canonical}: indexes nested too deep")
-        for d in m.doc["manifests"]:
-            child = puller.manifest(d["digest"])
+        children = m.doc["manifests"]
+        if len(manifests.keys() | {d["digest"] for d in children}) > MAX_MANIFESTS:
+            raise ManifestInvalid(f"{ref.canonical} names more than {MAX_MANIFESTS} manifests:"
+                                  " refused, no image needs that many")
+        taken: set[str] = set()
+        for d in children:
+            child = manifests.get(d["digest"]) or puller.manifest(d["digest"])
             if child.size != d["size"]:
                 raise IntegrityError(f"{ref.canonical}: manifest {d['digest']} has"
                                      f" {child.size} bytes, the index says {d['size']}")
             p = d.get("platform") or {}
             sub = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
-            walk(child, prefix + (sub or d["digest"][7:19]) + "/", depth + 1,
-                 listed and not _is_attestation(d))
+            try:  # the fields come from the registry: they must name one directory
+                sub = safe_name(sub) if sub and "/" not in sub else ""
+            except UnsafeName:
+                sub = ""
+            sub = sub or d["digest"][7:19]
+            keep = listed and not _is_attestation(d) and sub not in taken
+            if keep:
+                taken.add(sub)  # two images of one platform: the first is the view's
+            walk(child, prefix + sub + "/", depth + 1, keep)
 
     walk(chosen, "", 0)
+    # The names the view will get, checked before a single blob byte is fetched.
+    check_names((f.name for f in files), ref.canonical)
     image = chosen.media_type in MANIFEST_TYPES
     if image:
         formats.plan(chosen.doc)  # hostile names are refused before a byte is fetched
     # Manifests first (small), leased as they go in; then the blobs, in parallel.
-    for m in manifests:
+    for m in manifests.values():
         puller.store(m)
-    model = _engine_ready(job, ref, puller, chosen, files, blobs) if image else None
+    model = _engine_ready(job, ref, puller, chosen, files, list(blobs.values())) \
+        if image else None
     if not image:
-        puller.fetch_blobs(blobs)
+        puller.fetch_blobs(list(blobs.values()))
 
     artifact_type = chosen.doc.get("artifactType") if chosen.media_type in MANIFEST_TYPES \
         else None

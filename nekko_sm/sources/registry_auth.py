@@ -33,7 +33,7 @@ from nekko_sm.errors import (
     UpstreamNotFound,
     UpstreamUnavailable,
 )
-from nekko_sm.httpio import origin
+from nekko_sm.httpio import origin, sanitise
 from nekko_sm.refs import OCIRef, redact
 from nekko_sm.sources.base import Job
 from nekko_sm.transfer import default_error, retry_after
@@ -41,10 +41,21 @@ from nekko_sm.transfer import default_error, retry_after
 log = logging.getLogger("nekko_sm.oci")
 
 _DEFAULT_EXPIRES = 60
+_HOSTPORT = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+                       r"(?::[0-9]{1,5})?$")
 
 
 # --------------------------------------------------------------------------------------------
 # the one translator of registry errors
+
+# The error codes of the OCI distribution spec (and Docker's registry API, which it grew
+# from): the only words of a registry's error answer that reach our messages.
+SPEC_ERROR_CODES = frozenset({
+    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "MANIFEST_UNVERIFIED",
+    "NAME_INVALID", "NAME_UNKNOWN", "SIZE_INVALID", "TAG_INVALID", "UNAUTHORIZED", "DENIED",
+    "UNSUPPORTED", "TOOMANYREQUESTS", "PAGINATION_NUMBER_INVALID", "RANGE_INVALID",
+})
 
 
 def registry_error(status: int, url: str, body: bytes, headers: Mapping[str, str],
@@ -61,11 +72,16 @@ def registry_error(status: int, url: str, body: bytes, headers: Mapping[str, str
             if isinstance(e, dict):
                 pairs.append((str(e.get("code", "")).upper()[:40],
                               str(e.get("message") or "")[:200]))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
     codes = [c for c, _ in pairs]
     where = what or redact(url)
-    said = "; ".join(f"{c}: {m}" if m else c for c, m in pairs[:4])
+    if pairs:  # the registry's own words: for whoever reads the debug log, never an answer
+        log.debug("%s: the registry answered %d: %s", where, status,
+                  sanitise(repr(pairs[:4]), 500))
+    # The fact, not the value (issue 9, finding 9): the status, and the codes the spec
+    # defines; a registry's messages (and codes of its own) are upstream bytes.
+    said = ", ".join(dict.fromkeys(c for c in codes if c in SPEC_ERROR_CODES))
     detail = f" ({status} {said})" if said else f" ({status})"
     challenge = headers.get("WWW-Authenticate")
     if status == 429 or "TOOMANYREQUESTS" in codes:
@@ -268,13 +284,16 @@ class Endpoint:
     def _realm(self, realm: str) -> str:
         p = urlsplit(realm)
         if p.scheme not in ("http", "https") or not p.hostname:
-            raise UpstreamError(f"{self.ref.canonical}: the registry named an unusable token"
-                                f" service {redact(realm)!r} (http or https only)")
+            log.debug("%s: token realm %s", self.ref.canonical, sanitise(repr(realm), 300))
+            raise UpstreamError(f"{self.ref.canonical}: the registry named a token service"
+                                " that is not an http or https URL")
         if p.scheme == "http" and urlsplit(self.base).scheme == "https" \
                 and not self.job.config.is_insecure(p.netloc):
+            host = p.netloc.rsplit("@", 1)[-1]
+            host = host if _HOSTPORT.match(host) else "it"  # a name to mark, or nothing
             raise UpstreamError(f"{self.ref.canonical}: the registry named a plain-http token"
-                                f" service {redact(realm)}; refusing to send credentials in"
-                                " the clear (mark it --insecure-registry if you mean it)")
+                                " service; refusing to send credentials in the clear (mark"
+                                f" {host} --insecure-registry if you mean it)")
         return realm
 
     def _token(self, params: dict[str, str], force: bool) -> str:

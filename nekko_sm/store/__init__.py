@@ -21,6 +21,9 @@ Safety rules, after containerd's content store:
   rename, fsync dir) under ``.lock``, and is rebuilt at open when a crash left it behind.
 * A writer holds an exclusive ``flock`` on its ingest directory: two threads or two
   processes asking for the same blob download it once; the second finds it committed.
+* No link planted in the cache is followed: every path below the root is opened component
+  by component with O_NOFOLLOW, relative to its directory's descriptor (``layout``); a cache
+  directory others could change is refused when the store is opened.
 * A pull *leases* every digest before it relies on it; removing an entry frees only the
   blobs its removal took to zero references and no live lease holds, and gc frees only
   blobs that neither an entry nor a live lease reaches.  A lease whose owner died is
@@ -60,7 +63,11 @@ from nekko_sm.store.layout import (
     Layout,
     check_digest,
     key_for,
+    listdir,
+    make_dirs,
+    read_file,
     sha256_digest,
+    unlink,
     write_atomic,
 )
 from nekko_sm.store.locks import FileLock
@@ -90,8 +97,12 @@ __all__ = [
     "Store",
     "check_digest",
     "key_for",
+    "listdir",
+    "make_dirs",
+    "read_file",
     "require_sqlite",
     "sha256_digest",
+    "unlink",
     "write_atomic",
 ]
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -31,12 +33,21 @@ from nekko_sm.store.layout import (
     A_FILES,
     DIGEST_RE,
     INDEX_TYPES,
+    LOW_SPACE,
     MANIFEST_TYPES,
     MT_OCI_MANIFEST,
     REF_NAME,
     Layout,
     fsync_dir,
+    is_dir,
+    is_file,
     key_for,
+    listdir,
+    lstat,
+    make_dirs,
+    open_file,
+    read_file,
+    rename,
     unlink,
 )
 from nekko_sm.store.locks import FileLock, remove_locked_dir
@@ -44,6 +55,8 @@ from nekko_sm.store.views import Views
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+; only mypy reads this
+
+log = logging.getLogger("nekko_sm.store")
 
 _CHUNK = 1 << 20
 # Directories under ingest/ that are not partial downloads.
@@ -56,7 +69,7 @@ class Lease:
     """Digests a live pull relies on before the index names them (protects them from gc)."""
 
     def __init__(self, layout: Layout) -> None:
-        layout.leases_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(layout.leases_dir)
         self.path = layout.leases_dir / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
         self._lock = FileLock(self.path)
         self._lock.acquire()
@@ -75,12 +88,14 @@ class Lease:
         self.reserved = int(nbytes)
 
     def _append(self, line: str) -> None:
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
+        fd = open_file(self.path, os.O_WRONLY | os.O_APPEND)  # never through a planted link
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        unlink(self.path)
         self._lock.release()
 
     def __enter__(self) -> Self:
@@ -166,7 +181,7 @@ class Collector:
         """(name, text) of every live lease; a stale one (its owner died) is skipped."""
         leases_dir = self.layout.leases_dir
         try:
-            names = os.listdir(leases_dir)
+            names = listdir(leases_dir)
         except FileNotFoundError:
             return
         for name in names:
@@ -180,7 +195,7 @@ class Collector:
                     lock.release()
                 continue
             try:
-                yield name, path.read_text()
+                yield name, read_file(path).decode("ascii", "replace")
             except OSError:
                 pass
 
@@ -240,12 +255,12 @@ class Collector:
                     return None, report
                 desc, zero = gone
                 for digest in zero:
-                    self.trash_dir.mkdir(parents=True, exist_ok=True)
+                    make_dirs(self.trash_dir)
                     src = self.layout.blob_path(digest)
                     dst = self.trash_dir / f"{digest[7:]}.{os.getpid()}.{time.monotonic_ns()}"
                     try:
-                        size = src.stat().st_size
-                        os.rename(src, dst)
+                        size = lstat(src).st_size
+                        rename(src, dst)
                     except FileNotFoundError:
                         continue
                     moved.append((digest, dst, size))
@@ -253,7 +268,7 @@ class Collector:
                     leased = self._live_leases(remove_stale=False)
                     for digest, dst, _ in moved:
                         if digest in leased:
-                            os.rename(dst, self.layout.blob_path(digest))
+                            rename(dst, self.layout.blob_path(digest))
                     moved = [m for m in moved if m[0] not in leased]
         except BaseException:
             self._put_back(moved)
@@ -272,17 +287,17 @@ class Collector:
         for digest, dst, _ in moved:
             target = self.layout.blob_path(digest)
             try:
-                if target.exists():
+                if is_file(target):
                     unlink(dst)
                 else:
-                    os.rename(dst, target)
+                    rename(dst, target)
             except FileNotFoundError:
                 pass
 
     def recover_trash(self) -> None:
         """After a crash: put back what an entry or a lease still needs, delete the rest."""
         try:
-            if not os.listdir(self.trash_dir):
+            if not listdir(self.trash_dir):
                 return
         except FileNotFoundError:
             return
@@ -291,7 +306,7 @@ class Collector:
 
     def _empty_trash(self, conn: Any, keep: set[str]) -> None:
         try:
-            names = os.listdir(self.trash_dir)
+            names = listdir(self.trash_dir)
         except FileNotFoundError:
             return
         for name in names:
@@ -322,7 +337,7 @@ class Collector:
                     continue  # another entry needs it whole
                 path = self.layout.blob_path(digest)
                 try:
-                    size = path.stat().st_size
+                    size = lstat(path).st_size
                 except FileNotFoundError:
                     continue
                 unlink(path)
@@ -358,7 +373,7 @@ class Collector:
                     continue
                 path = layout.blob_path(digest)
                 try:
-                    size = path.stat().st_size
+                    size = lstat(path).st_size  # a link planted there is removed, not followed
                 except FileNotFoundError:
                     continue
                 report.blobs_freed.append(digest)
@@ -371,17 +386,25 @@ class Collector:
             report.views_freed.extend(self.views.sweep(keys, dry_run))
         if not dry_run:
             fsync_dir(layout.blobs_dir)
-        if partials and layout.ingest_dir.exists():
+        if partials and is_dir(layout.ingest_dir):
+            if layout.space_short():  # even those an interrupted pull would resume
+                log.info("less than %.0f%% of the disk is free: removing every partial"
+                         " download no one is writing", LOW_SPACE * 100)
+                partial_max_age = 0
             wanted = self._wanted_partials(time.time() - partial_max_age)
             stale = time.time() - 3600
-            for name in os.listdir(layout.ingest_dir):
+            for name in listdir(layout.ingest_dir):
                 d = layout.ingest_dir / name
                 if name.startswith(".small-"):  # left by a crash between write and rename
                     with contextlib.suppress(OSError):
-                        if d.stat().st_mtime < stale and not dry_run:
+                        if os.lstat(d).st_mtime < stale and not dry_run:
                             unlink(d)
                     continue
-                if name in _NOT_PARTIALS or name in wanted or not d.is_dir():
+                if name in _NOT_PARTIALS or name in wanted:
+                    continue
+                if not is_dir(d):  # a link or a file: not a partial of ours
+                    if not dry_run and not is_file(d):
+                        unlink(d)  # the link itself, never what it names
                     continue
                 lock = FileLock(d / "lock")
                 if not lock.acquire(blocking=False):
@@ -397,15 +420,20 @@ class Collector:
         """Ingest keys an interrupted pull will resume, unless they went stale."""
         wanted: set = set()
         ingest_dir = self.layout.ingest_dir
-        for record in (ingest_dir / "pulls").glob("*.json"):
+        try:
+            records = [n for n in listdir(ingest_dir / "pulls") if n.endswith(".json")]
+        except FileNotFoundError:
+            records = []
+        for record in records:
             try:
-                refs = json.loads(record.read_text()).get("ingest", [])
+                refs = json.loads(read_file(ingest_dir / "pulls" / record)).get("ingest", [])
             except (OSError, ValueError, AttributeError):
                 continue
             for ref in refs if isinstance(refs, list) else []:
                 key = key_for(str(ref))
                 try:
-                    touched = max(p.stat().st_mtime for p in (ingest_dir / key).iterdir())
+                    touched = max(lstat(ingest_dir / key / p).st_mtime
+                                  for p in listdir(ingest_dir / key))
                 except (OSError, ValueError):
                     continue
                 if touched >= fresh_after:
@@ -416,14 +444,17 @@ class Collector:
     def verify_blob(self, digest: str) -> bool:
         h = hashlib.sha256()
         try:
-            with open(self.layout.blob_path(digest), "rb") as f:
-                while True:
-                    chunk = f.read(_CHUNK)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-        except FileNotFoundError:
+            fd = open_file(self.layout.blob_path(digest), os.O_RDONLY)
+        except OSError:  # missing, or a link planted there (never followed)
             return False
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
         return "sha256:" + h.hexdigest() == digest
 
     def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
@@ -443,8 +474,15 @@ class Collector:
             wanted = self.reachable(roots)
         for digest in sorted(wanted):
             path = self.layout.blob_path(digest)
-            if not path.exists():
+            try:
+                regular = stat.S_ISREG(lstat(path).st_mode)
+            except FileNotFoundError:
                 problems.append((digest, "missing"))
+                continue
+            if not regular:
+                problems.append((digest, "not a regular file"))
+                if repair:
+                    unlink(path)  # a link planted there: removed, never followed
             elif not self.verify_blob(digest):
                 problems.append((digest, "digest mismatch"))
                 if repair:

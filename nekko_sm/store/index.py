@@ -43,6 +43,11 @@ from nekko_sm.store.layout import (
     Layout,
     check_digest,
     fsync_dir,
+    is_file,
+    open_file,
+    read_file,
+    rename,
+    unlink,
     write_atomic,
 )
 from nekko_sm.store.locks import FileLock
@@ -384,8 +389,11 @@ class Index:
     def _header(self) -> tuple[str, int] | None:
         """(database id, generation) that index.json says it shows; None if not ours."""
         try:
-            with open(self._path, "rb") as f:
-                head = f.read(160)
+            fd = open_file(self._path, os.O_RDONLY)  # a link planted there is never followed
+            try:
+                head = os.read(fd, 160)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return ("", -1)
         m = _HEADER.match(head)
@@ -397,9 +405,9 @@ class Index:
         The database does not exist yet, or a crash came before the first rewrite; the file
         is not stamped, so the next open merges it (nothing) and rewrites it from the table.
         """
-        if not self._path.exists():
+        if not is_file(self._path):
             with self._file_lock, FileLock(self.layout.lock_path):
-                if not self._path.exists():
+                if not is_file(self._path):
                     write_atomic(self._path, b'{"manifests":[],"mediaType":"' + MT_OCI_INDEX.encode()
                                  + b'","schemaVersion":2}')
 
@@ -432,7 +440,8 @@ class Index:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         head = '{"annotations":{"' + A_GENERATION + f'":"{db_id}.{generation}"}},"manifests":['
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+                           "wb") as f:
                 f.write(head.encode())
                 sep = b""
                 while True:
@@ -444,10 +453,9 @@ class Index:
                 f.write(_TAIL)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            rename(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            unlink(tmp)
             if e.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise InsufficientStorage(f"no space left to write {path.name}") from e
             raise
@@ -456,7 +464,7 @@ class Index:
     def _merge_file(self) -> None:
         """Add the entries of a foreign index.json to the database (none is removed)."""
         try:
-            doc = json.loads(self._path.read_bytes())
+            doc = json.loads(read_file(self._path))
             manifests = [Descriptor.from_json(d) for d in doc.get("manifests", [])]
         except (ValueError, AttributeError, TypeError) as e:
             raise CacheCorrupt(f"{self._path} does not parse: {e}; remove it to rebuild it"

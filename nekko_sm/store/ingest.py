@@ -31,7 +31,21 @@ from nekko_sm.errors import (
     SizeMismatch,
 )
 from nekko_sm.store.index import Descriptor
-from nekko_sm.store.layout import Layout, fsync_dir, sha256_digest, write_atomic
+from nekko_sm.store.layout import (
+    Layout,
+    fsync_dir,
+    is_dir,
+    listdir,
+    lstat,
+    make_dirs,
+    open_file,
+    parent_dir,
+    read_file,
+    rename,
+    sha256_digest,
+    unlink,
+    write_atomic,
+)
 from nekko_sm.store.locks import FileLock, remove_locked_dir
 
 if TYPE_CHECKING:
@@ -95,12 +109,13 @@ class IngestWriter:
         self._state_path = self.dir / "state.json"
         self.state: dict = {}
         try:
-            self.state = json.loads(self._state_path.read_text())
+            self.state = json.loads(read_file(self._state_path))
         except (OSError, ValueError):
             self.state = {}
-        if self.state.get("ref") != ref:
+        if not isinstance(self.state, dict) or self.state.get("ref") != ref:
             self.state = {"ref": ref}
-        self._fd: int | None = os.open(self._data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd: int | None = open_file(self._data_path, os.O_RDWR | os.O_CREAT, 0o644,
+                                         replace_link=True)
         self._cond = threading.Condition()
         self._hasher: threading.Thread | None = None
         self._hash_error: BaseException | None = None
@@ -179,7 +194,7 @@ class IngestWriter:
                 if data is None:
                     data = memoryview(os.pread(fd, end - start, start))
                     if not data:
-                        raise OSError(f"{self._data_path} is shorter than expected")
+                        raise OSError(f"the partial of {self.ref} is shorter than expected")
                     held = 0
                 else:
                     held = len(data)
@@ -456,16 +471,12 @@ class IngestWriter:
         if lease is not None:
             lease.add(digest)
         target = self.layout.blob_path(digest)
+        os.fchmod(self._file(), 0o444)  # the descriptor's file: never a link's target
         self._close_fd()
-        try:
-            # A blob of the right size is the same bytes (written once, verified); one of
-            # another size was damaged after the fact: replace it with the verified bytes.
-            present = target.stat().st_size == size
-        except FileNotFoundError:
-            present = False
-        if not present:
-            os.chmod(self._data_path, 0o444)
-            os.replace(self._data_path, target)
+        # A blob of the right size is the same bytes (written once, verified); one of
+        # another size (or a link planted there) is replaced with the verified bytes.
+        if not self.layout.has_blob(digest, size):
+            rename(self._data_path, target)  # both directories reached without links
             fsync_dir(target.parent)
         self._remove_dir()
         return Descriptor("application/octet-stream", digest, size)
@@ -494,9 +505,10 @@ class IngestWriter:
         # Remove everything while still holding the lock; waiters notice that the lock
         # file they hold is gone and start on a fresh one.
         for name in ("data", "state.json", "lock"):
-            (self.dir / name).unlink(missing_ok=True)
+            unlink(self.dir / name)
         try:
-            self.dir.rmdir()
+            with parent_dir(self.dir) as (dfd, name):
+                os.rmdir(name, dir_fd=dfd)
         except OSError:
             pass
         self._lock.release()
@@ -586,7 +598,7 @@ class Follower(io.RawIOBase):
         try:
             if writer.ended:
                 raise FileNotFoundError(writer._data_path)
-            self._fd = os.open(writer._data_path, os.O_RDONLY)  # the same inode after commit
+            self._fd = open_file(writer._data_path, os.O_RDONLY)  # the same inode after commit
         except FileNotFoundError:
             self._fd = -1
             self.close()
@@ -673,7 +685,7 @@ class Ingest:
         (so two pulls of the same blob share one ingest), otherwise something stable
         like the source URL, so an interrupted download resumes.
         """
-        self.layout.ingest_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.layout.ingest_dir)
         return IngestWriter(self.layout, ref, expected_size, cancel, extra_hashers)
 
     def put_bytes(self, data: bytes, lease: Lease | None = None,
@@ -709,7 +721,10 @@ class Ingest:
         tmp = self.layout.ingest_dir / (f".small-{digest[7:23]}-{os.getpid()}-"
                                         f"{threading.get_ident()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+            # O_EXCL | O_NOFOLLOW (open_file): a link planted at the name is never followed.
+            unlink(tmp)  # a stale one of a crashed process with our pid and thread id
+            fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444,
+                           replace_link=True)
             try:
                 view = memoryview(data)
                 while view:
@@ -717,9 +732,9 @@ class Ingest:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self.layout.blob_path(digest))
+            rename(tmp, self.layout.blob_path(digest))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            unlink(tmp)
             raise _space(e, digest) from e
         return digest
 
@@ -727,11 +742,11 @@ class Ingest:
         """Bytes a partial download holds (for a ranged one, what its saved part map says)."""
         d = self.layout.ingest_path(ref)
         try:
-            size = (d / "data").stat().st_size
-        except FileNotFoundError:
+            size = lstat(d / "data").st_size
+        except OSError:
             return 0
         try:
-            ranged = json.loads((d / "state.json").read_text()).get("ranged")
+            ranged = json.loads(read_file(d / "state.json")).get("ranged")
         except (OSError, ValueError, AttributeError):
             ranged = None
         if ranged:
@@ -744,9 +759,14 @@ class Ingest:
     def partials_size(self) -> int:
         """Bytes all partial downloads hold (what a resume will not fetch again)."""
         total = 0
-        for state in self.layout.ingest_dir.glob("*/state.json"):
+        try:
+            names = listdir(self.layout.ingest_dir)
+        except FileNotFoundError:
+            names = []
+        for name in names:
             try:
-                total += self.partial_size(json.loads(state.read_text())["ref"])
+                state = read_file(self.layout.ingest_dir / name / "state.json")
+                total += self.partial_size(json.loads(state)["ref"])
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         return total
@@ -754,7 +774,7 @@ class Ingest:
     def discard_partial(self, ref: str) -> bool:
         """Remove the partial download for ``ref`` unless someone is writing it."""
         d = self.layout.ingest_path(ref)
-        if not d.is_dir():
+        if not is_dir(d):
             return False
         lock = FileLock(d / "lock")
         if not lock.acquire(blocking=False):

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nekko_sm.store.layout import unlink
+from nekko_sm.store.layout import listdir, lstat, open_file, parent_dir, remove_tree, unlink
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+; only mypy reads this
@@ -42,12 +41,11 @@ class FileLock:
         """
         while True:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # No link is followed to the lock file or above it (store.layout).
+                fd = open_file(self.path, os.O_RDWR | os.O_CREAT, 0o644, create_dirs=True,
+                               replace_link=True)
             except (FileNotFoundError, FileExistsError):
                 # The holder removed the directory while we made it or opened the file.
-                if self.path.parent.is_file():
-                    raise
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -58,7 +56,7 @@ class FileLock:
                 os.close(fd)
                 raise
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = lstat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -81,13 +79,21 @@ class FileLock:
 
 
 def remove_locked_dir(d: Path, lock: FileLock) -> None:
-    """Remove a directory whose ``lock`` file we hold; the lock file goes last."""
-    for p in d.iterdir():
-        if p.name != "lock":
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else unlink(p)
+    """Remove a directory whose ``lock`` file we hold; the lock file goes last.
+
+    Nothing is followed: a link inside is removed itself, a subdirectory is removed without
+    descending through links (store.layout.remove_tree)."""
+    try:
+        names = listdir(d)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        if name != "lock":
+            remove_tree(d / name)
     unlink(d / "lock")
     try:
-        d.rmdir()
+        with parent_dir(d) as (dfd, name):
+            os.rmdir(name, dir_fd=dfd)
     except OSError:
         pass
     lock.release()

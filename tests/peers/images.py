@@ -573,3 +573,49 @@ def seed_images(peer: Any, workdir: str | None = None) -> dict[str, ImageInfo]:
     with ThreadPoolExecutor(max_workers=3) as pool:
         infos = list(pool.map(push, jobs))
     return {info.ref: info for info in infos}
+
+
+# --------------------------------------------------------------------------------------------
+# pushing hand-made manifests over the distribution API (no skopeo: any bytes a registry takes)
+
+
+def push_blob(peer: Any, repo: str, data: bytes, media_type: str = "application/octet-stream",
+              **extra: Any) -> dict[str, Any]:
+    """Upload ``data`` to ``repo`` on ``peer`` (POST, then PUT with the digest); its descriptor."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    if peer.request("HEAD", f"/v2/{repo}/blobs/{digest}", direct=True).status != 200:
+        r = peer.request("POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"}, b"",
+                         direct=True)
+        if r.status != 202:
+            raise RuntimeError(f"POST upload {repo}: {r.status} {r.body[:300]!r}")
+        location = r.headers["location"]
+        path = location.split("://", 1)[-1].split("/", 1)[-1] if "://" in location else \
+            location.lstrip("/")
+        sep = "&" if "?" in path else "?"
+        r = peer.request("PUT", f"/{path}{sep}digest={digest}",
+                         {"Content-Type": "application/octet-stream",
+                          "Content-Length": str(len(data))}, data, direct=True)
+        if r.status != 201:
+            raise RuntimeError(f"PUT blob {repo}: {r.status} {r.body[:300]!r}")
+    return {"mediaType": media_type, "digest": digest, "size": len(data), **extra}
+
+
+def push_manifest(peer: Any, repo: str, ref: str, doc: Any) -> dict[str, Any]:
+    """PUT manifest (or index) ``doc`` as ``repo:ref``; its descriptor (media type, digest,
+    size of the bytes as sent)."""
+    body = canonical_json(doc)
+    mt = doc["mediaType"]
+    r = peer.request("PUT", f"/v2/{repo}/manifests/{ref}",
+                     {"Content-Type": mt, "Content-Length": str(len(body))}, body, direct=True)
+    if r.status != 201:
+        raise RuntimeError(f"PUT manifest {repo}:{ref}: {r.status} {r.body[:300]!r}")
+    return {"mediaType": mt, "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+            "size": len(body)}
+
+
+def artifact_manifest(peer: Any, repo: str, layers: list[dict[str, Any]],
+                      artifact_type: str = MODEL_ARTIFACT_TYPE) -> dict[str, Any]:
+    """An OCI artifact manifest (empty config, pushed) over ``layers`` (pushed descriptors)."""
+    config = push_blob(peer, repo, b"{}", OCI_EMPTY)
+    return {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+            "config": config, "layers": layers}
