@@ -238,7 +238,7 @@ class _FakeTransfer:
 
 
 def _fetch_for(monkeypatch, transfer, jobs=8, total=1 << 30):
-    monkeypatch.setattr(ranged.threading, "Thread", _NoThread)
+    monkeypatch.setattr(ranged, "_Thread", _NoThread)
     writer = _FakeWriter(total, 8 << 20)
     f = ranged.RangedFetch(transfer, "http://cdn.test/big", writer, auth=None, headers=None,
                            validator=None, errors=None, progress=None, connections=jobs)
