@@ -25,14 +25,21 @@ def sha(data: bytes) -> str:
 def preads(monkeypatch):
     """Every (offset, length) the hasher reads back from the file."""
     seen: list[tuple[int, int]] = []
-    real = os.pread
+    real, realv = os.pread, getattr(os, "preadv", None)
 
     def counting(fd, n, pos):
         data = real(fd, n, pos)
         seen.append((pos, len(data)))
         return data
 
+    def countingv(fd, buffers, pos):
+        n = realv(fd, buffers, pos)
+        seen.append((pos, n))
+        return n
+
     monkeypatch.setattr(ingest.os, "pread", counting)
+    if realv is not None:
+        monkeypatch.setattr(ingest.os, "preadv", countingv)
     return seen
 
 

@@ -106,6 +106,7 @@ class IngestWriter:
         self._held_bytes = 0
         self._pool: list[_Buffer] = []
         self._busy = 0.0  # seconds the hasher spent hashing
+        self._back: memoryview | None = None  # the hasher's buffer for reading back
         self._unflushed = 0
         self._flusher: threading.Thread | None = None
         self._new_hashes()
@@ -172,7 +173,7 @@ class IngestWriter:
                 start, data, mine, end, sha, extra = piece
                 t = time.perf_counter()
                 if data is None:
-                    data = memoryview(os.pread(fd, end - start, start))
+                    data = self._read_back(fd, start, end - start)
                     if not data:
                         raise OSError(f"{self._data_path} is shorter than expected")
                     held = 0
@@ -201,6 +202,14 @@ class IngestWriter:
                 if self._hasher is threading.current_thread():
                     self._hasher = None
                 self._cond.notify_all()
+
+    def _read_back(self, fd: int, pos: int, n: int) -> memoryview:
+        """``n`` bytes at ``pos`` from the file, into one buffer reused (no allocation)."""
+        if not hasattr(os, "preadv"):  # pragma: no cover - not Linux/BSD
+            return memoryview(os.pread(fd, n, pos))
+        if self._back is None:
+            self._back = memoryview(bytearray(_HASH_CHUNK))
+        return self._back[:os.preadv(fd, [self._back[:n]], pos)]
 
     def hash_stats(self) -> tuple[int, float]:
         """(bytes hashed so far, seconds the hasher has been busy): is hashing the limit?"""
