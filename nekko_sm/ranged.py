@@ -59,8 +59,9 @@ WINDOW_MAX = 4  # unless the window is this many times longer already
 SETTLE = 0.5  # at most this long for new connections to start bringing bytes
 GAIN = 1.25  # a step up must raise the aggregate rate this much to be kept
 HASH_BOUND = 0.85  # the hasher busy this share of the time: more bytes would only wait
-SPLIT_MIN = 4 << 20  # split an in-progress part only when it has this much left
-MARGIN = 2 << 20  # a split point stays this far past the owner's last recorded byte
+SPLIT_MIN = 16 << 20  # split an in-progress part only when it has this much left
+MARGIN = 8 << 20  # a split point stays this far past its owner's last recorded byte (at
+# least two receive buffers: the owner may be reading one past what it recorded)
 
 
 _Thread = threading.Thread  # (the tests of the controller put a stand-in here)
