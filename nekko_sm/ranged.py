@@ -59,8 +59,12 @@ WINDOW_MAX = 4  # unless the window is this many times longer already
 SETTLE = 0.5  # at most this long for new connections to start bringing bytes
 GAIN = 1.25  # a step up must raise the aggregate rate this much to be kept
 HASH_BOUND = 0.85  # the hasher busy this share of the time: more bytes would only wait
-SPLIT_MIN = 4 << 20  # split an in-progress part only when it has this much left
-MARGIN = 2 << 20  # a split point stays this far past the owner's last recorded byte
+SPLIT_MIN = 16 << 20  # split an in-progress part only when it has this much left
+MARGIN = 8 << 20  # a split point stays this far past its owner's last recorded byte (at
+# least two receive buffers: the owner may be reading one past what it recorded)
+
+
+_Thread = threading.Thread  # (the tests of the controller put a stand-in here)
 
 
 class RangesRefused(Exception):
@@ -135,7 +139,9 @@ class RangedFetch:
         self._failed: BaseException | None = None
         self._stop = threading.Event()
         self._exited = threading.Event()
+        self._started = threading.Event()  # the first connections all start together
         self._direct: str | None = None  # where the origin redirected the parts to
+        self._serves = False  # the origin answered a part itself: no need to ask one at a time
         self._resolving = threading.Lock()
         self._workers: list[_Worker] = []
         self._threads: list[threading.Thread] = []
@@ -221,8 +227,7 @@ class RangedFetch:
             self._workers.append(w)
             self._active += 1
         part = self._claim(w) if first is not None else None
-        t = threading.Thread(target=self._work, args=(w, first, part), daemon=True,
-                             name=w.name)
+        t = _Thread(target=self._work, args=(w, first, part), daemon=True, name=w.name)
         self._threads.append(t)
         t.start()
         return True
@@ -314,22 +319,21 @@ class RangedFetch:
         unfinished part's next byte (the probe that showed the server takes ranges); it
         brings that part (and, while it is alone, what follows) as the others start."""
         unfinished = sum(1 for p in self.parts if p.next < p.end)
-        self._spawn(first, own=True)  # one connection is this download's own
-        # More come from the transfer's shared budgets (--jobs - 1 to start with, in all),
-        # so eight blobs at once do not open 64 connections.
-        for _ in range(min(self.target, unfinished) - 1):
-            if not self._spawn():
-                break
-        self._settle_until = time.monotonic() + SETTLE
         try:
+            self._spawn(first, own=True)  # one connection is this download's own
+            # More come from the transfer's shared budgets (--jobs - 1 to start with, in
+            # all), so eight blobs at once do not open 64 connections.
+            for _ in range(min(self.target, unfinished) - 1):
+                if not self._spawn():
+                    break
+            self._started.set()
+            self._settle_until = time.monotonic() + SETTLE
             self._control()
         finally:
+            self._started.set()
             self._stop.set()
             for t in self._threads:
                 t.join()
-            for w in self._workers:
-                if w.budget is not None:
-                    w.budget.release()
             if self.adaptive and (self._frozen or self._level) and self._memory is not None:
                 self._memory[self._origin] = self.target  # what it settled at, or got to
         try:
@@ -363,8 +367,9 @@ class RangedFetch:
         got = self._got()
         busy = self.writer.hash_stats()[1] if hasattr(self.writer, "hash_stats") else 0.0
         if self._mark is None:  # wait until the connections of this step bring bytes
-            with self._lock:
-                ready = all(w.got for w in self._workers if w.alive)
+            with self._lock:  # (one stream: past the burst a server sends at first)
+                first = WINDOW_BYTES if self._level == 0 else 1
+                ready = all(w.got >= first for w in self._workers if w.alive)
             if ready or now >= self._settle_until:
                 self._mark = (now, got, busy)
             return
@@ -399,12 +404,15 @@ class RangedFetch:
         want, old = self._levels[level], self.target
         self.target = want  # before the new workers look at it
         if want > old:
-            while self._active < want and self._spawn():
-                pass
-            if self._active <= old:
+            added = 0
+            for _ in range(want - self._active):  # (not while short: they may leave at once)
+                if not self._spawn():
+                    break
+                added += 1
+            if not added:
                 self.target = old
                 return False
-            self.target = min(want, self._active)  # fewer were free: that is what is measured
+            self.target = min(want, old + added)  # fewer were free: that is what is measured
             self._levels[level] = self.target
         self._level = level
         return True
@@ -412,6 +420,8 @@ class RangedFetch:
     def _work(self, w: _Worker, first=None, part: _Part | None = None) -> None:
         try:
             while not self._stop.is_set():
+                if part is None:  # no thread takes every part before the rest have started
+                    self._started.wait()
                 p = part or self._claim(w)
                 part = None
                 if p is None:
@@ -425,6 +435,9 @@ class RangedFetch:
                 first.close()  # never used (another part failed first)
             with self._lock:
                 self._leave(w)
+            if w.budget is not None:  # the connection goes back to the transfer's budget
+                w.budget.release()
+                w.budget = None
             self._exited.set()
 
     def _fail(self, e: BaseException) -> None:
@@ -478,14 +491,18 @@ class RangedFetch:
             h["If-Range"] = self.validator
         resp = None
         direct = self._direct
-        if direct is None:
+        if direct is None and not self._serves:
             with self._resolving:  # one worker asks the origin; the others use its answer
                 direct = self._direct
-                if direct is None:
+                if direct is None and not self._serves:
                     resp, final = self.transfer.open("GET", self.url, h, self.auth)
                     if origin(final) != origin(self.url):
                         self._direct = final  # ask the origin once, not once per part
-        if resp is None:  # the CDN URL the origin sent us to: no credentials go there
+                    else:
+                        self._serves = True
+        if resp is None and direct is None:  # the origin serves the parts itself
+            resp, final = self.transfer.open("GET", self.url, h, self.auth)
+        elif resp is None:  # the CDN URL the origin sent us to: no credentials go there
             resp, final = self.transfer.open("GET", direct, h, None)
         try:
             if resp.status == 200:

@@ -11,7 +11,7 @@ import pytest
 from nekko_sm import config as cfg
 from nekko_sm import ranged
 from nekko_sm.errors import Cancelled, IntegrityError
-from nekko_sm.store import Store
+from nekko_sm.store import Store, ingest
 from nekko_sm.transfer import Transfer
 
 
@@ -237,9 +237,9 @@ class _FakeTransfer:
         self.attempts = 3
 
 
-def _fetch_for(monkeypatch, transfer, jobs=8, total=1 << 30):
-    monkeypatch.setattr(ranged.threading, "Thread", _NoThread)
-    writer = _FakeWriter(total, 8 << 20)
+def _fetch_for(monkeypatch, transfer, jobs=8, total=1 << 30, part=8 << 20):
+    monkeypatch.setattr(ranged, "_Thread", _NoThread)
+    writer = _FakeWriter(total, part)
     f = ranged.RangedFetch(transfer, "http://cdn.test/big", writer, auth=None, headers=None,
                            validator=None, errors=None, progress=None, connections=jobs)
     f._spawn(own=True)
@@ -330,18 +330,19 @@ def test_joining_connections_take_untouched_parts_from_a_lone_stream(monkeypatch
 
 
 def test_an_idle_connection_splits_the_part_with_most_left(monkeypatch):
-    f, _ = _fetch_for(monkeypatch, _FakeTransfer(jobs=8), total=16 << 20)  # 2 parts
+    f, _ = _fetch_for(monkeypatch, _FakeTransfer(jobs=8), total=128 << 20, part=64 << 20)
     f.target = 3
     a, b, c = f._workers[0], ranged._Worker("b", None), ranged._Worker("c", None)
     f._active += 2
     pa, pb = f._claim(a), f._claim(b)
-    pa.next = pa.start + (1 << 20)
-    pb.next = pb.start + (6 << 20)
+    pa.next = pa.start + (4 << 20)
+    pb.next = pb.start + (40 << 20)
     new = f._claim(c)
     assert new is not None and new.owner is c
     assert new.start == pa.end and new.start >= pa.next + ranged.MARGIN  # a's part, behind a
+    assert ranged.MARGIN >= 2 * ingest.BUFFER  # a's read in flight cannot reach c's bytes
     spans = [(p.start, p.end) for p in f.parts]
-    assert spans == sorted(spans) and spans[0][0] == 0 and spans[-1][1] == 16 << 20
+    assert spans == sorted(spans) and spans[0][0] == 0 and spans[-1][1] == 128 << 20
     assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))  # the map still tiles the blob
 
 

@@ -25,14 +25,21 @@ def sha(data: bytes) -> str:
 def preads(monkeypatch):
     """Every (offset, length) the hasher reads back from the file."""
     seen: list[tuple[int, int]] = []
-    real = os.pread
+    real, realv = os.pread, getattr(os, "preadv", None)
 
     def counting(fd, n, pos):
         data = real(fd, n, pos)
         seen.append((pos, len(data)))
         return data
 
+    def countingv(fd, buffers, pos):
+        n = realv(fd, buffers, pos)
+        seen.append((pos, n))
+        return n
+
     monkeypatch.setattr(ingest.os, "pread", counting)
+    if realv is not None:
+        monkeypatch.setattr(ingest.os, "preadv", countingv)
     return seen
 
 
@@ -41,8 +48,9 @@ def store(tmp_path):
     return Store(tmp_path / "cache").init()
 
 
-def test_one_stream_is_hashed_from_its_buffers_not_read_back(store, preads):
-    data = os.urandom(24 << 20)
+def test_one_stream_is_hashed_from_its_buffers_not_read_back(store, preads, monkeypatch):
+    monkeypatch.setattr(ingest, "_HOLD", 2 * ingest.BUFFER)
+    data = os.urandom(12 * ingest.BUFFER)
     seen = set()
     with store.writer("one", expected_size=len(data)) as w:
         pos = 0
@@ -56,7 +64,7 @@ def test_one_stream_is_hashed_from_its_buffers_not_read_back(store, preads):
         desc = w.commit(sha(data))
     assert desc.digest == sha(data)
     assert preads == []  # every byte hashed from the buffer it arrived in
-    assert len(seen) < 24  # and the buffers were reused, not one per MiB
+    assert len(seen) < 12  # and the buffers were reused, not one per write
 
 
 def test_bytes_are_hashed_without_reading_back_too(store, preads):
@@ -213,3 +221,39 @@ def test_a_long_stream_is_written_back_while_it_arrives(store, monkeypatch):
         w._flusher.join()
         assert synced  # before the commit's fsync, not instead of it
         assert w.commit(sha(data)).digest == sha(data)
+
+
+def test_held_buffers_are_bounded_across_writers_and_all_given_back(store, monkeypatch):
+    """Many blobs at once (an image's layers) share one budget of held bytes."""
+    mib = 1 << 20
+    monkeypatch.setattr(ingest, "_HOLD_ALL", 3 * mib)
+    monkeypatch.setattr(ingest, "_ROOM", ingest._Room(3 * mib))
+    blobs = [os.urandom(8 * mib) for _ in range(2)]
+    writers = [store.writer(f"w{i}", expected_size=8 * mib) for i in range(2)]
+    try:
+        for w, data in zip(writers, blobs):
+            w.preallocate(len(data))
+            w.save_state(ranged={"total": len(data), "parts": []})
+            for i in range(1, 4):  # ahead of the frontier: held, while there is room
+                w.pwrite(data[i * mib:(i + 1) * mib], i * mib)
+        assert ingest._ROOM.used <= 3 * mib
+        for w, data in zip(writers, blobs):
+            w.pwrite(data[:mib], 0)
+            w.pwrite(data[4 * mib:], 4 * mib)
+            w.advance(len(data))
+        assert [w.commit(sha(d)).digest for w, d in zip(writers, blobs)] == [sha(d) for d in blobs]
+    finally:
+        for w in writers:
+            w.close()
+    assert ingest._ROOM.used == 0  # every held byte was given back
+
+
+def test_a_reset_gives_its_held_buffers_back(store):
+    used = ingest._ROOM.used
+    with store.writer("reset") as w:
+        w.preallocate(8 << 20)
+        w.save_state(ranged={"total": 8 << 20, "parts": []})
+        w.pwrite(os.urandom(1 << 20), 1 << 20)  # held: not behind the frontier yet
+        assert ingest._ROOM.used > used
+        w.reset()
+        assert ingest._ROOM.used == used

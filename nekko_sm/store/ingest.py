@@ -54,9 +54,10 @@ if TYPE_CHECKING:
     from nekko_sm.store.gc import Lease
 
 _HASH_CHUNK = 4 << 20  # bytes read back at a time, for what is no longer held in memory
-BUFFER = 1 << 20  # one receive buffer (IngestWriter.buffer)
-_HOLD = 32 << 20  # received bytes kept for the hasher ahead of what it has hashed
-_POOL = 16  # spare receive buffers kept for reuse
+BUFFER = 4 << 20  # one receive buffer (IngestWriter.buffer): few handovers, few GIL trips
+_HOLD = 32 << 20  # received bytes one writer keeps for its hasher ahead of what it hashed
+_HOLD_ALL = 64 << 20  # ... and all writers of the process together
+_POOL = 4  # spare receive buffers kept for reuse (shared by all writers)
 _FLUSH_EVERY = 64 << 20  # appended bytes between background fdatasyncs (early writeback)
 _HASH_CHUNK = 4 << 20
 _COPY_CHUNK = 16 << 20  # copy_file_range per call: the hasher follows, a cancel is seen
@@ -68,6 +69,30 @@ class _Buffer(bytearray):
     """A receive buffer handed out by :meth:`IngestWriter.buffer`."""
 
     __slots__ = ()
+
+
+class _Room:
+    """Bytes of received buffers held for hashers, counted across every writer."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.size:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+_ROOM = _Room(_HOLD_ALL)
+_SPARE: list[_Buffer] = []  # receive buffers to reuse
 
 
 class IngestWriter:
@@ -122,8 +147,8 @@ class IngestWriter:
         self._stop_hashing = False
         self._held: dict[int, memoryview] = {}  # offset -> received bytes not hashed yet
         self._held_bytes = 0
-        self._pool: list[_Buffer] = []
         self._busy = 0.0  # seconds the hasher spent hashing
+        self._back: memoryview | None = None  # the hasher's buffer for reading back
         self._unflushed = 0
         self._flusher: threading.Thread | None = None
         self.resets = 0  # how often the bytes started over (a follower cannot go on then)
@@ -146,7 +171,11 @@ class IngestWriter:
         self._sha = hashlib.sha256()
         self._hashers = {name: make() for name, make in self._extra.items()}
         self._hashed = 0
+        self._drop_held()
+
+    def _drop_held(self) -> None:
         self._held.clear()
+        _ROOM.give(self._held_bytes)
         self._held_bytes = 0
 
     def _kick(self) -> None:
@@ -176,7 +205,9 @@ class IngestWriter:
             data, mine = data[:end - start], False
         if data is None:
             for k in [k for k in self._held if k < start]:  # passed by a read-back
-                self._held_bytes -= len(self._held.pop(k))
+                n = len(self._held.pop(k))
+                self._held_bytes -= n
+                _ROOM.give(n)
             # Read back up to the next held buffer (or the frontier), a chunk at a time.
             end = min([k for k in self._held if k < end] + [end, start + _HASH_CHUNK])
         return start, data, mine, end, self._sha, list(self._hashers.values())
@@ -192,7 +223,7 @@ class IngestWriter:
                 start, data, mine, end, sha, extra = piece
                 t = time.perf_counter()
                 if data is None:
-                    data = memoryview(os.pread(fd, end - start, start))
+                    data = self._read_back(fd, start, end - start)
                     if not data:
                         raise OSError(f"the partial of {self.ref} is shorter than expected")
                     held = 0
@@ -209,6 +240,7 @@ class IngestWriter:
                         continue
                     self._hashed = start + len(data)
                     self._held_bytes -= held
+                    _ROOM.give(held)
                     self._cond.notify_all()
                 if mine:
                     self._recycle(data)
@@ -221,6 +253,14 @@ class IngestWriter:
                 if self._hasher is threading.current_thread():
                     self._hasher = None
                 self._cond.notify_all()
+
+    def _read_back(self, fd: int, pos: int, n: int) -> memoryview:
+        """``n`` bytes at ``pos`` from the file, into one buffer reused (no allocation)."""
+        if not hasattr(os, "preadv"):  # pragma: no cover - not Linux/BSD
+            return memoryview(os.pread(fd, n, pos))
+        if self._back is None:
+            self._back = memoryview(bytearray(_HASH_CHUNK))
+        return self._back[:os.preadv(fd, [self._back[:n]], pos)]
 
     def hash_stats(self) -> tuple[int, float]:
         """(bytes hashed so far, seconds the hasher has been busy): is hashing the limit?"""
@@ -272,14 +312,14 @@ class IngestWriter:
         :meth:`write` or :meth:`pwrite` it belongs to the writer: the hasher reads it
         instead of the file, and reuses it afterwards.  Do not touch it again."""
         try:
-            return memoryview(self._pool.pop())
+            return memoryview(_SPARE.pop())
         except IndexError:
             return memoryview(_Buffer(BUFFER))
 
     def _recycle(self, data: memoryview) -> None:
         buf = data.obj
-        if isinstance(buf, _Buffer) and len(self._pool) < _POOL:
-            self._pool.append(buf)
+        if isinstance(buf, _Buffer) and len(buf) == BUFFER and len(_SPARE) < _POOL:
+            _SPARE.append(buf)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data`` at the frontier."""
@@ -338,7 +378,8 @@ class IngestWriter:
         n = len(view)
         owned = isinstance(data, bytes) or isinstance(view.obj, _Buffer)
         with self._cond:
-            hold = self._hashed <= pos < self._hashed + _HOLD and pos not in self._held
+            hold = (self._hashed <= pos < self._hashed + _HOLD and pos not in self._held
+                    and _ROOM.take(n))
             if hold:
                 self._held[pos] = view if owned else memoryview(bytes(view))
                 self._held_bytes += n
@@ -494,9 +535,7 @@ class IngestWriter:
         if self._flusher is not None:
             self._flusher.join()  # it holds the descriptor
         with self._cond:
-            self._held.clear()
-            self._held_bytes = 0
-        self._pool.clear()
+            self._drop_held()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
