@@ -43,7 +43,7 @@ from pathlib import Path
 from nekko_sm.config import Config
 from nekko_sm.entries import lock_held
 from nekko_sm.errors import InsufficientStorage
-from nekko_sm.store import FileLock, Lease, Store, key_for
+from nekko_sm.store import FileLock, Lease, Store, key_for, read_file
 from nekko_sm.store.layout import SPACE_MARGIN
 from nekko_sm.store.locks import remove_locked_dir
 
@@ -209,7 +209,7 @@ class Budget:
             if not lock_held(record.with_suffix(".lock")):
                 continue  # an interrupted pull: its partials are stale for the budget
             try:
-                refs = json.loads(record.read_text()).get("ingest", [])
+                refs = json.loads(read_file(record, 1 << 20)).get("ingest", [])
             except (OSError, ValueError, AttributeError):
                 continue
             out.update(key_for(str(r)) for r in refs if isinstance(r, str))

@@ -47,6 +47,7 @@ from nekko_sm.store import (
     FileLock,
     Store,
     key_for,
+    read_file,
 )
 
 # Encoded answers kept for the API; past this many bytes, start again (a bound on memory,
@@ -254,7 +255,7 @@ class Catalog:
                     "size": progress.total, "files": [], **_NO_USE}
         record, lock_path = pull_paths(self.pulls_dir, key)
         try:
-            state = json.loads(record.read_text())
+            state = json.loads(read_file(record, 1 << 20))
         except (OSError, ValueError):
             state = None
         if state is not None:
@@ -289,7 +290,7 @@ class Catalog:
         """The entries of pulls under way or interrupted, other than ``seen``."""
         for record in sorted(self.pulls_dir.glob("*.json")):
             try:
-                url = json.loads(record.read_text())["url"]
+                url = json.loads(read_file(record, 1 << 20))["url"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if url not in seen:

@@ -4,6 +4,7 @@ no longer finds them once removed; the view's blobs are the store's blobs, not c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from peers import modelpacks as mp
 
-from nekko_sm.errors import UnsafeName
+from nekko_sm.errors import UnsafeCachePath, UnsafeName
 from nekko_sm.models.hfcache import HFCacheView, HFEntry, HFFile, repo_folder
 from nekko_sm.store import Store
 
@@ -246,3 +247,30 @@ def test_repo_folder_matches_huggingface_hub():
                                ("space", "org/app"), ("model", "gpt2")):
         assert repo_folder(repo_type, repo_id) == hub.repo_folder_name(repo_id=repo_id,
                                                                        repo_type=repo_type)
+
+
+@pytest.mark.parametrize("where", ["huggingface", "huggingface/.nekko",
+                                   "huggingface/hub/models--org--name/refs",
+                                   "huggingface/hub/models--org--name/blobs",
+                                   "huggingface/hub/models--org--name/snapshots"])
+def test_a_link_planted_in_the_view_is_never_followed(store, tmp_path, where):
+    """The view is below the cache root: a link planted there (``refs -> /etc``) is refused,
+    and nothing is written, linked or removed through it (issue 9, finding 2)."""
+    victim = tmp_path / "victim"
+    (victim / "main").mkdir(parents=True)
+    (victim / "main" / "keep").write_bytes(b"keep me")
+    before = sorted(str(p.relative_to(victim)) for p in victim.rglob("*"))
+    link = Path(store.root) / where
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(victim, link)
+    view = HFCacheView(store)
+    files = hf_files(store, REPO, lfs=("model.safetensors",))
+    entry = HFEntry("hf://huggingface.co/org/name@v2", "model", "org/name", "v2", C1, files)
+    with pytest.raises(UnsafeCachePath):
+        view.add(entry)
+    with contextlib.suppress(UnsafeCachePath):
+        view.remove(entry.url)  # a removal must not walk through it either
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before
+    assert (victim / "main" / "keep").read_bytes() == b"keep me"
+    os.unlink(link)  # once the plant is gone, the same entry is laid out as usual
+    assert (view.add(entry) / "config.json").read_bytes() == REPO["config.json"]

@@ -43,6 +43,16 @@ from pathlib import Path
 
 from nekko_sm.errors import CacheCorrupt, UnsafeName
 from nekko_sm.models.formats import check_path
+from nekko_sm.store.layout import (
+    listdir,
+    lstat,
+    make_dirs,
+    open_file,
+    parent_dir,
+    read_file,
+    unlink,
+    write_atomic,
+)
 
 REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -101,8 +111,8 @@ def _check(entry: HFEntry) -> None:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive flock on ``path`` (threads and processes alike)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    make_dirs(path.parent)
+    fd = open_file(path, os.O_RDWR | os.O_CREAT, 0o644, replace_link=True)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -110,32 +120,37 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+# Every file-system step below goes through nekko_sm.store.layout: the view lives below the
+# cache root, so a link planted in it (``refs -> /etc``) is never followed (issue 9).
+
+
+def _tmp(name: str) -> str:
+    return f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    make_dirs(path.parent)
+    write_atomic(path, data, 0o644)
 
 
-def _unlink(path: Path) -> None:
+def _read_text(path: Path) -> str:
+    return read_file(path, 16 << 20).decode()
+
+
+def _is_link(path: Path) -> bool:
     try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+        return stat.S_ISLNK(lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _prune_empty(path: Path, stop: Path) -> None:
-    """Remove ``path`` and its parents up to (not including) ``stop`` while they are empty."""
+    """Remove ``path`` and its parents up to (not including) ``stop`` while they are empty
+    (a link is never a directory here: rmdir of one fails, and the walk stops)."""
     while path != stop and stop in path.parents:
         try:
-            path.rmdir()
+            with parent_dir(path) as (dfd, name):
+                os.rmdir(name, dir_fd=dfd)
         except OSError:
             return
         path = path.parent
@@ -157,14 +172,14 @@ class HFCacheView:
 
     def _load(self, path: Path) -> dict | None:
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(_read_text(path))
         except (OSError, ValueError):
             return None
         return doc if isinstance(doc, dict) and isinstance(doc.get("files"), list) else None
 
     def _all(self) -> list[dict]:
         try:
-            names = sorted(os.listdir(self._records))
+            names = sorted(listdir(self._records))
         except FileNotFoundError:
             return []
         out = []
@@ -211,41 +226,46 @@ class HFCacheView:
         return snapshot
 
     def _link_blob(self, source: Path, blob: Path) -> None:
-        src = os.stat(source)
+        src = lstat(source)
+        if not stat.S_ISREG(src.st_mode):
+            raise CacheCorrupt(f"the cache's blob {source.name} is not a regular file")
         try:
-            st = os.lstat(blob)
+            st = lstat(blob)
             if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_dev) == (src.st_ino, src.st_dev):
                 return  # already this very file
         except FileNotFoundError:
             pass
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp(blob)
-        _unlink(tmp)
-        try:
-            os.link(source, tmp)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP,
-                               errno.ENOTSUP):
-                raise
-            os.symlink(os.path.relpath(source, blob.parent), tmp)  # another file system
-        os.replace(tmp, blob)
+        with parent_dir(source) as (sfd, sname), parent_dir(blob, create=True) as (dfd, name):
+            tmp = _tmp(name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dfd)
+            try:
+                os.link(sname, tmp, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP,
+                                   errno.ENOTSUP):
+                    raise
+                # another file system: a relative link to the store's blob
+                os.symlink(os.path.relpath(source, blob.parent), tmp, dir_fd=dfd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
     def _symlink(self, target: str, link: Path) -> None:
-        try:
-            if os.readlink(link) == target:
-                return
-        except OSError:
-            pass
-        link.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp(link)
-        _unlink(tmp)
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
+        with parent_dir(link, create=True) as (dfd, name):
+            try:
+                if os.readlink(name, dir_fd=dfd) == target:
+                    return
+            except OSError:
+                pass
+            tmp = _tmp(name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dfd)
+            os.symlink(target, tmp, dir_fd=dfd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
     def _write_ref(self, repo: Path, revision: str, commit: str) -> None:
         ref = repo / "refs" / revision
         try:
-            if ref.read_text() == commit:
+            if _read_text(ref) == commit:
                 return
         except OSError:
             pass
@@ -260,7 +280,7 @@ class HFCacheView:
             record = self._load(path)
             if record is None or record.get("url") != url:
                 return False
-            _unlink(path)
+            unlink(path)
             self._drop(record)
         return True
 
@@ -279,8 +299,8 @@ class HFCacheView:
         for name, digest, size, etag in record["files"]:
             if (commit, name) not in pointers:
                 pointer = snapshots / commit / name
-                if pointer.is_symlink():
-                    _unlink(pointer)
+                if _is_link(pointer):
+                    unlink(pointer)
                 _prune_empty(pointer.parent, snapshots)
             if etag not in etags:
                 self._unlink_blob(repo / "blobs" / etag, digest, size)
@@ -294,19 +314,19 @@ class HFCacheView:
         """Remove ``blob`` if it is ours: a link to the store's blob (or, the store's blob
         gone, a file of its size); a file huggingface_hub wrote itself stays."""
         try:
-            st = os.lstat(blob)
+            st = lstat(blob)
         except FileNotFoundError:
             return
         if stat.S_ISLNK(st.st_mode):
-            _unlink(blob)
+            unlink(blob)
             return
         try:
-            src = os.stat(self.store.blob_path(digest))
+            src = lstat(self.store.blob_path(digest))
             ours = (st.st_ino, st.st_dev) == (src.st_ino, src.st_dev)
         except FileNotFoundError:
             ours = st.st_size == size
         if ours:
-            _unlink(blob)
+            unlink(blob)
 
     def _reset_ref(self, repo: Path, revision: str, commit: str, others: list) -> None:
         if revision == commit:
@@ -318,8 +338,8 @@ class HFCacheView:
             self._write_ref(repo, revision, str(newest["commit"]))
             return
         try:
-            if ref.read_text() == commit:
-                _unlink(ref)
+            if _read_text(ref) == commit:
+                unlink(ref)
         except OSError:
             return
         _prune_empty(ref.parent, repo / "refs")
