@@ -399,3 +399,21 @@ def test_without_sqlite3_the_service_refuses_with_bad_configuration(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True,
                        text=True, cwd=ROOT, timeout=60, check=False)
     assert r.stdout.split() == ["bad-configuration", "500"], r.stderr
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm", "-journal"])
+def test_a_link_at_the_database_or_its_logs_is_refused_not_written_through(tmp_path, suffix):
+    """SQLite follows links at the names it opens: a planted ``nekko.db-wal -> victim``
+    would take our writes outside the cache (issue 9, finding 2)."""
+    from nekko_sm.errors import UnsafeCachePath
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(victim, cache / f"nekko.db{suffix}")
+    with pytest.raises(UnsafeCachePath):
+        Store(cache).init()
+    assert victim.read_bytes() == b"root's file\n"
+    os.unlink(cache / f"nekko.db{suffix}")
+    Store(cache).init()  # once it is gone the cache opens as usual

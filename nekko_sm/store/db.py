@@ -16,13 +16,20 @@ It knows nothing of manifests, leases or ``index.json``; ``index`` and ``gc`` bu
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nekko_sm.errors import CacheCorrupt, ConfigError, InsufficientStorage, NekkoError
+from nekko_sm.errors import (
+    CacheCorrupt,
+    ConfigError,
+    InsufficientStorage,
+    NekkoError,
+    UnsafeCachePath,
+)
 
 try:
     import sqlite3
@@ -134,7 +141,23 @@ class Database:
             raise _translate(e, self.path) from e
 
     # -- connections ---------------------------------------------------------------------
+    def _refuse_links(self) -> None:
+        """SQLite opens the database and its ``-wal``, ``-shm`` and ``-journal`` files by
+        name, following links: a link planted at any of them (``nekko.db-wal ->
+        /etc/shadow``) would have our writes land outside the cache.  Refused instead."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                st = os.lstat(f"{self.path}{suffix}")
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafeCachePath(
+                    f"the cache's {DB_NAME}{suffix} is a symbolic link or not a regular"
+                    " file: refusing to open it (has someone else written to the cache"
+                    " directory?)")
+
     def _connect(self) -> Any:
+        self._refuse_links()
         conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT, isolation_level=None,
                                check_same_thread=False)
         # FULL: one fsync of the log per commit, so an answered pull survives a power cut.
