@@ -271,7 +271,8 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nekko-profile."))
     out.mkdir(parents=True, exist_ok=True)
-    ctx = B.Context(argparse.Namespace(workdir=args.workdir, keep=False, size_mib=args.size_mib))
+    ctx = B.Context(argparse.Namespace(workdir=args.workdir, keep=False, size_mib=args.size_mib,
+                                         baseline=None))
     try:
         info = ctx.prepare_pyz()
         print(f"nekko-sm pyz {info['pyz_sha256'][:12]} ({info.get('version')}),"

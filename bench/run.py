@@ -427,9 +427,12 @@ def file_tools(ctx: Context, url: str, want: str, tag: str, arias: dict,
         t = time.perf_counter()
         subprocess.run(["sync", str(curl_f)], check=True)
         dts = dt + time.perf_counter() - t
+        # What nekko-sm does and curl does not: check the bytes' sha256 (sha256sum, after).
+        dh, rh = run_timed(["sha256sum", curl_f])
         check_file(curl_f, want, "curl")
         settle(curl_f)
-        return {"curl": dt, "curl+sync": dts, "curl_cpu": r.cpu_s}
+        return {"curl": dt, "curl+sync": dts, "curl_cpu": r.cpu_s,
+                "curl+sync+sha256sum": dts + dh, "curl+sha256sum_cpu": r.cpu_s + rh.cpu_s}
 
     def aria(name: str, opts: list) -> Tool:
         def fn(rep: int) -> dict:
@@ -494,8 +497,8 @@ def scenario1(ctx: Context, reps: int, label_size: str) -> list[Row]:
                    " aria2c -x16 -s16, pull --jobs 1",
               target="≤ 1.1× curl time (judged vs `curl -o f && sync f`; nekko fsyncs);"
                      " defaults ≤ --jobs 1; CPU s/GiB ≤ 1.3× curl's")
-    row.peers = peer_texts(stats, ["curl", "curl+sync", "aria2c", "aria2c+sync",
-                                   "nekko --jobs 1"])
+    row.peers = peer_texts(stats, ["curl", "curl+sync", "curl+sync+sha256sum", "aria2c",
+                                   "aria2c+sync", "nekko --jobs 1"])
     row.data = {k: v.as_json() for k, v in stats.items()}
     row.data["bytes"] = ctx.size
     if "nekko" in errors:
@@ -506,9 +509,13 @@ def scenario1(ctx: Context, reps: int, label_size: str) -> list[Row]:
     if "nekko" in stats:
         n = stats["nekko"]
         row.nekko = n.fmt() + f", {ctx.size / MIB / n.median:.0f} MiB/s"
-        for peer_name in ("curl", "curl+sync", "aria2c", "aria2c+sync", "nekko --jobs 1"):
+        for peer_name in ("curl", "curl+sync", "curl+sync+sha256sum", "aria2c",
+                          "aria2c+sync", "nekko --jobs 1"):
             if peer_name in stats:
                 row.ratios.append((f"nekko/{peer_name}", n.median / stats[peer_name].median))
+        if "curl+sync+sha256sum" in stats:  # the peer that ends with verified bytes, as we do
+            row.info_checks.append(("nekko ≤ 1.1× curl+sync+sha256sum",
+                                    n.median <= 1.1 * stats["curl+sync+sha256sum"].median))
         if "curl+sync" in stats:
             row.checks.append(("nekko ≤ 1.1× curl+sync",
                                n.median <= 1.1 * stats["curl+sync"].median))
@@ -521,9 +528,15 @@ def scenario1(ctx: Context, reps: int, label_size: str) -> list[Row]:
             row.peers.append(("curl CPU", f"{cpu_curl:.2f} s/GiB"))
             row.ratios.append(("CPU nekko/curl", cpu / cpu_curl))
             row.checks.append(("CPU s/GiB ≤ 1.3× curl", cpu <= 1.3 * cpu_curl))
+            cpu_verified = cpu_per_gib(stats, "curl+sha256sum", ctx.size)
+            if cpu_verified:
+                row.peers.append(("curl+sha256sum CPU", f"{cpu_verified:.2f} s/GiB"))
+                row.ratios.append(("CPU nekko/(curl+sha256sum)", cpu / cpu_verified))
+                row.info_checks.append(("CPU s/GiB ≤ 1.3× curl+sha256sum",
+                                        cpu <= 1.3 * cpu_verified))
             row.data["cpu_s_per_gib"] = {k: round(cpu_per_gib(stats, k, ctx.size) or 0, 3)
                                          for k in ("nekko", "nekko --jobs 1", "nekko (before)",
-                                                   "curl", "aria2c")
+                                                   "curl", "curl+sha256sum", "aria2c")
                                          if f"{k}_cpu" in stats}
         if "curl" in stats:
             row.info_checks.append(("nekko ≤ 1.1× bare curl (no sync)",
@@ -1427,9 +1440,21 @@ def machine_info(work: Path) -> dict:
     with contextlib.suppress(Exception):
         dev = subprocess.run(["df", "-h", "--output=source,fstype,size", str(work)],
                              capture_output=True, text=True, check=False).stdout.strip().splitlines()[-1]
+    flags: set = set()
+    with contextlib.suppress(OSError):
+        m = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(),
+                      re.MULTILINE)
+        flags = set(m.group(1).split()) if m else set()
+    block = os.urandom(4 << 20)  # the one cost no client that verifies can avoid
+    t = time.perf_counter()
+    h = hashlib.sha256()
+    for _ in range(32):
+        h.update(block)
+    sha_rate = 128 / (time.perf_counter() - t)
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu + (" (SHA-NI)" if "sha_ni" in flags else " (no SHA-NI)"),
+        "sha256_mib_s": round(sha_rate),
         "memory": mem,
         "disk": f"{dev or fs}; {st.f_bavail * st.f_frsize / (1 << 30):.0f} GiB free",
         "kernel": platform.release(),
