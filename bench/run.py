@@ -758,7 +758,8 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
     def hf(rep: int) -> dict:
         settle(hf_home)
         env = ctx.nekko_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.endpoint,
-                            HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+                            HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                            HF_HUB_DISABLE_XET="1")  # the fake Hub serves no Xet CAS
         dt, r = run_timed([PY, script, "bench/model", "model.gguf"], env=env)
         m = re.search(r"import ([\d.]+) download ([\d.]+)", r.stderr.decode())
         if m:
@@ -880,7 +881,8 @@ def scenario7(ctx: Context, reps: int) -> list[Row]:
         settle(hf_home)
         hub.clear_log()
         env = ctx.nekko_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.endpoint,
-                            HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+                            HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                            HF_HUB_DISABLE_XET="1")  # the fake Hub serves no Xet CAS
         dt, r = run_timed([PY, script, "bench/small-files", str(hf_home / "hub")], env=env)
         if r.returncode != 0:
             raise BenchError(f"snapshot_download failed: {tail(r.stderr)}")
