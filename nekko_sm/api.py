@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import io
@@ -43,6 +44,7 @@ from nekko_sm.errors import (
     OriginRefused,
     UnsupportedMediaType,
 )
+from nekko_sm.httphead import parse_common
 from nekko_sm.refs import has_query_credentials, redact, with_patterns
 from nekko_sm.service import Service, check_hold
 
@@ -145,6 +147,7 @@ class ApiToken:
         return ok and scheme.lower() == "bearer"
 
 
+@functools.lru_cache(maxsize=256)  # per request, and the same few Host values each time
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]").rstrip(".").lower()
     if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always loopback
@@ -316,7 +319,10 @@ class Handler(BaseHTTPRequestHandler):
         return length != "0" or "Transfer-Encoding" in self.headers
 
     def parse_request(self) -> bool:
-        if not super().parse_request():
+        ok = parse_common(self)  # the usual request without the email package (httphead)
+        if ok is None:
+            ok = super().parse_request()
+        if not ok:
             return False
         if self.request_version == "HTTP/0.9":  # no status line: errors would look like data
             self.send_error(400, "HTTP/0.9 requests are not supported")
@@ -351,6 +357,15 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if body:
                 self.wfile.write(body)
+
+    def _send_hit(self, data: bytes) -> None:
+        """``_send_json(200, data)`` for a cache hit, head and body in one write: the same
+        fields, without http.server's per-header list work."""
+        self.log_request(200)
+        head = (f"HTTP/1.1 200 OK\r\nServer: {self.server_version}\r\n"
+                f"Date: {self.date_time_string()}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode("latin-1")
+        self.wfile.write(head + data if self.command != "HEAD" else head)
 
     def date_time_string(self, timestamp: float | None = None) -> str:
         """The Date header, formatted once a second rather than once a request."""
@@ -486,7 +501,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         cached = self.service.answer(arg, decode_url)  # a complete entry: no JSON work
         if cached is not None:
-            self._send_json(200, cached)
+            self._send_hit(cached)
             return
         entry = self.service.status(decode_url(arg))
         self._send(200 if entry["state"] == "complete" else 206, entry)

@@ -63,14 +63,16 @@ def test_a_body_known_to_be_too_large_is_refused_before_a_byte(tmp_path, nginx):
 
 
 def test_a_body_of_unknown_length_is_cut_off_when_it_passes(tmp_path, faulty):
-    url = faulty.add("endless.bin", os.urandom(6 << 20), no_length=True)
+    # 64 MiB: what the kernel's socket buffers take in on loopback (several MiB) is sent
+    # whether or not we read it; the cut-off shows in what is never sent.
+    url = faulty.add("endless.bin", os.urandom(64 << 20), no_length=True)
     svc = make_service(tmp_path / "cache", max_pull_size="2MiB")
     try:
         with pytest.raises(PullTooLarge) as e:
             svc.pull(url)
         assert "no size given up front" in e.value.message
         sent = faulty.body_bytes("endless.bin")
-        assert sent < 6 << 20, "the whole body was read"
+        assert sent < 32 << 20, "the body was read far past the cap"
         assert svc.store.partials_size() == 0 and ingest_dirs(svc) == [], "partial kept"
         assert os.listdir(svc.pulls_dir) == []
         assert svc.store.verify() == []
