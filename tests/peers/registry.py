@@ -948,6 +948,22 @@ class RegistryPeer(CountingProxy):
     def log_text(self) -> str:
         return self._log_tail(1 << 20)
 
+    def log_size(self) -> int:
+        """Where the log ends now: a mark for :meth:`log_since` (the log of a session's
+        registry outgrows any tail)."""
+        try:
+            return os.path.getsize(self.log_path)
+        except OSError:
+            return 0
+
+    def log_since(self, mark: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(mark)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
     def close(self) -> None:
         for p in self._extra:
             p.close()
