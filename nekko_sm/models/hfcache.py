@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nekko_sm.errors import CacheCorrupt, UnsafeName
-from nekko_sm.models.formats import check_path
+from nekko_sm.models.paths import check_path
 
 REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

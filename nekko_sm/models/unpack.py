@@ -1,6 +1,6 @@
 """Turn a model's layers into named files, each regular file its own blob (DESIGN section 8).
 
-:func:`materialize` takes a :class:`~nekko_sm.models.formats.ModelPlan` and a way to open each
+:func:`materialize` takes a :class:`~nekko_sm.models.plans.ModelPlan` and a way to open each
 layer's bytes, and returns the model's files: ``name -> (digest, size, executable)``.
 
 * A layer that is a file as it is needs no work: its blob is the file.
@@ -16,7 +16,7 @@ layer's bytes, and returns the model's files: ``name -> (digest, size, executabl
   result has it.  Files outside the view are not stored: when the view turns out to be the
   whole file system, the layers that hold its files are read a second time.
 
-Names are hostile until checked (:func:`nekko_sm.models.formats.check_path`): absolute paths,
+Names are hostile until checked (:func:`nekko_sm.models.paths.check_path`): absolute paths,
 ``..``, links that leave the model, devices and FIFOs, duplicate names, a name used as a file
 and as a directory, components over 255 bytes and names that are not UTF-8 are refused with
 :class:`UnsafeLayer` (400).  Nothing is written anywhere but the store's ingest and blobs:
@@ -40,15 +40,14 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Protocol
 
 from nekko_sm.errors import BrokenLayer, Cancelled, UnsafeLayer, UnsupportedLayer
-from nekko_sm.models.formats import (
+from nekko_sm.models.paths import check_path, choose_model
+from nekko_sm.models.plans import (
     FILE,
     SKIP,
     SNIFF,
     TAR,
     LayerPlan,
     ModelPlan,
-    check_path,
-    choose_model,
     resolve_sniffed,
     sniff,
 )

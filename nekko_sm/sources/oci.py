@@ -39,7 +39,7 @@ from nekko_sm.errors import (
     UnsafeName,
 )
 from nekko_sm.httpio import sanitise
-from nekko_sm.models import formats, unpack
+from nekko_sm.models import formats, plans, unpack
 from nekko_sm.refs import OCIRef, safe_name
 from nekko_sm.sources.base import (
     A_FORMAT,
@@ -583,7 +583,7 @@ class _Feed:
                 self.stop.set()
             self._cond.notify_all()
 
-    def open(self, lp: formats.LayerPlan) -> BinaryIO:
+    def open(self, lp: plans.LayerPlan) -> BinaryIO:
         """The layer's bytes: its blob once committed, else a reader behind its download."""
         store = self.job.store
         with self._cond:
@@ -618,12 +618,12 @@ def _engine_ready(job: Job, ref: OCIRef, puller: _Puller, m: _Manifest, plain: l
     """
     fmt = formats.detect_format(m.doc)
     config = None
-    if fmt == formats.KITOPS:  # the Kitfile says how older ModelKits hold their paths
+    if fmt == plans.KITOPS:  # the Kitfile says how older ModelKits hold their paths
         config_desc = next(d for d in blobs if d.digest == m.doc["config"]["digest"])
         puller.fetch_blobs([config_desc])
         config = job.store.read_blob(config_desc.digest, MAX_MANIFEST)
     plan = formats.plan(m.doc, config)
-    read = [lp for lp in plan.layers if lp.kind in (formats.TAR, formats.SNIFF)]
+    read = [lp for lp in plan.layers if lp.kind in (plans.TAR, plans.SNIFF)]
     known = _unpacked_before(job, m.digest)
     if known is not None:  # another entry of this very manifest: its files, as they are
         files, model, listing = known
@@ -652,8 +652,8 @@ def _engine_ready(job: Job, ref: OCIRef, puller: _Puller, m: _Manifest, plain: l
     return files, fmt, done.model, listing, list(done.unpacked)
 
 
-def _open_blob(job: Job) -> Callable[[formats.LayerPlan], BinaryIO]:
-    def open_layer(lp: formats.LayerPlan) -> BinaryIO:
+def _open_blob(job: Job) -> Callable[[plans.LayerPlan], BinaryIO]:
+    def open_layer(lp: plans.LayerPlan) -> BinaryIO:
         return open(job.store.blob_path(lp.digest), "rb")  # the unpacker closes it
     return open_layer
 
@@ -687,7 +687,7 @@ def _unpacked_before(job: Job, manifest: str) -> tuple | None:
     return None
 
 
-def _fetch_unpacking(job: Job, ref: OCIRef, puller: _Puller, plan: formats.ModelPlan,
+def _fetch_unpacking(job: Job, ref: OCIRef, puller: _Puller, plan: plans.ModelPlan,
                      blobs: list, unpacking: int) -> unpack.UnpackResult:
     """``puller.fetch_blobs(blobs)`` with the unpacker of ``plan`` reading alongside."""
     feed = _Feed(job)
