@@ -72,7 +72,6 @@ def media_compression(media_type: str) -> str | None:
     return None
 
 
-
 @dataclass(frozen=True)
 class Desc:
     index: int

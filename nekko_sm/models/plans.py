@@ -44,7 +44,6 @@ def sniff(head: bytes) -> str:
     return "unknown"
 
 
-
 @dataclass(frozen=True)
 class LayerPlan:
     """What one layer becomes.
@@ -87,7 +86,6 @@ class ModelPlan:
     @property
     def tars(self) -> list:
         return [lp for lp in self.layers if lp.kind == TAR]
-
 
 
 def resolve_sniffed(layer: LayerPlan, head: bytes) -> LayerPlan:
