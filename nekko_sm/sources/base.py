@@ -106,6 +106,17 @@ class Progress:
             raise self._too_large(total, known=True)
 
 
+class EitherSet:
+    """Looks like a threading.Event to whoever only asks ``is_set``: set when any of
+    ``events`` is (a pull's cancel, or the first failure among its downloads)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self._events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
 @dataclass
 class Job:
     """Everything a source needs for one pull."""
