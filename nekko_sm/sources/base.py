@@ -192,6 +192,15 @@ def store_artifact(job: Job, files: list, artifact_type: str,
     return Descriptor(MT_OCI_MANIFEST, digest, len(data), artifact_type=artifact_type)
 
 
+def file_result(job: Job, item: FileItem, artifact_type: str, annotations: dict,
+                hf_view: HFEntry | None = None) -> PullResult:
+    """A pull of one file: ``item`` wrapped in an artifact manifest of its own, annotated
+    with what the source says of it, and the result naming both."""
+    files = [item]
+    manifest = store_artifact(job, files, artifact_type, annotations)
+    return PullResult(manifest, item.digest, files, hf_view=hf_view)
+
+
 # Characters that make a name read other than it is (Trojan Source, CVE-2021-42574): the
 # bidirectional embeddings, overrides and isolates, and the implicit marks.
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")

@@ -60,7 +60,7 @@ class Puller:
         self.endpoints.append(Endpoint(job, ref, f"{scheme}://{ref.api_host}", mirror=False))
         self._dead: set[int] = set()
         self._lock = threading.Lock()
-        self.feed: BlobWatcher | None = None  # told of each blob's writer, for unpacking as it comes
+        self.feed: BlobWatcher | None = None  # told of each blob's writer, to unpack as it comes
 
     # -- endpoints ----------------------------------------------------------------------------
     def _call(self, fn: Callable[[Endpoint], object]) -> object:
