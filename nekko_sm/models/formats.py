@@ -24,8 +24,8 @@ where each rule comes from):
 
 This module owns the choice of packaging and the entry point; the per-format rules are in
 :mod:`nekko_sm.models.layouts`, the plan records and :func:`~nekko_sm.models.plans.sniff` in
-:mod:`nekko_sm.models.plans`, the name checks in :mod:`nekko_sm.models.paths`.  Nothing here
-reads blobs.
+:mod:`nekko_sm.models.plans`, the name checks in :mod:`nekko_sm.models.paths`.  It never reads
+blobs: a KitOps config arrives as bytes.
 """
 
 from __future__ import annotations

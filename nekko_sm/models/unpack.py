@@ -26,7 +26,8 @@ becomes that file's blob under the link's name; a link to a directory lists its 
 This module owns the walk over the layers (each member's name checked and placed, each
 regular file in the view committed); reading a layer as a tar is
 :mod:`nekko_sm.models.tarstream`, the tree of names :mod:`nekko_sm.models.tree`, and what
-the view lists :mod:`nekko_sm.models.view`.
+the view lists :mod:`nekko_sm.models.view`.  It never writes outside the store's ingest and
+blobs, and never talks to the network.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ its git blob id, ``sha1(b"blob SIZE\\0" + bytes)``; both against their size.  A 
 file's sha256 is remembered (:mod:`nekko_sm.sources.hf_oids`), so the next pull of the
 repository, at any commit, fetches only the files that changed.
 
-HTTP traffic to the Hub's API (metadata, tree listings, commits, the error translator) is
-:mod:`nekko_sm.sources.hf_api`; this module fetches the bytes and makes the entry.
+This module owns the bytes and the entry: which files a pull wants, their downloads and
+verification, and the artifact manifest and Hugging Face view that name them.  It never
+asks the Hub's API itself: metadata, tree listings, commits and the error translator are
+:mod:`nekko_sm.sources.hf_api`'s.
 """
 
 from __future__ import annotations

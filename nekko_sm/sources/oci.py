@@ -16,7 +16,8 @@ manifest and blob it keeps (bounded by ``--max-pull-files``), the names of the v
 before a byte is fetched, and the :class:`PullResult`.  Manifests are checked by
 :mod:`~nekko_sm.sources.oci_manifests`, fetched with the blobs by
 :mod:`~nekko_sm.sources.oci_fetch`, and an image's layers become its files in
-:mod:`~nekko_sm.sources.oci_unpack`.
+:mod:`~nekko_sm.sources.oci_unpack`; this module never sends a request of its own beyond
+:func:`confirm_access`'s ``HEAD``, and never touches ``index.json``.
 """
 
 from __future__ import annotations
