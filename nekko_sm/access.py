@@ -61,7 +61,7 @@ def pull_auth(service: Service, ref, credentials: Credentials | None) -> tuple[s
     if isinstance(ref, HFRef):
         if credentials is not None:
             return "credentials", credentials.header
-        from nekko_sm.sources.hf import auth_header
+        from nekko_sm.sources.hf_api import auth_header
 
         node = auth_header(_job(service, None), ref)
         return ("node", node) if node else None
@@ -152,7 +152,7 @@ def _ask_hub(service: Service, ref: HFRef, desc: Descriptor,
              credentials: Credentials | None) -> None:
     import dataclasses
 
-    from nekko_sm.sources import hf
+    from nekko_sm.sources import hf_api
 
     manifest = json.loads(service.store.read_blob(desc.digest))
     commit = (manifest.get("annotations") or {}).get("io.nekko.hf.commit") or ref.revision
@@ -162,8 +162,8 @@ def _ask_hub(service: Service, ref: HFRef, desc: Descriptor,
         path = (layers[0].get("annotations") or {}).get("org.opencontainers.image.title", "")
     job = _job(service, credentials)
     at = dataclasses.replace(ref, revision=commit, path=path)
-    hf.file_metadata(job, at, hf.resolve_url(hf.base_url(job, at), at, path, commit),
-                     hf.auth_header(job, at))
+    hf_api.file_metadata(job, at, hf_api.resolve_url(hf_api.base_url(job, at), at, path, commit),
+                         hf_api.auth_header(job, at))
 
 
 def _ask_http(service: Service, ref: HTTPRef, credentials: Credentials | None) -> None:

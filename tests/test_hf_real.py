@@ -41,7 +41,7 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.refs import HFRef, parse, with_patterns
-from nekko_sm.sources import hf
+from nekko_sm.sources import hf, hf_api
 from nekko_sm.sources.hf_oids import GitOids
 from nekko_sm.transfer import USER_AGENT
 
@@ -531,12 +531,12 @@ def test_hf_token_goes_to_the_mirror_never_to_huggingface_co(tmp_path, hub):
     config = make_config(tmp_path, hub, env={"HF_TOKEN": GOOD_TOKEN})
     job = hf.Job(config, None, None, None)  # type: ignore[arg-type]
     mirror = parse("hf:///real/private", config.hf_endpoint)
-    assert hf.auth_header(job, mirror) == f"Bearer {GOOD_TOKEN}"
+    assert hf_api.auth_header(job, mirror) == f"Bearer {GOOD_TOKEN}"
     for url in ("hf://huggingface.co/org/name", "hf://hf.co/org/name", "hf://other.io/o/n"):
-        assert hf.auth_header(job, parse(url, config.hf_endpoint)) is None, url
+        assert hf_api.auth_header(job, parse(url, config.hf_endpoint)) is None, url
     hub_config = make_config(tmp_path, None, env={"HF_TOKEN": GOOD_TOKEN})
     job = hf.Job(hub_config, None, None, None)  # type: ignore[arg-type]
-    assert hf.auth_header(job, parse("hf://hf.co/org/name")) == f"Bearer {GOOD_TOKEN}"
+    assert hf_api.auth_header(job, parse("hf://hf.co/org/name")) == f"Bearer {GOOD_TOKEN}"
     s = make_service(config)
     try:
         entry, _ = s.pull("hf:///real/private/secret.txt")

@@ -23,18 +23,10 @@ from peers.modelpacks import Entry
 
 from nekko_sm.errors import BrokenLayer, UnsafeLayer, UnsupportedLayer
 from nekko_sm.models import formats, unpack
-from nekko_sm.models.formats import (
-    FILE,
-    SNIFF,
-    TAR,
-    check_path,
-    choose_model,
-    detect_format,
-    plan,
-    resolve_sniffed,
-    says_tar,
-    sniff,
-)
+from nekko_sm.models.formats import detect_format, plan
+from nekko_sm.models.layouts import says_tar
+from nekko_sm.models.paths import check_path, choose_model
+from nekko_sm.models.plans import FILE, SNIFF, TAR, resolve_sniffed, sniff
 from nekko_sm.store import Lease, Store
 
 PACKS = mp.standard_packs()

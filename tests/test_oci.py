@@ -33,7 +33,7 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.service import Service
-from nekko_sm.sources import oci, registry_auth
+from nekko_sm.sources import oci_fetch, registry_auth
 from nekko_sm.store import MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, REF_NAME, Store
 from nekko_sm.transfer import Transfer
 
@@ -657,7 +657,7 @@ def test_registry_error(status, body, err):
     assert type(e) is err and e.message.startswith("oci://r/x:y")
 
 
-class _FakePuller(oci._Puller):
+class _FakePuller(oci_fetch.Puller):
     def __init__(self):
         from nekko_sm.refs import parse_oci
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nekko_sm.errors import CacheCorrupt, UnsafeName
-from nekko_sm.models.formats import check_path
+from nekko_sm.models.paths import check_path
 from nekko_sm.store.layout import (
     listdir,
     lstat,

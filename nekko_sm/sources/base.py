@@ -106,6 +106,17 @@ class Progress:
             raise self._too_large(total, known=True)
 
 
+class EitherSet:
+    """Looks like a threading.Event to whoever only asks ``is_set``: set when any of
+    ``events`` is (a pull's cancel, or the first failure among its downloads)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self._events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
 @dataclass
 class Job:
     """Everything a source needs for one pull."""
@@ -179,6 +190,15 @@ def store_artifact(job: Job, files: list, artifact_type: str,
     data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     digest = job.store.put_bytes(data, job.lease)
     return Descriptor(MT_OCI_MANIFEST, digest, len(data), artifact_type=artifact_type)
+
+
+def file_result(job: Job, item: FileItem, artifact_type: str, annotations: dict,
+                hf_view: HFEntry | None = None) -> PullResult:
+    """A pull of one file: ``item`` wrapped in an artifact manifest of its own, annotated
+    with what the source says of it, and the result naming both."""
+    files = [item]
+    manifest = store_artifact(job, files, artifact_type, annotations)
+    return PullResult(manifest, item.digest, files, hf_view=hf_view)
 
 
 # Characters that make a name read other than it is (Trojan Source, CVE-2021-42574): the

@@ -15,7 +15,7 @@ from nekko_sm.sources.base import (
     Job,
     PullResult,
     check_names,
-    store_artifact,
+    file_result,
 )
 
 ARTIFACT_TYPE = "application/vnd.nekko.file.v1"
@@ -71,7 +71,5 @@ def pull(job: Job, ref: HTTPRef) -> PullResult:
                                         on_total=check_space)
         desc = w.commit(job.digest, job.lease)
     name = file_name_from(headers.get("Content-Disposition"), ref.file_name)
-    files = [FileItem(name, desc.digest, desc.size)]
-    manifest = store_artifact(job, files, ARTIFACT_TYPE,
-                              {A_SOURCE_URL: ref.canonical, A_ETAG: headers.get("ETag")})
-    return PullResult(manifest, desc.digest, files)
+    return file_result(job, FileItem(name, desc.digest, desc.size), ARTIFACT_TYPE,
+                       {A_SOURCE_URL: ref.canonical, A_ETAG: headers.get("ETag")})

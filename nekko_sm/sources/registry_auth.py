@@ -9,7 +9,7 @@ credentials in a :class:`TokenCache` per Transfer, and re-authenticates once whe
 token is refused mid-pull.  :func:`registry_error` turns a registry's ``errors`` answer
 into ours.  The caller's credentials go to the registry and its token service, never to
 a mirror.  It never reads manifests, chooses platforms or fetches blobs (that is
-:mod:`nekko_sm.sources.oci`).
+:mod:`nekko_sm.sources.oci_manifests` and :mod:`nekko_sm.sources.oci_fetch`).
 """
 
 from __future__ import annotations
