@@ -34,7 +34,7 @@ from nekko_sm.errors import (
 from nekko_sm.refs import HFRef, HTTPRef, OCIRef, redact
 
 if TYPE_CHECKING:
-    from nekko_sm.service import Service
+    from nekko_sm.puller import Puller
     from nekko_sm.store import Descriptor
 
 A_PROTECTED = "io.nekko.protected"  # "credentials", "node" or "signed": never the secret
@@ -43,7 +43,7 @@ CONFIRMED_FOR = 15 * 60.0  # seconds a confirmation is good for
 _MAX_REMEMBERED = 10_000
 
 
-def pull_auth(service: Service, ref, credentials: Credentials | None) -> tuple[str, str] | None:
+def pull_auth(service: Puller, ref, credentials: Credentials | None) -> tuple[str, str] | None:
     """(kind, secret material) a pull of ``ref`` by this caller would present, or None.
 
     ``kind`` says whose credential it is; the material is only ever hashed.
@@ -105,7 +105,7 @@ class AccessChecks:
             for k in [k for k in self._until if k[0] == key]:
                 del self._until[k]
 
-    def confirm(self, service: Service, key: str, ref, desc: Descriptor,
+    def confirm(self, service: Puller, key: str, ref, desc: Descriptor,
                 credentials: Credentials | None) -> None:
         """Return when this caller may have the protected entry ``desc``; raise otherwise."""
         if desc.annotations.get(A_PROTECTED) is None:
@@ -128,14 +128,14 @@ class AccessChecks:
         self.remember(key, cred)
 
 
-def _job(service: Service, credentials: Credentials | None):
+def _job(service: Puller, credentials: Credentials | None):
     from nekko_sm.sources.base import Job
 
     return Job(service.config, service.store, service.transfer, None,  # type: ignore[arg-type]
                credentials)
 
 
-def _ask_upstream(service: Service, ref, desc: Descriptor,
+def _ask_upstream(service: Puller, ref, desc: Descriptor,
                   credentials: Credentials | None) -> None:
     if isinstance(ref, OCIRef):
         from nekko_sm.sources import oci
@@ -148,7 +148,7 @@ def _ask_upstream(service: Service, ref, desc: Descriptor,
         _ask_http(service, ref, credentials)
 
 
-def _ask_hub(service: Service, ref: HFRef, desc: Descriptor,
+def _ask_hub(service: Puller, ref: HFRef, desc: Descriptor,
              credentials: Credentials | None) -> None:
     import dataclasses
 
@@ -166,7 +166,7 @@ def _ask_hub(service: Service, ref: HFRef, desc: Descriptor,
                          hf_api.auth_header(job, at))
 
 
-def _ask_http(service: Service, ref: HTTPRef, credentials: Credentials | None) -> None:
+def _ask_http(service: Puller, ref: HTTPRef, credentials: Credentials | None) -> None:
     from nekko_sm.transfer import default_error
 
     if credentials is None and ref.userinfo:

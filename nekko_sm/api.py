@@ -1,434 +1,50 @@
 """The HTTP API (DESIGN section 5) on ThreadingHTTPServer, over TCP or a Unix socket.
 
-JSON in, JSON out.  Every error is ``{"error": {"code", "message"}}`` with the status of
-its :class:`~nekko_sm.errors.NekkoError`; no request can stop the server.
+JSON in, JSON out.  This module owns the routes (``/healthz``, ``/metrics`` and
+``/content/…``: list, status, pull, remove) and what each answers, and the server that
+serves them: its socket (a TCP port, or a Unix socket of mode 0660), the API
+token it checks, its error counts, and :func:`run` until a signal stops it.  Framing,
+limits, who may call and the JSON errors are :mod:`nekko_sm.api_http`'s; every error is
+``{"error": {"code", "message"}}`` with the status of its
+:class:`~nekko_sm.errors.NekkoError`, and no request can stop the server.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
-import hashlib
-import hmac
-import io
-import ipaddress
 import json
 import logging
 import os
-import re
 import socket
 import socketserver
 import stat
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
-from urllib.parse import unquote, urlsplit
+from http.server import ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from nekko_sm import __version__
-from nekko_sm.config import Address, Config, read_api_token
+from nekko_sm.api_guard import ApiToken, is_loopback
+from nekko_sm.api_http import JsonHandler, decode_url, encode_url
+from nekko_sm.config import Address, Config
 from nekko_sm.connlimit import BoundedServerMixin
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
-    ApiUnauthorized,
     BadRequest,
-    BodyTooLarge,
     ConfigError,
     EntryNotFound,
-    InvalidBase64,
     InvalidJSON,
     MethodNotAllowed,
-    MisdirectedRequest,
-    NekkoError,
-    OriginRefused,
-    UnsupportedMediaType,
 )
-from nekko_sm.httphead import parse_common
-from nekko_sm.refs import has_query_credentials, redact, with_patterns
+from nekko_sm.refs import with_patterns
 from nekko_sm.service import Service, check_hold
 
 log = logging.getLogger("nekko_sm.api")
 
-MAX_BODY = 64 << 10  # a POST body is a small JSON object
-CONNECTION_TIMEOUT = 60.0  # seconds a client may sit idle or dribble a request
-# After answering a request whose body we did not read (a 413, a 401 ...), the connection is
-# half-closed and what the client still sends is read and dropped for a while, as nginx's
-# lingering close does: closing at once, with its bytes unread, would reset the connection
-# and the client could lose the answer.
-LINGER_SECONDS = 5.0  # at most this long in all
-LINGER_IDLE = 1.0  # ... and at most this long without a byte
-LINGER_BYTES = 64 << 20
-REALM = 'Bearer realm="nekko-sm"'
-_CONTENT_ARG = re.compile(r"/content/([^\s?#\"']+)")
-_DATE: list = [0, ""]  # (second, its Date header)
 
+class Handler(JsonHandler):
+    """The routes: ``GET``/``HEAD``, ``POST`` and ``DELETE`` of ``/content/…``, and the
+    probes."""
 
-def encode_url(url: str) -> str:
-    return base64.b64encode(url.encode()).decode()
-
-
-def decode_url(text: str) -> str:
-    """Base64 of a URL from a path: standard or URL-safe alphabet, padding optional."""
-    raw = unquote(text).strip()
-    raw = "".join(raw.split())
-    if not raw:
-        raise InvalidBase64("empty base64 in the path")
-    raw = raw.replace("-", "+").replace("_", "/")
-    raw = raw.rstrip("=")
-    raw += "=" * (-len(raw) % 4)
-    try:
-        data = base64.b64decode(raw, validate=True)
-        url = data.decode("utf-8")
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise InvalidBase64(f"{text[:80]!r} is not base64 of a URL") from None
-    if not url or any(ord(c) < 32 for c in url):
-        raise InvalidBase64(f"{text[:80]!r} does not decode to a URL")
-    return url
-
-
-def _loggable(text: str) -> str:
-    """``text`` with any ``/content/B64`` whose URL carries a user:password made harmless:
-    base64 hides nothing, and logs must not hold credentials."""
-
-    def one(m: re.Match) -> str:
-        try:
-            url = decode_url(m.group(1))
-        except NekkoError:
-            return m.group(0)
-        if ("@" not in url.partition("://")[2].split("/", 1)[0]
-                and not has_query_credentials(url.partition("?")[2].partition("#")[0])):
-            return m.group(0)
-        return f"/content/<{redact(url)}>"
-
-    return _CONTENT_ARG.sub(one, text)
-
-
-class ApiToken:
-    """The API's Bearer token, from ``--api-token-file``: re-read when the file changes (a
-    Kubernetes Secret is updated in place) and on SIGHUP.  Only its hash is kept."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._stamp: tuple | None = None
-        self._digest = b""
-        self.reload(strict=True)
-
-    def _identity(self) -> tuple | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def reload(self, strict: bool = False) -> bool:
-        """Read the file again; a file that cannot be read keeps the token we have."""
-        with self._lock:
-            stamp = self._identity()
-            try:
-                token = read_api_token(self.path)
-            except ConfigError as e:
-                if strict:
-                    raise
-                self._stamp = stamp  # do not retry a bad file on every request
-                log.warning("%s; still using the API token read before", e.message)
-                return False
-            self._digest = hashlib.sha256(token.encode()).digest()
-            self._stamp = stamp
-            return True
-
-    def accepts(self, authorization: str | None) -> bool:
-        if self._identity() != self._stamp and self.reload():
-            log.info("the API token file %s changed: token re-read", self.path)
-        scheme, _, given = (authorization or "").strip().partition(" ")
-        given_digest = hashlib.sha256(given.strip().encode("utf-8", "replace")).digest()
-        ok = hmac.compare_digest(given_digest, self._digest)  # constant time, any length
-        return ok and scheme.lower() == "bearer"
-
-
-@functools.lru_cache(maxsize=256)  # per request, and the same few Host values each time
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]").rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always loopback
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_of(header: str) -> str:
-    """The host of a Host header value, without its port."""
-    header = header.strip()
-    if header.startswith("["):
-        return header[1:].partition("]")[0]
-    return header.rpartition(":")[0] if header.count(":") == 1 else header
-
-
-def _linger(sock: socket.socket) -> None:
-    """Half-close, then read and drop what the client still sends, for a bounded time."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        return
-    end = time.monotonic() + LINGER_SECONDS
-    got = 0
-    try:
-        while got < LINGER_BYTES:
-            left = end - time.monotonic()
-            if left <= 0:
-                break
-            sock.settimeout(min(left, LINGER_IDLE))
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                break
-            got += len(chunk)
-    except OSError:
-        pass
-
-
-class _Deadline(io.RawIOBase):
-    """A connection's input with a deadline for the request being read: its line, headers and
-    body must all arrive within the handler's timeout, however slowly they dribble in
-    (Slowloris), not just with no pause longer than that."""
-
-    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
-        self._sock = sock
-        self._timeout = timeout
-        self._deadline: float | None = None
-        self.fresh = False  # no byte of the request yet: the connection is idle
-        self.give_up: Callable[[], bool] | None = None  # the server wants idle threads back
-
-    @property
-    def deadline(self) -> float | None:
-        return self._deadline
-
-    @deadline.setter
-    def deadline(self, value: float | None) -> None:
-        self._deadline = value
-        self.fresh = value is not None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:  # type: ignore[override]
-        if self.deadline is None:
-            return self._sock.recv_into(buf)
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("the request took too long to arrive")
-        # Idle between requests (fresh), a read waits a second at a time: while every
-        # handler thread is taken (connlimit), an idle keep-alive connection gives its
-        # thread back within a second.
-        idle = self.fresh and self.give_up is not None
-        try:
-            while True:
-                wait = min(left, self._timeout) if self._timeout else left
-                self._sock.settimeout(min(wait, 1.0) if idle else wait)
-                try:
-                    n = self._sock.recv_into(buf)
-                    break
-                except socket.timeout:
-                    left = self.deadline - time.monotonic()
-                    if not idle or left <= 0:
-                        raise
-                    if self.give_up():  # type: ignore[misc]
-                        raise socket.timeout("idle connection closed: the server is busy")\
-                            from None
-        finally:
-            self._sock.settimeout(self._timeout)
-        self.fresh = False
-        return n
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"nekko-sm/{__version__}"
-    sys_version = ""
-    timeout = CONNECTION_TIMEOUT
     service: Service  # set on the subclass made by make_server
-
-    # -- plumbing ------------------------------------------------------------------------
-    def address_string(self) -> str:
-        addr = self.client_address
-        return addr[0] if isinstance(addr, tuple) and addr else "unix"
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (bad request line, 414, 431, 501) as JSON too."""
-        codes = {400: "bad-request", 404: "not-found", 405: "method-not-allowed",
-                 408: "request-timeout", 414: "uri-too-long", 431: "headers-too-large",
-                 501: "method-not-allowed", 505: "http-version-not-supported"}
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"  # answer with a status line all the same
-        try:
-            self.send_response(code, message)
-            body = json.dumps({"error": {"code": codes.get(code, "bad-request"),
-                                         "message": message or explain or "bad request"}}).encode()
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-                self.wfile.write(body)
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args: object) -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s", self.address_string(), _loggable(format % args))
-
-    def setup(self) -> None:
-        super().setup()
-        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
-            # Header and body go out as two writes; with Nagle the body waits for the
-            # client's delayed ACK of the header (~40 ms): ~25 requests/s per connection.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rfile.close()
-        self._input = _Deadline(self.connection, self.timeout)
-        self._input.give_up = getattr(self.server, "saturated", None)
-        self.rfile = io.BufferedReader(self._input)
-
-    def handle_one_request(self) -> None:
-        self._input.deadline = time.monotonic() + self.timeout if self.timeout else None
-        self._body_read = False
-        super().handle_one_request()
-
-    def finish(self) -> None:
-        if getattr(self, "_linger", False):
-            try:
-                self.wfile.flush()
-            except OSError:
-                pass
-            _linger(self.connection)
-        super().finish()
-
-    def handle_expect_100(self) -> bool:
-        """No ``100 Continue`` for a body we will refuse: the client hears the 413 instead."""
-        length = (self.headers.get("Content-Length") or "").strip()
-        if length.isascii() and length.isdigit() and int(length) > MAX_BODY:
-            return True
-        return super().handle_expect_100()
-
-    def _announces_body(self) -> bool:
-        length = (self.headers.get("Content-Length") or "0").strip()
-        return length != "0" or "Transfer-Encoding" in self.headers
-
-    def parse_request(self) -> bool:
-        ok = parse_common(self)  # the usual request without the email package (httphead)
-        if ok is None:
-            ok = super().parse_request()
-        if not ok:
-            return False
-        if self.request_version == "HTTP/0.9":  # no status line: errors would look like data
-            self.send_error(400, "HTTP/0.9 requests are not supported")
-            return False
-        if self.request_version == "HTTP/1.1" and "Host" not in self.headers:
-            self.send_error(400, "an HTTP/1.1 request needs a Host header")  # RFC 9112 3.2
-            return False
-        return True
-
-    def _send(self, status: int, body: object | None = None, headers: dict | None = None) -> None:
-        data = None
-        if body is not None:
-            data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
-        self._send_json(status, data, headers)
-
-    def _send_json(self, status: int, data: bytes | None, headers: dict | None = None) -> None:
-        """Answer with ``data``, JSON already encoded (None: no body)."""
-        self.send_response(status)
-        if data is not None:
-            self.send_header("Content-Type", "application/json")
-        else:
-            data = b""
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        body = data if self.command != "HEAD" else b""
-        buf = getattr(self, "_headers_buffer", None)  # http.server's, since 3.3
-        if isinstance(buf, list) and self.request_version != "HTTP/0.9":
-            buf.append(b"\r\n" + body)  # header and body in one write, one packet
-            self.flush_headers()
-        else:
-            self.end_headers()
-            if body:
-                self.wfile.write(body)
-
-    def _send_hit(self, data: bytes) -> None:
-        """``_send_json(200, data)`` for a cache hit, head and body in one write: the same
-        fields, without http.server's per-header list work."""
-        self.log_request(200)
-        head = (f"HTTP/1.1 200 OK\r\nServer: {self.server_version}\r\n"
-                f"Date: {self.date_time_string()}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n").encode("latin-1")
-        self.wfile.write(head + data if self.command != "HEAD" else head)
-
-    def date_time_string(self, timestamp: float | None = None) -> str:
-        """The Date header, formatted once a second rather than once a request."""
-        if timestamp is not None:
-            return super().date_time_string(timestamp)
-        now = int(time.time())
-        cached = _DATE
-        if cached[0] != now:
-            cached = _DATE[:] = [now, super().date_time_string(now)]
-        return str(cached[1])
-
-    def _error(self, err: NekkoError) -> None:
-        self.server.count_error(err.code)  # type: ignore[attr-defined]
-        status = err.status if 400 <= err.status < 600 else 500
-        headers = {}
-        if isinstance(err, ApiUnauthorized):
-            headers["WWW-Authenticate"] = REALM + (
-                ', error="invalid_token"' if "Authorization" in self.headers else "")
-        self._send(status, err.to_json(), headers)
-
-    def _dispatch(self, fn) -> None:
-        try:
-            self._admit()
-            fn()
-        except NekkoError as e:
-            self._error(e)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            self.close_connection = True
-        except Exception as e:  # the server keeps serving, whatever happened
-            log.exception("error handling %s %s", self.command, _loggable(self.path))
-            self._error(NekkoError(f"internal error: {type(e).__name__}"))
-        finally:
-            if not self._body_read and self._announces_body():
-                # What follows on this connection is the body we did not read, not a request.
-                self.close_connection = True
-                self._linger = True
-
-    def _admit(self) -> None:
-        """Who may call (DESIGN section 10), checked before any byte of a body is read."""
-        path = urlsplit(self.path).path
-        if path == "/healthz" and self.command in ("GET", "HEAD"):
-            return  # liveness probes: open to all, says nothing but "ok" and the version
-        srv = self.server
-        host = self.headers.get("Host")
-        if srv.loopback and host is not None and not _is_loopback(_host_of(host)):  # type: ignore[attr-defined]
-            raise MisdirectedRequest(
-                "this server listens on loopback and answers only requests addressed to"
-                " localhost, 127.0.0.1 or [::1] (a Host header of another name is a DNS"
-                " rebinding attempt from a web page)")
-        if "Origin" in self.headers:
-            raise OriginRefused("requests from web pages (with an Origin header) are refused:"
-                                " the nekko-sm API is not for browsers")
-        token: ApiToken | None = srv.api_token  # type: ignore[attr-defined]
-        if token is not None and not token.accepts(self.headers.get("Authorization")):
-            raise ApiUnauthorized("this API needs Authorization: Bearer TOKEN, the token of"
-                                  " the server's --api-token-file")
-        if self.command == "POST":
-            self._body_length()  # framing (400) and size (413) before the media type
-            media = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-            if media != "application/json":
-                raise UnsupportedMediaType(
-                    "POST a JSON body with Content-Type: application/json"
-                    " (curl: -H 'Content-Type: application/json')")
 
     def _content_arg(self) -> str | None:
         path = urlsplit(self.path).path
@@ -437,26 +53,6 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/content/"):
             return path[len("/content/"):]
         raise EntryNotFound(f"no such endpoint {path[:100]!r}")
-
-    def _body_length(self) -> int:
-        """The announced body length, checked; refused (unread: a lingering close follows,
-        see _dispatch) when it is not one we take."""
-        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
-            raise BadRequest("send the body with Content-Length, not chunked")
-        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
-        length = (lengths.pop() or "0") if len(lengths) == 1 else "" if lengths else "0"
-        if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
-            raise BadRequest("bad Content-Length")
-        n = int(length)
-        if n > MAX_BODY:
-            raise BodyTooLarge(f"request body of {n} bytes is larger than {MAX_BODY}")
-        return n
-
-    def _read_body(self) -> bytes:
-        body = self.rfile.read(self._body_length())
-        self._body_read = True
-        self._input.deadline = None  # the request is in: what follows may take its time
-        return body
 
     # -- methods ----------------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -572,7 +168,7 @@ class _Server(BoundedServerMixin, ThreadingHTTPServer):  # bounded threads: conn
         self.api_token = ApiToken(path) if path else None
         super().__init__(addr, handler)
         # On loopback, the Host header must name loopback too (DNS rebinding).
-        self.loopback = family != socket.AF_UNIX and _is_loopback(str(self.server_address[0]))
+        self.loopback = family != socket.AF_UNIX and is_loopback(str(self.server_address[0]))
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_UNIX:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
-from nekko_sm import ranged
+from nekko_sm import ranged, ranged_control, ranged_parts
 from nekko_sm.errors import (
     Forbidden,
     NekkoError,
@@ -102,11 +102,11 @@ def _wants_ranges(remaining: int, conns: int, max_span: int | None) -> bool:
 def _start_ranged(writer, total: int, validator: str | None, conns: int,
                   max_span: int | None) -> None:
     """Turn ``writer`` into a ranged download of ``total`` bytes from its frontier."""
-    if total >= ranged.GROW_MIN and conns > 1:  # parts enough for every connection it may get
-        conns = max(conns, ranged.MAX_CONNECTIONS)
-    part = ranged.part_size_for(total, conns, max_span)
+    if total >= ranged_control.GROW_MIN and conns > 1:  # parts enough for every connection it may get
+        conns = max(conns, ranged_control.MAX_CONNECTIONS)
+    part = ranged_parts.part_size_for(total, conns, max_span)
     done = writer.offset
-    parts = ([[0, done, done]] if done else []) + ranged.plan(total, part, done)
+    parts = ([[0, done, done]] if done else []) + ranged_parts.plan(total, part, done)
     # The map first: killed after the preallocation, a restart must not take the file's
     # full size (zeros) for downloaded bytes; the map says what is really there.
     writer.save_state(ranged={"total": total, "parts": parts, "validator": validator})

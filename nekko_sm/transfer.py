@@ -27,9 +27,8 @@ from urllib3.exceptions import HTTPError as _Urllib3Error
 from urllib3.exceptions import ProtocolError
 from urllib3.response import HTTPResponse
 
-from nekko_sm import __version__, egress, httpio, retrying
+from nekko_sm import __version__, egress, httpio, ranged_control, retrying
 from nekko_sm import download as _download
-from nekko_sm import ranged as _ranged
 from nekko_sm.config import Config
 from nekko_sm.errors import (
     Forbidden,
@@ -199,11 +198,11 @@ class Transfer:
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self._no_proxy = _NoProxy(config.no_proxy)
         # Connections beyond one per download, shared by every ranged download at once:
-        # --jobs - 1 to start with, and more (up to ranged.connection_cap in all) for a
+        # --jobs - 1 to start with, and more (up to ranged_control.connection_cap in all) for a
         # download that measurably goes faster with them.  What worked, per origin.
         self.extra_connections = threading.Semaphore(max(0, config.jobs - 1))
         self.pacer = retrying.Pacer(reserve=2 * config.jobs)  # rate limits, per server
-        self.connection_cap = _ranged.connection_cap(config.jobs)
+        self.connection_cap = ranged_control.connection_cap(config.jobs)
         self.more_connections = threading.Semaphore(self.connection_cap - config.jobs)
         self.connection_memory: dict[tuple, int] = {}
         self._lock = threading.Lock()

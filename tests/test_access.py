@@ -55,9 +55,9 @@ from test_security import (  # the helpers of the security review, reused
 )
 from urllib3.util import connection as u3connection
 
-from nekko_sm import api, egress
+from nekko_sm import api, api_http, egress
 from nekko_sm import config as cfg
-from nekko_sm.api import encode_url
+from nekko_sm.api_http import encode_url
 from nekko_sm.errors import ConfigError, EgressDenied, InvalidReference, NekkoError
 from nekko_sm.refs import QUERY_CREDENTIALS, parse
 
@@ -290,7 +290,7 @@ def test_a_network_address_without_a_token_is_warned_about(tmp_path, monkeypatch
     config = cfg.build({"cache_dir": str(tmp_path / "c"), "address": "127.0.0.1:0"}, {})
     quiet = _serve_in_main_thread(config)
     assert not [x for x in quiet if x.startswith("WARNING")], quiet
-    monkeypatch.setattr(api, "_is_loopback", lambda host: False)
+    monkeypatch.setattr(api, "is_loopback", lambda host: False)
     warned = _serve_in_main_thread(config)
     assert any(x.startswith("WARNING") and "without --api-token-file" in x for x in warned), warned
     f = tmp_path / "t"
@@ -428,7 +428,7 @@ def test_a_body_announced_too_large_is_answered_before_it_is_sent(tmp_path, with
 
 
 def test_a_client_that_goes_on_sending_after_the_413_is_cut_off(api_server, monkeypatch):
-    monkeypatch.setattr(api, "LINGER_SECONDS", 1.0)
+    monkeypatch.setattr(api_http, "LINGER_SECONDS", 1.0)
     s = socket.create_connection(("127.0.0.1", api_server.port), timeout=20)
     try:
         s.sendall(b"POST /content/ HTTP/1.1\r\nHost: localhost\r\n"
@@ -881,8 +881,8 @@ def test_the_systemd_unit_keeps_the_socket():
 
 
 def test_a_signed_url_in_a_content_path_is_logged_without_its_query():
-    # _loggable: a /content/B64 path of a signed URL is logged without its query
+    # loggable: a /content/B64 path of a signed URL is logged without its query
     url = "https://b.example/o?X-Amz-Signature=SECRET"
-    line = api._loggable(f'"GET /content/{encode_url(url)} HTTP/1.1" 200 -')
+    line = api_http.loggable(f'"GET /content/{encode_url(url)} HTTP/1.1" 200 -')
     assert "SECRET" not in line and encode_url(url) not in line
     assert base64.b64encode(b"SECRET").decode() not in line

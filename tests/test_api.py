@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from nekko_sm import config as cfg
-from nekko_sm.api import decode_url, encode_url, make_server
+from nekko_sm.api import make_server
+from nekko_sm.api_http import decode_url, encode_url
 from nekko_sm.errors import ConfigError
 from nekko_sm.service import Service
 from nekko_sm.transfer import Transfer

@@ -2,7 +2,7 @@
 finding 6).
 
 * 500 slow pulls were 1,001 threads and 2,506 fds: pulls now run on a fixed pool of workers
-  (``service.PULL_WORKERS``) with a queue (``MAX_QUEUED_PULLS``, then 503 busy); a queued pull
+  (``flight_table.PULL_WORKERS``) with a queue (``MAX_QUEUED_PULLS``, then 503 busy); a queued pull
   is still one shared flight, and cancelling it ends it at once.
 * 400 idle connections were 400 threads, and under a thread limit ``/healthz`` stopped
   answering: the API keeps at most ``connlimit.MAX_HANDLERS`` handler threads and
@@ -32,7 +32,7 @@ from peers.nginx import running_nginx
 from test_security import running_api
 
 from nekko_sm import config as cfg
-from nekko_sm import connlimit, httpio, service
+from nekko_sm import connlimit, flight_table, httpio
 from nekko_sm.errors import Busy, Cancelled, UpstreamTooSlow, UpstreamUnavailable
 from nekko_sm.service import Service
 from nekko_sm.transfer import Transfer
@@ -76,16 +76,16 @@ def test_500_slow_pulls_use_a_bounded_pool(tmp_path, nginx, slow_nginx):
         urls = [slow_nginx.put(f"bounds/slow-{i:03d}.bin", body) for i in range(500)]
         flights = [svc.start(u)[0] for u in urls]
         assert all(f is not None for f in flights)
-        wait_until(lambda: sum(f.progress.done > 0 for f in flights) >= service.PULL_WORKERS)
+        wait_until(lambda: sum(f.progress.done > 0 for f in flights) >= flight_table.PULL_WORKERS)
         threads, files = 0, 0
         for _ in range(20):  # the peak over a second
             threads = max(threads, threading.active_count() - base_threads)
             files = max(files, fds() - base_fds)
             time.sleep(0.05)
         # A worker, a hasher and a connection or two per running pull; nothing per queued one.
-        assert threads <= 3 * service.PULL_WORKERS, f"{threads} more threads for 500 pulls"
-        assert files <= 10 * service.PULL_WORKERS, f"{files} more fds for 500 pulls"
-        assert sum(f.progress.done > 0 for f in flights) <= service.PULL_WORKERS
+        assert threads <= 3 * flight_table.PULL_WORKERS, f"{threads} more threads for 500 pulls"
+        assert files <= 10 * flight_table.PULL_WORKERS, f"{files} more fds for 500 pulls"
+        assert sum(f.progress.done > 0 for f in flights) <= flight_table.PULL_WORKERS
 
         last = flights[-1]
         assert svc.start(urls[-1])[0] is last  # a queued pull is still one shared flight
@@ -101,8 +101,8 @@ def test_500_slow_pulls_use_a_bounded_pool(tmp_path, nginx, slow_nginx):
 
 
 def test_a_full_queue_is_refused_with_503(tmp_path, slow_nginx, monkeypatch):
-    monkeypatch.setattr(service, "PULL_WORKERS", 2)
-    monkeypatch.setattr(service, "MAX_QUEUED_PULLS", 3)
+    monkeypatch.setattr(flight_table, "PULL_WORKERS", 2)
+    monkeypatch.setattr(flight_table, "MAX_QUEUED_PULLS", 3)
     svc = make_service(tmp_path)
     try:
         body = os.urandom(64 << 10)

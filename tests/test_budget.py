@@ -23,7 +23,8 @@ from peers import tmpfs
 
 from nekko_sm import cli
 from nekko_sm import config as cfg
-from nekko_sm.api import encode_url, make_server
+from nekko_sm.api import make_server
+from nekko_sm.api_http import encode_url
 from nekko_sm.errors import ConfigError, EntryNotFound, InsufficientStorage
 from nekko_sm.service import Service
 from nekko_sm.store import Store

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from nekko_sm import config as cfg
-from nekko_sm.cli import _normalise_verbose, main
+from nekko_sm.cli import main
+from nekko_sm.cli_parser import normalise_verbose
 from nekko_sm.errors import ConfigError, InvalidPlatform
 
 
@@ -63,7 +64,7 @@ def test_bad_addresses(text):
     (["pull", "--", "-v"], ["pull", "--", "-v"]),
 ])
 def test_verbose_spellings(argv, want):
-    assert _normalise_verbose(argv) == want
+    assert normalise_verbose(argv) == want
 
 
 @pytest.mark.parametrize("text, want", [

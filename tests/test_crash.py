@@ -19,7 +19,8 @@ from peers import tmpfs
 from peers.nginx import start_nginx
 
 from nekko_sm import config as cfg
-from nekko_sm.api import encode_url, make_server
+from nekko_sm.api import make_server
+from nekko_sm.api_http import encode_url
 from nekko_sm.errors import EntryNotFound, InsufficientStorage
 from nekko_sm.service import Service
 from nekko_sm.store import REF_NAME, Store

@@ -15,7 +15,7 @@ import pytest
 from peers import require_binary
 
 from nekko_sm import __version__
-from nekko_sm.cli import build_parser
+from nekko_sm.cli_parser import build_parser
 from nekko_sm.refs import parse
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,8 @@ from peers.modelpacks import Entry
 from peers.ollama import start_ollama_front
 
 from nekko_sm import config as cfg
-from nekko_sm.api import encode_url, make_server
+from nekko_sm.api import make_server
+from nekko_sm.api_http import encode_url
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import UnsafeLayer
 from nekko_sm.service import Service

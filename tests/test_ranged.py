@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from nekko_sm import config as cfg
-from nekko_sm import ranged
+from nekko_sm import ranged, ranged_control, ranged_parts
 from nekko_sm.errors import Cancelled, IntegrityError
 from nekko_sm.store import Store, ingest
 from nekko_sm.transfer import Transfer
@@ -22,7 +22,7 @@ def sha(data: bytes) -> str:
 @pytest.fixture
 def small_parts(monkeypatch):
     """Parts of 1 MiB so a few MiB exercise many ranges."""
-    monkeypatch.setattr(ranged, "MIN_PART", 1 << 20)
+    monkeypatch.setattr(ranged_parts, "MIN_PART", 1 << 20)
     monkeypatch.setattr(ranged, "MIN_PARALLEL", 2 << 20)
 
 
@@ -142,10 +142,10 @@ def test_max_span_splits_one_huge_response(tmp_path, nginx, small_parts):
 
 
 def test_part_size_choice():
-    assert ranged.part_size_for(1 << 30, 8) == 32 << 20
-    assert ranged.part_size_for(100 << 30, 8) == 1 << 30
-    assert ranged.part_size_for(60 << 30, 8, max_span=50 << 30) <= 50 << 30
-    assert ranged.part_size_for(20 << 20, 8) == ranged.MIN_PART
+    assert ranged_parts.part_size_for(1 << 30, 8) == 32 << 20
+    assert ranged_parts.part_size_for(100 << 30, 8) == 1 << 30
+    assert ranged_parts.part_size_for(60 << 30, 8, max_span=50 << 30) <= 50 << 30
+    assert ranged_parts.part_size_for(20 << 20, 8) == ranged_parts.MIN_PART
 
 
 def count_connections(transfer) -> dict:
@@ -218,7 +218,7 @@ class _NoThread:
 
 class _FakeWriter:
     def __init__(self, total, part):
-        self.state = {"ranged": {"total": total, "parts": ranged.plan(total, part)}}
+        self.state = {"ranged": {"total": total, "parts": ranged_parts.plan(total, part)}}
         self.busy = 0.0
 
     def hash_stats(self):
@@ -231,7 +231,7 @@ class _FakeWriter:
 class _FakeTransfer:
     def __init__(self, jobs=8):
         self.extra_connections = threading.Semaphore(jobs - 1)
-        self.connection_cap = ranged.connection_cap(jobs)
+        self.connection_cap = ranged_control.connection_cap(jobs)
         self.more_connections = threading.Semaphore(self.connection_cap - jobs)
         self.connection_memory = {}
         self.attempts = 3
@@ -275,7 +275,7 @@ def test_a_per_connection_limit_grows_to_the_cap(monkeypatch):
 def test_a_link_one_stream_fills_drops_back_to_one(monkeypatch):
     f, writer = _fetch_for(monkeypatch, _FakeTransfer(jobs=8))
     assert _drive(f, writer, per_connection=500 << 20, link=520 << 20) == 1
-    assert f._rates[1] < f._rates[0] * ranged.GAIN  # it did try --jobs, which did not pay
+    assert f._rates[1] < f._rates[0] * ranged_control.GAIN  # it did try --jobs, which did not pay
 
 
 def test_growth_stops_where_the_rate_stops_rising(monkeypatch):
@@ -301,7 +301,7 @@ def test_growth_stays_within_the_transfers_budget(monkeypatch):
 
 
 def test_a_small_blob_keeps_the_connections_it_starts_with(monkeypatch):
-    f, _ = _fetch_for(monkeypatch, _FakeTransfer(jobs=8), total=ranged.GROW_MIN - 1)
+    f, _ = _fetch_for(monkeypatch, _FakeTransfer(jobs=8), total=ranged_control.GROW_MIN - 1)
     assert f.target == 8 and f._frozen and not f.adaptive
 
 
@@ -319,7 +319,7 @@ def test_joining_connections_take_untouched_parts_from_a_lone_stream(monkeypatch
     assert first is f.parts[0] and all(p.owner is lone for p in f.parts)  # the whole run
     assert f._run_end(lone, first) == 64 << 20  # in one request
     f.target = 3
-    others = [ranged._Worker(f"w{i}", None) for i in range(2)]
+    others = [ranged_parts.Worker(f"w{i}", None) for i in range(2)]
     f._active += 2
     got = [f._claim(w) for w in others]
     assert got == f.parts[1:3]  # nearest the frontier
@@ -332,15 +332,15 @@ def test_joining_connections_take_untouched_parts_from_a_lone_stream(monkeypatch
 def test_an_idle_connection_splits_the_part_with_most_left(monkeypatch):
     f, _ = _fetch_for(monkeypatch, _FakeTransfer(jobs=8), total=128 << 20, part=64 << 20)
     f.target = 3
-    a, b, c = f._workers[0], ranged._Worker("b", None), ranged._Worker("c", None)
+    a, b, c = f._workers[0], ranged_parts.Worker("b", None), ranged_parts.Worker("c", None)
     f._active += 2
     pa, pb = f._claim(a), f._claim(b)
     pa.next = pa.start + (4 << 20)
     pb.next = pb.start + (40 << 20)
     new = f._claim(c)
     assert new is not None and new.owner is c
-    assert new.start == pa.end and new.start >= pa.next + ranged.MARGIN  # a's part, behind a
-    assert ranged.MARGIN >= 2 * ingest.BUFFER  # a's read in flight cannot reach c's bytes
+    assert new.start == pa.end and new.start >= pa.next + ranged_parts.MARGIN  # a's part, behind a
+    assert ranged_parts.MARGIN >= 2 * ingest.BUFFER  # a's read in flight cannot reach c's bytes
     spans = [(p.start, p.end) for p in f.parts]
     assert spans == sorted(spans) and spans[0][0] == 0 and spans[-1][1] == 128 << 20
     assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))  # the map still tiles the blob
@@ -350,8 +350,8 @@ def test_a_lone_stream_brings_a_big_blob_in_one_request(tmp_path, nginx, monkeyp
                                                         small_parts):
     """While the controller keeps one stream, a big blob is one open-ended request, as
     curl would make it, and still saved as a part map (resumable)."""
-    monkeypatch.setattr(ranged, "GROW_MIN", 8 << 20)
-    monkeypatch.setattr(ranged, "PROBE", 3600.0)  # never decides to add connections
+    monkeypatch.setattr(ranged_control, "GROW_MIN", 8 << 20)
+    monkeypatch.setattr(ranged_control, "PROBE", 3600.0)  # never decides to add connections
     data = os.urandom(24 << 20)
     url = nginx.put("lone.bin", data)
     store, transfer = make(tmp_path)
@@ -370,7 +370,7 @@ def test_a_throttled_server_gets_more_connections_than_jobs(tmp_path, monkeypatc
     (within the cap), the budgets are all given back and the count is remembered."""
     from peers.nginx import start_nginx
 
-    monkeypatch.setattr(ranged, "GROW_MIN", 8 << 20)
+    monkeypatch.setattr(ranged_control, "GROW_MIN", 8 << 20)
     peer = start_nginx(tmp_path / "slow", limit_rate="4m")
     try:
         data = os.urandom(48 << 20)
@@ -378,9 +378,9 @@ def test_a_throttled_server_gets_more_connections_than_jobs(tmp_path, monkeypatc
         store, transfer = make(tmp_path, jobs=2)
         seen = count_connections(transfer)
         assert fetch(store, transfer, url).digest == sha(data)
-        assert 2 < seen["peak"] <= ranged.connection_cap(2)  # grew, within the cap
+        assert 2 < seen["peak"] <= ranged_control.connection_cap(2)  # grew, within the cap
         remembered = transfer.connection_memory[("http", "127.0.0.1", peer.port)]
-        assert 2 < remembered <= ranged.connection_cap(2)
+        assert 2 < remembered <= ranged_control.connection_cap(2)
         for sem, n in ((transfer.extra_connections, 1), (transfer.more_connections, 6)):
             assert all(sem.acquire(blocking=False) for _ in range(n))
     finally:

@@ -39,7 +39,8 @@ from peers.nginx import BASIC_PASSWORD, BASIC_USER, BEARER_TOKEN
 
 from nekko_sm import api
 from nekko_sm import config as cfg
-from nekko_sm.api import encode_url, make_server
+from nekko_sm.api import make_server
+from nekko_sm.api_http import encode_url
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import ConfigError, NekkoError, UnsafeName
 from nekko_sm.refs import safe_name
