@@ -1,10 +1,11 @@
 """How many connections one ranged download uses, adapted while it runs.
 
-For a blob of at least ``GROW_MIN``: one stream first; after a short measurement,
-``connections`` (``--jobs``) if the hasher is not already the limit, then twice as many,
-and so on up to :func:`connection_cap`, each step kept only while the aggregate rate rises
-by ``GAIN`` and the hasher keeps up; a step that does not pay is undone and the count
-stays.  What worked is remembered per origin for this process, and the next blob from
+For a blob of at least ``GROW_MIN``: one stream first; after a short measurement, if
+the hasher is not already the limit, the first count of ``connections`` (``--jobs``),
+twice as many, ... up to :func:`connection_cap` that would keep the hasher busy at the
+rate one stream got (a server that limits each connection to 20 MB/s, with the hasher
+10% busy: 16), then twice as many, each step kept only while the aggregate rate rises by
+``GAIN`` and the hasher keeps up; a step that does not pay is undone and the count stays.  What worked is remembered per origin for this process, and the next blob from
 there starts at it.  Extra connections come from the transfer's shared budgets, so many
 blobs at once do not multiply them.  A smaller blob simply gets ``connections`` from the
 start.  :class:`ConnectionControl` measures and sets the target; it starts no worker
@@ -56,6 +57,7 @@ class ConnectionControl(PartMap):
         self._levels = levels
         self._level = 0
         self._rates: dict[int, float] = {}
+        self._prev: int | None = None  # the level measured before this one
         self._mark: tuple | None = None
         self._settle_until = 0.0
         self._frozen = not self.adaptive
@@ -86,23 +88,40 @@ class ConnectionControl(PartMap):
         rate = (got - g0) / (now - t0)
         hashing = (busy - b0) / (now - t0)
         self._rates[self._level] = rate
-        below = self._rates.get(self._level - 1)
+        below = self._rates.get(self._prev) if self._prev is not None else None
         left = self.total - sum(p.next - p.start for p in self.parts)
         log.debug("%s: %d connection(s): %.0f MiB/s, hasher busy %.0f%%", redact(self.url), n,
                   rate / (1 << 20), 100 * hashing)
         self._mark = None
         self._settle_until = now + SETTLE
         if below is not None and rate < below * GAIN:
-            self._set_level(self._level - 1)  # the last step did not pay: undo it, stay
+            assert self._prev is not None
+            self._set_level(self._prev)  # the last step did not pay: undo it, stay
             self._frozen = True
         elif (hashing >= HASH_BOUND or self._level + 1 >= len(self._levels)
               or left < GROW_MIN // 4):
             self._frozen = True  # hashing is the limit already, or little is left
-        elif not self._set_level(self._level + 1):
-            self._frozen = True  # no connections to spare in the transfer
+        else:
+            prev = self._level
+            if self._set_level(self._next_level(hashing)):
+                self._prev = prev
+            else:
+                self._frozen = True  # no connections to spare in the transfer
         if self._frozen:
             log.debug("%s: staying at %d connection(s)", redact(self.url),
                       self._levels[self._level])
+
+    def _next_level(self, hashing: float) -> int:
+        """One step up; from the one-stream probe, straight to the first level with enough
+        connections to keep the hasher busy at that stream's rate (``GAIN / hashing``), so
+        that a server which limits each connection is not climbed one doubling at a time
+        (each step costs a measurement window)."""
+        nxt = self._level + 1
+        if self._level == 0 and hashing > 0:
+            want = GAIN / hashing
+            while nxt + 1 < len(self._levels) and self._levels[nxt] < want:
+                nxt += 1
+        return nxt
 
     def _set_level(self, level: int) -> bool:
         """Aim at ``self._levels[level]`` connections; False if none could be added."""

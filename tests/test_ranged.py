@@ -275,12 +275,15 @@ def test_a_per_connection_limit_grows_to_the_cap(monkeypatch):
 def test_a_link_one_stream_fills_drops_back_to_one(monkeypatch):
     f, writer = _fetch_for(monkeypatch, _FakeTransfer(jobs=8))
     assert _drive(f, writer, per_connection=500 << 20, link=520 << 20) == 1
-    assert f._rates[1] < f._rates[0] * ranged_control.GAIN  # it did try --jobs, which did not pay
+    tried = max(f._rates)  # it did try more (16: what would fill the hasher), which did not pay
+    assert tried > 0 and f._rates[tried] < f._rates[0] * ranged_control.GAIN
 
 
 def test_growth_stops_where_the_rate_stops_rising(monkeypatch):
     f, writer = _fetch_for(monkeypatch, _FakeTransfer(jobs=8))
-    assert _drive(f, writer, per_connection=20 << 20, link=200 << 20) == 8  # 16 did not pay
+    # From one stream straight to 16 (1.25 / 10% hasher: what would keep it busy), then 32
+    # did not pay: back to 16.
+    assert _drive(f, writer, per_connection=20 << 20, link=200 << 20) == 16
 
 
 def test_no_more_connections_when_hashing_is_the_limit(monkeypatch):
@@ -385,3 +388,17 @@ def test_a_throttled_server_gets_more_connections_than_jobs(tmp_path, monkeypatc
             assert all(sem.acquire(blocking=False) for _ in range(n))
     finally:
         peer.stop()
+
+
+def test_the_first_step_goes_straight_to_what_would_fill_the_hasher(monkeypatch):
+    """One stream at a per-connection limit with the hasher 10% busy: the first step is 16
+    connections (not --jobs 8 and then 16), one measurement window sooner."""
+    f, writer = _fetch_for(monkeypatch, _FakeTransfer(jobs=8))
+    now = 0.0
+    while not f._rates and now < 3.0:  # until the probe of one stream is measured
+        now += ranged.TICK
+        for w in [w for w in f._workers if w.alive]:
+            w.got += int((20 << 20) * ranged.TICK)
+        writer.busy += 0.1 * ranged.TICK
+        f._adapt(now)
+    assert list(f._rates) == [0] and f.target == 16
