@@ -22,14 +22,15 @@ Safety rules, after containerd's content store:
 * A writer holds an exclusive ``flock`` on its ingest directory: two threads or two
   processes asking for the same blob download it once; the second finds it committed.
 * No link planted in the cache is followed: every path below the root is opened component
-  by component with O_NOFOLLOW, relative to its directory's descriptor (``layout``); a cache
+  by component with O_NOFOLLOW, relative to its directory's descriptor (``fs``); a cache
   directory others could change is refused when the store is opened.
 * A pull *leases* every digest before it relies on it; removing an entry frees only the
   blobs its removal took to zero references and no live lease holds, and gc frees only
   blobs that neither an entry nor a live lease reaches.  A lease whose owner died is
   stale (its flock is free) and is ignored and removed.
 
-The package, one concern a module: ``layout`` (paths, constants, atomic writes),
+The package, one concern a module: ``fs`` (file primitives that follow no link, atomic
+writes), ``layout`` (paths, constants, committed blobs),
 ``locks`` (the flock), ``ingest`` (partial downloads and commit), ``db`` (the SQLite
 database and its schema), ``index`` (entries, counts, ``index.json``), ``views`` (named
 links) and ``gc`` (leases, reachability, freeing, sweep, verify).  :class:`Store` here only composes them; what this module exports is the whole
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from nekko_sm.store.db import require_sqlite
+from nekko_sm.store.fs import listdir, make_dirs, read_file, unlink, write_atomic
 from nekko_sm.store.gc import Collector, GCReport, Lease
 from nekko_sm.store.index import Descriptor, EntryRecord, Index
 from nekko_sm.store.ingest import FollowLost, Hasher, Ingest, IngestWriter
@@ -63,12 +65,7 @@ from nekko_sm.store.layout import (
     Layout,
     check_digest,
     key_for,
-    listdir,
-    make_dirs,
-    read_file,
     sha256_digest,
-    unlink,
-    write_atomic,
 )
 from nekko_sm.store.locks import FileLock
 from nekko_sm.store.views import Views

@@ -27,6 +27,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from nekko_sm.errors import NekkoError
+from nekko_sm.store.fs import (
+    fsync_dir,
+    is_dir,
+    is_file,
+    listdir,
+    lstat,
+    make_dirs,
+    open_file,
+    read_file,
+    rename,
+    unlink,
+)
 from nekko_sm.store.index import Descriptor, Index
 from nekko_sm.store.layout import (
     A_DISCARDED,
@@ -38,17 +50,7 @@ from nekko_sm.store.layout import (
     MT_OCI_MANIFEST,
     REF_NAME,
     Layout,
-    fsync_dir,
-    is_dir,
-    is_file,
     key_for,
-    listdir,
-    lstat,
-    make_dirs,
-    open_file,
-    read_file,
-    rename,
-    unlink,
 )
 from nekko_sm.store.locks import FileLock, remove_locked_dir
 from nekko_sm.store.views import Views

@@ -37,19 +37,8 @@ from typing import Any, Callable
 
 from nekko_sm.errors import CacheCorrupt, InsufficientStorage
 from nekko_sm.store.db import Database, bump, counter
-from nekko_sm.store.layout import (
-    MT_OCI_INDEX,
-    REF_NAME,
-    Layout,
-    check_digest,
-    fsync_dir,
-    is_file,
-    open_file,
-    read_file,
-    rename,
-    unlink,
-    write_atomic,
-)
+from nekko_sm.store.fs import fsync_dir, is_file, open_file, read_file, rename, unlink, write_atomic
+from nekko_sm.store.layout import MT_OCI_INDEX, REF_NAME, Layout, check_digest
 from nekko_sm.store.locks import FileLock
 
 log = logging.getLogger("nekko_sm.store")

@@ -30,9 +30,7 @@ from nekko_sm.errors import (
     NekkoError,
     SizeMismatch,
 )
-from nekko_sm.store.index import Descriptor
-from nekko_sm.store.layout import (
-    Layout,
+from nekko_sm.store.fs import (
     fsync_dir,
     is_dir,
     listdir,
@@ -42,10 +40,11 @@ from nekko_sm.store.layout import (
     parent_dir,
     read_file,
     rename,
-    sha256_digest,
     unlink,
     write_atomic,
 )
+from nekko_sm.store.index import Descriptor
+from nekko_sm.store.layout import Layout, sha256_digest
 from nekko_sm.store.locks import FileLock, remove_locked_dir
 
 if TYPE_CHECKING:
