@@ -32,7 +32,8 @@ Safety rules, after containerd's content store:
 The package, one concern a module: ``fs`` (file primitives that follow no link, atomic
 writes), ``layout`` (paths, constants, committed blobs),
 ``locks`` (the flock), ``ingest`` (partial downloads and commit), ``db`` (the SQLite
-database and its schema), ``index`` (entries, counts, ``index.json``), ``views`` (named
+database and its schema), ``descriptor`` (the OCI descriptor), ``index`` (entries,
+counts, aliases), ``indexfile`` (``index.json`` and its group commit), ``views`` (named
 links) and ``gc`` (leases, reachability, freeing, sweep, verify).  :class:`Store` here only composes them; what this module exports is the whole
 public surface.  The store never talks to the network.
 """
@@ -45,9 +46,10 @@ from pathlib import Path
 from typing import Callable
 
 from nekko_sm.store.db import require_sqlite
+from nekko_sm.store.descriptor import Descriptor
 from nekko_sm.store.fs import listdir, make_dirs, read_file, unlink, write_atomic
 from nekko_sm.store.gc import Collector, GCReport, Lease
-from nekko_sm.store.index import Descriptor, EntryRecord, Index
+from nekko_sm.store.index import EntryRecord, Index
 from nekko_sm.store.ingest import FollowLost, Hasher, Ingest, IngestWriter
 from nekko_sm.store.layout import (
     A_DISCARDED,
@@ -122,7 +124,7 @@ class Store(Layout):
         Raises OSError when the directory is unusable, ConfigError without sqlite3.
         """
         self.create()
-        self._index.create_file()  # before the database: a valid layout at every moment
+        self._index.file.create()  # before the database: a valid layout at every moment
         self._index.db  # noqa: B018 - opening checks index.json and the trash
         return self
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from nekko_sm.errors import NekkoError
+from nekko_sm.store.descriptor import Descriptor
 from nekko_sm.store.fs import (
     fsync_dir,
     is_dir,
@@ -39,7 +40,7 @@ from nekko_sm.store.fs import (
     rename,
     unlink,
 )
-from nekko_sm.store.index import Descriptor, Index
+from nekko_sm.store.index import Index
 from nekko_sm.store.layout import (
     A_DISCARDED,
     A_FILES,

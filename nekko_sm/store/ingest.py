@@ -30,6 +30,7 @@ from nekko_sm.errors import (
     NekkoError,
     SizeMismatch,
 )
+from nekko_sm.store.descriptor import Descriptor
 from nekko_sm.store.fs import (
     fsync_dir,
     is_dir,
@@ -43,7 +44,6 @@ from nekko_sm.store.fs import (
     unlink,
     write_atomic,
 )
-from nekko_sm.store.index import Descriptor
 from nekko_sm.store.layout import Layout, sha256_digest
 from nekko_sm.store.locks import FileLock, remove_locked_dir
 
