@@ -34,7 +34,8 @@ writes), ``layout`` (paths, constants, committed blobs),
 ``locks`` (the flock), ``ingest`` (partial downloads and commit), ``db`` (the SQLite
 database and its schema), ``descriptor`` (the OCI descriptor), ``index`` (entries,
 counts, aliases), ``indexfile`` (``index.json`` and its group commit), ``views`` (named
-links) and ``gc`` (leases, reachability, freeing, sweep, verify).  :class:`Store` here only composes them; what this module exports is the whole
+links), ``leases`` (what live pulls rely on), ``gc`` (reachability, freeing, sweep) and
+``verify`` (re-hashing, checking the counts).  :class:`Store` here only composes them; what this module exports is the whole
 public surface.  The store never talks to the network.
 """
 
@@ -48,7 +49,7 @@ from typing import Callable
 from nekko_sm.store.db import require_sqlite
 from nekko_sm.store.descriptor import Descriptor
 from nekko_sm.store.fs import listdir, make_dirs, read_file, unlink, write_atomic
-from nekko_sm.store.gc import Collector, GCReport, Lease
+from nekko_sm.store.gc import Collector, GCReport
 from nekko_sm.store.index import EntryRecord, Index
 from nekko_sm.store.ingest import FollowLost, Hasher, Ingest, IngestWriter
 from nekko_sm.store.layout import (
@@ -69,7 +70,9 @@ from nekko_sm.store.layout import (
     key_for,
     sha256_digest,
 )
+from nekko_sm.store.leases import Lease, live_leases
 from nekko_sm.store.locks import FileLock
+from nekko_sm.store.verify import Verifier
 from nekko_sm.store.views import Views
 
 __all__ = [
@@ -114,7 +117,8 @@ class Store(Layout):
         self._ingest = Ingest(self)
         self._index = Index(self)
         self._views = Views(self)
-        self._gc = Collector(self, self._index, self._views, self.remove_entry)
+        self._gc = Collector(self, self._index, self._views)
+        self._verifier = Verifier(self, self._index, self._gc.reachable, self.remove_entry)
         self._index.reach = self._gc.reachable
         self._index.on_open.append(self._gc.recover_trash)
 
@@ -296,7 +300,7 @@ class Store(Layout):
 
     def live_leases(self) -> dict[str, tuple[set[str], int]]:
         """Every live pull's lease by name: (digests it holds, bytes it reserved)."""
-        return self._gc.live_leases()
+        return live_leases(self)
 
     def discard(self, digests: Iterable[str]) -> GCReport:
         """Free those of ``digests`` that no entry reaches and no live pull leases (the tar
@@ -309,10 +313,10 @@ class Store(Layout):
         return self._gc.gc(dry_run, partials, partial_max_age)
 
     def verify_blob(self, digest: str) -> bool:
-        return self._gc.verify_blob(digest)
+        return self._verifier.verify_blob(digest)
 
     def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
                ) -> list[tuple[str, str]]:
         """Re-hash blobs (all, or those ``roots`` reach), check the reference counts (all);
         ``(digest, problem)`` pairs."""
-        return self._gc.verify(roots, repair)
+        return self._verifier.verify(roots, repair)

@@ -45,12 +45,11 @@ from nekko_sm.store.fs import (
     write_atomic,
 )
 from nekko_sm.store.layout import Layout, sha256_digest
+from nekko_sm.store.leases import Lease
 from nekko_sm.store.locks import FileLock, remove_locked_dir
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+; only mypy reads this
-
-    from nekko_sm.store.gc import Lease
 
 _HASH_CHUNK = 4 << 20  # bytes read back at a time, for what is no longer held in memory
 BUFFER = 4 << 20  # one receive buffer (IngestWriter.buffer): few handovers, few GIL trips
