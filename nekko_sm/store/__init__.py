@@ -30,13 +30,15 @@ Safety rules, after containerd's content store:
   stale (its flock is free) and is ignored and removed.
 
 The package, one concern a module: ``fs`` (file primitives that follow no link, atomic
-writes), ``layout`` (paths, constants, committed blobs),
-``locks`` (the flock), ``ingest`` (partial downloads and commit), ``db`` (the SQLite
-database and its schema), ``descriptor`` (the OCI descriptor), ``index`` (entries,
-counts, aliases), ``indexfile`` (``index.json`` and its group commit), ``views`` (named
-links), ``leases`` (what live pulls rely on), ``gc`` (reachability, freeing, sweep) and
-``verify`` (re-hashing, checking the counts).  :class:`Store` here only composes them; what this module exports is the whole
-public surface.  The store never talks to the network.
+writes), ``layout`` (paths, constants, committed blobs), ``locks`` (the flock),
+``frontier`` (hashing and following a partial download's bytes), ``writer`` (a partial
+download and its commit), ``ingest`` (writers, small blobs, partials), ``db`` (the
+SQLite database and its schema), ``descriptor`` (the OCI descriptor), ``index``
+(entries, counts, aliases), ``indexfile`` (``index.json`` and its group commit),
+``views`` (named links), ``leases`` (what live pulls rely on), ``gc`` (reachability,
+freeing, sweep) and ``verify`` (re-hashing, checking the counts).  :class:`Store` here
+only composes them; what this module exports is the whole public surface.  The store
+never talks to the network.
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ from typing import Callable
 
 from nekko_sm.store.db import require_sqlite
 from nekko_sm.store.descriptor import Descriptor
+from nekko_sm.store.frontier import FollowLost, Hasher
 from nekko_sm.store.fs import listdir, make_dirs, read_file, unlink, write_atomic
 from nekko_sm.store.gc import Collector, GCReport
 from nekko_sm.store.index import EntryRecord, Index
-from nekko_sm.store.ingest import FollowLost, Hasher, Ingest, IngestWriter
+from nekko_sm.store.ingest import Ingest
 from nekko_sm.store.layout import (
     A_DISCARDED,
     A_FILES,
@@ -74,6 +77,7 @@ from nekko_sm.store.leases import Lease, live_leases
 from nekko_sm.store.locks import FileLock
 from nekko_sm.store.verify import Verifier
 from nekko_sm.store.views import Views
+from nekko_sm.store.writer import IngestWriter
 
 __all__ = [
     "A_DISCARDED",
