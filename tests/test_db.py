@@ -174,8 +174,8 @@ def test_index_json_is_derived_and_stamped(store):
 
 def test_many_commits_one_rewrite(store, monkeypatch):
     writes = []
-    real = store._index._write
-    monkeypatch.setattr(store._index, "_write", lambda *a: (writes.append(a[1]), real(*a)))
+    real = store._index.file.write
+    monkeypatch.setattr(store._index.file, "write", lambda *a: (writes.append(a[1]), real(*a)))
     descs = [_manifest(store, [f"layer {i}".encode()]) for i in range(40)]
     threads = [threading.Thread(target=store.put_entry, args=(f"u{i:02d}", d))
                for i, d in enumerate(descs)]

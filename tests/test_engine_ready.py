@@ -464,7 +464,7 @@ def _weights_pack(size: int = 3 << 20) -> tuple[mp.Pack, str]:
 def followed(monkeypatch):
     """The digests whose download the unpacker read as it arrived; a layer's commit waits
     (up to 10 s) until the unpacker follows it, so the test does not depend on timing."""
-    from nekko_sm.store.ingest import IngestWriter
+    from nekko_sm.store import IngestWriter
 
     seen: dict = {}
     cond = threading.Condition()

@@ -11,7 +11,7 @@ import pytest
 from nekko_sm import config as cfg
 from nekko_sm import ranged, ranged_control, ranged_parts
 from nekko_sm.errors import Cancelled, IntegrityError
-from nekko_sm.store import Store, ingest
+from nekko_sm.store import Store, frontier
 from nekko_sm.transfer import Transfer
 
 
@@ -343,7 +343,7 @@ def test_an_idle_connection_splits_the_part_with_most_left(monkeypatch):
     new = f._claim(c)
     assert new is not None and new.owner is c
     assert new.start == pa.end and new.start >= pa.next + ranged_parts.MARGIN  # a's part, behind a
-    assert ranged_parts.MARGIN >= 2 * ingest.BUFFER  # a's read in flight cannot reach c's bytes
+    assert ranged_parts.MARGIN >= 2 * frontier.BUFFER  # a's read in flight cannot reach c's bytes
     spans = [(p.start, p.end) for p in f.parts]
     assert spans == sorted(spans) and spans[0][0] == 0 and spans[-1][1] == 128 << 20
     assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))  # the map still tiles the blob

@@ -14,7 +14,7 @@ import urllib3
 
 from nekko_sm import httpio
 from nekko_sm.errors import InsufficientStorage
-from nekko_sm.store import Store, ingest
+from nekko_sm.store import Store, frontier
 
 
 def sha(data: bytes) -> str:
@@ -37,9 +37,9 @@ def preads(monkeypatch):
         seen.append((pos, n))
         return n
 
-    monkeypatch.setattr(ingest.os, "pread", counting)
+    monkeypatch.setattr(frontier.os, "pread", counting)
     if realv is not None:
-        monkeypatch.setattr(ingest.os, "preadv", countingv)
+        monkeypatch.setattr(frontier.os, "preadv", countingv)
     return seen
 
 
@@ -49,8 +49,8 @@ def store(tmp_path):
 
 
 def test_one_stream_is_hashed_from_its_buffers_not_read_back(store, preads, monkeypatch):
-    monkeypatch.setattr(ingest, "_HOLD", 2 * ingest.BUFFER)
-    data = os.urandom(12 * ingest.BUFFER)
+    monkeypatch.setattr(frontier, "_HOLD", 2 * frontier.BUFFER)
+    data = os.urandom(12 * frontier.BUFFER)
     seen = set()
     with store.writer("one", expected_size=len(data)) as w:
         pos = 0
@@ -78,7 +78,7 @@ def test_bytes_are_hashed_without_reading_back_too(store, preads):
 
 def test_a_writer_far_ahead_of_the_hasher_waits_and_memory_stays_bounded(store, preads,
                                                                           monkeypatch):
-    monkeypatch.setattr(ingest, "_HOLD", 4 << 20)
+    monkeypatch.setattr(frontier, "_HOLD", 4 << 20)
     data = os.urandom(20 << 20)
     peak = [0]
     writer = []
@@ -103,12 +103,12 @@ def test_a_writer_far_ahead_of_the_hasher_waits_and_memory_stays_bounded(store, 
             w.write(data[i:i + (1 << 20)])
         assert w.hexdigest("slow") == hashlib.sha1(data).hexdigest()
         assert w.commit(sha(data)).digest == sha(data)
-    assert 0 < peak[0] <= (4 << 20) + ingest.BUFFER
+    assert 0 < peak[0] <= (4 << 20) + frontier.BUFFER
     assert preads == []  # it waited instead of dropping buffers
 
 
 def test_ranged_parts_far_ahead_are_read_back_near_ones_are_not(store, preads, monkeypatch):
-    monkeypatch.setattr(ingest, "_HOLD", 2 << 20)
+    monkeypatch.setattr(frontier, "_HOLD", 2 << 20)
     mib = 1 << 20
     data = os.urandom(8 * mib)
     with store.writer("r", expected_size=len(data)) as w:
@@ -210,10 +210,10 @@ def test_fill_reads_an_http_client_body_in_place_and_the_connection_is_reused(ng
 
 
 def test_a_long_stream_is_written_back_while_it_arrives(store, monkeypatch):
-    monkeypatch.setattr(ingest, "_FLUSH_EVERY", 1 << 20)
+    monkeypatch.setattr(frontier, "_FLUSH_EVERY", 1 << 20)
     synced = []
     real = os.fdatasync
-    monkeypatch.setattr(ingest.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(frontier.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
     data = os.urandom(4 << 20)
     with store.writer("wb") as w:
         for i in range(0, len(data), 256 << 10):
@@ -226,8 +226,8 @@ def test_a_long_stream_is_written_back_while_it_arrives(store, monkeypatch):
 def test_held_buffers_are_bounded_across_writers_and_all_given_back(store, monkeypatch):
     """Many blobs at once (an image's layers) share one budget of held bytes."""
     mib = 1 << 20
-    monkeypatch.setattr(ingest, "_HOLD_ALL", 3 * mib)
-    monkeypatch.setattr(ingest, "_ROOM", ingest._Room(3 * mib))
+    monkeypatch.setattr(frontier, "_HOLD_ALL", 3 * mib)
+    monkeypatch.setattr(frontier, "_ROOM", frontier._Room(3 * mib))
     blobs = [os.urandom(8 * mib) for _ in range(2)]
     writers = [store.writer(f"w{i}", expected_size=8 * mib) for i in range(2)]
     try:
@@ -236,7 +236,7 @@ def test_held_buffers_are_bounded_across_writers_and_all_given_back(store, monke
             w.save_state(ranged={"total": len(data), "parts": []})
             for i in range(1, 4):  # ahead of the frontier: held, while there is room
                 w.pwrite(data[i * mib:(i + 1) * mib], i * mib)
-        assert ingest._ROOM.used <= 3 * mib
+        assert frontier._ROOM.used <= 3 * mib
         for w, data in zip(writers, blobs):
             w.pwrite(data[:mib], 0)
             w.pwrite(data[4 * mib:], 4 * mib)
@@ -245,15 +245,15 @@ def test_held_buffers_are_bounded_across_writers_and_all_given_back(store, monke
     finally:
         for w in writers:
             w.close()
-    assert ingest._ROOM.used == 0  # every held byte was given back
+    assert frontier._ROOM.used == 0  # every held byte was given back
 
 
 def test_a_reset_gives_its_held_buffers_back(store):
-    used = ingest._ROOM.used
+    used = frontier._ROOM.used
     with store.writer("reset") as w:
         w.preallocate(8 << 20)
         w.save_state(ranged={"total": 8 << 20, "parts": []})
         w.pwrite(os.urandom(1 << 20), 1 << 20)  # held: not behind the frontier yet
-        assert ingest._ROOM.used > used
+        assert frontier._ROOM.used > used
         w.reset()
-        assert ingest._ROOM.used == used
+        assert frontier._ROOM.used == used

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from nekko_sm.errors import CacheCorrupt, UnsafeName
 from nekko_sm.models.paths import check_path
-from nekko_sm.store.layout import (
+from nekko_sm.store.fs import (
     listdir,
     lstat,
     make_dirs,

@@ -22,18 +22,23 @@ Safety rules, after containerd's content store:
 * A writer holds an exclusive ``flock`` on its ingest directory: two threads or two
   processes asking for the same blob download it once; the second finds it committed.
 * No link planted in the cache is followed: every path below the root is opened component
-  by component with O_NOFOLLOW, relative to its directory's descriptor (``layout``); a cache
+  by component with O_NOFOLLOW, relative to its directory's descriptor (``fs``); a cache
   directory others could change is refused when the store is opened.
 * A pull *leases* every digest before it relies on it; removing an entry frees only the
   blobs its removal took to zero references and no live lease holds, and gc frees only
   blobs that neither an entry nor a live lease reaches.  A lease whose owner died is
   stale (its flock is free) and is ignored and removed.
 
-The package, one concern a module: ``layout`` (paths, constants, atomic writes),
-``locks`` (the flock), ``ingest`` (partial downloads and commit), ``db`` (the SQLite
-database and its schema), ``index`` (entries, counts, ``index.json``), ``views`` (named
-links) and ``gc`` (leases, reachability, freeing, sweep, verify).  :class:`Store` here only composes them; what this module exports is the whole
-public surface.  The store never talks to the network.
+The package, one concern a module: ``fs`` (file primitives that follow no link, atomic
+writes), ``layout`` (paths, constants, committed blobs), ``locks`` (the flock),
+``frontier`` (hashing and following a partial download's bytes), ``writer`` (a partial
+download and its commit), ``ingest`` (writers, small blobs, partials), ``db`` (the
+SQLite database and its schema), ``descriptor`` (the OCI descriptor), ``index``
+(entries, counts, aliases), ``indexfile`` (``index.json`` and its group commit),
+``views`` (named links), ``leases`` (what live pulls rely on), ``gc`` (reachability,
+freeing, sweep) and ``verify`` (re-hashing, checking the counts).  :class:`Store` here
+only composes them; what this module exports is the whole public surface.  The store
+never talks to the network.
 """
 
 from __future__ import annotations
@@ -44,9 +49,12 @@ from pathlib import Path
 from typing import Callable
 
 from nekko_sm.store.db import require_sqlite
-from nekko_sm.store.gc import Collector, GCReport, Lease
-from nekko_sm.store.index import Descriptor, EntryRecord, Index
-from nekko_sm.store.ingest import FollowLost, Hasher, Ingest, IngestWriter
+from nekko_sm.store.descriptor import Descriptor
+from nekko_sm.store.frontier import FollowLost, Hasher
+from nekko_sm.store.fs import listdir, make_dirs, read_file, unlink, write_atomic
+from nekko_sm.store.gc import Collector, GCReport
+from nekko_sm.store.index import EntryRecord, Index
+from nekko_sm.store.ingest import Ingest
 from nekko_sm.store.layout import (
     A_DISCARDED,
     A_FILES,
@@ -63,15 +71,13 @@ from nekko_sm.store.layout import (
     Layout,
     check_digest,
     key_for,
-    listdir,
-    make_dirs,
-    read_file,
     sha256_digest,
-    unlink,
-    write_atomic,
 )
+from nekko_sm.store.leases import Lease, live_leases
 from nekko_sm.store.locks import FileLock
+from nekko_sm.store.verify import Verifier
 from nekko_sm.store.views import Views
+from nekko_sm.store.writer import IngestWriter
 
 __all__ = [
     "A_DISCARDED",
@@ -115,7 +121,8 @@ class Store(Layout):
         self._ingest = Ingest(self)
         self._index = Index(self)
         self._views = Views(self)
-        self._gc = Collector(self, self._index, self._views, self.remove_entry)
+        self._gc = Collector(self, self._index, self._views)
+        self._verifier = Verifier(self, self._index, self._gc.reachable, self.remove_entry)
         self._index.reach = self._gc.reachable
         self._index.on_open.append(self._gc.recover_trash)
 
@@ -125,7 +132,7 @@ class Store(Layout):
         Raises OSError when the directory is unusable, ConfigError without sqlite3.
         """
         self.create()
-        self._index.create_file()  # before the database: a valid layout at every moment
+        self._index.file.create()  # before the database: a valid layout at every moment
         self._index.db  # noqa: B018 - opening checks index.json and the trash
         return self
 
@@ -297,7 +304,7 @@ class Store(Layout):
 
     def live_leases(self) -> dict[str, tuple[set[str], int]]:
         """Every live pull's lease by name: (digests it holds, bytes it reserved)."""
-        return self._gc.live_leases()
+        return live_leases(self)
 
     def discard(self, digests: Iterable[str]) -> GCReport:
         """Free those of ``digests`` that no entry reaches and no live pull leases (the tar
@@ -310,10 +317,10 @@ class Store(Layout):
         return self._gc.gc(dry_run, partials, partial_max_age)
 
     def verify_blob(self, digest: str) -> bool:
-        return self._gc.verify_blob(digest)
+        return self._verifier.verify_blob(digest)
 
     def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
                ) -> list[tuple[str, str]]:
         """Re-hash blobs (all, or those ``roots`` reach), check the reference counts (all);
         ``(digest, problem)`` pairs."""
-        return self._gc.verify(roots, repair)
+        return self._verifier.verify(roots, repair)

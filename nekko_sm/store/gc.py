@@ -1,33 +1,42 @@
-"""What the cache may free, and whether what it keeps is intact.
+"""What the cache may free, and freeing it.
 
-This module owns leases (the digests a live pull relies on before an entry names them),
-reachability (which blobs a manifest or index names, transitively), :meth:`Collector.free`
-(remove one entry and delete exactly the blobs whose reference count drops to zero and
-that no live lease holds, through ``ingest/trash/``), the full mark-and-sweep
-:meth:`Collector.gc` over blobs, views and stale partial downloads (the safety net), and
-:meth:`Collector.verify`, which re-hashes blobs, checks the database's counts against the
-manifests and can repair both.  It frees only inside the database's write transaction, so
-no commit names a blob while it goes.  It never downloads, never writes a blob and never
-adds an entry.
+This module owns reachability (which blobs a manifest or index names, transitively,
+including the file listing an entry names and minus the tar layers it discarded),
+:meth:`Collector.free` (remove one entry and delete exactly the blobs whose reference
+count drops to zero and that no live lease holds, through ``ingest/trash/``, repaired at
+open after a crash), :meth:`Collector.discard` (unpacked tar layers no entry counts) and
+the full mark-and-sweep :meth:`Collector.gc` over blobs, views and stale partial downloads
+(the safety net).  It frees only inside the database's write transaction, so no commit
+names a blob while it goes.  It never downloads, never writes a blob, never adds an
+entry and never writes a lease (``leases`` does; it only reads them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import stat
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 from nekko_sm.errors import NekkoError
-from nekko_sm.store.index import Descriptor, Index
+from nekko_sm.store.descriptor import Descriptor
+from nekko_sm.store.fs import (
+    fsync_dir,
+    is_dir,
+    is_file,
+    listdir,
+    lstat,
+    make_dirs,
+    read_file,
+    rename,
+    unlink,
+)
+from nekko_sm.store.index import Index
 from nekko_sm.store.layout import (
     A_DISCARDED,
     A_FILES,
@@ -36,73 +45,17 @@ from nekko_sm.store.layout import (
     LOW_SPACE,
     MANIFEST_TYPES,
     MT_OCI_MANIFEST,
-    REF_NAME,
     Layout,
-    fsync_dir,
-    is_dir,
-    is_file,
     key_for,
-    listdir,
-    lstat,
-    make_dirs,
-    open_file,
-    read_file,
-    rename,
-    unlink,
 )
+from nekko_sm.store.leases import leased_digests
 from nekko_sm.store.locks import FileLock, remove_locked_dir
 from nekko_sm.store.views import Views
 
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self is 3.11+; only mypy reads this
-
 log = logging.getLogger("nekko_sm.store")
 
-_CHUNK = 1 << 20
 # Directories under ingest/ that are not partial downloads.
 _NOT_PARTIALS = ("leases", "pulls", "trash")
-# A lease file's line for the bytes its pull reserved (not a digest: gc reads past it).
-_RESERVE = "reserve "
-
-
-class Lease:
-    """Digests a live pull relies on before the index names them (protects them from gc)."""
-
-    def __init__(self, layout: Layout) -> None:
-        make_dirs(layout.leases_dir)
-        self.path = layout.leases_dir / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
-        self._lock = FileLock(self.path)
-        self._lock.acquire()
-        self.digests: set[str] = set()
-        self.reserved = 0  # bytes the disk budget set aside for this pull
-
-    def add(self, digest: str) -> None:
-        if digest in self.digests:
-            return
-        self._append(digest)
-        self.digests.add(digest)
-
-    def reserve(self, nbytes: int) -> None:
-        """Record that this pull may take up to ``nbytes`` in the cache (the last one holds)."""
-        self._append(f"{_RESERVE}{int(nbytes)}")
-        self.reserved = int(nbytes)
-
-    def _append(self, line: str) -> None:
-        fd = open_file(self.path, os.O_WRONLY | os.O_APPEND)  # never through a planted link
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
-
-    def release(self) -> None:
-        unlink(self.path)
-        self._lock.release()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 @dataclass
@@ -114,18 +67,12 @@ class GCReport:
 
 
 class Collector:
-    """Reachability, gc and verify over one layout, its index and its views.
+    """Reachability, freeing and gc over one layout, its index and its views."""
 
-    ``remove_entry`` is the store's own (index entry and view together), which
-    :meth:`verify` uses to repair.
-    """
-
-    def __init__(self, layout: Layout, index: Index, views: Views,
-                 remove_entry: Callable[[str], object]) -> None:
+    def __init__(self, layout: Layout, index: Index, views: Views) -> None:
         self.layout = layout
         self.index = index
         self.views = views
-        self._remove_entry = remove_entry
         self._children_cache: dict[str, list[Descriptor]] = {}
         self.trash_dir = layout.ingest_dir / "trash"
 
@@ -177,51 +124,6 @@ class Collector:
                 stack.extend(self.children(d))
         return seen
 
-    def _lease_texts(self, remove_stale: bool) -> Iterator[tuple[str, str]]:
-        """(name, text) of every live lease; a stale one (its owner died) is skipped."""
-        leases_dir = self.layout.leases_dir
-        try:
-            names = listdir(leases_dir)
-        except FileNotFoundError:
-            return
-        for name in names:
-            path = leases_dir / name
-            lock = FileLock(path)
-            if lock.acquire(blocking=False):  # owner is gone: stale
-                try:
-                    if remove_stale:
-                        unlink(path)
-                finally:
-                    lock.release()
-                continue
-            try:
-                yield name, read_file(path).decode("ascii", "replace")
-            except OSError:
-                pass
-
-    def _live_leases(self, remove_stale: bool) -> set[str]:
-        out: set[str] = set()
-        for _, text in self._lease_texts(remove_stale):
-            out.update(x for x in text.split() if DIGEST_RE.match(x))
-        return out
-
-    def live_leases(self) -> dict[str, tuple[set[str], int]]:
-        """Every live pull's lease by name: (digests it holds, bytes it reserved)."""
-        out: dict[str, tuple[set[str], int]] = {}
-        for name, text in self._lease_texts(remove_stale=False):
-            digests: set[str] = set()
-            reserved = 0
-            for line in text.splitlines():
-                if line.startswith(_RESERVE):
-                    try:
-                        reserved = int(line[len(_RESERVE):])
-                    except ValueError:
-                        pass
-                elif DIGEST_RE.match(line):
-                    digests.add(line)
-            out[name] = (digests, reserved)
-        return out
-
     # -- freeing one entry -----------------------------------------------------------------
     def free(self, url: str, unused_since: float | None = None,
              ) -> tuple[Descriptor | None, GCReport]:
@@ -265,7 +167,7 @@ class Collector:
                         continue
                     moved.append((digest, dst, size))
                 if moved:
-                    leased = self._live_leases(remove_stale=False)
+                    leased = leased_digests(self.layout, remove_stale=False)
                     for digest, dst, _ in moved:
                         if digest in leased:
                             rename(dst, self.layout.blob_path(digest))
@@ -302,7 +204,7 @@ class Collector:
         except FileNotFoundError:
             return
         with self.index.db.write() as conn:  # no removal is half-way through meanwhile
-            self._empty_trash(conn, self._live_leases(remove_stale=False))
+            self._empty_trash(conn, leased_digests(self.layout, remove_stale=False))
 
     def _empty_trash(self, conn: Any, keep: set[str]) -> None:
         try:
@@ -329,7 +231,7 @@ class Collector:
         if not wanted:
             return report
         with self.index.db.write() as conn:  # no commit counts one of them meanwhile
-            leased = self._live_leases(remove_stale=False)
+            leased = leased_digests(self.layout, remove_stale=False)
             for digest in sorted(wanted - leased):
                 row = conn.execute("SELECT refs FROM blobs WHERE digest = ?",
                                    (digest,)).fetchone()
@@ -367,7 +269,7 @@ class Collector:
             live.update(d for (d,) in conn.execute("SELECT digest FROM blobs"))
             for (reach,) in conn.execute("SELECT reach FROM entries"):
                 live.update(reach.split())
-            live |= self._live_leases(remove_stale=not dry_run)
+            live |= leased_digests(self.layout, remove_stale=not dry_run)
             for digest in list(layout.blobs()):
                 if digest in live:
                     continue
@@ -439,92 +341,3 @@ class Collector:
                 if touched >= fresh_after:
                     wanted.add(key)
         return wanted
-
-    # -- verify -----------------------------------------------------------------------------
-    def verify_blob(self, digest: str) -> bool:
-        h = hashlib.sha256()
-        try:
-            fd = open_file(self.layout.blob_path(digest), os.O_RDONLY)
-        except OSError:  # missing, or a link planted there (never followed)
-            return False
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False
-            while True:
-                chunk = f.read(_CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
-        return "sha256:" + h.hexdigest() == digest
-
-    def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
-               ) -> list[tuple[str, str]]:
-        """Re-hash blobs (all, or those ``roots`` reach).  Returns ``(digest, problem)`` pairs.
-
-        Missing blobs that an entry needs are reported too, and (for the whole cache) any
-        reference count or entry reach that differs from the manifests read again.  With
-        ``repair``, damaged blobs are removed and so are the entries that need a damaged or
-        missing blob, so the next pull of those URLs fetches them again; then the counts
-        are recomputed.
-        """
-        problems: list[tuple[str, str]] = []
-        if roots is None:
-            wanted = set(self.layout.blobs()) | self.reachable(self.index.entries())
-        else:
-            wanted = self.reachable(roots)
-        for digest in sorted(wanted):
-            path = self.layout.blob_path(digest)
-            try:
-                regular = stat.S_ISREG(lstat(path).st_mode)
-            except FileNotFoundError:
-                problems.append((digest, "missing"))
-                continue
-            if not regular:
-                problems.append((digest, "not a regular file"))
-                if repair:
-                    unlink(path)  # a link planted there: removed, never followed
-            elif not self.verify_blob(digest):
-                problems.append((digest, "digest mismatch"))
-                if repair:
-                    unlink(path)
-        if repair and problems:
-            bad = {d for d, _ in problems}
-            for entry in self.index.entries():
-                if self.reachable([entry]) & bad:
-                    self._remove_entry(entry.annotations[REF_NAME])
-        if roots is None:
-            counts = self._check_counts(repair)
-            problems.extend(counts)
-        return problems
-
-    def _check_counts(self, repair: bool) -> list[tuple[str, str]]:
-        """Compare the database's reach and counts with the manifests; fix them if asked."""
-        with self.index.db.transaction(write=repair) as conn:
-            rows = conn.execute("SELECT key, descriptor, reach FROM entries").fetchall()
-            have = dict(conn.execute("SELECT digest, refs FROM blobs").fetchall())
-            problems: list[tuple[str, str]] = []
-            want: dict[str, int] = {}
-            fixed = []
-            for key, desc, reach in rows:
-                traced = self.reachable([Descriptor.from_json(json.loads(desc))])
-                for d in traced:
-                    want[d] = want.get(d, 0) + 1
-                if set(reach.split()) != traced:
-                    problems.append((json.loads(desc)["digest"],
-                                     f"the database's reach of {key} is out of date"))
-                    fixed.append((" ".join(sorted(traced)), key))
-            for d in sorted(set(have) | set(want)):
-                if have.get(d, 0) != want.get(d, 0):
-                    problem = f"reference count {have.get(d, 0)}, {want.get(d, 0)} entries reach it"
-                    problems.append((d, problem))
-            if repair and problems:
-                conn.executemany("UPDATE entries SET reach = ? WHERE key = ?", fixed)
-                for d in set(have) - set(want):
-                    conn.execute("DELETE FROM blobs WHERE digest = ?", (d,))
-                for d, n in want.items():
-                    size = self.layout.blob_path(d).stat().st_size \
-                        if self.layout.has_blob(d) else None
-                    conn.execute("INSERT INTO blobs (digest, refs, size) VALUES (?, ?, ?)"
-                                 " ON CONFLICT (digest) DO UPDATE SET refs = excluded.refs",
-                                 (d, n, size))
-        return problems

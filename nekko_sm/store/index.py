@@ -1,21 +1,18 @@
-"""The cache's table of contents: entries in the database, ``index.json`` derived from them.
+"""The cache's table of contents: entries in the database, ``index.json`` kept in step.
 
-This module owns :class:`Descriptor` (an OCI content descriptor and its JSON form) and
-:class:`Index`: the ``entries`` table (one row per canonical URL: the descriptor, the
-digests its manifest tree reaches, last use, pin, hold) and the reference counts of
-``blobs``, changed together in one short transaction, so a commit or a removal costs a
-few rows whatever the size of the cache.  ``aliases`` (small key -> digest maps) live here
-too.
+This module owns :class:`Index`: the ``entries`` table (one row per canonical URL: the
+descriptor, the digests its manifest tree reaches, last use, pin, hold) and the reference
+counts of ``blobs``, changed together in one short transaction, so a commit or a removal
+costs a few rows whatever the size of the cache.  ``aliases`` (small key -> digest maps)
+live here too.
 
-``index.json`` stays a true OCI image index for skopeo and umoci, derived from the table:
-rewritten by *group commit* (a commit bumps the database's ``generation``; one rewrite,
-soon after, covers every commit before it) and stamped with the generation it shows in
-its top-level annotation ``io.nekko.index.generation`` (``DBID.N``), which is its first
-bytes.  Opening a cache reads those bytes only: an index.json behind the database (a
-process died before its rewrite) is rebuilt; one that is not ours (today's cache before
-it had a database, or an edit by another tool) is merged in first, so no entry is lost.
-Every rewrite is atomic and under ``.lock``; a process leaves index.json current before it
-exits (:meth:`Index.flush`, also at interpreter exit).
+``index.json`` stays a true OCI image index for skopeo and umoci, derived from the table
+(the file itself and its group commit are ``indexfile``'s): a commit bumps the database's
+``generation``, and one rewrite, soon after, covers every commit before it.  Opening a
+cache reads the stamp only: an index.json behind the database (a process died before its
+rewrite) is rebuilt; one that is not ours (today's cache before it had a database, or an
+edit by another tool) is merged in first, so no entry is lost.  A process leaves
+index.json current before it exits (:meth:`Index.flush`, also at interpreter exit).
 
 It never touches blob bytes, views or partial downloads, and it decides reachability only
 through the ``reach`` function it is given (``gc``'s).
@@ -23,81 +20,23 @@ through the ``reach`` function it is given (``gc``'s).
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
-import os
-import re
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from nekko_sm.errors import CacheCorrupt, InsufficientStorage
+from nekko_sm.errors import CacheCorrupt
 from nekko_sm.store.db import Database, bump, counter
-from nekko_sm.store.layout import (
-    MT_OCI_INDEX,
-    REF_NAME,
-    Layout,
-    check_digest,
-    fsync_dir,
-    is_file,
-    open_file,
-    read_file,
-    rename,
-    unlink,
-    write_atomic,
-)
-from nekko_sm.store.locks import FileLock
+from nekko_sm.store.descriptor import Descriptor
+from nekko_sm.store.indexfile import GroupCommit, IndexFile
+from nekko_sm.store.layout import REF_NAME, Layout, check_digest
 
 log = logging.getLogger("nekko_sm.store")
 
-A_GENERATION = "io.nekko.index.generation"
-_HEADER = re.compile(rb'^\{"annotations":\{"io\.nekko\.index\.generation":"([0-9a-f]+)\.(\d+)"\}')
-_TAIL = b'],"mediaType":"' + MT_OCI_INDEX.encode() + b'","schemaVersion":2}'
 _COLUMNS = "key, descriptor, info, created, last_used, pinned, held_until, protected"
-
-
-@dataclass
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict = field(default_factory=dict)
-    artifact_type: str | None = None
-    platform: dict | None = None
-
-    def to_json(self) -> dict:
-        d: dict = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.artifact_type:
-            d["artifactType"] = self.artifact_type
-        if self.platform:
-            d["platform"] = self.platform
-        if self.annotations:
-            d["annotations"] = dict(self.annotations)
-        return d
-
-    def encode(self) -> str:
-        """As index.json spells it: compact, keys sorted."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, d: dict) -> Descriptor:
-        if not isinstance(d, dict):
-            raise CacheCorrupt(f"descriptor is not an object: {d!r:.80}")
-        size = d.get("size")
-        if not isinstance(size, int) or size < 0:
-            raise CacheCorrupt(f"descriptor has a bad size: {d!r:.120}")
-        return cls(
-            media_type=str(d.get("mediaType", "")),
-            digest=check_digest(d.get("digest", "")),
-            size=size,
-            annotations=dict(d.get("annotations") or {}),
-            artifact_type=d.get("artifactType"),
-            platform=d.get("platform"),
-        )
 
 
 @dataclass
@@ -125,7 +64,6 @@ class Index:
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self._path = layout.index_path
         # Set by the store: the digests a descriptor's tree reaches (gc's reachable).
         self.reach: Callable[[Iterable[Descriptor]], set[str]] = lambda roots: set()
         # Set by whoever renders entries: their ``info`` for an entry taken over at open.
@@ -134,8 +72,8 @@ class Index:
         self._db: Database | None = None
         self._ready = False
         self._open_lock = threading.RLock()
-        self._file_lock = threading.RLock()  # one rewrite of index.json at a time per process
-        self._flusher = _Flusher(self)
+        self.file = IndexFile(layout.index_path, layout.lock_path)
+        self._flusher = GroupCommit(self.flush)
 
     # -- the database ---------------------------------------------------------------------
     @property
@@ -386,36 +324,11 @@ class Index:
         return self.db.execute("DELETE FROM aliases WHERE kind = ? AND key = ?", (kind, key)) > 0
 
     # -- index.json -----------------------------------------------------------------------
-    def _header(self) -> tuple[str, int] | None:
-        """(database id, generation) that index.json says it shows; None if not ours."""
-        try:
-            fd = open_file(self._path, os.O_RDONLY)  # a link planted there is never followed
-            try:
-                head = os.read(fd, 160)
-            finally:
-                os.close(fd)
-        except FileNotFoundError:
-            return ("", -1)
-        m = _HEADER.match(head)
-        return (m.group(1).decode(), int(m.group(2))) if m else None
-
-    def create_file(self) -> None:
-        """Write an empty index.json if there is none, so the layout is valid from the start.
-
-        The database does not exist yet, or a crash came before the first rewrite; the file
-        is not stamped, so the next open merges it (nothing) and rewrites it from the table.
-        """
-        if not is_file(self._path):
-            with self._file_lock, FileLock(self.layout.lock_path):
-                if not is_file(self._path):
-                    write_atomic(self._path, b'{"manifests":[],"mediaType":"' + MT_OCI_INDEX.encode()
-                                 + b'","schemaVersion":2}')
-
     def sync_file(self) -> None:
         """Make index.json show the database: merge a foreign one in, rebuild one behind."""
         db = self._db
         assert db is not None
-        header = self._header()
+        header = self.file.header()
         if header is not None and header == (db.id, self.generation()):
             return  # the common case: two small reads, no parse
         self.flush()
@@ -423,8 +336,8 @@ class Index:
     def flush(self) -> None:
         """Rewrite index.json now if it is behind the database (under ``.lock``)."""
         db = self.db
-        with self._file_lock, FileLock(self.layout.lock_path):
-            header = self._header()
+        with self.file.locked():
+            header = self.file.header()
             if header is None or (header[0] not in ("", db.id)):
                 self._merge_file()  # not ours: today's cache, or another tool wrote it
                 header = ("", -1)
@@ -433,54 +346,16 @@ class Index:
                 if header == (db.id, generation):
                     return
                 cur = conn.execute("SELECT descriptor FROM entries ORDER BY key")
-                self._write(db.id, generation, cur)
-
-    def _write(self, db_id: str, generation: int, cur: Any) -> None:
-        path = self._path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        head = '{"annotations":{"' + A_GENERATION + f'":"{db_id}.{generation}"}},"manifests":['
-        try:
-            with os.fdopen(open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
-                           "wb") as f:
-                f.write(head.encode())
-                sep = b""
-                while True:
-                    rows = cur.fetchmany(2000)
-                    if not rows:
-                        break
-                    f.write(sep + ",".join(r[0] for r in rows).encode())
-                    sep = b","
-                f.write(_TAIL)
-                f.flush()
-                os.fsync(f.fileno())
-            rename(tmp, path)
-        except OSError as e:
-            unlink(tmp)
-            if e.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise InsufficientStorage(f"no space left to write {path.name}") from e
-            raise
-        fsync_dir(path.parent)
+                self.file.write(db.id, generation, cur)
 
     def _merge_file(self) -> None:
         """Add the entries of a foreign index.json to the database (none is removed)."""
-        try:
-            doc = json.loads(read_file(self._path))
-            manifests = [Descriptor.from_json(d) for d in doc.get("manifests", [])]
-        except (ValueError, AttributeError, TypeError) as e:
-            raise CacheCorrupt(f"{self._path} does not parse: {e}; remove it to rebuild it"
-                               f" from {self.db.path.name}") from e
-        named: dict[str, Descriptor] = {}
-        for d in manifests:
-            if d.annotations.get(REF_NAME):
-                named[d.annotations[REF_NAME]] = d
-        if len(named) < len(manifests):
-            log.warning("%s: %d descriptors without %s are not entries; left out",
-                        self._path, len(manifests) - len(named), REF_NAME)
+        named = self.file.entries(self.db.path.name)
         known = dict(self.db.query("SELECT key, descriptor FROM entries"))
         todo = [(k, d) for k, d in named.items() if known.get(k) != d.encode()]
         if not todo:
             return
-        log.info("%s: taking %d entries into %s", self._path, len(todo), self.db.path.name)
+        log.info("%s: taking %d entries into %s", self.file.path, len(todo), self.db.path.name)
         now = time.time()
         reaches = []
         for key, d in todo:  # read the manifests before the write lock, not under it
@@ -498,84 +373,3 @@ class Index:
             for key, d, reach, sizes, info in reaches:
                 self._upsert(conn, key, d, reach, sizes, info, now)
             bump(conn, "generation", "revision")
-
-
-# The wait before a rewrite of index.json is this many times what the last one took, so
-# rewriting takes at most ~1/20 of the time however steadily commits come, within:
-_REWRITE_SHARE = 19
-_MIN_WAIT, _MAX_WAIT = 0.005, 10.0
-
-
-class _Flusher:
-    """Group commit of index.json: a commit asks, one rewrite a little later answers many.
-
-    At 100,000 entries a rewrite costs ~0.4 s of CPU; rewriting after every burst of a
-    steady trickle of commits would spend a third of a core on it.  Spacing rewrites by 19
-    times the last one's cost bounds that to ~5%, at the price of index.json trailing the
-    database by up to ~20 rewrites' time under steady commits (5 ms on a small cache,
-    seconds on a huge one, 10 s at most); after a quiet spell a rewrite comes at once.  Whoever needs it current calls :meth:`Index.flush`; every process
-    does when it closes its store or exits.
-    """
-
-    def __init__(self, index: Index) -> None:
-        self._index = index
-        self._cond = threading.Condition()
-        self._dirty = False
-        self._used = False  # asked at least once since the last stop
-        self._thread: threading.Thread | None = None
-        self._cost = 0.0  # what the last rewrite took, and when it ended
-        self._last = 0.0
-
-    def kick(self) -> None:
-        with self._cond:
-            self._dirty = self._used = True
-            _PENDING.add(self._index)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="index.json group commit")
-                self._thread.start()
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if not self._dirty:
-                    self._cond.wait(5.0)
-                    if not self._dirty:
-                        self._thread = None
-                        return
-                # spaced from the last rewrite: after a quiet spell, one comes at once
-                due = self._last + min(_MAX_WAIT, _REWRITE_SHARE * self._cost)
-            time.sleep(max(_MIN_WAIT, due - time.monotonic()))
-            with self._cond:
-                if not self._dirty:  # stop() flushed meanwhile
-                    continue
-                self._dirty = False
-            started = time.monotonic()
-            try:
-                self._index.flush()
-            except Exception as e:  # noqa: BLE001 - the next commit or open tries again
-                log.warning("could not rewrite index.json: %s", e)
-            self._last = time.monotonic()
-            self._cost = self._last - started
-
-    def stop(self) -> None:
-        """Leave index.json current (waiting for a rewrite under way) if anything changed."""
-        with self._cond:
-            used, self._used, self._dirty = self._used, False, False
-        if used:
-            self._index.flush()
-        _PENDING.discard(self._index)
-
-
-_PENDING: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    """A one-shot process leaves index.json current, even when nobody closed its store."""
-    for index in list(_PENDING):
-        try:
-            index._flusher.stop()
-        except Exception as e:  # noqa: BLE001 - the next open rebuilds it
-            log.warning("could not rewrite index.json at exit: %s", e)

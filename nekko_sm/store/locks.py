@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nekko_sm.store.layout import listdir, lstat, open_file, parent_dir, remove_tree, unlink
+from nekko_sm.store.fs import listdir, lstat, open_file, parent_dir, remove_tree, unlink
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+; only mypy reads this
@@ -41,7 +41,7 @@ class FileLock:
         """
         while True:
             try:
-                # No link is followed to the lock file or above it (store.layout).
+                # No link is followed to the lock file or above it (store.fs).
                 fd = open_file(self.path, os.O_RDWR | os.O_CREAT, 0o644, create_dirs=True,
                                replace_link=True)
             except (FileNotFoundError, FileExistsError):
@@ -82,7 +82,7 @@ def remove_locked_dir(d: Path, lock: FileLock) -> None:
     """Remove a directory whose ``lock`` file we hold; the lock file goes last.
 
     Nothing is followed: a link inside is removed itself, a subdirectory is removed without
-    descending through links (store.layout.remove_tree)."""
+    descending through links (store.fs.remove_tree)."""
     try:
         names = listdir(d)
     except FileNotFoundError:

@@ -5,7 +5,7 @@ atomically (a temporary directory of relative symlinks renamed into place, so a 
 sees the old view or the new one), removing one, and sweeping views no entry names any
 more, and temporary directories a failed or killed build left behind.  Names are checked
 again with :func:`nekko_sm.refs.safe_name` before a link is made.  Every step goes through
-the descriptor of ``views/`` (reached without following links, see ``layout``): a link
+the descriptor of ``views/`` (reached without following links, see ``fs``): a link
 planted at ``views`` or in it is never followed.  It never copies or writes blob bytes and
 never reads or edits ``index.json``.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 
 from nekko_sm.errors import UnsafeCachePath
 from nekko_sm.refs import safe_name
-from nekko_sm.store.layout import DIR_MODE, Layout, key_for, open_dir, remove_tree
+from nekko_sm.store.fs import DIR_MODE, open_dir, remove_tree
+from nekko_sm.store.layout import Layout, key_for
 
 log = logging.getLogger("nekko_sm.store")
 
