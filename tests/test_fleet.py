@@ -172,7 +172,7 @@ def _blob_clients(peer, mark: int, digests: set, timeout: float = 5.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         seen: dict = {}
-        for m in _BLOB_LINE.finditer(peer.log_text()[mark:]):
+        for m in _BLOB_LINE.finditer(peer.log_since(mark)):
             seen.setdefault(m.group(1), set()).add(m.group(2))
         if set(seen) >= digests or time.monotonic() > deadline:
             return seen
@@ -180,7 +180,7 @@ def _blob_clients(peer, mark: int, digests: set, timeout: float = 5.0) -> dict:
 
 
 def test_pull_through_cache_serves_the_fleet(make, reg, seeded, mirror):
-    mark = len(reg.log_text())
+    mark = reg.log_size()
     refs = ("public/single:v1", "public/multi:v1")
     flags = {"insecure_registry": [reg.host], "platform": "linux/amd64",
              "registry_mirror": [f"{reg.host}=http://{mirror.host}"]}

@@ -931,7 +931,19 @@ class RegistryPeer(CountingProxy):
         return p
 
     def log_text(self) -> str:
+        """The last MiB of the registry's log (see :meth:`log_since` for what came after a
+        point: a long session's log is longer than that)."""
         return self._log_tail(1 << 20)
+
+    def log_size(self) -> int:
+        """The length of the registry's log now: a mark for :meth:`log_since`."""
+        return os.path.getsize(self.log_path)
+
+    def log_since(self, mark: int) -> str:
+        """What the registry logged after ``mark`` (a :meth:`log_size`)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(mark)
+            return f.read().decode("utf-8", "replace")
 
     def close(self) -> None:
         for p in self._extra:
