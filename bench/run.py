@@ -54,7 +54,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +67,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the peers (tests/peers/) work outside pytest
+from peers import free_ports  # found through the path just set
 
 MIB = 1 << 20
 PY = sys.executable or "python3"
@@ -114,11 +114,7 @@ def settle(*paths: Path | str) -> None:
 
 
 def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    return free_ports(1)[0]
 
 
 def tail(text: str | bytes, n: int = 600) -> str:
@@ -485,6 +481,41 @@ def peer_texts(stats: dict, names: list) -> list:
     return [(n, stats[n].fmt()) for n in names if n in stats]
 
 
+def outcome(row: Row, stats: dict, errors: dict, size: int, peers: list) -> Stats | None:
+    """What every row comparing nekko with peers says first: the ``peers``' times, the data,
+    the failures (nekko's as the row's error, the others' as notes), nekko's time and speed
+    over ``size`` bytes.  nekko's Stats, None when it has none."""
+    row.peers = peer_texts(stats, peers)
+    row.data = {k: v.as_json() for k, v in stats.items()}
+    row.data["bytes"] = size
+    if "nekko" in errors:
+        row.error = errors["nekko"]
+    for name, err in errors.items():
+        if name != "nekko":
+            row.notes.append(f"{name} failed: {tail(err, 300)}")
+    if "nekko" not in stats:
+        return None
+    n = stats["nekko"]
+    row.nekko = n.fmt() + f", {size / MIB / n.median:.0f} MiB/s"
+    return n
+
+
+def versus(row: Row, stats: dict, n: Stats, peer: str, size: int, factor: float,
+           verified: str) -> None:
+    """nekko's time ``n`` judged against ``peer``'s (at most ``factor`` times it) and shown
+    against ``peer``'s followed by a sync; CPU, the baseline build, the check that was made
+    (``verified``) and the peak RSS in the notes."""
+    for name, checks in ((peer, row.checks), (f"{peer}+sync", row.info_checks)):
+        if name in stats:
+            r = n.median / stats[name].median
+            row.ratios.append((f"nekko/{name}", r))
+            checks.append((f"nekko ≤ {factor}× {name}", r <= factor))
+    cpu_note(row, stats, peer, size)
+    before_after(row, stats)
+    row.notes.append(verified)
+    rss_note(row, stats)
+
+
 def scenario1(ctx: Context, reps: int, label_size: str) -> list[Row]:
     peer = ctx.nginx("nginx1")
     _, want = ctx.source()
@@ -497,18 +528,9 @@ def scenario1(ctx: Context, reps: int, label_size: str) -> list[Row]:
                    " aria2c -x16 -s16, pull --jobs 1",
               target="≤ 1.1× curl time (judged vs `curl -o f && sync f`; nekko fsyncs);"
                      " defaults ≤ --jobs 1; CPU s/GiB ≤ 1.3× curl's")
-    row.peers = peer_texts(stats, ["curl", "curl+sync", "curl+sync+sha256sum", "aria2c",
-                                   "aria2c+sync", "nekko --jobs 1"])
-    row.data = {k: v.as_json() for k, v in stats.items()}
-    row.data["bytes"] = ctx.size
-    if "nekko" in errors:
-        row.error = errors["nekko"]
-    for name, err in errors.items():
-        if name != "nekko":
-            row.notes.append(f"{name} failed: {tail(err, 300)}")
-    if "nekko" in stats:
-        n = stats["nekko"]
-        row.nekko = n.fmt() + f", {ctx.size / MIB / n.median:.0f} MiB/s"
+    n = outcome(row, stats, errors, ctx.size, ["curl", "curl+sync", "curl+sync+sha256sum",
+                                               "aria2c", "aria2c+sync", "nekko --jobs 1"])
+    if n is not None:
         for peer_name in ("curl", "curl+sync", "curl+sync+sha256sum", "aria2c",
                           "aria2c+sync", "nekko --jobs 1"):
             if peer_name in stats:
@@ -560,17 +582,8 @@ def scenario2(ctx: Context, reps: int, label_size: str) -> list[Row]:
     row = Row("2", f"{label} file, nginx limit_rate 20m/connection: pull (defaults) vs curl,"
                    " aria2c -x16 -s16",
               target="≤ 1.0× aria2c -x16 -s16 time and speed ≥ 6× curl")
-    row.peers = peer_texts(stats, ["curl", "aria2c", "aria2c -k1M"])
-    row.data = {k: v.as_json() for k, v in stats.items()}
-    row.data["bytes"] = size
-    if "nekko" in errors:
-        row.error = errors["nekko"]
-    for name, err in errors.items():
-        if name != "nekko":
-            row.notes.append(f"{name} failed: {tail(err, 300)}")
-    if "nekko" in stats:
-        n = stats["nekko"]
-        row.nekko = n.fmt() + f", {size / MIB / n.median:.0f} MiB/s"
+    n = outcome(row, stats, errors, size, ["curl", "aria2c", "aria2c -k1M"])
+    if n is not None:
         if "curl" in stats:
             speedup = stats["curl"].median / n.median
             row.ratios.append(("speed nekko/curl", speedup))
@@ -649,28 +662,11 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
     log(f"scenario 3: {reps} reps")
     stats, errors = measure([*nekkos, Tool("skopeo", skopeo)], reps)
     peer.close()
-    row.peers = peer_texts(stats, ["skopeo", "skopeo+sync"])
-    row.data = {k: v.as_json() for k, v in stats.items()}
-    row.data["bytes"] = info.total_size
+    n = outcome(row, stats, errors, info.total_size, ["skopeo", "skopeo+sync"])
     row.data["layers"] = [d["size"] for d in info.layers]
-    if "nekko" in errors:
-        row.error = errors["nekko"]
-    if "skopeo" in errors:
-        row.notes.append(f"skopeo failed: {tail(errors['skopeo'], 300)}")
-    if "nekko" in stats:
-        n = stats["nekko"]
-        row.nekko = n.fmt() + f", {info.total_size / MIB / n.median:.0f} MiB/s"
-        if "skopeo" in stats:
-            row.ratios.append(("nekko/skopeo", n.median / stats["skopeo"].median))
-            row.checks.append(("nekko ≤ 0.8× skopeo", n.median <= 0.8 * stats["skopeo"].median))
-        if "skopeo+sync" in stats:
-            r = n.median / stats["skopeo+sync"].median
-            row.ratios.append(("nekko/skopeo+sync", r))
-            row.info_checks.append(("nekko ≤ 0.8× skopeo+sync", r <= 0.8))
-        cpu_note(row, stats, "skopeo", info.total_size)
-        before_after(row, stats)
-        row.notes.append("every layer and the config verified by sha256 in both layouts")
-        rss_note(row, stats)
+    if n is not None:
+        versus(row, stats, n, "skopeo", info.total_size, 0.8,
+               "every layer and the config verified by sha256 in both layouts")
     return [row]
 
 
@@ -678,16 +674,15 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
 # scenario 4: an LFS file from the fake Hub
 
 
-HF_SCRIPT = r"""
-import sys, time
-t0 = time.perf_counter()
-from huggingface_hub import hf_hub_download
-t1 = time.perf_counter()
-p = hf_hub_download(repo_id=sys.argv[1], filename=sys.argv[2])
-t2 = time.perf_counter()
-print(p)
-print(f"import {t1 - t0:.3f} download {t2 - t1:.3f}", file=sys.stderr)
-"""
+def hub_script(name: str, args: str) -> str:
+    """A script that imports ``name`` from huggingface_hub, calls it with ``args`` and prints
+    the path it returns, and on stderr the seconds the import and the call took."""
+    return (f"\nimport sys, time\nt0 = time.perf_counter()\nfrom huggingface_hub import {name}\n"
+            f"t1 = time.perf_counter()\np = {name}({args})\nt2 = time.perf_counter()\nprint(p)\n"
+            'print(f"import {t1 - t0:.3f} download {t2 - t1:.3f}", file=sys.stderr)\n')
+
+
+HF_SCRIPT = hub_script("hf_hub_download", "repo_id=sys.argv[1], filename=sys.argv[2]")
 
 
 class _CdnEtagCache:
@@ -776,7 +771,6 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
     stats, errors = measure([*nekkos, Tool("hf_hub_download", hf)], reps)
     hub.close()
     cdn_gets = sum(1 for r in hub.log("cdn") if r.method == "GET")
-    row.data["cdn_gets"] = cdn_gets
     if etag_cache is not None:
         row.notes.append("the fake CDN's per-request MD5 of the whole file (its ETag) is"
                          " computed once per file for this run (bench-side cache, both"
@@ -785,45 +779,19 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
     else:
         row.notes.append(f"raw fake Hub: every one of the {cdn_gets} CDN GETs made the peer"
                          " MD5 the whole file")
-    row.peers = peer_texts(stats, ["hf_hub_download", "hf_hub_download+sync"])
-    row.data = {k: v.as_json() for k, v in stats.items()}
-    row.data["bytes"] = ctx.size
+    n = outcome(row, stats, errors, ctx.size, ["hf_hub_download", "hf_hub_download+sync"])
+    row.data["cdn_gets"] = cdn_gets
     if inner:
         row.data["hf_import_s"] = Stats([a for a, _ in inner]).as_json()
         row.notes.append(f"hf_hub_download's process includes ~{Stats([a for a, _ in inner]).median:.2f} s"
                          " of `import huggingface_hub`")
-    if "nekko" in errors:
-        row.error = errors["nekko"]
-    if "hf_hub_download" in errors:
-        row.notes.append(f"hf_hub_download failed: {tail(errors['hf_hub_download'], 300)}")
-    if "nekko" in stats:
-        n = stats["nekko"]
-        row.nekko = n.fmt() + f", {ctx.size / MIB / n.median:.0f} MiB/s"
-        if "hf_hub_download" in stats:
-            r = n.median / stats["hf_hub_download"].median
-            row.ratios.append(("nekko/hf_hub_download", r))
-            row.checks.append(("nekko ≤ 0.8× hf_hub_download", r <= 0.8))
-        if "hf_hub_download+sync" in stats:
-            r = n.median / stats["hf_hub_download+sync"].median
-            row.ratios.append(("nekko/hf_hub_download+sync", r))
-            row.info_checks.append(("nekko ≤ 0.8× hf_hub_download+sync", r <= 0.8))
-        cpu_note(row, stats, "hf_hub_download", ctx.size)
-        before_after(row, stats)
-        row.notes.append("both outputs' sha256 matched the source")
-        rss_note(row, stats)
+    if n is not None:
+        versus(row, stats, n, "hf_hub_download", ctx.size, 0.8,
+               "both outputs' sha256 matched the source")
     return [row]
 
 
-SNAPSHOT_SCRIPT = r"""
-import sys, time
-t0 = time.perf_counter()
-from huggingface_hub import snapshot_download
-t1 = time.perf_counter()
-p = snapshot_download(repo_id=sys.argv[1], cache_dir=sys.argv[2])
-t2 = time.perf_counter()
-print(p)
-print(f"import {t1 - t0:.3f} download {t2 - t1:.3f}", file=sys.stderr)
-"""
+SNAPSHOT_SCRIPT = hub_script("snapshot_download", "repo_id=sys.argv[1], cache_dir=sys.argv[2]")
 
 
 def small_repo_files(n: int = 200) -> dict[str, bytes]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a clean environment for every test, the built .pyz, running servers."""
+"""Shared fixtures: a clean environment for every test, the built .pyz, running servers, and
+Services on a test's own cache (``new_service``, and ``make`` for registry tests)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 
 import peers
 import pytest
+
+from nekko_sm import config as cfg
+from nekko_sm.service import Service
+from nekko_sm.transfer import Transfer
 
 # Peer fixtures (nginx, faulty, registry, auth_registry, fakehub …) live beside their peers.
 pytest_plugins = ["peers.nginx", "peers.faulty", "peers.fakehub", "peers.registry"]
@@ -35,6 +40,38 @@ def clean_env(monkeypatch, tmp_path):
     saved = (list(logger.handlers), logger.level, logger.propagate)
     yield
     logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture
+def new_service(tmp_path):
+    """new_service(flags=None, env=None, transfer=None) -> a Service of ``cfg.build(flags,
+    env)``, on tmp_path/cache unless ``flags`` name a ``cache_dir``, with
+    ``Transfer(config, **transfer)`` when ``transfer`` is given (else the Service makes its
+    own).  Every one made is closed after the test."""
+
+    def new(flags: dict | None = None, env: dict | None = None,
+            transfer: dict | None = None) -> Service:
+        config = cfg.build({"cache_dir": str(tmp_path / "cache"), **(flags or {})}, env or {})
+        return Service(config, transfer=None if transfer is None else Transfer(config, **transfer))
+
+    yield from peers.closing_all(new)
+
+
+@pytest.fixture
+def make(new_service, tmp_path):
+    """make(*insecure_hosts, cache=None, env=None, transfer=None, **flags) -> a Service for
+    registry tests: on ``cache`` (default tmp_path/cache), platform linux/amd64 unless
+    ``flags`` say otherwise, retries 0.05 s apart unless ``transfer`` says otherwise; closed
+    after the test."""
+
+    def make(*hosts: str, cache: Path | None = None, env: dict | None = None,
+             transfer: dict | None = None, **flags) -> Service:
+        flags.setdefault("platform", "linux/amd64")
+        return new_service({"cache_dir": str(cache or tmp_path / "cache"),
+                            "insecure_registry": list(hosts), **flags},
+                           env, transfer or {"backoff": 0.05})
+
+    return make
 
 
 @pytest.fixture(scope="session")

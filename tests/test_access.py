@@ -40,7 +40,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from peers import require_module
+from peers import closing_all, require_module
 from test_security import (  # the helpers of the security review, reused
     api_server,  # noqa: F401  (a fixture)
     assert_no_leak,
@@ -166,16 +166,8 @@ class Recorder:
 
 @pytest.fixture
 def recorder():
-    made: list[Recorder] = []
-
-    def start(host: str = "127.0.0.1", port: int = 0) -> Recorder:
-        r = Recorder(host, port)
-        made.append(r)
-        return r
-
-    yield start
-    for r in made:
-        r.close()
+    """recorder(host="127.0.0.1", port=0) -> a started :class:`Recorder`, closed after the test."""
+    yield from closing_all(Recorder)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_security import api_request
 
 from nekko_sm import config as cfg
 from nekko_sm.api import make_server
@@ -59,19 +60,9 @@ class Api:
 
     def call(self, method: str, path: str, body: object = None, raw: bytes | None = None,
              headers: dict | None = None):
-        c = self.conn()
-        try:
-            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-            hdrs = dict(headers or {})
-            if method == "POST":  # what the API wants (415 otherwise)
-                hdrs.setdefault("Content-Type", "application/json")
-            c.request(method, path, body=data, headers=hdrs)
-            r = c.getresponse()
-            payload = r.read()
-            doc = json.loads(payload) if payload and r.getheader("Content-Type") == "application/json" else payload
-            return r.status, doc, r
-        finally:
-            c.close()
+        r, payload = api_request(self.conn(), method, path, body, raw, headers)
+        doc = json.loads(payload) if payload and r.getheader("Content-Type") == "application/json" else payload
+        return r.status, doc, r
 
     def close(self) -> None:
         self.server.shutdown()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,31 @@ MIB = 1 << 20
 
 def _svc(cache: Path, **flags) -> Service:
     return Service(cfg.build({"cache_dir": str(cache), "jobs": "1", **flags}, {}))
+
+
+def _pull_all(cache: Path, urls: list[str]) -> None:
+    """Pull every one of ``urls`` into ``cache`` (no budget), the service closed after."""
+    with closing(_svc(cache)) as svc:
+        for u in urls:
+            svc.pull(u)
+
+
+def _start_serve(pyz: Path, cache: Path, sock: Path, *flags: str) -> subprocess.Popen:
+    """``serve`` in a process of its own on the Unix socket ``sock``, once the socket is there
+    (stderr piped, as text)."""
+    proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(cache), *flags,
+                             "--address", f"unix:{sock}", "serve"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        proc.communicate(timeout=60)
+        raise
+    return proc
 
 
 def _files(nginx, prefix: str, n: int, size: int) -> list[str]:
@@ -112,8 +138,7 @@ def test_bad_budget_env_exits_2(monkeypatch, capsys):
 def test_lru_order_is_respected(tmp_path, nginx):
     """With room for three files, the fourth evicts the least recently used, not the oldest."""
     urls = _files(nginx, "lru", 5, 200 * KIB)
-    svc = _svc(tmp_path / "cache", max_cache_size="700K")
-    try:
+    with closing(_svc(tmp_path / "cache", max_cache_size="700K")) as svc:
         for u in urls[:3]:
             svc.pull(u)
             _verified(svc)
@@ -129,14 +154,11 @@ def test_lru_order_is_respected(tmp_path, nginx):
         assert svc.budget.evictions == 2
         assert 400 * KIB < svc.budget.bytes_evicted < 404 * KIB
         assert _blob_bytes(svc.store.root) <= 700 * KIB
-    finally:
-        svc.close()
 
 
 def test_status_get_and_ls_are_not_use(tmp_path, nginx):
     urls = _files(nginx, "notuse", 3, 300 * KIB)
-    svc = _svc(tmp_path / "cache", max_cache_size="700K")
-    try:
+    with closing(_svc(tmp_path / "cache", max_cache_size="700K")) as svc:
         svc.pull(urls[0])
         svc.pull(urls[1])
         before = svc.status(urls[0])["last_used"]
@@ -145,14 +167,12 @@ def test_status_get_and_ls_are_not_use(tmp_path, nginx):
         assert svc.status(urls[0])["last_used"] == before
         svc.pull(urls[2])
         assert _cached(svc) == {urls[1], urls[2]}
-    finally:
-        svc.close()
 
 
 def test_pinned_and_held_entries_survive_any_number_of_pulls(tmp_path, nginx):
     pinned, held, *rest = _files(nginx, "keep", 12, 150 * KIB)
-    svc = _svc(tmp_path / "cache", max_cache_size="610K")  # 4 files and their manifests
-    try:
+    # 4 files and their manifests
+    with closing(_svc(tmp_path / "cache", max_cache_size="610K")) as svc:
         svc.pull(pinned, pin=True)
         svc.pull(held, hold=3600)
         assert svc.status(pinned)["pinned"] is True
@@ -163,16 +183,13 @@ def test_pinned_and_held_entries_survive_any_number_of_pulls(tmp_path, nginx):
             _verified(svc)
         assert svc.budget.evictions == len(rest) - 2
         assert _cached(svc) == {pinned, held, *rest[-2:]}
-    finally:
-        svc.close()
 
 
 def test_pull_that_cannot_fit_gets_507_and_changes_nothing(tmp_path, nginx):
     small = _files(nginx, "fit", 2, 200 * KIB)
     pinned = nginx.put("fit-pinned.bin", os.urandom(300 * KIB))
     big = nginx.put("fit-big.bin", os.urandom(600 * KIB))
-    svc = _svc(tmp_path / "cache", max_cache_size="800K")
-    try:
+    with closing(_svc(tmp_path / "cache", max_cache_size="800K")) as svc:
         svc.pull(pinned, pin=True)
         for u in small:
             svc.pull(u)
@@ -189,8 +206,6 @@ def test_pull_that_cannot_fit_gets_507_and_changes_nothing(tmp_path, nginx):
         assert svc.budget.evictions == 0
         assert svc.store.partial_size("url:" + big) == 0  # refused before writing a byte
         _verified(svc)
-    finally:
-        svc.close()
 
 
 def test_shared_blobs_are_kept_and_not_counted_as_freed(tmp_path, nginx):
@@ -198,8 +213,7 @@ def test_shared_blobs_are_kept_and_not_counted_as_freed(tmp_path, nginx):
     data = os.urandom(300 * KIB)
     a, b = nginx.put("same-a.bin", data), nginx.put("same-b.bin", data)
     other = nginx.put("same-other.bin", os.urandom(300 * KIB))
-    svc = _svc(tmp_path / "cache", max_cache_size="700K")
-    try:
+    with closing(_svc(tmp_path / "cache", max_cache_size="700K")) as svc:
         svc.pull(a)
         svc.pull(b)  # the same blob: the cache holds 300 KiB
         svc.pull(other)  # fits beside it
@@ -208,8 +222,6 @@ def test_shared_blobs_are_kept_and_not_counted_as_freed(tmp_path, nginx):
         svc.pull(third)  # must free 200 KiB: a (frees nothing), then b (frees the blob)
         assert _cached(svc) == {other, third}
         _verified(svc)
-    finally:
-        svc.close()
 
 
 def test_post_pin_hold_and_use_through_the_api(tmp_path, nginx):
@@ -307,24 +319,19 @@ def test_cli_pin_unpin_pull_pin_hold_and_ls(tmp_path, nginx, capsys):
 def test_pins_and_use_survive_a_restart(tmp_path, nginx):
     urls = _files(nginx, "restart", 3, 200 * KIB)
     cache = tmp_path / "cache"
-    svc = _svc(cache, max_cache_size="500K")
-    svc.pull(urls[0], pin=True)
-    svc.pull(urls[1])
-    svc.close()
-    svc = _svc(cache, max_cache_size="500K")
-    try:
+    with closing(_svc(cache, max_cache_size="500K")) as svc:
+        svc.pull(urls[0], pin=True)
+        svc.pull(urls[1])
+    with closing(_svc(cache, max_cache_size="500K")) as svc:
         assert svc.status(urls[0])["pinned"] is True
         svc.pull(urls[2])
         assert _cached(svc) == {urls[0], urls[2]}
-    finally:
-        svc.close()
 
 
 def test_stale_partials_go_first(tmp_path, faulty):
     """An interrupted download's partial is evicted before any entry."""
     keep = faulty.add("stale-keep.bin", os.urandom(200 * KIB))
-    svc = _svc(tmp_path / "cache", max_cache_size="700K")
-    try:
+    with closing(_svc(tmp_path / "cache", max_cache_size="700K")) as svc:
         svc.pull(keep)
         w = svc.store.writer("url:http://127.0.0.1:1/abandoned.bin")
         w.write(os.urandom(300 * KIB))
@@ -337,31 +344,23 @@ def test_stale_partials_go_first(tmp_path, faulty):
         assert svc.store.partial_size("url:http://127.0.0.1:1/abandoned.bin") == 0
         assert svc.budget.evictions == 1
         _verified(svc)
-    finally:
-        svc.close()
 
 
 def test_lowering_the_budget_and_gc_shrinks_the_cache(tmp_path, nginx, capsys):
     urls = _files(nginx, "shrink", 6, 100 * KIB)
     cache = tmp_path / "cache"
-    svc = _svc(cache)
-    try:
+    with closing(_svc(cache)) as svc:
         for u in urls:
             svc.pull(u)
         svc.store.set_pin(urls[0], True)
         svc.use(urls[1])
-    finally:
-        svc.close()
     assert _blob_bytes(cache) >= 600 * KIB
     assert cli.main(["--cache-dir", str(cache), "--max-cache-size", "350K", "gc"]) == 0
     out = capsys.readouterr().out
     assert "evicted 3 entries" in out, out
-    svc = _svc(cache)
-    try:
+    with closing(_svc(cache)) as svc:
         assert _cached(svc) == {urls[0], urls[1], urls[5]}  # pinned, used, newest
         _verified(svc)
-    finally:
-        svc.close()
     assert _blob_bytes(cache) <= 350 * KIB
     assert cli.main(["--cache-dir", str(cache), "verify"]) == 0
 
@@ -369,50 +368,33 @@ def test_lowering_the_budget_and_gc_shrinks_the_cache(tmp_path, nginx, capsys):
 def test_serve_brings_the_cache_within_budget_at_start(tmp_path, nginx, pyz):
     urls = _files(nginx, "serve", 4, 100 * KIB)
     cache = tmp_path / "cache"
-    svc = _svc(cache)
-    for u in urls:
-        svc.pull(u)
-    svc.close()
-    sock = tmp_path / "api.sock"
-    proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(cache),
-                             "--address", f"unix:{sock}", "--max-cache-size", "250K", "serve"],
-                            stderr=subprocess.PIPE, text=True)
+    _pull_all(cache, urls)
+    proc = _start_serve(pyz, cache, tmp_path / "api.sock", "--max-cache-size", "250K")
     try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert err.count("evicted entry") == 2, err
-    svc = _svc(cache)
-    try:
+    with closing(_svc(cache)) as svc:
         assert _cached(svc) == set(urls[2:])
         _verified(svc)
-    finally:
-        svc.close()
 
 
 def test_no_budget_evicts_nothing(tmp_path, nginx):
     urls = _files(nginx, "unlimited", 5, 100 * KIB)
-    svc = _svc(tmp_path / "cache")
-    try:
+    with closing(_svc(tmp_path / "cache")) as svc:
         for u in urls:
             svc.pull(u)
         assert _cached(svc) == set(urls)
         assert not svc.budget.enabled and svc.budget.enforce().evicted == []
-    finally:
-        svc.close()
 
 
 def test_entry_being_pulled_elsewhere_is_not_evicted(tmp_path, nginx):
     """An entry another process is pulling again (its pull lock held) is never a candidate."""
     urls = _files(nginx, "busy", 3, 300 * KIB)
-    svc = _svc(tmp_path / "cache", max_cache_size="700K")
-    try:
+    with closing(_svc(tmp_path / "cache", max_cache_size="700K")) as svc:
         svc.pull(urls[0])
         svc.pull(urls[1])
         from nekko_sm.store import FileLock
@@ -424,17 +406,11 @@ def test_entry_being_pulled_elsewhere_is_not_evicted(tmp_path, nginx):
         finally:
             lock.release()
         assert _cached(svc) == {urls[0], urls[2]}
-    finally:
-        svc.close()
 
 
 def test_unknown_budget_pin_of_absent_entry_is_404(tmp_path):
-    svc = _svc(tmp_path / "cache")
-    try:
-        with pytest.raises(EntryNotFound):
-            svc.pin("http://127.0.0.1:1/none.bin")
-    finally:
-        svc.close()
+    with closing(_svc(tmp_path / "cache")) as svc, pytest.raises(EntryNotFound):
+        svc.pin("http://127.0.0.1:1/none.bin")
 
 
 def sha(data: bytes) -> str:
@@ -464,8 +440,7 @@ _BOOKKEEPING = 2 * MIB
 @pytest.mark.parametrize("setting, keep", [("24M", 24 * MIB), ("40%", int(0.4 * 64 * MIB))])
 def test_min_free_space_on_a_small_disk_keeps_that_much_free(small_disk, nginx, setting, keep):
     urls = _files(nginx, f"disk-{setting[:-1]}", 10, 6 * MIB)  # 60 MiB through a 64 MiB disk
-    svc = _svc(small_disk / "cache", min_free_space=setting)
-    try:
+    with closing(_svc(small_disk / "cache", min_free_space=setting)) as svc:
         for u in urls:
             svc.pull(u)
             assert _free(small_disk) >= keep - _BOOKKEEPING, "less free than --min-free-space"
@@ -479,8 +454,6 @@ def test_min_free_space_on_a_small_disk_keeps_that_much_free(small_disk, nginx, 
         assert "free on disk" in e.value.message
         assert _cached(svc) == before
         _verified(svc)
-    finally:
-        svc.close()
 
 
 @pytest.fixture(scope="module")
@@ -506,14 +479,9 @@ def test_cli_and_serve_share_one_budget(tmp_path, nginx, slow_nginx, pyz):
         subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *budget, "pull", u],
                        check=True, capture_output=True)
     sock = tmp_path / "api.sock"
-    proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(cache), *budget,
-                             "--address", f"unix:{sock}", "serve"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_serve(pyz, cache, sock, *budget)
     try:
         deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         posted = _unix_post(sock, {"url": c, "async": True})
         assert posted[0] == 202
         # Wait until serve has reserved (its lease says so) and started writing.
@@ -538,13 +506,10 @@ def test_cli_and_serve_share_one_budget(tmp_path, nginx, slow_nginx, pyz):
             if proc.poll() is None:
                 proc.kill()
     assert "evicted" not in err  # serve had room: the CLI made it before
-    svc = _svc(cache)
-    try:
+    with closing(_svc(cache)) as svc:
         assert _cached(svc) == {b, c, d}
         assert Path(svc.status(c)["path"]).read_bytes() == c_data
         _verified(svc)
-    finally:
-        svc.close()
     assert _blob_bytes(cache) <= 9300 * KIB
 
 
@@ -577,13 +542,8 @@ def _unix_get(sock: Path, url: str):
 @pytest.mark.slow
 def test_sigkill_during_eviction_leaves_a_consistent_cache(tmp_path, nginx, pyz):
     cache = tmp_path / "cache"
-    svc = _svc(cache)
     urls = [nginx.put(f"kill-evict-{i}.bin", os.urandom(4 * KIB + i)) for i in range(80)]
-    try:
-        for u in urls:
-            svc.pull(u)
-    finally:
-        svc.close()
+    _pull_all(cache, urls)
     import random
 
     rng = random.Random(20261202)
@@ -612,14 +572,11 @@ def test_sigkill_during_eviction_leaves_a_consistent_cache(tmp_path, nginx, pyz)
     assert cli.main(["--cache-dir", str(cache), "--max-cache-size", "40K", "gc"]) == 0
     assert _blob_bytes(cache) <= 40 * KIB
     assert cli.main(["--cache-dir", str(cache), "verify"]) == 0
-    svc = _svc(cache)
-    try:
+    with closing(_svc(cache)) as svc:
         kept = _cached(svc)
         assert kept and kept == set(urls[-len(kept):])  # never used again: the newest stay
         again, created = svc.pull(urls[0])  # an evicted URL comes back whole
         assert created and Path(again["path"]).stat().st_size == 4 * KIB
-    finally:
-        svc.close()
 
 
 def test_an_image_makes_room_from_its_descriptors(tmp_path, nginx, registry, seeded):
@@ -636,25 +593,19 @@ def test_an_image_makes_room_from_its_descriptors(tmp_path, nginx, registry, see
                             "platform": "linux/amd64", "max_cache_size": str(size)}, {})
         return Service(config)
 
-    svc = svc_for(tmp_path / "cache", budget)
-    try:
+    with closing(svc_for(tmp_path / "cache", budget)) as svc:
         svc.pull(old)
         svc.pull(new)
         registry.reset()
         _, created = svc.pull(info.url)
         assert created and _cached(svc) == {new, info.url}
         _verified(svc)
-    finally:
-        svc.close()
-    svc = svc_for(tmp_path / "small", image // 2)
-    try:
+    with closing(svc_for(tmp_path / "small", image // 2)) as svc:
         with pytest.raises(InsufficientStorage):
             svc.pull(info.url)
         assert _cached(svc) == set() and svc.budget.evictions == 0
         assert not any(svc.store.has_blob(d["digest"]) for d in info.layers)
         _verified(svc)
-    finally:
-        svc.close()
 
 
 def test_a_hub_repository_makes_room_from_the_hub_sizes(tmp_path, nginx, fakehub):
@@ -665,8 +616,7 @@ def test_a_hub_repository_makes_room_from_the_hub_sizes(tmp_path, nginx, fakehub
     old, new = _files(nginx, "hf-room", 2, 150 * KIB)
     config = cfg.build({"cache_dir": str(tmp_path / "cache"), "max_cache_size": "560K"},
                        {"HF_ENDPOINT": fakehub.endpoint})
-    svc = Service(config)
-    try:
+    with closing(Service(config)) as svc:
         svc.pull(old)
         svc.pull(new)
         entry, created = svc.pull("hf:///budget/three-shards")
@@ -675,26 +625,20 @@ def test_a_hub_repository_makes_room_from_the_hub_sizes(tmp_path, nginx, fakehub
         for name, data in files.items():
             assert (Path(entry["path"]) / name).read_bytes() == data
         _verified(svc)
-    finally:
-        svc.close()
     config = cfg.build({"cache_dir": str(tmp_path / "small"), "max_cache_size": "300K"},
                        {"HF_ENDPOINT": fakehub.endpoint})
-    svc = Service(config)
-    try:
+    with closing(Service(config)) as svc:
         with pytest.raises(InsufficientStorage):
             svc.pull("hf:///budget/three-shards")  # 360 KiB of files: refused up front
         assert not any(svc.store.has_blob(sha(d)) for d in files.values())
         _verified(svc)
-    finally:
-        svc.close()
 
 
 def test_an_entry_whose_blobs_a_live_pull_leased_is_not_evicted_in_vain(tmp_path, nginx):
     """An entry all of whose blobs a pull in flight has leased frees nothing: it is kept,
     the next one in LRU order goes instead, and the leased blobs stay on disk."""
     urls = _files(nginx, "leased", 3, 300 * KIB)
-    svc = _svc(tmp_path / "cache", max_cache_size="700K")
-    try:
+    with closing(_svc(tmp_path / "cache", max_cache_size="700K")) as svc:
         first, _ = svc.pull(urls[0])
         svc.pull(urls[1])
         from nekko_sm.store import Lease
@@ -706,18 +650,13 @@ def test_an_entry_whose_blobs_a_live_pull_leased_is_not_evicted_in_vain(tmp_path
             assert _cached(svc) == {urls[0], urls[2]}  # urls[1] went, though newer
             assert svc.store.has_blob(first["digest"])
         _verified(svc)
-    finally:
-        svc.close()
 
 
 def test_a_hold_that_ended_protects_nothing(tmp_path, nginx):
     urls = _files(nginx, "expired", 3, 300 * KIB)
-    svc = _svc(tmp_path / "cache", max_cache_size="700K")
-    try:
+    with closing(_svc(tmp_path / "cache", max_cache_size="700K")) as svc:
         svc.pull(urls[0], hold=3600)
         svc.pull(urls[1])
         svc.store.set_hold(urls[0], time.time() - 1)  # as if the hour had passed
         svc.pull(urls[2])
         assert _cached(svc) == {urls[1], urls[2]}
-    finally:
-        svc.close()

@@ -29,7 +29,6 @@ from nekko_sm.credentials import Credentials
 from nekko_sm.errors import UnsafeLayer
 from nekko_sm.service import Service
 from nekko_sm.store import REF_NAME, Store
-from nekko_sm.transfer import Transfer
 
 ROOT = Path(__file__).resolve().parent.parent
 ONE = mp.gguf_bytes("one", payload=b"\x01" * 64)
@@ -62,24 +61,6 @@ def pushed(registry) -> dict:
     registry.reset()
     return {name: mp.push_pack(registry, f"models/{name}:v1", pack)
             for name, pack in PACKS.items()}
-
-
-@pytest.fixture
-def make(tmp_path):
-    """make(*insecure_hosts, **flags) -> a Service on tmp_path/cache (closed after the test)."""
-    made = []
-
-    def make(*hosts, cache=None, **flags):
-        flags.setdefault("platform", "linux/amd64")
-        config = cfg.build({"cache_dir": str(cache or tmp_path / "cache"),
-                            "insecure_registry": list(hosts), **flags}, {})
-        s = Service(config, transfer=Transfer(config, backoff=0.05))
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 class Api:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from peers.images import (
     OCI_INDEX,
     TITLE,
@@ -79,13 +78,6 @@ def pull_in_child(tmp_path, reg, warm: str, url: str, max_files: int = 10_000) -
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture
-def reg(registry, seeded):
-    registry.reset()
-    yield registry
-    registry.reset()
 
 
 def big_manifest(reg, repo: str, files: int) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -70,14 +71,18 @@ def front(pki, tproxy_module):
     f.close()
 
 
-@pytest.fixture(scope="module")
-def tproxy_module(tmp_path_factory, tls):
+def _tinyproxy(tmp_path_factory, name: str, **options):
+    """The body of a module fixture: a tinyproxy in its own directory, stopped afterwards."""
     require_binary("tinyproxy")
     from peers.fleet import start_tinyproxy
 
-    peer = start_tinyproxy(tmp_path_factory.mktemp("tinyproxy"), connect_ports=[tls.port])
-    yield peer
-    peer.stop()
+    with start_tinyproxy(tmp_path_factory.mktemp(name), **options) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="module")
+def tproxy_module(tmp_path_factory, tls):
+    yield from _tinyproxy(tmp_path_factory, "tinyproxy", connect_ports=[tls.port])
 
 
 @pytest.fixture
@@ -89,13 +94,7 @@ def tproxy(tproxy_module):
 
 @pytest.fixture(scope="module")
 def aproxy_module(tmp_path_factory):
-    require_binary("tinyproxy")
-    from peers.fleet import start_tinyproxy
-
-    peer = start_tinyproxy(tmp_path_factory.mktemp("tinyproxy-auth"),
-                           auth=(PROXY_USER, PROXY_PASSWORD))
-    yield peer
-    peer.stop()
+    yield from _tinyproxy(tmp_path_factory, "tinyproxy-auth", auth=(PROXY_USER, PROXY_PASSWORD))
 
 
 @pytest.fixture
@@ -103,13 +102,6 @@ def aproxy(aproxy_module):
     """tinyproxy with BasicAuth PROXY_USER:PROXY_PASSWORD."""
     aproxy_module.clear()
     return aproxy_module
-
-
-@pytest.fixture
-def reg(registry, seeded):
-    registry.reset()
-    yield registry
-    registry.reset()
 
 
 @pytest.fixture
@@ -122,21 +114,16 @@ def mirror(registry, seeded, tmp_path):
 
 
 @pytest.fixture
-def make(tmp_path):
+def make(new_service, tmp_path):
     """make(flags=None, env=None) -> a Service on its own cache (closed after the test)."""
-    made = []
+    caches = itertools.count()
 
     def make(flags: dict | None = None, env: dict | None = None, **transfer_kw) -> Service:
-        config = cfg.build({"cache_dir": str(tmp_path / f"cache{len(made)}"), **(flags or {})},
-                           env or {})
         transfer_kw.setdefault("backoff", 0.05)
-        s = Service(config, transfer=Transfer(config, read_timeout=10, **transfer_kw))
-        made.append(s)
-        return s
+        return new_service({"cache_dir": str(tmp_path / f"cache{next(caches)}"), **(flags or {})},
+                           env, {"read_timeout": 10, **transfer_kw})
 
-    yield make
-    for s in made:
-        s.close()
+    return make
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import contextlib
 import http.client
 import json
 import posixpath
-import socket
 import string
 import threading
 import warnings
@@ -22,7 +21,7 @@ from urllib.parse import quote
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from peers import raw_exchange
+from peers import free_ports, raw_exchange
 
 from nekko_sm import config as cfg
 from nekko_sm.api import make_server
@@ -188,17 +187,9 @@ def test_credentials_are_a_valid_header_or_refused(value, kind):
 # the API, live
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _closed_port()
+    (port,) = free_ports(1)  # closed again: nothing listens there
     nowhere = f"http://127.0.0.1:{port}"
     config = cfg.build({"cache_dir": str(tmp_path_factory.mktemp("fuzz") / "cache"),
                         "address": "127.0.0.1:0"},

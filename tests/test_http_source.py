@@ -32,11 +32,8 @@ def sha(data: bytes) -> str:
 
 
 @pytest.fixture
-def svc(tmp_path):
-    config = cfg.build({"cache_dir": str(tmp_path / "cache")}, {})
-    s = Service(config, transfer=Transfer(config, read_timeout=2.0, backoff=0.05))
-    yield s
-    s.close()
+def svc(new_service):
+    return new_service(transfer={"read_timeout": 2.0, "backoff": 0.05})
 
 
 def test_pull_stores_raw_file_wrapped_in_artifact(svc, nginx):

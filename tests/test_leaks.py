@@ -7,18 +7,13 @@ import os
 
 import pytest
 
-from nekko_sm import config as cfg
 from nekko_sm.errors import EntryNotFound, UpstreamNotFound
 from nekko_sm.service import Service
-from nekko_sm.transfer import Transfer
 
 
 @pytest.fixture
-def svc(tmp_path):
-    config = cfg.build({"cache_dir": str(tmp_path / "cache")}, {})
-    s = Service(config, transfer=Transfer(config, read_timeout=5.0, backoff=0.01))
-    yield s
-    s.close()
+def svc(new_service):
+    return new_service(transfer={"read_timeout": 5.0, "backoff": 0.01})
 
 
 def _rss() -> int:

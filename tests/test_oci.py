@@ -21,7 +21,6 @@ from peers import require_binary
 from peers.images import MODEL_ARTIFACT_TYPE, SHARED_LAYERS
 from peers.tokenserver import ALICE_TOKEN, CREDENTIALS
 
-from nekko_sm import config as cfg
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
     IntegrityError,
@@ -35,7 +34,6 @@ from nekko_sm.errors import (
 from nekko_sm.service import Service
 from nekko_sm.sources import oci_fetch, registry_auth
 from nekko_sm.store import MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, REF_NAME, Store
-from nekko_sm.transfer import Transfer
 
 ROOT = Path(__file__).resolve().parent.parent
 BASIC = base64.b64encode(f"{CREDENTIALS[0]}:{CREDENTIALS[1]}".encode()).decode()
@@ -47,39 +45,6 @@ def sha(data: bytes) -> str:
 
 # --------------------------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture
-def reg(registry, seeded):
-    registry.reset()
-    yield registry
-    registry.reset()
-
-
-@pytest.fixture
-def areg(auth_registry, auth_seeded):
-    auth_registry.reset()
-    auth_registry.token_server.clear()
-    yield auth_registry
-    auth_registry.reset()
-
-
-@pytest.fixture
-def make(tmp_path):
-    """make(*insecure_hosts, **flags) -> a Service on tmp_path/cache (closed after the test)."""
-    made = []
-
-    def make(*hosts, cache=None, **flags):
-        flags.setdefault("platform", "linux/amd64")
-        config = cfg.build({"cache_dir": str(cache or tmp_path / "cache"),
-                            "insecure_registry": list(hosts), **flags}, {})
-        s = Service(config, transfer=Transfer(config, backoff=0.05))
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 @pytest.fixture

@@ -40,8 +40,8 @@ from peers.tokenserver import (
 if TYPE_CHECKING:
     from peers.registry import RegistryPeer
 
-# The fixtures registry, auth_registry, seeded, auth_seeded come from tests/conftest.py's
-# pytest_plugins (importing peers.registry at the top of a test module would defeat pytest's
+# The fixtures registry, auth_registry, seeded, auth_seeded, reg, areg come from
+# tests/conftest.py's pytest_plugins (importing peers.registry at the top of a test module would defeat pytest's
 # assertion rewriting of it, which filterwarnings=error turns into a collection error).
 
 
@@ -54,23 +54,6 @@ def web() -> Iterator[urllib3.PoolManager]:
         yield pm
     finally:
         pm.clear()
-
-
-@pytest.fixture
-def reg(registry: RegistryPeer, seeded: dict) -> Iterator[RegistryPeer]:
-    registry.reset()
-    yield registry
-    registry.reset()
-
-
-@pytest.fixture
-def areg(auth_registry: RegistryPeer, auth_seeded: dict) -> Iterator[RegistryPeer]:
-    auth_registry.reset()
-    assert auth_registry.token_server is not None
-    auth_registry.token_server.clear()
-    yield auth_registry
-    auth_registry.reset()
-    auth_registry.token_server.expires_in = 300
 
 
 def token_for(peer: RegistryPeer, scope: str, creds: tuple[str, str] | None = None) -> str | None:

@@ -15,26 +15,19 @@ import threading
 import pytest
 from peers.fakehub import start_fakehub
 
-from nekko_sm import config as cfg
 from nekko_sm.errors import Conflict, EntryNotFound, IntegrityError, UpstreamNotFound
-from nekko_sm.service import Service
-from nekko_sm.transfer import Transfer
 
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def make_service(tmp_path, env: dict | None = None) -> Service:
-    config = cfg.build({"cache_dir": str(tmp_path / "cache")}, env or {})
-    return Service(config, transfer=Transfer(config, read_timeout=5.0, backoff=0.01))
+TRANSFER = {"read_timeout": 5.0, "backoff": 0.01}
 
 
 @pytest.fixture
-def svc(tmp_path):
-    s = make_service(tmp_path)
-    yield s
-    s.close()
+def svc(new_service):
+    return new_service(transfer=TRANSFER)
 
 
 def test_http_digest_of_cached_bytes_does_not_create_victim_entry(svc, nginx):
@@ -110,23 +103,20 @@ def hub():
     h.close()
 
 
-def test_hub_git_file_digest_of_cached_bytes_is_fetched_and_refused(tmp_path, hub):
-    svc = make_service(tmp_path, {"HF_ENDPOINT": hub.endpoint})
-    try:
-        evil = EVIL_PY
-        svc.pull("hf:///acme/attacker/evil.py")
-        hub.clear_log()
-        with pytest.raises(IntegrityError):
-            svc.pull("hf:///acme/victim/modeling.py", digest=sha(evil))
-        asked = [r for r in hub.log() if "modeling.py" in r.path]
-        assert asked, "the Hub was never asked for the victim's file"
-        assert svc.store.get_entry(svc.canonical("hf:///acme/victim/modeling.py")) is None
-        entry, created = svc.pull("hf:///acme/victim/modeling.py")
-        assert created
-        with open(entry["path"], "rb") as f:
-            assert f.read() == MODELING_PY
-    finally:
-        svc.close()
+def test_hub_git_file_digest_of_cached_bytes_is_fetched_and_refused(new_service, hub):
+    svc = new_service(env={"HF_ENDPOINT": hub.endpoint}, transfer=TRANSFER)
+    evil = EVIL_PY
+    svc.pull("hf:///acme/attacker/evil.py")
+    hub.clear_log()
+    with pytest.raises(IntegrityError):
+        svc.pull("hf:///acme/victim/modeling.py", digest=sha(evil))
+    asked = [r for r in hub.log() if "modeling.py" in r.path]
+    assert asked, "the Hub was never asked for the victim's file"
+    assert svc.store.get_entry(svc.canonical("hf:///acme/victim/modeling.py")) is None
+    entry, created = svc.pull("hf:///acme/victim/modeling.py")
+    assert created
+    with open(entry["path"], "rb") as f:
+        assert f.read() == MODELING_PY
 
 
 def test_concurrent_poisoning_attempts_leave_no_binding(svc, nginx):

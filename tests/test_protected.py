@@ -9,6 +9,7 @@ costs one cheap upstream question, remembered for a while per credential.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 
 import pytest
@@ -16,7 +17,6 @@ from peers.fakehub import GOOD_TOKEN, NOACCESS_TOKEN, start_fakehub
 from peers.nginx import BASIC_PASSWORD, BASIC_USER, BEARER_TOKEN
 from peers.registry import ALICE_TOKEN, CREDENTIALS
 
-from nekko_sm import config as cfg
 from nekko_sm.access import A_PROTECTED
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
@@ -26,8 +26,6 @@ from nekko_sm.errors import (
     UpstreamNotFound,
     UpstreamUnavailable,
 )
-from nekko_sm.service import Service
-from nekko_sm.transfer import Transfer
 
 BASIC = Credentials.make(base64.b64encode(f"{CREDENTIALS[0]}:{CREDENTIALS[1]}".encode()).decode(),
                          "Basic")
@@ -35,28 +33,9 @@ WRONG = Credentials.make(base64.b64encode(b"alice:wrong").decode(), "Basic")
 
 
 @pytest.fixture
-def make(tmp_path):
-    made = []
-
-    def make(*hosts, env=None, **flags):
-        flags.setdefault("platform", "linux/amd64")
-        config = cfg.build({"cache_dir": str(tmp_path / "cache"),
-                            "insecure_registry": list(hosts), **flags}, env or {})
-        s = Service(config, transfer=Transfer(config, backoff=0.01, attempts=2))
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
-
-
-@pytest.fixture
-def areg(auth_registry, auth_seeded):
-    auth_registry.reset()
-    auth_registry.token_server.clear()
-    yield auth_registry
-    auth_registry.reset()
+def make(make):
+    """conftest's make, with two attempts 0.01 s apart."""
+    return functools.partial(make, transfer={"backoff": 0.01, "attempts": 2})
 
 
 def _refused(fn) -> NekkoError:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from peers import raw_exchange
+from peers import closing_all, raw_exchange
 from peers.fakehub import GOOD_TOKEN
 from peers.nginx import BASIC_PASSWORD, BASIC_USER, BEARER_TOKEN
 
@@ -134,6 +134,24 @@ def make_service(tmp_path: Path, *, attempts: int = 2, environ: dict | None = No
                                              backoff=0.01))
 
 
+def api_request(conn: http.client.HTTPConnection, method: str, path: str, body: object = None,
+                raw: bytes | None = None, headers: dict | None = None
+                ) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request on ``conn`` (closed after it) as the API's clients send it: ``raw`` bytes,
+    else ``body`` as JSON; a POST says it is JSON.  The response and its body."""
+    try:
+        data = raw if raw is not None else (
+            json.dumps(body).encode() if body is not None else None)
+        hdrs = dict(headers or {})
+        if method == "POST":  # what the API wants (415 otherwise)
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=hdrs)
+        r = conn.getresponse()
+        return r, r.read()
+    finally:
+        conn.close()
+
+
 class Api:
     """A running API server (in this process) and a way to call it."""
 
@@ -147,22 +165,12 @@ class Api:
 
     def call(self, method: str, path: str, body: object = None, raw: bytes | None = None,
              headers: dict | None = None, timeout: float = 60):
-        c = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        try:
-            data = raw if raw is not None else (
-                json.dumps(body).encode() if body is not None else None)
-            hdrs = dict(headers or {})
-            if method == "POST":  # what the API wants (415 otherwise)
-                hdrs.setdefault("Content-Type", "application/json")
-            c.request(method, path, body=data, headers=hdrs)
-            r = c.getresponse()
-            payload = r.read()
-            text = payload.decode("utf-8", "replace")
-            doc = json.loads(payload) if payload and "json" in (
-                r.getheader("Content-Type") or "") else payload
-            return r.status, doc, text
-        finally:
-            c.close()
+        r, payload = api_request(http.client.HTTPConnection(self.host, self.port, timeout=timeout),
+                                 method, path, body, raw, headers)
+        text = payload.decode("utf-8", "replace")
+        doc = json.loads(payload) if payload and "json" in (
+            r.getheader("Content-Type") or "") else payload
+        return r.status, doc, text
 
     def healthy(self) -> bool:
         status, doc, _ = self.call("GET", "/healthz", timeout=10)
@@ -281,16 +289,8 @@ class Tiny:
 
 @pytest.fixture
 def tiny():
-    made: list[Tiny] = []
-
-    def start(app: Callable, name: str = "127.0.0.1") -> Tiny:
-        t = Tiny(app, name)
-        made.append(t)
-        return t
-
-    yield start
-    for t in made:
-        t.close()
+    """tiny(app, name="127.0.0.1") -> a started :class:`Tiny`, closed after the test."""
+    yield from closing_all(Tiny)
 
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

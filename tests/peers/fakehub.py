@@ -1061,13 +1061,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._write_body(memoryview(data)[start : end + 1], fault, blob)
         raise _Done()
 
-    def _write_body(self, body, fault: Fault, blob: Blob) -> None:
+    def _take_drop(self, fault: Fault, blob: Blob) -> int | None:
+        """The bytes to send before dropping the connection, once: the fault is used up."""
         limit = None
         if fault.drop_after is not None:
             with self.server.hub._lock:
                 f = self.server.hub._faults.get(blob.sha256)
                 if f is not None and f.drop_after is not None:
                     limit, f.drop_after = f.drop_after, None
+        return limit
+
+    def _write_body(self, body, fault: Fault, blob: Blob) -> None:
+        limit = self._take_drop(fault, blob)
         if limit is not None and limit < len(body):
             body = body[:limit]
         for i in range(0, len(body), _CHUNK):
@@ -1099,12 +1104,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             raise _Done()
-        limit = None
-        if fault.drop_after is not None:
-            with self.server.hub._lock:
-                f = self.server.hub._faults.get(blob.sha256)
-                if f is not None and f.drop_after is not None:
-                    limit, f.drop_after = f.drop_after, None
+        limit = self._take_drop(fault, blob)
         if limit is not None:
             body = body[:limit]
         for pos in range(0, len(body), 16384):

@@ -11,15 +11,14 @@ all of that proxy's records and options), on 127.0.0.1, this front:
   expire in the middle of the download (``expire_blob_urls_after``, bytes per URL): the
   client must ask the registry again for a new URL, as with Ollama's Cloudflare R2 URLs.
 
-Use :func:`start_ollama_front` (or the ``ollama_front`` fixture, session-scoped, in front of
-the ``registry`` fixture's docker-registry): ``front.host`` is what nekko-sm is given
+Use :func:`start_ollama_front` (in front of the ``registry`` fixture's docker-registry, say, as
+tests/test_engine_ready.py's ``ollama`` fixture does): ``front.host`` is what nekko-sm is given
 (``--insecure-registry``); ``peers.modelpacks.push_pack(front, ...)`` pushes to the registry
 behind it (``direct``) and returns the front's ``oci://`` URL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -96,19 +95,3 @@ def start_ollama_front(registry: Any, **options: Any) -> OllamaFront:
     """An :class:`OllamaFront` before ``registry`` (a :class:`~peers.registry.RegistryPeer`).
     ``options``: the counting proxy's (``expire_blob_urls_after``, ``fail_with`` …)."""
     return OllamaFront(registry.backend, registry.storage_dir, **options)
-
-try:
-    import pytest
-except ImportError:  # the benchmark may run without pytest
-    pytest = None  # type: ignore[assignment]
-
-if pytest is not None:
-
-    @pytest.fixture(scope="session")
-    def ollama_front(registry: Any) -> Iterator[OllamaFront]:
-        """An Ollama-like front before the session's anonymous docker-registry."""
-        front = start_ollama_front(registry)
-        try:
-            yield front
-        finally:
-            front.close()

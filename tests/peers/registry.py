@@ -40,7 +40,8 @@ mirror that can be broken independently); it is closed with the peer.
 Fixtures (session-scoped; register them with ``pytest_plugins = ["peers.registry"]``):
 ``registry``, ``auth_registry``, ``seeded`` (images on ``registry``), ``auth_seeded`` (images on
 ``auth_registry``).  The peers are shared: a test that counts or sets faults should start with
-``peer.reset()`` or use ``with peer.configured(...)``.
+``peer.reset()`` or use ``with peer.configured(...)``; the function-scoped ``reg`` and ``areg``
+are ``registry`` and ``auth_registry`` with their images, reset before and after the test.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
+from peers import free_ports
 from peers.tokenserver import (  # noqa: F401 - re-exported
     ALICE_TOKEN,
     CREDENTIALS,
@@ -123,12 +125,6 @@ class Response:
         return json.loads(self.body)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------------
 # the counting reverse proxy
 
@@ -149,30 +145,27 @@ class _QuietServer(ThreadingHTTPServer):
 class CountingProxy:
     """A threaded HTTP/1.1 keep-alive reverse proxy in front of one registry (see module doc)."""
 
-    def __init__(
-        self,
-        backend: tuple[str, int],
-        storage_dir: str | None = None,
-        *,
-        redirect_blobs: bool = False,
-        fail_with: int | None = None,
-        fail_times: int | None = None,
-        fail_match: str | None = None,
-        retry_after: int | None = None,
-        expire_blob_urls_after: int | None = None,
-        ignore_ranges: bool = False,
-    ) -> None:
+    # The fault/redirect options (see the module docstring), set from the keywords of
+    # __init__ and configured(), back to these defaults on reset().
+    redirect_blobs: bool
+    fail_with: int | None
+    fail_times: int | None
+    fail_match: str | None
+    retry_after: int | None
+    expire_blob_urls_after: int | None
+    ignore_ranges: bool
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "redirect_blobs": False, "fail_with": None, "fail_times": None, "fail_match": None,
+        "retry_after": None, "expire_blob_urls_after": None, "ignore_ranges": False,
+    }
+
+    def __init__(self, backend: tuple[str, int], storage_dir: str | None = None,
+                 **options: Any) -> None:
         self.backend = backend
         self.storage_dir = storage_dir
         self.requests: list[Request] = []
         self.blob_host_requests: list[Request] = []
-        self.redirect_blobs = redirect_blobs
-        self.fail_with = fail_with
-        self.fail_times = fail_times
-        self.fail_match = fail_match
-        self.retry_after = retry_after
-        self.expire_blob_urls_after = expire_blob_urls_after
-        self.ignore_ranges = ignore_ranges
+        self._set_options({**self.OPTIONS, **options})
         self._url_bytes: dict[str, int] = {}  # presigned URL (its signature) -> bytes served
         self._nonce = 0
         self._drops: dict[str, int] = {}
@@ -266,24 +259,20 @@ class CountingProxy:
         with self._lock:
             self._drops.clear()
             self._url_bytes.clear()
-        self.redirect_blobs = False
-        self.expire_blob_urls_after = None
-        self.ignore_ranges = False
-        self.fail_with = None
-        self.fail_times = None
-        self.fail_match = None
-        self.retry_after = None
+        self._set_options(self.OPTIONS)
+
+    def _set_options(self, options: dict[str, Any]) -> None:
+        for k, v in options.items():
+            if k not in self.OPTIONS:
+                raise TypeError(f"unknown proxy option {k}")
+            setattr(self, k, v)
 
     @contextlib.contextmanager
     def configured(self, **options: Any) -> Iterator[CountingProxy]:
         """``with peer.configured(redirect_blobs=True): ...``; records cleared on entry, every
         option reset on exit."""
         self.reset()
-        for k, v in options.items():
-            if k not in ("redirect_blobs", "fail_with", "fail_times", "fail_match", "retry_after",
-                         "expire_blob_urls_after", "ignore_ranges"):
-                raise TypeError(f"unknown proxy option {k}")
-            setattr(self, k, v)
+        self._set_options(options)
         try:
             yield self
         finally:
@@ -461,16 +450,18 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return ("length", length) if length > 0 else ("none", 0)
 
+    def _read_exactly(self, left: int) -> Iterator[bytes]:
+        while left > 0:
+            data = self.rfile.read(min(_CHUNK, left))
+            if not data:
+                raise ConnectionError("client body ended early")
+            left -= len(data)
+            yield data
+
     def _iter_body(self) -> Iterator[bytes]:
         kind, length = self._body_kind()
         if kind == "length":
-            left = length
-            while left > 0:
-                data = self.rfile.read(min(_CHUNK, left))
-                if not data:
-                    raise ConnectionError("client body ended early")
-                left -= len(data)
-                yield data
+            yield from self._read_exactly(length)
         elif kind == "chunked":
             while True:
                 line = self.rfile.readline(65537)
@@ -479,13 +470,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return
-                left = size
-                while left > 0:
-                    data = self.rfile.read(min(_CHUNK, left))
-                    if not data:
-                        raise ConnectionError("client body ended early")
-                    left -= len(data)
-                    yield data
+                yield from self._read_exactly(size)
                 self.rfile.readline(3)
 
     def _drain(self) -> None:
@@ -888,8 +873,8 @@ class RegistryPeer(CountingProxy):
         binary = _registry_binary()
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         last_error = ""
-        for _ in range(5):  # a port taken between free_port() and the bind: try another
-            port = free_port()
+        for _ in range(5):  # a port taken between free_ports() and the bind: try another
+            (port,) = free_ports(1)
             with open(self.config_path, "w") as f:
                 f.write(self._config(storage, port))
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child's log; closed at stop
@@ -946,6 +931,8 @@ class RegistryPeer(CountingProxy):
         return p
 
     def log_text(self) -> str:
+        """The last MiB of the registry's log (see :meth:`log_since` for what came after a
+        point: a long session's log is longer than that)."""
         return self._log_tail(1 << 20)
 
     def log_size(self) -> int:
@@ -1049,3 +1036,21 @@ if pytest is not None:
         if auth_registry.token_server is not None:
             auth_registry.token_server.clear()
         return images
+
+    @pytest.fixture
+    def reg(registry: RegistryPeer, seeded: dict) -> Iterator[RegistryPeer]:
+        """``registry`` with its images, reset before and after the test."""
+        registry.reset()
+        yield registry
+        registry.reset()
+
+    @pytest.fixture
+    def areg(auth_registry: RegistryPeer, auth_seeded: dict) -> Iterator[RegistryPeer]:
+        """``auth_registry`` with its images, reset (its token server's records too) before
+        the test; after it, reset and its tokens back to 300 s."""
+        auth_registry.reset()
+        assert auth_registry.token_server is not None
+        auth_registry.token_server.clear()
+        yield auth_registry
+        auth_registry.reset()
+        auth_registry.token_server.expires_in = 300

@@ -181,6 +181,10 @@ class TokenServer:
             return None
         return typ, name, [a for a in actions.split(",") if a]
 
+    def password_ok(self, user: str, password: str) -> bool:
+        return user in self.users and secrets.compare_digest(self.users[user].encode(),
+                                                             password.encode())
+
     def allowed(self, user: str, typ: str, name: str) -> set[str]:
         """Actions ``user`` ("" = anonymous) has on resource ``typ:name``."""
         if user:
@@ -335,9 +339,7 @@ class _TokenHandler(BaseHTTPRequestHandler):
                 user, sep, password = base64.b64decode(cred, validate=True).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 return None
-            if sep and user in self.ts.users and secrets.compare_digest(
-                self.ts.users[user].encode(), password.encode()
-            ):
+            if sep and self.ts.password_ok(user, password):
                 return user
             return None
         if scheme == "bearer":
@@ -347,15 +349,36 @@ class _TokenHandler(BaseHTTPRequestHandler):
         rec.auth = scheme or "other"
         return None
 
-    def _refuse(self, rec: TokenRequest) -> None:
-        rec.status = 401
-        rec.user = ""
+    def _answer(self, rec: TokenRequest, status: int, obj: Any,
+                extra: dict[str, str] | None = None) -> None:
+        """Record ``rec`` with ``status``, then send ``obj``."""
+        rec.status = status
         self.ts.record(rec)
-        self._send_json(
-            401,
+        self._send_json(status, obj, extra)
+
+    def _refuse(self, rec: TokenRequest) -> None:
+        rec.user = ""
+        self._answer(
+            rec, 401,
             {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
             {"WWW-Authenticate": 'Basic realm="nekko-test-tokenserver"'},
         )
+
+    def _refused_early(self, rec: TokenRequest) -> bool:
+        """Answered already: the server is set to fail, or the path is not ``/token``."""
+        if self.ts.fail_with:
+            self._answer(rec, self.ts.fail_with, {"errors": [{"code": "UNAVAILABLE"}]})
+            return True
+        if rec.path != "/token":
+            self._answer(rec, 404, {"errors": [{"code": "NOT_FOUND"}]})
+            return True
+        return False
+
+    def _grant(self, rec: TokenRequest, user: str) -> dict[str, Any]:
+        """The token answer for ``user`` and the scopes ``rec`` asked for (recorded)."""
+        rec.user = user
+        rec.granted = self.ts.grant(user, rec.scopes)
+        return self.ts.issue(user, rec.granted, rec.service)
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -364,28 +387,16 @@ class _TokenHandler(BaseHTTPRequestHandler):
             method="GET", path=url.path, auth=None, user="",
             service=(q.get("service") or [None])[0], scopes=list(q.get("scope", [])),
         )
-        if self.ts.fail_with:
-            rec.status = self.ts.fail_with
-            self.ts.record(rec)
-            self._send_json(self.ts.fail_with, {"errors": [{"code": "UNAVAILABLE"}]})
-            return
-        if url.path != "/token":
-            rec.status = 404
-            self.ts.record(rec)
-            self._send_json(404, {"errors": [{"code": "NOT_FOUND"}]})
+        if self._refused_early(rec):
             return
         user = self._authenticate(rec)
         if user is None:
             self._refuse(rec)
             return
-        rec.user = user
-        rec.granted = self.ts.grant(user, rec.scopes)
-        answer = self.ts.issue(user, rec.granted, rec.service)
+        answer = self._grant(rec, user)
         if (q.get("offline_token") or ["false"])[0].lower() == "true" and user:
             answer["refresh_token"] = self.ts.new_refresh_token(user)
-        rec.status = 200
-        self.ts.record(rec)
-        self._send_json(200, answer)
+        self._answer(rec, 200, answer)
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
@@ -401,46 +412,30 @@ class _TokenHandler(BaseHTTPRequestHandler):
             method="POST", path=url.path, auth=None, user="", service=one("service"),
             scopes=scopes, grant_type=one("grant_type"),
         )
-        if self.ts.fail_with:
-            rec.status = self.ts.fail_with
-            self.ts.record(rec)
-            self._send_json(self.ts.fail_with, {"errors": [{"code": "UNAVAILABLE"}]})
-            return
-        if url.path != "/token":
-            rec.status = 404
-            self.ts.record(rec)
-            self._send_json(404, {"errors": [{"code": "NOT_FOUND"}]})
+        if self._refused_early(rec):
             return
         user: str | None
         refresh = None
         if rec.grant_type == "password":
             rec.auth = "password"
             name, password = one("username") or "", one("password") or ""
-            ok = name in self.ts.users and secrets.compare_digest(
-                self.ts.users[name].encode(), password.encode())
-            user = name if ok else None
+            user = name if self.ts.password_ok(name, password) else None
             if user and (one("access_type") == "offline"):
                 refresh = self.ts.new_refresh_token(user)
         elif rec.grant_type == "refresh_token":
             rec.auth = "refresh_token"
             user = self.ts.refresh_user(one("refresh_token") or "")
         else:
-            rec.status = 400
-            self.ts.record(rec)
-            self._send_json(400, {"error": "unsupported_grant_type"})
+            self._answer(rec, 400, {"error": "unsupported_grant_type"})
             return
         if user is None:
             self._refuse(rec)
             return
-        rec.user = user
-        rec.granted = self.ts.grant(user, rec.scopes)
-        answer = self.ts.issue(user, rec.granted, rec.service)
+        answer = self._grant(rec, user)
         answer["scope"] = " ".join(rec.scopes)
         if refresh:
             answer["refresh_token"] = refresh
-        rec.status = 200
-        self.ts.record(rec)
-        self._send_json(200, answer)
+        self._answer(rec, 200, answer)
 
 
 def decode_jwt_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
