@@ -64,8 +64,9 @@ def _p90_ms(values: list) -> float:
 def _timed(cmd: list, env: dict, cpu: list | None = None) -> float:
     """Wall seconds of one run of ``cmd``; its CPU seconds (user + sys) go to ``cpu``."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
     assert proc.stderr is not None
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -97,19 +98,22 @@ def point(ctx: bench.Context, peer, n: int, args: argparse.Namespace) -> dict:
         res["build_s"] = round(time.perf_counter() - t, 1)
         res["first_open_s"] = round(_timed(ctx.nekko("ls", cache=cache), env), 2)
         cpu: list = []
-        res["ls_s"] = round(statistics.median(
-            _timed(ctx.nekko("ls", cache=cache), env, cpu) for _ in range(3)), 3)
+        res["ls_s"] = round(
+            statistics.median(_timed(ctx.nekko("ls", cache=cache), env, cpu) for _ in range(3)), 3
+        )
         res["ls_cpu_s"] = round(statistics.median(cpu), 3)
         url = items[n // 2][0]
         _timed(ctx.nekko("status", url, cache=cache), env)
         cpu = []
         res["status_cold_ms"] = _median_ms(
-            [_timed(ctx.nekko("status", url, cache=cache), env, cpu) for _ in range(args.starts)])
+            [_timed(ctx.nekko("status", url, cache=cache), env, cpu) for _ in range(args.starts)]
+        )
         res["status_cpu_ms"] = _median_ms(cpu)
         cpu = []
         _timed([PY, "-c", "pass"], env)
         res["python_pass_ms"] = _median_ms(
-            [_timed([PY, "-c", "pass"], env, cpu) for _ in range(args.starts)])
+            [_timed([PY, "-c", "pass"], env, cpu) for _ in range(args.starts)]
+        )
         res["python_pass_cpu_ms"] = _median_ms(cpu)
     cache.mkdir(exist_ok=True)
     proc, port, stop = bench.start_serve(ctx, cache, f"serve-{n}", timeout=120)
@@ -136,10 +140,16 @@ def point(ctx: bench.Context, peer, n: int, args: argparse.Namespace) -> dict:
                 raise bench.BenchError(f"DELETE {url}: {status} {resp[:200]!r}")
         time.sleep(2.5)
         cpu2 = _cpu_s(proc.pid)
-        res["post_ms"] = {"median": _median_ms(posts), "p90": _p90_ms(posts),
-                          "server_cpu": round((cpu1 - cpu0) / len(posts) * 1e3, 2)}
-        res["delete_ms"] = {"median": _median_ms(deletes), "p90": _p90_ms(deletes),
-                            "server_cpu": round((cpu2 - cpu1) / len(deletes) * 1e3, 2)}
+        res["post_ms"] = {
+            "median": _median_ms(posts),
+            "p90": _p90_ms(posts),
+            "server_cpu": round((cpu1 - cpu0) / len(posts) * 1e3, 2),
+        }
+        res["delete_ms"] = {
+            "median": _median_ms(deletes),
+            "p90": _p90_ms(deletes),
+            "server_cpu": round((cpu2 - cpu1) / len(deletes) * 1e3, 2),
+        }
         if items and shutil.which("wrk"):
             for url, digest in random.sample(items, min(20, len(items))):
                 status, body = bench.http_call(port, "GET", "/content/" + bench.b64(url))
@@ -151,19 +161,34 @@ def point(ctx: bench.Context, peer, n: int, args: argparse.Namespace) -> dict:
             lua.write_text(bench.WRK_LUA)
             runs = []
             for _ in range(args.wrk_runs):
-                r = subprocess.run(["wrk", "-t2", f"-c{args.connections}",
-                                    f"-d{args.wrk_seconds}s", "--latency", "-s", str(lua),
-                                    f"http://127.0.0.1:{port}", "--", str(paths)],
-                                   capture_output=True, text=True, timeout=args.wrk_seconds + 60,
-                                   check=False)
+                r = subprocess.run(
+                    [
+                        "wrk",
+                        "-t2",
+                        f"-c{args.connections}",
+                        f"-d{args.wrk_seconds}s",
+                        "--latency",
+                        "-s",
+                        str(lua),
+                        f"http://127.0.0.1:{port}",
+                        "--",
+                        str(paths),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=args.wrk_seconds + 60,
+                    check=False,
+                )
                 w = bench.parse_wrk(r.stdout)
                 if w["non2xx"] or w["rps"] is None:
                     raise bench.BenchError(f"wrk: {w} {r.stdout[-400:]}")
                 runs.append(w)
-            res["wrk"] = {"runs": runs,
-                          "rps": statistics.median(w["rps"] for w in runs),
-                          "p50_ms": statistics.median(w["p50_ms"] for w in runs),
-                          "p99_ms": statistics.median(w["p99_ms"] for w in runs)}
+            res["wrk"] = {
+                "runs": runs,
+                "rps": statistics.median(w["rps"] for w in runs),
+                "p50_ms": statistics.median(w["p50_ms"] for w in runs),
+                "p99_ms": statistics.median(w["p99_ms"] for w in runs),
+            }
         res["rss_end"] = _rss_mib(proc.pid)
     finally:
         stop()
@@ -177,8 +202,11 @@ def point(ctx: bench.Context, peer, n: int, args: argparse.Namespace) -> dict:
 
 def main(argv: list | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--points", default="0,1000,10000,100000",
-                    help="entries already cached at each point (comma-separated)")
+    ap.add_argument(
+        "--points",
+        default="0,1000,10000,100000",
+        help="entries already cached at each point (comma-separated)",
+    )
     ap.add_argument("--posts", type=int, default=20, help="POSTs (and DELETEs) per point")
     ap.add_argument("--starts", type=int, default=10, help="cold `status` processes per point")
     ap.add_argument("--wrk-seconds", type=int, default=10)
@@ -204,9 +232,11 @@ def main(argv: list | None = None) -> int:
     out = Path(__file__).resolve().parent / f"growth-{args.label}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     base = results["points"][0]
-    print(f"\n{'entries':>8} {'POST ms':>8} {'×0':>5} {'cpu ms':>7} {'×0':>5} {'DEL ms':>7}"
-          f" {'×0':>5} {'cpu ms':>7} {'×0':>5} {'ls s':>6} {'status':>7} {'GET/s':>6}"
-          f" {'p99':>6} {'RSS':>6}")
+    print(
+        f"\n{'entries':>8} {'POST ms':>8} {'×0':>5} {'cpu ms':>7} {'×0':>5} {'DEL ms':>7}"
+        f" {'×0':>5} {'cpu ms':>7} {'×0':>5} {'ls s':>6} {'status':>7} {'GET/s':>6}"
+        f" {'p99':>6} {'RSS':>6}"
+    )
     for p in results["points"]:
         w = p.get("wrk") or {}
         row = [f"{p['entries']:>8,}"]
@@ -214,9 +244,11 @@ def main(argv: list | None = None) -> int:
             for m in ("median", "server_cpu"):
                 v, b = p[k][m], base[k][m]
                 row.append(f"{v:>7.1f} {v / b if b else 0:>5.2f}")
-        row.append(f"{p.get('ls_s', 0):>6.2f} {p.get('status_cold_ms', 0):>7.0f}"
-                   f" {w.get('rps', 0):>6.0f} {w.get('p99_ms', 0):>6.1f}"
-                   f" {p['rss_end'].get('VmRSS', 0):>6.1f}")
+        row.append(
+            f"{p.get('ls_s', 0):>6.2f} {p.get('status_cold_ms', 0):>7.0f}"
+            f" {w.get('rps', 0):>6.0f} {w.get('p99_ms', 0):>6.1f}"
+            f" {p['rss_end'].get('VmRSS', 0):>6.1f}"
+        )
         print(" ".join(row))
     print(f"results: {out}")
     return 0

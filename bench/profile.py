@@ -37,8 +37,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as B
 
-WAITING = ("Condition.wait", "select (selectors", "readinto (socket", "_PollLikeSelector.select",
-           "Event.wait", "Thread.join", "lock.acquire")
+WAITING = (
+    "Condition.wait",
+    "select (selectors",
+    "readinto (socket",
+    "_PollLikeSelector.select",
+    "Event.wait",
+    "Thread.join",
+    "lock.acquire",
+)
 
 
 def summarize(raw: Path, top: int = 25) -> str:
@@ -84,9 +91,11 @@ def summarize(raw: Path, top: int = 25) -> str:
     out.append("hottest lines (self):")
     out += [f"  {100 * v / total:5.1f}%  {k}" for k, v in self_c.most_common(top)]
     out.append("hottest functions (inclusive):")
-    out += [f"  {100 * v / total:5.1f}%  {k}" for k, v in incl.most_common(top + 15)
-            if not k.startswith(("Thread._bootstrap", "Thread.run", "_run_module_as_main",
-                                 "_run_code"))]
+    out += [
+        f"  {100 * v / total:5.1f}%  {k}"
+        for k, v in incl.most_common(top + 15)
+        if not k.startswith(("Thread._bootstrap", "Thread.run", "_run_module_as_main", "_run_code"))
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -98,9 +107,13 @@ def py_spy() -> str:
 
 
 def timed(cmd: list, env: dict) -> str:
-    r = subprocess.run(["/usr/bin/time", "-f", "wall %e s, user %U s, sys %S s, max RSS %M KiB",
-                        *map(str, cmd)], stdin=subprocess.DEVNULL, capture_output=True,
-                       env=env, check=False)
+    r = subprocess.run(
+        ["/usr/bin/time", "-f", "wall %e s, user %U s, sys %S s, max RSS %M KiB", *map(str, cmd)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        check=False,
+    )
     if r.returncode != 0:
         raise B.BenchError(f"exit {r.returncode}: {B.tail(r.stderr)}")
     return r.stderr.decode().strip().splitlines()[-1]
@@ -113,9 +126,25 @@ def record(ctx: B.Context, name: str, cmd: list, env: dict, out: Path, cache: Pa
     for fmt, suffix in (("raw", "txt"), ("flamegraph", "svg")):
         B.settle(cache)
         dst = out / f"{name}.{suffix}"
-        subprocess.run([py_spy(), "record", "--threads", "-r", "200", "--format", fmt, "-o",
-                        str(dst), "--", *map(str, cmd)], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                py_spy(),
+                "record",
+                "--threads",
+                "-r",
+                "200",
+                "--format",
+                fmt,
+                "-o",
+                str(dst),
+                "--",
+                *map(str, cmd),
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     B.settle(cache)
     report.append(summarize(out / f"{name}.txt"))
     report.append(f"raw stacks: {out / (name + '.txt')}, flamegraph: {out / (name + '.svg')}")
@@ -126,8 +155,14 @@ def prof_file(ctx: B.Context, out: Path, slow: bool) -> str:
     peer = ctx.nginx("nginx-p", limit_rate="20m" if slow else None)
     url = f"{peer.url}/files/big.bin"
     cache = ctx.work / "cache"
-    return record(ctx, "slow" if slow else "http", ctx.nekko("pull", url, cache=cache),
-                  ctx.nekko_env(), out, cache)
+    return record(
+        ctx,
+        "slow" if slow else "http",
+        ctx.nekko("pull", url, cache=cache),
+        ctx.nekko_env(),
+        out,
+        cache,
+    )
 
 
 def prof_oci(ctx: B.Context, out: Path) -> str:
@@ -136,12 +171,17 @@ def prof_oci(ctx: B.Context, out: Path) -> str:
 
     peer = start_registry(str(ctx.work / "registry"))
     ctx.stack.callback(peer.close)
-    push_image(peer, "bench/big:v1", layer_sizes=[ctx.size // 8] * 8, seed="bench",
-               workdir=str(ctx.work / "images"), keep_layout=False)
+    push_image(
+        peer,
+        "bench/big:v1",
+        layer_sizes=[ctx.size // 8] * 8,
+        seed="bench",
+        workdir=str(ctx.work / "images"),
+        keep_layout=False,
+    )
     host = peer.registry_host
     cache = ctx.work / "cache"
-    cmd = ctx.nekko("--insecure-registry", host, "pull", f"oci://{host}/bench/big:v1",
-                    cache=cache)
+    cmd = ctx.nekko("--insecure-registry", host, "pull", f"oci://{host}/bench/big:v1", cache=cache)
     return record(ctx, "oci", cmd, ctx.nekko_env(), out, cache)
 
 
@@ -161,8 +201,13 @@ def prof_hf(ctx: B.Context, out: Path) -> str:
     hub.add_repo("bench/model", files={"model.gguf": src.read_bytes()})
     cache.md5(hub.blob("bench/model", "model.gguf").data)
     cache = ctx.work / "cache"
-    cmd = ctx.nekko("--insecure-registry", hub.endpoint.split("://", 1)[1], "pull",
-                    "hf:///bench/model/model.gguf", cache=cache)
+    cmd = ctx.nekko(
+        "--insecure-registry",
+        hub.endpoint.split("://", 1)[1],
+        "pull",
+        "hf:///bench/model/model.gguf",
+        cache=cache,
+    )
     return record(ctx, "hf", cmd, ctx.nekko_env(HF_ENDPOINT=hub.endpoint), out, cache)
 
 
@@ -171,9 +216,13 @@ def prof_api(ctx: B.Context, out: Path, duration: int = 10) -> str:
     cache = ctx.work / "cache"
     items = B.build_entries(ctx, cache, peer, 10_000)
     port = B.free_port()
-    proc = subprocess.Popen(ctx.nekko("--address", f"127.0.0.1:{port}", "serve", cache=cache),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ctx.nekko_env())
+    proc = subprocess.Popen(
+        ctx.nekko("--address", f"127.0.0.1:{port}", "serve", cache=cache),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ctx.nekko_env(),
+    )
     ctx.stack.callback(lambda: (proc.poll() is None and proc.terminate(), proc.wait(10)))
     deadline = time.monotonic() + 20
     while True:
@@ -191,24 +240,52 @@ def prof_api(ctx: B.Context, out: Path, duration: int = 10) -> str:
     paths.write_text("".join(f"/content/{B.b64(u)}\n" for u, _ in items))
     lua = ctx.work / "get.lua"
     lua.write_text(B.WRK_LUA)
-    wrk = ["wrk", "-t2", "-c32", f"-d{duration}s", "--latency", "-s", str(lua),
-           f"http://127.0.0.1:{port}", "--", str(paths)]
+    wrk = [
+        "wrk",
+        "-t2",
+        "-c32",
+        f"-d{duration}s",
+        "--latency",
+        "-s",
+        str(lua),
+        f"http://127.0.0.1:{port}",
+        "--",
+        str(paths),
+    ]
     plain = B.parse_wrk(subprocess.run(wrk, capture_output=True, text=True, check=True).stdout)
     raw = out / "api.txt"
-    spy = subprocess.Popen([py_spy(), "record", "--gil", "--threads", "-r", "200", "-d",
-                            str(duration + 1), "--format", "raw", "-o", str(raw), "-p",
-                            str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = subprocess.Popen(
+        [
+            py_spy(),
+            "record",
+            "--gil",
+            "--threads",
+            "-r",
+            "200",
+            "-d",
+            str(duration + 1),
+            "--format",
+            "raw",
+            "-o",
+            str(raw),
+            "-p",
+            str(proc.pid),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
-    profiled = B.parse_wrk(subprocess.run(wrk, capture_output=True, text=True,
-                                                 check=True).stdout)
+    profiled = B.parse_wrk(subprocess.run(wrk, capture_output=True, text=True, check=True).stdout)
     spy.wait(60)
-    return "\n".join([
-        f"unprofiled: {plain['rps']} GET/s, p50 {plain['p50_ms']} ms, p99 {plain['p99_ms']} ms",
-        f"under py-spy: {profiled['rps']} GET/s, p99 {profiled['p99_ms']} ms",
-        "samples only while a thread holds the GIL (--gil): where the Python work goes",
-        summarize(raw),
-        f"raw stacks: {raw}",
-    ])
+    return "\n".join(
+        [
+            f"unprofiled: {plain['rps']} GET/s, p50 {plain['p50_ms']} ms, p99 {plain['p99_ms']} ms",
+            f"under py-spy: {profiled['rps']} GET/s, p99 {profiled['p99_ms']} ms",
+            "samples only while a thread holds the GIL (--gil): where the Python work goes",
+            summarize(raw),
+            f"raw stacks: {raw}",
+        ]
+    )
 
 
 def prof_start(ctx: B.Context, out: Path, runs: int = 10) -> str:
@@ -219,8 +296,9 @@ def prof_start(ctx: B.Context, out: Path, runs: int = 10) -> str:
     # the same code unzipped, with its bytecode compiled once: what the zip costs
     tree = ctx.work / "unzipped"
     shutil.unpack_archive(str(ctx.pyz), str(tree), "zip")
-    subprocess.run([B.PY, "-m", "compileall", "-q", str(tree)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [B.PY, "-m", "compileall", "-q", str(tree)], check=True, stdout=subprocess.DEVNULL
+    )
 
     args = ["--cache-dir", str(cache), "status", url]
     cmds = {
@@ -233,15 +311,28 @@ def prof_start(ctx: B.Context, out: Path, runs: int = 10) -> str:
     for _ in range(2 * runs):  # interleaved, so load changes hit every variant alike
         for k, cmd in cmds.items():
             t = time.perf_counter()
-            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=ctx.nekko_env(), check=False)
+            subprocess.run(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=ctx.nekko_env(),
+                check=False,
+            )
             vals[k].append(time.perf_counter() - t)
-    lines = [f"{k + ':':<34} median {statistics.median(v) * 1e3:4.0f} ms,"
-             f" min {min(v) * 1e3:4.0f} ms (n={len(v)})" for k, v in vals.items()]
+    lines = [
+        f"{k + ':':<34} median {statistics.median(v) * 1e3:4.0f} ms,"
+        f" min {min(v) * 1e3:4.0f} ms (n={len(v)})"
+        for k, v in vals.items()
+    ]
     per: dict = collections.defaultdict(list)
     for _ in range(runs):
-        r = subprocess.run([B.PY, "-X", "importtime", str(ctx.pyz), *args], capture_output=True,
-                           text=True, env=ctx.nekko_env(), check=False)
+        r = subprocess.run(
+            [B.PY, "-X", "importtime", str(ctx.pyz), *args],
+            capture_output=True,
+            text=True,
+            env=ctx.nekko_env(),
+            check=False,
+        )
         acc: collections.Counter = collections.Counter()
         for ln in r.stderr.splitlines():
             m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", ln)
@@ -253,10 +344,14 @@ def prof_start(ctx: B.Context, out: Path, runs: int = 10) -> str:
             per[k].append(v)
     med = {k: statistics.median(v) / 1e3 for k, v in per.items()}
     total = sum(med.values())
-    lines.append(f"-X importtime, median self time per module over {runs} runs"
-                 f" (sum {total:.0f} ms; importtime itself adds overhead):")
-    lines.append(f"  {sum(v for k, v in med.items() if k.startswith('nekko_sm')):6.1f} ms"
-                 "  nekko_sm.* (compiled from source on every start: zipimport keeps no .pyc)")
+    lines.append(
+        f"-X importtime, median self time per module over {runs} runs"
+        f" (sum {total:.0f} ms; importtime itself adds overhead):"
+    )
+    lines.append(
+        f"  {sum(v for k, v in med.items() if k.startswith('nekko_sm')):6.1f} ms"
+        "  nekko_sm.* (compiled from source on every start: zipimport keeps no .pyc)"
+    )
     for k, v in sorted(med.items(), key=lambda kv: -kv[1])[:18]:
         lines.append(f"  {v:6.1f} ms  {k}")
     return "\n".join(lines) + "\n"
@@ -271,15 +366,23 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nekko-profile."))
     out.mkdir(parents=True, exist_ok=True)
-    ctx = B.Context(argparse.Namespace(workdir=args.workdir, keep=False, size_mib=args.size_mib,
-                                         baseline=None))
+    ctx = B.Context(
+        argparse.Namespace(workdir=args.workdir, keep=False, size_mib=args.size_mib, baseline=None)
+    )
     try:
         info = ctx.prepare_pyz()
-        print(f"nekko-sm pyz {info['pyz_sha256'][:12]} ({info.get('version')}),"
-              f" load average {os.getloadavg()[0]:.1f}")
-        fn = {"http": lambda: prof_file(ctx, out, False), "slow": lambda: prof_file(ctx, out, True),
-              "oci": lambda: prof_oci(ctx, out), "hf": lambda: prof_hf(ctx, out),
-              "api": lambda: prof_api(ctx, out), "start": lambda: prof_start(ctx, out)}[args.what]
+        print(
+            f"nekko-sm pyz {info['pyz_sha256'][:12]} ({info.get('version')}),"
+            f" load average {os.getloadavg()[0]:.1f}"
+        )
+        fn = {
+            "http": lambda: prof_file(ctx, out, False),
+            "slow": lambda: prof_file(ctx, out, True),
+            "oci": lambda: prof_oci(ctx, out),
+            "hf": lambda: prof_hf(ctx, out),
+            "api": lambda: prof_api(ctx, out),
+            "start": lambda: prof_start(ctx, out),
+        }[args.what]
         text = fn()
     except KeyboardInterrupt:
         return 130

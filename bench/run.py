@@ -124,22 +124,31 @@ def tail(text: str | bytes, n: int = 600) -> str:
     return ("…" + text[-n:]) if len(text) > n else text
 
 
-def run_timed(cmd: list, env: dict | None = None, timeout: float = 1800,
-              cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess]:
+def run_timed(
+    cmd: list, env: dict | None = None, timeout: float = 1800, cwd: Path | None = None
+) -> tuple[float, subprocess.CompletedProcess]:
     """Run ``cmd`` to completion; (wall seconds, result).  Raises BenchError on failure.
 
     ``result.cpu_s`` is the user + system CPU seconds of the child and everything it waited
     for (getrusage of the children before and after; nothing else is reaped meanwhile)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    r = subprocess.run([str(c) for c in cmd], stdin=subprocess.DEVNULL, capture_output=True,
-                       env=env, timeout=timeout, cwd=cwd, check=False)
+    r = subprocess.run(
+        [str(c) for c in cmd],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
     dt = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     r.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # type: ignore[attr-defined]
     if r.returncode != 0:
-        raise BenchError(f"{Path(str(cmd[0])).name} … exited {r.returncode}: "
-                         f"{tail(r.stderr) or tail(r.stdout)}")
+        raise BenchError(
+            f"{Path(str(cmd[0])).name} … exited {r.returncode}: {tail(r.stderr) or tail(r.stdout)}"
+        )
     return dt, r
 
 
@@ -176,9 +185,13 @@ class Stats:
         return max(self.values)
 
     def as_json(self) -> dict:
-        return {"median": round(self.median, 4), "min": round(self.lo, 4),
-                "max": round(self.hi, 4), "n": len(self.values),
-                "runs": [round(v, 4) for v in self.values]}
+        return {
+            "median": round(self.median, 4),
+            "min": round(self.lo, 4),
+            "max": round(self.hi, 4),
+            "n": len(self.values),
+            "runs": [round(v, 4) for v in self.values],
+        }
 
     def fmt(self, unit: str = "s", scale: float = 1.0, digits: int = 2) -> str:
         m, lo, hi = self.median * scale, self.lo * scale, self.hi * scale
@@ -211,13 +224,18 @@ class Row:
 
     def as_json(self) -> dict:
         return {
-            "id": self.id, "scenario": self.scenario, "nekko": self.nekko,
+            "id": self.id,
+            "scenario": self.scenario,
+            "nekko": self.nekko,
             "peers": [{"tool": n, "time": t} for n, t in self.peers],
             "ratios": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.ratios},
-            "target": self.target, "verdict": self.verdict,
+            "target": self.target,
+            "verdict": self.verdict,
             "checks": [{"check": c, "ok": ok} for c, ok in self.checks],
             "info_checks": [{"check": c, "ok": ok} for c, ok in self.info_checks],
-            "notes": self.notes, "error": self.error, "data": self.data,
+            "notes": self.notes,
+            "error": self.error,
+            "data": self.data,
         }
 
 
@@ -243,21 +261,33 @@ class Context:
 
     # -- nekko ---------------------------------------------------------------------------
     def prepare_pyz(self) -> dict:
-        subprocess.run([PY, str(ROOT / "build_zipapp.py"), "--if-needed"], check=True,
-                       cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [PY, str(ROOT / "build_zipapp.py"), "--if-needed"],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
         # A snapshot, so a rebuild by someone else during the run changes nothing here.
         shutil.copy2(ROOT / "dist" / "nekko-sm.pyz", self.pyz)
         info = {"pyz_sha256": sha256_file(self.pyz), "pyz_bytes": self.pyz.stat().st_size}
         with contextlib.suppress(Exception):
             info["git_head"] = subprocess.run(
                 ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                capture_output=True, text=True, check=False).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "nekko_sm"],
-                                   capture_output=True, text=True, check=False).stdout.split("\n")
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(ROOT), "status", "--porcelain", "nekko_sm"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.split("\n")
             info["uncommitted_nekko_sm"] = [d.strip() for d in dirty if d.strip()]
         with contextlib.suppress(Exception):
-            info["version"] = subprocess.run([PY, str(self.pyz), "--version"],
-                                             capture_output=True, text=True, check=False).stdout.strip()
+            info["version"] = subprocess.run(
+                [PY, str(self.pyz), "--version"], capture_output=True, text=True, check=False
+            ).stdout.strip()
         if self.baseline is not None:
             shutil.copy2(self.args.baseline, self.baseline)
             info["baseline_pyz_sha256"] = sha256_file(self.baseline)
@@ -266,12 +296,16 @@ class Context:
     def nekko(self, *args: str, cache: Path, pyz: Path | None = None) -> list:
         return [PY, str(pyz or self.pyz), "--cache-dir", str(cache), *args]
 
-    def nekko_timed(self, args: list, cache: Path, env: dict,
-                    pyz: Path | None = None) -> tuple[float, Any, float | None]:
+    def nekko_timed(
+        self, args: list, cache: Path, env: dict, pyz: Path | None = None
+    ) -> tuple[float, Any, float | None]:
         """Run nekko-sm once; (wall seconds, result, peak RSS in MiB or None)."""
         rss_file = self.work / "rss.txt"
-        wrap = (["/usr/bin/time", "-f", "%M", "-o", str(rss_file)]
-                if os.path.exists("/usr/bin/time") else [])
+        wrap = (
+            ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)]
+            if os.path.exists("/usr/bin/time")
+            else []
+        )
         dt, r = run_timed(wrap + self.nekko(*args, cache=cache, pyz=pyz), env=env)
         rss = None
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -279,10 +313,20 @@ class Context:
         return dt, r, rss
 
     def nekko_env(self, **extra: str) -> dict:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("NEKKO_", "STORAGE_MANAGER_", "HF_"))
-               and k not in ("CACHE_DIR", "VERBOSE", "HTTP_PROXY", "HTTPS_PROXY",
-                             "http_proxy", "https_proxy")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("NEKKO_", "STORAGE_MANAGER_", "HF_"))
+            and k
+            not in (
+                "CACHE_DIR",
+                "VERBOSE",
+                "HTTP_PROXY",
+                "HTTPS_PROXY",
+                "http_proxy",
+                "https_proxy",
+            )
+        }
         env.update(extra)
         return env
 
@@ -299,8 +343,13 @@ class Context:
             self._sources[size] = (path, digest)
         return self._sources[size]
 
-    def nginx(self, name: str, limit_rate: str | None = None, with_source: bool = True,
-              size: int | None = None):
+    def nginx(
+        self,
+        name: str,
+        limit_rate: str | None = None,
+        with_source: bool = True,
+        size: int | None = None,
+    ):
         from peers.nginx import start_nginx
 
         peer = start_nginx(self.work / name, limit_rate=limit_rate)
@@ -339,7 +388,7 @@ def measure(tools: list[Tool], reps: int) -> tuple[dict[str, Stats], dict[str, s
     values: dict[str, list] = {}
     errors: dict[str, str] = {}
     for rep in range(reps):
-        order = tools[rep % len(tools):] + tools[:rep % len(tools)]
+        order = tools[rep % len(tools) :] + tools[: rep % len(tools)]
         for tool in order:
             if tool.name in errors:
                 continue
@@ -351,9 +400,13 @@ def measure(tools: list[Tool], reps: int) -> tuple[dict[str, Stats], dict[str, s
                 continue
             for k, v in got.items():
                 values.setdefault(k, []).append(v)
-            log(f"  rep {rep + 1}/{reps} {tool.name}: "
-                + ", ".join(f"{k} {v:.1f}" if k.endswith("_mib") else f"{k} {v:.3f}s"
-                            for k, v in got.items()))
+            log(
+                f"  rep {rep + 1}/{reps} {tool.name}: "
+                + ", ".join(
+                    f"{k} {v:.1f}" if k.endswith("_mib") else f"{k} {v:.3f}s"
+                    for k, v in got.items()
+                )
+            )
     return {k: Stats(v) for k, v in values.items()}, errors
 
 
@@ -382,8 +435,14 @@ def check_file(path: Path, want_hex: str, who: str) -> None:
 ARIA = ["-x16", "-s16"]  # aria2c's strongest documented split (16 connections per server)
 
 
-def nekko_tools(ctx: Context, tag: str, args: list, check: Callable[[Any, Path], None],
-                env: dict | None = None, jobs1: bool = False) -> list[Tool]:
+def nekko_tools(
+    ctx: Context,
+    tag: str,
+    args: list,
+    check: Callable[[Any, Path], None],
+    env: dict | None = None,
+    jobs1: bool = False,
+) -> list[Tool]:
     """nekko-sm with defaults, and (``jobs1``) with ``--jobs 1``, and the baseline build."""
     out = ctx.work / f"out-{tag}"
     out.mkdir(exist_ok=True)
@@ -400,6 +459,7 @@ def nekko_tools(ctx: Context, tag: str, args: list, check: Callable[[Any, Path],
             if rss and name == "nekko":
                 got["nekko_rss_mib"] = rss
             return got
+
         return Tool(name, fn)
 
     tools = [one("nekko", [], None)]
@@ -410,8 +470,9 @@ def nekko_tools(ctx: Context, tag: str, args: list, check: Callable[[Any, Path],
     return tools
 
 
-def file_tools(ctx: Context, url: str, want: str, tag: str, arias: dict,
-               jobs1: bool = False) -> list[Tool]:
+def file_tools(
+    ctx: Context, url: str, want: str, tag: str, arias: dict, jobs1: bool = False
+) -> list[Tool]:
     out = ctx.work / f"out-{tag}"
     out.mkdir(exist_ok=True)
     curl_f = out / "curl.bin"
@@ -427,26 +488,49 @@ def file_tools(ctx: Context, url: str, want: str, tag: str, arias: dict,
         dh, rh = run_timed(["sha256sum", curl_f])
         check_file(curl_f, want, "curl")
         settle(curl_f)
-        return {"curl": dt, "curl+sync": dts, "curl_cpu": r.cpu_s,
-                "curl+sync+sha256sum": dts + dh, "curl+sha256sum_cpu": r.cpu_s + rh.cpu_s}
+        return {
+            "curl": dt,
+            "curl+sync": dts,
+            "curl_cpu": r.cpu_s,
+            "curl+sync+sha256sum": dts + dh,
+            "curl+sha256sum_cpu": r.cpu_s + rh.cpu_s,
+        }
 
     def aria(name: str, opts: list) -> Tool:
         def fn(rep: int) -> dict:
             settle(aria_f, str(aria_f) + ".aria2")
-            dt, r = run_timed(["aria2c", *opts, "-q", "--allow-overwrite=true",
-                               "--auto-file-renaming=false", "--file-allocation=none",
-                               "--console-log-level=error", "-d", out, "-o", aria_f.name, url])
+            dt, r = run_timed(
+                [
+                    "aria2c",
+                    *opts,
+                    "-q",
+                    "--allow-overwrite=true",
+                    "--auto-file-renaming=false",
+                    "--file-allocation=none",
+                    "--console-log-level=error",
+                    "-d",
+                    out,
+                    "-o",
+                    aria_f.name,
+                    url,
+                ]
+            )
             t = time.perf_counter()
             subprocess.run(["sync", str(aria_f)], check=True)
             dts = dt + time.perf_counter() - t
             check_file(aria_f, want, "aria2c")
             settle(aria_f)
             return {name: dt, f"{name}+sync": dts, f"{name}_cpu": r.cpu_s}
+
         return Tool(name, fn)
 
-    nekkos = nekko_tools(ctx, tag, ["pull", url],
-                         lambda r, cache: check_nekko_blob(r.stdout.decode(), cache, want),
-                         jobs1=jobs1)
+    nekkos = nekko_tools(
+        ctx,
+        tag,
+        ["pull", url],
+        lambda r, cache: check_nekko_blob(r.stdout.decode(), cache, want),
+        jobs1=jobs1,
+    )
     return nekkos + [Tool("curl", curl)] + [aria(n, o) for n, o in arias.items()]
 
 
@@ -467,8 +551,9 @@ def before_after(row: Row, stats: dict) -> None:
     """The baseline build's time and the ratio, when --baseline was given."""
     if "nekko (before)" in stats and "nekko" in stats:
         row.peers.append(("nekko (before)", stats["nekko (before)"].fmt()))
-        row.ratios.append(("nekko/nekko (before)",
-                           stats["nekko"].median / stats["nekko (before)"].median))
+        row.ratios.append(
+            ("nekko/nekko (before)", stats["nekko"].median / stats["nekko (before)"].median)
+        )
 
 
 def rss_note(row: Row, stats: dict) -> None:
@@ -500,8 +585,9 @@ def outcome(row: Row, stats: dict, errors: dict, size: int, peers: list) -> Stat
     return n
 
 
-def versus(row: Row, stats: dict, n: Stats, peer: str, size: int, factor: float,
-           verified: str) -> None:
+def versus(
+    row: Row, stats: dict, n: Stats, peer: str, size: int, factor: float, verified: str
+) -> None:
     """nekko's time ``n`` judged against ``peer``'s (at most ``factor`` times it) and shown
     against ``peer``'s followed by a sync; CPU, the baseline build, the check that was made
     (``verified``) and the peak RSS in the notes."""
@@ -521,29 +607,46 @@ def scenario1(ctx: Context, reps: int, label_size: str) -> list[Row]:
     _, want = ctx.source()
     url = f"{peer.url}/files/big.bin"
     log(f"scenario 1: {label_size} from unthrottled nginx, {reps} reps")
-    stats, errors = measure(file_tools(ctx, url, want, "s1", {"aria2c": ARIA}, jobs1=True),
-                            reps)
+    stats, errors = measure(file_tools(ctx, url, want, "s1", {"aria2c": ARIA}, jobs1=True), reps)
     peer.stop()
-    row = Row("1", f"{label_size} file, unthrottled nginx: pull (defaults) vs curl,"
-                   " aria2c -x16 -s16, pull --jobs 1",
-              target="≤ 1.1× curl time (judged vs `curl -o f && sync f`; nekko fsyncs);"
-                     " defaults ≤ --jobs 1; CPU s/GiB ≤ 1.3× curl's")
-    n = outcome(row, stats, errors, ctx.size, ["curl", "curl+sync", "curl+sync+sha256sum",
-                                               "aria2c", "aria2c+sync", "nekko --jobs 1"])
+    row = Row(
+        "1",
+        f"{label_size} file, unthrottled nginx: pull (defaults) vs curl,"
+        " aria2c -x16 -s16, pull --jobs 1",
+        target="≤ 1.1× curl time (judged vs `curl -o f && sync f`; nekko fsyncs);"
+        " defaults ≤ --jobs 1; CPU s/GiB ≤ 1.3× curl's",
+    )
+    n = outcome(
+        row,
+        stats,
+        errors,
+        ctx.size,
+        ["curl", "curl+sync", "curl+sync+sha256sum", "aria2c", "aria2c+sync", "nekko --jobs 1"],
+    )
     if n is not None:
-        for peer_name in ("curl", "curl+sync", "curl+sync+sha256sum", "aria2c",
-                          "aria2c+sync", "nekko --jobs 1"):
+        for peer_name in (
+            "curl",
+            "curl+sync",
+            "curl+sync+sha256sum",
+            "aria2c",
+            "aria2c+sync",
+            "nekko --jobs 1",
+        ):
             if peer_name in stats:
                 row.ratios.append((f"nekko/{peer_name}", n.median / stats[peer_name].median))
         if "curl+sync+sha256sum" in stats:  # the peer that ends with verified bytes, as we do
-            row.info_checks.append(("nekko ≤ 1.1× curl+sync+sha256sum",
-                                    n.median <= 1.1 * stats["curl+sync+sha256sum"].median))
+            row.info_checks.append(
+                (
+                    "nekko ≤ 1.1× curl+sync+sha256sum",
+                    n.median <= 1.1 * stats["curl+sync+sha256sum"].median,
+                )
+            )
         if "curl+sync" in stats:
-            row.checks.append(("nekko ≤ 1.1× curl+sync",
-                               n.median <= 1.1 * stats["curl+sync"].median))
+            row.checks.append(
+                ("nekko ≤ 1.1× curl+sync", n.median <= 1.1 * stats["curl+sync"].median)
+            )
         if "nekko --jobs 1" in stats:
-            row.checks.append(("defaults ≤ --jobs 1",
-                               n.median <= stats["nekko --jobs 1"].median))
+            row.checks.append(("defaults ≤ --jobs 1", n.median <= stats["nekko --jobs 1"].median))
         cpu, cpu_curl = cpu_per_gib(stats, "nekko", ctx.size), cpu_per_gib(stats, "curl", ctx.size)
         if cpu is not None and cpu_curl:
             row.nekko += f"; CPU {cpu:.2f} s/GiB"
@@ -554,15 +657,25 @@ def scenario1(ctx: Context, reps: int, label_size: str) -> list[Row]:
             if cpu_verified:
                 row.peers.append(("curl+sha256sum CPU", f"{cpu_verified:.2f} s/GiB"))
                 row.ratios.append(("CPU nekko/(curl+sha256sum)", cpu / cpu_verified))
-                row.info_checks.append(("CPU s/GiB ≤ 1.3× curl+sha256sum",
-                                        cpu <= 1.3 * cpu_verified))
-            row.data["cpu_s_per_gib"] = {k: round(cpu_per_gib(stats, k, ctx.size) or 0, 3)
-                                         for k in ("nekko", "nekko --jobs 1", "nekko (before)",
-                                                   "curl", "curl+sha256sum", "aria2c")
-                                         if f"{k}_cpu" in stats}
+                row.info_checks.append(
+                    ("CPU s/GiB ≤ 1.3× curl+sha256sum", cpu <= 1.3 * cpu_verified)
+                )
+            row.data["cpu_s_per_gib"] = {
+                k: round(cpu_per_gib(stats, k, ctx.size) or 0, 3)
+                for k in (
+                    "nekko",
+                    "nekko --jobs 1",
+                    "nekko (before)",
+                    "curl",
+                    "curl+sha256sum",
+                    "aria2c",
+                )
+                if f"{k}_cpu" in stats
+            }
         if "curl" in stats:
-            row.info_checks.append(("nekko ≤ 1.1× bare curl (no sync)",
-                                    n.median <= 1.1 * stats["curl"].median))
+            row.info_checks.append(
+                ("nekko ≤ 1.1× bare curl (no sync)", n.median <= 1.1 * stats["curl"].median)
+            )
         before_after(row, stats)
         row.notes.append("every output's sha256 matched the source")
         rss_note(row, stats)
@@ -579,17 +692,21 @@ def scenario2(ctx: Context, reps: int, label_size: str) -> list[Row]:
     arias = {"aria2c": ARIA, "aria2c -k1M": [*ARIA, "-k1M"]}
     stats, errors = measure(file_tools(ctx, url, want, "s2", arias), reps)
     peer.stop()
-    row = Row("2", f"{label} file, nginx limit_rate 20m/connection: pull (defaults) vs curl,"
-                   " aria2c -x16 -s16",
-              target="≤ 1.0× aria2c -x16 -s16 time and speed ≥ 6× curl")
+    row = Row(
+        "2",
+        f"{label} file, nginx limit_rate 20m/connection: pull (defaults) vs curl, aria2c -x16 -s16",
+        target="≤ 1.0× aria2c -x16 -s16 time and speed ≥ 6× curl",
+    )
     n = outcome(row, stats, errors, size, ["curl", "aria2c", "aria2c -k1M"])
     if n is not None:
         if "curl" in stats:
             speedup = stats["curl"].median / n.median
             row.ratios.append(("speed nekko/curl", speedup))
             row.checks.append(("speed ≥ 6× curl", speedup >= 6))
-        for name, label, judged in (("aria2c", "aria2c -x16 -s16", True),
-                                     ("aria2c -k1M", "aria2c -x16 -s16 -k1M", False)):
+        for name, label, judged in (
+            ("aria2c", "aria2c -x16 -s16", True),
+            ("aria2c -k1M", "aria2c -x16 -s16 -k1M", False),
+        ):
             if name in stats:
                 r = n.median / stats[name].median
                 row.ratios.append((f"nekko/{label}", r))
@@ -599,8 +716,10 @@ def scenario2(ctx: Context, reps: int, label_size: str) -> list[Row]:
             row.nekko += f"; CPU {cpu:.2f} s/GiB"
         before_after(row, stats)
         row.notes.append("every output's sha256 matched the source")
-        row.notes.append("aria2c -x16 -s16 splits no finer than its -k (20 MiB): 8 connections"
-                         " for 256 MiB; -k1M lets it open all 16")
+        row.notes.append(
+            "aria2c -x16 -s16 splits no finer than its -k (20 MiB): 8 connections"
+            " for 256 MiB; -k1M lets it open all 16"
+        )
         rss_note(row, stats)
     return [row]
 
@@ -613,17 +732,28 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
     from peers.images import push_image
     from peers.registry import start_registry
 
-    row = Row("3", f"{label_size} 8-layer image, local docker-registry: pull oci:// vs skopeo copy",
-              target="≤ 0.8× skopeo time")
+    row = Row(
+        "3",
+        f"{label_size} 8-layer image, local docker-registry: pull oci:// vs skopeo copy",
+        target="≤ 0.8× skopeo time",
+    )
     log("scenario 3: starting docker-registry and pushing the image")
     peer = start_registry(str(ctx.work / "registry"))
     ctx.stack.callback(peer.close)
     layer = ctx.size // 8
     t = time.perf_counter()
-    info = push_image(peer, "bench/big:v1", layer_sizes=[layer] * 8, seed="bench",
-                      workdir=str(ctx.work / "images"), keep_layout=False)
-    log(f"  pushed in {time.perf_counter() - t:.1f}s: {len(info.layers)} layers,"
-        f" {info.total_size / MIB:.0f} MiB")
+    info = push_image(
+        peer,
+        "bench/big:v1",
+        layer_sizes=[layer] * 8,
+        seed="bench",
+        workdir=str(ctx.work / "images"),
+        keep_layout=False,
+    )
+    log(
+        f"  pushed in {time.perf_counter() - t:.1f}s: {len(info.layers)} layers,"
+        f" {info.total_size / MIB:.0f} MiB"
+    )
     # Both clients talk to the registry itself, not the counting proxy (a Python relay
     # that would measure itself, not the clients).
     host = peer.registry_host
@@ -643,15 +773,29 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
             if sha256_file(p) != digest.split(":", 1)[1]:
                 raise BenchError(f"{who}: blob {digest} does not hash to its digest")
 
-    nekkos = nekko_tools(ctx, "s3", ["--insecure-registry", host, "pull", f"oci://{ref}"],
-                         lambda r, c: verify_layout(c, "nekko-sm"))
+    nekkos = nekko_tools(
+        ctx,
+        "s3",
+        ["--insecure-registry", host, "pull", f"oci://{ref}"],
+        lambda r, c: verify_layout(c, "nekko-sm"),
+    )
 
     def skopeo(rep: int) -> dict:
         settle(sko_dir)
         env = dict(os.environ, REGISTRY_AUTH_FILE=str(no_auth))
-        dt, r = run_timed(["skopeo", "--insecure-policy", "copy", "--quiet",
-                           "--src-tls-verify=false", "--src-no-creds", f"docker://{ref}",
-                           f"oci:{sko_dir}:v1"], env=env)
+        dt, r = run_timed(
+            [
+                "skopeo",
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--src-tls-verify=false",
+                "--src-no-creds",
+                f"docker://{ref}",
+                f"oci:{sko_dir}:v1",
+            ],
+            env=env,
+        )
         t = time.perf_counter()
         os.sync()
         dts = dt + time.perf_counter() - t
@@ -665,8 +809,15 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
     n = outcome(row, stats, errors, info.total_size, ["skopeo", "skopeo+sync"])
     row.data["layers"] = [d["size"] for d in info.layers]
     if n is not None:
-        versus(row, stats, n, "skopeo", info.total_size, 0.8,
-               "every layer and the config verified by sha256 in both layouts")
+        versus(
+            row,
+            stats,
+            n,
+            "skopeo",
+            info.total_size,
+            0.8,
+            "every layer and the config verified by sha256 in both layouts",
+        )
     return [row]
 
 
@@ -677,9 +828,11 @@ def scenario3(ctx: Context, reps: int, label_size: str) -> list[Row]:
 def hub_script(name: str, args: str) -> str:
     """A script that imports ``name`` from huggingface_hub, calls it with ``args`` and prints
     the path it returns, and on stderr the seconds the import and the call took."""
-    return (f"\nimport sys, time\nt0 = time.perf_counter()\nfrom huggingface_hub import {name}\n"
-            f"t1 = time.perf_counter()\np = {name}({args})\nt2 = time.perf_counter()\nprint(p)\n"
-            'print(f"import {t1 - t0:.3f} download {t2 - t1:.3f}", file=sys.stderr)\n')
+    return (
+        f"\nimport sys, time\nt0 = time.perf_counter()\nfrom huggingface_hub import {name}\n"
+        f"t1 = time.perf_counter()\np = {name}({args})\nt2 = time.perf_counter()\nprint(p)\n"
+        'print(f"import {t1 - t0:.3f} download {t2 - t1:.3f}", file=sys.stderr)\n'
+    )
 
 
 HF_SCRIPT = hub_script("hf_hub_download", "repo_id=sys.argv[1], filename=sys.argv[2]")
@@ -728,8 +881,11 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
         fakehub_module.hashlib = etag_cache  # type: ignore[assignment]
         ctx.stack.callback(setattr, fakehub_module, "hashlib", hashlib)
 
-    row = Row("4", f"{label_size} LFS file, fake Hub + CDN: pull hf:/// vs hf_hub_download",
-              target="≤ 0.8× hf_hub_download time")
+    row = Row(
+        "4",
+        f"{label_size} LFS file, fake Hub + CDN: pull hf:/// vs hf_hub_download",
+        target="≤ 0.8× hf_hub_download time",
+    )
     src, want = ctx.source()
     log("scenario 4: starting the fake Hub")
     hub = start_fakehub()
@@ -745,16 +901,23 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
     script.write_text(HF_SCRIPT)
     inner: list = []
 
-    nekkos = nekko_tools(ctx, "s4", ["--insecure-registry", hub_host, "pull",
-                                     "hf:///bench/model/model.gguf"],
-                         lambda r, c: check_nekko_blob(r.stdout.decode(), c, want),
-                         env=ctx.nekko_env(HF_ENDPOINT=hub.endpoint))
+    nekkos = nekko_tools(
+        ctx,
+        "s4",
+        ["--insecure-registry", hub_host, "pull", "hf:///bench/model/model.gguf"],
+        lambda r, c: check_nekko_blob(r.stdout.decode(), c, want),
+        env=ctx.nekko_env(HF_ENDPOINT=hub.endpoint),
+    )
 
     def hf(rep: int) -> dict:
         settle(hf_home)
-        env = ctx.nekko_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.endpoint,
-                            HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-                            HF_HUB_DISABLE_XET="1")  # the fake Hub serves no Xet CAS
+        env = ctx.nekko_env(
+            HF_HOME=str(hf_home),
+            HF_ENDPOINT=hub.endpoint,
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_HUB_DISABLE_PROGRESS_BARS="1",
+            HF_HUB_DISABLE_XET="1",
+        )  # the fake Hub serves no Xet CAS
         dt, r = run_timed([PY, script, "bench/model", "model.gguf"], env=env)
         m = re.search(r"import ([\d.]+) download ([\d.]+)", r.stderr.decode())
         if m:
@@ -764,30 +927,41 @@ def scenario4(ctx: Context, reps: int, label_size: str) -> list[Row]:
         dts = dt + time.perf_counter() - t
         check_file(Path(r.stdout.decode().strip().splitlines()[-1]), want, "hf_hub_download")
         settle(hf_home)
-        return {"hf_hub_download": dt, "hf_hub_download+sync": dts,
-                "hf_hub_download_cpu": r.cpu_s}
+        return {"hf_hub_download": dt, "hf_hub_download+sync": dts, "hf_hub_download_cpu": r.cpu_s}
 
     log(f"scenario 4: {reps} reps")
     stats, errors = measure([*nekkos, Tool("hf_hub_download", hf)], reps)
     hub.close()
     cdn_gets = sum(1 for r in hub.log("cdn") if r.method == "GET")
     if etag_cache is not None:
-        row.notes.append("the fake CDN's per-request MD5 of the whole file (its ETag) is"
-                         " computed once per file for this run (bench-side cache, both"
-                         f" clients alike; {cdn_gets} CDN GETs in all);"
-                         " --raw-fakehub measures without it")
+        row.notes.append(
+            "the fake CDN's per-request MD5 of the whole file (its ETag) is"
+            " computed once per file for this run (bench-side cache, both"
+            f" clients alike; {cdn_gets} CDN GETs in all);"
+            " --raw-fakehub measures without it"
+        )
     else:
-        row.notes.append(f"raw fake Hub: every one of the {cdn_gets} CDN GETs made the peer"
-                         " MD5 the whole file")
+        row.notes.append(
+            f"raw fake Hub: every one of the {cdn_gets} CDN GETs made the peer MD5 the whole file"
+        )
     n = outcome(row, stats, errors, ctx.size, ["hf_hub_download", "hf_hub_download+sync"])
     row.data["cdn_gets"] = cdn_gets
     if inner:
         row.data["hf_import_s"] = Stats([a for a, _ in inner]).as_json()
-        row.notes.append(f"hf_hub_download's process includes ~{Stats([a for a, _ in inner]).median:.2f} s"
-                         " of `import huggingface_hub`")
+        row.notes.append(
+            f"hf_hub_download's process includes ~{Stats([a for a, _ in inner]).median:.2f} s"
+            " of `import huggingface_hub`"
+        )
     if n is not None:
-        versus(row, stats, n, "hf_hub_download", ctx.size, 0.8,
-               "both outputs' sha256 matched the source")
+        versus(
+            row,
+            stats,
+            n,
+            "hf_hub_download",
+            ctx.size,
+            0.8,
+            "both outputs' sha256 matched the source",
+        )
     return [row]
 
 
@@ -810,8 +984,12 @@ def scenario7(ctx: Context, reps: int) -> list[Row]:
 
     files = small_repo_files()
     total = sum(len(v) for v in files.values())
-    row = Row("7", f"{len(files)} small files ({total // 1024} KiB), fake Hub: pull hf:///ORG/NAME"
-              " vs snapshot_download", target="≤ 0.5× snapshot_download time")
+    row = Row(
+        "7",
+        f"{len(files)} small files ({total // 1024} KiB), fake Hub: pull hf:///ORG/NAME"
+        " vs snapshot_download",
+        target="≤ 0.5× snapshot_download time",
+    )
     log("scenario 7: starting the fake Hub")
     hub = start_fakehub()
     ctx.stack.callback(hub.close)
@@ -836,8 +1014,9 @@ def scenario7(ctx: Context, reps: int) -> list[Row]:
         settle(cache)
         hub.clear_log()
         env = ctx.nekko_env(HF_ENDPOINT=hub.endpoint)
-        dt, r, rss = ctx.nekko_timed(["--insecure-registry", hub_host, "pull",
-                                      "hf:///bench/small-files"], cache, env)
+        dt, r, rss = ctx.nekko_timed(
+            ["--insecure-registry", hub_host, "pull", "hf:///bench/small-files"], cache, env
+        )
         if r.returncode != 0:
             raise BenchError(f"nekko-sm failed: {tail(r.stderr)}")
         requests["nekko"].append(len(hub.log()))
@@ -848,9 +1027,13 @@ def scenario7(ctx: Context, reps: int) -> list[Row]:
     def snapshot(rep: int) -> dict:
         settle(hf_home)
         hub.clear_log()
-        env = ctx.nekko_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.endpoint,
-                            HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-                            HF_HUB_DISABLE_XET="1")  # the fake Hub serves no Xet CAS
+        env = ctx.nekko_env(
+            HF_HOME=str(hf_home),
+            HF_ENDPOINT=hub.endpoint,
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_HUB_DISABLE_PROGRESS_BARS="1",
+            HF_HUB_DISABLE_XET="1",
+        )  # the fake Hub serves no Xet CAS
         dt, r = run_timed([PY, script, "bench/small-files", str(hf_home / "hub")], env=env)
         if r.returncode != 0:
             raise BenchError(f"snapshot_download failed: {tail(r.stderr)}")
@@ -863,8 +1046,11 @@ def scenario7(ctx: Context, reps: int) -> list[Row]:
     stats, errors = measure([Tool("nekko", nekko), Tool("snapshot_download", snapshot)], reps)
     row.peers = peer_texts(stats, ["snapshot_download"])
     row.data = {k: v.as_json() for k, v in stats.items()}
-    row.data.update(files=len(files), bytes=total,
-                    requests_per_pull={k: v[0] if v else None for k, v in requests.items()})
+    row.data.update(
+        files=len(files),
+        bytes=total,
+        requests_per_pull={k: v[0] if v else None for k, v in requests.items()},
+    )
     if "nekko" in errors:
         row.error = errors["nekko"]
     if "snapshot_download" in errors:
@@ -877,8 +1063,10 @@ def scenario7(ctx: Context, reps: int) -> list[Row]:
             row.checks.append(("nekko ≤ 0.5× snapshot_download", r <= 0.5))
         n, h = requests["nekko"], requests["snapshot_download"]
         if n and h:
-            row.notes.append(f"requests at the fake Hub per pull: nekko {n[0]}, snapshot_download"
-                             f" {h[0]} (it HEADs each file, then GETs it)")
+            row.notes.append(
+                f"requests at the fake Hub per pull: nekko {n[0]}, snapshot_download"
+                f" {h[0]} (it HEADs each file, then GETs it)"
+            )
         row.notes.append("every file of both trees matched its sha256")
         rss_note(row, stats)
     return [row]
@@ -915,8 +1103,9 @@ def b64(url: str) -> str:
     return base64.b64encode(url.encode()).decode()
 
 
-def http_call(port: int, method: str, path: str, body: bytes | None = None,
-              timeout: float = 30) -> tuple[int, bytes]:
+def http_call(
+    port: int, method: str, path: str, body: bytes | None = None, timeout: float = 30
+) -> tuple[int, bytes]:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
@@ -936,6 +1125,7 @@ def build_entries(ctx: Context, cache: Path, peer, n: int) -> list[tuple[str, st
     rewrites index.json 10,000 times, which is measured separately.  Every synthetic entry
     is a real, content-addressed file that nginx also serves.  Returns [(url, file digest)].
     """
+
     def data_of(i: int) -> bytes:
         return f"nekko bench tiny file {i}\n".encode()
 
@@ -1008,15 +1198,23 @@ def parse_wrk(text: str) -> dict:
     return out
 
 
-def start_serve(ctx: Context, cache: Path, name: str, timeout: float = 20,
-                ) -> tuple[subprocess.Popen, int, Callable[[], None]]:
+def start_serve(
+    ctx: Context,
+    cache: Path,
+    name: str,
+    timeout: float = 20,
+) -> tuple[subprocess.Popen, int, Callable[[], None]]:
     """``nekko-sm serve`` on a free port, answering /healthz: (process, port, stop)."""
     port = free_port()
     log_path = ctx.work / f"{name}.log"
     logf = open(log_path, "wb")  # noqa: SIM115 - closed by stop
-    proc = subprocess.Popen(ctx.nekko("--address", f"127.0.0.1:{port}", "serve", cache=cache),
-                            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                            env=ctx.nekko_env())
+    proc = subprocess.Popen(
+        ctx.nekko("--address", f"127.0.0.1:{port}", "serve", cache=cache),
+        stdin=subprocess.DEVNULL,
+        stdout=logf,
+        stderr=logf,
+        env=ctx.nekko_env(),
+    )
 
     def stop() -> None:
         if proc.poll() is None:
@@ -1042,8 +1240,11 @@ def start_serve(ctx: Context, cache: Path, name: str, timeout: float = 20,
 
 
 def scenario5(ctx: Context, runs: int, duration: int, entries: int = 10_000) -> list[Row]:
-    row = Row("5", f"cache-hit API: serve with {entries:,} entries, wrk -t2 -c32 GET /content/B64",
-              target="≥ 3,000 GET/s and p99 < 10 ms")
+    row = Row(
+        "5",
+        f"cache-hit API: serve with {entries:,} entries, wrk -t2 -c32 GET /content/B64",
+        target="≥ 3,000 GET/s and p99 < 10 ms",
+    )
     peer = ctx.nginx("nginx5", with_source=False)
     cache = ctx.work / "cache-s5"
     log(f"scenario 5: building {entries:,} entries")
@@ -1076,11 +1277,26 @@ def scenario5(ctx: Context, runs: int, duration: int, entries: int = 10_000) -> 
     results = []
     for i in range(runs):
         log(f"  wrk run {i + 1}/{runs} ({duration}s)")
-        _, r = run_timed(["wrk", "-t2", "-c32", f"-d{duration}s", "--latency", "-s", lua,
-                          f"http://127.0.0.1:{port}", "--", paths], timeout=duration + 60)
+        _, r = run_timed(
+            [
+                "wrk",
+                "-t2",
+                "-c32",
+                f"-d{duration}s",
+                "--latency",
+                "-s",
+                lua,
+                f"http://127.0.0.1:{port}",
+                "--",
+                paths,
+            ],
+            timeout=duration + 60,
+        )
         w = parse_wrk(r.stdout.decode())
-        log(f"    {w['rps']} req/s, p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms,"
-            f" non-2xx {w['non2xx']}")
+        log(
+            f"    {w['rps']} req/s, p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms,"
+            f" non-2xx {w['non2xx']}"
+        )
         results.append(w)
     bad = sum(w["non2xx"] for w in results)
     if bad or any(w["rps"] is None for w in results):
@@ -1102,19 +1318,32 @@ def scenario5(ctx: Context, runs: int, duration: int, entries: int = 10_000) -> 
     rps = Stats([w["rps"] for w in results if w["rps"] is not None])
     p99 = Stats([w["p99_ms"] for w in results if w["p99_ms"] is not None])
     p50 = Stats([w["p50_ms"] for w in results if w["p50_ms"] is not None])
-    row.nekko = (f"{rps.median:,.0f} GET/s ({rps.lo:,.0f}–{rps.hi:,.0f}); "
-                 f"p50 {p50.median:.2f} ms, p99 {p99.median:.2f} ms ({p99.lo:.2f}–{p99.hi:.2f})")
+    row.nekko = (
+        f"{rps.median:,.0f} GET/s ({rps.lo:,.0f}–{rps.hi:,.0f}); "
+        f"p50 {p50.median:.2f} ms, p99 {p99.median:.2f} ms ({p99.lo:.2f}–{p99.hi:.2f})"
+    )
     row.checks.append(("≥ 3,000 GET/s", rps.median >= 3000))
     row.checks.append(("p99 < 10 ms", p99.median < 10))
-    row.data.update({"wrk": results, "rps": rps.as_json(), "p99_ms": p99.as_json(),
-                     "p50_ms": p50.as_json(), "add_entry_ms": Stats(add_ms).as_json()})
-    row.notes.append(f"entries: 1 real `nekko-sm pull` + {entries - 1:,} written from its"
-                     f" template in {row.data['build_s']} s (index.json"
-                     f" {row.data['index_json_bytes'] / MIB:.1f} MiB); 100 random GETs"
-                     " checked for 200 + digest before the load; 0 non-2xx under load"
-                     if not bad else "")
-    row.notes.append(f"POST of one new entry at {entries:,} entries: median"
-                     f" {Stats(add_ms).median:.0f} ms")
+    row.data.update(
+        {
+            "wrk": results,
+            "rps": rps.as_json(),
+            "p99_ms": p99.as_json(),
+            "p50_ms": p50.as_json(),
+            "add_entry_ms": Stats(add_ms).as_json(),
+        }
+    )
+    row.notes.append(
+        f"entries: 1 real `nekko-sm pull` + {entries - 1:,} written from its"
+        f" template in {row.data['build_s']} s (index.json"
+        f" {row.data['index_json_bytes'] / MIB:.1f} MiB); 100 random GETs"
+        " checked for 200 + digest before the load; 0 non-2xx under load"
+        if not bad
+        else ""
+    )
+    row.notes.append(
+        f"POST of one new entry at {entries:,} entries: median {Stats(add_ms).median:.0f} ms"
+    )
     return [row]
 
 
@@ -1132,8 +1361,9 @@ def scenario6(ctx: Context, rss_runs: int, starts: int, label_size: str) -> list
     rss = []
     for i in range(rss_runs):
         settle(cache)
-        _, r = run_timed(["/usr/bin/time", "-v", *ctx.nekko("pull", url, cache=cache)],
-                         env=ctx.nekko_env())
+        _, r = run_timed(
+            ["/usr/bin/time", "-v", *ctx.nekko("pull", url, cache=cache)], env=ctx.nekko_env()
+        )
         check_nekko_blob(r.stdout.decode(), cache, want)
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr.decode())
         if not m:
@@ -1141,9 +1371,12 @@ def scenario6(ctx: Context, rss_runs: int, starts: int, label_size: str) -> list
         rss.append(int(m.group(1)) / 1024)
         log(f"  max RSS {rss[-1]:.1f} MiB")
     s = Stats(rss)
-    row = Row("6a", f"peak RSS of `pull` of the {label_size} file (/usr/bin/time -v)",
-              nekko=f"{s.hi:.1f} MiB max ({s.lo:.1f}–{s.hi:.1f}, n={len(rss)})",
-              target="< 100 MiB")
+    row = Row(
+        "6a",
+        f"peak RSS of `pull` of the {label_size} file (/usr/bin/time -v)",
+        nekko=f"{s.hi:.1f} MiB max ({s.lo:.1f}–{s.hi:.1f}, n={len(rss)})",
+        target="< 100 MiB",
+    )
     row.checks.append(("max RSS < 100 MiB", s.hi < 100))
     row.data = {"rss_mib": s.as_json()}
     rows.append(row)
@@ -1153,19 +1386,30 @@ def scenario6(ctx: Context, rss_runs: int, starts: int, label_size: str) -> list
         run_timed(cmd, env=ctx.nekko_env())  # warm the page cache once, not counted
         for _ in range(n):
             t = time.perf_counter()
-            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, env=ctx.nekko_env(), check=False)
+            r = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=ctx.nekko_env(),
+                check=False,
+            )
             vals.append(time.perf_counter() - t)
             if r.returncode != 0:
-                raise BenchError(f"{' '.join(map(str, cmd[-2:]))} exited {r.returncode}:"
-                                 f" {tail(r.stderr)}")
+                raise BenchError(
+                    f"{' '.join(map(str, cmd[-2:]))} exited {r.returncode}: {tail(r.stderr)}"
+                )
         return Stats(vals)
 
     log(f"scenario 6: cold start of `status URL`, {starts} fresh processes")
     base = cold([PY, "-c", "pass"], starts)
     st = cold(ctx.nekko("status", url, cache=cache), starts)
-    row = Row("6b", "cold start: `python3 nekko-sm.pyz status URL` (1-entry cache)",
-              nekko=st.fmt("ms", 1e3, 0), target="< 150 ms (median of fresh processes)")
+    row = Row(
+        "6b",
+        "cold start: `python3 nekko-sm.pyz status URL` (1-entry cache)",
+        nekko=st.fmt("ms", 1e3, 0),
+        target="< 150 ms (median of fresh processes)",
+    )
     row.peers = [("python3 -c pass", base.fmt("ms", 1e3, 0))]
     row.checks.append(("median < 150 ms", st.median < 0.150))
     row.data = {"status_s": st.as_json(), "python_baseline_s": base.as_json()}
@@ -1176,8 +1420,12 @@ def scenario6(ctx: Context, rss_runs: int, starts: int, label_size: str) -> list
         c5, items = ctx.keep["s5"]
         url5 = items[len(items) // 2][0]
         st5 = cold(ctx.nekko("status", url5, cache=c5), starts)
-        row = Row("6c", f"cold start: `status URL` on the {len(items):,}-entry cache of scenario 5",
-                  nekko=st5.fmt("ms", 1e3, 0), target="< 150 ms (same target, bigger index)")
+        row = Row(
+            "6c",
+            f"cold start: `status URL` on the {len(items):,}-entry cache of scenario 5",
+            nekko=st5.fmt("ms", 1e3, 0),
+            target="< 150 ms (same target, bigger index)",
+        )
         row.peers = [("python3 -c pass", base.fmt("ms", 1e3, 0))]
         row.checks.append(("median < 150 ms", st5.median < 0.150))
         row.data = {"status_s": st5.as_json()}
@@ -1196,14 +1444,23 @@ def _push_blob(peer, repo: str, path: Path, digest: str) -> dict:
 
     size = path.stat().st_size
     if peer.request("HEAD", f"/v2/{repo}/blobs/{digest}", direct=True).status != 200:
-        start = peer.request("POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"},
-                             b"", direct=True)
+        start = peer.request(
+            "POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"}, b"", direct=True
+        )
         loc = urlsplit(start.headers["location"])
-        target = f"{loc.path}?{loc.query}&digest={digest}" if loc.query else \
-            f"{loc.path}?digest={digest}"
+        target = (
+            f"{loc.path}?{loc.query}&digest={digest}"
+            if loc.query
+            else f"{loc.path}?digest={digest}"
+        )
         with open(path, "rb") as f:
-            put = peer.request("PUT", target, {"Content-Type": "application/octet-stream",
-                                               "Content-Length": str(size)}, f, direct=True)
+            put = peer.request(
+                "PUT",
+                target,
+                {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                f,
+                direct=True,
+            )
         if put.status != 201:
             raise BenchError(f"PUT blob {digest}: {put.status} {put.body[:200]!r}")
     return {"digest": digest, "size": size}
@@ -1219,9 +1476,11 @@ def _tar_of(src: Path, name: str, out: Path) -> str:
     info.mode, info.uid, info.gid, info.mtime = 0o644, 1000, 1000, 1748779200
     h = hashlib.sha256()
     with open(out, "wb") as f, open(src, "rb") as s:
+
         def put(b: bytes) -> None:
             f.write(b)
             h.update(b)
+
         put(info.tobuf(tarfile.PAX_FORMAT))
         while True:
             b = s.read(4 * MIB)
@@ -1250,9 +1509,12 @@ def scenario8(ctx: Context, reps: int, label_size: str) -> list[Row]:
     from peers.modelpacks import go_json
     from peers.registry import start_registry
 
-    row = Row("8", f"{label_size} model in a ModelPack tar layer, local docker-registry:"
-              " pull (download + unpack) vs pull of the same bytes as a raw layer",
-              target="≤ 1.2× the raw pull's time; peak RSS < 100 MiB")
+    row = Row(
+        "8",
+        f"{label_size} model in a ModelPack tar layer, local docker-registry:"
+        " pull (download + unpack) vs pull of the same bytes as a raw layer",
+        target="≤ 1.2× the raw pull's time; peak RSS < 100 MiB",
+    )
     src, want = ctx.source()
     log("scenario 8: starting docker-registry, pushing the tar and the raw model")
     peer = start_registry(str(ctx.work / "registry8"))
@@ -1263,27 +1525,49 @@ def scenario8(ctx: Context, reps: int, label_size: str) -> list[Row]:
     config_json.write_bytes(b'{"architectures": ["NekkoBench"]}')
     cfg_hex = sha256_file(config_json)
     model_cfg = ctx.work / "data" / "modelcfg.json"
-    model_cfg.write_bytes(go_json({"descriptor": {"name": "bench"},
-                                   "modelfs": {"type": "layers", "diffIds": []},
-                                   "config": {"format": "safetensors"}}))
+    model_cfg.write_bytes(
+        go_json(
+            {
+                "descriptor": {"name": "bench"},
+                "modelfs": {"type": "layers", "diffIds": []},
+                "config": {"format": "safetensors"},
+            }
+        )
+    )
     manifests = {}
-    for repo, kind, blob, blob_hex in (("bench/tar", "tar", tar, tar_hex),
-                                       ("bench/raw", "raw", src, want)):
+    for repo, kind, blob, blob_hex in (
+        ("bench/tar", "tar", tar, tar_hex),
+        ("bench/raw", "raw", src, want),
+    ):
         cdesc = _push_blob(peer, repo, model_cfg, "sha256:" + sha256_file(model_cfg))
         ldesc = _push_blob(peer, repo, blob, "sha256:" + blob_hex)
         jdesc = _push_blob(peer, repo, config_json, "sha256:" + cfg_hex)
-        doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-               "artifactType": "application/vnd.cncf.model.manifest.v1+json",
-               "config": {"mediaType": "application/vnd.cncf.model.config.v1+json", **cdesc},
-               "layers": [
-                   {"mediaType": "application/vnd.cncf.model.weight.config.v1.raw", **jdesc,
-                    "annotations": {"org.cncf.model.filepath": "config.json"}},
-                   {"mediaType": f"application/vnd.cncf.model.weight.v1.{kind}", **ldesc,
-                    "annotations": {"org.cncf.model.filepath": "model.safetensors"}}]}
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/vnd.cncf.model.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.cncf.model.config.v1+json", **cdesc},
+            "layers": [
+                {
+                    "mediaType": "application/vnd.cncf.model.weight.config.v1.raw",
+                    **jdesc,
+                    "annotations": {"org.cncf.model.filepath": "config.json"},
+                },
+                {
+                    "mediaType": f"application/vnd.cncf.model.weight.v1.{kind}",
+                    **ldesc,
+                    "annotations": {"org.cncf.model.filepath": "model.safetensors"},
+                },
+            ],
+        }
         body = go_json(doc)
-        put = peer.request("PUT", f"/v2/{repo}/manifests/v1",
-                           {"Content-Type": doc["mediaType"], "Content-Length": str(len(body))},
-                           body, direct=True)
+        put = peer.request(
+            "PUT",
+            f"/v2/{repo}/manifests/v1",
+            {"Content-Type": doc["mediaType"], "Content-Length": str(len(body))},
+            body,
+            direct=True,
+        )
         if put.status != 201:
             raise BenchError(f"PUT manifest {repo}: {put.status} {put.body[:200]!r}")
         manifests[kind] = body
@@ -1310,14 +1594,18 @@ def scenario8(ctx: Context, reps: int, label_size: str) -> list[Row]:
         def run(rep: int) -> dict:
             settle(cache)
             env = ctx.nekko_env(**({"NEKKO_DISCARD_UNPACKED_LAYERS": "1"} if discard else {}))
-            dt, r, rss = ctx.nekko_timed(["--insecure-registry", host, "pull", "--json",
-                                          f"oci://{host}/bench/{kind}:v1"], cache, env)
+            dt, r, rss = ctx.nekko_timed(
+                ["--insecure-registry", host, "pull", "--json", f"oci://{host}/bench/{kind}:v1"],
+                cache,
+                env,
+            )
             check(r.stdout.decode(), cache)
             got = {name: dt, **({f"{name}_rss_mib": rss} if rss else {})}
             if discard:
                 got[f"{name}_disk_ratio"] = blobs_bytes(cache) / src.stat().st_size
             settle(cache)
             return got
+
         return run
 
     layer_doc = out / "tar-manifest.json"
@@ -1332,8 +1620,21 @@ def scenario8(ctx: Context, reps: int, label_size: str) -> list[Row]:
         os.sync()
         rss_file = ctx.work / "rss8.txt"
         env = dict(ctx.nekko_env(), PYTHONPATH=str(ctx.pyz))
-        dt, r = run_timed(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), PY, "-c",
-                           _UNPACK_ONLY, str(ucache), str(layer_doc)], env=env)
+        dt, r = run_timed(
+            [
+                "/usr/bin/time",
+                "-f",
+                "%M",
+                "-o",
+                str(rss_file),
+                PY,
+                "-c",
+                _UNPACK_ONLY,
+                str(ucache),
+                str(layer_doc),
+            ],
+            env=env,
+        )
         files = json.loads(r.stdout.decode().strip().splitlines()[-1])
         if files.get("model.safetensors") != "sha256:" + want:
             raise BenchError(f"the unpack alone gave {files}")
@@ -1342,9 +1643,15 @@ def scenario8(ctx: Context, reps: int, label_size: str) -> list[Row]:
         return {"unpack": dt, "unpack_rss_mib": rss}
 
     log(f"scenario 8: {reps} reps")
-    stats, errors = measure([Tool("raw", pull("raw")), Tool("tar", pull("tar")),
-                             Tool("unpack", unpack_only),
-                             Tool("tar+discard", pull("tar", discard=True))], reps)
+    stats, errors = measure(
+        [
+            Tool("raw", pull("raw")),
+            Tool("tar", pull("tar")),
+            Tool("unpack", unpack_only),
+            Tool("tar+discard", pull("tar", discard=True)),
+        ],
+        reps,
+    )
     peer.close()
     row.data = {k: v.as_json() for k, v in stats.items()}
     row.data["bytes"] = src.stat().st_size
@@ -1355,13 +1662,14 @@ def scenario8(ctx: Context, reps: int, label_size: str) -> list[Row]:
     size_mib = src.stat().st_size / MIB
     if "tar" in stats and "raw" in stats:
         t, r = stats["tar"], stats["raw"]
-        row.nekko = (f"tar pull {t.fmt()}, {size_mib / t.median:.0f} MiB/s; unpack alone "
-                     + (f"{stats['unpack'].fmt()}, {size_mib / stats['unpack'].median:.0f}"
-                        " MiB/s" if "unpack" in stats else "—"))
+        row.nekko = f"tar pull {t.fmt()}, {size_mib / t.median:.0f} MiB/s; unpack alone " + (
+            f"{stats['unpack'].fmt()}, {size_mib / stats['unpack'].median:.0f} MiB/s"
+            if "unpack" in stats
+            else "—"
+        )
         row.peers = [("raw-layer pull", r.fmt() + f", {size_mib / r.median:.0f} MiB/s")]
         if "tar+discard" in stats:
-            row.peers.append(("tar pull, --discard-unpacked-layers",
-                              stats["tar+discard"].fmt()))
+            row.peers.append(("tar pull, --discard-unpacked-layers", stats["tar+discard"].fmt()))
         ratio = t.median / r.median
         row.ratios.append(("tar pull/raw pull", ratio))
         row.checks.append(("tar pull ≤ 1.2× raw pull", ratio <= 1.2))
@@ -1372,12 +1680,19 @@ def scenario8(ctx: Context, reps: int, label_size: str) -> list[Row]:
         rss = [x for k, st in stats.items() if k.endswith("_rss_mib") for x in st.values]
         if rss:
             row.checks.append(("peak RSS < 100 MiB", max(rss) < 100))
-            row.notes.append("peak RSS: " + ", ".join(
-                f"{k[:-8]} {stats[k].hi:.0f} MiB" for k in sorted(stats)
-                if k.endswith("_rss_mib")))
+            row.notes.append(
+                "peak RSS: "
+                + ", ".join(
+                    f"{k[:-8]} {stats[k].hi:.0f} MiB"
+                    for k in sorted(stats)
+                    if k.endswith("_rss_mib")
+                )
+            )
         if "tar+discard_disk_ratio" in stats:
-            row.notes.append("with --discard-unpacked-layers the cache holds"
-                             f" {stats['tar+discard_disk_ratio'].hi:.3f}× the file's size")
+            row.notes.append(
+                "with --discard-unpacked-layers the cache holds"
+                f" {stats['tar+discard_disk_ratio'].hi:.3f}× the file's size"
+            )
         row.notes.append("every view verified: model.safetensors hashes to the source")
     return [row]
 
@@ -1408,12 +1723,19 @@ def machine_info(work: Path) -> dict:
     fs = out(["stat", "-f", "-c", "%T", str(work)])
     dev = ""
     with contextlib.suppress(Exception):
-        dev = subprocess.run(["df", "-h", "--output=source,fstype,size", str(work)],
-                             capture_output=True, text=True, check=False).stdout.strip().splitlines()[-1]
+        dev = (
+            subprocess.run(
+                ["df", "-h", "--output=source,fstype,size", str(work)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
     flags: set = set()
     with contextlib.suppress(OSError):
-        m = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(),
-                      re.MULTILINE)
+        m = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
         flags = set(m.group(1).split()) if m else set()
     block = os.urandom(4 << 20)  # the one cost no client that verifies can avoid
     t = time.perf_counter()
@@ -1443,8 +1765,10 @@ def machine_info(work: Path) -> dict:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| # | scenario | nekko-sm | peer(s) | ratio(s) | target | result |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| # | scenario | nekko-sm | peer(s) | ratio(s) | target | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         peers = "<br>".join(f"{n}: {t}" for n, t in r.peers) or "—"
         ratios = "<br>".join(ratio_text(k, v) for k, v in r.ratios) or "—"
@@ -1455,8 +1779,9 @@ def markdown(rows: list[Row]) -> str:
         if detail:
             verdict += "<br>" + "<br>".join(detail)
         cells = [r.id, r.scenario, nekko, peers, ratios, r.target, verdict]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
-                                         for c in cells) + " |")
+        lines.append(
+            "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+        )
     notes = [(r.id, n) for r in rows for n in r.notes if n]
     errs = [(r.id, r.error) for r in rows if r.error and r.nekko != "—"]
     if notes or errs:
@@ -1499,29 +1824,46 @@ def _raise_interrupt(signum, frame):  # SIGTERM/SIGHUP: clean up as on Ctrl-C
 
 
 def main(argv: list | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="128 MiB sizes and fewer repetitions (~2-3 min smoke run)")
-    ap.add_argument("--selftest", action="store_true",
-                    help="scenario 1 only, at 8 MiB, in a few seconds; fails only on errors")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="128 MiB sizes and fewer repetitions (~2-3 min smoke run)",
+    )
+    ap.add_argument(
+        "--selftest",
+        action="store_true",
+        help="scenario 1 only, at 8 MiB, in a few seconds; fails only on errors",
+    )
     ap.add_argument("--only", metavar="N,...", help="scenarios to run (1-8)")
     ap.add_argument("--size-mib", type=int, help="size for scenarios 1-4 and 6 (default 1024)")
     ap.add_argument("--reps", type=int, help="repetitions per tool (default: per scenario)")
-    ap.add_argument("--out", metavar="PREFIX",
-                    help="write PREFIX.json and PREFIX.md (default bench/results for a full"
-                         " run, bench/results-quick for --quick, bench/results-partial with"
-                         " --only, nothing for --selftest or an interrupted run)")
+    ap.add_argument(
+        "--out",
+        metavar="PREFIX",
+        help="write PREFIX.json and PREFIX.md (default bench/results for a full"
+        " run, bench/results-quick for --quick, bench/results-partial with"
+        " --only, nothing for --selftest or an interrupted run)",
+    )
     ap.add_argument("--workdir", metavar="DIR", help="where the temporary directory goes")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--throttled-mib", type=int,
-                    help="size of scenario 2's file (default 256; 64 with --quick)")
-    ap.add_argument("--baseline", metavar="PYZ",
-                    help="also run this (older) nekko-sm.pyz in scenarios 1-4, interleaved"
-                         " with the current build: a before/after in the same run")
-    ap.add_argument("--raw-fakehub", action="store_true",
-                    help="scenario 4 without the bench-side cache of the fake CDN's per-request"
-                         " whole-file MD5 (see BENCHMARKS.md)")
+    ap.add_argument(
+        "--throttled-mib", type=int, help="size of scenario 2's file (default 256; 64 with --quick)"
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="PYZ",
+        help="also run this (older) nekko-sm.pyz in scenarios 1-4, interleaved"
+        " with the current build: a before/after in the same run",
+    )
+    ap.add_argument(
+        "--raw-fakehub",
+        action="store_true",
+        help="scenario 4 without the bench-side cache of the fake CDN's per-request"
+        " whole-file MD5 (see BENCHMARKS.md)",
+    )
     args = ap.parse_args(argv)
 
     if args.selftest:
@@ -1564,15 +1906,20 @@ def main(argv: list | None = None) -> int:
     ctx = Context(args)
     rows: list[Row] = []
     status = 0
-    meta: dict = {"mode": mode, "started": _dt.datetime.now().isoformat(timespec="seconds"),
-                  "size_mib": args.size_mib}
+    meta: dict = {
+        "mode": mode,
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "size_mib": args.size_mib,
+    }
     interrupted = False
     try:
         meta["machine"] = machine_info(ctx.work)
         meta["nekko"] = ctx.prepare_pyz()
-        log(f"mode {mode}, size {size_label}, scenarios {','.join(sorted(only))},"
+        log(
+            f"mode {mode}, size {size_label}, scenarios {','.join(sorted(only))},"
             f" work dir {ctx.work}, nekko {meta['nekko'].get('version')}"
-            f" (pyz {meta['nekko']['pyz_sha256'][:12]})")
+            f" (pyz {meta['nekko']['pyz_sha256'][:12]})"
+        )
         plan: list = [
             ("1", lambda: scenario1(ctx, reps["1"], size_label)),
             ("2", lambda: scenario2(ctx, reps["2"], size_label)),
@@ -1598,8 +1945,7 @@ def main(argv: list | None = None) -> int:
                 got = [Row(sid, f"scenario {sid}", error=f"{type(e).__name__}: {e}")]
             for r in got:
                 r.data["scenario_wall_s"] = round(time.perf_counter() - t, 1)
-                r.data["loadavg_1min_start_end"] = [round(load0, 2),
-                                                    round(os.getloadavg()[0], 2)]
+                r.data["loadavg_1min_start_end"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
             rows.extend(got)
             log(f"scenario {sid} done in {time.perf_counter() - t:.1f}s")
     except KeyboardInterrupt:
@@ -1619,12 +1965,14 @@ def main(argv: list | None = None) -> int:
     if out_prefix is not None and rows:
         out_prefix.parent.mkdir(parents=True, exist_ok=True)
         doc = {**meta, "rows": [r.as_json() for r in rows]}
-        Path(str(out_prefix) + ".json").write_text(json.dumps(doc, indent=2, ensure_ascii=False)
-                                                    + "\n")
+        Path(str(out_prefix) + ".json").write_text(
+            json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+        )
         Path(str(out_prefix) + ".md").write_text(
             f"nekko-sm benchmark, {mode} run of {meta['started']}"
             f" ({meta['duration_s']} s; size {size_label}; nekko {meta.get('nekko', {}).get('version')},"
-            f" pyz sha256 {meta.get('nekko', {}).get('pyz_sha256', '?')[:12]})\n\n" + md)
+            f" pyz sha256 {meta.get('nekko', {}).get('pyz_sha256', '?')[:12]})\n\n" + md
+        )
         log(f"wrote {out_prefix}.json and {out_prefix}.md")
     if interrupted:
         return 130

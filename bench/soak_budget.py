@@ -147,16 +147,33 @@ class Soak:
     def api(self, body: dict) -> tuple[int, dict]:
         conn = Unix(str(self.sock))
         try:
-            conn.request("POST", "/content/", json.dumps(body), {"Content-Type": "application/json"})
+            conn.request(
+                "POST", "/content/", json.dumps(body), {"Content-Type": "application/json"}
+            )
             r = conn.getresponse()
             return r.status, json.loads(r.read())
         finally:
             conn.close()
 
     def cli(self, url: str, *extra: str) -> tuple[int, dict]:
-        r = subprocess.run([PY, str(PYZ), "--cache-dir", str(self.cache), *self.budget_flags,
-                            "-v", "1", "pull", "--json", *extra, url],
-                           capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            [
+                PY,
+                str(PYZ),
+                "--cache-dir",
+                str(self.cache),
+                *self.budget_flags,
+                "-v",
+                "1",
+                "pull",
+                "--json",
+                *extra,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         with self.lock:
             self.cli_logs.append(r.stderr)
         try:
@@ -187,8 +204,11 @@ class Soak:
             return
         try:
             with open(entry["path"], "rb") as f:
-                got = hashlib.file_digest(f, "sha256").hexdigest() \
-                    if hasattr(hashlib, "file_digest") else hashlib.sha256(f.read()).hexdigest()
+                got = (
+                    hashlib.file_digest(f, "sha256").hexdigest()
+                    if hasattr(hashlib, "file_digest")
+                    else hashlib.sha256(f.read()).hexdigest()
+                )
         except OSError as e:
             # Evicted between the answer and this read: a use without a hold races with
             # eviction by design (an engine holds what it opens).  Not a consistency error.
@@ -255,12 +275,17 @@ class Soak:
                 self.max_where = {k: v for k, v in where.items() if v > 4096}
             # The same without ingest/trash/: blobs an eviction is deleting right now (the
             # database no longer counts them; they are gone a moment later).
-            self.max_excess_settled = max(self.max_excess_settled,
-                                          excess - where.get("ingest/trash", 0))
+            self.max_excess_settled = max(
+                self.max_excess_settled, excess - where.get("ingest/trash", 0)
+            )
 
     def verify(self) -> None:
-        r = subprocess.run([PY, str(PYZ), "--cache-dir", str(self.cache), "verify"],
-                           capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            [PY, str(PYZ), "--cache-dir", str(self.cache), "verify"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         self.verifies += 1
         if r.returncode != 0:
             self.verify_errors += r.stdout.count("damaged:") or 1
@@ -283,9 +308,20 @@ class Soak:
         biggest = max(self.sizes.values())
         self.sock = self.work / "api.sock"
         with open(self.work / "serve.log", "w") as serve_log:
-            serve = subprocess.Popen([PY, str(PYZ), "--cache-dir", str(self.cache),
-                                      *self.budget_flags, "--address", f"unix:{self.sock}",
-                                      "serve"], stderr=serve_log, stdout=subprocess.DEVNULL)
+            serve = subprocess.Popen(
+                [
+                    PY,
+                    str(PYZ),
+                    "--cache-dir",
+                    str(self.cache),
+                    *self.budget_flags,
+                    "--address",
+                    f"unix:{self.sock}",
+                    "serve",
+                ],
+                stderr=serve_log,
+                stdout=subprocess.DEVNULL,
+            )
         try:
             deadline = time.monotonic() + 60
             while not self.sock.exists():
@@ -303,8 +339,10 @@ class Soak:
             stop = threading.Event()
             sampler = threading.Thread(target=self.sampler, args=(stop,), daemon=True)
             sampler.start()
-            workers = [threading.Thread(target=self.worker, args=(via, queue, reuse))
-                       for via in ("api", "api", "cli", "cli")]
+            workers = [
+                threading.Thread(target=self.worker, args=(via, queue, reuse))
+                for via in ("api", "api", "cli", "cli")
+            ]
             started = time.monotonic()
             self.active = len(workers)
             for w in workers:
@@ -335,8 +373,9 @@ class Soak:
                 serve.kill()
         return self.report(urls, total, biggest, elapsed, time.monotonic() - t0)
 
-    def report(self, urls: list[str], total: int, biggest: int, elapsed: float,
-               wall: float) -> dict:
+    def report(
+        self, urls: list[str], total: int, biggest: int, elapsed: float, wall: float
+    ) -> dict:
         logs = (self.work / "serve.log").read_text().splitlines()
         serve_n = sum(1 for ln in logs if _EVICTED.search(ln))
         for text in self.cli_logs:
@@ -351,16 +390,20 @@ class Soak:
         highest = (0.0, "")
         for at, last_used, url in events:
             if last_used < highest[0] - 1e-6:
-                lru_violations.append(f"{url} (last used {last_used:.6f}) evicted at {at:.6f},"
-                                      f" after {highest[1]} (last used {highest[0]:.6f})")
+                lru_violations.append(
+                    f"{url} (last used {last_used:.6f}) evicted at {at:.6f},"
+                    f" after {highest[1]} (last used {highest[0]:.6f})"
+                )
             if last_used > highest[0]:
                 highest = (last_used, url)
         unrecorded = []
         for at, last_used, url in events:
             before = [s for s, e in self.requests.get(url, []) if e < at]
             if before and last_used < max(before) - 1e-3:
-                unrecorded.append(f"{url}: last_used {last_used:.6f} is older than its request"
-                                  f" at {max(before):.6f}")
+                unrecorded.append(
+                    f"{url}: last_used {last_used:.6f} is older than its request"
+                    f" at {max(before):.6f}"
+                )
         sys.path.insert(0, str(ROOT))
         from nekko_sm.store import Store
 
@@ -368,23 +411,40 @@ class Soak:
         kept = {r.key for r in store.entry_records()}
         store.close()
         lost = [u for u in self.pinned + self.held if u in self.requests and u not in kept]
-        ok = (not self.errors and not lru_violations and not unrecorded and not lost
-              and self.max_excess <= biggest and self.verify_errors == 0)
+        ok = (
+            not self.errors
+            and not lru_violations
+            and not unrecorded
+            and not lost
+            and self.max_excess <= biggest
+            and self.verify_errors == 0
+        )
         return {
-            "pulls": self.done, "files": len(urls), "total_bytes": total,
-            "budget_bytes": self.budget, "largest_pull_bytes": biggest,
-            "max_over_budget_bytes": self.max_excess, "samples": self.samples,
+            "pulls": self.done,
+            "files": len(urls),
+            "total_bytes": total,
+            "budget_bytes": self.budget,
+            "largest_pull_bytes": biggest,
+            "max_over_budget_bytes": self.max_excess,
+            "samples": self.samples,
             "bytes_then": getattr(self, "max_where", {}),
             "max_over_budget_without_trash_bytes": self.max_excess_settled,
-            "evictions": len(events), "evictions_by_serve": serve_n,
+            "evictions": len(events),
+            "evictions_by_serve": serve_n,
             "evictions_by_cli": len(events) - serve_n,
-            "lru_violations": lru_violations[:20], "uses_not_recorded": unrecorded[:20],
-            "verify_runs": self.verifies, "consistency_errors": self.verify_errors,
-            "errors": self.errors[:20], "refused_507": len(self.refused),
-            "refusals": self.refused[:5], "pins_and_hold_lost": lost,
+            "lru_violations": lru_violations[:20],
+            "uses_not_recorded": unrecorded[:20],
+            "verify_runs": self.verifies,
+            "consistency_errors": self.verify_errors,
+            "errors": self.errors[:20],
+            "refused_507": len(self.refused),
+            "refusals": self.refused[:5],
+            "pins_and_hold_lost": lost,
             "answers_evicted_before_read": getattr(self, "raced", 0),
-            "entries_at_end": len(kept), "pull_seconds": round(elapsed, 1),
-            "pulls_per_second": round(self.done / elapsed, 1), "wall_seconds": round(wall, 1),
+            "entries_at_end": len(kept),
+            "pull_seconds": round(elapsed, 1),
+            "pulls_per_second": round(self.done / elapsed, 1),
+            "wall_seconds": round(wall, 1),
             "ok": ok,
         }
 
@@ -408,14 +468,18 @@ def touch_cost(nginx_dir: Path, n: int = 2000) -> dict:
         url = nginx.put("touch.bin", os.urandom(4096))
         svc.pull(url)
         real_touch = svc.store.touch
-        fns = {"touch": lambda: real_touch(url), "read": lambda: svc.store.entry_record(url),
-               "cached_with_use": lambda: svc.start(url),
-               "cached_without_use": lambda: svc.start(url)}
+        fns = {
+            "touch": lambda: real_touch(url),
+            "read": lambda: svc.store.entry_record(url),
+            "cached_with_use": lambda: svc.start(url),
+            "cached_without_use": lambda: svc.start(url),
+        }
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(n // 100):
             for name, fn in fns.items():
-                svc.store.touch = (lambda *a, **k: True) if name == "cached_without_use" \
-                    else real_touch  # type: ignore[method-assign]
+                svc.store.touch = (
+                    (lambda *a, **k: True) if name == "cached_without_use" else real_touch
+                )  # type: ignore[method-assign]
                 for _ in range(100):
                     t = time.perf_counter()
                     fn()
@@ -423,11 +487,13 @@ def touch_cost(nginx_dir: Path, n: int = 2000) -> dict:
         svc.store.touch = real_touch  # type: ignore[method-assign]
         svc.close()
         med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
-        return {"touch_us": round(med["touch"], 1), "read_us": round(med["read"], 1),
-                "cached_answer_with_use_us": round(med["cached_with_use"], 1),
-                "cached_answer_without_use_us": round(med["cached_without_use"], 1),
-                "use_cost_per_request_us": round(med["cached_with_use"]
-                                                 - med["cached_without_use"], 1)}
+        return {
+            "touch_us": round(med["touch"], 1),
+            "read_us": round(med["read"], 1),
+            "cached_answer_with_use_us": round(med["cached_with_use"], 1),
+            "cached_answer_without_use_us": round(med["cached_without_use"], 1),
+            "use_cost_per_request_us": round(med["cached_with_use"] - med["cached_without_use"], 1),
+        }
     finally:
         nginx.stop()
         shutil.rmtree(d, ignore_errors=True)
@@ -441,8 +507,9 @@ def main() -> int:
     p.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.md")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args()
-    subprocess.run([PY, str(ROOT / "build_zipapp.py"), "--if-needed"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [PY, str(ROOT / "build_zipapp.py"), "--if-needed"], check=True, capture_output=True
+    )
     work = Path(tempfile.mkdtemp(prefix="nekko-soak-"))
     try:
         result = Soak(args, work).run()

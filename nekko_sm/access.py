@@ -105,8 +105,9 @@ class AccessChecks:
             for k in [k for k in self._until if k[0] == key]:
                 del self._until[k]
 
-    def confirm(self, service: Puller, key: str, ref, desc: Descriptor,
-                credentials: Credentials | None) -> None:
+    def confirm(
+        self, service: Puller, key: str, ref, desc: Descriptor, credentials: Credentials | None
+    ) -> None:
         """Return when this caller may have the protected entry ``desc``; raise otherwise."""
         if desc.annotations.get(A_PROTECTED) is None:
             return
@@ -124,19 +125,24 @@ class AccessChecks:
         except NekkoError as e:  # fail closed: no answer is no
             raise UpstreamUnavailable(
                 f"{key} is a protected entry and its upstream could not confirm this caller's"
-                f" access ({e.code}); nothing is handed out until it can") from None
+                f" access ({e.code}); nothing is handed out until it can"
+            ) from None
         self.remember(key, cred)
 
 
 def _job(service: Puller, credentials: Credentials | None):
     from nekko_sm.sources.base import Job
 
-    return Job(service.config, service.store, service.transfer, None,  # type: ignore[arg-type]
-               credentials)
+    return Job(
+        service.config,
+        service.store,
+        service.transfer,
+        None,  # type: ignore[arg-type]
+        credentials,
+    )
 
 
-def _ask_upstream(service: Puller, ref, desc: Descriptor,
-                  credentials: Credentials | None) -> None:
+def _ask_upstream(service: Puller, ref, desc: Descriptor, credentials: Credentials | None) -> None:
     if isinstance(ref, OCIRef):
         from nekko_sm.sources import oci
 
@@ -148,8 +154,9 @@ def _ask_upstream(service: Puller, ref, desc: Descriptor,
         _ask_http(service, ref, credentials)
 
 
-def _ask_hub(service: Puller, ref: HFRef, desc: Descriptor,
-             credentials: Credentials | None) -> None:
+def _ask_hub(
+    service: Puller, ref: HFRef, desc: Descriptor, credentials: Credentials | None
+) -> None:
     import dataclasses
 
     from nekko_sm.sources import hf_api
@@ -162,8 +169,12 @@ def _ask_hub(service: Puller, ref: HFRef, desc: Descriptor,
         path = (layers[0].get("annotations") or {}).get("org.opencontainers.image.title", "")
     job = _job(service, credentials)
     at = dataclasses.replace(ref, revision=commit, path=path)
-    hf_api.file_metadata(job, at, hf_api.resolve_url(hf_api.base_url(job, at), at, path, commit),
-                         hf_api.auth_header(job, at))
+    hf_api.file_metadata(
+        job,
+        at,
+        hf_api.resolve_url(hf_api.base_url(job, at), at, path, commit),
+        hf_api.auth_header(job, at),
+    )
 
 
 def _ask_http(service: Puller, ref: HTTPRef, credentials: Credentials | None) -> None:

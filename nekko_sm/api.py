@@ -51,7 +51,7 @@ class Handler(JsonHandler):
         if path in ("/content", "/content/"):
             return None
         if path.startswith("/content/"):
-            return path[len("/content/"):]
+            return path[len("/content/") :]
         raise EntryNotFound(f"no such endpoint {path[:100]!r}")
 
     # -- methods ----------------------------------------------------------------------------
@@ -127,10 +127,12 @@ class Handler(JsonHandler):
         hold = check_hold(req.get("hold"))
         creds = Credentials.make(req.get("credentials"), req.get("credentialsType"))
         # "include"/"exclude" (hf:// only) become part of the URL: its canonical query.
-        url = with_patterns(url, req.get("include"), req.get("exclude"),
-                            self.service.config.hf_endpoint)
-        flight, entry = self.service.start(url, creds, req.get("digest"),
-                                           req.get("platform") or None, pin, hold)
+        url = with_patterns(
+            url, req.get("include"), req.get("exclude"), self.service.config.hf_endpoint
+        )
+        flight, entry = self.service.start(
+            url, creds, req.get("digest"), req.get("platform") or None, pin, hold
+        )
         if entry is not None:
             self._send(200, entry)
             return
@@ -138,10 +140,18 @@ class Handler(JsonHandler):
         if is_async:
             if pin is not None or hold:  # also when this caller joined after the commit
                 flight.future.add_done_callback(
-                    lambda f: f.exception() or self.service.mark(flight.url, pin, hold, False))
-            self._send(202, {"url": flight.url, "state": "downloading",
-                             "downloaded": flight.progress.done, "size": flight.progress.total},
-                       {"Location": "/content/" + encode_url(flight.url)})
+                    lambda f: f.exception() or self.service.mark(flight.url, pin, hold, False)
+                )
+            self._send(
+                202,
+                {
+                    "url": flight.url,
+                    "state": "downloading",
+                    "downloaded": flight.progress.done,
+                    "size": flight.progress.total,
+                },
+                {"Location": "/content/" + encode_url(flight.url)},
+            )
             return
         entry, created = self.service.finish(flight, pin, hold)
         self._send(201 if created else 200, entry)
@@ -277,12 +287,16 @@ def run(config: Config, ready=None) -> int:
     signal.signal(signal.SIGINT, stop)
     if hasattr(signal, "SIGHUP"):  # not on Windows
         signal.signal(signal.SIGHUP, reread)
-    log.info("nekko-sm %s serving on %s, cache %s", __version__, bound_address(srv),
-             config.cache_dir)
+    log.info(
+        "nekko-sm %s serving on %s, cache %s", __version__, bound_address(srv), config.cache_dir
+    )
     if srv.api_token is None and config.address.kind == "tcp" and not srv.loopback:
-        log.warning("serving on %s without --api-token-file: anyone who can reach this port"
-                    " can pull, list and delete; give a token file, or listen on localhost or"
-                    " a Unix socket", bound_address(srv))
+        log.warning(
+            "serving on %s without --api-token-file: anyone who can reach this port"
+            " can pull, list and delete; give a token file, or listen on localhost or"
+            " a Unix socket",
+            bound_address(srv),
+        )
     if ready is not None:
         ready(srv)
     try:

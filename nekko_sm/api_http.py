@@ -87,8 +87,9 @@ def loggable(text: str) -> str:
             url = decode_url(m.group(1))
         except NekkoError:
             return m.group(0)
-        if ("@" not in url.partition("://")[2].split("/", 1)[0]
-                and not has_query_credentials(url.partition("?")[2].partition("#")[0])):
+        if "@" not in url.partition("://")[2].split("/", 1)[0] and not has_query_credentials(
+            url.partition("?")[2].partition("#")[0]
+        ):
             return m.group(0)
         return f"/content/<{redact(url)}>"
 
@@ -163,8 +164,7 @@ class _Deadline(io.RawIOBase):
                     if not idle or left <= 0:
                         raise
                     if self.give_up():  # type: ignore[misc]
-                        raise socket.timeout("idle connection closed: the server is busy")\
-                            from None
+                        raise socket.timeout("idle connection closed: the server is busy") from None
         finally:
             self._sock.settimeout(self._timeout)
         self.fresh = False
@@ -190,16 +190,29 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (bad request line, 414, 431, 501) as JSON too."""
-        codes = {400: "bad-request", 404: "not-found", 405: "method-not-allowed",
-                 408: "request-timeout", 414: "uri-too-long", 431: "headers-too-large",
-                 501: "method-not-allowed", 505: "http-version-not-supported"}
+        codes = {
+            400: "bad-request",
+            404: "not-found",
+            405: "method-not-allowed",
+            408: "request-timeout",
+            414: "uri-too-long",
+            431: "headers-too-large",
+            501: "method-not-allowed",
+            505: "http-version-not-supported",
+        }
         self.close_connection = True
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # answer with a status line all the same
         try:
             self.send_response(code, message)
-            body = json.dumps({"error": {"code": codes.get(code, "bad-request"),
-                                         "message": message or explain or "bad request"}}).encode()
+            body = json.dumps(
+                {
+                    "error": {
+                        "code": codes.get(code, "bad-request"),
+                        "message": message or explain or "bad request",
+                    }
+                }
+            ).encode()
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Connection", "close")
@@ -293,9 +306,11 @@ class JsonHandler(BaseHTTPRequestHandler):
         """``_send_json(200, data)`` for a cache hit, head and body in one write: the same
         fields, without http.server's per-header list work."""
         self.log_request(200)
-        head = (f"HTTP/1.1 200 OK\r\nServer: {self.server_version}\r\n"
-                f"Date: {self.date_time_string()}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n").encode("latin-1")
+        head = (
+            f"HTTP/1.1 200 OK\r\nServer: {self.server_version}\r\n"
+            f"Date: {self.date_time_string()}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode("latin-1")
         self.wfile.write(head + data if self.command != "HEAD" else head)
 
     def date_time_string(self, timestamp: float | None = None) -> str:
@@ -314,7 +329,8 @@ class JsonHandler(BaseHTTPRequestHandler):
         headers = {}
         if isinstance(err, ApiUnauthorized):
             headers["WWW-Authenticate"] = REALM + (
-                ', error="invalid_token"' if "Authorization" in self.headers else "")
+                ', error="invalid_token"' if "Authorization" in self.headers else ""
+            )
         self._send(status, err.to_json(), headers)
 
     def _dispatch(self, fn) -> None:
@@ -345,21 +361,27 @@ class JsonHandler(BaseHTTPRequestHandler):
             raise MisdirectedRequest(
                 "this server listens on loopback and answers only requests addressed to"
                 " localhost, 127.0.0.1 or [::1] (a Host header of another name is a DNS"
-                " rebinding attempt from a web page)")
+                " rebinding attempt from a web page)"
+            )
         if "Origin" in self.headers:
-            raise OriginRefused("requests from web pages (with an Origin header) are refused:"
-                                " the nekko-sm API is not for browsers")
+            raise OriginRefused(
+                "requests from web pages (with an Origin header) are refused:"
+                " the nekko-sm API is not for browsers"
+            )
         token: ApiToken | None = srv.api_token  # type: ignore[attr-defined]
         if token is not None and not token.accepts(self.headers.get("Authorization")):
-            raise ApiUnauthorized("this API needs Authorization: Bearer TOKEN, the token of"
-                                  " the server's --api-token-file")
+            raise ApiUnauthorized(
+                "this API needs Authorization: Bearer TOKEN, the token of"
+                " the server's --api-token-file"
+            )
         if self.command == "POST":
             self._body_length()  # framing (400) and size (413) before the media type
             media = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
             if media != "application/json":
                 raise UnsupportedMediaType(
                     "POST a JSON body with Content-Type: application/json"
-                    " (curl: -H 'Content-Type: application/json')")
+                    " (curl: -H 'Content-Type: application/json')"
+                )
 
     def _body_length(self) -> int:
         """The announced body length, checked; refused (unread: a lingering close follows,

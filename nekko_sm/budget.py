@@ -117,8 +117,9 @@ class Report:
 class Budget:
     """The budget of one process on one cache; ``busy(url)`` says a pull of it is under way."""
 
-    def __init__(self, store: Store, config: Config,
-                 busy: Callable[[str], bool] = lambda url: False) -> None:
+    def __init__(
+        self, store: Store, config: Config, busy: Callable[[str], bool] = lambda url: False
+    ) -> None:
         self.store = store
         self.max_size = config.max_cache_size
         self.min_free = config.min_free_space
@@ -133,8 +134,11 @@ class Budget:
 
     @property
     def enabled(self) -> bool:
-        return self.max_size is not None or self.min_free is not None \
+        return (
+            self.max_size is not None
+            or self.min_free is not None
             or self.min_free_percent is not None
+        )
 
     def floor(self, disk: int) -> int:
         """Bytes to leave free on the file system (at least the store's own margin)."""
@@ -194,11 +198,16 @@ class Budget:
                 pass
         st = os.statvfs(store.root)
         stale.sort(key=lambda p: p.mtime)
-        return Usage(entries=store.blob_bytes(),
-                     reserved=sum(r for _, r in leases.values()),
-                     written=written, stale=stale,
-                     free=st.f_bavail * st.f_frsize, disk=st.f_blocks * st.f_frsize,
-                     leased=leased, reservations={k: r for k, (_, r) in leases.items()})
+        return Usage(
+            entries=store.blob_bytes(),
+            reserved=sum(r for _, r in leases.values()),
+            written=written,
+            stale=stale,
+            free=st.f_bavail * st.f_frsize,
+            disk=st.f_blocks * st.f_frsize,
+            leased=leased,
+            reservations={k: r for k, (_, r) in leases.items()},
+        )
 
     def _wanted_by_live_pulls(self) -> set[str]:
         """Ingest directories a pull now running (its ``pulls/KEY.lock`` held) lists."""
@@ -242,23 +251,33 @@ class Budget:
             for _ in range(_ROUNDS):
                 u = self.usage()
                 need = self.over(u, extra, min(extra, max(0, nbytes)))
-                log.debug("budget for %s: %d more; entries %d, reserved %d, written %d,"
-                          " stale partials %d, free %d: %d to free", what, extra, u.entries,
-                          u.reserved, u.written, sum(p.nbytes for p in u.stale), u.free,
-                          max(0, need))
+                log.debug(
+                    "budget for %s: %d more; entries %d, reserved %d, written %d,"
+                    " stale partials %d, free %d: %d to free",
+                    what,
+                    extra,
+                    u.entries,
+                    u.reserved,
+                    u.written,
+                    sum(p.nbytes for p in u.stale),
+                    u.free,
+                    max(0, need),
+                )
                 if need <= 0:
                     lease.reserve(footprint)
                     return
                 plan, others = self._plan(u, need)
                 if sum(e.nbytes for e in plan) < need:
-                    raise InsufficientStorage(self._refusal(u, need, what, footprint, plan),
-                                              up_front=True)
+                    raise InsufficientStorage(
+                        self._refusal(u, need, what, footprint, plan), up_front=True
+                    )
                 self._evict(plan, others, f"to make room for {what}")
             u = self.usage()
             need = self.over(u, extra, min(extra, max(0, nbytes)))
             if need > 0:  # live pulls kept leasing what we planned to free
-                raise InsufficientStorage(self._refusal(u, need, what, footprint, []),
-                                          up_front=True)
+                raise InsufficientStorage(
+                    self._refusal(u, need, what, footprint, []), up_front=True
+                )
             lease.reserve(footprint)
 
     def enforce(self, why: str = "the cache is over its budget") -> Report:
@@ -279,8 +298,11 @@ class Budget:
             u = self.usage()
             report.over = max(0, self.over(u))
         if report.over:
-            log.warning("the cache stays %s over its budget (%s): the rest is pinned, held"
-                        " or in flight", human(report.over), self.describe())
+            log.warning(
+                "the cache stays %s over its budget (%s): the rest is pinned, held or in flight",
+                human(report.over),
+                self.describe(),
+            )
         return report
 
     def settle(self) -> None:
@@ -344,12 +366,22 @@ class Budget:
                     freed += size
             plan.append(Eviction("entry", rec.key, freed, rec.last_used, reach))
             total += freed
-        plan = [e for e in plan if e.kind == "partial" or e.nbytes > 0 or any(
-            counts.get(d, (1, 0))[0] == 0 and d not in u.leased for d in e.reach)]
+        plan = [
+            e
+            for e in plan
+            if e.kind == "partial"
+            or e.nbytes > 0
+            or any(counts.get(d, (1, 0))[0] == 0 and d not in u.leased for d in e.reach)
+        ]
         return plan, oldest_kept
 
-    def _evict(self, plan: list[Eviction], oldest_kept: float | None, why: str,
-               report: Report | None = None) -> None:
+    def _evict(
+        self,
+        plan: list[Eviction],
+        oldest_kept: float | None,
+        why: str,
+        report: Report | None = None,
+    ) -> None:
         for ev in plan:
             if ev.kind == "partial":
                 d = self.store.ingest_dir / ev.name
@@ -375,8 +407,16 @@ class Budget:
                 report.evicted.append(ev)
                 report.bytes_freed += freed
             # Epoch times with microseconds, so a log shows the order (bench/soak_budget.py).
-            log.info("evicted %s %s (last used %s = %.6f, %s freed, at %.6f) %s", ev.kind,
-                     ev.name, _iso(ev.last_used), ev.last_used, human(freed), time.time(), why)
+            log.info(
+                "evicted %s %s (last used %s = %.6f, %s freed, at %.6f) %s",
+                ev.kind,
+                ev.name,
+                _iso(ev.last_used),
+                ev.last_used,
+                human(freed),
+                time.time(),
+                why,
+            )
             if self.on_evict is not None:
                 self.on_evict(ev, oldest_kept)
 
@@ -393,19 +433,22 @@ class Budget:
                 held.update(self.store.reach_of(rec.key))
         held -= pinned
         sizes = self.store.blob_counts(pinned | held)
-        return (sum(sizes[d][1] for d in pinned if d in sizes),
-                sum(sizes[d][1] for d in held if d in sizes))
+        return (
+            sum(sizes[d][1] for d in pinned if d in sizes),
+            sum(sizes[d][1] for d in held if d in sizes),
+        )
 
-    def _refusal(self, u: Usage, need: int, what: str, footprint: int,
-                 plan: list[Eviction]) -> str:
+    def _refusal(self, u: Usage, need: int, what: str, footprint: int, plan: list[Eviction]) -> str:
         pinned, held = self.protected_bytes()
         could = sum(e.nbytes for e in plan)
-        return (f"not enough space for {what}: it needs {human(footprint)} and the budget"
-                f" ({self.describe()}) is {human(need)} short even after evicting every"
-                f" entry it may ({human(could)} evictable); the cache holds {human(u.used)}:"
-                f" {human(pinned)} pinned, {human(held)} held, {human(u.in_flight)} for pulls"
-                f" in flight; {human(u.free)} free on disk (keeping {human(self.floor(u.disk))}"
-                "); nothing was evicted")
+        return (
+            f"not enough space for {what}: it needs {human(footprint)} and the budget"
+            f" ({self.describe()}) is {human(need)} short even after evicting every"
+            f" entry it may ({human(could)} evictable); the cache holds {human(u.used)}:"
+            f" {human(pinned)} pinned, {human(held)} held, {human(u.in_flight)} for pulls"
+            f" in flight; {human(u.free)} free on disk (keeping {human(self.floor(u.disk))}"
+            "); nothing was evicted"
+        )
 
 
 def _iso(t: float) -> str:

@@ -37,8 +37,11 @@ def _setup_logging(verbose: int, command: str) -> None:
     if command != "serve" and verbose == 0:
         level = logging.WARNING  # one-shot commands stay quiet unless asked
     handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if command == "serve" \
+    fmt = (
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if command == "serve"
         else "nekko-sm: %(message)s"
+    )
     if command != "serve" and sys.stderr.isatty():
         fmt = "\r\033[K" + fmt  # a line (a retry's) over the progress bar, which redraws below
     handler.setFormatter(logging.Formatter(fmt))
@@ -58,11 +61,28 @@ def main(argv: list | None = None) -> int:
     command = args.command or "serve"
     from nekko_sm import config as _config
 
-    flags = {k: getattr(args, k, None) for k in
-             ("cache_dir", "address", "verbose", "platform", "insecure_registry", "jobs",
-              "registry_mirror", "ca_cert", "api_token_file", "deny_network", "allow_network",
-              "verify_cached_credentials", "max_cache_size", "min_free_space",
-              "discard_unpacked_layers", "max_pull_size", "max_pull_files")}
+    flags = {
+        k: getattr(args, k, None)
+        for k in (
+            "cache_dir",
+            "address",
+            "verbose",
+            "platform",
+            "insecure_registry",
+            "jobs",
+            "registry_mirror",
+            "ca_cert",
+            "api_token_file",
+            "deny_network",
+            "allow_network",
+            "verify_cached_credentials",
+            "max_cache_size",
+            "min_free_space",
+            "discard_unpacked_layers",
+            "max_pull_size",
+            "max_pull_files",
+        )
+    }
     try:
         config = _config.build(flags, os.environ)
     except NekkoError as e:
@@ -153,8 +173,9 @@ def _cmd_pull(config, args) -> int:
     svc = _service(config)
     try:
         pin = True if args.pin else None
-        flight, entry = svc.start(url, creds, args.digest, getattr(args, "platform", None),
-                                  pin, args.hold)
+        flight, entry = svc.start(
+            url, creds, args.digest, getattr(args, "platform", None), pin, args.hold
+        )
         if entry is None:
             if sys.stderr.isatty():
                 with _ProgressBar(flight):
@@ -238,8 +259,10 @@ def _cmd_ls(config, args) -> int:
         flags = "pinned" if pinned else "-"
         if held is not None and held > now:
             flags = ("pinned," if pinned else "") + "held-until=" + _when(held)
-        lines.append(f"{state:<11} {size if size is not None else '?':>14}"
-                     f"  {_when(used) if used is not None else '-':<19}  {flags:<10}  {url}\n")
+        lines.append(
+            f"{state:<11} {size if size is not None else '?':>14}"
+            f"  {_when(used) if used is not None else '-':<19}  {flags:<10}  {url}\n"
+        )
     sys.stdout.write("".join(lines))
     return EXIT_OK
 
@@ -268,13 +291,20 @@ def _cmd_gc(config, args) -> int:
     finally:
         svc.close()
     verb = "would free" if args.dry_run else "freed"
-    print(f"{verb} {len(r.blobs_freed)} blobs ({r.bytes_freed} bytes),"
-          f" {len(r.partials_freed)} partial downloads")
+    print(
+        f"{verb} {len(r.blobs_freed)} blobs ({r.bytes_freed} bytes),"
+        f" {len(r.partials_freed)} partial downloads"
+    )
     if evicted is not None:
-        print(f"evicted {len(evicted.evicted)} entries and partials ({evicted.bytes_freed}"
-              f" bytes) to keep the budget ({svc.budget.describe()})"
-              + (f"; still {evicted.over} bytes over: pinned, held or in flight"
-                 if evicted.over else ""))
+        print(
+            f"evicted {len(evicted.evicted)} entries and partials ({evicted.bytes_freed}"
+            f" bytes) to keep the budget ({svc.budget.describe()})"
+            + (
+                f"; still {evicted.over} bytes over: pinned, held or in flight"
+                if evicted.over
+                else ""
+            )
+        )
     return EXIT_OK
 
 
@@ -293,8 +323,15 @@ def _cmd_verify(config, args) -> int:
     finally:
         svc.close()
     for digest, problem in problems:
-        done = "" if not args.repair else " (removed)" if problem == "digest mismatch" \
-            else " (recounted)" if problem.startswith(("reference count", "the database")) else ""
+        done = (
+            ""
+            if not args.repair
+            else " (removed)"
+            if problem == "digest mismatch"
+            else " (recounted)"
+            if problem.startswith(("reference count", "the database"))
+            else ""
+        )
         print(f"damaged: {digest}: {problem}{done}")
     if not problems:
         print("ok")
@@ -312,7 +349,14 @@ def _cmd_pin(config, args) -> int:
 
 
 _COMMANDS = {
-    "serve": _cmd_serve, "pull": _cmd_pull, "status": _cmd_status, "path": _cmd_path,
-    "ls": _cmd_ls, "rm": _cmd_rm, "gc": _cmd_gc, "verify": _cmd_verify,
-    "pin": _cmd_pin, "unpin": _cmd_pin,
+    "serve": _cmd_serve,
+    "pull": _cmd_pull,
+    "status": _cmd_status,
+    "path": _cmd_path,
+    "ls": _cmd_ls,
+    "rm": _cmd_rm,
+    "gc": _cmd_gc,
+    "verify": _cmd_verify,
+    "pin": _cmd_pin,
+    "unpin": _cmd_pin,
 }

@@ -40,60 +40,146 @@ exit status: 0 ok, 1 failed, 2 bad input or configuration, 3 incomplete, 4 absen
 # The options of every command: the flag (and its short form), its metavar (None: a switch),
 # whether it may be given more than once, and its help.
 GLOBAL_OPTIONS: tuple[tuple[str, str | None, bool, str], ...] = (
-    ("--cache-dir", "DIR", False,
-     ("cache directory (env CACHE_DIR; default /var/lib/nekko/cache, or the"
-      " user cache dir, e.g. ~/.cache/nekko, when that is not writable)")),
-    ("--address", "ADDR", False,
-     ("API address HOST:PORT, :PORT (all interfaces), [v6]:PORT, or a Unix"
-      " socket unix:/path or /path (env NEKKO_ADDRESS; default localhost:8050)")),
-    ("-v --verbose", "N", False,
-     "log level 0 info, 1 debug, 2 trace, 3 wire (-v, -vv, -v=2; env VERBOSE)"),
-    ("--platform", "OS/ARCH[/VARIANT]", False,
-     ("platform to pick from multi-arch images, or 'all' (env NEKKO_PLATFORM;"
-      " default the host's)")),
-    ("--insecure-registry", "HOST[:PORT]", True,
-     ("use plain http for this registry; repeatable"
-      " (env NEKKO_INSECURE_REGISTRIES, comma-separated)")),
-    ("--jobs", "N", False,
-     "blobs and byte ranges downloaded at once (env NEKKO_JOBS; default 8)"),
-    ("--registry-mirror", "REGISTRY=URL", True,
-     ("try this mirror first for REGISTRY; repeatable"
-      " (env NEKKO_REGISTRY_MIRRORS, comma-separated)")),
-    ("--ca-cert", "FILE", False,
-     "CA bundle for https (env SSL_CERT_FILE; default the system's)"),
-    ("--max-pull-size", "SIZE", False,
-     ("refuse a pull larger than SIZE (bytes, or K/M/G/T: powers of 1024);"
-      " a body of unknown length is cut off when it passes"
-      " (env NEKKO_MAX_PULL_SIZE; default 2T)")),
-    ("--max-pull-files", "N", False,
-     ("refuse a pull of more than N files: a repository's files, an image's"
-      " layers (env NEKKO_MAX_PULL_FILES; default 10000)")),
-    ("--api-token-file", "FILE", False,
-     ("serve: every request but GET /healthz needs 'Authorization: Bearer"
-      " TOKEN', the first line of FILE; re-read when FILE changes and on"
-      " SIGHUP (env NEKKO_API_TOKEN_FILE; default none)")),
-    ("--verify-cached-credentials", "always|never", False,
-     ("before answering from the cache with an entry pulled with"
-      " credentials, ask the upstream whether this caller's credentials may"
-      " fetch it now (env NEKKO_VERIFY_CACHED_CREDENTIALS; default always)")),
-    ("--discard-unpacked-layers", None, False,
-     ("free a model's tar layers once their files are in the cache: its"
-      " disk use is its files only, but OCI tools can no longer copy that"
-      " image out (env NEKKO_DISCARD_UNPACKED_LAYERS=1; default off)")),
-    ("--deny-network", "CIDR", True,
-     ("never connect to addresses in CIDR; repeatable (env"
-      " NEKKO_DENY_NETWORKS, comma-separated; link-local and cloud metadata"
-      " addresses are always denied unless allowed)")),
-    ("--allow-network", "CIDR", True,
-     ("allow CIDR even inside a denied network (the most specific wins);"
-      " repeatable (env NEKKO_ALLOW_NETWORKS, comma-separated; default none)")),
-    ("--max-cache-size", "SIZE", False,
-     ("keep blobs/ and ingest/ within SIZE (bytes, or K/M/G/T, powers of"
-      " 1024), evicting least recently used entries before a pull writes"
-      " (env NEKKO_MAX_CACHE_SIZE; default unlimited)")),
-    ("--min-free-space", "SIZE|N%", False,
-     ("keep this much of the cache's file system free, evicting likewise"
-      " (env NEKKO_MIN_FREE_SPACE; default none)")),
+    (
+        "--cache-dir",
+        "DIR",
+        False,
+        (
+            "cache directory (env CACHE_DIR; default /var/lib/nekko/cache, or the"
+            " user cache dir, e.g. ~/.cache/nekko, when that is not writable)"
+        ),
+    ),
+    (
+        "--address",
+        "ADDR",
+        False,
+        (
+            "API address HOST:PORT, :PORT (all interfaces), [v6]:PORT, or a Unix"
+            " socket unix:/path or /path (env NEKKO_ADDRESS; default localhost:8050)"
+        ),
+    ),
+    (
+        "-v --verbose",
+        "N",
+        False,
+        "log level 0 info, 1 debug, 2 trace, 3 wire (-v, -vv, -v=2; env VERBOSE)",
+    ),
+    (
+        "--platform",
+        "OS/ARCH[/VARIANT]",
+        False,
+        (
+            "platform to pick from multi-arch images, or 'all' (env NEKKO_PLATFORM;"
+            " default the host's)"
+        ),
+    ),
+    (
+        "--insecure-registry",
+        "HOST[:PORT]",
+        True,
+        (
+            "use plain http for this registry; repeatable"
+            " (env NEKKO_INSECURE_REGISTRIES, comma-separated)"
+        ),
+    ),
+    ("--jobs", "N", False, "blobs and byte ranges downloaded at once (env NEKKO_JOBS; default 8)"),
+    (
+        "--registry-mirror",
+        "REGISTRY=URL",
+        True,
+        (
+            "try this mirror first for REGISTRY; repeatable"
+            " (env NEKKO_REGISTRY_MIRRORS, comma-separated)"
+        ),
+    ),
+    ("--ca-cert", "FILE", False, "CA bundle for https (env SSL_CERT_FILE; default the system's)"),
+    (
+        "--max-pull-size",
+        "SIZE",
+        False,
+        (
+            "refuse a pull larger than SIZE (bytes, or K/M/G/T: powers of 1024);"
+            " a body of unknown length is cut off when it passes"
+            " (env NEKKO_MAX_PULL_SIZE; default 2T)"
+        ),
+    ),
+    (
+        "--max-pull-files",
+        "N",
+        False,
+        (
+            "refuse a pull of more than N files: a repository's files, an image's"
+            " layers (env NEKKO_MAX_PULL_FILES; default 10000)"
+        ),
+    ),
+    (
+        "--api-token-file",
+        "FILE",
+        False,
+        (
+            "serve: every request but GET /healthz needs 'Authorization: Bearer"
+            " TOKEN', the first line of FILE; re-read when FILE changes and on"
+            " SIGHUP (env NEKKO_API_TOKEN_FILE; default none)"
+        ),
+    ),
+    (
+        "--verify-cached-credentials",
+        "always|never",
+        False,
+        (
+            "before answering from the cache with an entry pulled with"
+            " credentials, ask the upstream whether this caller's credentials may"
+            " fetch it now (env NEKKO_VERIFY_CACHED_CREDENTIALS; default always)"
+        ),
+    ),
+    (
+        "--discard-unpacked-layers",
+        None,
+        False,
+        (
+            "free a model's tar layers once their files are in the cache: its"
+            " disk use is its files only, but OCI tools can no longer copy that"
+            " image out (env NEKKO_DISCARD_UNPACKED_LAYERS=1; default off)"
+        ),
+    ),
+    (
+        "--deny-network",
+        "CIDR",
+        True,
+        (
+            "never connect to addresses in CIDR; repeatable (env"
+            " NEKKO_DENY_NETWORKS, comma-separated; link-local and cloud metadata"
+            " addresses are always denied unless allowed)"
+        ),
+    ),
+    (
+        "--allow-network",
+        "CIDR",
+        True,
+        (
+            "allow CIDR even inside a denied network (the most specific wins);"
+            " repeatable (env NEKKO_ALLOW_NETWORKS, comma-separated; default none)"
+        ),
+    ),
+    (
+        "--max-cache-size",
+        "SIZE",
+        False,
+        (
+            "keep blobs/ and ingest/ within SIZE (bytes, or K/M/G/T, powers of"
+            " 1024), evicting least recently used entries before a pull writes"
+            " (env NEKKO_MAX_CACHE_SIZE; default unlimited)"
+        ),
+    ),
+    (
+        "--min-free-space",
+        "SIZE|N%",
+        False,
+        (
+            "keep this much of the cache's file system free, evicting likewise"
+            " (env NEKKO_MIN_FREE_SPACE; default none)"
+        ),
+    ),
 )
 
 
@@ -103,16 +189,18 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         if metavar is None:
             p.add_argument(*flags.split(), action="store_true", default=d, help=text)
         elif repeatable:
-            p.add_argument(*flags.split(), metavar=metavar, action="append", default=d,
-                           help=text)
+            p.add_argument(*flags.split(), metavar=metavar, action="append", default=d, help=text)
         else:
             p.add_argument(*flags.split(), metavar=metavar, default=d, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="nekko-sm", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="nekko-sm",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"nekko-sm {__version__}")
     _global_options(p, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
@@ -123,27 +211,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pull", parents=[common], help="download URL into the cache, print its path")
     s.add_argument("url", metavar="URL")
-    s.add_argument("--credentials", metavar="TOKEN",
-                   help="Bearer token, or base64 of user:pass with --credentials-type Basic"
-                        " (visible in ps: prefer --credentials-file)")
-    s.add_argument("--credentials-file", metavar="FILE",
-                   help="read the credentials from the first line of FILE ('-' for stdin)")
-    s.add_argument("--credentials-type", metavar="TYPE", type=str.capitalize,
-                   choices=["Bearer", "Basic"], help="Bearer (default) or Basic, any case")
-    s.add_argument("--digest", metavar="sha256:HEX",
-                   help="expected digest of the entry: the file's sha256 for a single file")
-    s.add_argument("--include", metavar="PATTERN", action="append",
-                   help="hf:// only: pull only the files matching PATTERN (fnmatch on the path"
-                        " in the repository, as huggingface_hub's allow_patterns; repeatable)")
-    s.add_argument("--exclude", metavar="PATTERN", action="append",
-                   help="hf:// only: then skip the files matching PATTERN (repeatable)")
+    s.add_argument(
+        "--credentials",
+        metavar="TOKEN",
+        help="Bearer token, or base64 of user:pass with --credentials-type Basic"
+        " (visible in ps: prefer --credentials-file)",
+    )
+    s.add_argument(
+        "--credentials-file",
+        metavar="FILE",
+        help="read the credentials from the first line of FILE ('-' for stdin)",
+    )
+    s.add_argument(
+        "--credentials-type",
+        metavar="TYPE",
+        type=str.capitalize,
+        choices=["Bearer", "Basic"],
+        help="Bearer (default) or Basic, any case",
+    )
+    s.add_argument(
+        "--digest",
+        metavar="sha256:HEX",
+        help="expected digest of the entry: the file's sha256 for a single file",
+    )
+    s.add_argument(
+        "--include",
+        metavar="PATTERN",
+        action="append",
+        help="hf:// only: pull only the files matching PATTERN (fnmatch on the path"
+        " in the repository, as huggingface_hub's allow_patterns; repeatable)",
+    )
+    s.add_argument(
+        "--exclude",
+        metavar="PATTERN",
+        action="append",
+        help="hf:// only: then skip the files matching PATTERN (repeatable)",
+    )
     s.add_argument("--pin", action="store_true", help="pin the entry: never evicted")
-    s.add_argument("--hold", metavar="SECONDS", type=_seconds,
-                   help="keep the entry from eviction for SECONDS from now")
+    s.add_argument(
+        "--hold",
+        metavar="SECONDS",
+        type=_seconds,
+        help="keep the entry from eviction for SECONDS from now",
+    )
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
-    s = sub.add_parser("status", parents=[common],
-                       help="print the state of URL; exit 0 complete, 3 incomplete, 4 absent")
+    s = sub.add_parser(
+        "status",
+        parents=[common],
+        help="print the state of URL; exit 0 complete, 3 incomplete, 4 absent",
+    )
     s.add_argument("url", metavar="URL")
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
@@ -156,15 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm", parents=[common], help="remove URL, free blobs no one else uses")
     s.add_argument("url", metavar="URL")
 
-    s = sub.add_parser("gc", parents=[common],
-                       help="free unreferenced blobs and stale partials; keep the budget")
+    s = sub.add_parser(
+        "gc", parents=[common], help="free unreferenced blobs and stale partials; keep the budget"
+    )
     s.add_argument("--dry-run", action="store_true", help="only say what would be freed")
 
-    s = sub.add_parser("verify", parents=[common],
-                       help="re-hash blobs; exit 1 when any is damaged")
+    s = sub.add_parser("verify", parents=[common], help="re-hash blobs; exit 1 when any is damaged")
     s.add_argument("url", metavar="URL", nargs="?")
-    s.add_argument("--repair", action="store_true",
-                   help="remove damaged blobs (and the entries needing them), fix the counts")
+    s.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove damaged blobs (and the entries needing them), fix the counts",
+    )
 
     s = sub.add_parser("pin", parents=[common], help="pin a cached URL: it is never evicted")
     s.add_argument("url", metavar="URL")
@@ -191,7 +311,7 @@ def normalise_verbose(argv: list) -> list:
         a = argv[i]
         i += 1
         if a == "--":
-            out.extend(argv[i - 1:])
+            out.extend(argv[i - 1 :])
             break
         if a == "-v" and i < len(argv) and re.fullmatch(r"\d+", argv[i]):
             out.append(f"--verbose={argv[i]}")  # -v 2

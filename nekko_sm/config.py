@@ -28,12 +28,48 @@ DEFAULT_MAX_PULL_SIZE = 2 << 40  # 2 TiB: more than any model, less than a node'
 # advises fewer than 10,000 files per directory; a model has tens to hundreds.
 DEFAULT_MAX_PULL_FILES = 10_000
 
-_OSES = {"linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos",
-         "aix", "android", "ios", "plan9", "dragonfly", "js", "wasip1"}
-_ARCHES = {"amd64", "arm64", "arm", "386", "ppc64le", "ppc64", "s390x", "riscv64", "mips64le",
-           "mips64", "mipsle", "mips", "loong64", "wasm"}
-_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386",
-                 "i686": "386", "armhf": "arm", "armel": "arm"}
+_OSES = {
+    "linux",
+    "windows",
+    "darwin",
+    "freebsd",
+    "netbsd",
+    "openbsd",
+    "solaris",
+    "illumos",
+    "aix",
+    "android",
+    "ios",
+    "plan9",
+    "dragonfly",
+    "js",
+    "wasip1",
+}
+_ARCHES = {
+    "amd64",
+    "arm64",
+    "arm",
+    "386",
+    "ppc64le",
+    "ppc64",
+    "s390x",
+    "riscv64",
+    "mips64le",
+    "mips64",
+    "mipsle",
+    "mips",
+    "loong64",
+    "wasm",
+}
+_ARCH_ALIASES = {
+    "x86_64": "amd64",
+    "x86-64": "amd64",
+    "aarch64": "arm64",
+    "i386": "386",
+    "i686": "386",
+    "armhf": "arm",
+    "armel": "arm",
+}
 
 
 @dataclass(frozen=True)
@@ -81,8 +117,13 @@ def parse_platform(text: str) -> Platform:
 
 def host_platform() -> Platform:
     arch, variant = normalize_arch(_platform.machine() or "amd64")
-    return Platform("linux" if os.name == "posix" and _platform.system() == "Linux"
-                    else _platform.system().lower() or "linux", arch, variant)
+    return Platform(
+        "linux"
+        if os.name == "posix" and _platform.system() == "Linux"
+        else _platform.system().lower() or "linux",
+        arch,
+        variant,
+    )
 
 
 @dataclass(frozen=True)
@@ -120,7 +161,8 @@ def parse_address(text: str) -> Address:
 def _loopback(host: str) -> bool:
     """``host`` names this machine (nothing sent to it leaves it)."""
     if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
-            ".localhost"):
+        ".localhost"
+    ):
         return True
     import ipaddress
 
@@ -243,7 +285,9 @@ def parse_size(text: object, name: str = "size") -> int:
     return int(number * 1024 ** _UNITS[unit])
 
 
-def parse_free_space(text: object, name: str = "--min-free-space") -> tuple[int | None, float | None]:
+def parse_free_space(
+    text: object, name: str = "--min-free-space"
+) -> tuple[int | None, float | None]:
     """``SIZE`` (bytes, see :func:`parse_size`) or ``N%`` of the file system: (bytes, percent)."""
     raw = str(text).strip()
     if raw.endswith("%"):
@@ -268,7 +312,9 @@ def _usable_dir(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: bool = True) -> Config:
+def build(
+    flags: Mapping[str, object], environ: Mapping[str, str], need_cache: bool = True
+) -> Config:
     """Resolve every option: flag > environment (NEKKO_*, then STORAGE_MANAGER_*) > default."""
     notes: list[str] = []
 
@@ -290,20 +336,30 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
     jobs_v = pick("jobs", "NEKKO_JOBS")
     jobs = _int(jobs_v, "--jobs/NEKKO_JOBS", 1, MAX_JOBS) if jobs_v is not None else DEFAULT_JOBS
     size_v = pick("max_pull_size", "NEKKO_MAX_PULL_SIZE")
-    max_pull_size = parse_size(size_v, "--max-pull-size/NEKKO_MAX_PULL_SIZE") \
-        if size_v is not None else DEFAULT_MAX_PULL_SIZE
+    max_pull_size = (
+        parse_size(size_v, "--max-pull-size/NEKKO_MAX_PULL_SIZE")
+        if size_v is not None
+        else DEFAULT_MAX_PULL_SIZE
+    )
     if not 0 < max_pull_size < 1 << 63:
-        raise ConfigError("--max-pull-size/NEKKO_MAX_PULL_SIZE must be more than 0 bytes and"
-                          f" less than 8 EiB, not {size_v!r}")
+        raise ConfigError(
+            "--max-pull-size/NEKKO_MAX_PULL_SIZE must be more than 0 bytes and"
+            f" less than 8 EiB, not {size_v!r}"
+        )
     files_v = pick("max_pull_files", "NEKKO_MAX_PULL_FILES")
-    max_pull_files = _int(files_v, "--max-pull-files/NEKKO_MAX_PULL_FILES", 1, 10_000_000) \
-        if files_v is not None else DEFAULT_MAX_PULL_FILES
+    max_pull_files = (
+        _int(files_v, "--max-pull-files/NEKKO_MAX_PULL_FILES", 1, 10_000_000)
+        if files_v is not None
+        else DEFAULT_MAX_PULL_FILES
+    )
 
     insecure = _split(flags.get("insecure_registry")) or _split(
-        [_env(environ, "NEKKO_INSECURE_REGISTRIES") or ""])
+        [_env(environ, "NEKKO_INSECURE_REGISTRIES") or ""]
+    )
     mirrors: dict[str, list] = {}
     for item in _split(flags.get("registry_mirror")) or _split(
-            [_env(environ, "NEKKO_REGISTRY_MIRRORS") or ""]):
+        [_env(environ, "NEKKO_REGISTRY_MIRRORS") or ""]
+    ):
         reg, eq, url = item.partition("=")
         if not eq or not reg or not url:
             raise ConfigError(f"bad registry mirror {item!r}: want REGISTRY=MIRROR_URL")
@@ -336,42 +392,65 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
             if need_cache and not _usable_dir(cache_dir):
                 raise ConfigError(f"cache directory {cache_dir} cannot be created or written")
 
-    proxies = {"HTTPS_PROXY": _env(environ, "HTTPS_PROXY", "https_proxy"),
-               "HTTP_PROXY": _env(environ, "HTTP_PROXY", "http_proxy")}
+    proxies = {
+        "HTTPS_PROXY": _env(environ, "HTTPS_PROXY", "https_proxy"),
+        "HTTP_PROXY": _env(environ, "HTTP_PROXY", "http_proxy"),
+    }
     for name, value in proxies.items():
         if value and urlsplit(value if "://" in value else "http://" + value).scheme not in (
-                "http", "https"):
-            raise ConfigError(f"{name} must be an http:// or https:// proxy, not {value!r}"
-                              " (SOCKS is not supported)")
+            "http",
+            "https",
+        ):
+            raise ConfigError(
+                f"{name} must be an http:// or https:// proxy, not {value!r}"
+                " (SOCKS is not supported)"
+            )
     token_file = pick("api_token_file", "NEKKO_API_TOKEN_FILE")
     if token_file is not None:
         read_api_token(str(token_file))  # a bad file stops the start, not the first request
     egress = Policy.build(
         _split(flags.get("deny_network")) or _split([_env(environ, "NEKKO_DENY_NETWORKS") or ""]),
-        _split(flags.get("allow_network")) or _split([_env(environ, "NEKKO_ALLOW_NETWORKS") or ""]))
-    verify = str(pick("verify_cached_credentials", "NEKKO_VERIFY_CACHED_CREDENTIALS")
-                 or "always").strip().lower()
+        _split(flags.get("allow_network")) or _split([_env(environ, "NEKKO_ALLOW_NETWORKS") or ""]),
+    )
+    verify = (
+        str(pick("verify_cached_credentials", "NEKKO_VERIFY_CACHED_CREDENTIALS") or "always")
+        .strip()
+        .lower()
+    )
     if verify not in ("always", "never"):
-        raise ConfigError(f"--verify-cached-credentials must be 'always' or 'never', not"
-                          f" {verify!r}")
+        raise ConfigError(
+            f"--verify-cached-credentials must be 'always' or 'never', not {verify!r}"
+        )
     discard = pick("discard_unpacked_layers", "NEKKO_DISCARD_UNPACKED_LAYERS")
     discard_b = _bool(discard, "--discard-unpacked-layers/NEKKO_DISCARD_UNPACKED_LAYERS")
     hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
         raise ConfigError("HF_TOKEN must be printable ASCII")
     endpoint = urlsplit(hf_endpoint)
-    if (hf_token and endpoint.scheme == "http" and not _loopback(endpoint.hostname or "")
-            and not {endpoint.netloc.lower(), (endpoint.hostname or "").lower()}
-            & {h.lower() for h in insecure}):
-        raise ConfigError(f"HF_TOKEN would go in clear text to {hf_endpoint}: use https, or"
-                          f" allow it with --insecure-registry {endpoint.netloc}")
+    if (
+        hf_token
+        and endpoint.scheme == "http"
+        and not _loopback(endpoint.hostname or "")
+        and not {endpoint.netloc.lower(), (endpoint.hostname or "").lower()}
+        & {h.lower() for h in insecure}
+    ):
+        raise ConfigError(
+            f"HF_TOKEN would go in clear text to {hf_endpoint}: use https, or"
+            f" allow it with --insecure-registry {endpoint.netloc}"
+        )
 
     max_size = pick("max_cache_size", "NEKKO_MAX_CACHE_SIZE")
-    max_cache_size = (parse_size(max_size, "--max-cache-size/NEKKO_MAX_CACHE_SIZE")
-                      if max_size is not None else None)
+    max_cache_size = (
+        parse_size(max_size, "--max-cache-size/NEKKO_MAX_CACHE_SIZE")
+        if max_size is not None
+        else None
+    )
     free_v = pick("min_free_space", "NEKKO_MIN_FREE_SPACE")
-    min_free, min_free_pct = (parse_free_space(free_v, "--min-free-space/NEKKO_MIN_FREE_SPACE")
-                              if free_v is not None else (None, None))
+    min_free, min_free_pct = (
+        parse_free_space(free_v, "--min-free-space/NEKKO_MIN_FREE_SPACE")
+        if free_v is not None
+        else (None, None)
+    )
 
     return Config(
         cache_dir=cache_dir.absolute(),
@@ -382,8 +461,9 @@ def build(flags: Mapping[str, object], environ: Mapping[str, str], need_cache: b
         jobs=jobs,
         hf_endpoint=hf_endpoint,
         hf_token=hf_token.strip() if hf_token else None,
-        hf_token_repos=tuple(p.strip() for p in (_env(environ, "NEKKO_HF_TOKEN_REPOS") or "")
-                             .split(",") if p.strip()),
+        hf_token_repos=tuple(
+            p.strip() for p in (_env(environ, "NEKKO_HF_TOKEN_REPOS") or "").split(",") if p.strip()
+        ),
         registry_mirrors={k: tuple(v) for k, v in mirrors.items()},
         ca_cert=str(ca) if ca else None,
         https_proxy=proxies["HTTPS_PROXY"],

@@ -39,8 +39,12 @@ _HEAD_MAX = 8192
 
 def _answer(status: str, body: dict, head: bool) -> bytes:
     data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
-    lines = [f"HTTP/1.1 {status}", "Content-Type: application/json",
-             f"Content-Length: {len(data)}", "Connection: close"]
+    lines = [
+        f"HTTP/1.1 {status}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(data)}",
+        "Connection: close",
+    ]
     if not status.startswith("200"):
         lines.append("Retry-After: 1")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head else data)
@@ -53,8 +57,9 @@ def overflow_answer(request_head: bytes, why: str) -> bytes:
     path = line[1].split(b"?", 1)[0] if len(line) > 1 else b""
     if method in (b"GET", b"HEAD") and path == b"/healthz":
         return _answer("200 OK", {"status": "ok", "version": __version__}, method == b"HEAD")
-    return _answer("503 Service Unavailable",
-                   {"error": {"code": "busy", "message": why}}, method == b"HEAD")
+    return _answer(
+        "503 Service Unavailable", {"error": {"code": "busy", "message": why}}, method == b"HEAD"
+    )
 
 
 class _Overflow:
@@ -196,8 +201,10 @@ class BoundedServerMixin:
         client = self._client(client_address)
         with self._slots_lock:
             if client is not None and self._clients.get(client, 0) >= MAX_PER_CLIENT:
-                why = (f"more than {MAX_PER_CLIENT} connections from one client at once:"
-                       " close some, then try again")
+                why = (
+                    f"more than {MAX_PER_CLIENT} connections from one client at once:"
+                    " close some, then try again"
+                )
             elif self._handlers >= MAX_HANDLERS:
                 why = f"the server is serving {MAX_HANDLERS} connections: try again shortly"
             else:
@@ -225,8 +232,7 @@ class BoundedServerMixin:
     def saturated(self) -> bool:
         """Every handler thread is taken, or a connection was turned away in the last
         PRESSURE seconds: idle keep-alive connections should let go of their threads."""
-        return (self._handlers >= MAX_HANDLERS
-                or time.monotonic() - self._refused_at < PRESSURE)
+        return self._handlers >= MAX_HANDLERS or time.monotonic() - self._refused_at < PRESSURE
 
     def _release(self, client: str | None) -> None:
         with self._slots_lock:

@@ -22,7 +22,7 @@ class Credentials:
             return None
         if not isinstance(value, str):
             raise BadRequest("credentials must be a string")
-        t = (type_ or "Bearer")
+        t = type_ or "Bearer"
         if not isinstance(t, str) or t.lower() not in ("bearer", "basic"):
             raise BadRequest(f"credentialsType must be Bearer or Basic, not {str(t)[:40]!r}")
         if not all(" " <= c <= "~" for c in value):  # a header value: printable ASCII only

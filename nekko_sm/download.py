@@ -41,8 +41,21 @@ log = logging.getLogger("nekko_sm.transfer")
 CHUNK = 1 << 20
 
 
-def download(transfer, url: str, writer, *, auth, headers, expected_size, immutable, errors,
-             progress, on_total, max_span, connections) -> Mapping[str, str]:
+def download(
+    transfer,
+    url: str,
+    writer,
+    *,
+    auth,
+    headers,
+    expected_size,
+    immutable,
+    errors,
+    progress,
+    on_total,
+    max_span,
+    connections,
+) -> Mapping[str, str]:
     """See :meth:`nekko_sm.transfer.Transfer.download`."""
     conns = max(1, transfer.config.jobs if connections is None else connections)
     ranges_refused = False
@@ -55,19 +68,34 @@ def download(transfer, url: str, writer, *, auth, headers, expected_size, immuta
                 if on_total is not None:
                     on_total(writer.state["ranged"]["total"], _progress_mark(writer))
                     on_total = None
-                _fetch_ranged(transfer, url, writer, auth, headers, errors, progress, conns,
-                              max_span)
+                _fetch_ranged(
+                    transfer, url, writer, auth, headers, errors, progress, conns, max_span
+                )
                 return writer.state.get("headers") or {}
-            if (not ranges_refused and expected_size is not None and immutable
-                    and _wants_ranges(expected_size - writer.offset, conns, max_span)):
+            if (
+                not ranges_refused
+                and expected_size is not None
+                and immutable
+                and _wants_ranges(expected_size - writer.offset, conns, max_span)
+            ):
                 _start_ranged(writer, expected_size, None, conns, max_span)
                 continue
-            result = _download_once(transfer, url, writer, auth, headers, expected_size,
-                                    immutable, errors, progress, on_total,
-                                    max_span, 1 if ranges_refused else conns)
+            result = _download_once(
+                transfer,
+                url,
+                writer,
+                auth,
+                headers,
+                expected_size,
+                immutable,
+                errors,
+                progress,
+                on_total,
+                max_span,
+                1 if ranges_refused else conns,
+            )
             on_total = None if writer.offset else on_total
-            if (max_span and total_hint is not None
-                    and before < writer.offset < total_hint):
+            if max_span and total_hint is not None and before < writer.offset < total_hint:
                 failures = 0  # one span done: ask for the next
                 continue
             return result
@@ -84,8 +112,11 @@ def download(transfer, url: str, writer, *, auth, headers, expected_size, immuta
                 failures += 1
             if failures >= transfer.attempts:
                 raise
-            transfer._sleep(failures, e.retry_after,  # one visible line per wait
-                            f"{e.message}; resuming at byte {writer.offset}")
+            transfer._sleep(
+                failures,
+                e.retry_after,  # one visible line per wait
+                f"{e.message}; resuming at byte {writer.offset}",
+            )
         except (Unauthorized, Forbidden) as e:
             # An expired signed URL at a CDN: ask the origin again, once or twice.
             if not e.context.get("redirected") or failures >= 2:
@@ -96,13 +127,17 @@ def download(transfer, url: str, writer, *, auth, headers, expected_size, immuta
 
 def _wants_ranges(remaining: int, conns: int, max_span: int | None) -> bool:
     return (conns > 1 and remaining >= ranged.MIN_PARALLEL) or bool(
-        max_span and remaining > max_span)
+        max_span and remaining > max_span
+    )
 
 
-def _start_ranged(writer, total: int, validator: str | None, conns: int,
-                  max_span: int | None) -> None:
+def _start_ranged(
+    writer, total: int, validator: str | None, conns: int, max_span: int | None
+) -> None:
     """Turn ``writer`` into a ranged download of ``total`` bytes from its frontier."""
-    if total >= ranged_control.GROW_MIN and conns > 1:  # parts enough for every connection it may get
+    if (
+        total >= ranged_control.GROW_MIN and conns > 1
+    ):  # parts enough for every connection it may get
         conns = max(conns, ranged_control.MAX_CONNECTIONS)
     part = ranged_parts.part_size_for(total, conns, max_span)
     done = writer.offset
@@ -113,17 +148,39 @@ def _start_ranged(writer, total: int, validator: str | None, conns: int,
     writer.preallocate(total)
 
 
-def _fetch_ranged(transfer, url, writer, auth, headers, errors, progress, conns,
-                  max_span, first=None) -> None:
+def _fetch_ranged(
+    transfer, url, writer, auth, headers, errors, progress, conns, max_span, first=None
+) -> None:
     state = writer.state["ranged"]
-    fetch = ranged.RangedFetch(transfer, url, writer, auth=auth, headers=headers,
-                               validator=state.get("validator"), errors=errors,
-                               progress=progress, connections=conns, max_span=max_span)
+    fetch = ranged.RangedFetch(
+        transfer,
+        url,
+        writer,
+        auth=auth,
+        headers=headers,
+        validator=state.get("validator"),
+        errors=errors,
+        progress=progress,
+        connections=conns,
+        max_span=max_span,
+    )
     fetch.run(first)
 
 
-def _download_once(transfer, url, writer, auth, headers, expected_size, immutable, errors,
-                   progress, on_total, max_span=None, conns=1) -> Mapping[str, str]:
+def _download_once(
+    transfer,
+    url,
+    writer,
+    auth,
+    headers,
+    expected_size,
+    immutable,
+    errors,
+    progress,
+    on_total,
+    max_span=None,
+    conns=1,
+) -> Mapping[str, str]:
     if expected_size is not None and writer.offset == expected_size and expected_size > 0:
         return {}
     h = dict(headers or {})
@@ -161,10 +218,12 @@ def _download_once(transfer, url, writer, auth, headers, expected_size, immutabl
             if start != writer.offset:
                 writer.reset()
                 raise UpstreamUnavailable(
-                    f"{redact(url)}: asked for bytes from {writer.offset}, got {start}")
+                    f"{redact(url)}: asked for bytes from {writer.offset}, got {start}"
+                )
             if whole is not None and expected_size is not None and whole != expected_size:
-                raise SizeMismatch(f"{redact(url)}: server has {whole} bytes,"
-                                   f" expected {expected_size}")
+                raise SizeMismatch(
+                    f"{redact(url)}: server has {whole} bytes, expected {expected_size}"
+                )
         elif writer.offset:
             log.info("%s: server ignored Range; starting over", redact(url))
             writer.reset()
@@ -173,29 +232,41 @@ def _download_once(transfer, url, writer, auth, headers, expected_size, immutabl
         if status == 200:
             whole = remaining
             if whole is not None and expected_size is not None and whole != expected_size:
-                raise SizeMismatch(f"{redact(url)}: Content-Length {whole},"
-                                   f" expected {expected_size}; refusing")
+                raise SizeMismatch(
+                    f"{redact(url)}: Content-Length {whole}, expected {expected_size}; refusing"
+                )
         if status == 200 or not writer.state.get("validator"):
             etag = resp.headers.get("ETag")
-            validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
-            writer.save_state(url=redact(url), validator=validator, total=whole,
-                              headers=_kept_headers(resp.headers))
+            validator = (
+                etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
+            )
+            writer.save_state(
+                url=redact(url),
+                validator=validator,
+                total=whole,
+                headers=_kept_headers(resp.headers),
+            )
         if on_total is not None:
             on_total(whole if whole is not None else expected_size, writer.offset)
         takes_ranges = status == 206 or resp.headers.get("Accept-Ranges", "").lower() == "bytes"
-        if (whole is not None and takes_ranges and (immutable or validator)
-                and _wants_ranges(whole - writer.offset, conns, max_span)):
+        if (
+            whole is not None
+            and takes_ranges
+            and (immutable or validator)
+            and _wants_ranges(whole - writer.offset, conns, max_span)
+        ):
             # Big, and the server takes ranges: this answer brings the first part while
             # the other parts come over other connections.
-            _start_ranged(writer, whole, None if immutable else validator, conns,
-                               max_span)
-            _fetch_ranged(transfer, url, writer, auth, headers, errors, progress, conns,
-                          max_span, first=resp)
+            _start_ranged(writer, whole, None if immutable else validator, conns, max_span)
+            _fetch_ranged(
+                transfer, url, writer, auth, headers, errors, progress, conns, max_span, first=resp
+            )
             return resp.headers
         _stream(resp, writer, url, remaining, progress)
         if expected_size is not None and writer.offset < expected_size and remaining is None:
-            raise UpstreamUnavailable(f"{redact(url)}: body ended after {writer.offset}"
-                                      f" of {expected_size} bytes")
+            raise UpstreamUnavailable(
+                f"{redact(url)}: body ended after {writer.offset} of {expected_size} bytes"
+            )
         return resp.headers
     except BaseException:
         resp.close()  # the body was not read to its end: never back into the pool
@@ -230,10 +301,12 @@ def _stream(resp, writer, url, remaining, progress) -> None:
         # not go back to the pool (release_conn would hand it to the next request).
         resp.close()
         if isinstance(e, NekkoError) or not isinstance(
-                e, (_Urllib3Error, OSError, http.client.HTTPException)):
+            e, (_Urllib3Error, OSError, http.client.HTTPException)
+        ):
             raise  # disk full, cancelled, too many bytes, Ctrl-C: not the network's fault
-        raise UpstreamUnavailable(f"{redact(url)}: connection broke after {got} bytes:"
-                                  f" {reason(e)}", stalled=is_stall(e)) from e
+        raise UpstreamUnavailable(
+            f"{redact(url)}: connection broke after {got} bytes: {reason(e)}", stalled=is_stall(e)
+        ) from e
     if remaining is not None and got < remaining:
         resp.close()
         raise UpstreamUnavailable(f"{redact(url)}: body ended after {got} of {remaining} bytes")

@@ -55,8 +55,10 @@ def parse_networks(items: Iterable[str], what: str) -> tuple:
         try:
             out.append(ipaddress.ip_network(item.strip(), strict=False))
         except ValueError:
-            raise ConfigError(f"{what}: {item!r} is not a network (CIDR such as 10.0.0.0/8,"
-                              " fd00::/8, or one address)") from None
+            raise ConfigError(
+                f"{what}: {item!r} is not a network (CIDR such as 10.0.0.0/8,"
+                " fd00::/8, or one address)"
+            ) from None
     return tuple(out)
 
 
@@ -83,8 +85,10 @@ class Policy:
 
     @classmethod
     def build(cls, deny: Iterable[str] = (), allow: Iterable[str] = ()) -> Policy:
-        return cls(parse_networks(DEFAULT_DENY, "default") + parse_networks(deny, "--deny-network"),
-                   parse_networks(allow, "--allow-network"))
+        return cls(
+            parse_networks(DEFAULT_DENY, "default") + parse_networks(deny, "--deny-network"),
+            parse_networks(allow, "--allow-network"),
+        )
 
     def refusing(self, addr: Address) -> Network | None:
         """The network that denies ``addr``, or None when it may be reached."""
@@ -105,15 +109,18 @@ class Policy:
         name = host.strip("[]").rstrip(".").lower()
         where = f"{host}:{port}" if port else host
         if name in self.names:
-            raise EgressDenied(f"{where} is a cloud metadata service, which nekko-sm does not"
-                               " fetch from")
+            raise EgressDenied(
+                f"{where} is a cloud metadata service, which nekko-sm does not fetch from"
+            )
         addr = literal_address(name)
         if addr is not None:
             net = self.refusing(addr)
             if net is not None:
-                raise EgressDenied(f"{where} is in the denied network {net} (link-local and"
-                                   " cloud metadata addresses are refused by default; an"
-                                   " operator can change that with --allow-network)")
+                raise EgressDenied(
+                    f"{where} is in the denied network {net} (link-local and"
+                    " cloud metadata addresses are refused by default; an"
+                    " operator can change that with --allow-network)"
+                )
 
     def check_url(self, url: str) -> None:
         p = urlsplit(url)
@@ -133,11 +140,18 @@ class Policy:
             ip = str(info[4][0]).split("%", 1)[0]
             net = self.refusing(ipaddress.ip_address(ip))
             if net is not None:
-                log.warning("egress denied: %s:%d resolves to %s, in the denied network %s",
-                            host, port, ip, net)
-                raise EgressDenied(f"{host}:{port} resolves to an address in a denied network"
-                                   " (link-local and cloud metadata addresses are refused by"
-                                   " default; an operator can change that with --allow-network)")
+                log.warning(
+                    "egress denied: %s:%d resolves to %s, in the denied network %s",
+                    host,
+                    port,
+                    ip,
+                    net,
+                )
+                raise EgressDenied(
+                    f"{host}:{port} resolves to an address in a denied network"
+                    " (link-local and cloud metadata addresses are refused by"
+                    " default; an operator can change that with --allow-network)"
+                )
             if info[4][0] not in addrs:
                 addrs.append(str(info[4][0]))
         return addrs
@@ -199,18 +213,24 @@ class _Checked:
         raise last
 
 
-def pool_manager(policy: Policy, http_base=None, https_base=None,  # type: ignore[no-untyped-def]
-                 **kw):
+def pool_manager(
+    policy: Policy,
+    http_base=None,
+    https_base=None,  # type: ignore[no-untyped-def]
+    **kw,
+):
     """A urllib3 PoolManager whose connections go only to addresses ``policy`` allows
     (built on ``http_base``/``https_base``, urllib3's connection classes by default)."""
     import urllib3
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-    http_conn = type("CheckedHTTPConnection", (_Checked, http_base or HTTPConnection),
-                     {"policy": policy})
-    https_conn = type("CheckedHTTPSConnection", (_Checked, https_base or HTTPSConnection),
-                      {"policy": policy})
+    http_conn = type(
+        "CheckedHTTPConnection", (_Checked, http_base or HTTPConnection), {"policy": policy}
+    )
+    https_conn = type(
+        "CheckedHTTPSConnection", (_Checked, https_base or HTTPSConnection), {"policy": policy}
+    )
     m = urllib3.PoolManager(**kw)
     m.pool_classes_by_scheme = {
         "http": type("CheckedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),

@@ -67,9 +67,12 @@ def pull_paths(pulls_dir: Path, key: str) -> tuple[Path, Path]:
 def is_single_file(desc: Descriptor, files: list) -> dict | None:
     """The one file of a single-file artifact entry, or of a model whose view is that one
     file and nothing else (DESIGN section 8), else None."""
-    if ((desc.artifact_type or desc.annotations.get(A_FORMAT)) and len(files) == 1
-            and desc.media_type in MANIFEST_TYPES
-            and desc.artifact_type not in DIRECTORY_ARTIFACT_TYPES):
+    if (
+        (desc.artifact_type or desc.annotations.get(A_FORMAT))
+        and len(files) == 1
+        and desc.media_type in MANIFEST_TYPES
+        and desc.artifact_type not in DIRECTORY_ARTIFACT_TYPES
+    ):
         return files[0]
     return None
 
@@ -81,8 +84,9 @@ class Catalog:
     of the flight or None, JSON of its last failure or None).
     """
 
-    def __init__(self, store: Store, pulls_dir: Path,
-                 live: Callable[[str], tuple[Any, dict | None]]) -> None:
+    def __init__(
+        self, store: Store, pulls_dir: Path, live: Callable[[str], tuple[Any, dict | None]]
+    ) -> None:
         self.store = store
         self.pulls_dir = pulls_dir
         self._live = live
@@ -152,8 +156,14 @@ class Catalog:
                 path = self._rel(self.store.blob_path(layer["digest"]))
             except NekkoError:  # not a sha256 digest: no file of ours
                 continue
-            out.append({"name": prefix + name, "digest": layer.get("digest"),
-                        "size": layer.get("size"), "path": path})
+            out.append(
+                {
+                    "name": prefix + name,
+                    "digest": layer.get("digest"),
+                    "size": layer.get("size"),
+                    "path": path,
+                }
+            )
         return out
 
     def template(self, key: str, desc: Descriptor) -> str:
@@ -182,16 +192,22 @@ class Catalog:
         model = desc.annotations.get(A_MODEL)
         found = next((f for f in files if f["name"] == model), None) if model else None
         if model and found is not None:  # made absolute with the paths (_MODEL_KEY)
-            entry["model"] = found["path"] if single else \
-                self._rel(self.store.view_path(key) / model)
+            entry["model"] = (
+                found["path"] if single else self._rel(self.store.view_path(key) / model)
+            )
         return json.dumps(entry, separators=(",", ":"))
 
-    def _absolute(self, text: str, pinned: bool, held_until: float | None,
-                  last_used: float | None) -> str:
+    def _absolute(
+        self, text: str, pinned: bool, held_until: float | None, last_used: float | None
+    ) -> str:
         """The kept rendering made whole: absolute paths, and the entry's use (DESIGN 5)."""
-        return (text[:-1].replace(_PATH_KEY, _PATH_KEY + self._root_path)
-                .replace(_MODEL_KEY, _MODEL_KEY + self._root_path)
-                + _use_fields(pinned, held_until, last_used) + "}")
+        return (
+            text[:-1]
+            .replace(_PATH_KEY, _PATH_KEY + self._root_path)
+            .replace(_MODEL_KEY, _MODEL_KEY + self._root_path)
+            + _use_fields(pinned, held_until, last_used)
+            + "}"
+        )
 
     def text(self, key: str) -> str | None:
         """The complete entry for ``key`` as JSON text, or None when there is none."""
@@ -251,8 +267,14 @@ class Catalog:
             return json.loads(text)
         progress, failure = self._live(key)
         if progress is not None:
-            return {"url": key, "state": "downloading", "downloaded": progress.done,
-                    "size": progress.total, "files": [], **_NO_USE}
+            return {
+                "url": key,
+                "state": "downloading",
+                "downloaded": progress.done,
+                "size": progress.total,
+                "files": [],
+                **_NO_USE,
+            }
         record, lock_path = pull_paths(self.pulls_dir, key)
         try:
             state = json.loads(read_file(record, 1 << 20))
@@ -262,14 +284,20 @@ class Catalog:
             busy = lock_held(lock_path)
             done = sum(self.store.partial_size(r) for r in state.get("ingest", []))
             entry: dict[str, Any] = {
-                "url": key, "state": "downloading" if busy else "incomplete",
-                "downloaded": done, "size": None, "files": [], **_NO_USE}
+                "url": key,
+                "state": "downloading" if busy else "incomplete",
+                "downloaded": done,
+                "size": None,
+                "files": [],
+                **_NO_USE,
+            }
             if failure is not None:
                 entry["error"] = dict(failure)
             return entry
         if failure is not None:
-            raise EntryNotFound(f"{key} is not in the cache: the last pull failed:"
-                                f" {failure['message']}")
+            raise EntryNotFound(
+                f"{key} is not in the cache: the last pull failed: {failure['message']}"
+            )
         raise EntryNotFound(f"{key} is not in the cache")
 
     def _infos(self) -> Iterator[tuple[str, str, bool, float | None, float]]:
@@ -321,11 +349,20 @@ class Catalog:
         seen: set[str] = set()
         for key, info, pinned, held_until, last_used in self._infos():
             at = info.index(',"size":') + 8
-            out.append((key, "complete", int(info[at:info.index(",", at)]), pinned, held_until,
-                        last_used))
+            out.append(
+                (
+                    key,
+                    "complete",
+                    int(info[at : info.index(",", at)]),
+                    pinned,
+                    held_until,
+                    last_used,
+                )
+            )
             seen.add(key)
-        out.extend((e["url"], e["state"], e.get("size"), False, None, None)
-                   for e in self._pending(seen))
+        out.extend(
+            (e["url"], e["state"], e.get("size"), False, None, None) for e in self._pending(seen)
+        )
         return out
 
     def list(self) -> list:
@@ -338,9 +375,14 @@ _NO_USE: dict[str, Any] = {"pinned": False, "held_until": None, "last_used": Non
 
 def _use_fields(pinned: bool, held_until: float | None, last_used: float | None) -> str:
     """``,"pinned":…,"held_until":…,"last_used":…`` (epoch seconds, sub-second precision)."""
-    return (',"pinned":' + ("true" if pinned else "false")
-            + ',"held_until":' + (repr(float(held_until)) if held_until is not None else "null")
-            + ',"last_used":' + (repr(float(last_used)) if last_used is not None else "null"))
+    return (
+        ',"pinned":'
+        + ("true" if pinned else "false")
+        + ',"held_until":'
+        + (repr(float(held_until)) if held_until is not None else "null")
+        + ',"last_used":'
+        + (repr(float(last_used)) if last_used is not None else "null")
+    )
 
 
 def lock_held(lock_path: Path) -> bool:

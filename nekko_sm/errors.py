@@ -24,8 +24,13 @@ class NekkoError(Exception):
     status = 500
     exit_code = EXIT_FAILED
 
-    def __init_subclass__(cls, code: str | None = None, status: int | None = None,
-                          exit_code: int | None = None, **kwargs: object) -> None:
+    def __init_subclass__(
+        cls,
+        code: str | None = None,
+        status: int | None = None,
+        exit_code: int | None = None,
+        **kwargs: object,
+    ) -> None:
         super().__init_subclass__(**kwargs)
         for name, value in (("code", code), ("status", status), ("exit_code", exit_code)):
             if value is not None:
@@ -43,8 +48,7 @@ class NekkoError(Exception):
 # --- the caller's fault: 4xx, exit 2 -------------------------------------------------
 
 
-class ConfigError(NekkoError, ValueError, code="bad-configuration", exit_code=EXIT_USAGE):
-    ...
+class ConfigError(NekkoError, ValueError, code="bad-configuration", exit_code=EXIT_USAGE): ...
 
 
 class UnsafeCacheDir(ConfigError, code="unsafe-cache-dir"):
@@ -52,28 +56,22 @@ class UnsafeCacheDir(ConfigError, code="unsafe-cache-dir"):
     start-up, as sshd's StrictModes refuses a home directory others can write."""
 
 
-class BadRequest(NekkoError, ValueError, code="bad-request", status=400, exit_code=EXIT_USAGE):
-    ...
+class BadRequest(NekkoError, ValueError, code="bad-request", status=400, exit_code=EXIT_USAGE): ...
 
 
-class InvalidJSON(BadRequest, code="invalid-json"):
-    ...
+class InvalidJSON(BadRequest, code="invalid-json"): ...
 
 
-class InvalidBase64(BadRequest, code="invalid-base64"):
-    ...
+class InvalidBase64(BadRequest, code="invalid-base64"): ...
 
 
-class InvalidReference(BadRequest, code="invalid-reference"):
-    ...
+class InvalidReference(BadRequest, code="invalid-reference"): ...
 
 
-class UnsupportedScheme(InvalidReference, code="unsupported-scheme"):
-    ...
+class UnsupportedScheme(InvalidReference, code="unsupported-scheme"): ...
 
 
-class InvalidDigest(BadRequest, code="invalid-digest"):
-    ...
+class InvalidDigest(BadRequest, code="invalid-digest"): ...
 
 
 class UnsafeName(BadRequest, code="unsafe-name"):
@@ -85,20 +83,16 @@ class UnsafeLayer(UnsafeName, code="layer-unsafe"):
     it, devices, duplicate or colliding names, overlong or non-UTF-8 names."""
 
 
-class InvalidPlatform(BadRequest, code="invalid-platform"):
-    ...
+class InvalidPlatform(BadRequest, code="invalid-platform"): ...
 
 
-class BodyTooLarge(BadRequest, code="body-too-large", status=413):
-    ...
+class BodyTooLarge(BadRequest, code="body-too-large", status=413): ...
 
 
-class MethodNotAllowed(BadRequest, code="method-not-allowed", status=405):
-    ...
+class MethodNotAllowed(BadRequest, code="method-not-allowed", status=405): ...
 
 
-class UnsupportedMediaType(BadRequest, code="unsupported-media-type", status=415):
-    ...
+class UnsupportedMediaType(BadRequest, code="unsupported-media-type", status=415): ...
 
 
 # --- who may call the API (DESIGN section 10) -----------------------------------------
@@ -112,37 +106,32 @@ class OriginRefused(NekkoError, code="origin-refused", status=403, exit_code=EXI
     """A request from a web page (it has an Origin header): the API is not for browsers."""
 
 
-class MisdirectedRequest(NekkoError, code="misdirected-request", status=421,
-                         exit_code=EXIT_USAGE):
+class MisdirectedRequest(NekkoError, code="misdirected-request", status=421, exit_code=EXIT_USAGE):
     """A Host header that does not name this loopback server (DNS rebinding)."""
 
 
 # --- local state -----------------------------------------------------------------------
 
 
-class EntryNotFound(NekkoError, LookupError, code="not-found", status=404,
-                    exit_code=EXIT_ABSENT):
+class EntryNotFound(NekkoError, LookupError, code="not-found", status=404, exit_code=EXIT_ABSENT):
     """The URL is not in the cache."""
 
 
-class Conflict(NekkoError, code="conflict", status=409):
-    ...
+class Conflict(NekkoError, code="conflict", status=409): ...
 
 
 class Cancelled(Conflict, code="cancelled"):
     """The download was cancelled, e.g. by a DELETE of its entry."""
 
 
-class InsufficientStorage(NekkoError, OSError, code="insufficient-storage", status=507):
-    ...
+class InsufficientStorage(NekkoError, OSError, code="insufficient-storage", status=507): ...
 
 
 class UnsupportedLayer(NekkoError, code="layer-unsupported", status=501):
     """A layer in a form this interpreter cannot read (zstd without ``compression.zstd``)."""
 
 
-class CacheCorrupt(NekkoError, code="cache-corrupt"):
-    ...
+class CacheCorrupt(NekkoError, code="cache-corrupt"): ...
 
 
 class UnsafeCachePath(CacheCorrupt, OSError, code="unsafe-cache-path"):
@@ -182,12 +171,10 @@ class IntegrityError(UpstreamError, code="digest-mismatch"):
     """The bytes do not match the promised digest or size.  Nothing was committed."""
 
 
-class SizeMismatch(IntegrityError, code="size-mismatch"):
-    ...
+class SizeMismatch(IntegrityError, code="size-mismatch"): ...
 
 
-class ManifestInvalid(UpstreamError, code="manifest-invalid"):
-    ...
+class ManifestInvalid(UpstreamError, code="manifest-invalid"): ...
 
 
 class BrokenLayer(UpstreamError, code="layer-invalid"):
@@ -195,24 +182,20 @@ class BrokenLayer(UpstreamError, code="layer-invalid"):
     that does not read, an invalid whiteout).  The registry served it as it was pushed."""
 
 
-class UpstreamNotFound(NekkoError, code="upstream-not-found", status=404):
-    ...
+class UpstreamNotFound(NekkoError, code="upstream-not-found", status=404): ...
 
 
-class NoMatchingPlatform(UpstreamNotFound, code="no-matching-platform"):
-    ...
+class NoMatchingPlatform(UpstreamNotFound, code="no-matching-platform"): ...
 
 
 class Unauthorized(NekkoError, code="unauthorized", status=401):
     """The upstream wants (other) credentials."""
 
 
-class Forbidden(NekkoError, code="forbidden", status=403):
-    ...
+class Forbidden(NekkoError, code="forbidden", status=403): ...
 
 
-class GatedRepo(Forbidden, code="gated-repo"):
-    ...
+class GatedRepo(Forbidden, code="gated-repo"): ...
 
 
 class EgressDenied(Forbidden, code="egress-denied", exit_code=EXIT_USAGE):

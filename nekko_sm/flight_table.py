@@ -97,8 +97,9 @@ class Workers:
 class Flight:
     """One pull in progress, shared by every caller who asks for the same URL."""
 
-    def __init__(self, url: str, sink: Callable[[int], None] | None = None,
-                 limit: int | None = None) -> None:
+    def __init__(
+        self, url: str, sink: Callable[[int], None] | None = None, limit: int | None = None
+    ) -> None:
         self.url = url
         self.future: Future = Future()
         self.cancel = threading.Event()
@@ -140,8 +141,9 @@ class Flight:
             if confirm is None:
                 answer(done)
             else:  # asks the upstream: not on the thread that answers everyone else
-                threading.Thread(target=answer, args=(done,), name="access check",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=answer, args=(done,), name="access check", daemon=True
+                ).start()
 
         self.future.add_done_callback(land)
         return view
@@ -159,8 +161,15 @@ class FlightTable:
         self._failures: OrderedDict[str, dict] = OrderedDict()
         self._workers = Workers(PULL_WORKERS)
 
-    def _fly(self, new: Flight, pin: bool | None, hold: float | None,
-             confirm: Callable[[], None], run: Callable[..., None], *args: object) -> Flight:
+    def _fly(
+        self,
+        new: Flight,
+        pin: bool | None,
+        hold: float | None,
+        confirm: Callable[[], None],
+        run: Callable[..., None],
+        *args: object,
+    ) -> Flight:
         """The flight of ``new.url``: the one in the air, joined (``confirm()`` first, when
         it is protected and ``new`` has other credentials), else ``new``, queued for a
         worker that calls ``run(new, *args)``.  Busy when the queue is full."""
@@ -248,5 +257,7 @@ def check_entry_digest(entry: dict, wanted: str | None) -> None:
     """
     if wanted is None or wanted in (entry.get("digest"), entry.get("manifest")):
         return
-    raise Conflict(f"{entry['url']} is cached with digest {entry.get('digest')}, not the"
-                   f" {wanted} asked for: remove it first (rm, or DELETE) to pull it again")
+    raise Conflict(
+        f"{entry['url']} is cached with digest {entry.get('digest')}, not the"
+        f" {wanted} asked for: remove it first (rm, or DELETE) to pull it again"
+    )

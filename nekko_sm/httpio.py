@@ -63,7 +63,8 @@ class SpeedGuard:
         if now - start >= LOW_SPEED_TIME and (self._got - got) / (now - start) < LOW_SPEED_LIMIT:
             raise UpstreamTooSlow(
                 f"{redact(self.url)}: the server sent {self._got - got} bytes in"
-                f" {now - start:.0f} s, less than {LOW_SPEED_LIMIT} bytes/s: given up")
+                f" {now - start:.0f} s, less than {LOW_SPEED_LIMIT} bytes/s: given up"
+            )
 
 
 class Reaper:
@@ -83,8 +84,7 @@ class Reaper:
             self._live[token] = False
             heapq.heappush(self._heap, (time.monotonic() + seconds, token, sock))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="nekko-reaper")
+                self._thread = threading.Thread(target=self._run, daemon=True, name="nekko-reaper")
                 self._thread.start()
             self._cond.notify()
             return token
@@ -121,13 +121,18 @@ REAPER = Reaper()
 def origin(url: str) -> tuple:
     """``(scheme, host, port)`` of ``url``, lower-cased, with the default port filled in."""
     p = urlsplit(url)
-    return (p.scheme.lower(), (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(p.scheme.lower()))
+    return (
+        p.scheme.lower(),
+        (p.hostname or "").lower(),
+        p.port or {"http": 80, "https": 443}.get(p.scheme.lower()),
+    )
 
 
 def is_stall(e: BaseException) -> bool:
     """A read that timed out: the server went quiet, which a new connection may cure."""
     return isinstance(e, (ReadTimeoutError, socket.timeout)) or isinstance(
-        getattr(e, "reason", None), ReadTimeoutError)
+        getattr(e, "reason", None), ReadTimeoutError
+    )
 
 
 # http.client's complaints about an answer quote the answer: say what was wrong instead.
@@ -204,11 +209,11 @@ def readinto1(resp, view: memoryview) -> int:
     guard = getattr(resp, "_guard", None)  # transfer's SpeedGuard: reads past resp are timed
     if not isinstance(hr, http.client.HTTPResponse):
         data = resp.read1(len(view))
-        view[:len(data)] = data
+        view[: len(data)] = data
         return len(data)
     if hr.chunked:
         data = hr.read1(len(view))
-        view[:len(data)] = data
+        view[: len(data)] = data
         if guard is not None:
             guard.update(len(data))
         return len(data)
@@ -229,8 +234,11 @@ def readinto1(resp, view: memoryview) -> int:
     return got
 
 
-def fill(resp, view: memoryview, seen: Callable[[int], None] | None = None,
-         ) -> tuple[int, BaseException | None]:
+def fill(
+    resp,
+    view: memoryview,
+    seen: Callable[[int], None] | None = None,
+) -> tuple[int, BaseException | None]:
     """Fill ``view`` from ``resp``'s body: ``(bytes read, the error that stopped it)``.
 
     Stops early at the end of the body, or when less than ``MIN_READ`` of room is left (so

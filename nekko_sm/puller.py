@@ -85,9 +85,16 @@ class Puller(FlightTable):
     def _pull_paths(self, key: str) -> tuple[Path, Path]:
         return pull_paths(self.pulls_dir, key)
 
-    def _cached(self, key: str, platform: str | None, digest: str | None, ref,
-                credentials: Credentials | None, pin: bool | None = None,
-                hold: float | None = None) -> dict | None:
+    def _cached(
+        self,
+        key: str,
+        platform: str | None,
+        digest: str | None,
+        ref,
+        credentials: Credentials | None,
+        pin: bool | None = None,
+        hold: float | None = None,
+    ) -> dict | None:
         """The complete entry for ``key`` if it answers this request: a protected one only
         once this caller's access is confirmed (first: a refused caller learns nothing, not
         even the digest), then 409 if it is not the digest asked for.  Answering it is a
@@ -105,8 +112,9 @@ class Puller(FlightTable):
             return None  # evicted or removed just now: pull it again
 
     # -- use, pins, holds ------------------------------------------------------------------
-    def mark(self, key: str, pin: bool | None = None, hold: float | None = None,
-             use: bool = True) -> bool:
+    def mark(
+        self, key: str, pin: bool | None = None, hold: float | None = None, use: bool = True
+    ) -> bool:
         """Record a use of ``key``, and pin/unpin and hold it as asked; False if absent."""
         found = True
         if use:
@@ -148,8 +156,9 @@ class Puller(FlightTable):
         record = self._pull_paths(key)[0]
         with self._lock:
             marks = dict(flight.marks)
-        entry = self._cached(key, platform, digest, ref, credentials, marks.get("pin"),
-                             marks.get("hold"))
+        entry = self._cached(
+            key, platform, digest, ref, credentials, marks.get("pin"), marks.get("hold")
+        )
         if entry is not None:  # another process did it
             return {"result": (entry, False)}
         log.info("pulling %s", key)
@@ -168,9 +177,19 @@ class Puller(FlightTable):
                     write_atomic(record, json.dumps(state).encode())
 
             with Lease(self.store) as lease:
-                job = Job(self.config, self.store, self.transfer, lease, credentials, digest,
-                          platform, flight.cancel, flight.progress, on_ingest,
-                          functools.partial(self.budget.make_room, lease))
+                job = Job(
+                    self.config,
+                    self.store,
+                    self.transfer,
+                    lease,
+                    credentials,
+                    digest,
+                    platform,
+                    flight.cancel,
+                    flight.progress,
+                    on_ingest,
+                    functools.partial(self.budget.make_room, lease),
+                )
                 result = self._source_pull(job, ref)
                 if flight.cancel.is_set():
                     raise Cancelled(f"pull of {key} was cancelled")
@@ -184,25 +203,39 @@ class Puller(FlightTable):
                     self.mark(key, marks.get("pin"), marks.get("hold"), use=False)
             if self.config.discard_unpacked_layers and result.unpacked:
                 freed = self.store.discard(result.unpacked)  # after the lease: ours no more
-                log.info("%s: freed %d unpacked tar layers (%d bytes)", key,
-                         len(freed.blobs_freed), freed.bytes_freed)
+                log.info(
+                    "%s: freed %d unpacked tar layers (%d bytes)",
+                    key,
+                    len(freed.blobs_freed),
+                    freed.bytes_freed,
+                )
             unlink(record)
             self.budget.settle()
             entry = self.catalog.entry(key)
             self._count("complete", ref)
             took = max(time.time() - flight.started, 1e-6)
             got = flight.progress.done - flight.progress.deduplicated
-            log.info("pulled %s: %d bytes in %.1f s (%.0f MiB/s), %d already cached",
-                     key, got, took, got / took / (1 << 20), flight.progress.deduplicated)
+            log.info(
+                "pulled %s: %d bytes in %.1f s (%.0f MiB/s), %d already cached",
+                key,
+                got,
+                took,
+                got / took / (1 << 20),
+                flight.progress.deduplicated,
+            )
             with self._lock:  # bytes the cache already had (/metrics)
-                self.stats["bytes_deduplicated"] = (self.stats.get("bytes_deduplicated", 0)
-                                                    + flight.progress.deduplicated)
+                self.stats["bytes_deduplicated"] = (
+                    self.stats.get("bytes_deduplicated", 0) + flight.progress.deduplicated
+                )
             return {"result": (entry, True)}
         except BaseException as e:  # noqa: BLE001 - every failure is the callers' answer
             err = e if isinstance(e, NekkoError) else _internal(e)
-            keep = isinstance(err, _RESUMABLE) or (isinstance(err, Cancelled) and flight.keep_partial)
+            keep = isinstance(err, _RESUMABLE) or (
+                isinstance(err, Cancelled) and flight.keep_partial
+            )
             if err.context.get("up_front") and not any(
-                    self.store.partial_size(r) for r in state["ingest"]):
+                self.store.partial_size(r) for r in state["ingest"]
+            ):
                 keep = False  # refused before a byte was written: nothing to resume
             if not keep:
                 unlink(record)

@@ -50,10 +50,20 @@ class RangesRefused(Exception):
 class RangedFetch(ConnectionControl):
     """Fetch ``writer.state['ranged']['parts']`` over one or more connections."""
 
-    def __init__(self, transfer, url: str, writer, *, auth: str | None,
-                 headers: Mapping[str, str] | None, validator: str | None, errors,
-                 progress: Callable[[int], None] | None, connections: int,
-                 max_span: int | None = None) -> None:
+    def __init__(
+        self,
+        transfer,
+        url: str,
+        writer,
+        *,
+        auth: str | None,
+        headers: Mapping[str, str] | None,
+        validator: str | None,
+        errors,
+        progress: Callable[[int], None] | None,
+        connections: int,
+        max_span: int | None = None,
+    ) -> None:
         super().__init__(transfer, url, writer, max(1, connections), max_span)
         self.auth = auth
         self.headers = dict(headers or {})
@@ -73,9 +83,10 @@ class RangedFetch(ConnectionControl):
         ``first``: an open answer for the worker's first part, claimed for it here."""
         budget = None
         if not own:
-            for sem in (self.transfer.extra_connections,
-                        getattr(self.transfer, "more_connections", None) if self.adaptive
-                        else None):
+            for sem in (
+                self.transfer.extra_connections,
+                getattr(self.transfer, "more_connections", None) if self.adaptive else None,
+            ):
                 if sem is not None and sem.acquire(blocking=False):
                     budget = sem
                     break
@@ -221,8 +232,9 @@ class RangedFetch(ConnectionControl):
                 raise RangesRefused()
             if resp.status != 206 and direct is not None:
                 self._direct = None  # expired or refused: ask the origin again
-                raise UpstreamUnavailable(f"{redact(direct)}: answered {resp.status};"
-                                          " asking the origin for a new URL")
+                raise UpstreamUnavailable(
+                    f"{redact(direct)}: answered {resp.status}; asking the origin for a new URL"
+                )
             if resp.status != 206:
                 body = read_limited(resp, 64 << 10, final, strict=False)
                 err = self.errors(resp.status, final, body, resp.headers)
@@ -231,11 +243,13 @@ class RangedFetch(ConnectionControl):
                 raise err
             got_start, total = content_range(resp.headers.get("Content-Range"))
             if got_start != p.next:
-                raise UpstreamUnavailable(f"{redact(self.url)}: asked for byte {p.next},"
-                                          f" got {got_start}")
+                raise UpstreamUnavailable(
+                    f"{redact(self.url)}: asked for byte {p.next}, got {got_start}"
+                )
             if total is not None and total != self.total:
-                raise SizeMismatch(f"{redact(self.url)}: server has {total} bytes now,"
-                                   f" expected {self.total}")
+                raise SizeMismatch(
+                    f"{redact(self.url)}: server has {total} bytes now, expected {self.total}"
+                )
         except BaseException:
             resp.close()
             resp.release_conn()
@@ -266,7 +280,7 @@ class RangedFetch(ConnectionControl):
                     if self._stop.is_set():
                         raise Cancelled("another part failed")
                     buf = writer.buffer()
-                    n, err = fill(resp, buf[:min(len(buf), p.end - pos, end - pos)], w.saw)
+                    n, err = fill(resp, buf[: min(len(buf), p.end - pos, end - pos)], w.saw)
                     n = min(n, p.end - pos)  # the part may have been split meanwhile
                     if n:
                         writer.pwrite(buf[:n], pos)  # the buffer is the writer's now
@@ -280,7 +294,8 @@ class RangedFetch(ConnectionControl):
                         raise err
                     if not n:
                         raise UpstreamUnavailable(
-                            f"{redact(self.url)}: part at {p.start} ended early")
+                            f"{redact(self.url)}: part at {p.start} ended early"
+                        )
                 self._advance()
                 q = self._go_on(w, p, pos, end)
                 if q is None:
@@ -291,8 +306,10 @@ class RangedFetch(ConnectionControl):
             raise
         except Exception as e:  # urllib3, http.client and socket errors: the connection broke
             resp.close()
-            raise UpstreamUnavailable(f"{redact(self.url)}: connection broke in part at"
-                                      f" {p.start}: {reason(e)}", stalled=is_stall(e)) from e
+            raise UpstreamUnavailable(
+                f"{redact(self.url)}: connection broke in part at {p.start}: {reason(e)}",
+                stalled=is_stall(e),
+            ) from e
         finally:
             if pos < end:
                 resp.close()  # the rest of this answer is not wanted (or not coming)

@@ -43,8 +43,7 @@ class ConnectionControl(PartMap):
     """The connection count of one ranged download: its levels, their rates, and when to
     stop trying more."""
 
-    def __init__(self, transfer, url: str, writer, connections: int,
-                 max_span: int | None) -> None:
+    def __init__(self, transfer, url: str, writer, connections: int, max_span: int | None) -> None:
         super().__init__(writer, connections, max_span)
         self.transfer = transfer
         self.url = url
@@ -90,16 +89,20 @@ class ConnectionControl(PartMap):
         self._rates[self._level] = rate
         below = self._rates.get(self._prev) if self._prev is not None else None
         left = self.total - sum(p.next - p.start for p in self.parts)
-        log.debug("%s: %d connection(s): %.0f MiB/s, hasher busy %.0f%%", redact(self.url), n,
-                  rate / (1 << 20), 100 * hashing)
+        log.debug(
+            "%s: %d connection(s): %.0f MiB/s, hasher busy %.0f%%",
+            redact(self.url),
+            n,
+            rate / (1 << 20),
+            100 * hashing,
+        )
         self._mark = None
         self._settle_until = now + SETTLE
         if below is not None and rate < below * GAIN:
             assert self._prev is not None
             self._set_level(self._prev)  # the last step did not pay: undo it, stay
             self._frozen = True
-        elif (hashing >= HASH_BOUND or self._level + 1 >= len(self._levels)
-              or left < GROW_MIN // 4):
+        elif hashing >= HASH_BOUND or self._level + 1 >= len(self._levels) or left < GROW_MIN // 4:
             self._frozen = True  # hashing is the limit already, or little is left
         else:
             prev = self._level
@@ -108,8 +111,9 @@ class ConnectionControl(PartMap):
             else:
                 self._frozen = True  # no connections to spare in the transfer
         if self._frozen:
-            log.debug("%s: staying at %d connection(s)", redact(self.url),
-                      self._levels[self._level])
+            log.debug(
+                "%s: staying at %d connection(s)", redact(self.url), self._levels[self._level]
+            )
 
     def _next_level(self, hashing: float) -> int:
         """One step up; from the one-stream probe, straight to the first level with enough

@@ -147,9 +147,12 @@ class PartMap:
                     p.owner, p.touched = w, True
                     if self.target == 1:  # alone: the run of free parts after it, too
                         size = p.end - p.next
-                        for q in parts[i + 1:]:
-                            if q.owner is not None or q.next != q.start or (
-                                    self.max_span and size + q.end - q.start > self.max_span):
+                        for q in parts[i + 1 :]:
+                            if (
+                                q.owner is not None
+                                or q.next != q.start
+                                or (self.max_span and size + q.end - q.start > self.max_span)
+                            ):
                                 break
                             q.owner = w
                             size += q.end - q.start
@@ -161,8 +164,11 @@ class PartMap:
             # 3. the back half of the in-progress part with the most left
             busy = [p for p in parts if p.owner is not None and p.next < p.end]
             best = max(busy, key=lambda p: p.end - p.next, default=None)
-            if best is not None and best.end - best.next >= max(SPLIT_MIN, 2 * MARGIN) \
-                    and len(parts) < MAX_PARTS:
+            if (
+                best is not None
+                and best.end - best.next >= max(SPLIT_MIN, 2 * MARGIN)
+                and len(parts) < MAX_PARTS
+            ):
                 cut = (best.next + (best.end - best.next) // 2 + 4095) // 4096 * 4096
                 cut = max(cut, best.next + MARGIN)
                 if cut < best.end:
@@ -170,7 +176,7 @@ class PartMap:
                     new.owner, new.touched = w, True
                     i = parts.index(best)
                     best.end = cut
-                    self.parts = parts[:i + 1] + [new] + parts[i + 1:]
+                    self.parts = parts[: i + 1] + [new] + parts[i + 1 :]
                     return new
             self._leave(w)
             return None
@@ -180,9 +186,14 @@ class PartMap:
         with self._lock:
             end = p.end
             parts = self.parts
-            for q in parts[parts.index(p) + 1:]:
-                if q.owner is not w or q.touched or q.start != end or q.next != q.start or (
-                        self.max_span and q.end - p.next > self.max_span):
+            for q in parts[parts.index(p) + 1 :]:
+                if (
+                    q.owner is not w
+                    or q.touched
+                    or q.start != end
+                    or q.next != q.start
+                    or (self.max_span and q.end - p.next > self.max_span)
+                ):
                     break
                 end = q.end
             return end
@@ -207,7 +218,7 @@ class PartMap:
         """After a break: the part of ``w``'s run it had got to (the first unfinished)."""
         with self._lock:
             parts = self.parts
-            for q in parts[parts.index(p):]:
+            for q in parts[parts.index(p) :]:
                 if q.owner is not w:
                     break
                 if q.next < q.end:

@@ -23,7 +23,9 @@ HF_DEFAULT = "huggingface.co"
 _REPO_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _OCI_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?$")
+_HOST = re.compile(
+    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?$"
+)
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _HF_SPECIAL_REV = re.compile(r"^(refs/pr/[0-9]+|refs/convert/[A-Za-z0-9_.-]+)(?:/|$)")
 _URL_SAFE = "/%:@!$&'()*+,;=~-._"  # RFC 3986 pchar, "/" and existing %-escapes
@@ -34,17 +36,55 @@ MAX_PATTERNS = 256
 
 # Query parameters that are credentials (signed URLs: AWS SigV4 and S3 v2, CloudFront, GCS,
 # Azure SAS, and plain tokens): never part of a cache key, never logged or stored.
-QUERY_CREDENTIALS = frozenset({
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid",
-    "signature", "policy", "key-pair-id", "x-goog-signature", "x-goog-credential",
-    "googleaccessid", "sig", "token", "access_token"})
+QUERY_CREDENTIALS = frozenset(
+    {
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "awsaccesskeyid",
+        "signature",
+        "policy",
+        "key-pair-id",
+        "x-goog-signature",
+        "x-goog-credential",
+        "googleaccessid",
+        "sig",
+        "token",
+        "access_token",
+    }
+)
 # What each scheme signs along with them: it changes with every signature, not with the
 # content, so it leaves the key too, but only when a credential above is in the query.
-QUERY_SIGNING = frozenset({
-    "x-amz-algorithm", "x-amz-date", "x-amz-expires", "x-amz-signedheaders",
-    "x-goog-algorithm", "x-goog-date", "x-goog-expires", "x-goog-signedheaders", "expires",
-    "sv", "ss", "srt", "sp", "se", "st", "spr", "sip", "sr", "si", "sdd", "skoid", "sktid",
-    "skt", "ske", "sks", "skv"})
+QUERY_SIGNING = frozenset(
+    {
+        "x-amz-algorithm",
+        "x-amz-date",
+        "x-amz-expires",
+        "x-amz-signedheaders",
+        "x-goog-algorithm",
+        "x-goog-date",
+        "x-goog-expires",
+        "x-goog-signedheaders",
+        "expires",
+        "sv",
+        "ss",
+        "srt",
+        "sp",
+        "se",
+        "st",
+        "spr",
+        "sip",
+        "sr",
+        "si",
+        "sdd",
+        "skoid",
+        "sktid",
+        "skt",
+        "ske",
+        "sks",
+        "skv",
+    }
+)
 
 
 def safe_name(name: str) -> str:
@@ -146,10 +186,13 @@ class HFRef:
         # revision has its "/" encoded, so "@a%2Fb/f" and "@a/b/f" stay two different keys.
         special = _HF_SPECIAL_REV.fullmatch(self.revision + "/")
         rev = _escape(self.revision, slash=bool(special))
-        query = "&".join([f"include={quote(p, safe=_PATTERN_SAFE)}" for p in self.include]
-                         + [f"exclude={quote(p, safe=_PATTERN_SAFE)}" for p in self.exclude])
-        return (f"hf://{self.registry}/{self.type_prefix}{self.repo_id}@{rev}{tail}"
-                + (f"?{query}" if query else ""))
+        query = "&".join(
+            [f"include={quote(p, safe=_PATTERN_SAFE)}" for p in self.include]
+            + [f"exclude={quote(p, safe=_PATTERN_SAFE)}" for p in self.exclude]
+        )
+        return f"hf://{self.registry}/{self.type_prefix}{self.repo_id}@{rev}{tail}" + (
+            f"?{query}" if query else ""
+        )
 
     @property
     def filtered(self) -> bool:
@@ -216,8 +259,10 @@ def parse(url: str, hf_endpoint: str = "https://huggingface.co") -> OCIRef | HFR
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower()
     if not sep:
-        raise UnsupportedScheme(f"unsupported url {_shown(url)[:100]}: use oci://, hf://,"
-                                " huggingface://, http:// or https://")
+        raise UnsupportedScheme(
+            f"unsupported url {_shown(url)[:100]}: use oci://, hf://,"
+            " huggingface://, http:// or https://"
+        )
     if scheme == "oci":
         return parse_oci(url)
     if scheme in ("hf", "huggingface"):
@@ -240,8 +285,10 @@ def parse_oci(url: str) -> OCIRef:
         key, _, value = query.partition("=")
         value = value.lower()
         if key != "platform" or not _OCI_PLATFORM.match(value):
-            raise InvalidReference(f"{_shown(url)}: the only query an oci:// URL takes is"
-                                   " ?platform=all or ?platform=os/arch[/variant]")
+            raise InvalidReference(
+                f"{_shown(url)}: the only query an oci:// URL takes is"
+                " ?platform=all or ?platform=os/arch[/variant]"
+            )
         platform = value
     if "/" not in rest:
         raise InvalidReference(f"{_shown(url)}: expected oci://REGISTRY/REPOSITORY[:TAG|@DIGEST]")
@@ -291,8 +338,9 @@ def hf_pattern(pattern: object, url: str = "") -> str:
     except UnicodeEncodeError:
         raise InvalidReference(f"an include/exclude pattern is not valid Unicode{where}") from None
     if any(ord(c) < 32 or c == "\x7f" for c in pattern) or len(pattern) > 1024:
-        raise InvalidReference(f"bad include/exclude pattern {pattern[:100]!r}{where}:"
-                               " control characters or too long")
+        raise InvalidReference(
+            f"bad include/exclude pattern {pattern[:100]!r}{where}: control characters or too long"
+        )
     p = pattern.replace("\\", "/")
     if p.endswith("/"):
         p += "*"
@@ -323,14 +371,17 @@ def _hf_query(query: str, url: str) -> tuple[tuple, tuple]:
         except UnicodeDecodeError:
             raise InvalidReference(f"{_shown(url)}: the query is not UTF-8") from None
         if key not in got or not eq:
-            raise InvalidReference(f"{_shown(url)}: unknown query {key[:40]!r}; an hf:// URL"
-                                   " takes only include=PATTERN and exclude=PATTERN")
+            raise InvalidReference(
+                f"{_shown(url)}: unknown query {key[:40]!r}; an hf:// URL"
+                " takes only include=PATTERN and exclude=PATTERN"
+            )
         got[key].append(value)
     return (_patterns(got["include"], "include", url), _patterns(got["exclude"], "exclude", url))
 
 
-def with_patterns(url: str, include=None, exclude=None,
-                  hf_endpoint: str = "https://huggingface.co") -> str:
+def with_patterns(
+    url: str, include=None, exclude=None, hf_endpoint: str = "https://huggingface.co"
+) -> str:
     """``url`` with more include/exclude patterns (a pull's "include"/"exclude" fields),
     as its canonical URL; patterns belong to hf:// URLs only."""
     if not include and not exclude:
@@ -375,13 +426,18 @@ def parse_hf(url: str, hf_endpoint: str = "https://huggingface.co") -> HFRef:
         m = _HF_SPECIAL_REV.match(joined)
         if m:
             revision = m.group(1)
-            rest_segs = [s for s in joined[len(revision):].split("/") if s]
-        if (not revision or ".." in revision
-                or any(c in " \\" or ord(c) < 32 or c == "\x7f" for c in revision)):
+            rest_segs = [s for s in joined[len(revision) :].split("/") if s]
+        if (
+            not revision
+            or ".." in revision
+            or any(c in " \\" or ord(c) < 32 or c == "\x7f" for c in revision)
+        ):
             raise InvalidReference(f"{_shown(url)}: bad revision {revision!r}")
     if repo_type == "model" and org in _HF_REPO_TYPES:  # the Hub's own URLs reserve them
-        raise InvalidReference(f"{_shown(url)}: {org!r} is not an organisation; a"
-                               f" {_HF_REPO_TYPES[org]} is hf://REGISTRY/{org}/ORG/NAME")
+        raise InvalidReference(
+            f"{_shown(url)}: {org!r} is not an organisation; a"
+            f" {_HF_REPO_TYPES[org]} is hf://REGISTRY/{org}/ORG/NAME"
+        )
     for part in (org, name):
         if not _HF_NAME.match(part) or ".." in part:
             raise InvalidReference(f"{_shown(url)}: bad repository name {org}/{name}")
@@ -432,8 +488,11 @@ def strip_query_credentials(query: str) -> str:
     if not has_query_credentials(query):
         return query
     parts = query.split("&")
-    return "&".join(p for p, n in zip(parts, _param_names(query))
-                    if n not in QUERY_CREDENTIALS and n not in QUERY_SIGNING)
+    return "&".join(
+        p
+        for p, n in zip(parts, _param_names(query))
+        if n not in QUERY_CREDENTIALS and n not in QUERY_SIGNING
+    )
 
 
 def hide_query_credentials(text: str) -> str:
@@ -450,8 +509,9 @@ class QueryCredentialFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(hide_query_credentials(a) if isinstance(a, str) else a
-                                for a in record.args)
+            record.args = tuple(
+                hide_query_credentials(a) if isinstance(a, str) else a for a in record.args
+            )
         return True
 
 

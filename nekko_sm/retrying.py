@@ -44,10 +44,8 @@ class RateLimit:
     window: int | None = None
 
     def describe(self) -> str:
-        per = f" ({self.quota} requests per {self.window} s)" if self.quota and self.window \
-            else ""
-        return (f"rate limit {self.bucket!r}{per}: {self.remaining} left, resets in"
-                f" {self.reset} s")
+        per = f" ({self.quota} requests per {self.window} s)" if self.quota and self.window else ""
+        return f"rate limit {self.bucket!r}{per}: {self.remaining} left, resets in {self.reset} s"
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -70,8 +68,9 @@ def parse(headers: Mapping[str, str]) -> RateLimit | None:
     if p:
         quota = int(p.group("q"))
         window = int(p.group("w")) if p.group("w") else None
-    return RateLimit(m.group("bucket") or "default", int(m.group("r")), int(m.group("t")),
-                     quota, window)
+    return RateLimit(
+        m.group("bucket") or "default", int(m.group("r")), int(m.group("t")), quota, window
+    )
 
 
 def wait_hint(status: int, headers: Mapping[str, str]) -> float | None:
@@ -164,8 +163,9 @@ class Pacer:
             self._kinds[(origin, kind)] = rl.bucket
             b = self._buckets.get((origin, rl.bucket))
             if b is None or reset_at > b.reset_at + 1.0:  # a new window
-                self._buckets[(origin, rl.bucket)] = _Bucket(rl.remaining, reset_at, rl.quota,
-                                                             b.next_at if b else 0.0)
+                self._buckets[(origin, rl.bucket)] = _Bucket(
+                    rl.remaining, reset_at, rl.quota, b.next_at if b else 0.0
+                )
             else:  # answers cross in flight: the smallest count is the newest
                 b.remaining = min(b.remaining, rl.remaining)
 
@@ -194,15 +194,20 @@ class Pacer:
                 slot = max(now, b.next_at)
                 b.next_at = slot + (b.reset_at - now) / (left + 1)
             wait = min(MAX_WAIT, slot - now)
-            why = (f"{origin}: rate limit {bucket!r}: {left} requests left for"
-                   f" {b.reset_at - now:.0f} s")
+            why = (
+                f"{origin}: rate limit {bucket!r}: {left} requests left for"
+                f" {b.reset_at - now:.0f} s"
+            )
             return wait, why
 
 
 # -- names that do not resolve ----------------------------------------------------------------
 
-_FINAL_GAI = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL", "EAI_SERVICE",
-                                           "EAI_ADDRFAMILY") if hasattr(socket, n)}
+_FINAL_GAI = {
+    getattr(socket, n)
+    for n in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL", "EAI_SERVICE", "EAI_ADDRFAMILY")
+    if hasattr(socket, n)
+}
 
 
 def causes(e: BaseException | None):
@@ -216,8 +221,12 @@ def causes(e: BaseException | None):
         seen.add(id(x))
         yield x
         if isinstance(x, BaseException):
-            todo += [getattr(x, "reason", None), getattr(x, "original_error", None),
-                     x.__cause__, x.__context__]
+            todo += [
+                getattr(x, "reason", None),
+                getattr(x, "original_error", None),
+                x.__cause__,
+                x.__context__,
+            ]
             todo += [a for a in x.args if isinstance(a, BaseException)]
 
 

@@ -40,8 +40,7 @@ from nekko_sm.store import (
 
 
 class Service(Puller):
-    def __init__(self, config: Config, store: Store | None = None,
-                 transfer=None) -> None:
+    def __init__(self, config: Config, store: Store | None = None, transfer=None) -> None:
         self.config = config
         self.store = store or Store(config.cache_dir)
         self._transfer = transfer  # made on first use: status/path need no network stack
@@ -81,9 +80,15 @@ class Service(Puller):
         return dataclasses.replace(ref, platform=None if want in (None, native) else want), want
 
     # -- pulling ------------------------------------------------------------------------
-    def pull(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
-             platform: str | None = None, pin: bool | None = None,
-             hold: float | None = None) -> tuple[dict, bool]:
+    def pull(
+        self,
+        url: str,
+        credentials: Credentials | None = None,
+        digest: str | None = None,
+        platform: str | None = None,
+        pin: bool | None = None,
+        hold: float | None = None,
+    ) -> tuple[dict, bool]:
         """Download ``url`` unless cached; returns (entry, created_now)."""
         flight, entry = self.start(url, credentials, digest, platform, pin, hold)
         if entry is not None:
@@ -91,9 +96,15 @@ class Service(Puller):
         assert flight is not None
         return self.finish(flight, pin, hold)
 
-    def start(self, url: str, credentials: Credentials | None = None, digest: str | None = None,
-              platform: str | None = None, pin: bool | None = None,
-              hold: float | None = None) -> tuple[Flight | None, dict | None]:
+    def start(
+        self,
+        url: str,
+        credentials: Credentials | None = None,
+        digest: str | None = None,
+        platform: str | None = None,
+        pin: bool | None = None,
+        hold: float | None = None,
+    ) -> tuple[Flight | None, dict | None]:
         """Begin (or join) a pull.  Returns (flight, None), or (None, entry) when cached.
 
         ``pin`` (True/False) pins or unpins the entry, ``hold`` (seconds) keeps it from
@@ -113,8 +124,9 @@ class Service(Puller):
         flight = Flight(key, self._count_bytes, self.config.max_pull_size)
         flight.digest, flight.cred, flight.protected = digest, cred, auth is not None
         confirm = partial(self._confirm_landed, key, ref, credentials)
-        return self._fly(flight, pin, hold, confirm, self._run, ref, credentials, digest,
-                         platform), None
+        return self._fly(
+            flight, pin, hold, confirm, self._run, ref, credentials, digest, platform
+        ), None
 
     def _confirm_landed(self, key: str, ref, credentials: Credentials | None) -> None:
         """A caller who joined a protected pull proves access once the entry is there."""
@@ -123,8 +135,9 @@ class Service(Puller):
             raise Cancelled(f"{key} was removed while the pull ran")
         self.access.confirm(self, key, ref, desc, credentials)
 
-    def finish(self, flight: Flight, pin: bool | None = None,
-               hold: float | None = None) -> tuple[dict, bool]:
+    def finish(
+        self, flight: Flight, pin: bool | None = None, hold: float | None = None
+    ) -> tuple[dict, bool]:
         """Wait for ``flight``; (entry, created_now) with this caller's pin and hold applied."""
         entry, created = flight.future.result()
         if pin is not None or hold is not None:  # a caller who joined after the commit
@@ -186,8 +199,11 @@ class Service(Puller):
             raise EntryNotFound(f"{key} is not in the cache")
         for r in refs:
             self.store.discard_partial(r)
-        return {"url": key, "blobs_freed": len(report.blobs_freed),
-                "bytes_freed": report.bytes_freed}
+        return {
+            "url": key,
+            "blobs_freed": len(report.blobs_freed),
+            "bytes_freed": report.bytes_freed,
+        }
 
     def gc(self, dry_run: bool = False) -> GCReport:
         """``store.gc``, the Hugging Face cache view first pruned of entries no longer
@@ -196,8 +212,11 @@ class Service(Puller):
             HFCacheView(self.store).prune(d.annotations[REF_NAME] for d in self.store.entries())
         return self.store.gc(dry_run=dry_run)
 
-    def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
-               ) -> builtins.list[tuple[str, str]]:
+    def verify(
+        self,
+        roots: Iterable[Descriptor] | None = None,
+        repair: bool = False,
+    ) -> builtins.list[tuple[str, str]]:
         """``store.verify``; with ``repair``, the entries it removed leave the Hugging Face
         cache view too (whose hard links would still show the damaged bytes)."""
         problems = self.store.verify(roots, repair=repair)
@@ -220,8 +239,8 @@ def check_hold(hold: object) -> float | None:
     """A hold in seconds from a request: a number from 0 to MAX_HOLD, else BadRequest."""
     if hold is None:
         return None
-    if isinstance(hold, bool) or not isinstance(hold, (int, float)) \
-            or not 0 <= hold <= MAX_HOLD:
-        raise BadRequest(f'"hold" must be a number of seconds from 0 to {MAX_HOLD},'
-                         f" not {str(hold)[:40]!r}")
+    if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= MAX_HOLD:
+        raise BadRequest(
+            f'"hold" must be a number of seconds from 0 to {MAX_HOLD}, not {str(hold)[:40]!r}'
+        )
     return float(hold)

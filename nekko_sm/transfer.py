@@ -85,9 +85,10 @@ def default_error(status: int, url: str, body: bytes, headers: Mapping[str, str]
     if status in (404, 410):
         return UpstreamNotFound(f"{where}: not found ({status})")
     if status in RETRY_STATUSES:
-        return UpstreamUnavailable(f"{where}: server answered {status}"
-                                   + retrying.describe(status, headers),
-                                   retry_after=retrying.wait_hint(status, headers))
+        return UpstreamUnavailable(
+            f"{where}: server answered {status}" + retrying.describe(status, headers),
+            retry_after=retrying.wait_hint(status, headers),
+        )
     return UpstreamError(f"{where}: unexpected answer {status}")
 
 
@@ -107,8 +108,12 @@ class _GuardedResponse(HTTPResponse):
 
     _guard: SpeedGuard
 
-    def read(self, amt: int | None = None, decode_content: bool | None = None,
-             cache_content: bool = False) -> bytes:
+    def read(
+        self,
+        amt: int | None = None,
+        decode_content: bool | None = None,
+        cache_content: bool = False,
+    ) -> bytes:
         data = super().read(amt, decode_content, cache_content)
         self._guard.update(len(data))
         return data
@@ -119,8 +124,10 @@ class _GuardedResponse(HTTPResponse):
         return data
 
 
-def _timed_getresponse(conn: HTTPConnection, getresponse: Callable[[], HTTPResponse],
-                       ) -> HTTPResponse:
+def _timed_getresponse(
+    conn: HTTPConnection,
+    getresponse: Callable[[], HTTPResponse],
+) -> HTTPResponse:
     """``conn``'s answer, whose headers must all arrive within httpio.HEADER_TIMEOUT (a
     socket timeout bounds each read, not a header dribbled a byte at a time), its body read
     through a _GuardedResponse."""
@@ -173,7 +180,9 @@ class _NoProxy:
                 port = port.lstrip(":")
             else:
                 host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
-            self.entries.append((host.lstrip("*").lstrip("."), int(port) if port.isdigit() else None))
+            self.entries.append(
+                (host.lstrip("*").lstrip("."), int(port) if port.isdigit() else None)
+            )
 
     def bypass(self, url: str) -> bool:
         if self.all:
@@ -190,8 +199,14 @@ class _NoProxy:
 class Transfer:
     """The one place that holds connection pools."""
 
-    def __init__(self, config: Config, read_timeout: float = 30.0, connect_timeout: float = 30.0,
-                 attempts: int = 6, backoff: float = 0.5) -> None:
+    def __init__(
+        self,
+        config: Config,
+        read_timeout: float = 30.0,
+        connect_timeout: float = 30.0,
+        attempts: int = 6,
+        backoff: float = 0.5,
+    ) -> None:
         self.config = config
         self.attempts = attempts
         self.backoff = backoff
@@ -237,13 +252,15 @@ class Transfer:
                         from urllib.parse import unquote
 
                         headers = urllib3.make_headers(
-                            proxy_basic_auth=f"{unquote(p.username)}:{unquote(p.password or '')}")
+                            proxy_basic_auth=f"{unquote(p.username)}:{unquote(p.password or '')}"
+                        )
                         proxy = proxy.replace(p.netloc, p.netloc.rsplit("@", 1)[1])
                     m = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._pool_kw)
                     m.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
                 else:  # checked addresses (egress) and timed answers (httpio) both
-                    m = egress.pool_manager(self.config.egress, _HTTPConnection,
-                                            _HTTPSConnection, **self._pool_kw)
+                    m = egress.pool_manager(
+                        self.config.egress, _HTTPConnection, _HTTPSConnection, **self._pool_kw
+                    )
                 self._managers[self._proxy_for(url)] = m
             return m
 
@@ -254,8 +271,10 @@ class Transfer:
 
     def _proxy_refused(self, url: str, answer: str) -> str:
         env = "HTTPS_PROXY" if urlsplit(url).scheme.lower() == "https" else "HTTP_PROXY"
-        return (f"the proxy {self._proxy_name(url)} wants (other) credentials ({answer}):"
-                f" give them as user:password@ (percent-encoded) in {env}")
+        return (
+            f"the proxy {self._proxy_name(url)} wants (other) credentials ({answer}):"
+            f" give them as user:password@ (percent-encoded) in {env}"
+        )
 
     def _connection_error(self, url: str, e: BaseException) -> NekkoError:
         """What a failed connection means: a certificate we do not trust and a proxy that
@@ -263,11 +282,16 @@ class Transfer:
         via_proxy = isinstance(e, urllib3.exceptions.ProxyError) and bool(self._proxy_for(url))
         cert = _cert_failure(e)
         if cert is not None:  # a ProxyError: the proxy's own certificate (an https:// proxy)
-            whose = f"the proxy {self._proxy_name(url)}" if via_proxy else \
-                urlsplit(url).netloc.rsplit("@", 1)[-1]
-            return UpstreamError(f"{redact(url)}: the TLS certificate of {whose} is not trusted"
-                                 f" ({cert}); give the CA that signed it with --ca-cert FILE"
-                                 " or SSL_CERT_FILE")
+            whose = (
+                f"the proxy {self._proxy_name(url)}"
+                if via_proxy
+                else urlsplit(url).netloc.rsplit("@", 1)[-1]
+            )
+            return UpstreamError(
+                f"{redact(url)}: the TLS certificate of {whose} is not trusted"
+                f" ({cert}); give the CA that signed it with --ca-cert FILE"
+                " or SSL_CERT_FILE"
+            )
         dns = None if via_proxy else retrying.dns_failure(e)
         if dns is not None:  # said plainly; "no such name" at once, without retries
             host = urlsplit(url).hostname
@@ -275,8 +299,9 @@ class Transfer:
             return cls(f"{redact(url)}: cannot resolve host {host!r} ({dns[1]})")
         why = reason(e)
         if not via_proxy and "no headers within" in why:  # our deadline: no server's words
-            return UpstreamUnavailable(f"{redact(url)}: no headers within"
-                                       f" {httpio.HEADER_TIMEOUT:.0f} s")
+            return UpstreamUnavailable(
+                f"{redact(url)}: no headers within {httpio.HEADER_TIMEOUT:.0f} s"
+            )
         if not via_proxy:  # refused or timed out, a banner: the log's, not the caller's
             # The log has what was said (escaped, cut short); the caller, only that it failed.
             said = httpio.sanitise(str(getattr(e, "reason", None) or e), 300)
@@ -289,10 +314,12 @@ class Transfer:
             if status == 407:
                 return UpstreamError(f"{redact(url)}: {self._proxy_refused(url, said)}")
             if 400 <= status < 500 and status not in RETRY_STATUSES:
-                return UpstreamError(f"{redact(url)}: the proxy {self._proxy_name(url)} refused"
-                                     f" the tunnel ({said})")
-        return UpstreamUnavailable(f"{redact(url)}: the proxy {self._proxy_name(url)}:"
-                                   f" {reason(inner)}")
+                return UpstreamError(
+                    f"{redact(url)}: the proxy {self._proxy_name(url)} refused the tunnel ({said})"
+                )
+        return UpstreamUnavailable(
+            f"{redact(url)}: the proxy {self._proxy_name(url)}: {reason(inner)}"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -301,9 +328,15 @@ class Transfer:
             self._managers.clear()
 
     # -- one request, redirects handled here ----------------------------------------------
-    def open(self, method: str, url: str, headers: Mapping[str, str] | None = None,
-             auth: str | None = None, body: bytes | None = None,
-             follow_redirects: bool = True) -> tuple[urllib3.BaseHTTPResponse, str]:
+    def open(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        auth: str | None = None,
+        body: bytes | None = None,
+        follow_redirects: bool = True,
+    ) -> tuple[urllib3.BaseHTTPResponse, str]:
         """Send one request (following redirects) and return the unread response and final URL.
 
         ``auth`` is the Authorization header value.  It goes to the first URL's origin
@@ -325,8 +358,15 @@ class Transfer:
                 log.log(3, "> %s %s %s", method, redact(url), _safe_headers(h))
             try:
                 resp = self._manager(url).urlopen(
-                    method, url, headers=h, body=body, redirect=False, retries=False,
-                    preload_content=False, decode_content=False, timeout=self.timeout,
+                    method,
+                    url,
+                    headers=h,
+                    body=body,
+                    redirect=False,
+                    retries=False,
+                    preload_content=False,
+                    decode_content=False,
+                    timeout=self.timeout,
                     assert_same_host=False,
                 )
             except _Urllib3Error as e:
@@ -337,14 +377,20 @@ class Transfer:
             if resp.status == 407 and self._proxy_for(url):
                 _drain(resp)
                 raise UpstreamError(f"{redact(url)}: {self._proxy_refused(url, '407')}")
-            if follow_redirects and resp.status in REDIRECT_STATUSES and resp.headers.get("Location"):
+            if (
+                follow_redirects
+                and resp.status in REDIRECT_STATUSES
+                and resp.headers.get("Location")
+            ):
                 location = urljoin(url, resp.headers["Location"])
                 _drain(resp)
                 if urlsplit(location).scheme not in ("http", "https"):
                     raise UpstreamError(f"{redact(url)} redirected to a non-http URL")
                 if urlsplit(url).scheme == "https" and urlsplit(location).scheme == "http":
-                    raise UpstreamError(f"{redact(url)} redirected from https to plain http:"
-                                        " refused, as a downgrade")  # as apt does
+                    raise UpstreamError(
+                        f"{redact(url)} redirected from https to plain http:"
+                        " refused, as a downgrade"
+                    )  # as apt does
                 log.debug("redirect %s -> %s", redact(url), redact(location))
                 url = location
                 if resp.status == 303:
@@ -353,10 +399,17 @@ class Transfer:
             return resp, url
         raise UpstreamError(f"{redact(url)}: more than {MAX_REDIRECTS} redirects")
 
-    def request(self, method: str, url: str, headers: Mapping[str, str] | None = None,
-                auth: str | None = None, body: bytes | None = None,
-                follow_redirects: bool = True, limit: int = 16 << 20,
-                retry: bool = True) -> Response:
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        auth: str | None = None,
+        body: bytes | None = None,
+        follow_redirects: bool = True,
+        limit: int = 16 << 20,
+        retry: bool = True,
+    ) -> Response:
         """A small request: the body is read whole (at most ``limit`` bytes).
 
         Temporary failures are retried with backoff; any status comes back to the caller.
@@ -375,9 +428,12 @@ class Transfer:
                 finally:
                     resp.release_conn()
                 if retry and resp.status in RETRY_STATUSES and attempt < self.attempts:
-                    self._sleep(attempt, retrying.wait_hint(resp.status, resp.headers),
-                                f"{method} {redact(final)}: {resp.status}"
-                                + retrying.describe(resp.status, resp.headers))
+                    self._sleep(
+                        attempt,
+                        retrying.wait_hint(resp.status, resp.headers),
+                        f"{method} {redact(final)}: {resp.status}"
+                        + retrying.describe(resp.status, resp.headers),
+                    )
                     continue
                 return Response(resp.status, resp.headers, data, final)
             except UpstreamUnavailable as e:
@@ -392,14 +448,21 @@ class Transfer:
         retrying.sleep(delay)
 
     # -- streaming download into the store ----------------------------------------------
-    def download(self, url: str, writer, *, auth: str | None = None,
-                 headers: Mapping[str, str] | None = None,
-                 expected_size: int | None = None, immutable: bool = False,
-                 errors: ErrorMapper = default_error,
-                 progress: Callable[[int], None] | None = None,
-                 on_total: Callable[[int | None, int], None] | None = None,
-                 max_span: int | None = None,
-                 connections: int | None = None) -> Mapping[str, str]:
+    def download(
+        self,
+        url: str,
+        writer,
+        *,
+        auth: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        expected_size: int | None = None,
+        immutable: bool = False,
+        errors: ErrorMapper = default_error,
+        progress: Callable[[int], None] | None = None,
+        on_total: Callable[[int | None, int], None] | None = None,
+        max_span: int | None = None,
+        connections: int | None = None,
+    ) -> Mapping[str, str]:
         """Fetch ``url`` into ``writer``, resuming what it already holds.
 
         ``immutable`` says the bytes are content-addressed (a registry blob, a Hub file
@@ -413,14 +476,29 @@ class Transfer:
         offset)`` is called once the size is known and before any body byte is written
         (to refuse early when the disk is too small).  Returns the last response's headers.
         """
-        return _download.download(self, url, writer, auth=auth, headers=headers,
-                                  expected_size=expected_size, immutable=immutable,
-                                  errors=errors, progress=progress, on_total=on_total,
-                                  max_span=max_span, connections=connections)
+        return _download.download(
+            self,
+            url,
+            writer,
+            auth=auth,
+            headers=headers,
+            expected_size=expected_size,
+            immutable=immutable,
+            errors=errors,
+            progress=progress,
+            on_total=on_total,
+            max_span=max_span,
+            connections=connections,
+        )
 
 
-_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "set-cookie",
-                   "x-amz-security-token"}
+_SECRET_HEADERS = {
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-amz-security-token",
+}
 
 
 def _safe_headers(headers: Mapping[str, str]) -> dict:

@@ -21,8 +21,19 @@ pytest_plugins = ["peers.nginx", "peers.faulty", "peers.fakehub", "peers.registr
 
 ROOT = Path(__file__).resolve().parent.parent
 _ENV_PREFIXES = ("NEKKO_", "HF_", "STORAGE_MANAGER_", "HUGGING_FACE")
-_ENV_NAMES = ("CACHE_DIR", "VERBOSE", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy",
-              "http_proxy", "no_proxy", "ALL_PROXY", "all_proxy", "SSL_CERT_FILE")
+_ENV_NAMES = (
+    "CACHE_DIR",
+    "VERBOSE",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "SSL_CERT_FILE",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +60,9 @@ def new_service(tmp_path):
     ``Transfer(config, **transfer)`` when ``transfer`` is given (else the Service makes its
     own).  Every one made is closed after the test."""
 
-    def new(flags: dict | None = None, env: dict | None = None,
-            transfer: dict | None = None) -> Service:
+    def new(
+        flags: dict | None = None, env: dict | None = None, transfer: dict | None = None
+    ) -> Service:
         config = cfg.build({"cache_dir": str(tmp_path / "cache"), **(flags or {})}, env or {})
         return Service(config, transfer=None if transfer is None else Transfer(config, **transfer))
 
@@ -64,12 +76,23 @@ def make(new_service, tmp_path):
     ``flags`` say otherwise, retries 0.05 s apart unless ``transfer`` says otherwise; closed
     after the test."""
 
-    def make(*hosts: str, cache: Path | None = None, env: dict | None = None,
-             transfer: dict | None = None, **flags) -> Service:
+    def make(
+        *hosts: str,
+        cache: Path | None = None,
+        env: dict | None = None,
+        transfer: dict | None = None,
+        **flags,
+    ) -> Service:
         flags.setdefault("platform", "linux/amd64")
-        return new_service({"cache_dir": str(cache or tmp_path / "cache"),
-                            "insecure_registry": list(hosts), **flags},
-                           env, transfer or {"backoff": 0.05})
+        return new_service(
+            {
+                "cache_dir": str(cache or tmp_path / "cache"),
+                "insecure_registry": list(hosts),
+                **flags,
+            },
+            env,
+            transfer or {"backoff": 0.05},
+        )
 
     return make
 
@@ -77,8 +100,7 @@ def make(new_service, tmp_path):
 @pytest.fixture(scope="session")
 def pyz() -> Path:
     """dist/nekko-sm.pyz, built once per test session from this tree."""
-    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py")], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py")], check=True, capture_output=True)
     return ROOT / "dist" / "nekko-sm.pyz"
 
 
@@ -86,8 +108,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if peers.MISSING:
         tr = terminalreporter
         tr.section("PEERS MISSING", sep="!", red=True, bold=True)
-        tr.write_line("These peers are not installed, so the tests that need them did NOT run:",
-                      red=True, bold=True)
+        tr.write_line(
+            "These peers are not installed, so the tests that need them did NOT run:",
+            red=True,
+            bold=True,
+        )
         for name in sorted(peers.MISSING):
             tr.write_line(f"  - {name}", red=True)
         tr.write_line("Install them with: bash tests/run.sh", red=True, bold=True)

@@ -28,6 +28,7 @@ python3 -m pip install -q --disable-pip-version-check \
   "ruff==0.17.6" "mypy==2.4.1"
 # Lint and types first: either finding anything fails the run (pinned: new releases add rules).
 python3 -m ruff check nekko_sm tests bench
+python3 -m ruff format --check nekko_sm tests bench
 python3 -m mypy nekko_sm
 python3 build_zipapp.py
 exec python3 -m pytest -p no:cacheprovider --cov=nekko_sm --cov-report=term "$@"

@@ -97,7 +97,11 @@ def answer(a, method: str, path: str, headers: dict | None = None, body: bytes |
     try:
         c.request(method, path, body=body, headers=headers or {})
         r = c.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode("utf-8", "replace")
+        return (
+            r.status,
+            {k.lower(): v for k, v in r.getheaders()},
+            r.read().decode("utf-8", "replace"),
+        )
     finally:
         c.close()
 
@@ -155,8 +159,10 @@ class Recorder:
                         data += chunk
                 self.seen.append(data)
                 with contextlib.suppress(OSError):
-                    conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
+                    conn.sendall(
+                        b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
 
     def close(self) -> None:
         self._stop = True
@@ -186,15 +192,23 @@ def test_api_token_missing_or_wrong_is_401_right_is_200_healthz_open(tmp_path, n
     svc, _ = token_service(tmp_path, token)
     texts = []
     with running_api(svc) as a:
-        wrong = [{}, {"Authorization": "Bearer " + token[:-1]},
-                 {"Authorization": "Bearer " + token + "x"}, {"Authorization": "Basic " + token},
-                 {"Authorization": token}, {"Authorization": "Bearer"},
-                 {"Authorization": "Bearer " + token + " " + token}]
-        requests = [("GET", "/content/", None), ("GET", "/metrics", None),
-                    ("HEAD", "/content/" + encode_url(url), None),
-                    ("DELETE", "/content/" + encode_url(url), None),
-                    ("POST", "/content/", json.dumps({"url": url}).encode()),
-                    ("GET", "/nowhere", None)]
+        wrong = [
+            {},
+            {"Authorization": "Bearer " + token[:-1]},
+            {"Authorization": "Bearer " + token + "x"},
+            {"Authorization": "Basic " + token},
+            {"Authorization": token},
+            {"Authorization": "Bearer"},
+            {"Authorization": "Bearer " + token + " " + token},
+        ]
+        requests = [
+            ("GET", "/content/", None),
+            ("GET", "/metrics", None),
+            ("HEAD", "/content/" + encode_url(url), None),
+            ("DELETE", "/content/" + encode_url(url), None),
+            ("POST", "/content/", json.dumps({"url": url}).encode()),
+            ("GET", "/nowhere", None),
+        ]
         for h in wrong:
             for method, path, body in requests:
                 hdrs = dict(h, **({"Content-Type": "application/json"} if body else {}))
@@ -238,9 +252,15 @@ def test_a_changed_token_file_is_read_again_and_a_bad_one_keeps_the_token(tmp_pa
     assert old not in logs.text and new not in logs.text
 
 
-@pytest.mark.parametrize("content, why", [(None, "cannot read"), ("", "is empty"),
-                                          ("two words\n", "without spaces"),
-                                          ("t\u00e9st\n", "printable ASCII")])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (None, "cannot read"),
+        ("", "is empty"),
+        ("two words\n", "without spaces"),
+        ("t\u00e9st\n", "printable ASCII"),
+    ],
+)
 def test_a_bad_token_file_stops_the_start(tmp_path, run, content, why):
     f = tmp_path / "api-token"
     if content is not None:
@@ -267,8 +287,9 @@ def _serve_in_main_thread(config) -> list[str]:
     lg.addHandler(h)
     lg.setLevel(logging.INFO)
     try:
-        api.run(config, ready=lambda srv: threading.Thread(target=srv.shutdown,
-                                                           daemon=True).start())
+        api.run(
+            config, ready=lambda srv: threading.Thread(target=srv.shutdown, daemon=True).start()
+        )
     finally:
         lg.removeHandler(h)
         lg.setLevel(level)
@@ -287,8 +308,9 @@ def test_a_network_address_without_a_token_is_warned_about(tmp_path, monkeypatch
     assert any(x.startswith("WARNING") and "without --api-token-file" in x for x in warned), warned
     f = tmp_path / "t"
     f.write_text("tok-" + uuid.uuid4().hex)
-    with_token = cfg.build({"cache_dir": str(tmp_path / "c"), "address": "127.0.0.1:0",
-                            "api_token_file": str(f)}, {})
+    with_token = cfg.build(
+        {"cache_dir": str(tmp_path / "c"), "address": "127.0.0.1:0", "api_token_file": str(f)}, {}
+    )
     assert not [x for x in _serve_in_main_thread(with_token) if x.startswith("WARNING")]
 
 
@@ -309,18 +331,46 @@ def test_sighup_rotates_the_token_while_a_pull_runs(pyz, tmp_path, tiny):
     f = tmp_path / "api-token"
     f.write_text(old + "\n")
     proc = subprocess.Popen(
-        [sys.executable, str(pyz), "--cache-dir", str(tmp_path / "cache"), "--address",
-         "127.0.0.1:0", "--api-token-file", str(f), "--jobs", "1", "-v=3", "serve"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(pyz),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--address",
+            "127.0.0.1:0",
+            "--api-token-file",
+            str(f),
+            "--jobs",
+            "1",
+            "-v=3",
+            "serve",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")),
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True
+    )
     reader.start()
     answers: list[str] = []
     try:
-        port = int(wait_for(lambda: next((m.group(1) for m in (
-            re.search(r"serving on 127\.0\.0\.1:(\d+)", x) for x in list(lines)) if m), None),
-            what="serve to start"))
+        port = int(
+            wait_for(
+                lambda: next(
+                    (
+                        m.group(1)
+                        for m in (
+                            re.search(r"serving on 127\.0\.0\.1:(\d+)", x) for x in list(lines)
+                        )
+                        if m
+                    ),
+                    None,
+                ),
+                what="serve to start",
+            )
+        )
 
         def call(method, path, tok=None, body=None):
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
@@ -340,8 +390,9 @@ def test_sighup_rotates_the_token_while_a_pull_runs(pyz, tmp_path, tiny):
 
         def pull_it() -> None:
             try:
-                result["status"], result["text"] = call("POST", "/content/", old,
-                                                        json.dumps({"url": url}))
+                result["status"], result["text"] = call(
+                    "POST", "/content/", old, json.dumps({"url": url})
+                )
             except Exception as e:  # noqa: BLE001  (reported by the assertion below)
                 result["error"] = e
 
@@ -352,8 +403,10 @@ def test_sighup_rotates_the_token_while_a_pull_runs(pyz, tmp_path, tiny):
         tmp.write_text(new + "\n")
         os.replace(tmp, f)
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: any("SIGHUP: re-read the API token" in x for x in list(lines)),
-                 what="the SIGHUP to be handled")
+        wait_for(
+            lambda: any("SIGHUP: re-read the API token" in x for x in list(lines)),
+            what="the SIGHUP to be handled",
+        )
         assert proc.poll() is None  # SIGHUP's default action would have killed it
         assert call("GET", "/content/", old)[0] == 401
         assert call("GET", "/content/", None)[0] == 401
@@ -395,8 +448,7 @@ def _read_all(s: socket.socket) -> bytes:
 
 @pytest.mark.parametrize("with_token", [False, True], ids=["413", "401-first"])
 @pytest.mark.parametrize("expect_100", [False, True], ids=["plain", "expect-100"])
-def test_a_body_announced_too_large_is_answered_before_it_is_sent(tmp_path, with_token,
-                                                                  expect_100):
+def test_a_body_announced_too_large_is_answered_before_it_is_sent(tmp_path, with_token, expect_100):
     if with_token:
         svc, _ = token_service(tmp_path, "tok-" + uuid.uuid4().hex)
     else:
@@ -404,9 +456,12 @@ def test_a_body_announced_too_large_is_answered_before_it_is_sent(tmp_path, with
     with running_api(svc) as a:
         s = socket.create_connection(("127.0.0.1", a.port), timeout=20)
         try:
-            s.sendall(b"POST /content/ HTTP/1.1\r\nHost: localhost\r\n"
-                      b"Content-Type: application/json\r\nContent-Length: 10485760\r\n"
-                      + (b"Expect: 100-continue\r\n" if expect_100 else b"") + b"\r\n")
+            s.sendall(
+                b"POST /content/ HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 10485760\r\n"
+                + (b"Expect: 100-continue\r\n" if expect_100 else b"")
+                + b"\r\n"
+            )
             # ... and not one byte of the body: a server that waits for it never answers
             got = _read_all(s)
         finally:
@@ -414,8 +469,9 @@ def test_a_body_announced_too_large_is_answered_before_it_is_sent(tmp_path, with
         assert not got.startswith(b"HTTP/1.1 100"), got[:100]
         expect = 401 if with_token else 413
         assert status_of(got) == expect, got[:300]
-        assert json_body(got)["error"]["code"] == ("api-unauthorized" if with_token
-                                                   else "body-too-large")
+        assert json_body(got)["error"]["code"] == (
+            "api-unauthorized" if with_token else "body-too-large"
+        )
         assert answer(a, "GET", "/healthz")[0] == 200
 
 
@@ -423,8 +479,10 @@ def test_a_client_that_goes_on_sending_after_the_413_is_cut_off(api_server, monk
     monkeypatch.setattr(api_http, "LINGER_SECONDS", 1.0)
     s = socket.create_connection(("127.0.0.1", api_server.port), timeout=20)
     try:
-        s.sendall(b"POST /content/ HTTP/1.1\r\nHost: localhost\r\n"
-                  b"Content-Type: application/json\r\nContent-Length: 10485760\r\n\r\n")
+        s.sendall(
+            b"POST /content/ HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 10485760\r\n\r\n"
+        )
         head = s.recv(65536)  # before the fix: no answer while it waited for the body
         assert status_of(head) == 413, head
         end = time.monotonic() + 30
@@ -449,8 +507,18 @@ def signed_query(secrets: dict[str, str]) -> str:
     return "&".join(f"{k}={v}" for k, v in secrets.items())
 
 
-SIGNED_PARAMS = ["X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "Signature",
-                 "Policy", "Key-Pair-Id", "X-Goog-Signature", "sig", "token", "access_token"]
+SIGNED_PARAMS = [
+    "X-Amz-Signature",
+    "X-Amz-Credential",
+    "X-Amz-Security-Token",
+    "Signature",
+    "Policy",
+    "Key-Pair-Id",
+    "X-Goog-Signature",
+    "sig",
+    "token",
+    "access_token",
+]
 
 
 @pytest.fixture
@@ -484,9 +552,11 @@ def test_signed_url_credentials_are_sent_but_never_kept_api(tmp_path, nginx, sig
         texts.append(text)
         # refused ones: the message names the URL, not its signature
         host = nginx.url.split("://", 1)[1]
-        for bad in (f"{nginx.url}/status/403?{signed_query({'X-Amz-Signature': secrets[0]})}",
-                    f"http://{host.split(':')[0]}:99999/x?Signature={secrets[3]}",
-                    f"http://127.0.0.1:1/closed?sig={secrets[7]}"):
+        for bad in (
+            f"{nginx.url}/status/403?{signed_query({'X-Amz-Signature': secrets[0]})}",
+            f"http://{host.split(':')[0]}:99999/x?Signature={secrets[3]}",
+            f"http://127.0.0.1:1/closed?sig={secrets[7]}",
+        ):
             status, _, text = post(a, {"url": bad})
             assert 400 <= status < 600 and status != 500, text
             texts.append(text)
@@ -508,13 +578,16 @@ def test_signed_url_credentials_are_sent_but_never_kept_cli(run, signed):
         outs.append(run(*args))
         assert outs[-1].returncode == 0, outs[-1].stderr
     assert Path(outs[-1].stdout.strip()).read_bytes() == data
-    assert_no_leak(secrets, run.cache, **{f"out{i}": x.stdout + x.stderr
-                                          for i, x in enumerate(outs)})
+    assert_no_leak(
+        secrets, run.cache, **{f"out{i}": x.stdout + x.stderr for i, x in enumerate(outs)}
+    )
     index = (run.cache / "index.json").read_text()
     assert canonical in index
 
 
-@pytest.mark.parametrize("param", sorted(QUERY_CREDENTIALS) + ["X-AMZ-SIGNATURE", "X-Amz-%53ignature"])
+@pytest.mark.parametrize(
+    "param", sorted(QUERY_CREDENTIALS) + ["X-AMZ-SIGNATURE", "X-Amz-%53ignature"]
+)
 def test_query_credentials_leave_the_canonical_url(param):
     ref = parse(f"https://bucket.example/o/model.gguf?a=1&{param}=SECRET&X-Amz-Date=1&b=2")
     assert ref.canonical == "https://bucket.example/o/model.gguf?a=1&b=2"
@@ -574,7 +647,8 @@ def test_metadata_destinations_are_refused_before_the_proxy_sees_them(proxied, f
         status, _, text = post(a, {"url": "http://allowed.example/model.bin"})
         assert status == 502, text
         assert len(rec.seen) == 1 and rec.seen[0].startswith(
-            b"GET http://allowed.example/model.bin HTTP/1.1"), rec.seen
+            b"GET http://allowed.example/model.bin HTTP/1.1"
+        ), rec.seen
     assert "egress" in logs.text or "denied" in logs.text
 
 
@@ -597,15 +671,24 @@ def _stub_resolver(monkeypatch, answers: dict[str, list[list[str]]]) -> list[str
         asked.append(host)
         seq = answers[host]
         ips = seq.pop(0) if len(seq) > 1 else seq[0]
-        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "",
-                 (ip, port)) for ip in ips]
+        return [
+            (
+                socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                socket.SOCK_STREAM,
+                6,
+                "",
+                (ip, port),
+            )
+            for ip in ips
+        ]
 
     monkeypatch.setattr(egress, "resolve", stub)
     return asked
 
 
-def test_dns_answers_are_checked_and_connected_to_as_checked(tmp_path, tiny, recorder,
-                                                             monkeypatch, tripwire):
+def test_dns_answers_are_checked_and_connected_to_as_checked(
+    tmp_path, tiny, recorder, monkeypatch, tripwire
+):
     data = os.urandom(30_000)
     good = tiny(lambda h: (200, {}, data))
     trap = recorder("127.0.0.2", good.port)  # stands for the metadata service
@@ -629,9 +712,14 @@ def test_dns_answers_are_checked_and_connected_to_as_checked(tmp_path, tiny, rec
             svc2.close()
         assert asked == ["rebind.test", "rebind.test"]
         # 3. one denied address among allowed ones refuses the name
-        _stub_resolver(monkeypatch, {"mixed.test": [["127.0.0.1", "127.0.0.2"]],
-                                     "meta.test": [["169.254.169.254"]],
-                                     "meta6.test": [["::ffff:169.254.169.254"]]})
+        _stub_resolver(
+            monkeypatch,
+            {
+                "mixed.test": [["127.0.0.1", "127.0.0.2"]],
+                "meta.test": [["169.254.169.254"]],
+                "meta6.test": [["::ffff:169.254.169.254"]],
+            },
+        )
         for name in ("mixed.test", "meta.test", "meta6.test"):
             with pytest.raises(EgressDenied) as e:
                 svc.pull(f"http://{name}:{good.port}/x.bin")
@@ -646,8 +734,7 @@ def test_dns_answers_are_checked_and_connected_to_as_checked(tmp_path, tiny, rec
     assert tripwire == []
 
 
-def test_deny_and_allow_networks_work_on_real_loopback_connections(tmp_path, nginx, tiny,
-                                                                   recorder):
+def test_deny_and_allow_networks_work_on_real_loopback_connections(tmp_path, nginx, tiny, recorder):
     def attempt(tag: str, environ: dict | None = None, **flags) -> int:
         name = f"net-{tag}-{uuid.uuid4().hex}.bin"
         url = nginx.put(name, b"n" * 1000)
@@ -668,14 +755,24 @@ def test_deny_and_allow_networks_work_on_real_loopback_connections(tmp_path, ngi
     assert attempt("hole", deny_network=["127.0.0.0/8"], allow_network=["127.0.0.1/32"]) == 201
     assert attempt("narrow", deny_network=["127.0.0.1"], allow_network=["127.0.0.0/8"]) == 403
     assert attempt("env", environ={"NEKKO_DENY_NETWORKS": "10.0.0.0/8, 127.0.0.0/8"}) == 403
-    assert attempt("flag-wins", environ={"NEKKO_DENY_NETWORKS": "127.0.0.0/8"},
-                   deny_network=["10.0.0.0/8"]) == 201
-    assert attempt("allow-env", environ={"NEKKO_DENY_NETWORKS": "127.0.0.0/8",
-                                         "NEKKO_ALLOW_NETWORKS": "127.0.0.1"}) == 201
+    assert (
+        attempt(
+            "flag-wins", environ={"NEKKO_DENY_NETWORKS": "127.0.0.0/8"}, deny_network=["10.0.0.0/8"]
+        )
+        == 201
+    )
+    assert (
+        attempt(
+            "allow-env",
+            environ={"NEKKO_DENY_NETWORKS": "127.0.0.0/8", "NEKKO_ALLOW_NETWORKS": "127.0.0.1"},
+        )
+        == 201
+    )
 
     # a name that resolves into a denied network (localhost), direct and as a redirect hop
-    svc = make_service(tmp_path / "names", attempts=1, deny_network=["127.0.0.2", "::1"],
-                       allow_network=[])
+    svc = make_service(
+        tmp_path / "names", attempts=1, deny_network=["127.0.0.2", "::1"], allow_network=[]
+    )
     trap = recorder("127.0.0.2")
     hop = tiny(lambda h: (302, {"Location": f"{trap.url}/x"}, b""))
     try:
@@ -747,8 +844,11 @@ def test_connection_errors_say_neither_refused_nor_what_the_port_said(tmp_path, 
 def test_requests_from_web_pages_are_refused(api_server, nginx):
     url = nginx.put(f"origin-{uuid.uuid4().hex}.bin", b"o" * 100)
     for origin in ("http://evil.example", "null", "http://localhost:8050"):
-        for method, path, body in (("GET", "/content/", None), ("DELETE", "/content/x", None),
-                                   ("POST", "/content/", json.dumps({"url": url}).encode())):
+        for method, path, body in (
+            ("GET", "/content/", None),
+            ("DELETE", "/content/x", None),
+            ("POST", "/content/", json.dumps({"url": url}).encode()),
+        ):
             h = {"Origin": origin, "Content-Type": "application/json"}
             status, _, text = answer(api_server, method, path, h, body)
             assert status == 403 and code_of(text) == "origin-refused", (origin, method, text)
@@ -756,11 +856,18 @@ def test_requests_from_web_pages_are_refused(api_server, nginx):
     assert nginx.requests_for(url.rsplit("/", 1)[1]) == []
 
 
-@pytest.mark.parametrize("ctype, ok", [
-    (None, False), ("text/plain", False), ("application/x-www-form-urlencoded", False),
-    ("multipart/form-data; boundary=x", False), ("application/jsonx", False),
-    ("application/json", True), ("Application/JSON; charset=utf-8", True),
-])
+@pytest.mark.parametrize(
+    "ctype, ok",
+    [
+        (None, False),
+        ("text/plain", False),
+        ("application/x-www-form-urlencoded", False),
+        ("multipart/form-data; boundary=x", False),
+        ("application/jsonx", False),
+        ("application/json", True),
+        ("Application/JSON; charset=utf-8", True),
+    ],
+)
 def test_post_must_be_json(api_server, ctype, ok):
     h = {} if ctype is None else {"Content-Type": ctype}
     status, _, text = answer(api_server, "POST", "/content/", h, b'{"url": "ftp://x/y"}')
@@ -771,13 +878,26 @@ def test_post_must_be_json(api_server, ctype, ok):
     assert api_server.healthy()
 
 
-@pytest.mark.parametrize("host, ok", [
-    ("localhost", True), ("localhost:8050", True), ("LOCALHOST.", True), ("127.0.0.1:1", True),
-    ("127.9.9.9", True), ("[::1]:8050", True), ("app.localhost:80", True), ("[::1]", True),
-    ("evil.example", False), ("evil.example:8050", False), ("127.0.0.1.nip.io", False),
-    ("localhost.evil.example", False), ("10.0.0.1:8050", False), ("", False),
-    ("[fe80::1]:8050", False),
-])
+@pytest.mark.parametrize(
+    "host, ok",
+    [
+        ("localhost", True),
+        ("localhost:8050", True),
+        ("LOCALHOST.", True),
+        ("127.0.0.1:1", True),
+        ("127.9.9.9", True),
+        ("[::1]:8050", True),
+        ("app.localhost:80", True),
+        ("[::1]", True),
+        ("evil.example", False),
+        ("evil.example:8050", False),
+        ("127.0.0.1.nip.io", False),
+        ("localhost.evil.example", False),
+        ("10.0.0.1:8050", False),
+        ("", False),
+        ("[fe80::1]:8050", False),
+    ],
+)
 def test_on_loopback_the_host_header_must_name_loopback(api_server, host, ok):
     head = f"GET /content/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
     s = socket.create_connection(("127.0.0.1", api_server.port), timeout=20)
@@ -792,8 +912,10 @@ def test_on_loopback_the_host_header_must_name_loopback(api_server, host, ok):
         assert status_of(got) == 421, got[:300]
         assert json_body(got)["error"]["code"] == "misdirected-request"
     # /healthz answers whatever the Host (probes), and HTTP/1.0 may have none
-    for req in (f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
-                "GET /content/ HTTP/1.0\r\n\r\n"):
+    for req in (
+        f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
+        "GET /content/ HTTP/1.0\r\n\r\n",
+    ):
         s = socket.create_connection(("127.0.0.1", api_server.port), timeout=20)
         try:
             s.sendall(req.encode())
@@ -831,7 +953,9 @@ def test_the_daemonset_is_locked_down():
     require_module("yaml")
     import yaml
 
-    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "daemonset.yaml").read_text())}
+    docs = {
+        d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "daemonset.yaml").read_text())
+    }
     assert set(docs) == {"DaemonSet", "Service", "NetworkPolicy"}
     pod = docs["DaemonSet"]["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False

@@ -46,8 +46,9 @@ class Api:
 
     def __init__(self, tmp_path: Path, address: str) -> None:
         self.config = cfg.build({"cache_dir": str(tmp_path / "cache"), "address": address}, {})
-        self.service = Service(self.config,
-                               transfer=Transfer(self.config, read_timeout=5, backoff=0.05))
+        self.service = Service(
+            self.config, transfer=Transfer(self.config, read_timeout=5, backoff=0.05)
+        )
         self.server = make_server(self.service, self.config.address)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -58,10 +59,20 @@ class Api:
         host, port = self.server.server_address[:2]
         return http.client.HTTPConnection(host, port, timeout=30)
 
-    def call(self, method: str, path: str, body: object = None, raw: bytes | None = None,
-             headers: dict | None = None):
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        raw: bytes | None = None,
+        headers: dict | None = None,
+    ):
         r, payload = api_request(self.conn(), method, path, body, raw, headers)
-        doc = json.loads(payload) if payload and r.getheader("Content-Type") == "application/json" else payload
+        doc = (
+            json.loads(payload)
+            if payload and r.getheader("Content-Type") == "application/json"
+            else payload
+        )
         return r.status, doc, r
 
     def close(self) -> None:
@@ -117,8 +128,9 @@ def test_post_get_head_delete(api, nginx):
     assert api.call("GET", content(url))[0] == 404
 
 
-def test_cache_hit_answers_from_memory_until_any_process_changes_the_cache(api, nginx, pyz,
-                                                                           monkeypatch):
+def test_cache_hit_answers_from_memory_until_any_process_changes_the_cache(
+    api, nginx, pyz, monkeypatch
+):
     url = nginx.put("hit.bin", b"answered from memory")
     other = nginx.put("hit-other.bin", b"another entry")
     assert api.call("POST", "/content/", {"url": url})[0] == 201
@@ -137,8 +149,13 @@ def test_cache_hit_answers_from_memory_until_any_process_changes_the_cache(api, 
     assert api.call("GET", content(url))[0] == 200
     assert reads == [url]
     # a change by another process (the CLI) on the same cache: the next GET sees it
-    r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(store.root), "rm", url],
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [sys.executable, str(pyz), "--cache-dir", str(store.root), "rm", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert api.call("GET", content(url))[0] == 404
     assert api.call("GET", content(other))[0] == 200
@@ -150,9 +167,13 @@ def test_a_connection_per_request_leaks_no_database_handle(api, nginx):
 
     def db_fds() -> int:
         fds = os.listdir("/proc/self/fd")
-        return sum(1 for fd in fds
-                   if os.path.realpath(f"/proc/self/fd/{fd}").startswith(
-                       str(api.service.store.root / "nekko.db")))
+        return sum(
+            1
+            for fd in fds
+            if os.path.realpath(f"/proc/self/fd/{fd}").startswith(
+                str(api.service.store.root / "nekko.db")
+            )
+        )
 
     for _ in range(3):  # warm: the pool, the first threads
         api.call("GET", content(url))
@@ -163,11 +184,14 @@ def test_a_connection_per_request_leaks_no_database_handle(api, nginx):
     assert db_fds() <= before + 4
 
 
-@pytest.mark.parametrize("encode", [
-    lambda u: base64.b64encode(u.encode()).decode(),
-    lambda u: base64.urlsafe_b64encode(u.encode()).decode().rstrip("="),
-    lambda u: base64.b64encode(u.encode()).decode().replace("=", "%3D").replace("/", "%2F"),
-])
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda u: base64.b64encode(u.encode()).decode(),
+        lambda u: base64.urlsafe_b64encode(u.encode()).decode().rstrip("="),
+        lambda u: base64.b64encode(u.encode()).decode().replace("=", "%3D").replace("/", "%2F"),
+    ],
+)
 def test_base64_spellings(encode):
     url = "http://example.com/some/path?x=ÿ>>>"
     assert decode_url(encode(url)) == url
@@ -187,22 +211,29 @@ def test_base64_with_slash_inside_path(api, nginx):
     assert api.call("GET", "/content/" + b64)[0] == 200
 
 
-@pytest.mark.parametrize("body, code", [
-    (b"{not json", "invalid-json"),
-    (b"[1, 2]", "invalid-json"),
-    (b'{"nourl": 1}', "bad-request"),
-    (b'{"url": "ftp://example.com/x"}', "unsupported-scheme"),
-    (b'{"url": "gopher://x"}', "unsupported-scheme"),
-    (b'{"url": "http://x/y", "digest": "md5:abc"}', "invalid-digest"),
-    (b'{"url": "http://x/y", "credentials": "!!", "credentialsType": "Basic"}', "invalid-base64"),
-    (b'{"url": "http://x/y", "credentialsType": "Digest", "credentials": "x"}', "bad-request"),
-    (b'{"url": "hf:///org/name/../../../etc/passwd"}', "unsafe-name"),
-    (b'{"url": "oci://reg.io/x", "platform": "plan9/sparc"}', "invalid-platform"),
-    (b'{"url": "http://x/y", "async": "yes"}', "bad-request"),
-])
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b"{not json", "invalid-json"),
+        (b"[1, 2]", "invalid-json"),
+        (b'{"nourl": 1}', "bad-request"),
+        (b'{"url": "ftp://example.com/x"}', "unsupported-scheme"),
+        (b'{"url": "gopher://x"}', "unsupported-scheme"),
+        (b'{"url": "http://x/y", "digest": "md5:abc"}', "invalid-digest"),
+        (
+            b'{"url": "http://x/y", "credentials": "!!", "credentialsType": "Basic"}',
+            "invalid-base64",
+        ),
+        (b'{"url": "http://x/y", "credentialsType": "Digest", "credentials": "x"}', "bad-request"),
+        (b'{"url": "hf:///org/name/../../../etc/passwd"}', "unsafe-name"),
+        (b'{"url": "oci://reg.io/x", "platform": "plan9/sparc"}', "invalid-platform"),
+        (b'{"url": "http://x/y", "async": "yes"}', "bad-request"),
+    ],
+)
 def test_bad_requests_get_400(api, body, code):
-    status, doc, _ = api.call("POST", "/content/", raw=body,
-                              headers={"Content-Type": "application/json"})
+    status, doc, _ = api.call(
+        "POST", "/content/", raw=body, headers={"Content-Type": "application/json"}
+    )
     assert status == 400, doc
     assert doc["error"]["code"] == code and doc["error"]["message"]
     assert api.call("GET", "/healthz")[0] == 200

@@ -39,10 +39,12 @@ from nekko_sm.transfer import Transfer
 
 
 def make_service(tmp_path: Path, attempts: int = 6, **flags) -> Service:
-    config = cfg.build({"cache_dir": str(tmp_path / "cache"), "address": "127.0.0.1:0",
-                        **flags}, {})
-    return Service(config, transfer=Transfer(config, read_timeout=5.0, attempts=attempts,
-                                             backoff=0.01))
+    config = cfg.build(
+        {"cache_dir": str(tmp_path / "cache"), "address": "127.0.0.1:0", **flags}, {}
+    )
+    return Service(
+        config, transfer=Transfer(config, read_timeout=5.0, attempts=attempts, backoff=0.01)
+    )
 
 
 def fds() -> int:
@@ -213,8 +215,9 @@ def test_one_client_gets_a_bounded_number_of_connections(tmp_path):
 
 
 @contextlib.contextmanager
-def dribbler(head: bytes, body: bytes, byte_every: float, dribble: str, connections: int,
-             fast_after: float):
+def dribbler(
+    head: bytes, body: bytes, byte_every: float, dribble: str, connections: int, fast_after: float
+):
     """A raw HTTP server of our own: per connection, reads the request, then sends ``head``
     and ``body`` with one byte of the ``dribble`` part ("head" or "body") every
     ``byte_every`` seconds, the rest at once after ``fast_after`` seconds (bounded);
@@ -242,7 +245,7 @@ def dribbler(head: bytes, body: bytes, byte_every: float, dribble: str, connecti
                     if stop.is_set() or time.monotonic() - start > fast_after:
                         conn.sendall(slow[i:])
                         break
-                    conn.sendall(slow[i:i + 1])
+                    conn.sendall(slow[i : i + 1])
                     time.sleep(byte_every)
                 conn.sendall(rest)
             except OSError:
@@ -274,7 +277,7 @@ def dribbler(head: bytes, body: bytes, byte_every: float, dribble: str, connecti
 
 def test_headers_dribbled_a_byte_at_a_time_are_given_up(tmp_path, monkeypatch):
     monkeypatch.setattr(httpio, "HEADER_TIMEOUT", 1.0)
-    head = (b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 60 + b"\r\nContent-Length: 5\r\n\r\n")
+    head = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 60 + b"\r\nContent-Length: 5\r\n\r\n"
     with dribbler(head, b"hello", 0.1, "head", connections=10, fast_after=8) as (url, seen):
         svc = make_service(tmp_path, attempts=2)
         try:
@@ -296,7 +299,7 @@ def low_speed(monkeypatch):
 
 def test_a_body_trickled_below_the_rate_is_given_up_and_kept(tmp_path, low_speed):
     body = os.urandom(400)
-    head = b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\nETag: \"t1\"\r\n\r\n"
+    head = b'HTTP/1.1 200 OK\r\nContent-Length: 400\r\nETag: "t1"\r\n\r\n'
     with dribbler(head, body, 0.02, "body", connections=5, fast_after=8) as (url, seen):
         svc = make_service(tmp_path)
         try:

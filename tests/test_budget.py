@@ -48,9 +48,20 @@ def _pull_all(cache: Path, urls: list[str]) -> None:
 def _start_serve(pyz: Path, cache: Path, sock: Path, *flags: str) -> subprocess.Popen:
     """``serve`` in a process of its own on the Unix socket ``sock``, once the socket is there
     (stderr piped, as text)."""
-    proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(cache), *flags,
-                             "--address", f"unix:{sock}", "serve"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(pyz),
+            "--cache-dir",
+            str(cache),
+            *flags,
+            "--address",
+            f"unix:{sock}",
+            "serve",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():
@@ -90,10 +101,22 @@ def _cached(svc: Service) -> set[str]:
 # -- configuration ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, want", [
-    ("0", 0), ("123", 123), ("123B", 123), ("1K", KIB), ("1k", KIB), ("1Ki", KIB),
-    ("1KiB", KIB), ("1KB", KIB), ("1.5G", 3 << 29), ("2TiB", 2 << 40), ("3 MB", 3 * MIB),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("0", 0),
+        ("123", 123),
+        ("123B", 123),
+        ("1K", KIB),
+        ("1k", KIB),
+        ("1Ki", KIB),
+        ("1KiB", KIB),
+        ("1KB", KIB),
+        ("1.5G", 3 << 29),
+        ("2TiB", 2 << 40),
+        ("3 MB", 3 * MIB),
+    ],
+)
 def test_sizes_parse_as_powers_of_1024(text, want):
     assert cfg.parse_size(text) == want
 
@@ -110,15 +133,19 @@ def test_budget_options_flag_env_default(tmp_path):
     env = {"NEKKO_MAX_CACHE_SIZE": "2G", "NEKKO_MIN_FREE_SPACE": "10%"}
     c = cfg.build({"cache_dir": str(tmp_path)}, env)
     assert (c.max_cache_size, c.min_free_space, c.min_free_percent) == (2 << 30, None, 10.0)
-    c = cfg.build({"cache_dir": str(tmp_path), "max_cache_size": "1M",
-                   "min_free_space": "5G"}, env)
+    c = cfg.build({"cache_dir": str(tmp_path), "max_cache_size": "1M", "min_free_space": "5G"}, env)
     assert (c.max_cache_size, c.min_free_space, c.min_free_percent) == (MIB, 5 << 30, None)
 
 
-@pytest.mark.parametrize("argv", [
-    ["--max-cache-size", "lots", "ls"], ["--min-free-space", "150%", "ls"],
-    ["--min-free-space=-3G", "ls"], ["ls", "--max-cache-size=1.5"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-cache-size", "lots", "ls"],
+        ["--min-free-space", "150%", "ls"],
+        ["--min-free-space=-3G", "ls"],
+        ["ls", "--max-cache-size=1.5"],
+    ],
+)
 def test_bad_budget_values_exit_2_before_anything_starts(argv, capsys, tmp_path):
     assert cli.main(["--cache-dir", str(tmp_path / "c"), *argv]) == 2
     err = capsys.readouterr().err
@@ -265,8 +292,12 @@ def test_post_pin_hold_and_use_through_the_api(tmp_path, nginx):
         assert status == 507 and e["error"]["code"] == "insufficient-storage"
         assert 200 * KIB < _amount(e["error"]["message"], "pinned") < 202 * KIB
         assert 200 * KIB < _amount(e["error"]["message"], "held") < 202 * KIB
-        for bad in ({"url": urls[2], "pin": "yes"}, {"url": urls[2], "hold": -1},
-                    {"url": urls[2], "hold": "10"}, {"url": urls[2], "hold": True}):
+        for bad in (
+            {"url": urls[2], "pin": "yes"},
+            {"url": urls[2], "hold": -1},
+            {"url": urls[2], "hold": "10"},
+            {"url": urls[2], "hold": True},
+        ):
             status, e = post(bad)
             assert status == 400, bad
         metrics = get("/metrics")
@@ -277,7 +308,9 @@ def test_post_pin_hold_and_use_through_the_api(tmp_path, nginx):
         assert status == 201
         metrics = get("/metrics")
         assert "\nnekko_evictions_total 1\n" in metrics
-        evicted = int(re.search(r"^nekko_evicted_bytes_total (\d+)$", metrics, re.MULTILINE).group(1))
+        evicted = int(
+            re.search(r"^nekko_evicted_bytes_total (\d+)$", metrics, re.MULTILINE).group(1)
+        )
         assert 200 * KIB < evicted < 202 * KIB  # the file and its manifest
         _verified(service)
     finally:
@@ -476,8 +509,11 @@ def test_cli_and_serve_share_one_budget(tmp_path, nginx, slow_nginx, pyz):
     d = nginx.put("share-d.bin", os.urandom(1536 * KIB))
     budget = ["--max-cache-size", "9300K"]  # B, C, D (9 MiB) and their manifests
     for u in (a, b):
-        subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *budget, "pull", u],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(pyz), "--cache-dir", str(cache), *budget, "pull", u],
+            check=True,
+            capture_output=True,
+        )
     sock = tmp_path / "api.sock"
     proc = _start_serve(pyz, cache, sock, *budget)
     try:
@@ -489,11 +525,17 @@ def test_cli_and_serve_share_one_budget(tmp_path, nginx, slow_nginx, pyz):
         while not any(r for _, r in store.live_leases().values()):
             assert time.monotonic() < deadline, "serve never reserved room for its pull"
             time.sleep(0.02)
-        r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *budget,
-                            "-v", "1", "pull", d], capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            [sys.executable, str(pyz), "--cache-dir", str(cache), *budget, "-v", "1", "pull", d],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr
         assert _unix_get(sock, c)[0] == 206, "serve's pull ended before the CLI's: no overlap"
-        assert f"evicted entry {a}" in r.stderr and b not in r.stderr  # LRU, and only what was needed
+        assert (
+            f"evicted entry {a}" in r.stderr and b not in r.stderr
+        )  # LRU, and only what was needed
         assert "evicted partial" not in r.stderr  # never serve's live download
         while _unix_get(sock, c)[0] != 200:
             assert proc.poll() is None and time.monotonic() < deadline + 60
@@ -550,9 +592,11 @@ def test_sigkill_during_eviction_leaves_a_consistent_cache(tmp_path, nginx, pyz)
     killed = 0
     for budget in ("250K", "170K", "100K", "40K"):
         count = Store(cache).count_entries()
-        proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(cache),
-                                 "--max-cache-size", budget, "gc"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, str(pyz), "--cache-dir", str(cache), "--max-cache-size", budget, "gc"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while Store(cache).count_entries() >= count and proc.poll() is None:
             assert time.monotonic() < deadline, "gc never started evicting"
@@ -574,7 +618,7 @@ def test_sigkill_during_eviction_leaves_a_consistent_cache(tmp_path, nginx, pyz)
     assert cli.main(["--cache-dir", str(cache), "verify"]) == 0
     with closing(_svc(cache)) as svc:
         kept = _cached(svc)
-        assert kept and kept == set(urls[-len(kept):])  # never used again: the newest stay
+        assert kept and kept == set(urls[-len(kept) :])  # never used again: the newest stay
         again, created = svc.pull(urls[0])  # an evicted URL comes back whole
         assert created and Path(again["path"]).stat().st_size == 4 * KIB
 
@@ -589,8 +633,15 @@ def test_an_image_makes_room_from_its_descriptors(tmp_path, nginx, registry, see
     budget = image + 2 * max(image // 2, 64 * KIB) - 1024  # not room for all three
 
     def svc_for(cache: Path, size: int) -> Service:
-        config = cfg.build({"cache_dir": str(cache), "insecure_registry": [registry.host],
-                            "platform": "linux/amd64", "max_cache_size": str(size)}, {})
+        config = cfg.build(
+            {
+                "cache_dir": str(cache),
+                "insecure_registry": [registry.host],
+                "platform": "linux/amd64",
+                "max_cache_size": str(size),
+            },
+            {},
+        )
         return Service(config)
 
     with closing(svc_for(tmp_path / "cache", budget)) as svc:
@@ -614,8 +665,10 @@ def test_a_hub_repository_makes_room_from_the_hub_sizes(tmp_path, nginx, fakehub
     files = {f"shard-{i}.safetensors": os.urandom(120 * KIB) for i in range(3)}
     fakehub.add_repo("budget/three-shards", files=files)
     old, new = _files(nginx, "hf-room", 2, 150 * KIB)
-    config = cfg.build({"cache_dir": str(tmp_path / "cache"), "max_cache_size": "560K"},
-                       {"HF_ENDPOINT": fakehub.endpoint})
+    config = cfg.build(
+        {"cache_dir": str(tmp_path / "cache"), "max_cache_size": "560K"},
+        {"HF_ENDPOINT": fakehub.endpoint},
+    )
     with closing(Service(config)) as svc:
         svc.pull(old)
         svc.pull(new)
@@ -625,8 +678,10 @@ def test_a_hub_repository_makes_room_from_the_hub_sizes(tmp_path, nginx, fakehub
         for name, data in files.items():
             assert (Path(entry["path"]) / name).read_bytes() == data
         _verified(svc)
-    config = cfg.build({"cache_dir": str(tmp_path / "small"), "max_cache_size": "300K"},
-                       {"HF_ENDPOINT": fakehub.endpoint})
+    config = cfg.build(
+        {"cache_dir": str(tmp_path / "small"), "max_cache_size": "300K"},
+        {"HF_ENDPOINT": fakehub.endpoint},
+    )
     with closing(Service(config)) as svc:
         with pytest.raises(InsufficientStorage):
             svc.pull("hf:///budget/three-shards")  # 360 KiB of files: refused up front

@@ -31,8 +31,15 @@ from nekko_sm.transfer import Transfer
 
 
 def make_service(cache, *hosts: str, env: dict | None = None, **flags) -> Service:
-    config = cfg.build({"cache_dir": str(cache), "insecure_registry": list(hosts),
-                        "platform": "linux/amd64", **flags}, env or {})
+    config = cfg.build(
+        {
+            "cache_dir": str(cache),
+            "insecure_registry": list(hosts),
+            "platform": "linux/amd64",
+            **flags,
+        },
+        env or {},
+    )
     return Service(config, transfer=Transfer(config, read_timeout=5.0, backoff=0.01))
 
 
@@ -101,8 +108,9 @@ def test_an_image_larger_than_the_limit_fetches_no_blob(tmp_path, registry, seed
 def test_a_hub_repository_with_too_many_files_is_refused_before_any(tmp_path):
     with start_fakehub(tree_page_size=5) as hub:
         hub.add_repo("acme/many", files={f"shard-{i:03d}.json": b"{}" for i in range(40)})
-        svc = make_service(tmp_path / "cache", env={"HF_ENDPOINT": hub.endpoint},
-                           max_pull_files="12")
+        svc = make_service(
+            tmp_path / "cache", env={"HF_ENDPOINT": hub.endpoint}, max_pull_files="12"
+        )
         try:
             hub.clear_log()
             with pytest.raises(PullTooLarge) as e:
@@ -137,30 +145,45 @@ def test_an_image_with_too_many_layers_is_refused_before_any(tmp_path, registry,
 # start-up
 
 
-@pytest.mark.parametrize(("flags", "env", "want"), [
-    ({}, {}, (2 << 40, 10_000)),
-    ({"max_pull_size": "1.5GiB"}, {}, (3 << 29, 10_000)),
-    ({}, {"NEKKO_MAX_PULL_SIZE": "500k", "NEKKO_MAX_PULL_FILES": "7"}, (500 << 10, 7)),
-    ({"max_pull_size": "3T"}, {"NEKKO_MAX_PULL_SIZE": "1K"}, (3 << 40, 10_000)),
-    ({"max_pull_size": "123"}, {}, (123, 10_000)),
-    ({"max_pull_size": "2Ti"}, {}, (2 << 40, 10_000)),
-])
+@pytest.mark.parametrize(
+    ("flags", "env", "want"),
+    [
+        ({}, {}, (2 << 40, 10_000)),
+        ({"max_pull_size": "1.5GiB"}, {}, (3 << 29, 10_000)),
+        ({}, {"NEKKO_MAX_PULL_SIZE": "500k", "NEKKO_MAX_PULL_FILES": "7"}, (500 << 10, 7)),
+        ({"max_pull_size": "3T"}, {"NEKKO_MAX_PULL_SIZE": "1K"}, (3 << 40, 10_000)),
+        ({"max_pull_size": "123"}, {}, (123, 10_000)),
+        ({"max_pull_size": "2Ti"}, {}, (2 << 40, 10_000)),
+    ],
+)
 def test_sizes_and_counts_from_flags_and_environment(tmp_path, flags, env, want):
     c = cfg.build({"cache_dir": str(tmp_path / "c"), **flags}, env)
     assert (c.max_pull_size, c.max_pull_files) == want
 
 
-@pytest.mark.parametrize("argv", [
-    ["--max-pull-size", "12X"], ["--max-pull-size", "0"], ["--max-pull-size", "1.5.2G"],
-    ["--max-pull-size", "G"], ["--max-pull-files", "0"], ["--max-pull-files", "many"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-pull-size", "12X"],
+        ["--max-pull-size", "0"],
+        ["--max-pull-size", "1.5.2G"],
+        ["--max-pull-size", "G"],
+        ["--max-pull-files", "0"],
+        ["--max-pull-files", "many"],
+    ],
+)
 def test_bad_sizes_and_counts_are_refused_at_start_up(tmp_path, argv, capsys):
     assert cli.main(["--cache-dir", str(tmp_path / "c"), *argv, "ls"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and argv[0] in err
     with pytest.raises(ConfigError):
-        cfg.build({}, {"NEKKO_MAX_PULL_SIZE" if "size" in argv[0] else "NEKKO_MAX_PULL_FILES":
-                       argv[1], "CACHE_DIR": str(tmp_path / "c")})
+        cfg.build(
+            {},
+            {
+                "NEKKO_MAX_PULL_SIZE" if "size" in argv[0] else "NEKKO_MAX_PULL_FILES": argv[1],
+                "CACHE_DIR": str(tmp_path / "c"),
+            },
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,8 +197,10 @@ def test_gc_drops_wanted_partials_when_space_is_short(tiny_disk):  # noqa: F811
         with svc.store.writer(ref) as w:  # an interrupted download: kept for its resume
             w.write(os.urandom(2 << 20))
         record = svc.pulls_dir / f"{key_for('http://127.0.0.1:9/interrupted.bin')}.json"
-        write_atomic(record, json.dumps({"url": "http://127.0.0.1:9/interrupted.bin",
-                                         "ingest": [ref]}).encode())
+        write_atomic(
+            record,
+            json.dumps({"url": "http://127.0.0.1:9/interrupted.bin", "ingest": [ref]}).encode(),
+        )
         svc.store.gc()
         assert svc.store.partial_size(ref) == 2 << 20, "plenty of space: the resume is kept"
 

@@ -30,24 +30,35 @@ def run(pyz, tmp_path):
     def run(*args, env=None, timeout=120, **kw):
         e = {k: v for k, v in os.environ.items()}
         e.update(env or {})
-        return subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *args],
-                              capture_output=True, text=True, timeout=timeout, env=e,
-                              cwd=tmp_path, check=False, **kw)
+        return subprocess.run(
+            [sys.executable, str(pyz), "--cache-dir", str(cache), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=e,
+            cwd=tmp_path,
+            check=False,
+            **kw,
+        )
 
     run.cache = cache
     return run
 
 
 def test_version_from_another_directory(pyz, tmp_path):
-    r = subprocess.run([str(pyz), "--version"], capture_output=True, text=True, cwd=tmp_path,
-                       check=False)
+    r = subprocess.run(
+        [str(pyz), "--version"], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
     assert r.returncode == 0 and r.stdout.strip() == f"nekko-sm {__version__}"
 
 
 def test_pyz_is_reproducible(pyz):
     first = pyz.read_bytes()
-    subprocess.run([sys.executable, str(pyz.parent.parent / "build_zipapp.py")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(pyz.parent.parent / "build_zipapp.py")],
+        check=True,
+        capture_output=True,
+    )
     assert pyz.read_bytes() == first
 
 
@@ -132,8 +143,9 @@ def test_cache_is_valid_oci_layout_for_umoci(run, nginx):
     umoci = require_binary("umoci")
     url = nginx.put("umoci.bin", b"u" * 100)
     run("pull", url)
-    r = subprocess.run([umoci, "ls", "--layout", str(run.cache)], capture_output=True, text=True,
-                       check=False)
+    r = subprocess.run(
+        [umoci, "ls", "--layout", str(run.cache)], capture_output=True, text=True, check=False
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [url]
 
@@ -155,8 +167,11 @@ def test_sigkill_midway_then_resume_fetches_only_the_rest(pyz, run, faulty, jobs
     # Every answer stalls after 4 MiB: one stream stops at 4 MiB, eight ranged parts of
     # 8 MiB stop half-way each.
     url = faulty.add("big.bin", data, stall_after=4 << 20, stall_seconds=60, stall_times=None)
-    proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(run.cache), "--jobs",
-                             jobs, "pull", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(pyz), "--cache-dir", str(run.cache), "--jobs", jobs, "pull", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     want = (4 << 20) if jobs == "1" else size // 2
     try:
         assert _wait_for(lambda: Store(run.cache).partials_size() >= want, timeout=60)
@@ -185,16 +200,29 @@ def test_serve_stops_cleanly_on_sigterm(pyz, tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(tmp_path / "c"),
-                             "--address", f"127.0.0.1:{port}", "serve"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(pyz),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--address",
+            f"127.0.0.1:{port}",
+            "serve",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def up():
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 return True
             except OSError:
                 return False
+
         assert _wait_for(up, 15)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
@@ -205,9 +233,13 @@ def test_serve_stops_cleanly_on_sigterm(pyz, tmp_path):
 
 
 def test_serve_bad_address_exits_2(pyz, tmp_path):
-    r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(tmp_path), "--address",
-                        "127.0.0.1:99999"], capture_output=True, text=True, timeout=30,
-                       check=False)
+    r = subprocess.run(
+        [sys.executable, str(pyz), "--cache-dir", str(tmp_path), "--address", "127.0.0.1:99999"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert r.returncode == 2 and "port" in r.stderr
 
 
@@ -218,8 +250,13 @@ def test_runs_on_the_oldest_python_available(pyz, nginx, tmp_path):
     if py is None:
         pytest.skip("no Python 3.9 on this machine; CI's vermin check covers syntax")
     url = nginx.put("py39.bin", b"3.9")
-    r = subprocess.run([py, str(pyz), "--cache-dir", str(tmp_path / "c"), "pull", url],
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [py, str(pyz), "--cache-dir", str(tmp_path / "c"), "pull", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -230,8 +267,11 @@ def test_progress_bar_only_on_a_terminal(pyz, faulty, tmp_path):
     url = faulty.add("tty.bin", data, stall_after=1 << 20, stall_seconds=0.6)
     leader, follower = pty.openpty()
     try:
-        proc = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(tmp_path / "c"),
-                                 "pull", url], stdout=subprocess.PIPE, stderr=follower)
+        proc = subprocess.Popen(
+            [sys.executable, str(pyz), "--cache-dir", str(tmp_path / "c"), "pull", url],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+        )
         os.close(follower)
         out, _ = proc.communicate(timeout=60)
         chunks = []

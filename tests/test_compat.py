@@ -34,9 +34,21 @@ VERMIN_TARGET = "3.9-"  # the newest minimum version allowed
 def _vermin(*args: str) -> subprocess.CompletedProcess:
     require_module("vermin")
     return subprocess.run(
-        [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())",
-         f"--target={VERMIN_TARGET}", "--no-tips", "--violations", "--no-parse-comments", *args],
-        capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-c",
+            "import sys, vermin; sys.exit(vermin.main())",
+            f"--target={VERMIN_TARGET}",
+            "--no-tips",
+            "--violations",
+            "--no-parse-comments",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_nekko_sm_needs_nothing_newer_than_python_3_9():
@@ -52,8 +64,14 @@ def test_vendored_dependencies_need_nothing_newer_than_python_3_9(tmp_path):
             z.extractall(tmp_path)
     # urllib3 imports the 3.14 stdlib module compression.zstd only under
     # `if sys.version_info >= (3, 14)` inside try/except ImportError (else backports.zstd).
-    r = _vermin("--exclude", "compression", "--exclude", "compression.zstd",
-                str(tmp_path / "urllib3"), str(tmp_path / "platformdirs"))
+    r = _vermin(
+        "--exclude",
+        "compression",
+        "--exclude",
+        "compression.zstd",
+        str(tmp_path / "urllib3"),
+        str(tmp_path / "platformdirs"),
+    )
     assert r.returncode == 0, f"vermin found code needing Python > 3.9:\n{r.stdout}{r.stderr}"
 
 
@@ -65,8 +83,13 @@ def _runtime_unions(tree: ast.AST, annotations_evaluated: bool = False) -> list[
     annotations: set[int] = set()
     for node in ast.walk(tree) if not annotations_evaluated else ():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for a in [*node.args.args, *node.args.posonlyargs, *node.args.kwonlyargs,
-                      node.args.vararg, node.args.kwarg]:
+            for a in [
+                *node.args.args,
+                *node.args.posonlyargs,
+                *node.args.kwonlyargs,
+                node.args.vararg,
+                node.args.kwarg,
+            ]:
                 if a is not None and a.annotation is not None:
                     annotations.update(id(n) for n in ast.walk(a.annotation))
             if node.returns is not None:
@@ -79,25 +102,48 @@ def _runtime_unions(tree: ast.AST, annotations_evaluated: bool = False) -> list[
             return n.value is None
         if isinstance(n, ast.Subscript):
             return typeish(n.value)
-        name = n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) \
-            else ""
-        builtin = {"int", "str", "bytes", "float", "bool", "dict", "list", "tuple", "set",
-                   "frozenset", "type", "object"}
+        name = n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else ""
+        builtin = {
+            "int",
+            "str",
+            "bytes",
+            "float",
+            "bool",
+            "dict",
+            "list",
+            "tuple",
+            "set",
+            "frozenset",
+            "type",
+            "object",
+        }
         # a class name (CapWords, OCIRef), not a constant (O_RDONLY, LOCK_EX)
-        return name in builtin or bool(re.fullmatch(r"_?[A-Z]\w*", name)
-                                       and re.search(r"[a-z]", name))
+        return name in builtin or bool(
+            re.fullmatch(r"_?[A-Z]\w*", name) and re.search(r"[a-z]", name)
+        )
 
-    return sorted({n.lineno for n in ast.walk(tree)
-                  if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr)
-                  and id(n) not in annotations and (typeish(n.left) or typeish(n.right))})
+    return sorted(
+        {
+            n.lineno
+            for n in ast.walk(tree)
+            if isinstance(n, ast.BinOp)
+            and isinstance(n.op, ast.BitOr)
+            and id(n) not in annotations
+            and (typeish(n.left) or typeish(n.right))
+        }
+    )
 
 
 def test_no_runtime_union_types_in_nekko_sm():
     found = {}
     for path in sorted((ROOT / "nekko_sm").rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
-        future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
-                     and any(a.name == "annotations" for a in n.names) for n in tree.body)
+        future = any(
+            isinstance(n, ast.ImportFrom)
+            and n.module == "__future__"
+            and any(a.name == "annotations" for a in n.names)
+            for n in tree.body
+        )
         lines = _runtime_unions(tree, annotations_evaluated=not future)
         if lines:
             found[str(path.relative_to(ROOT))] = lines
@@ -105,12 +151,14 @@ def test_no_runtime_union_types_in_nekko_sm():
 
 
 def test_the_union_check_finds_what_it_should():
-    src = ("from __future__ import annotations\n"
-           "def f(x: int | None) -> A | B:\n"
-           "    y: str | None = None\n"
-           "    return isinstance(x, int | str)\n"
-           "Ref = OCIRef | HFRef\n"
-           "flags = os.O_RDONLY | os.O_DIRECTORY\n")
+    src = (
+        "from __future__ import annotations\n"
+        "def f(x: int | None) -> A | B:\n"
+        "    y: str | None = None\n"
+        "    return isinstance(x, int | str)\n"
+        "Ref = OCIRef | HFRef\n"
+        "flags = os.O_RDONLY | os.O_DIRECTORY\n"
+    )
     assert _runtime_unions(ast.parse(src)) == [4, 5]
     assert _runtime_unions(ast.parse(src), annotations_evaluated=True) == [2, 3, 4, 5]
 
@@ -163,42 +211,79 @@ def test_pyz_imports_every_module(python, pyz, tmp_path):
     """Every module, not only those a pull or serve happens to load (sources/oci, hf ...),
     with warnings as errors."""
     with zipfile.ZipFile(pyz) as z:
-        mods = sorted(n[:-3].replace("/", ".") for n in z.namelist()
-                      if n.startswith("nekko_sm/") and n.endswith(".py")
-                      and not n.endswith("__main__.py"))
+        mods = sorted(
+            n[:-3].replace("/", ".")
+            for n in z.namelist()
+            if n.startswith("nekko_sm/") and n.endswith(".py") and not n.endswith("__main__.py")
+        )
     assert "nekko_sm.sources.oci" in mods and "nekko_sm.api" in mods
-    code = ("import importlib, sys\n"
-            f"sys.path.insert(0, {str(pyz)!r})\n"
-            f"for m in {mods!r}:\n"
-            "    importlib.import_module(m.replace('.__init__', ''))\n")
-    r = subprocess.run([python, "-W", "error", "-c", code], capture_output=True, text=True,
-                       timeout=60, env=_env(tmp_path), cwd=tmp_path, check=False)
+    code = (
+        "import importlib, sys\n"
+        f"sys.path.insert(0, {str(pyz)!r})\n"
+        f"for m in {mods!r}:\n"
+        "    importlib.import_module(m.replace('.__init__', ''))\n"
+    )
+    r = subprocess.run(
+        [python, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_pyz_version_and_pull(python, pyz, nginx, tmp_path):
-    r = subprocess.run([python, str(pyz), "--version"], capture_output=True, text=True,
-                       timeout=60, env=_env(tmp_path), cwd=tmp_path, check=False)
+    r = subprocess.run(
+        [python, str(pyz), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        check=False,
+    )
     assert r.returncode == 0 and r.stdout.strip() == f"nekko-sm {__version__}", r.stderr
     data = os.urandom(500_000)
     url = nginx.put(f"compat-{Path(python).name}-{os.getpid()}.bin", data)
-    r = subprocess.run([python, str(pyz), "pull", url, "--json"], capture_output=True,
-                       text=True, timeout=120, env=_env(tmp_path), cwd=tmp_path, check=False)
+    r = subprocess.run(
+        [python, str(pyz), "pull", url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     entry = json.loads(r.stdout)
     assert entry["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
     assert Path(entry["path"]).read_bytes() == data
-    r = subprocess.run([python, str(pyz), "status", url], capture_output=True, text=True,
-                       timeout=60, env=_env(tmp_path), cwd=tmp_path, check=False)
+    r = subprocess.run(
+        [python, str(pyz), "status", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_pyz_serve(python, pyz, nginx, tmp_path):
     data = os.urandom(100_000)
     url = nginx.put(f"compat-serve-{Path(python).name}-{os.getpid()}.bin", data)
-    proc = subprocess.Popen([python, str(pyz), "--address", "127.0.0.1:0", "serve"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(tmp_path), cwd=tmp_path)
+    proc = subprocess.Popen(
+        [python, str(pyz), "--address", "127.0.0.1:0", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(tmp_path),
+        cwd=tmp_path,
+    )
     try:
         port = None
         deadline = time.monotonic() + 30
@@ -214,8 +299,12 @@ def test_pyz_serve(python, pyz, nginx, tmp_path):
             c.request("GET", "/healthz")
             r = c.getresponse()
             assert r.status == 200 and json.loads(r.read())["status"] == "ok"
-            c.request("POST", "/content/", body=json.dumps({"url": url}),
-                      headers={"Content-Type": "application/json"})
+            c.request(
+                "POST",
+                "/content/",
+                body=json.dumps({"url": url}),
+                headers={"Content-Type": "application/json"},
+            )
             r = c.getresponse()
             entry = json.loads(r.read())
             assert r.status == 201, entry

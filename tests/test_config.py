@@ -31,22 +31,28 @@ def test_flag_beats_env_beats_default(tmp_path):
 
 
 def test_storage_manager_fallbacks(tmp_path):
-    env = {"STORAGE_MANAGER_CACHE_DIR": str(tmp_path / "sm"), "STORAGE_MANAGER_ADDRESS": "/run/x.sock",
-           "STORAGE_MANAGER_VERBOSE": "3"}
+    env = {
+        "STORAGE_MANAGER_CACHE_DIR": str(tmp_path / "sm"),
+        "STORAGE_MANAGER_ADDRESS": "/run/x.sock",
+        "STORAGE_MANAGER_VERBOSE": "3",
+    }
     c = build(env=env)
     assert c.cache_dir == tmp_path / "sm" and c.address.kind == "unix" and c.verbose == 3
     env["CACHE_DIR"] = str(tmp_path / "new")
     assert build(env=env).cache_dir == tmp_path / "new"
 
 
-@pytest.mark.parametrize("text, want", [
-    ("localhost:8050", ("tcp", "localhost", 8050, "")),
-    ("0.0.0.0:8050", ("tcp", "0.0.0.0", 8050, "")),
-    (":8050", ("tcp", "0.0.0.0", 8050, "")),
-    ("[::1]:8050", ("tcp", "::1", 8050, "")),
-    ("unix:/run/nekko.sock", ("unix", "", 0, "/run/nekko.sock")),
-    ("/run/nekko.sock", ("unix", "", 0, "/run/nekko.sock")),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("localhost:8050", ("tcp", "localhost", 8050, "")),
+        ("0.0.0.0:8050", ("tcp", "0.0.0.0", 8050, "")),
+        (":8050", ("tcp", "0.0.0.0", 8050, "")),
+        ("[::1]:8050", ("tcp", "::1", 8050, "")),
+        ("unix:/run/nekko.sock", ("unix", "", 0, "/run/nekko.sock")),
+        ("/run/nekko.sock", ("unix", "", 0, "/run/nekko.sock")),
+    ],
+)
 def test_addresses(text, want):
     a = cfg.parse_address(text)
     assert (a.kind, a.host, a.port, a.path) == want
@@ -58,20 +64,33 @@ def test_bad_addresses(text):
         cfg.parse_address(text)
 
 
-@pytest.mark.parametrize("argv, want", [
-    (["-v"], ["--verbose=1"]), (["-vv"], ["--verbose=2"]), (["-v=2"], ["--verbose=2"]),
-    (["-v3"], ["--verbose=3"]), (["--verbose", "2"], ["--verbose", "2"]),
-    (["pull", "--", "-v"], ["pull", "--", "-v"]),
-])
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        (["-v"], ["--verbose=1"]),
+        (["-vv"], ["--verbose=2"]),
+        (["-v=2"], ["--verbose=2"]),
+        (["-v3"], ["--verbose=3"]),
+        (["--verbose", "2"], ["--verbose", "2"]),
+        (["pull", "--", "-v"], ["pull", "--", "-v"]),
+    ],
+)
 def test_verbose_spellings(argv, want):
     assert normalise_verbose(argv) == want
 
 
-@pytest.mark.parametrize("text, want", [
-    ("linux/amd64", "linux/amd64"), ("linux/x86_64", "linux/amd64"), ("linux/aarch64", "linux/arm64"),
-    ("linux/arm64/v8", "linux/arm64"), ("linux/arm", "linux/arm/v7"), ("linux/armv6l", "linux/arm/v6"),
-    ("Linux/AMD64", "linux/amd64"),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("linux/amd64", "linux/amd64"),
+        ("linux/x86_64", "linux/amd64"),
+        ("linux/aarch64", "linux/arm64"),
+        ("linux/arm64/v8", "linux/arm64"),
+        ("linux/arm", "linux/arm/v7"),
+        ("linux/armv6l", "linux/arm/v6"),
+        ("Linux/AMD64", "linux/amd64"),
+    ],
+)
 def test_platforms(text, want):
     assert str(cfg.parse_platform(text)) == want
 
@@ -88,22 +107,38 @@ def test_platform_all_and_default(tmp_path):
 
 
 def test_lists_and_mirrors(tmp_path):
-    c = build({"insecure_registry": ["a:5000", "b"], "registry_mirror": ["docker.io=mirror.local:5000"]},
-              {"CACHE_DIR": str(tmp_path), "NEKKO_INSECURE_REGISTRIES": "ignored"})
+    c = build(
+        {"insecure_registry": ["a:5000", "b"], "registry_mirror": ["docker.io=mirror.local:5000"]},
+        {"CACHE_DIR": str(tmp_path), "NEKKO_INSECURE_REGISTRIES": "ignored"},
+    )
     assert c.insecure_registries == {"a:5000", "b"} and c.is_insecure("b:443")
     assert c.registry_mirrors == {"docker.io": ("https://mirror.local:5000",)}
-    c = build(env={"CACHE_DIR": str(tmp_path), "NEKKO_INSECURE_REGISTRIES": "x, y",
-                   "NEKKO_REGISTRY_MIRRORS": "r.io=http://m1,r.io=http://m2"})
+    c = build(
+        env={
+            "CACHE_DIR": str(tmp_path),
+            "NEKKO_INSECURE_REGISTRIES": "x, y",
+            "NEKKO_REGISTRY_MIRRORS": "r.io=http://m1,r.io=http://m2",
+        }
+    )
     assert c.insecure_registries == {"x", "y"}
     assert c.registry_mirrors == {"r.io": ("http://m1", "http://m2")}
 
 
-@pytest.mark.parametrize("flags, env", [
-    ({"jobs": "0"}, {}), ({"jobs": "many"}, {}), ({}, {"NEKKO_JOBS": "1000"}),
-    ({"verbose": "9"}, {}), ({"registry_mirror": ["nomirror"]}, {}), ({"ca_cert": "/nonexistent"}, {}),
-    ({}, {"HF_ENDPOINT": "ftp://x"}), ({}, {"HTTPS_PROXY": "socks5://127.0.0.1:1080"}),
-    ({}, {"https_proxy": "socks5h://p:1"}), ({}, {"HF_TOKEN": "hf_\u20ac"}),
-])
+@pytest.mark.parametrize(
+    "flags, env",
+    [
+        ({"jobs": "0"}, {}),
+        ({"jobs": "many"}, {}),
+        ({}, {"NEKKO_JOBS": "1000"}),
+        ({"verbose": "9"}, {}),
+        ({"registry_mirror": ["nomirror"]}, {}),
+        ({"ca_cert": "/nonexistent"}, {}),
+        ({}, {"HF_ENDPOINT": "ftp://x"}),
+        ({}, {"HTTPS_PROXY": "socks5://127.0.0.1:1080"}),
+        ({}, {"https_proxy": "socks5h://p:1"}),
+        ({}, {"HF_TOKEN": "hf_\u20ac"}),
+    ],
+)
 def test_bad_values_fail_fast(tmp_path, flags, env):
     with pytest.raises((ConfigError, InvalidPlatform)):
         build(flags, {"CACHE_DIR": str(tmp_path), **env})
@@ -138,15 +173,18 @@ def test_global_options_after_the_command(tmp_path, capsys):
     assert Path(tmp_path, "oci-layout").exists()
 
 
-@pytest.mark.parametrize("endpoint, insecure, ok", [
-    ("http://hub.internal:8080", [], False),  # clear text over the network: refused
-    ("http://hub.internal:8080", ["hub.internal:8080"], True),  # the operator said so
-    ("http://hub.internal:8080", ["hub.internal"], True),
-    ("http://127.0.0.1:9000", [], True),  # never leaves the machine
-    ("http://localhost:9000", [], True),
-    ("http://[::1]:9000", [], True),
-    ("https://hub.internal", [], True),
-])
+@pytest.mark.parametrize(
+    "endpoint, insecure, ok",
+    [
+        ("http://hub.internal:8080", [], False),  # clear text over the network: refused
+        ("http://hub.internal:8080", ["hub.internal:8080"], True),  # the operator said so
+        ("http://hub.internal:8080", ["hub.internal"], True),
+        ("http://127.0.0.1:9000", [], True),  # never leaves the machine
+        ("http://localhost:9000", [], True),
+        ("http://[::1]:9000", [], True),
+        ("https://hub.internal", [], True),
+    ],
+)
 def test_hf_token_is_not_sent_in_clear_text_without_an_opt_in(tmp_path, endpoint, insecure, ok):
     """Issue 9, finding 9: HF_TOKEN went to an http:// HF_ENDPOINT without a word."""
     flags = {"cache_dir": str(tmp_path), "insecure_registry": insecure}

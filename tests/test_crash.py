@@ -107,12 +107,20 @@ def test_cli_and_server_fetch_one_url_once(pyz, tmp_path, faulty):
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
-        cli = subprocess.Popen([sys.executable, str(pyz), "--cache-dir", str(cache), "pull", url],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cli = subprocess.Popen(
+            [sys.executable, str(pyz), "--cache-dir", str(cache), "pull", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(0.3)
         conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
-        conn.request("POST", "/content/", body=json.dumps({"url": url}),
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/content/",
+            body=json.dumps({"url": url}),
+            headers={"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         entry = json.loads(resp.read())
         conn.close()
@@ -130,8 +138,9 @@ def test_cli_and_server_fetch_one_url_once(pyz, tmp_path, faulty):
 def test_fifty_parallel_posts_and_deletes_on_shared_blobs(pyz, tmp_path, nginx):
     """API and CLI at once, entries sharing blobs: verify passes, what remains is whole."""
     shared = os.urandom(300_000)
-    urls = [nginx.put(f"shared-{i}.bin", shared if i % 2 else shared + bytes([i]))
-            for i in range(10)]
+    urls = [
+        nginx.put(f"shared-{i}.bin", shared if i % 2 else shared + bytes([i])) for i in range(10)
+    ]
     cache = tmp_path / "cache"
     config = cfg.build({"cache_dir": str(cache), "address": "127.0.0.1:0"}, {})
     service = Service(config)
@@ -144,8 +153,12 @@ def test_fifty_parallel_posts_and_deletes_on_shared_blobs(pyz, tmp_path, nginx):
         conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
         try:
             if method == "POST":
-                conn.request("POST", "/content/", body=json.dumps({"url": url}),
-                             headers={"Content-Type": "application/json"})
+                conn.request(
+                    "POST",
+                    "/content/",
+                    body=json.dumps({"url": url}),
+                    headers={"Content-Type": "application/json"},
+                )
             else:
                 conn.request("DELETE", "/content/" + encode_url(url))
             resp = conn.getresponse()
@@ -158,8 +171,13 @@ def test_fifty_parallel_posts_and_deletes_on_shared_blobs(pyz, tmp_path, nginx):
             conn.close()
 
     def cli(args):
-        r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *args],
-                           capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run(
+            [sys.executable, str(pyz), "--cache-dir", str(cache), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         if r.returncode not in (0, 4):
             errors.append((args, r.returncode, r.stderr))
 
@@ -188,9 +206,16 @@ def test_fifty_parallel_posts_and_deletes_on_shared_blobs(pyz, tmp_path, nginx):
             except EntryNotFound:  # deleted last
                 continue
             if entry["state"] == "complete":
-                assert Path(entry["path"]).read_bytes() in (shared, shared + bytes([urls.index(url)]))
-        r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), "verify"],
-                           capture_output=True, text=True, check=False)
+                assert Path(entry["path"]).read_bytes() in (
+                    shared,
+                    shared + bytes([urls.index(url)]),
+                )
+        r = subprocess.run(
+            [sys.executable, str(pyz), "--cache-dir", str(cache), "verify"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert r.returncode == 0, r.stdout
     finally:
         srv.shutdown()
@@ -265,9 +290,14 @@ def test_a_kill_right_after_preallocation_never_passes_zeros_for_data(tmp_path):
     """A ranged download preallocates its file to the full size.  Killed before the part
     map said what is there, a restart took the file's size for data and committed zeros."""
     cache = tmp_path / "cache"
-    r = subprocess.run([sys.executable, "-c", _KILLED_AFTER_PREALLOCATE, str(cache)], check=False,
-                       capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    r = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_PREALLOCATE, str(cache)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
     assert r.returncode == 9, r.stderr
     w = Store(cache).init().writer("url:http://x/big", None)
     try:
@@ -283,7 +313,7 @@ def test_a_kill_right_after_preallocation_never_passes_zeros_for_data(tmp_path):
 # KILL_AT-th step: every rename, replace, unlink, fsync and SQL statement is a step, so the
 # kills land inside the commit protocol (between the blob renames, the trash moves, the
 # transaction and the index.json rewrite), not only between operations.
-_WORKER = r'''
+_WORKER = r"""
 import json, os, random, signal, sqlite3, sys
 cache, seed, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 steps = [0]
@@ -329,7 +359,7 @@ for _ in range(int(sys.argv[4])):
     if rng.random() < 0.3:
         store.flush()
 print(steps[0])
-'''
+"""
 
 
 def assert_metadata_consistent(cache: Path) -> None:
@@ -352,9 +382,14 @@ def assert_metadata_consistent(cache: Path) -> None:
 
 
 def _worker(cache: Path, seed: int, kill_at: int, ops: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _WORKER, str(cache), str(seed), str(kill_at),
-                           str(ops)], capture_output=True, text=True, timeout=120, check=False,
-                          cwd=Path(__file__).resolve().parent.parent)
+    return subprocess.run(
+        [sys.executable, "-c", _WORKER, str(cache), str(seed), str(kill_at), str(ops)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
 
 
 @pytest.mark.slow
@@ -390,17 +425,23 @@ def test_sigkill_inside_commits_and_removals_leaves_consistent_metadata(tmp_path
 @pytest.mark.slow
 def test_sigkill_of_cli_pulls_and_removals_on_one_cache(pyz, tmp_path, nginx):
     """Real CLI processes on one cache (several at once), killed at seeded random times."""
-    urls = [nginx.put(f"crash-meta-{i}.bin", b"same bytes\n" * 300 if i % 2 else os.urandom(4000))
-            for i in range(6)]
+    urls = [
+        nginx.put(f"crash-meta-{i}.bin", b"same bytes\n" * 300 if i % 2 else os.urandom(4000))
+        for i in range(6)
+    ]
     cache = tmp_path / "cache"
     rng = random.Random(1201)
     for _ in range(25):
         procs = []
         for _ in range(3):
             verb = rng.choice(["pull", "pull", "rm"])
-            procs.append(subprocess.Popen(
-                [sys.executable, str(pyz), "--cache-dir", str(cache), verb, rng.choice(urls)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(pyz), "--cache-dir", str(cache), verb, rng.choice(urls)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         time.sleep(rng.uniform(0.05, 0.6))
         for p in procs:
             if rng.random() < 0.7:
@@ -408,6 +449,11 @@ def test_sigkill_of_cli_pulls_and_removals_on_one_cache(pyz, tmp_path, nginx):
         for p in procs:
             assert p.wait(timeout=60) in (0, 4, -signal.SIGKILL)
         assert_metadata_consistent(cache)
-    r = subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), "verify"],
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, str(pyz), "--cache-dir", str(cache), "verify"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr

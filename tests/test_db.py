@@ -38,19 +38,26 @@ def store(tmp_path) -> Store:
 
 
 def _manifest(store: Store, layers: list[bytes], platform: dict | None = None) -> Descriptor:
-    descs = [{"mediaType": "application/octet-stream", "digest": store.put_bytes(d),
-              "size": len(d)} for d in layers]
-    doc = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-           "config": {"mediaType": "application/vnd.oci.empty.v1+json",
-                      "digest": store.put_bytes(b"{}"), "size": 2},
-           "layers": descs}
+    descs = [
+        {"mediaType": "application/octet-stream", "digest": store.put_bytes(d), "size": len(d)}
+        for d in layers
+    ]
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            "digest": store.put_bytes(b"{}"),
+            "size": 2,
+        },
+        "layers": descs,
+    }
     raw = json.dumps(doc).encode()
     return Descriptor(MT_OCI_MANIFEST, store.put_bytes(raw), len(raw), platform=platform)
 
 
 def _refs(store: Store, data: bytes) -> int:
-    rows = store._index.db.query("SELECT refs FROM blobs WHERE digest = ?",
-                                 (sha256_digest(data),))
+    rows = store._index.db.query("SELECT refs FROM blobs WHERE digest = ?", (sha256_digest(data),))
     return rows[0][0] if rows else 0
 
 
@@ -177,8 +184,9 @@ def test_many_commits_one_rewrite(store, monkeypatch):
     real = store._index.file.write
     monkeypatch.setattr(store._index.file, "write", lambda *a: (writes.append(a[1]), real(*a)))
     descs = [_manifest(store, [f"layer {i}".encode()]) for i in range(40)]
-    threads = [threading.Thread(target=store.put_entry, args=(f"u{i:02d}", d))
-               for i, d in enumerate(descs)]
+    threads = [
+        threading.Thread(target=store.put_entry, args=(f"u{i:02d}", d)) for i, d in enumerate(descs)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -191,26 +199,29 @@ def test_many_commits_one_rewrite(store, monkeypatch):
 
 def test_one_shot_process_leaves_index_json_current(tmp_path):
     cache = tmp_path / "cache"
-    code = ("import sys, json; from nekko_sm.store import Store, Descriptor, MT_OCI_MANIFEST\n"
-            "s = Store(sys.argv[1]).init()\n"
-            "for i in range(3):\n"
-            "    raw = json.dumps({'schemaVersion': 2, 'layers': [], 'n': i}).encode()\n"
-            "    s.put_entry(f'u{i}', Descriptor(MT_OCI_MANIFEST, s.put_bytes(raw), len(raw)))\n")
+    code = (
+        "import sys, json; from nekko_sm.store import Store, Descriptor, MT_OCI_MANIFEST\n"
+        "s = Store(sys.argv[1]).init()\n"
+        "for i in range(3):\n"
+        "    raw = json.dumps({'schemaVersion': 2, 'layers': [], 'n': i}).encode()\n"
+        "    s.put_entry(f'u{i}', Descriptor(MT_OCI_MANIFEST, s.put_bytes(raw), len(raw)))\n"
+    )
     subprocess.run([sys.executable, "-c", code, str(cache)], check=True, cwd=ROOT, timeout=60)
     assert _index_urls(cache) == ["u0", "u1", "u2"]  # nobody called flush or close
 
 
 def test_index_json_behind_after_a_kill_is_rebuilt_at_open(tmp_path):
     cache = tmp_path / "cache"
-    code = ("import os, sys, json, signal; from nekko_sm.store import Store, Descriptor,"
-            " MT_OCI_MANIFEST\n"
-            "s = Store(sys.argv[1]).init()\n"
-            "s._index._flusher.kick = lambda: None  # no rewrite before the kill\n"
-            "raw = json.dumps({'schemaVersion': 2, 'layers': []}).encode()\n"
-            "s.put_entry('u', Descriptor(MT_OCI_MANIFEST, s.put_bytes(raw), len(raw)))\n"
-            "os.kill(os.getpid(), signal.SIGKILL)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(cache)], cwd=ROOT, timeout=60,
-                       check=False)
+    code = (
+        "import os, sys, json, signal; from nekko_sm.store import Store, Descriptor,"
+        " MT_OCI_MANIFEST\n"
+        "s = Store(sys.argv[1]).init()\n"
+        "s._index._flusher.kick = lambda: None  # no rewrite before the kill\n"
+        "raw = json.dumps({'schemaVersion': 2, 'layers': []}).encode()\n"
+        "s.put_entry('u', Descriptor(MT_OCI_MANIFEST, s.put_bytes(raw), len(raw)))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(cache)], cwd=ROOT, timeout=60, check=False)
     assert r.returncode == -9
     assert _index_urls(cache) == []  # the commit is in the database only
     store = Store(cache)
@@ -263,7 +274,11 @@ def test_a_cache_made_before_the_database_loses_no_entry(tmp_path):
             assert Path(e["path"]).exists()
         multi = entries["oci://registry.test/legacy/multi:v1?platform=all"]
         assert sorted(f["name"] for f in multi["files"]) == [
-            "linux-amd64/layer", "linux-amd64/shared", "linux-arm64/layer", "linux-arm64/shared"]
+            "linux-amd64/layer",
+            "linux-amd64/shared",
+            "linux-arm64/layer",
+            "linux-arm64/shared",
+        ]
         a = next(u for u in entries if u.endswith("/a.bin"))
         assert svc.remove(a)["blobs_freed"] == 1  # its manifest: the file is shared
         assert Path(entries[a + "?again"]["path"]).exists()
@@ -383,21 +398,42 @@ _NO_SQLITE = "import sys; sys.modules['sqlite3'] = None; from nekko_sm.cli impor
 @pytest.mark.parametrize("command", ["ls", "serve"])
 def test_without_sqlite3_one_clear_line_and_exit_2(tmp_path, command):
     r = subprocess.run(
-        [sys.executable, "-c", _NO_SQLITE + "sys.exit(main(sys.argv[1:]))",
-         "--cache-dir", str(tmp_path / "c"), "--address", "127.0.0.1:0", command],
-        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+        [
+            sys.executable,
+            "-c",
+            _NO_SQLITE + "sys.exit(main(sys.argv[1:]))",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--address",
+            "127.0.0.1:0",
+            command,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.splitlines()) == 1 and "sqlite3" in r.stderr, r.stderr
 
 
 def test_without_sqlite3_the_service_refuses_with_bad_configuration(tmp_path):
-    code = (_NO_SQLITE + "from nekko_sm.service import Service; from nekko_sm import config\n"
-            "try:\n"
-            "    Service(config.build({'cache_dir': sys.argv[1]}, {}))\n"
-            "except Exception as e:\n"
-            "    print(e.code, e.status)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True,
-                       text=True, cwd=ROOT, timeout=60, check=False)
+    code = (
+        _NO_SQLITE + "from nekko_sm.service import Service; from nekko_sm import config\n"
+        "try:\n"
+        "    Service(config.build({'cache_dir': sys.argv[1]}, {}))\n"
+        "except Exception as e:\n"
+        "    print(e.code, e.status)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
     assert r.stdout.split() == ["bad-configuration", "500"], r.stderr
 
 

@@ -84,7 +84,9 @@ def _man_has_flag(text: str, flag: str) -> bool:
 
 def _section(name: str) -> str:
     """The text of one .SH section of the man page (up to the next .SH)."""
-    m = re.search(rf"^\.SH {re.escape(name)}\s*$(.*?)(?=^\.SH |\Z)", MAN_TEXT, re.MULTILINE | re.DOTALL)
+    m = re.search(
+        rf"^\.SH {re.escape(name)}\s*$(.*?)(?=^\.SH |\Z)", MAN_TEXT, re.MULTILINE | re.DOTALL
+    )
     assert m, f"the man page has no .SH {name} section"
     return m.group(1)
 
@@ -92,7 +94,9 @@ def _section(name: str) -> str:
 def _subsections(section: str) -> dict[str, str]:
     """``.SS NAME ...`` subsections of a section, by their first word."""
     out = {}
-    for m in re.finditer(r"^\.SS (\S+)[^\n]*\n(.*?)(?=^\.SS |\Z)", section, re.MULTILINE | re.DOTALL):
+    for m in re.finditer(
+        r"^\.SS (\S+)[^\n]*\n(.*?)(?=^\.SS |\Z)", section, re.MULTILINE | re.DOTALL
+    ):
         out[m.group(1)] = m.group(2)
     return out
 
@@ -130,12 +134,15 @@ def test_every_flag_is_in_the_man_page():
 def test_every_command_has_its_subsection_in_commands():
     subsections = _subsections(_section("COMMANDS"))
     assert set(subsections) == set(COMMANDS), (
-        f"COMMANDS .SS subsections {sorted(subsections)} != --help commands {sorted(COMMANDS)}")
+        f"COMMANDS .SS subsections {sorted(subsections)} != --help commands {sorted(COMMANDS)}"
+    )
 
 
 def test_every_command_is_in_the_synopsis():
     synopsis = _section("SYNOPSIS")
-    missing = [c for c in COMMANDS if not re.search(rf"^\.B {c}$|\\fB{c}\\fR", synopsis, re.MULTILINE)]
+    missing = [
+        c for c in COMMANDS if not re.search(rf"^\.B {c}$|\\fB{c}\\fR", synopsis, re.MULTILINE)
+    ]
     assert not missing, f"commands missing from the SYNOPSIS: {missing}"
 
 
@@ -144,14 +151,16 @@ def test_command_options_are_listed_under_the_command(command):
     section = _subsections(_section("COMMANDS"))[command]
     listed = set().union(*(_flags_in(h) for h in _tp_headers(section)))
     assert listed == _own_flags(command), (
-        f"{command}: the man page lists {sorted(listed)}, --help has {sorted(_own_flags(command))}")
+        f"{command}: the man page lists {sorted(listed)}, --help has {sorted(_own_flags(command))}"
+    )
 
 
 def test_global_options_section_lists_exactly_the_global_flags():
     section = _section("GLOBAL OPTIONS")
     listed = set().union(*(_flags_in(h) for h in _tp_headers(section)))
     assert listed == TOP_FLAGS, (
-        f"GLOBAL OPTIONS lists {sorted(listed)}, --help has {sorted(TOP_FLAGS)}")
+        f"GLOBAL OPTIONS lists {sorted(listed)}, --help has {sorted(TOP_FLAGS)}"
+    )
 
 
 def test_every_flag_in_the_man_page_is_real():
@@ -172,11 +181,13 @@ def test_every_flag_in_the_man_page_is_real():
 
 
 def test_every_global_flag_and_command_is_in_the_readme():
-    missing = sorted(f for f in TOP_FLAGS - {"-h", "--help", "--version", "-v"}
-                     if f"`{f}" not in README_TEXT)
+    missing = sorted(
+        f for f in TOP_FLAGS - {"-h", "--help", "--version", "-v"} if f"`{f}" not in README_TEXT
+    )
     assert not missing, f"README's configuration table lacks {missing}"
-    missing = sorted(c for c in COMMANDS if not re.search(rf"nekko-sm\.pyz(?: \S+)* {c}\b",
-                                                          README_TEXT))
+    missing = sorted(
+        c for c in COMMANDS if not re.search(rf"nekko-sm\.pyz(?: \S+)* {c}\b", README_TEXT)
+    )
     assert not missing, f"README's quick tour never runs {missing}"
 
 
@@ -197,15 +208,21 @@ def test_config_env_names_are_found():
 def test_env_var_is_documented(name):
     assert _has_word(_section("ENVIRONMENT"), name), f"{name} missing from the man's ENVIRONMENT"
     assert _has_word(README_TEXT, f"`{name}`") or _has_word(README_TEXT, name), (
-        f"{name} missing from README.md")
+        f"{name} missing from README.md"
+    )
 
 
 def test_man_environment_names_only_real_variables():
     names = _config_env_names()
     named = set()
     for header in _tp_headers(_section("ENVIRONMENT")):
-        named |= set(re.findall(r"(?<![\\A-Za-z0-9_])([A-Z][A-Z0-9]*_[A-Z0-9_]+|[A-Z]{4,}"
-                                r"|[a-z]+_proxy)(?![A-Za-z0-9_])", header))
+        named |= set(
+            re.findall(
+                r"(?<![\\A-Za-z0-9_])([A-Z][A-Z0-9]*_[A-Z0-9_]+|[A-Z]{4,}"
+                r"|[a-z]+_proxy)(?![A-Za-z0-9_])",
+                header,
+            )
+        )
     unknown = sorted(named - names)
     assert not unknown, f"the man's ENVIRONMENT names variables config.py never reads: {unknown}"
 
@@ -233,7 +250,10 @@ def test_example_urls_parse(doc):
 
 
 def _fenced_blocks(text: str) -> list[str]:
-    return [m.group(1).strip() for m in re.finditer(r"^```[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL)]
+    return [
+        m.group(1).strip()
+        for m in re.finditer(r"^```[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    ]
 
 
 def test_readme_has_the_exact_setup_commands():
@@ -263,6 +283,11 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.parametrize("device", [[], ["-Tutf8", "-rLL=78n"]], ids=["default", "80-columns"])
 def test_man_page_renders_without_warnings(device):
     groff = require_binary("groff", "groff-base")
-    r = subprocess.run([groff, "-man", "-ww", "-z", *device, str(MAN)],
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [groff, "-man", "-ww", "-z", *device, str(MAN)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -37,13 +37,25 @@ PACKS = {
     # one GGUF and nothing else: ``path`` is the file itself
     "docker-v01-alone": mp.docker_model_v01([ONE], license=None),
     "modctl-tar-alone": mp.modctl({"model.gguf": ONE}),
-    "kitops-gzip": mp.kitops({"Kitfile": b"x", "models/m.gguf": ONE, "README.md": b"# kit\n"},
-                             {"manifestVersion": "1.0.0", "package": {"name": "t"},
-                              "model": {"name": "m", "path": "models/m.gguf"},
-                              "docs": [{"path": "README.md"}]}, gzip_layers=True),
-    "kitops-old": mp.kitops({"Kitfile": b"x", "models/m.gguf": ONE},
-                            {"manifestVersion": "1.0.0", "package": {"name": "t"},
-                             "model": {"name": "m", "path": "models/m.gguf"}}, old=True),
+    "kitops-gzip": mp.kitops(
+        {"Kitfile": b"x", "models/m.gguf": ONE, "README.md": b"# kit\n"},
+        {
+            "manifestVersion": "1.0.0",
+            "package": {"name": "t"},
+            "model": {"name": "m", "path": "models/m.gguf"},
+            "docs": [{"path": "README.md"}],
+        },
+        gzip_layers=True,
+    ),
+    "kitops-old": mp.kitops(
+        {"Kitfile": b"x", "models/m.gguf": ONE},
+        {
+            "manifestVersion": "1.0.0",
+            "package": {"name": "t"},
+            "model": {"name": "m", "path": "models/m.gguf"},
+        },
+        old=True,
+    ),
 }
 
 
@@ -59,8 +71,7 @@ def sha(data: bytes) -> str:
 def pushed(registry) -> dict:
     """Every pack of PACKS on the session's registry, as ``models/NAME:v1``."""
     registry.reset()
-    return {name: mp.push_pack(registry, f"models/{name}:v1", pack)
-            for name, pack in PACKS.items()}
+    return {name: mp.push_pack(registry, f"models/{name}:v1", pack) for name, pack in PACKS.items()}
 
 
 class Api:
@@ -100,13 +111,21 @@ def api(make, registry):
 
 
 def cli(cache: Path, *args: str, hosts=(), env=None, timeout=120):
-    argv = [sys.executable, "-m", "nekko_sm", "--cache-dir", str(cache),
-            "--platform", "linux/amd64"]
+    argv = [
+        sys.executable,
+        "-m",
+        "nekko_sm",
+        "--cache-dir",
+        str(cache),
+        "--platform",
+        "linux/amd64",
+    ]
     for h in hosts:
         argv += ["--insecure-registry", h]
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(argv + list(args), capture_output=True, text=True, check=False,
-                          timeout=timeout, env=e)
+    return subprocess.run(
+        argv + list(args), capture_output=True, text=True, check=False, timeout=timeout, env=e
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +148,9 @@ def check_engine_ready(entry: dict, pack: mp.Pack) -> None:
         assert path.is_file() and path.read_bytes() == data
     else:
         assert path.is_dir()
-        on_disk = {str(p.relative_to(path)): p.read_bytes()
-                   for p in path.rglob("*") if not p.is_dir()}
+        on_disk = {
+            str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if not p.is_dir()
+        }
         assert on_disk == pack.view
     if pack.model is None:
         assert "model" not in entry
@@ -194,11 +214,13 @@ def test_a_modelcar_keeps_its_whiteouts(make, registry, pushed):
 # one blob per file, wherever it comes from
 
 
-def test_a_safetensors_file_in_a_modelpack_tar_and_over_http_is_one_blob(make, registry,
-                                                                         nginx):
+def test_a_safetensors_file_in_a_modelpack_tar_and_over_http_is_one_blob(make, registry, nginx):
     weights = mp.safetensors_bytes({"w": [0.5] * (300 * 1024)})  # 1.2 MB: streamed
-    url = mp.push_pack(registry, "models/shared-st:v1",
-                       mp.modctl({"config.json": b"{}", "model.safetensors": weights}))
+    url = mp.push_pack(
+        registry,
+        "models/shared-st:v1",
+        mp.modctl({"config.json": b"{}", "model.safetensors": weights}),
+    )
     svc = make(registry.host)
     entry, _ = svc.pull(url)
     [st] = [f for f in entry["files"] if f["name"] == "model.safetensors"]
@@ -216,14 +238,26 @@ def test_a_safetensors_file_in_a_modelpack_tar_and_over_http_is_one_blob(make, r
 # hostile tars
 
 
-@pytest.mark.parametrize("case", ["absolute path", "dot-dot", "symlink to /etc/passwd",
-                                  "hard link to /etc/passwd", "character device"])
-def test_a_hostile_tar_is_refused_and_writes_nothing_outside_the_cache(make, registry,
-                                                                       tmp_path, case):
-    pack = mp.replace_layer(mp.modctl({"config.json": b"{}"}), 0,
-                            mp.tar_bytes(mp.HOSTILE[case]),
-                            "application/vnd.cncf.model.weight.v1.tar",
-                            {"org.cncf.model.filepath": "model.bin"})
+@pytest.mark.parametrize(
+    "case",
+    [
+        "absolute path",
+        "dot-dot",
+        "symlink to /etc/passwd",
+        "hard link to /etc/passwd",
+        "character device",
+    ],
+)
+def test_a_hostile_tar_is_refused_and_writes_nothing_outside_the_cache(
+    make, registry, tmp_path, case
+):
+    pack = mp.replace_layer(
+        mp.modctl({"config.json": b"{}"}),
+        0,
+        mp.tar_bytes(mp.HOSTILE[case]),
+        "application/vnd.cncf.model.weight.v1.tar",
+        {"org.cncf.model.filepath": "model.bin"},
+    )
     tag = case.replace(" ", "-").replace("/", "")
     url = mp.push_pack(registry, f"models/hostile-{tag}:v1", pack)
     svc = make(registry.host)
@@ -241,10 +275,13 @@ def test_a_hostile_tar_is_refused_and_writes_nothing_outside_the_cache(make, reg
 
 
 def test_a_hostile_tar_through_the_api_is_a_400(api, registry):
-    pack = mp.replace_layer(mp.modctl({"config.json": b"{}"}), 0,
-                            mp.tar_bytes(mp.HOSTILE["dot-dot"]),
-                            "application/vnd.cncf.model.weight.v1.tar",
-                            {"org.cncf.model.filepath": "model.bin"})
+    pack = mp.replace_layer(
+        mp.modctl({"config.json": b"{}"}),
+        0,
+        mp.tar_bytes(mp.HOSTILE["dot-dot"]),
+        "application/vnd.cncf.model.weight.v1.tar",
+        {"org.cncf.model.filepath": "model.bin"},
+    )
     url = mp.push_pack(registry, "models/hostile-api:v1", pack)
     status, body = api.call("POST", "/content/", {"url": url})
     assert status == 400 and body["error"]["code"] == "layer-unsafe"
@@ -255,22 +292,40 @@ def test_a_hostile_tar_through_the_api_is_a_400(api, registry):
 # the cache stays an OCI layout; --discard-unpacked-layers
 
 
-def test_skopeo_copies_an_unpacked_image_out_and_umoci_reads_the_layout(make, registry,
-                                                                        pushed, tmp_path):
+def test_skopeo_copies_an_unpacked_image_out_and_umoci_reads_the_layout(
+    make, registry, pushed, tmp_path
+):
     skopeo = require_binary("skopeo")
     umoci = require_binary("umoci")
     svc = make(registry.host)
     entry, _ = svc.pull(pushed["modelcar"])
     svc.store.flush()  # index.json is rewritten by group commit: current at exit or flush
     cache = svc.store.root
-    r = subprocess.run([umoci, "ls", "--layout", str(cache)], capture_output=True, text=True,
-                       check=False, timeout=60)
+    r = subprocess.run(
+        [umoci, "ls", "--layout", str(cache)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [entry["url"]]
     out = tmp_path / "out"
-    r = subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", "--preserve-digests",
-                        f"oci:{cache}", f"oci:{out}:copy"],
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        [
+            skopeo,
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            f"oci:{cache}",
+            f"oci:{out}:copy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     pack = PACKS["modelcar"]
     [d] = json.loads((out / "index.json").read_bytes())["manifests"]
@@ -284,10 +339,12 @@ def _blob_bytes(store: Store) -> int:
 
 
 def test_discard_unpacked_layers_keeps_the_files_only(make, registry, tmp_path):
-    files = {"config.json": b'{"architectures": ["X"]}',
-             "model-00001-of-00002.safetensors": mp.safetensors_bytes({"a": [1.0] * 400_000}),
-             "model-00002-of-00002.safetensors": mp.safetensors_bytes({"b": [2.0] * 400_000}),
-             "tokenizer.json": b"{}" * 1000}
+    files = {
+        "config.json": b'{"architectures": ["X"]}',
+        "model-00001-of-00002.safetensors": mp.safetensors_bytes({"a": [1.0] * 400_000}),
+        "model-00002-of-00002.safetensors": mp.safetensors_bytes({"b": [2.0] * 400_000}),
+        "tokenizer.json": b"{}" * 1000,
+    }
     pack = mp.modctl(files, gzip_layers=True)
     url = mp.push_pack(registry, "models/discard:v1", pack)
     svc = make(registry.host, discard_unpacked_layers=True)
@@ -308,17 +365,30 @@ def test_discard_unpacked_layers_keeps_the_files_only(make, registry, tmp_path):
     blob.write_bytes(b"\0" + blob.read_bytes()[1:])
     assert (st["digest"], "digest mismatch") in svc.store.verify()
     # the environment variable says the same; a second pull of it is answered from the cache
-    r = cli(tmp_path / "env-cache", "pull", url, "--json", hosts=[registry.host],
-            env={"NEKKO_DISCARD_UNPACKED_LAYERS": "1"})
+    r = cli(
+        tmp_path / "env-cache",
+        "pull",
+        url,
+        "--json",
+        hosts=[registry.host],
+        env={"NEKKO_DISCARD_UNPACKED_LAYERS": "1"},
+    )
     assert r.returncode == 0, r.stderr
     env_store = Store(tmp_path / "env-cache")
     assert _blob_bytes(env_store) <= 1.05 * size
-    assert cli(tmp_path / "env-cache", "pull", url, hosts=[registry.host],
-               env={"NEKKO_DISCARD_UNPACKED_LAYERS": "1"}).returncode == 0
+    assert (
+        cli(
+            tmp_path / "env-cache",
+            "pull",
+            url,
+            hosts=[registry.host],
+            env={"NEKKO_DISCARD_UNPACKED_LAYERS": "1"},
+        ).returncode
+        == 0
+    )
 
 
-def test_without_discard_the_tar_layers_stay_and_rm_frees_everything(make, registry,
-                                                                    pushed):
+def test_without_discard_the_tar_layers_stay_and_rm_frees_everything(make, registry, pushed):
     svc = make(registry.host)
     pack = PACKS["modctl"]
     entry, _ = svc.pull(pushed["modctl"])
@@ -349,8 +419,7 @@ def test_an_ollama_like_registry(make, ollama):
     check_engine_ready(entry, pack)
     assert [f["name"] for f in entry["files"]] == sorted(pack.view)
     paths = [r.path for r in ollama.requests]
-    assert "/v2/" in paths and any(r.status == 404 and r.path == "/v2/"
-                                   for r in ollama.requests)
+    assert "/v2/" in paths and any(r.status == 404 and r.path == "/v2/" for r in ollama.requests)
     assert {r.status for r in ollama.requests if r.blob_digest} == {307}
     assert ollama.blob_host_requests  # the bytes came from the "CDN"
     assert not any(r.has_authorization for r in ollama.blob_host_requests)
@@ -420,10 +489,14 @@ def test_an_image_link_to_nothing_outside_models_does_not_fail_the_pull(make, re
     """Real images hold dangling links (/etc/mtab -> /proc/self/mounts); a modelcar's view
     is /models, which they are not part of."""
     files = {"config.json": b"{}", "model.safetensors": mp.safetensors_bytes({"w": [1.0]})}
-    layers = [[Entry("etc", type="dir"),
-               Entry("etc/mtab", type="symlink", linkname="/proc/self/mounts"),
-               Entry("models", type="dir")]
-              + [Entry(f"models/{n}", d) for n, d in files.items()]]
+    layers = [
+        [
+            Entry("etc", type="dir"),
+            Entry("etc/mtab", type="symlink", linkname="/proc/self/mounts"),
+            Entry("models", type="dir"),
+        ]
+        + [Entry(f"models/{n}", d) for n, d in files.items()]
+    ]
     pack = mp.image(layers, files)
     url = mp.push_pack(registry, "models/car-mtab:v1", pack)
     entry, _ = make(registry.host).pull(url)
@@ -436,8 +509,11 @@ def test_an_image_link_to_nothing_outside_models_does_not_fail_the_pull(make, re
 
 def _weights_pack(size: int = 3 << 20) -> tuple[mp.Pack, str]:
     pack = mp.modctl({"config.json": b"{}", "weights.bin": os.urandom(size)})
-    [layer] = [d["digest"] for d in pack.doc["layers"]
-               if d["annotations"]["org.cncf.model.filepath"] == "weights.bin"]
+    [layer] = [
+        d["digest"]
+        for d in pack.doc["layers"]
+        if d["annotations"]["org.cncf.model.filepath"] == "weights.bin"
+    ]
     return pack, layer
 
 
@@ -481,8 +557,7 @@ def test_a_tar_layer_is_unpacked_while_it_downloads(make, registry, followed):
     assert registry.blob_bytes(layer) <= len(pack.blobs[layer]) + (1 << 20)
 
 
-def test_a_layer_that_starts_over_is_unpacked_again_from_its_blob(make, registry, followed,
-                                                                  caplog):
+def test_a_layer_that_starts_over_is_unpacked_again_from_its_blob(make, registry, followed, caplog):
     pack, layer = _weights_pack()
     url = mp.push_pack(registry, "models/restart:v1", pack)
     followed["wait"] = {layer}
@@ -495,15 +570,16 @@ def test_a_layer_that_starts_over_is_unpacked_again_from_its_blob(make, registry
     assert "unpacking from the blobs" in caplog.text
 
 
-def test_a_hostile_tar_found_while_downloading_still_waits_for_the_digest(make, registry,
-                                                                         followed):
+def test_a_hostile_tar_found_while_downloading_still_waits_for_the_digest(make, registry, followed):
     """What the unpacker refuses is reported only once the bytes verified: a bad tar is
     the publisher's (400), bytes that do not match their digest the registry's (502)."""
-    pack = mp.replace_layer(mp.modctl({"config.json": b"{}"}), 0,
-                            mp.tar_bytes(mp.HOSTILE["dot-dot"] + [Entry("pad", os.urandom(
-                                2 << 20))]),
-                            "application/vnd.cncf.model.weight.v1.tar",
-                            {"org.cncf.model.filepath": "model.bin"})
+    pack = mp.replace_layer(
+        mp.modctl({"config.json": b"{}"}),
+        0,
+        mp.tar_bytes(mp.HOSTILE["dot-dot"] + [Entry("pad", os.urandom(2 << 20))]),
+        "application/vnd.cncf.model.weight.v1.tar",
+        {"org.cncf.model.filepath": "model.bin"},
+    )
     [layer] = [d["digest"] for d in pack.doc["layers"]]
     url = mp.push_pack(registry, "models/hostile-follow:v1", pack)
     followed["wait"] = {layer}
@@ -528,7 +604,7 @@ def test_a_follower_reads_behind_the_frontier(tmp_path):
         t.start()
         for i in range(0, len(data), 1 << 20):
             assert t.is_alive()  # still waiting for the rest
-            w.write(data[i:i + (1 << 20)])
+            w.write(data[i : i + (1 << 20)])
         t.join(10)
         assert got == [data]
         assert reader.read(10) == b""  # the end
@@ -560,8 +636,9 @@ def test_a_second_name_of_an_unpacked_image_reuses_its_files(make, registry):
     registry.reset()
     second, _ = svc.pull(by_digest)
     check_engine_ready(second, pack)
-    assert [(f["name"], f["digest"]) for f in second["files"]] == \
-        [(f["name"], f["digest"]) for f in first["files"]]
+    assert [(f["name"], f["digest"]) for f in second["files"]] == [
+        (f["name"], f["digest"]) for f in first["files"]
+    ]
     tars = [d["digest"] for d in pack.doc["layers"]]
     assert not any(registry.blob_gets(d) for d in tars)
     svc.remove(url)

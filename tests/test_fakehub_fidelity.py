@@ -146,8 +146,10 @@ def wire_invariants(request, hub: FakeHub):
     for r in log:
         if r.server == "cdn" and r.status in (200, 206):
             assert r.response_header("ETag").strip('"') not in shas, r
-        if r.server == "hub" and r.status in (302, 307) and "/xet-bridge-us/" in (
-            r.response_header("Location") or ""
+        if (
+            r.server == "hub"
+            and r.status in (302, 307)
+            and "/xet-bridge-us/" in (r.response_header("Location") or "")
         ):
             assert "x-xet-hash" in stripped or r.response_header("X-Xet-Hash"), r
             assert 'rel="xet-auth"' in r.response_header("Link"), r
@@ -418,8 +420,11 @@ def test_tree_xet_hash(hf, hub):
     api = hf.HfApi(endpoint=hub.endpoint, token=False)
     from huggingface_hub.utils._xet import is_valid_xet_hash
 
-    files = {e.path: e for e in api.list_repo_tree("fid/model", recursive=True)
-             if isinstance(e, hf.hf_api.RepoFile)}
+    files = {
+        e.path: e
+        for e in api.list_repo_tree("fid/model", recursive=True)
+        if isinstance(e, hf.hf_api.RepoFile)
+    }
     w = files["weights/model.safetensors"]
     assert w.xet_hash == hub.blob("fid/model", w.path).xet_hash and is_valid_xet_hash(w.xet_hash)
     assert files["config.json"].xet_hash is None  # a git file is not in Xet
@@ -438,8 +443,7 @@ def test_rate_limit_headers_and_429(hf, hub):
     url = hub.endpoint + "/api/models/fid/model"
     first = http_backoff("GET", url)
     info = parse_ratelimit_headers(first.headers)
-    assert (info.resource_type, info.remaining, info.limit, info.window_seconds) == (
-        "api", 1, 2, 1)
+    assert (info.resource_type, info.remaining, info.limit, info.window_seconds) == ("api", 1, 2, 1)
     assert http_backoff("GET", url).status_code == 200
     hub.clear_log()
     third = http_backoff("GET", url, max_retries=3)  # over the quota: 429, waits, then 200

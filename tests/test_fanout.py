@@ -72,10 +72,13 @@ svc.close()
 
 def pull_in_child(tmp_path, reg, warm: str, url: str, max_files: int = 10_000) -> dict:
     r = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "cache"), reg.host, warm, url,
-         str(max_files)],
-        capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [sys.executable, "-c", CHILD, str(tmp_path / "cache"), reg.host, warm, url, str(max_files)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -89,8 +92,11 @@ def big_manifest(reg, repo: str, files: int) -> dict:
 
 
 def fan_out(reg, repo: str, child: dict, n: int, platforms) -> str:
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
-             "manifests": [{**child, "platform": platforms(i)} for i in range(n)]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{**child, "platform": platforms(i)} for i in range(n)],
+    }
     push_manifest(reg, repo, "fan", index)
     return f"oci://{reg.host}/{repo}:fan"
 
@@ -112,8 +118,9 @@ def test_too_many_files_across_platforms_is_refused_before_any_blob(tmp_path, re
     repo = "fanout/platforms"
     child = big_manifest(reg, repo, 400)
     # 2,000 platforms of one manifest: 800,000 files in the view, over --max-pull-files.
-    url = fan_out(reg, repo, child, 2000,
-                  lambda i: {"os": "linux", "architecture": "arm", "variant": f"v{i}"})
+    url = fan_out(
+        reg, repo, child, 2000, lambda i: {"os": "linux", "architecture": "arm", "variant": f"v{i}"}
+    )
     reg.clear()
     out = pull_in_child(tmp_path, reg, seeded["public/single:v1"].url, url)
     assert not out["ok"] and out["code"] == "pull-too-large" and out["status"] == 413, out
@@ -126,15 +133,27 @@ def test_too_many_files_across_platforms_is_refused_before_any_blob(tmp_path, re
 def test_too_many_distinct_manifests_are_refused_before_any_is_fetched(tmp_path, reg, seeded):
     repo = "fanout/distinct"
     layer = push_blob(reg, repo, b"a layer")
-    children = [push_manifest(reg, repo, f"c{i}", artifact_manifest(
-        reg, repo, [{**layer, "annotations": {TITLE: f"file-{i}"}}])) for i in range(300)]
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
-             "manifests": [{**c, "platform": {"os": "linux", "architecture": "amd64"}}
-                           for c in children]}
+    children = [
+        push_manifest(
+            reg,
+            repo,
+            f"c{i}",
+            artifact_manifest(reg, repo, [{**layer, "annotations": {TITLE: f"file-{i}"}}]),
+        )
+        for i in range(300)
+    ]
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {**c, "platform": {"os": "linux", "architecture": "amd64"}} for c in children
+        ],
+    }
     push_manifest(reg, repo, "fan", index)
     reg.clear()
-    out = pull_in_child(tmp_path, reg, seeded["public/single:v1"].url,
-                        f"oci://{reg.host}/{repo}:fan")
+    out = pull_in_child(
+        tmp_path, reg, seeded["public/single:v1"].url, f"oci://{reg.host}/{repo}:fan"
+    )
     assert not out["ok"] and out["code"] == "manifest-invalid", out
     assert not any(reg.manifest_gets(c["digest"]) for c in children)
     assert out["verify"] == []
@@ -144,8 +163,9 @@ def test_an_image_with_more_layers_than_files_allowed_is_refused(tmp_path, reg, 
     repo = "fanout/layers"
     big_manifest(reg, repo, 600)
     reg.clear()
-    out = pull_in_child(tmp_path, reg, seeded["public/single:v1"].url,
-                        f"oci://{reg.host}/{repo}:big", max_files=500)
+    out = pull_in_child(
+        tmp_path, reg, seeded["public/single:v1"].url, f"oci://{reg.host}/{repo}:big", max_files=500
+    )
     assert not out["ok"] and out["code"] == "pull-too-large", out
     assert "600 layers" in out["message"]
     assert reg.blob_gets(push_blob(reg, repo, b"one small layer")["digest"]) == 0

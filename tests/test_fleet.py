@@ -120,8 +120,11 @@ def make(new_service, tmp_path):
 
     def make(flags: dict | None = None, env: dict | None = None, **transfer_kw) -> Service:
         transfer_kw.setdefault("backoff", 0.05)
-        return new_service({"cache_dir": str(tmp_path / f"cache{next(caches)}"), **(flags or {})},
-                           env, {"read_timeout": 10, **transfer_kw})
+        return new_service(
+            {"cache_dir": str(tmp_path / f"cache{next(caches)}"), **(flags or {})},
+            env,
+            {"read_timeout": 10, **transfer_kw},
+        )
 
     return make
 
@@ -149,10 +152,12 @@ def pulled(svc: Service, url: str) -> bytes:
 
 def _wait_stored(peer, digests: set, timeout: float = 15.0) -> None:
     """distribution 2.8 stores what it pulled through in the background: wait for it."""
+
     def path(d: str) -> str:
         algo, hexd = d.split(":", 1)
-        return os.path.join(peer.storage_dir, "docker", "registry", "v2", "blobs", algo,
-                            hexd[:2], hexd, "data")
+        return os.path.join(
+            peer.storage_dir, "docker", "registry", "v2", "blobs", algo, hexd[:2], hexd, "data"
+        )
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -162,9 +167,11 @@ def _wait_stored(peer, digests: set, timeout: float = 15.0) -> None:
     raise AssertionError(f"the pull-through cache did not store {digests}")
 
 
-_BLOB_LINE = re.compile(r'msg="response completed".*http\.request\.method=GET'
-                        r'.*http\.request\.uri="/v2/[^"]*/blobs/(sha256:[0-9a-f]{64})'
-                        r'.*http\.request\.useragent=(\S*)')
+_BLOB_LINE = re.compile(
+    r'msg="response completed".*http\.request\.method=GET'
+    r'.*http\.request\.uri="/v2/[^"]*/blobs/(sha256:[0-9a-f]{64})'
+    r".*http\.request\.useragent=(\S*)"
+)
 
 
 def _blob_clients(peer, mark: int, digests: set, timeout: float = 5.0) -> dict:
@@ -182,10 +189,15 @@ def _blob_clients(peer, mark: int, digests: set, timeout: float = 5.0) -> dict:
 def test_pull_through_cache_serves_the_fleet(make, reg, seeded, mirror):
     mark = reg.log_size()
     refs = ("public/single:v1", "public/multi:v1")
-    flags = {"insecure_registry": [reg.host], "platform": "linux/amd64",
-             "registry_mirror": [f"{reg.host}=http://{mirror.host}"]}
-    wanted = {ref: seeded[ref].for_platform("linux/amd64") if seeded[ref].platforms else
-              seeded[ref] for ref in refs}
+    flags = {
+        "insecure_registry": [reg.host],
+        "platform": "linux/amd64",
+        "registry_mirror": [f"{reg.host}=http://{mirror.host}"],
+    }
+    wanted = {
+        ref: seeded[ref].for_platform("linux/amd64") if seeded[ref].platforms else seeded[ref]
+        for ref in refs
+    }
     blobs = set().union(*(w.blob_digests() for w in wanted.values()))
 
     first = make(flags)
@@ -214,14 +226,20 @@ def test_pull_through_cache_serves_the_fleet(make, reg, seeded, mirror):
     assert set(second.store.blobs()) == set(first.store.blobs())
 
 
-def test_pull_through_cache_failing_blobs_fall_back_to_the_registry(make, reg, seeded, mirror,
-                                                                    caplog):
+def test_pull_through_cache_failing_blobs_fall_back_to_the_registry(
+    make, reg, seeded, mirror, caplog
+):
     """The mirror serves the manifest, then fails the blobs: they come from the registry."""
     caplog.set_level(logging.INFO, logger="nekko_sm.oci")
     info = seeded["public/docker:v1"]
     with mirror.configured(fail_with=500, fail_match="/blobs/"):
-        svc = make({"insecure_registry": [reg.host], "platform": "linux/amd64",
-                    "registry_mirror": [f"{reg.host}=http://{mirror.host}"]})
+        svc = make(
+            {
+                "insecure_registry": [reg.host],
+                "platform": "linux/amd64",
+                "registry_mirror": [f"{reg.host}=http://{mirror.host}"],
+            }
+        )
         entry, _ = svc.pull(info.url)
         failed = [r for r in mirror.requests if r.blob_digest]
         assert mirror.manifest_gets() >= 1 and failed and all(r.status == 500 for r in failed)
@@ -231,19 +249,24 @@ def test_pull_through_cache_failing_blobs_fall_back_to_the_registry(make, reg, s
     assert sum("falling back" in r.getMessage() for r in caplog.records) == 1  # said once
 
 
-def test_pull_through_cache_whose_upstream_fails_falls_back(make, reg, seeded,
-                                                           tmp_path_factory):
+def test_pull_through_cache_whose_upstream_fails_falls_back(make, reg, seeded, tmp_path_factory):
     """A real pull-through cache whose own upstream breaks answers with an error of its own
     making: the registry itself is asked, at once (distribution refuses to start with an
     upstream it cannot reach, so this one breaks after the start)."""
     from peers.fleet import start_pull_through
 
     upstream = reg.new_proxy()  # the cache's way to the registry, broken below
-    with start_pull_through(str(tmp_path_factory.mktemp("broken-pull-through")),
-                            upstream.url) as broken:
+    with start_pull_through(
+        str(tmp_path_factory.mktemp("broken-pull-through")), upstream.url
+    ) as broken:
         upstream.fail_with = 503
-        svc = make({"insecure_registry": [reg.host], "platform": "linux/amd64",
-                    "registry_mirror": [f"{reg.host}=http://{broken.host}"]})
+        svc = make(
+            {
+                "insecure_registry": [reg.host],
+                "platform": "linux/amd64",
+                "registry_mirror": [f"{reg.host}=http://{broken.host}"],
+            }
+        )
         info = seeded["public/single:v1"]
         started = time.monotonic()
         assert svc.pull(info.url)[0]["digest"] == info.digest
@@ -260,8 +283,13 @@ def test_plain_http_mirror_named_without_scheme(make, reg, seeded, mirror, insec
     (README: "A mirror without TLS also needs --insecure-registry")."""
     info = seeded["public/single:v1"]
     hosts = [reg.host] + ([mirror.host] if insecure else [])
-    svc = make({"insecure_registry": hosts, "platform": "linux/amd64",
-                "registry_mirror": [f"{reg.host}={mirror.host}"]})
+    svc = make(
+        {
+            "insecure_registry": hosts,
+            "platform": "linux/amd64",
+            "registry_mirror": [f"{reg.host}={mirror.host}"],
+        }
+    )
     assert svc.pull(info.url)[0]["digest"] == info.digest
     if insecure:
         assert mirror.blob_gets() == len(info.blob_digests())
@@ -279,8 +307,9 @@ def test_http_pull_goes_through_http_proxy(make, nginx, tproxy):
     url, data = put(nginx, "fleet-via-proxy.bin")
     svc = make(env={"HTTP_PROXY": tproxy.url})
     assert pulled(svc, url) == data
-    assert tproxy.requests() and all(r.method == "GET" and r.target == url
-                                     for r in tproxy.requests())
+    assert tproxy.requests() and all(
+        r.method == "GET" and r.target == url for r in tproxy.requests()
+    )
     assert nginx.requests_for("fleet-via-proxy.bin")
 
 
@@ -290,9 +319,17 @@ def test_lower_case_http_proxy_works_too(make, nginx, tproxy):
     assert url in tproxy.targets()
 
 
-@pytest.mark.parametrize("no_proxy", [
-    "127.0.0.1", "*", "{host}", "localhost, 127.0.0.1", ".example,127.0.0.1", "EXAMPLE.COM,127.0.0.1",
-])
+@pytest.mark.parametrize(
+    "no_proxy",
+    [
+        "127.0.0.1",
+        "*",
+        "{host}",
+        "localhost, 127.0.0.1",
+        ".example,127.0.0.1",
+        "EXAMPLE.COM,127.0.0.1",
+    ],
+)
 def test_no_proxy_reaches_the_host_directly(make, nginx, tproxy, no_proxy):
     url, data = put(nginx, "fleet-no-proxy.bin")
     host = url.split("/")[2]
@@ -303,8 +340,9 @@ def test_no_proxy_reaches_the_host_directly(make, nginx, tproxy, no_proxy):
         assert tproxy.requests() == []
 
 
-@pytest.mark.parametrize("no_proxy", [".example", "example.com", "27.0.0.1", "127.0.0.1:1",
-                                      "localhost"])
+@pytest.mark.parametrize(
+    "no_proxy", [".example", "example.com", "27.0.0.1", "127.0.0.1:1", "localhost"]
+)
 def test_no_proxy_that_does_not_match_still_proxies(make, nginx, tproxy, no_proxy):
     url, data = put(nginx, "fleet-no-proxy-miss.bin")
     svc = make(env={"HTTP_PROXY": tproxy.url, "NO_PROXY": no_proxy})
@@ -312,23 +350,26 @@ def test_no_proxy_that_does_not_match_still_proxies(make, nginx, tproxy, no_prox
     assert tproxy.targets() == [url]
 
 
-@pytest.mark.parametrize("entry,url,bypass", [
-    (".example", "http://mirror.example:5000/x", True),
-    (".example", "http://a.b.example/x", True),
-    (".example", "http://example/x", True),
-    (".example", "http://notexample/x", False),
-    ("*.example", "https://a.example/x", True),
-    ("example", "https://a.example/x", True),
-    ("mirror.internal:5000", "http://mirror.internal:5000/v2/", True),
-    ("mirror.internal:5000", "https://mirror.internal/v2/", False),
-    ("mirror.internal:443", "https://mirror.internal/v2/", True),
-    ("::1", "http://[::1]:8080/x", True),
-    ("[::1]", "http://[::1]:8080/x", True),
-    ("[::1]:8080", "http://[::1]:8080/x", True),
-    ("[::1]:8081", "http://[::1]:8080/x", False),
-    ("*", "http://anything/x", True),
-    ("", "http://anything/x", False),
-])
+@pytest.mark.parametrize(
+    "entry,url,bypass",
+    [
+        (".example", "http://mirror.example:5000/x", True),
+        (".example", "http://a.b.example/x", True),
+        (".example", "http://example/x", True),
+        (".example", "http://notexample/x", False),
+        ("*.example", "https://a.example/x", True),
+        ("example", "https://a.example/x", True),
+        ("mirror.internal:5000", "http://mirror.internal:5000/v2/", True),
+        ("mirror.internal:5000", "https://mirror.internal/v2/", False),
+        ("mirror.internal:443", "https://mirror.internal/v2/", True),
+        ("::1", "http://[::1]:8080/x", True),
+        ("[::1]", "http://[::1]:8080/x", True),
+        ("[::1]:8080", "http://[::1]:8080/x", True),
+        ("[::1]:8081", "http://[::1]:8080/x", False),
+        ("*", "http://anything/x", True),
+        ("", "http://anything/x", False),
+    ],
+)
 def test_no_proxy_rules(entry, url, bypass):
     assert _NoProxy(entry).bypass(url) is bypass
 
@@ -341,7 +382,9 @@ def test_each_scheme_has_its_own_proxy(make, nginx, tls, pki, tproxy):
     assert pulled(svc, url) == data
     assert tproxy.requests() == []
     assert pulled(svc, surl) == data
-    assert [(r.method, r.target) for r in tproxy.requests()] == [("CONNECT", f"127.0.0.1:{tls.port}")]
+    assert [(r.method, r.target) for r in tproxy.requests()] == [
+        ("CONNECT", f"127.0.0.1:{tls.port}")
+    ]
     tproxy.clear()
     svc = make({"ca_cert": str(pki.ca_path)}, {"HTTP_PROXY": tproxy.url})
     assert pulled(svc, surl) == data
@@ -350,8 +393,9 @@ def test_each_scheme_has_its_own_proxy(make, nginx, tls, pki, tproxy):
 
 def test_oci_pull_through_the_proxy(make, reg, seeded, tproxy):
     info = seeded["public/multi:v1"]
-    svc = make({"insecure_registry": [reg.host], "platform": "linux/arm64"},
-               {"HTTP_PROXY": tproxy.url})
+    svc = make(
+        {"insecure_registry": [reg.host], "platform": "linux/arm64"}, {"HTTP_PROXY": tproxy.url}
+    )
     assert svc.pull(info.url)[0]["digest"] == info.digest
     targets = tproxy.targets()
     blobs = {t.rsplit("/", 1)[1] for t in targets if "/blobs/" in t}
@@ -364,11 +408,13 @@ def test_hf_pull_through_the_proxy_with_the_cdn_redirect(make, fakehub, tproxy):
     """The Hub and its CDN (``localhost``, another host) both through the proxy; HF_TOKEN goes
     to the Hub only (the fake CDN refuses any Authorization)."""
     data = hashlib.sha256(b"fleet").digest() * 2048
-    fakehub.add_repo("fleet/private-model", files={"model.gguf": data, "config.json": b"{}"},
-                     private=True)
+    fakehub.add_repo(
+        "fleet/private-model", files={"model.gguf": data, "config.json": b"{}"}, private=True
+    )
     fakehub.clear_log()
-    svc = make(env={"HF_ENDPOINT": fakehub.endpoint, "HF_TOKEN": GOOD_TOKEN,
-                    "HTTP_PROXY": tproxy.url})
+    svc = make(
+        env={"HF_ENDPOINT": fakehub.endpoint, "HF_TOKEN": GOOD_TOKEN, "HTTP_PROXY": tproxy.url}
+    )
     assert pulled(svc, "hf:///fleet/private-model/model.gguf") == data
     entry, _ = svc.pull("hf:///fleet/private-model")
     assert entry["state"] == "complete"
@@ -383,8 +429,10 @@ def test_hf_pull_through_the_proxy_with_the_cdn_redirect(make, fakehub, tproxy):
 def test_proxy_credentials_are_sent_and_never_shown(make, nginx, tls, pki, aproxy, all_logs):
     url, data = put(nginx, "fleet-auth-proxy.bin")
     surl = tls.put("fleet-auth-proxy.bin", data)
-    svc = make({"ca_cert": str(pki.ca_path)},
-               {"HTTP_PROXY": aproxy.auth_url, "HTTPS_PROXY": aproxy.auth_url})
+    svc = make(
+        {"ca_cert": str(pki.ca_path)},
+        {"HTTP_PROXY": aproxy.auth_url, "HTTPS_PROXY": aproxy.auth_url},
+    )
     assert pulled(svc, url) == data
     assert pulled(svc, surl) == data
     assert [r.method for r in aproxy.requests()] == ["GET", "CONNECT"]
@@ -392,8 +440,9 @@ def test_proxy_credentials_are_sent_and_never_shown(make, nginx, tls, pki, aprox
     aproxy.clear()
     errors = []
     for u in (url, surl):
-        svc = make({"ca_cert": str(pki.ca_path)}, {"HTTP_PROXY": aproxy.url,
-                                                   "HTTPS_PROXY": aproxy.url})
+        svc = make(
+            {"ca_cert": str(pki.ca_path)}, {"HTTP_PROXY": aproxy.url, "HTTPS_PROXY": aproxy.url}
+        )
         with pytest.raises(UpstreamError) as e:
             svc.pull(u)
         assert not isinstance(e.value, UpstreamUnavailable)
@@ -413,8 +462,10 @@ def test_proxy_credentials_are_sent_and_never_shown(make, nginx, tls, pki, aprox
 
 
 def test_proxy_credentials_are_percent_decoded(tmp_path):
-    config = cfg.build({"cache_dir": str(tmp_path)},
-                       {"HTTPS_PROXY": "http://us%40er:p%40ss%3Aw%2Frd@127.0.0.1:3128"})
+    config = cfg.build(
+        {"cache_dir": str(tmp_path)},
+        {"HTTPS_PROXY": "http://us%40er:p%40ss%3Aw%2Frd@127.0.0.1:3128"},
+    )
     t = Transfer(config)
     try:
         m = t._manager("https://example.org/x")
@@ -429,13 +480,25 @@ def test_cli_with_proxy_credentials_logs_no_password(nginx, aproxy, tmp_path):
     url, data = put(nginx, "fleet-cli-proxy.bin")
     env = dict(os.environ, PYTHONPATH=str(ROOT), HTTP_PROXY=aproxy.auth_url)
     argv = [sys.executable, "-m", "nekko_sm", "--cache-dir", str(tmp_path / "c"), "-v=3"]
-    ok = subprocess.run(argv + ["pull", "--json", url], capture_output=True, text=True,
-                        env=env, timeout=60, check=False)
+    ok = subprocess.run(
+        argv + ["pull", "--json", url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["digest"] == sha(data)
     env["HTTP_PROXY"] = aproxy.url  # no credentials: 407
-    no = subprocess.run(argv + ["pull", url + "?again"], capture_output=True, text=True, env=env,
-                        timeout=60, check=False)
+    no = subprocess.run(
+        argv + ["pull", url + "?again"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert no.returncode == 1 and "407" in no.stderr
     for out in (ok.stdout + ok.stderr, no.stdout + no.stderr):
         assert PROXY_PASSWORD not in out
@@ -461,8 +524,12 @@ def _post(server, body: dict) -> tuple[int, dict]:
     host, port = server.server_address[:2]
     c = http.client.HTTPConnection(host, port, timeout=60)
     try:
-        c.request("POST", "/content/", body=json.dumps(body).encode(),
-                  headers={"Content-Type": "application/json"})
+        c.request(
+            "POST",
+            "/content/",
+            body=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         r = c.getresponse()
         return r.status, json.loads(r.read())
     finally:
@@ -496,8 +563,11 @@ def test_untrusted_certificate_is_a_clear_final_error(tmp_path, tls):
 @pytest.mark.parametrize("how", ["flag", "SSL_CERT_FILE"])
 def test_private_ca_is_trusted(make, tls, pki, how):
     url = tls.put(f"fleet-ca-{how}.bin", b"trusted " * 500)
-    flags, env = ({"ca_cert": str(pki.ca_path)}, {}) if how == "flag" else \
-        ({}, {"SSL_CERT_FILE": str(pki.ca_path)})
+    flags, env = (
+        ({"ca_cert": str(pki.ca_path)}, {})
+        if how == "flag"
+        else ({}, {"SSL_CERT_FILE": str(pki.ca_path)})
+    )
     assert pulled(make(flags, env), url) == b"trusted " * 500
 
 
@@ -521,7 +591,9 @@ def test_https_through_the_proxy_with_the_private_ca(make, tls, pki, tproxy):
     url = tls.put("fleet-connect.bin", b"z" * 5000)
     svc = make({"ca_cert": str(pki.ca_path)}, {"HTTPS_PROXY": tproxy.url})
     assert pulled(svc, url) == b"z" * 5000
-    assert [(r.method, r.target) for r in tproxy.requests()] == [("CONNECT", f"127.0.0.1:{tls.port}")]
+    assert [(r.method, r.target) for r in tproxy.requests()] == [
+        ("CONNECT", f"127.0.0.1:{tls.port}")
+    ]
     # the tunnel does not make the certificate trusted
     tproxy.clear()
     svc = make(env={"HTTPS_PROXY": tproxy.url})
@@ -557,9 +629,14 @@ def test_registry_over_https_with_the_private_ca(make, reg, seeded, pki):
         assert svc.pull(url)[0]["digest"] == info.digest
         assert reg.blob_gets() == len(info.blob_digests())
         # and as a mirror of the plain-http registry
-        svc = make({"ca_cert": str(pki.ca_path), "platform": "linux/amd64",
-                    "insecure_registry": [reg.host],
-                    "registry_mirror": [f"{reg.host}=https://127.0.0.1:{tls_reg.port}"]})
+        svc = make(
+            {
+                "ca_cert": str(pki.ca_path),
+                "platform": "linux/amd64",
+                "insecure_registry": [reg.host],
+                "registry_mirror": [f"{reg.host}=https://127.0.0.1:{tls_reg.port}"],
+            }
+        )
         reg.clear()
         assert svc.pull(info.url)[0]["digest"] == info.digest
         assert reg.requests and all("?ns=" in r.path for r in reg.requests)

@@ -40,28 +40,112 @@ with warnings.catch_warnings():
     with contextlib.suppress(Exception):
         import hypothesis.extra._patching  # noqa: F401
 
-FUZZ = settings(deadline=None, database=None, max_examples=300,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    deadline=None,
+    database=None,
+    max_examples=300,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 LIVE = settings(FUZZ, max_examples=80)
 
 
 # --------------------------------------------------------------------------------------------
 # URL canonicalisation
 
-PIECES = st.sampled_from([
-    "/", "//", ":", "@", "%", "%2F", "%2f", "%40", "%25", "%3F", "%23", "%00", "%0a", "%2e%2e",
-    "%5C", "..", ".", "?", "#", "[", "]", "[::1]", "::1", "~", " ", "\t", "\\", "-", "_", "a",
-    "B", "0", "80", "443", "9999", "99999", "org", "name", "x.io", "localhost", "huggingface.co",
-    "hf.co", "www.huggingface.co", "docker.io", "index.docker.io", "datasets", "spaces",
-    "models", "refs/pr/1", "refs%2Fpr%2F1", "refs/convert/parquet", "@main", "@v1.0",
-    "sha256:" + "a" * 64, "@sha256:" + "b" * 64, ":latest", "user:pass@", "é", "模型", "\u00b2",
-    "\uff0f", "\u2100", "\u00a0", "\ud800", "\x7f",
-])
-SCHEMES = st.sampled_from(["oci://", "OCI://", "hf://", "hf:///", "Hf://", "huggingface://",
-                           "http://", "https://", "HTTP://", "ftp://", "file://", ""])
-URLISH = st.builds(lambda s, parts: s + "".join(parts), SCHEMES,
-                   st.lists(PIECES | st.text(max_size=4), max_size=14))
+PIECES = st.sampled_from(
+    [
+        "/",
+        "//",
+        ":",
+        "@",
+        "%",
+        "%2F",
+        "%2f",
+        "%40",
+        "%25",
+        "%3F",
+        "%23",
+        "%00",
+        "%0a",
+        "%2e%2e",
+        "%5C",
+        "..",
+        ".",
+        "?",
+        "#",
+        "[",
+        "]",
+        "[::1]",
+        "::1",
+        "~",
+        " ",
+        "\t",
+        "\\",
+        "-",
+        "_",
+        "a",
+        "B",
+        "0",
+        "80",
+        "443",
+        "9999",
+        "99999",
+        "org",
+        "name",
+        "x.io",
+        "localhost",
+        "huggingface.co",
+        "hf.co",
+        "www.huggingface.co",
+        "docker.io",
+        "index.docker.io",
+        "datasets",
+        "spaces",
+        "models",
+        "refs/pr/1",
+        "refs%2Fpr%2F1",
+        "refs/convert/parquet",
+        "@main",
+        "@v1.0",
+        "sha256:" + "a" * 64,
+        "@sha256:" + "b" * 64,
+        ":latest",
+        "user:pass@",
+        "é",
+        "模型",
+        "\u00b2",
+        "\uff0f",
+        "\u2100",
+        "\u00a0",
+        "\ud800",
+        "\x7f",
+    ]
+)
+SCHEMES = st.sampled_from(
+    [
+        "oci://",
+        "OCI://",
+        "hf://",
+        "hf:///",
+        "Hf://",
+        "huggingface://",
+        "http://",
+        "https://",
+        "HTTP://",
+        "ftp://",
+        "file://",
+        "",
+    ]
+)
+URLISH = st.builds(
+    lambda s, parts: s + "".join(parts),
+    SCHEMES,
+    st.lists(PIECES | st.text(max_size=4), max_size=14),
+)
 
 
 def _authority(canonical: str) -> str:
@@ -110,16 +194,22 @@ def test_parse_url_shaped_text(text):
     check_parse(text)
 
 
-USERINFO = st.text(st.characters(blacklist_characters="/?#@\\[]",
-                                 blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12)
+USERINFO = st.text(
+    st.characters(blacklist_characters="/?#@\\[]", blacklist_categories=("Cc", "Cs")),
+    min_size=1,
+    max_size=12,
+)
 
 
 @FUZZ
-@given(st.sampled_from(["http", "https", "hf", "oci"]), USERINFO, USERINFO,
-       st.sampled_from(["127.0.0.1:8080", "h.io", "", "[::1]", "h.io:99999", "a b"]),
-       st.text(max_size=30))
-def test_userinfo_never_reaches_the_canonical_url_or_the_error(scheme, user, password, host,
-                                                              rest):
+@given(
+    st.sampled_from(["http", "https", "hf", "oci"]),
+    USERINFO,
+    USERINFO,
+    st.sampled_from(["127.0.0.1:8080", "h.io", "", "[::1]", "h.io:99999", "a b"]),
+    st.text(max_size=30),
+)
+def test_userinfo_never_reaches_the_canonical_url_or_the_error(scheme, user, password, host, rest):
     secret = "PW" + password
     text = f"{scheme}://{user}:{secret}@{host}/{rest}"
     try:
@@ -142,8 +232,27 @@ def test_redact_never_keeps_userinfo_or_query(text):
 # --------------------------------------------------------------------------------------------
 # names
 
-NAME_PIECES = st.sampled_from(["..", ".", "/", "//", "\\", "a", "b.bin", "C:", "c:", "\x00",
-                               "\n", "\x1b", " ", "~", "%2e", "...", "é"])
+NAME_PIECES = st.sampled_from(
+    [
+        "..",
+        ".",
+        "/",
+        "//",
+        "\\",
+        "a",
+        "b.bin",
+        "C:",
+        "c:",
+        "\x00",
+        "\n",
+        "\x1b",
+        " ",
+        "~",
+        "%2e",
+        "...",
+        "é",
+    ]
+)
 
 
 @settings(FUZZ, max_examples=1000)
@@ -191,11 +300,13 @@ def test_credentials_are_a_valid_header_or_refused(value, kind):
 def server(tmp_path_factory):
     (port,) = free_ports(1)  # closed again: nothing listens there
     nowhere = f"http://127.0.0.1:{port}"
-    config = cfg.build({"cache_dir": str(tmp_path_factory.mktemp("fuzz") / "cache"),
-                        "address": "127.0.0.1:0"},
-                       {"HTTP_PROXY": nowhere, "HTTPS_PROXY": nowhere, "HF_ENDPOINT": nowhere})
-    service = Service(config, transfer=Transfer(config, read_timeout=5, connect_timeout=5,
-                                                attempts=1, backoff=0))
+    config = cfg.build(
+        {"cache_dir": str(tmp_path_factory.mktemp("fuzz") / "cache"), "address": "127.0.0.1:0"},
+        {"HTTP_PROXY": nowhere, "HTTPS_PROXY": nowhere, "HF_ENDPOINT": nowhere},
+    )
+    service = Service(
+        config, transfer=Transfer(config, read_timeout=5, connect_timeout=5, attempts=1, backoff=0)
+    )
     srv = make_server(service, config.address)
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
@@ -209,8 +320,9 @@ def server(tmp_path_factory):
         service.close()
 
 
-def call(srv, method: str, path: str, body: bytes | None = None,
-         headers: dict | None = None) -> tuple[int, bytes, str]:
+def call(
+    srv, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+) -> tuple[int, bytes, str]:
     host, port = srv.server_address[:2]
     c = http.client.HTTPConnection(host, port, timeout=30)
     try:
@@ -240,35 +352,53 @@ def healthy(srv) -> None:
 @LIVE
 @given(st.binary(max_size=2000))
 def test_any_bytes_as_a_post_body(server, body):
-    status, data, ctype = call(server, "POST", "/content/", body,
-                               {"Content-Type": "application/json"})
+    status, data, ctype = call(
+        server, "POST", "/content/", body, {"Content-Type": "application/json"}
+    )
     check_answer(server, "POST", status, data, ctype)
     assert status in (400, 413) or status >= 200
     healthy(server)
 
 
 def _junk(depth: int = 2):
-    leaf = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
-            | st.text(max_size=30))
+    leaf = (
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30)
+    )
     if depth == 0:
         return leaf
-    return leaf | st.lists(_junk(depth - 1), max_size=3) | st.dictionaries(
-        st.text(max_size=5), _junk(depth - 1), max_size=3)
+    return (
+        leaf
+        | st.lists(_junk(depth - 1), max_size=3)
+        | st.dictionaries(st.text(max_size=5), _junk(depth - 1), max_size=3)
+    )
 
 
 def _valid_urls(nowhere: str):
     host = nowhere.split("://", 1)[1]
-    return st.sampled_from([
-        f"{nowhere}/file.bin", f"http://user:pw@{host}/f", f"oci://{host}/repo:tag",
-        f"oci://{host}/repo@sha256:" + "c" * 64, "hf:///org/name/file.gguf",
-        f"hf://{host}/org/name", "hf:///datasets/org/ds@refs%2Fpr%2F1/x.csv",
-        "oci://docker.io/library/alpine", f"{nowhere}/a%20b?x=1#frag",
-    ])
+    return st.sampled_from(
+        [
+            f"{nowhere}/file.bin",
+            f"http://user:pw@{host}/f",
+            f"oci://{host}/repo:tag",
+            f"oci://{host}/repo@sha256:" + "c" * 64,
+            "hf:///org/name/file.gguf",
+            f"hf://{host}/org/name",
+            "hf:///datasets/org/ds@refs%2Fpr%2F1/x.csv",
+            "oci://docker.io/library/alpine",
+            f"{nowhere}/a%20b?x=1#frag",
+        ]
+    )
 
 
 def _urls(nowhere: str):
-    return st.one_of(_valid_urls(nowhere), URLISH, st.text(max_size=60), st.sampled_from([
-        "file:///etc/passwd", "http://x/../../etc/passwd", "hf:///org/name/..%2F..%2Fx"]))
+    return st.one_of(
+        _valid_urls(nowhere),
+        URLISH,
+        st.text(max_size=60),
+        st.sampled_from(
+            ["file:///etc/passwd", "http://x/../../etc/passwd", "hf:///org/name/..%2F..%2Fx"]
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -277,14 +407,20 @@ def requests_strategy(server):
     # every JSON type for each field.
     fields = {
         "url": st.one_of(_valid_urls(server.nowhere), _urls(server.nowhere), _junk()),
-        "credentials": st.one_of(st.text(max_size=40), st.sampled_from(["dG9rOnB3", "tok"]),
-                                 _junk(1)),
-        "credentialsType": st.one_of(st.sampled_from(["Bearer", "basic", "BASIC", "Digest", ""]),
-                                     _junk(1)),
-        "digest": st.one_of(st.none(), st.sampled_from(["sha256:" + "d" * 64, "sha256:xyz"]),
-                            _junk(1)),
-        "platform": st.one_of(st.none(), st.sampled_from(["linux/amd64", "all", "linux/arm/v7",
-                                                          "x/y", "linux"]), _junk(1)),
+        "credentials": st.one_of(
+            st.text(max_size=40), st.sampled_from(["dG9rOnB3", "tok"]), _junk(1)
+        ),
+        "credentialsType": st.one_of(
+            st.sampled_from(["Bearer", "basic", "BASIC", "Digest", ""]), _junk(1)
+        ),
+        "digest": st.one_of(
+            st.none(), st.sampled_from(["sha256:" + "d" * 64, "sha256:xyz"]), _junk(1)
+        ),
+        "platform": st.one_of(
+            st.none(),
+            st.sampled_from(["linux/amd64", "all", "linux/arm/v7", "x/y", "linux"]),
+            _junk(1),
+        ),
         "async": st.one_of(st.booleans(), _junk(1)),
     }
     return st.fixed_dictionaries({}, optional=fields) | _junk()
@@ -295,8 +431,9 @@ def requests_strategy(server):
 def test_any_json_request(server, requests_strategy, data):
     req = data.draw(requests_strategy)
     body = json.dumps(req).encode()
-    status, answer, ctype = call(server, "POST", "/content/", body,
-                                 {"Content-Type": "application/json"})
+    status, answer, ctype = call(
+        server, "POST", "/content/", body, {"Content-Type": "application/json"}
+    )
     check_answer(server, "POST", status, answer, ctype)
     if status == 502:
         assert isinstance(req, dict) and isinstance(req.get("url"), str)
@@ -308,29 +445,38 @@ def test_any_json_request(server, requests_strategy, data):
 def test_well_formed_requests_with_any_strings(server, data):
     """Valid fields but for arbitrary URL and credential strings: requests that get as far
     as the source and the wire."""
-    req = data.draw(st.fixed_dictionaries(
-        {"url": _valid_urls(server.nowhere) | URLISH},
-        optional={"credentials": st.text(max_size=30) | st.text(
-                      st.characters(min_codepoint=0x80), min_size=1, max_size=4),
-                  "credentialsType": st.sampled_from(["Bearer", "basic", "BASIC"]),
-                  "digest": st.sampled_from(["sha256:" + "e" * 64]),
-                  "platform": st.sampled_from(["linux/amd64", "all"]),
-                  "async": st.booleans()}))
-    status, answer, ctype = call(server, "POST", "/content/", json.dumps(req).encode(),
-                                 {"Content-Type": "application/json"})
+    req = data.draw(
+        st.fixed_dictionaries(
+            {"url": _valid_urls(server.nowhere) | URLISH},
+            optional={
+                "credentials": st.text(max_size=30)
+                | st.text(st.characters(min_codepoint=0x80), min_size=1, max_size=4),
+                "credentialsType": st.sampled_from(["Bearer", "basic", "BASIC"]),
+                "digest": st.sampled_from(["sha256:" + "e" * 64]),
+                "platform": st.sampled_from(["linux/amd64", "all"]),
+                "async": st.booleans(),
+            },
+        )
+    )
+    status, answer, ctype = call(
+        server, "POST", "/content/", json.dumps(req).encode(), {"Content-Type": "application/json"}
+    )
     check_answer(server, "POST", status, answer, ctype)
     healthy(server)
 
 
-B64ISH = st.text(alphabet=string.ascii_letters + string.digits + "+/=-_%.~ :@?#\\",
-                 max_size=80)
+B64ISH = st.text(alphabet=string.ascii_letters + string.digits + "+/=-_%.~ :@?#\\", max_size=80)
 
 
 @LIVE
-@given(st.sampled_from(["GET", "HEAD", "DELETE", "PUT", "PATCH", "POST"]),
-       B64ISH | _urls("http://127.0.0.1:9").map(
-           lambda u: base64.b64encode(u.encode("utf-8", "surrogatepass")).decode())
-       | st.binary(max_size=60).map(lambda b: base64.b64encode(b).decode()))
+@given(
+    st.sampled_from(["GET", "HEAD", "DELETE", "PUT", "PATCH", "POST"]),
+    B64ISH
+    | _urls("http://127.0.0.1:9").map(
+        lambda u: base64.b64encode(u.encode("utf-8", "surrogatepass")).decode()
+    )
+    | st.binary(max_size=60).map(lambda b: base64.b64encode(b).decode()),
+)
 def test_any_content_path(server, method, segment):
     path = "/content/" + quote(segment, safe="/%=+-_.~:@")
     status, data, ctype = call(server, method, path, b"" if method in ("POST", "PUT") else None)
@@ -363,27 +509,76 @@ def test_random_bytes(server, data):
     check_raw(server, raw(server, data))
 
 
-TOKENS = st.sampled_from([b"GET", b"POST", b"DELETE", b"HEAD", b"PUT", b"OPTIONS", b"TRACE",
-                          b"CONNECT", b"PRI", b"get", b"G\x00T", b"X" * 70_000, b""])
-TARGETS = st.sampled_from([b"/healthz", b"/content/", b"/content/aHR0cDovL3gveQ==", b"*",
-                           b"http://x/healthz", b"//", b"/" + b"a" * 70_000, b"/\xff\xfe",
-                           b"/content/%00", b""]) | st.binary(max_size=20)
-VERSIONS = st.sampled_from([b" HTTP/1.1", b" HTTP/1.0", b"", b" HTTP/0.9", b" HTTP/2.0",
-                            b" HTTP/1.1 extra", b" HTTP/1.x", b" http/1.1", b" HTTP/11"])
+TOKENS = st.sampled_from(
+    [
+        b"GET",
+        b"POST",
+        b"DELETE",
+        b"HEAD",
+        b"PUT",
+        b"OPTIONS",
+        b"TRACE",
+        b"CONNECT",
+        b"PRI",
+        b"get",
+        b"G\x00T",
+        b"X" * 70_000,
+        b"",
+    ]
+)
+TARGETS = st.sampled_from(
+    [
+        b"/healthz",
+        b"/content/",
+        b"/content/aHR0cDovL3gveQ==",
+        b"*",
+        b"http://x/healthz",
+        b"//",
+        b"/" + b"a" * 70_000,
+        b"/\xff\xfe",
+        b"/content/%00",
+        b"",
+    ]
+) | st.binary(max_size=20)
+VERSIONS = st.sampled_from(
+    [
+        b" HTTP/1.1",
+        b" HTTP/1.0",
+        b"",
+        b" HTTP/0.9",
+        b" HTTP/2.0",
+        b" HTTP/1.1 extra",
+        b" HTTP/1.x",
+        b" http/1.1",
+        b" HTTP/11",
+    ]
+)
 HEADER = st.one_of(
-    st.sampled_from([b"Host: x", b"Content-Length: 5", b"Content-Length: -1",
-                     b"Content-Length: 99999999999999999999", b"Transfer-Encoding: chunked",
-                     b"Expect: 100-continue", b"Connection: close", b"Connection: keep-alive",
-                     b"Content-Type: application/json", b"no colon", b": empty name",
-                     b" folded", b"X-Long: " + b"v" * 70_000, b"Host: \xff"]),
+    st.sampled_from(
+        [
+            b"Host: x",
+            b"Content-Length: 5",
+            b"Content-Length: -1",
+            b"Content-Length: 99999999999999999999",
+            b"Transfer-Encoding: chunked",
+            b"Expect: 100-continue",
+            b"Connection: close",
+            b"Connection: keep-alive",
+            b"Content-Type: application/json",
+            b"no colon",
+            b": empty name",
+            b" folded",
+            b"X-Long: " + b"v" * 70_000,
+            b"Host: \xff",
+        ]
+    ),
     st.tuples(st.binary(max_size=10), st.binary(max_size=30)).map(lambda t: t[0] + b": " + t[1]),
 )
 LINE_ENDS = st.sampled_from([b"\r\n", b"\n", b"\r"])
 
 
 @LIVE
-@given(TOKENS, TARGETS, VERSIONS, st.lists(HEADER, max_size=6), LINE_ENDS,
-       st.binary(max_size=200))
+@given(TOKENS, TARGETS, VERSIONS, st.lists(HEADER, max_size=6), LINE_ENDS, st.binary(max_size=200))
 def test_garbage_request_lines_and_headers(server, method, target, version, headers, eol, body):
     data = method + b" " + target + version + eol + b"".join(h + eol for h in headers) + eol
     check_raw(server, raw(server, data + body))

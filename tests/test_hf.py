@@ -54,20 +54,25 @@ def blob_of(n: int, seed: bytes) -> bytes:
 def hub():
     """This module's own fake Hub; three tree entries per page, so listings paginate."""
     h = start_fakehub(tree_page_size=3)
-    first = h.add_repo("acme/tiny-model", files={
-        "config.json": CONFIG_V1,
-        "README.md": README,
-        "tokenizer/tokenizer.json": TOKENIZER,
-        "model.Q4_K_M.gguf": GGUF,
-        "weights/model.safetensors": SAFETENSORS,
-    })
+    first = h.add_repo(
+        "acme/tiny-model",
+        files={
+            "config.json": CONFIG_V1,
+            "README.md": README,
+            "tokenizer/tokenizer.json": TOKENIZER,
+            "model.Q4_K_M.gguf": GGUF,
+            "weights/model.safetensors": SAFETENSORS,
+        },
+    )
     h.add_tag("acme/tiny-model", "v1.0", first)
     h.add_commit("acme/tiny-model", {"config.json": CONFIG_V2})
     h.add_pr("acme/tiny-model", {"pr.txt": PR_FILE})
     h.add_repo("acme/corpus", repo_type="dataset", files={"data/train.csv": TRAIN})
-    h.add_repo("acme/gated-model", files={"config.json": b'{"gated": true}',
-                                          "model.safetensors": blob_of(5000, b"gated")},
-               gated=True)
+    h.add_repo(
+        "acme/gated-model",
+        files={"config.json": b'{"gated": true}', "model.safetensors": blob_of(5000, b"gated")},
+        gated=True,
+    )
     h.add_repo("acme/private-model", files={"secret.txt": b"s3cret"}, private=True)
     h.add_repo("acme/one-file", files={"only.gguf": blob_of(3000, b"one")})
     yield h
@@ -95,8 +100,9 @@ def make_config(tmp_path, hub: FakeHub | None, env: dict | None = None, **flags)
 
 
 def make_service(config, attempts: int = 6) -> Service:
-    return Service(config, transfer=Transfer(config, read_timeout=5.0, attempts=attempts,
-                                             backoff=0.01))
+    return Service(
+        config, transfer=Transfer(config, read_timeout=5.0, attempts=attempts, backoff=0.01)
+    )
 
 
 @pytest.fixture
@@ -135,7 +141,8 @@ def test_git_file_at_root(svc, hub):
     assert m["artifactType"] == hf.FILE_ARTIFACT_TYPE
     assert m["annotations"][A_HF_COMMIT] == commit
     assert m["annotations"][A_SOURCE_URL] == (
-        f"{hub.endpoint}/acme/tiny-model/resolve/{commit}/config.json")
+        f"{hub.endpoint}/acme/tiny-model/resolve/{commit}/config.json"
+    )
     assert m["layers"][0]["annotations"] == {TITLE: "config.json"}
     # metadata asked with HEAD (identity encoding), then the bytes pinned to the commit
     hub_log = hub.log("hub")
@@ -164,8 +171,9 @@ def test_lfs_file_in_subfolder_comes_from_the_cdn(svc, hub):
 def test_token_goes_to_the_hub_never_to_the_cdn(tmp_path, hub):
     s = make_service(make_config(tmp_path, hub))
     try:
-        entry, _ = s.pull("hf:///acme/tiny-model/model.Q4_K_M.gguf",
-                          credentials=Credentials.make(GOOD_TOKEN))
+        entry, _ = s.pull(
+            "hf:///acme/tiny-model/model.Q4_K_M.gguf", credentials=Credentials.make(GOOD_TOKEN)
+        )
     finally:
         s.close()
     assert entry["digest"] == sha(GGUF)
@@ -203,8 +211,11 @@ def test_dataset_file(svc, hub):
 def test_spellings_are_one_entry(svc, hub):
     e1, created = svc.pull("hf://acme/tiny-model/README.md")  # the Hub's own spelling
     assert created and Path(e1["path"]).read_bytes() == README
-    for url in (f"hf://{host(hub)}/acme/tiny-model/README.md", "hf:///acme/tiny-model/README.md",
-                "huggingface:///acme//tiny-model@main/README.md"):
+    for url in (
+        f"hf://{host(hub)}/acme/tiny-model/README.md",
+        "hf:///acme/tiny-model/README.md",
+        "huggingface:///acme//tiny-model@main/README.md",
+    ):
         e2, created = svc.pull(url)
         assert not created and e2["url"] == e1["url"]
 
@@ -253,8 +264,13 @@ def test_whole_repository(svc, hub):
     assert entry["url"] == f"hf://{host(hub)}/acme/tiny-model@main"
     view = Path(entry["path"])
     assert view.is_dir() and view == svc.store.view_path(entry["url"])
-    want = {"README.md": README, "config.json": CONFIG_V2, "model.Q4_K_M.gguf": GGUF,
-            "tokenizer/tokenizer.json": TOKENIZER, "weights/model.safetensors": SAFETENSORS}
+    want = {
+        "README.md": README,
+        "config.json": CONFIG_V2,
+        "model.Q4_K_M.gguf": GGUF,
+        "tokenizer/tokenizer.json": TOKENIZER,
+        "weights/model.safetensors": SAFETENSORS,
+    }
     assert sorted(f["name"] for f in entry["files"]) == sorted(want)
     for name, data in want.items():
         assert (view / name).is_symlink()
@@ -279,7 +295,8 @@ def test_repository_at_a_tag_and_lfs_dedup(svc, hub):
     view = Path(entry["path"])
     assert (view / "config.json").read_bytes() == CONFIG_V1
     assert hub.log("cdn") and all(
-        sha(GGUF)[7:] not in r.path for r in hub.log("cdn"))  # already in the store: not fetched
+        sha(GGUF)[7:] not in r.path for r in hub.log("cdn")
+    )  # already in the store: not fetched
     assert (view / "model.Q4_K_M.gguf").resolve() == Path(single["path"]).resolve()
 
 
@@ -287,7 +304,8 @@ def test_repository_at_a_pull_request(svc, hub):
     entry, _ = svc.pull("hf:///acme/tiny-model@refs/pr/1")
     assert (Path(entry["path"]) / "pr.txt").read_bytes() == PR_FILE
     assert manifest_of(svc, entry)["annotations"][A_HF_COMMIT] == hub.commit_sha(
-        "acme/tiny-model", "refs/pr/1")
+        "acme/tiny-model", "refs/pr/1"
+    )
     assert hub.log("hub")[0].path == "/api/models/acme/tiny-model/revision/refs%2Fpr%2F1"
 
 
@@ -342,8 +360,9 @@ def test_gated_with_token_without_access(svc, hub):
 def test_gated_with_credentials_and_with_hf_token(tmp_path, hub):
     s = make_service(make_config(tmp_path, hub))
     try:
-        entry, _ = s.pull("hf:///acme/gated-model/model.safetensors",
-                          credentials=Credentials.make(GOOD_TOKEN))
+        entry, _ = s.pull(
+            "hf:///acme/gated-model/model.safetensors", credentials=Credentials.make(GOOD_TOKEN)
+        )
         assert entry["digest"] == sha(blob_of(5000, b"gated"))
     finally:
         s.close()
@@ -361,15 +380,18 @@ def test_invalid_token(svc, hub):
     assert e.value.status == 401
 
 
-@pytest.mark.parametrize("url, words", [
-    ("hf:///acme/no-such-model/config.json", ["acme/no-such-model", "private"]),
-    ("hf:///acme/no-such-model", ["acme/no-such-model", "private"]),
-    ("hf:///acme/private-model/secret.txt", ["acme/private-model", "token"]),
-    ("hf:///acme/tiny-model@nope/config.json", ["'nope'", "acme/tiny-model"]),
-    ("hf:///acme/tiny-model@nope", ["'nope'", "acme/tiny-model"]),
-    ("hf:///acme/tiny-model/missing.bin", ["'missing.bin'", "acme/tiny-model"]),
-    ("hf:///datasets/acme/corpus/data/missing.csv", ["'data/missing.csv'", "dataset"]),
-])
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("hf:///acme/no-such-model/config.json", ["acme/no-such-model", "private"]),
+        ("hf:///acme/no-such-model", ["acme/no-such-model", "private"]),
+        ("hf:///acme/private-model/secret.txt", ["acme/private-model", "token"]),
+        ("hf:///acme/tiny-model@nope/config.json", ["'nope'", "acme/tiny-model"]),
+        ("hf:///acme/tiny-model@nope", ["'nope'", "acme/tiny-model"]),
+        ("hf:///acme/tiny-model/missing.bin", ["'missing.bin'", "acme/tiny-model"]),
+        ("hf:///datasets/acme/corpus/data/missing.csv", ["'data/missing.csv'", "dataset"]),
+    ],
+)
 def test_not_found_names_what(svc, hub, url, words):
     with pytest.raises(UpstreamNotFound) as e:
         svc.pull(url)
@@ -447,7 +469,7 @@ def test_big_file_is_fetched_in_ranges(svc, hub, monkeypatch):
     assert Path(entry["path"]).read_bytes() == data
     spans = []
     for r in hub.log("cdn"):
-        first, last = r.range[len("bytes="):].split("-")
+        first, last = r.range[len("bytes=") :].split("-")
         spans.append((int(first), int(last)))
     assert all(last - first < 4096 for first, last in spans)  # no answer over the span
     assert all(r.bytes_sent <= 4096 for r in hub.log("cdn"))
@@ -477,8 +499,7 @@ def test_concurrent_pulls_sharing_a_blob_download_it_once(tmp_path, hub):
     s = make_service(make_config(tmp_path, hub))
     results: list = []
     try:
-        threads = [threading.Thread(target=lambda u=u: results.append(s.pull(u)[0]))
-                   for u in urls]
+        threads = [threading.Thread(target=lambda u=u: results.append(s.pull(u)[0])) for u in urls]
         for t in threads:
             t.start()
         for t in threads:
@@ -492,8 +513,9 @@ def test_concurrent_pulls_sharing_a_blob_download_it_once(tmp_path, hub):
 
 def test_renamed_repository_is_followed(svc, hub):
     hub.add_alias("acme/old-tiny", "acme/tiny-model")
-    entry, _ = svc.pull("hf:///acme/old-tiny/model.Q4_K_M.gguf",
-                        credentials=Credentials.make(GOOD_TOKEN))
+    entry, _ = svc.pull(
+        "hf:///acme/old-tiny/model.Q4_K_M.gguf", credentials=Credentials.make(GOOD_TOKEN)
+    )
     assert entry["digest"] == sha(GGUF)
     entry, _ = svc.pull("hf:///acme/old-tiny@v1.0")
     assert (Path(entry["path"]) / "config.json").read_bytes() == CONFIG_V1
@@ -517,10 +539,15 @@ def cli(tmp_path, *args, **env):
     environ.update(env)
     environ["PYTHONPATH"] = str(ROOT)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "nekko_sm", "--cache-dir",
-                           str(tmp_path / "cli-cache"), *args],
-                          capture_output=True, text=True, env=environ, cwd=tmp_path, timeout=120,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "nekko_sm", "--cache-dir", str(tmp_path / "cli-cache"), *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_cli_pull(tmp_path, hub):
@@ -534,8 +561,13 @@ def test_cli_pull(tmp_path, hub):
 
 
 def test_cli_insecure_registry(tmp_path, hub):
-    r = cli(tmp_path, "--insecure-registry", host(hub), "pull",
-            f"hf://{host(hub)}/datasets/acme/corpus/data/train.csv")
+    r = cli(
+        tmp_path,
+        "--insecure-registry",
+        host(hub),
+        "pull",
+        f"hf://{host(hub)}/datasets/acme/corpus/data/train.csv",
+    )
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).read_bytes() == TRAIN
 

@@ -51,11 +51,16 @@ QUANTS = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0"]
 @pytest.fixture(scope="module")
 def hub():
     h = start_fakehub()
-    h.add_repo("real/gguf", files={
-        **{f"model-{q}.gguf": blob_of(3000 + i, q.encode()) for i, q in enumerate(QUANTS)},
-        "README.md": b"# quants\n", "config.json": b'{"q": true}',
-        "tokenizer/tokenizer.json": b'{"vocab": []}', "tokenizer/special.json": b"{}",
-    })
+    h.add_repo(
+        "real/gguf",
+        files={
+            **{f"model-{q}.gguf": blob_of(3000 + i, q.encode()) for i, q in enumerate(QUANTS)},
+            "README.md": b"# quants\n",
+            "config.json": b'{"q": true}',
+            "tokenizer/tokenizer.json": b'{"vocab": []}',
+            "tokenizer/special.json": b"{}",
+        },
+    )
     h.add_repo("real/private", files={"secret.txt": b"s3cret"}, private=True)
     yield h
     h.close()
@@ -153,9 +158,21 @@ def test_retry_lines_on_a_terminal(tmp_path, hub):
     hub.inject_errors("hub", status=503, count=2, path_contains="/resolve/")
     master, slave = pty.openpty()
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_ENDPOINT=hub.endpoint)
-    p = subprocess.Popen([sys.executable, "-m", "nekko_sm", "--cache-dir", str(tmp_path / "c"),
-                          "pull", "hf:///real/gguf/config.json"], stdout=subprocess.PIPE,
-                         stderr=slave, env=env, cwd=tmp_path)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nekko_sm",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "pull",
+            "hf:///real/gguf/config.json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=env,
+        cwd=tmp_path,
+    )
     os.close(slave)
     out = b""
     while True:
@@ -173,8 +190,7 @@ def test_retry_lines_on_a_terminal(tmp_path, hub):
     os.close(master)
     assert p.returncode == 0, out
     assert Path(stdout.decode().strip()).read_bytes() == b'{"q": true}'
-    lines = [x for x in out.decode(errors="replace").replace("\r", "\n").splitlines()
-             if "503" in x]
+    lines = [x for x in out.decode(errors="replace").replace("\r", "\n").splitlines() if "503" in x]
     assert len(lines) == 2, out
     assert "HEAD " in lines[0] and "/real/gguf/resolve/main/config.json" in lines[0]
     assert "try 2 of 6 in" in lines[0] and "try 3 of 6 in" in lines[1]
@@ -210,16 +226,19 @@ def test_temporary_dns_failure_is_retried_with_a_line(tmp_path, monkeypatch, sle
         return real(host, *args, **kw)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    s = make_service(make_config(tmp_path, None, env={"HF_ENDPOINT": "http://localhost:9"}),
-                     attempts=2)
+    s = make_service(
+        make_config(tmp_path, None, env={"HF_ENDPOINT": "http://localhost:9"}), attempts=2
+    )
     caplog.set_level(logging.WARNING, "nekko_sm")
     try:
         with pytest.raises(UpstreamUnavailable):  # then: nothing listens on port 9
             s.pull("hf:///org/name/f.txt")
     finally:
         s.close()
-    assert any("cannot resolve host 'localhost'" in r.getMessage() and "try 2 of 2" in
-               r.getMessage() for r in caplog.records), caplog.text
+    assert any(
+        "cannot resolve host 'localhost'" in r.getMessage() and "try 2 of 2" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
 
 
 def test_a_specific_user_agent(svc, hub):
@@ -326,8 +345,9 @@ def test_big_tree_pages_directories_and_hidden_xet_hashes(tmp_path, hub):
         entry, _ = s.pull("hf:///real/wide?include=w/*&include=d1/f000*")
     finally:
         s.close()
-    assert names(entry) == sorted(["w/0.gguf", "w/1.gguf", "w/2.gguf", "d1/f0001.txt",
-                                   "d1/f0006.txt"])
+    assert names(entry) == sorted(
+        ["w/0.gguf", "w/1.gguf", "w/2.gguf", "d1/f0001.txt", "d1/f0006.txt"]
+    )
     pages = [r for r in hub.log("hub") if "/tree/" in r.path]
     assert len(pages) == 2 and "cursor=" in pages[1].query  # 1,000 a page, Link followed
 
@@ -356,8 +376,11 @@ def test_two_patterns_two_entries_one_set_of_blobs(svc, hub):
     shared = {f["digest"] for f in a["files"]} & {f["digest"] for f in b["files"]}
     assert shared == {"sha256:" + hub.blob("real/gguf", "model-Q4_K_M.gguf").sha256}
     # the same patterns in another order, or through the POST fields, are the same entry
-    again, created = svc.pull(with_patterns("hf:///real/gguf?include=*.json", ["*Q4_K_M*"],
-                                            hf_endpoint=svc.config.hf_endpoint))
+    again, created = svc.pull(
+        with_patterns(
+            "hf:///real/gguf?include=*.json", ["*Q4_K_M*"], hf_endpoint=svc.config.hf_endpoint
+        )
+    )
     assert not created and again["url"] == b["url"]
 
 
@@ -398,7 +421,10 @@ def test_patterns_are_for_hf_urls_only():
 def test_canonical_patterns():
     ref = parse("hf://org/name?exclude=b&include=z&include=a&include=a&exclude=dir/")
     assert (ref.include, ref.exclude) == (("a", "z"), ("b", "dir/*"))
-    assert ref.canonical == "hf://huggingface.co/org/name@main?include=a&include=z&exclude=b&exclude=dir/*"
+    assert (
+        ref.canonical
+        == "hf://huggingface.co/org/name@main?include=a&include=z&exclude=b&exclude=dir/*"
+    )
     odd = parse(with_patterns("hf://org/name", ["a&b=c #%+ é", "x\\y"]))
     assert odd.include == ("a&b=c #%+ é", "x/y")
     assert parse(odd.canonical) == odd
@@ -409,8 +435,11 @@ PATTERN = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_s
 
 
 @settings(deadline=None, max_examples=300, database=None)
-@given(st.lists(PATTERN, max_size=4), st.lists(PATTERN, max_size=4),
-       st.sampled_from(["hf://org/name", "hf:///org/name@v1/dir", "hf://h.io/datasets/o/n"]))
+@given(
+    st.lists(PATTERN, max_size=4),
+    st.lists(PATTERN, max_size=4),
+    st.sampled_from(["hf://org/name", "hf:///org/name@v1/dir", "hf://h.io/datasets/o/n"]),
+)
 @example(["%"], ["&"], "hf://org/name")
 @example(["a/"], ["/"], "hf://org/name")
 def test_canonical_patterns_are_a_fixed_point(include, exclude, url):
@@ -426,8 +455,19 @@ def test_canonical_patterns_are_a_fixed_point(include, exclude, url):
 
 
 def test_api_and_cli_take_include_and_exclude(tmp_path, hub):
-    r = cli(tmp_path, "pull", "--json", "--include", "*.json", "--include", "*Q2_K*",
-            "--exclude", "tokenizer/*", "hf:///real/gguf", HF_ENDPOINT=hub.endpoint)
+    r = cli(
+        tmp_path,
+        "pull",
+        "--json",
+        "--include",
+        "*.json",
+        "--include",
+        "*Q2_K*",
+        "--exclude",
+        "tokenizer/*",
+        "hf:///real/gguf",
+        HF_ENDPOINT=hub.endpoint,
+    )
     assert r.returncode == 0, r.stderr
     entry = json.loads(r.stdout)
     assert names(entry) == ["config.json", "model-Q2_K.gguf"]
@@ -561,10 +601,14 @@ def test_from_a_mirror_back_to_the_hub_shares_the_blobs(tmp_path, hub):
         finally:
             s.close()
         assert a["url"] != b["url"] and sorted(f["digest"] for f in a["files"]) == sorted(
-            f["digest"] for f in b["files"])
+            f["digest"] for f in b["files"]
+        )
         assert other.log("cdn") == []
-        assert [r.path.rsplit("/", 1)[1] for r in other.log("hub")
-                if r.method == "GET" and "/resolve/" in r.path] == ["config.json"]
+        assert [
+            r.path.rsplit("/", 1)[1]
+            for r in other.log("hub")
+            if r.method == "GET" and "/resolve/" in r.path
+        ] == ["config.json"]
     finally:
         other.close()
 

@@ -36,9 +36,14 @@ def git_sha1(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def hub():
     h = start_fakehub()
-    first = h.add_repo("nekko/view-model", files={
-        "config.json": CONFIG_V1, "model.safetensors": WEIGHTS,
-        "tokenizer/tokenizer.json": TOKENIZER})
+    first = h.add_repo(
+        "nekko/view-model",
+        files={
+            "config.json": CONFIG_V1,
+            "model.safetensors": WEIGHTS,
+            "tokenizer/tokenizer.json": TOKENIZER,
+        },
+    )
     h.add_tag("nekko/view-model", "v1", first)
     h.add_commit("nekko/view-model", {"config.json": CONFIG_V2})
     h.add_repo("nekko/view-set", repo_type="dataset", files={"data/train.csv": TRAIN})
@@ -57,8 +62,14 @@ def svc(tmp_path, hub):
 def cli(cache: Path, hub, *args: str, env: dict | None = None):
     e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     e.update(PYTHONPATH=str(ROOT), HF_ENDPOINT=hub.endpoint, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "nekko_sm", "--cache-dir", str(cache), *args],
-                          capture_output=True, text=True, timeout=120, check=False, env=e)
+    return subprocess.run(
+        [sys.executable, "-m", "nekko_sm", "--cache-dir", str(cache), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=e,
+    )
 
 
 def found(got: dict) -> bytes | None:
@@ -70,17 +81,23 @@ def test_pulled_repo_file_at_another_revision_and_dataset_are_found_offline(svc,
     old, _ = svc.pull("hf:///nekko/view-model@v1/config.json")
     data, _ = svc.pull("hf:///datasets/nekko/view-set/data/train.csv")
     home = svc.store.root / "huggingface"
-    got = probe(home,
-                ["snapshot", {"repo_id": "nekko/view-model"}],
-                ["file", {"repo_id": "nekko/view-model", "filename": "config.json"}],
-                ["file", {"repo_id": "nekko/view-model", "filename": "config.json",
-                          "revision": "v1"}],
-                ["file", {"repo_id": "nekko/view-set", "filename": "data/train.csv",
-                          "repo_type": "dataset"}],
-                ["scan", {}])
+    got = probe(
+        home,
+        ["snapshot", {"repo_id": "nekko/view-model"}],
+        ["file", {"repo_id": "nekko/view-model", "filename": "config.json"}],
+        ["file", {"repo_id": "nekko/view-model", "filename": "config.json", "revision": "v1"}],
+        [
+            "file",
+            {"repo_id": "nekko/view-set", "filename": "data/train.csv", "repo_type": "dataset"},
+        ],
+        ["scan", {}],
+    )
     snapshot = {k: bytes.fromhex(v) for k, v in got[0]["files"].items()}
-    assert snapshot == {"config.json": CONFIG_V2, "model.safetensors": WEIGHTS,
-                        "tokenizer/tokenizer.json": TOKENIZER}
+    assert snapshot == {
+        "config.json": CONFIG_V2,
+        "model.safetensors": WEIGHTS,
+        "tokenizer/tokenizer.json": TOKENIZER,
+    }
     commit = hub.commit_sha("nekko/view-model")
     assert got[0]["path"].endswith(f"models--nekko--view-model/snapshots/{commit}")
     assert found(got[1]) == CONFIG_V2 and found(got[2]) == CONFIG_V1
@@ -105,15 +122,18 @@ def test_rm_takes_it_out_of_the_view_and_keeps_the_rest(svc, hub):
     svc.pull("hf:///nekko/view-model@v1/config.json")
     home = svc.store.root / "huggingface"
     svc.remove("hf:///nekko/view-model")
-    got = probe(home, ["snapshot", {"repo_id": "nekko/view-model"}],
-                ["file", {"repo_id": "nekko/view-model", "filename": "model.safetensors"}],
-                ["file", {"repo_id": "nekko/view-model", "filename": "config.json",
-                          "revision": "v1"}])
+    got = probe(
+        home,
+        ["snapshot", {"repo_id": "nekko/view-model"}],
+        ["file", {"repo_id": "nekko/view-model", "filename": "model.safetensors"}],
+        ["file", {"repo_id": "nekko/view-model", "filename": "config.json", "revision": "v1"}],
+    )
     assert "missing" in got[0] and "missing" in got[1]
     assert found(got[2]) == CONFIG_V1  # another entry's file stays
     svc.remove("hf:///nekko/view-model@v1/config.json")
-    got = probe(home, ["file", {"repo_id": "nekko/view-model", "filename": "config.json",
-                                "revision": "v1"}])
+    got = probe(
+        home, ["file", {"repo_id": "nekko/view-model", "filename": "config.json", "revision": "v1"}]
+    )
     assert "missing" in got[0]
     assert not (home / "hub" / "models--nekko--view-model").exists()
     assert list(svc.store.blobs()) == []  # no hard link kept a freed blob's bytes
@@ -124,20 +144,25 @@ def test_the_cli_pull_rm_gc_and_verify_repair_keep_the_view_true(tmp_path, hub):
     home = cache / "huggingface"
     r = cli(cache, hub, "pull", "hf:///nekko/view-model/model.safetensors")
     assert r.returncode == 0, r.stderr
-    got = probe(home, ["file", {"repo_id": "nekko/view-model",
-                                "filename": "model.safetensors"}])
+    got = probe(home, ["file", {"repo_id": "nekko/view-model", "filename": "model.safetensors"}])
     assert found(got[0]) == WEIGHTS
     assert cli(cache, hub, "rm", "hf:///nekko/view-model/model.safetensors").returncode == 0
-    assert "missing" in probe(home, ["file", {"repo_id": "nekko/view-model",
-                                              "filename": "model.safetensors"}])[0]
+    assert (
+        "missing"
+        in probe(home, ["file", {"repo_id": "nekko/view-model", "filename": "model.safetensors"}])[
+            0
+        ]
+    )
     # gc prunes what the index no longer has (an entry dropped behind the service's back)
     assert cli(cache, hub, "pull", "hf:///nekko/view-model/config.json").returncode == 0
     svc = Service(cfg.build({"cache_dir": str(cache)}, {"HF_ENDPOINT": hub.endpoint}))
     svc.store.remove_entry(svc.canonical("hf:///nekko/view-model/config.json"))
     svc.close()
     assert cli(cache, hub, "gc").returncode == 0
-    assert "missing" in probe(home, ["file", {"repo_id": "nekko/view-model",
-                                              "filename": "config.json"}])[0]
+    assert (
+        "missing"
+        in probe(home, ["file", {"repo_id": "nekko/view-model", "filename": "config.json"}])[0]
+    )
     # verify --repair: a damaged blob's entry goes, and so does what the view showed of it
     r = cli(cache, hub, "pull", "hf:///datasets/nekko/view-set/data/train.csv", "--json")
     assert r.returncode == 0, r.stderr
@@ -145,15 +170,25 @@ def test_the_cli_pull_rm_gc_and_verify_repair_keep_the_view_true(tmp_path, hub):
     os.chmod(blob, 0o644)
     blob.write_bytes(b"X" + blob.read_bytes()[1:])
     assert cli(cache, hub, "verify", "--repair").returncode == 1
-    assert "missing" in probe(home, ["file", {"repo_id": "nekko/view-set", "repo_type":
-                                              "dataset", "filename": "data/train.csv"}])[0]
+    assert (
+        "missing"
+        in probe(
+            home,
+            [
+                "file",
+                {"repo_id": "nekko/view-set", "repo_type": "dataset", "filename": "data/train.csv"},
+            ],
+        )[0]
+    )
     assert cli(cache, hub, "verify").returncode == 0
 
 
 def test_another_endpoint_is_not_in_the_view(tmp_path, hub):
     host = hub.endpoint.split("://", 1)[1]
-    config = cfg.build({"cache_dir": str(tmp_path / "cache"), "insecure_registry": [host]},
-                       {"HF_ENDPOINT": "https://huggingface.co"})
+    config = cfg.build(
+        {"cache_dir": str(tmp_path / "cache"), "insecure_registry": [host]},
+        {"HF_ENDPOINT": "https://huggingface.co"},
+    )
     svc = Service(config, transfer=Transfer(config, backoff=0.01))
     try:
         entry, _ = svc.pull(f"hf://{host}/nekko/view-model/config.json")

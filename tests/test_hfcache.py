@@ -58,8 +58,14 @@ def probe(home: Path, *calls) -> list:
     pytest.importorskip("huggingface_hub")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    r = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(list(calls))], env=env,
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(list(calls))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -95,21 +101,31 @@ def test_offline_huggingface_hub_finds_a_repo_a_file_at_another_revision_and_a_d
     files = hf_files(store, REPO, lfs=("model.safetensors",))
     view.add(HFEntry("hf://huggingface.co/org/name@main", "model", "org/name", "main", C1, files))
     v1 = hf_files(store, {"config.json": b'{"old": true}'})
-    view.add(HFEntry("hf://huggingface.co/org/name@v1/config.json", "model", "org/name", "v1",
-                     C2, v1))
+    view.add(
+        HFEntry("hf://huggingface.co/org/name@v1/config.json", "model", "org/name", "v1", C2, v1)
+    )
     data = hf_files(store, {"data/train.csv": b"a,b\n1,2\n"})
-    view.add(HFEntry("hf://huggingface.co/datasets/org/set@main/data/train.csv", "dataset",
-                     "org/set", "main", C3, data))
+    view.add(
+        HFEntry(
+            "hf://huggingface.co/datasets/org/set@main/data/train.csv",
+            "dataset",
+            "org/set",
+            "main",
+            C3,
+            data,
+        )
+    )
     home = view.home
-    got = probe(home,
-                ["file", {"repo_id": "org/name", "filename": "config.json"}],
-                ["file", {"repo_id": "org/name", "filename": "config.json", "revision": "v1"}],
-                ["file", {"repo_id": "org/name", "filename": "model.safetensors", "revision": C1}],
-                ["snapshot", {"repo_id": "org/name"}],
-                ["snapshot", {"repo_id": "org/name", "revision": "v1"}],
-                ["file", {"repo_id": "org/set", "filename": "data/train.csv",
-                          "repo_type": "dataset"}],
-                ["scan", {}])
+    got = probe(
+        home,
+        ["file", {"repo_id": "org/name", "filename": "config.json"}],
+        ["file", {"repo_id": "org/name", "filename": "config.json", "revision": "v1"}],
+        ["file", {"repo_id": "org/name", "filename": "model.safetensors", "revision": C1}],
+        ["snapshot", {"repo_id": "org/name"}],
+        ["snapshot", {"repo_id": "org/name", "revision": "v1"}],
+        ["file", {"repo_id": "org/set", "filename": "data/train.csv", "repo_type": "dataset"}],
+        ["scan", {}],
+    )
     assert bytes.fromhex(got[0]["data"]) == REPO["config.json"]
     assert bytes.fromhex(got[1]["data"]) == b'{"old": true}'
     assert bytes.fromhex(got[2]["data"]) == REPO["model.safetensors"]
@@ -136,15 +152,29 @@ def test_after_remove_it_is_no_longer_found_and_shared_pieces_stay(store):
     view = HFCacheView(store)
     repo = hf_files(store, REPO, lfs=("model.safetensors",))
     whole = HFEntry("hf://huggingface.co/org/name@main", "model", "org/name", "main", C1, repo)
-    one = HFEntry("hf://huggingface.co/org/name@main/config.json", "model", "org/name", "main",
-                  C1, tuple(f for f in repo if f.path == "config.json"))
-    pr = HFEntry("hf://huggingface.co/org/name@refs/pr/1/config.json", "model", "org/name",
-                 "refs/pr/1", C2, tuple(f for f in repo if f.path == "config.json"))
+    one = HFEntry(
+        "hf://huggingface.co/org/name@main/config.json",
+        "model",
+        "org/name",
+        "main",
+        C1,
+        tuple(f for f in repo if f.path == "config.json"),
+    )
+    pr = HFEntry(
+        "hf://huggingface.co/org/name@refs/pr/1/config.json",
+        "model",
+        "org/name",
+        "refs/pr/1",
+        C2,
+        tuple(f for f in repo if f.path == "config.json"),
+    )
     for e in (whole, one, pr):
         view.add(e)
-    ask = (["file", {"repo_id": "org/name", "filename": "config.json"}],
-           ["file", {"repo_id": "org/name", "filename": "model.safetensors"}],
-           ["file", {"repo_id": "org/name", "filename": "config.json", "revision": "refs/pr/1"}])
+    ask = (
+        ["file", {"repo_id": "org/name", "filename": "config.json"}],
+        ["file", {"repo_id": "org/name", "filename": "model.safetensors"}],
+        ["file", {"repo_id": "org/name", "filename": "config.json", "revision": "refs/pr/1"}],
+    )
 
     assert view.remove(whole.url)  # the single file at the same commit keeps its link
     got = probe(view.home, *ask)
@@ -171,10 +201,21 @@ def test_a_ref_goes_back_to_the_newest_remaining_entry_of_that_revision(store):
     view = HFCacheView(store)
     old = hf_files(store, {"config.json": b'{"v": 1}'})
     new = hf_files(store, {"config.json": b'{"v": 2}'})
-    view.add(HFEntry("hf://huggingface.co/org/name@main/config.json#old", "model", "org/name",
-                     "main", C1, old))
-    view.add(HFEntry("hf://huggingface.co/org/name@main/config.json", "model", "org/name",
-                     "main", C2, new))
+    view.add(
+        HFEntry(
+            "hf://huggingface.co/org/name@main/config.json#old",
+            "model",
+            "org/name",
+            "main",
+            C1,
+            old,
+        )
+    )
+    view.add(
+        HFEntry(
+            "hf://huggingface.co/org/name@main/config.json", "model", "org/name", "main", C2, new
+        )
+    )
     ref = view.repo_dir("model", "org/name") / "refs" / "main"
     assert ref.read_text() == C2
     view.remove("hf://huggingface.co/org/name@main/config.json")
@@ -202,10 +243,14 @@ def test_prune_drops_entries_the_index_no_longer_has(store):
     view = HFCacheView(store)
     files = hf_files(store, {"a.txt": b"a"})
     for rev, commit in (("main", C1), ("dev", C2)):
-        view.add(HFEntry(f"hf://huggingface.co/org/name@{rev}/a.txt", "model", "org/name", rev,
-                         commit, files))
+        view.add(
+            HFEntry(
+                f"hf://huggingface.co/org/name@{rev}/a.txt", "model", "org/name", rev, commit, files
+            )
+        )
     assert view.prune(["hf://huggingface.co/org/name@dev/a.txt"]) == [
-        "hf://huggingface.co/org/name@main/a.txt"]
+        "hf://huggingface.co/org/name@main/a.txt"
+    ]
     assert view.urls() == ["hf://huggingface.co/org/name@dev/a.txt"]
     assert not (view.repo_dir("model", "org/name") / "refs" / "main").exists()
 
@@ -213,8 +258,9 @@ def test_prune_drops_entries_the_index_no_longer_has(store):
 def test_re_adding_relinks_a_blob_the_store_wrote_again(store):
     view = HFCacheView(store)
     (f,) = hf_files(store, {"a.txt": b"aaa"})
-    entry = HFEntry("hf://huggingface.co/org/name@main/a.txt", "model", "org/name", "main", C1,
-                    (f,))
+    entry = HFEntry(
+        "hf://huggingface.co/org/name@main/a.txt", "model", "org/name", "main", C1, (f,)
+    )
     view.add(entry)
     blob = view.repo_dir("model", "org/name") / "blobs" / f.etag
     # gc freed the store's blob and a later pull wrote it again: a new inode.
@@ -226,15 +272,28 @@ def test_re_adding_relinks_a_blob_the_store_wrote_again(store):
     assert os.stat(blob).st_ino == os.stat(store.blob_path(f.digest)).st_ino
 
 
-@pytest.mark.parametrize("bad", [
-    {"repo_id": "../../etc"}, {"repo_id": "a/b/c"}, {"repo_id": "a--b/c"},
-    {"repo_type": "kernel"}, {"revision": "../main"}, {"commit": "main"},
-    {"files": (HFFile("../x", "sha256:" + "0" * 64, 1, "0" * 40),)},
-    {"files": (HFFile("x", "sha256:" + "0" * 64, 1, "../../etc/passwd"),)},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"repo_id": "../../etc"},
+        {"repo_id": "a/b/c"},
+        {"repo_id": "a--b/c"},
+        {"repo_type": "kernel"},
+        {"revision": "../main"},
+        {"commit": "main"},
+        {"files": (HFFile("../x", "sha256:" + "0" * 64, 1, "0" * 40),)},
+        {"files": (HFFile("x", "sha256:" + "0" * 64, 1, "../../etc/passwd"),)},
+    ],
+)
 def test_bad_entries_are_refused_before_anything_is_written(store, bad):
-    good = {"url": "hf://huggingface.co/org/name@main", "repo_type": "model",
-            "repo_id": "org/name", "revision": "main", "commit": C1, "files": ()}
+    good = {
+        "url": "hf://huggingface.co/org/name@main",
+        "repo_type": "model",
+        "repo_id": "org/name",
+        "revision": "main",
+        "commit": C1,
+        "files": (),
+    }
     view = HFCacheView(store)
     with pytest.raises(UnsafeName):
         view.add(HFEntry(**{**good, **bad}))
@@ -243,16 +302,27 @@ def test_bad_entries_are_refused_before_anything_is_written(store, bad):
 
 def test_repo_folder_matches_huggingface_hub():
     hub = pytest.importorskip("huggingface_hub.file_download")
-    for repo_type, repo_id in (("model", "org/name"), ("dataset", "org/set"),
-                               ("space", "org/app"), ("model", "gpt2")):
-        assert repo_folder(repo_type, repo_id) == hub.repo_folder_name(repo_id=repo_id,
-                                                                       repo_type=repo_type)
+    for repo_type, repo_id in (
+        ("model", "org/name"),
+        ("dataset", "org/set"),
+        ("space", "org/app"),
+        ("model", "gpt2"),
+    ):
+        assert repo_folder(repo_type, repo_id) == hub.repo_folder_name(
+            repo_id=repo_id, repo_type=repo_type
+        )
 
 
-@pytest.mark.parametrize("where", ["huggingface", "huggingface/.nekko",
-                                   "huggingface/hub/models--org--name/refs",
-                                   "huggingface/hub/models--org--name/blobs",
-                                   "huggingface/hub/models--org--name/snapshots"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "huggingface",
+        "huggingface/.nekko",
+        "huggingface/hub/models--org--name/refs",
+        "huggingface/hub/models--org--name/blobs",
+        "huggingface/hub/models--org--name/snapshots",
+    ],
+)
 def test_a_link_planted_in_the_view_is_never_followed(store, tmp_path, where):
     """The view is below the cache root: a link planted there (``refs -> /etc``) is refused,
     and nothing is written, linked or removed through it (issue 9, finding 2)."""

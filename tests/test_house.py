@@ -45,8 +45,9 @@ def _where(m: Module, node: ast.AST, package: Path) -> str:
 
 
 def _is_type_checking(test: ast.expr) -> bool:
-    return ((isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-            or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 # What can hold a statement (an expression cannot: no need to look inside one).
@@ -75,7 +76,7 @@ def _base(m: Module | None, node: ast.ImportFrom) -> str | None:
         return None
     parts = m.name.split(".") if m.is_package else m.name.split(".")[:-1]
     if node.level > 1:
-        parts = parts[:-(node.level - 1)]
+        parts = parts[: -(node.level - 1)]
     return ".".join(parts + ([node.module] if node.module else []))
 
 
@@ -109,8 +110,9 @@ def import_graph(package: Path) -> dict[str, dict[str, str]]:
                 base = _base(m, node)
                 if base is None:
                     continue
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
-                           for a in node.names]
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names
+                ]
             for target in targets:
                 while target and target not in mods:  # import a.b.c of a module a.b
                     target = target.rpartition(".")[0]
@@ -170,8 +172,9 @@ def import_cycles(package: Path) -> list[str]:
                 while path[-1] != start:
                     path.append(parent[path[-1]])
                 path = [*reversed(path), start]
-                out.append(path[0] + "".join(f" -> {b} ({graph[a][b]})"
-                                             for a, b in zip(path, path[1:])))
+                out.append(
+                    path[0] + "".join(f" -> {b} ({graph[a][b]})" for a, b in zip(path, path[1:]))
+                )
                 break
             for w in sorted(graph[u]):
                 if w in members and w not in parent:
@@ -200,7 +203,8 @@ def private_store_uses(package: Path, others: Iterable[Path] = ()) -> list[str]:
         return name is not None and (name == store or name.startswith(store + "."))
 
     files: list[tuple[Module | None, Path, ast.Module]] = [
-        (m, m.path, m.tree) for m in mods.values() if not in_store(m.name)]
+        (m, m.path, m.tree) for m in mods.values() if not in_store(m.name)
+    ]
     files += [(None, p, ast.parse(p.read_text(), str(p))) for p in others]
     out = []
     for m, path, tree in files:
@@ -217,20 +221,29 @@ def private_store_uses(package: Path, others: Iterable[Path] = ()) -> list[str]:
             for full, local, shown in pairs:
                 if not in_store(full) and not in_store(full.rpartition(".")[0]):
                     continue
-                if any(_private(p) for p in full[len(store):].split(".")):
+                if any(_private(p) for p in full[len(store) :].split(".")):
                     out.append(f"{where}:{node.lineno}: {shown} from {full.rpartition('.')[0]}")
                 elif local and (f"{full}" in mods or full == store):
                     bound[local] = full
         if not bound or m is None:
             continue
-        assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
-                    and isinstance(n.ctx, ast.Store)}
-        assigned |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments)
-                     for a in [*n.posonlyargs, *n.args, *n.kwonlyargs]}
+        assigned = {
+            n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+        }
+        assigned |= {
+            a.arg
+            for n in ast.walk(tree)
+            if isinstance(n, ast.arguments)
+            for a in [*n.posonlyargs, *n.args, *n.kwonlyargs]
+        }
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                    and node.value.id in bound and node.value.id not in assigned
-                    and _private(node.attr)):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in bound
+                and node.value.id not in assigned
+                and _private(node.attr)
+            ):
                 out.append(f"{where}:{node.lineno}: {node.attr} of {bound[node.value.id]}")
     return sorted(out, key=lambda line: (line.split(":")[0], int(line.split(":")[1])))
 
@@ -241,8 +254,11 @@ def private_store_uses(package: Path, others: Iterable[Path] = ()) -> list[str]:
 
 def undocumented(package: Path) -> list[str]:
     """Each module without a module docstring."""
-    return [str(m.path.relative_to(package.parent)) for m in modules(package).values()
-            if not (ast.get_docstring(m.tree) or "").strip()]
+    return [
+        str(m.path.relative_to(package.parent))
+        for m in modules(package).values()
+        if not (ast.get_docstring(m.tree) or "").strip()
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,84 +307,123 @@ def test_a_long_module_is_found(tmp_path):
 
 
 def test_a_cycle_is_found_through_a_function_level_import(tmp_path):
-    pkg = package(tmp_path, {
-        "a.py": "from nekko_sm import b\n",
-        "b.py": "def f():\n    import nekko_sm.a\n",
-        "c.py": "from nekko_sm import a\n",  # imports into the cycle, is not in it
-    })
+    pkg = package(
+        tmp_path,
+        {
+            "a.py": "from nekko_sm import b\n",
+            "b.py": "def f():\n    import nekko_sm.a\n",
+            "c.py": "from nekko_sm import a\n",  # imports into the cycle, is not in it
+        },
+    )
     assert import_cycles(pkg) == [
-        "nekko_sm.a -> nekko_sm.b (nekko_sm/a.py:2) -> nekko_sm.a (nekko_sm/b.py:3)"]
+        "nekko_sm.a -> nekko_sm.b (nekko_sm/a.py:2) -> nekko_sm.a (nekko_sm/b.py:3)"
+    ]
 
 
 def test_a_cycle_of_relative_imports_in_a_subpackage_is_found(tmp_path):
-    pkg = package(tmp_path, {
-        "store/__init__.py": "from .gc import sweep\n",
-        "store/gc.py": "from ..service import Service\n",
-        "service.py": "from nekko_sm.store import Store\n",
-    })
-    assert import_cycles(pkg) == [(
-        "nekko_sm.service -> nekko_sm.store (nekko_sm/service.py:2)"
-        " -> nekko_sm.store.gc (nekko_sm/store/__init__.py:2)"
-        " -> nekko_sm.service (nekko_sm/store/gc.py:2)")]
+    pkg = package(
+        tmp_path,
+        {
+            "store/__init__.py": "from .gc import sweep\n",
+            "store/gc.py": "from ..service import Service\n",
+            "service.py": "from nekko_sm.store import Store\n",
+        },
+    )
+    assert import_cycles(pkg) == [
+        (
+            "nekko_sm.service -> nekko_sm.store (nekko_sm/service.py:2)"
+            " -> nekko_sm.store.gc (nekko_sm/store/__init__.py:2)"
+            " -> nekko_sm.service (nekko_sm/store/gc.py:2)"
+        )
+    ]
 
 
 def test_imports_only_a_type_checker_runs_make_no_cycle(tmp_path):
-    pkg = package(tmp_path, {
-        "a.py": "import nekko_sm.b\n",
-        "b.py": "import typing\nif typing.TYPE_CHECKING:\n    from nekko_sm.a import A\n"
-                "else:\n    import json\n",
-        "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n",
-    })
+    pkg = package(
+        tmp_path,
+        {
+            "a.py": "import nekko_sm.b\n",
+            "b.py": "import typing\nif typing.TYPE_CHECKING:\n    from nekko_sm.a import A\n"
+            "else:\n    import json\n",
+            "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n",
+        },
+    )
     assert import_graph(pkg)["nekko_sm.b"] == {}
     assert import_cycles(pkg) == []
 
 
-@pytest.mark.parametrize("text, found", [  # found: line (after the docstring) and what
-    ("from nekko_sm.store.locks import _FileLock, FileLock\n",
-     "2: _FileLock from nekko_sm.store.locks"),
-    ("from nekko_sm.store import Store, _key\n", "2: _key from nekko_sm.store"),
-    ("from .store import _key\n", "2: _key from nekko_sm.store"),
-    ("from nekko_sm.store._util import helper\n", "2: helper from nekko_sm.store._util"),
-    ("import nekko_sm.store._util\n", "2: _util from nekko_sm.store"),
-    ("def f():\n    from nekko_sm.store.layout import _write_atomic\n",
-     "3: _write_atomic from nekko_sm.store.layout"),
-    ("from nekko_sm import store\nstore._write_atomic(1)\n", "3: _write_atomic of nekko_sm.store"),
-    ("from nekko_sm.store import locks as lk\nlk._FileLock()\n",
-     "3: _FileLock of nekko_sm.store.locks"),
-])
+@pytest.mark.parametrize(
+    "text, found",
+    [  # found: line (after the docstring) and what
+        (
+            "from nekko_sm.store.locks import _FileLock, FileLock\n",
+            "2: _FileLock from nekko_sm.store.locks",
+        ),
+        ("from nekko_sm.store import Store, _key\n", "2: _key from nekko_sm.store"),
+        ("from .store import _key\n", "2: _key from nekko_sm.store"),
+        ("from nekko_sm.store._util import helper\n", "2: helper from nekko_sm.store._util"),
+        ("import nekko_sm.store._util\n", "2: _util from nekko_sm.store"),
+        (
+            "def f():\n    from nekko_sm.store.layout import _write_atomic\n",
+            "3: _write_atomic from nekko_sm.store.layout",
+        ),
+        (
+            "from nekko_sm import store\nstore._write_atomic(1)\n",
+            "3: _write_atomic of nekko_sm.store",
+        ),
+        (
+            "from nekko_sm.store import locks as lk\nlk._FileLock()\n",
+            "3: _FileLock of nekko_sm.store.locks",
+        ),
+    ],
+)
 def test_a_private_store_name_used_outside_the_store_is_found(tmp_path, text, found):
-    store = {"store/__init__.py": "", "store/locks.py": "", "store/layout.py": "",
-             "store/_util.py": "", "store/index.py": "from .locks import _FileLock\n"}
+    store = {
+        "store/__init__.py": "",
+        "store/locks.py": "",
+        "store/layout.py": "",
+        "store/_util.py": "",
+        "store/index.py": "from .locks import _FileLock\n",
+    }
     pkg = package(tmp_path, {**store, "service.py": text})
     assert private_store_uses(pkg) == [f"nekko_sm/service.py:{found}"]
 
 
 def test_public_store_names_and_the_store_itself_are_fine(tmp_path):
-    pkg = package(tmp_path, {
-        "store/__init__.py": "from .locks import _FileLock\n__version__ = 1\n",
-        "store/locks.py": "",
-        "service.py": "from nekko_sm.store import Store, FileLock, __version__\n"
-                      "import nekko_sm.store as st\nst.Store\nst.__doc__\n",
-        "other.py": "from nekko_sm import store\ndef f(store):\n    return store._x\n",
-        "sources/hf.py": "from ..store.locks import FileLock\nfrom nekko_sm.egress import _deny\n",
-        "egress.py": "",
-    })
+    pkg = package(
+        tmp_path,
+        {
+            "store/__init__.py": "from .locks import _FileLock\n__version__ = 1\n",
+            "store/locks.py": "",
+            "service.py": "from nekko_sm.store import Store, FileLock, __version__\n"
+            "import nekko_sm.store as st\nst.Store\nst.__doc__\n",
+            "other.py": "from nekko_sm import store\ndef f(store):\n    return store._x\n",
+            "sources/hf.py": "from ..store.locks import FileLock\nfrom nekko_sm.egress import _deny\n",
+            "egress.py": "",
+        },
+    )
     assert private_store_uses(pkg) == []
     bad = tmp_path / "test_x.py"
     bad.write_text("from nekko_sm.store.locks import _FileLock\n")
     poke = tmp_path / "test_poke.py"  # a white-box test: allowed
     poke.write_text("from nekko_sm.store import locks\nlocks._FileLock\n")
-    assert private_store_uses(pkg, [bad, poke]) == [
-        f"{bad}:1: _FileLock from nekko_sm.store.locks"]
+    assert private_store_uses(pkg, [bad, poke]) == [f"{bad}:1: _FileLock from nekko_sm.store.locks"]
 
 
 def test_a_module_without_a_docstring_is_found(tmp_path):
-    pkg = package(tmp_path, {
-        "bare.py": "!x = 1\n",
-        "comment.py": '!# a comment is not a docstring\nx = """late"""\n',
-        "empty.py": '!""" """\n',
-        "sub/__init__.py": "!",
-        "fine.py": "x = 1\n",
-    })
-    assert undocumented(pkg) == ["nekko_sm/bare.py", "nekko_sm/comment.py", "nekko_sm/empty.py",
-                                 "nekko_sm/sub/__init__.py"]
+    pkg = package(
+        tmp_path,
+        {
+            "bare.py": "!x = 1\n",
+            "comment.py": '!# a comment is not a docstring\nx = """late"""\n',
+            "empty.py": '!""" """\n',
+            "sub/__init__.py": "!",
+            "fine.py": "x = 1\n",
+        },
+    )
+    assert undocumented(pkg) == [
+        "nekko_sm/bare.py",
+        "nekko_sm/comment.py",
+        "nekko_sm/empty.py",
+        "nekko_sm/sub/__init__.py",
+    ]

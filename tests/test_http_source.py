@@ -45,8 +45,9 @@ def test_pull_stores_raw_file_wrapped_in_artifact(svc, nginx):
     assert entry["path"] == str(svc.store.blob_path(sha(data)))
     with open(entry["path"], "rb") as f:
         assert f.read() == data
-    assert entry["files"] == [{"name": "plain.bin", "digest": sha(data), "size": len(data),
-                               "path": entry["path"]}]
+    assert entry["files"] == [
+        {"name": "plain.bin", "digest": sha(data), "size": len(data), "path": entry["path"]}
+    ]
     manifest = json.loads(svc.store.read_blob(entry["manifest"]))
     assert manifest["artifactType"] == "application/vnd.nekko.file.v1"
     assert manifest["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
@@ -75,8 +76,9 @@ def test_basic_and_bearer_credentials(svc, nginx):
     nginx.put("secret.bin", data)
     with pytest.raises(Unauthorized):
         svc.pull(nginx.url + "/basic/secret.bin")
-    creds = Credentials.make(base64.b64encode(f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode(),
-                             "basic")
+    creds = Credentials.make(
+        base64.b64encode(f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode(), "basic"
+    )
     entry, _ = svc.pull(nginx.url + "/basic/secret.bin", creds)
     assert entry["digest"] == sha(data)
     entry, _ = svc.pull(nginx.url + "/bearer/secret.bin", Credentials.make(BEARER_TOKEN))
@@ -194,7 +196,9 @@ def test_changed_content_restarts_via_if_range(svc, faulty):
 
 
 def test_content_disposition_names_the_file(svc, faulty):
-    url = faulty.add("dl", b"abc", content_disposition='attachment; filename="../../evil/model.gguf"')
+    url = faulty.add(
+        "dl", b"abc", content_disposition='attachment; filename="../../evil/model.gguf"'
+    )
     assert svc.pull(url)[0]["files"][0]["name"] == "model.gguf"
 
 

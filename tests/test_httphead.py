@@ -23,8 +23,7 @@ def port(tmp_path):
     config = cfg.build({"cache_dir": str(tmp_path / "cache"), "address": "127.0.0.1:0"}, {})
     service = Service(config)
     server = make_server(service, config.address)
-    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     try:
         yield server.server_address[1]
@@ -66,60 +65,69 @@ def test_http_1_0_closes_unless_keep_alive_and_1_1_closes_when_asked(port):
         while chunk := s.recv(65536):  # the server closes after its answer
             data += chunk
         assert data.startswith(b"HTTP/1.1 200")  # (http.server names its own version)
-    got = exchange(port, b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
-                         b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-                   answers=2)
+    got = exchange(
+        port,
+        b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        answers=2,
+    )
     assert [g[0] for g in got] == [200, 200]
 
 
 def test_double_slash_is_a_path_not_a_host(port):
-    (status, _, body), = exchange(port, b"GET //healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    ((status, _, body),) = exchange(port, b"GET //healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 200 and json.loads(body)["status"] == "ok"
 
 
 def test_an_unknown_entry_is_still_a_404_in_json(port):
     arg = encode_url("https://example.com/never-pulled").encode()
-    (status, head, body), = exchange(port, b"GET /content/" + arg + b" HTTP/1.1\r\n"
-                                           b"Host: localhost\r\nAccept: */*\r\n\r\n")
+    ((status, head, body),) = exchange(
+        port, b"GET /content/" + arg + b" HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
+    )
     assert status == 404 and head["content-type"] == "application/json"
     assert json.loads(body)["error"]["code"] == "not-found"
 
 
-@pytest.mark.parametrize("line", [
-    b"Host : localhost\r\n",  # whitespace before the colon (RFC 9112 5.1: must be a 400)
-    b"X-Folded: a\r\n b\r\n",  # obsolete line folding
-    b"no colon at all\r\n",
-    b"Bad[Name]: x\r\n",  # not a token
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"Host : localhost\r\n",  # whitespace before the colon (RFC 9112 5.1: must be a 400)
+        b"X-Folded: a\r\n b\r\n",  # obsolete line folding
+        b"no colon at all\r\n",
+        b"Bad[Name]: x\r\n",  # not a token
+    ],
+)
 def test_header_lines_a_server_must_refuse_are_a_400(port, line):
     req = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + line + b"\r\n"
-    (status, head, body), = exchange(port, req)
+    ((status, head, body),) = exchange(port, req)
     assert status == 400 and head.get("connection") == "close"
     assert json.loads(body)["error"]["code"] == "bad-request"
 
 
 def test_too_many_or_too_long_header_lines_are_a_431(port):
     many = b"".join(b"X-%d: y\r\n" % i for i in range(MAX_HEADERS + 1))
-    (status, _, body), = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: l\r\n" + many + b"\r\n")
+    ((status, _, body),) = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: l\r\n" + many + b"\r\n")
     assert status == 431 and json.loads(body)["error"]["code"] == "headers-too-large"
     long = b"X-Long: " + b"a" * 70_000 + b"\r\n"
-    (status, _, _), = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: l\r\n" + long + b"\r\n")
+    ((status, _, _),) = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: l\r\n" + long + b"\r\n")
     assert status == 431
 
 
 def test_requests_off_the_common_path_still_get_http_servers_answers(port):
-    (status, _, _), = exchange(port, b"GET /healthz HTTP/2.0\r\nHost: l\r\n\r\n")
+    ((status, _, _),) = exchange(port, b"GET /healthz HTTP/2.0\r\nHost: l\r\n\r\n")
     assert status == 505
-    (status, _, _), = exchange(port, b"BREW /healthz HTTP/1.1\r\nHost: l\r\n\r\n")
+    ((status, _, _),) = exchange(port, b"BREW /healthz HTTP/1.1\r\nHost: l\r\n\r\n")
     assert status == 501
-    (status, _, _), = exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")  # no Host
+    ((status, _, _),) = exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")  # no Host
     assert status == 400
 
 
 def test_expect_100_continue_is_answered_before_the_body(port):
     body = json.dumps({"url": "ftp://nowhere/x"}).encode()
-    head = (b"POST /content HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    head = (
+        b"POST /content HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         s.sendall(head)
         f = s.makefile("rb")

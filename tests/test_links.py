@@ -36,8 +36,9 @@ def sha(data: bytes) -> str:
 
 
 def make_service(cache: Path, *hosts: str) -> Service:
-    config = cfg.build({"cache_dir": str(cache), "insecure_registry": list(hosts),
-                        "platform": "linux/amd64"}, {})
+    config = cfg.build(
+        {"cache_dir": str(cache), "insecure_registry": list(hosts), "platform": "linux/amd64"}, {}
+    )
     return Service(config, transfer=Transfer(config, read_timeout=5.0, backoff=0.01))
 
 
@@ -306,8 +307,9 @@ def test_start_up_refuses_a_cache_someone_else_could_change(cache, tmp_path, cap
     assert run_cli(cache, "verify") == 0
 
 
-@pytest.mark.parametrize("where", ["views", "blobs", "blobs/sha256", "ingest",
-                                   "ingest/leases", "ingest/pulls"])
+@pytest.mark.parametrize(
+    "where", ["views", "blobs", "blobs/sha256", "ingest", "ingest/leases", "ingest/pulls"]
+)
 def test_start_up_refuses_a_cache_whose_directories_are_links(cache, victim, where, capsys):
     Store(cache).init()
     (cache / "ingest" / "pulls").mkdir(exist_ok=True)

@@ -58,8 +58,14 @@ def pulled(store: Store, pack: mp.Pack) -> None:
 def materialize(store: Store, pack: mp.Pack, opener: Opener | None = None, **kw):
     pulled(store, pack)
     with Lease(store) as lease:
-        return unpack.materialize(store, plan(pack.doc, pack.config), opener or Opener(store),
-                                  lease, what=pack.producer, **kw)
+        return unpack.materialize(
+            store,
+            plan(pack.doc, pack.config),
+            opener or Opener(store),
+            lease,
+            what=pack.producer,
+            **kw,
+        )
 
 
 def contents(store: Store, result) -> dict[str, bytes]:
@@ -90,8 +96,11 @@ def test_each_packaging_unpacks_to_the_names_its_tools_use(store, name):
         if f.name.endswith("config.json"):
             json.loads(data)
     if result.model:
-        gguf = mp.parse_gguf(store.blob_path(
-            next(f.digest for f in result.files if f.name == result.model)).read_bytes())
+        gguf = mp.parse_gguf(
+            store.blob_path(
+                next(f.digest for f in result.files if f.name == result.model)
+            ).read_bytes()
+        )
         assert gguf["version"] == 3 and gguf["kv"]["general.architecture"] == "llama"
     assert store.verify() == []
 
@@ -102,29 +111,47 @@ def test_docker_v01_names_by_type_and_order_not_by_annotation(store):
     assert annotated[0] == "Nekko-Q4-00001-of-00003.gguf"  # what the packager saw on disk
     result = materialize(store, pack)
     assert [f.name for f in result.files] == [
-        "LICENSE", "model-00001-of-00003.gguf", "model-00002-of-00003.gguf",
-        "model-00003-of-00003.gguf", "model.mmproj"]
+        "LICENSE",
+        "model-00001-of-00003.gguf",
+        "model-00002-of-00003.gguf",
+        "model-00003-of-00003.gguf",
+        "model.mmproj",
+    ]
     assert result.model == "model-00001-of-00003.gguf"
-    shards = [mp.parse_gguf(contents(store, result)[f"model-0000{i}-of-00003.gguf"])
-              for i in (1, 2, 3)]
+    shards = [
+        mp.parse_gguf(contents(store, result)[f"model-0000{i}-of-00003.gguf"]) for i in (1, 2, 3)
+    ]
     assert [s["kv"]["split.no"] for s in shards] == [0, 1, 2]
 
 
 def test_docker_v01_dir_tar_unpacks_under_the_directory_name(store):
-    pack = mp.docker_model_v01([mp.gguf_bytes()], dir_tar=("tokenizer", {
-        "tokenizer.json": b"{}", "nested/vocab.txt": b"a\nb\n"}))
+    pack = mp.docker_model_v01(
+        [mp.gguf_bytes()],
+        dir_tar=("tokenizer", {"tokenizer.json": b"{}", "nested/vocab.txt": b"a\nb\n"}),
+    )
     result = materialize(store, pack)
     assert sorted(contents(store, result)) == [
-        "LICENSE", "model.gguf", "tokenizer/nested/vocab.txt", "tokenizer/tokenizer.json"]
+        "LICENSE",
+        "model.gguf",
+        "tokenizer/nested/vocab.txt",
+        "tokenizer/tokenizer.json",
+    ]
 
 
 def test_docker_v02_keeps_nested_paths(store):
-    pack = mp.docker_model_v02({"model.safetensors": mp.safetensors_bytes({"w": [1.0]}),
-                                "text_encoder/config.json": b"{}",
-                                "text_encoder/model.safetensors": mp.safetensors_bytes({"e": [2.0]})})
+    pack = mp.docker_model_v02(
+        {
+            "model.safetensors": mp.safetensors_bytes({"w": [1.0]}),
+            "text_encoder/config.json": b"{}",
+            "text_encoder/model.safetensors": mp.safetensors_bytes({"e": [2.0]}),
+        }
+    )
     assert detect_format(pack.doc) == "docker-model"
     assert sorted(contents(store, materialize(store, pack))) == [
-        "model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors"]
+        "model.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+    ]
 
 
 def test_ollama_names_by_role(store):
@@ -132,40 +159,91 @@ def test_ollama_names_by_role(store):
     assert pack.doc["mediaType"] == mp.DOCKER_MANIFEST and pack.config.endswith(b"\n")
     result = materialize(store, pack)
     assert [f.name for f in result.files] == [
-        "license", "model.gguf", "params", "projector.gguf", "system", "template"]
+        "license",
+        "model.gguf",
+        "params",
+        "projector.gguf",
+        "system",
+        "template",
+    ]
     assert result.model == "model.gguf"  # not the projector, also a GGUF
 
 
 def test_ollama_repeated_roles_and_named_tensor_layers():
-    doc = {"schemaVersion": 2, "mediaType": mp.DOCKER_MANIFEST,
-           "config": {"mediaType": mp.DOCKER_CONFIG, "digest": "sha256:" + "0" * 64, "size": 2},
-           "layers": [
-               {"mediaType": "application/vnd.ollama.image.adapter", "digest": "sha256:" + "1" * 64, "size": 1},
-               {"mediaType": "application/vnd.ollama.image.adapter", "digest": "sha256:" + "2" * 64, "size": 1},
-               {"mediaType": "application/vnd.ollama.image.license", "digest": "sha256:" + "3" * 64, "size": 1},
-               {"mediaType": "application/vnd.ollama.image.license", "digest": "sha256:" + "4" * 64, "size": 1},
-               {"mediaType": "application/vnd.ollama.image.embed", "digest": "sha256:" + "5" * 64, "size": 1},
-               {"mediaType": "application/vnd.ollama.image.tensor; dtype=F16", "digest": "sha256:" + "6" * 64,
-                "size": 1, "name": "text_encoder/embed.weight"},
-           ]}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mp.DOCKER_MANIFEST,
+        "config": {"mediaType": mp.DOCKER_CONFIG, "digest": "sha256:" + "0" * 64, "size": 2},
+        "layers": [
+            {
+                "mediaType": "application/vnd.ollama.image.adapter",
+                "digest": "sha256:" + "1" * 64,
+                "size": 1,
+            },
+            {
+                "mediaType": "application/vnd.ollama.image.adapter",
+                "digest": "sha256:" + "2" * 64,
+                "size": 1,
+            },
+            {
+                "mediaType": "application/vnd.ollama.image.license",
+                "digest": "sha256:" + "3" * 64,
+                "size": 1,
+            },
+            {
+                "mediaType": "application/vnd.ollama.image.license",
+                "digest": "sha256:" + "4" * 64,
+                "size": 1,
+            },
+            {
+                "mediaType": "application/vnd.ollama.image.embed",
+                "digest": "sha256:" + "5" * 64,
+                "size": 1,
+            },
+            {
+                "mediaType": "application/vnd.ollama.image.tensor; dtype=F16",
+                "digest": "sha256:" + "6" * 64,
+                "size": 1,
+                "name": "text_encoder/embed.weight",
+            },
+        ],
+    }
     p = plan(doc)
     assert p.format == "ollama"
     assert [(lp.kind, lp.name) for lp in p.layers] == [
-        (FILE, "adapter.gguf"), (FILE, "adapter-2.gguf"), (FILE, "license"),
-        (FILE, "license-2"), ("skip", None), (FILE, "text_encoder/embed.weight")]
+        (FILE, "adapter.gguf"),
+        (FILE, "adapter-2.gguf"),
+        (FILE, "license"),
+        (FILE, "license-2"),
+        ("skip", None),
+        (FILE, "text_encoder/embed.weight"),
+    ]
 
 
 def test_kitops_new_and_old_modelkits_give_the_same_view(store):
-    context = {"models/llama.gguf": mp.gguf_bytes("kit"), "data/train.csv": b"a,b\n",
-               "docs/README.md": b"# docs\n", "models/adapter/lora.bin": b"L" * 10}
-    kitfile = {"manifestVersion": "1.0.0", "package": {"name": "kit-test"},
-               "model": {"name": "llama", "path": "models/llama.gguf",
-                         "parts": [{"path": "models/adapter"}]},
-               "datasets": [{"name": "train", "path": "data/train.csv"}],
-               "docs": [{"path": "docs"}]}
+    context = {
+        "models/llama.gguf": mp.gguf_bytes("kit"),
+        "data/train.csv": b"a,b\n",
+        "docs/README.md": b"# docs\n",
+        "models/adapter/lora.bin": b"L" * 10,
+    }
+    kitfile = {
+        "manifestVersion": "1.0.0",
+        "package": {"name": "kit-test"},
+        "model": {
+            "name": "llama",
+            "path": "models/llama.gguf",
+            "parts": [{"path": "models/adapter"}],
+        },
+        "datasets": [{"name": "train", "path": "data/train.csv"}],
+        "docs": [{"path": "docs"}],
+    }
     new = mp.kitops(context, kitfile, gzip_layers=True)
     old = mp.kitops(context, kitfile, old=True)
-    assert "digest" in json.loads(new.config)["model"] and "digest" not in json.loads(old.config)["model"]
+    assert (
+        "digest" in json.loads(new.config)["model"]
+        and "digest" not in json.loads(old.config)["model"]
+    )
     assert "mediaType" not in new.doc  # kit leaves it out
     first = contents(store, materialize(store, new))
     assert first == context
@@ -174,26 +252,36 @@ def test_kitops_new_and_old_modelkits_give_the_same_view(store):
 
 
 def test_modelpack_tar_paths_are_relative_to_the_model_root(store):
-    pack = mp.modctl({"weights/part-1.safetensors": mp.safetensors_bytes({"w": [1.0]}),
-                      "config.json": b"{}"}, gzip_layers=True)
+    pack = mp.modctl(
+        {"weights/part-1.safetensors": mp.safetensors_bytes({"w": [1.0]}), "config.json": b"{}"},
+        gzip_layers=True,
+    )
     assert all(d["mediaType"].endswith(".tar+gzip") for d in pack.doc["layers"])
     assert sorted(contents(store, materialize(store, pack))) == [
-        "config.json", "weights/part-1.safetensors"]
+        "config.json",
+        "weights/part-1.safetensors",
+    ]
 
 
 def test_oras_directory_keeps_its_title_and_a_link_is_the_same_blob(store):
     pack = PACKS["oras"]
     result = materialize(store, pack)
     by_name = {f.name: f for f in result.files}
-    assert sorted(by_name) == ["README.md", "weights/a.bin", "weights/latest.bin", "weights/sub/b.bin"]
+    assert sorted(by_name) == [
+        "README.md",
+        "weights/a.bin",
+        "weights/latest.bin",
+        "weights/sub/b.bin",
+    ]
     assert by_name["weights/latest.bin"].digest == by_name["weights/a.bin"].digest
 
 
 def test_oras_refuses_a_directory_layer_with_paths_outside_its_title(store):
     pack = mp.oras_directory("weights", {"a.bin": b"A"})
     layer = pack.doc["layers"][0]
-    tar = mp.tar_bytes([Entry("weights", type="dir"), Entry("weights/a.bin", b"A"),
-                        Entry("other/b.bin", b"B")])
+    tar = mp.tar_bytes(
+        [Entry("weights", type="dir"), Entry("weights/a.bin", b"A"), Entry("other/b.bin", b"B")]
+    )
     pack = mp.replace_layer(pack, 0, mp.gzip_bytes(tar), layer["mediaType"], layer["annotations"])
     with pytest.raises(UnsafeLayer, match="outside the layer's directory"):
         materialize(store, pack)
@@ -214,11 +302,19 @@ def test_modelcar_view_is_models_after_whiteouts(store):
 
 
 def test_an_image_without_models_shows_its_whole_file_system_read_twice(store):
-    base = [Entry("bin", type="dir"), Entry("bin/busybox", b"\x7fELF", mode=0o755),
-            Entry("bin/sh", type="hardlink", linkname="bin/busybox"),
-            Entry("lib", type="dir"), Entry("lib/x.so", b"so")]
-    top = [Entry("usr", type="dir"), Entry("usr/lib", type="symlink", linkname="/lib"),
-           Entry("opt", type="dir"), Entry("opt/model.gguf", mp.gguf_bytes("img"))]
+    base = [
+        Entry("bin", type="dir"),
+        Entry("bin/busybox", b"\x7fELF", mode=0o755),
+        Entry("bin/sh", type="hardlink", linkname="bin/busybox"),
+        Entry("lib", type="dir"),
+        Entry("lib/x.so", b"so"),
+    ]
+    top = [
+        Entry("usr", type="dir"),
+        Entry("usr/lib", type="symlink", linkname="/lib"),
+        Entry("opt", type="dir"),
+        Entry("opt/model.gguf", mp.gguf_bytes("img")),
+    ]
     pack = mp.image([base, top], {})
     opener = Opener(store)
     result = materialize(store, pack, opener)
@@ -231,8 +327,11 @@ def test_an_image_without_models_shows_its_whole_file_system_read_twice(store):
 
 
 def test_a_docker_v2_image_is_an_image_too(store):
-    pack = mp.image([[Entry("models", type="dir"), Entry("models/model.gguf", mp.gguf_bytes())]],
-                    {}, docker=True)
+    pack = mp.image(
+        [[Entry("models", type="dir"), Entry("models/model.gguf", mp.gguf_bytes())]],
+        {},
+        docker=True,
+    )
     assert pack.doc["mediaType"] == mp.DOCKER_MANIFEST and detect_format(pack.doc) == "image"
     result = materialize(store, pack)
     assert [f.name for f in result.files] == ["model.gguf"] and result.model == "model.gguf"
@@ -241,27 +340,47 @@ def test_a_docker_v2_image_is_an_image_too(store):
 def test_an_ordinary_image_leaves_out_what_no_engine_opens(store):
     """A distribution's image holds dangling links (/etc/mtab), device nodes and links that
     loop (Debian's /usr/bin/X11 -> .): its whole-file-system view leaves them out."""
-    pack = mp.image([[Entry("etc", type="dir"), Entry("etc/os-release", b"ID=test\n"),
-                      Entry("etc/mtab", type="symlink", linkname="/proc/self/mounts"),
-                      Entry("dev", type="dir"), Entry("dev/null", type="chr"),
-                      Entry("usr", type="dir"), Entry("usr/bin", type="dir"),
-                      Entry("usr/bin/tool", b"#!/bin/sh\n", mode=0o755),
-                      Entry("usr/bin/X11", type="symlink", linkname="."),
-                      Entry("usr/null", type="symlink", linkname="/dev/null")]], {})
+    pack = mp.image(
+        [
+            [
+                Entry("etc", type="dir"),
+                Entry("etc/os-release", b"ID=test\n"),
+                Entry("etc/mtab", type="symlink", linkname="/proc/self/mounts"),
+                Entry("dev", type="dir"),
+                Entry("dev/null", type="chr"),
+                Entry("usr", type="dir"),
+                Entry("usr/bin", type="dir"),
+                Entry("usr/bin/tool", b"#!/bin/sh\n", mode=0o755),
+                Entry("usr/bin/X11", type="symlink", linkname="."),
+                Entry("usr/null", type="symlink", linkname="/dev/null"),
+            ]
+        ],
+        {},
+    )
     result = materialize(store, pack)
     assert sorted(contents(store, result)) == ["etc/os-release", "usr/bin/tool"]
 
 
 def test_a_dangling_link_in_a_modelcar_view_is_refused(store):
-    pack = mp.image([[Entry("models", type="dir"), Entry("models/a", b"a"),
-                      Entry("models/l", type="symlink", linkname="missing")]], {})
+    pack = mp.image(
+        [
+            [
+                Entry("models", type="dir"),
+                Entry("models/a", b"a"),
+                Entry("models/l", type="symlink", linkname="missing"),
+            ]
+        ],
+        {},
+    )
     with pytest.raises(UnsafeLayer, match="names nothing"):
         materialize(store, pack)
 
 
 def test_an_image_with_a_device_in_its_view_is_refused(store):
-    pack = mp.image([[Entry("models", type="dir"), Entry("models/a", b"a"),
-                      Entry("models/tty", type="chr")]], {})
+    pack = mp.image(
+        [[Entry("models", type="dir"), Entry("models/a", b"a"), Entry("models/tty", type="chr")]],
+        {},
+    )
     with pytest.raises(UnsafeLayer, match="device"):
         materialize(store, pack)
 
@@ -278,8 +397,13 @@ def test_whiteouts_hide_only_lower_layers(store):
     got = _image_view(
         store,
         [Entry("models/a", b"1"), Entry("models/d/x", b"x"), Entry("models/d/y", b"y")],
-        [Entry("models/.wh.a"), Entry("models/a2", b"2"), Entry("models/.wh.a2"),  # same layer: kept
-         Entry("models/.wh.d"), Entry("models/d/z", b"z")],  # d replaced: only z survives
+        [
+            Entry("models/.wh.a"),
+            Entry("models/a2", b"2"),
+            Entry("models/.wh.a2"),  # same layer: kept
+            Entry("models/.wh.d"),
+            Entry("models/d/z", b"z"),
+        ],  # d replaced: only z survives
     )
     assert got == {"a2": b"2", "d/z": b"z"}
 
@@ -294,8 +418,11 @@ def test_opaque_whiteout_applies_before_the_layers_own_entries(store):
 
 
 def test_a_file_replaces_a_lower_directory_and_a_lower_file(store):
-    got = _image_view(store, [Entry("models/x/y", b"y"), Entry("models/f", b"old")],
-                      [Entry("models/x", b"now a file"), Entry("models/f", b"new")])
+    got = _image_view(
+        store,
+        [Entry("models/x/y", b"y"), Entry("models/f", b"old")],
+        [Entry("models/x", b"now a file"), Entry("models/f", b"new")],
+    )
     assert got == {"x": b"now a file", "f": b"new"}
 
 
@@ -319,14 +446,19 @@ HOSTILE = mp.HOSTILE
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_tar_is_refused_and_writes_nothing_outside_the_cache(store, tmp_path, case):
     pack = mp.modctl({"config.json": b"{}"})
-    pack = mp.replace_layer(pack, 0, mp.tar_bytes(HOSTILE[case]),
-                          "application/vnd.cncf.model.weight.v1.tar",
-                          {"org.cncf.model.filepath": "model.bin"})
+    pack = mp.replace_layer(
+        pack,
+        0,
+        mp.tar_bytes(HOSTILE[case]),
+        "application/vnd.cncf.model.weight.v1.tar",
+        {"org.cncf.model.filepath": "model.bin"},
+    )
     pulled(store, pack)
     before = _outside(tmp_path, store)
     with pytest.raises(UnsafeLayer) as e, Lease(store) as lease:
-        unpack.materialize(store, plan(pack.doc, pack.config), Opener(store), lease,
-                           what="oci://r/hostile")
+        unpack.materialize(
+            store, plan(pack.doc, pack.config), Opener(store), lease, what="oci://r/hostile"
+        )
     assert e.value.status == 400 and e.value.code == "layer-unsafe"
     assert "oci://r/hostile" in e.value.message
     assert _outside(tmp_path, store) == before
@@ -379,20 +511,23 @@ def test_check_path():
 # is this a tar?
 
 
-@pytest.mark.parametrize("media_type,annotations,expected", [
-    ("application/vnd.oci.image.layer.v1.tar", {}, True),
-    ("application/vnd.oci.image.layer.v1.tar+gzip", {}, True),
-    ("application/vnd.oci.image.layer.v1.tar+zstd", {}, True),
-    ("application/vnd.docker.image.rootfs.diff.tar.gzip", {}, True),
-    ("application/vnd.docker.ai.dir.tar", {}, True),
-    ("application/vnd.cncf.model.weight.v1.tar", {}, True),
-    ("application/vnd.kitops.modelkit.model.v1.tar+gzip", {}, True),
-    ("application/vnd.cncf.model.weight.v1.raw", {}, False),
-    ("application/vnd.docker.ai.gguf.v3", {}, False),
-    ("application/vnd.ollama.image.model", {}, False),
-    ("application/octet-stream", {"io.deis.oras.content.unpack": "true"}, True),
-    ("application/vnd.example.tarball", {}, False),
-])
+@pytest.mark.parametrize(
+    "media_type,annotations,expected",
+    [
+        ("application/vnd.oci.image.layer.v1.tar", {}, True),
+        ("application/vnd.oci.image.layer.v1.tar+gzip", {}, True),
+        ("application/vnd.oci.image.layer.v1.tar+zstd", {}, True),
+        ("application/vnd.docker.image.rootfs.diff.tar.gzip", {}, True),
+        ("application/vnd.docker.ai.dir.tar", {}, True),
+        ("application/vnd.cncf.model.weight.v1.tar", {}, True),
+        ("application/vnd.kitops.modelkit.model.v1.tar+gzip", {}, True),
+        ("application/vnd.cncf.model.weight.v1.raw", {}, False),
+        ("application/vnd.docker.ai.gguf.v3", {}, False),
+        ("application/vnd.ollama.image.model", {}, False),
+        ("application/octet-stream", {"io.deis.oras.content.unpack": "true"}, True),
+        ("application/vnd.example.tarball", {}, False),
+    ],
+)
 def test_says_tar(media_type, annotations, expected):
     assert says_tar(media_type, annotations) is expected
 
@@ -418,27 +553,40 @@ def test_an_untitled_layer_of_unknown_type_is_judged_by_its_bytes(store):
     tar = mp.tar_bytes([Entry("inside.txt", b"from a tar")])
     raw = b"just bytes"
     empty = b"{}"
-    doc = {"schemaVersion": 2, "mediaType": mp.OCI_MANIFEST,
-           "artifactType": "application/vnd.example",
-           "config": {"mediaType": mp.OCI_EMPTY, "digest": mp.sha256(empty), "size": 2},
-           "layers": [{"mediaType": "application/octet-stream", "digest": mp.sha256(tar),
-                       "size": len(tar)},
-                      {"mediaType": "application/octet-stream", "digest": mp.sha256(raw),
-                       "size": len(raw)}]}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mp.OCI_MANIFEST,
+        "artifactType": "application/vnd.example",
+        "config": {"mediaType": mp.OCI_EMPTY, "digest": mp.sha256(empty), "size": 2},
+        "layers": [
+            {"mediaType": "application/octet-stream", "digest": mp.sha256(tar), "size": len(tar)},
+            {"mediaType": "application/octet-stream", "digest": mp.sha256(raw), "size": len(raw)},
+        ],
+    }
     p = plan(doc)
     assert [lp.kind for lp in p.layers] == [SNIFF, SNIFF]
     assert resolve_sniffed(p.layers[0], tar[:512]).kind == TAR
-    pack = mp.Pack("x", "artifact", mp.go_json(doc), mp.OCI_MANIFEST,
-                   {mp.sha256(b): b for b in (tar, raw, empty)}, {})
+    pack = mp.Pack(
+        "x",
+        "artifact",
+        mp.go_json(doc),
+        mp.OCI_MANIFEST,
+        {mp.sha256(b): b for b in (tar, raw, empty)},
+        {},
+    )
     got = contents(store, materialize(store, pack))
     assert got == {"inside.txt": b"from a tar", mp.sha256(raw).replace(":", "-"): raw}
 
 
 def test_a_plain_tar_labelled_gzip_is_read_by_its_bytes(store):
     pack = mp.modctl({"config.json": b"{}"})
-    pack = mp.replace_layer(pack, 0, mp.tar_bytes([Entry("config.json", b"{}")]),
-                          "application/vnd.cncf.model.weight.config.v1.tar+gzip",
-                          {"org.cncf.model.filepath": "config.json"})
+    pack = mp.replace_layer(
+        pack,
+        0,
+        mp.tar_bytes([Entry("config.json", b"{}")]),
+        "application/vnd.cncf.model.weight.config.v1.tar+gzip",
+        {"org.cncf.model.filepath": "config.json"},
+    )
     assert contents(store, materialize(store, pack)) == {"config.json": b"{}"}
 
 
@@ -446,13 +594,18 @@ def test_zstd_layer_unpacks_or_is_refused_naming_the_layer(store):
     zstd_cli = shutil.which("zstd")
     tar = mp.tar_bytes([Entry("config.json", b'{"z": 1}')])
     if zstd_cli:
-        blob = subprocess.run([zstd_cli, "-q", "-c"], input=tar, capture_output=True,
-                              check=True).stdout
+        blob = subprocess.run(
+            [zstd_cli, "-q", "-c"], input=tar, capture_output=True, check=True
+        ).stdout
     else:
         blob = b"\x28\xb5\x2f\xfd" + b"\0" * 32  # the magic is all the refusal reads
-    pack = mp.replace_layer(mp.modctl({"x": b""}), 0, blob,
-                          "application/vnd.cncf.model.weight.config.v1.tar+zstd",
-                          {"org.cncf.model.filepath": "config.json"})
+    pack = mp.replace_layer(
+        mp.modctl({"x": b""}),
+        0,
+        blob,
+        "application/vnd.cncf.model.weight.config.v1.tar+zstd",
+        {"org.cncf.model.filepath": "config.json"},
+    )
     try:
         importlib.import_module("compression.zstd")
     except ImportError:
@@ -465,9 +618,13 @@ def test_zstd_layer_unpacks_or_is_refused_naming_the_layer(store):
 
 
 def test_a_tar_that_does_not_read_is_an_invalid_layer(store):
-    pack = mp.replace_layer(mp.modctl({"x": b""}), 0, b"\x1f\x8b" + b"garbage" * 100,
-                          "application/vnd.cncf.model.weight.v1.tar+gzip",
-                          {"org.cncf.model.filepath": "x"})
+    pack = mp.replace_layer(
+        mp.modctl({"x": b""}),
+        0,
+        b"\x1f\x8b" + b"garbage" * 100,
+        "application/vnd.cncf.model.weight.v1.tar+gzip",
+        {"org.cncf.model.filepath": "x"},
+    )
     with pytest.raises(BrokenLayer, match="not a readable tar"):
         materialize(store, pack)
 
@@ -486,13 +643,16 @@ def test_the_same_safetensors_from_the_hub_and_a_registry_is_one_blob(store):
             w.write(data)
             digests[name] = w.commit(None).digest
     before = blob_count(store)
-    for packed in (mp.modctl({"model.safetensors": big, "small.safetensors": small},
-                             gzip_layers=True),
-                   mp.docker_model_v02({"model.safetensors": big, "small.safetensors": small})):
+    for packed in (
+        mp.modctl({"model.safetensors": big, "small.safetensors": small}, gzip_layers=True),
+        mp.docker_model_v02({"model.safetensors": big, "small.safetensors": small}),
+    ):
         result = materialize(store, packed)
         by_name = {f.name: f.digest for f in result.files}
-        assert by_name == {"model.safetensors": digests["big"],
-                           "small.safetensors": digests["small"]}
+        assert by_name == {
+            "model.safetensors": digests["big"],
+            "small.safetensors": digests["small"],
+        }
     # New blobs: modctl's two tar layers and its config, v0.2's config (its raw layers ARE
     # the files, already there); never a second copy of a file.
     assert blob_count(store) - before == 2 + 1 + 1
@@ -540,16 +700,21 @@ def test_a_cancelled_pull_stops_unpacking(store):
 # which file llama.cpp loads
 
 
-@pytest.mark.parametrize("names,expected", [
-    (["model.gguf", "LICENSE"], "model.gguf"),
-    (["a/x-00001-of-00003.gguf", "a/x-00002-of-00003.gguf", "a/x-00003-of-00003.gguf"],
-     "a/x-00001-of-00003.gguf"),
-    (["x-00002-of-00002.gguf"], None),  # the first shard is missing
-    (["model.gguf", "projector.gguf", "mmproj-f16.gguf", "adapter.gguf"], "model.gguf"),
-    (["q4.gguf", "q8.gguf"], None),  # two models: none is *the* model
-    (["model.safetensors"], None),
-    (["Model.GGUF"], "Model.GGUF"),
-])
+@pytest.mark.parametrize(
+    "names,expected",
+    [
+        (["model.gguf", "LICENSE"], "model.gguf"),
+        (
+            ["a/x-00001-of-00003.gguf", "a/x-00002-of-00003.gguf", "a/x-00003-of-00003.gguf"],
+            "a/x-00001-of-00003.gguf",
+        ),
+        (["x-00002-of-00002.gguf"], None),  # the first shard is missing
+        (["model.gguf", "projector.gguf", "mmproj-f16.gguf", "adapter.gguf"], "model.gguf"),
+        (["q4.gguf", "q8.gguf"], None),  # two models: none is *the* model
+        (["model.safetensors"], None),
+        (["Model.GGUF"], "Model.GGUF"),
+    ],
+)
 def test_choose_model(names, expected):
     assert choose_model(names) == expected
 
@@ -558,11 +723,26 @@ def test_formats_of_other_manifests():
     base = {"schemaVersion": 2, "mediaType": mp.OCI_MANIFEST, "layers": []}
     cfg = {"digest": "sha256:" + "0" * 64, "size": 2}
     assert detect_format({**base, "config": {**cfg, "mediaType": mp.OCI_CONFIG}}) == "image"
-    assert detect_format({**base, "config": {**cfg, "mediaType": mp.OCI_EMPTY},
-                          "artifactType": "application/vnd.nekko.hf.repo.v1"}) == "artifact"
-    assert detect_format({**base, "config": {**cfg, "mediaType": mp.OCI_CONFIG},
-                          "artifactType": "application/vnd.cnai.model.manifest.v1+json"}
-                         ) == "modelpack"
+    assert (
+        detect_format(
+            {
+                **base,
+                "config": {**cfg, "mediaType": mp.OCI_EMPTY},
+                "artifactType": "application/vnd.nekko.hf.repo.v1",
+            }
+        )
+        == "artifact"
+    )
+    assert (
+        detect_format(
+            {
+                **base,
+                "config": {**cfg, "mediaType": mp.OCI_CONFIG},
+                "artifactType": "application/vnd.cnai.model.manifest.v1+json",
+            }
+        )
+        == "modelpack"
+    )
     with pytest.raises(formats.ManifestInvalid):
         detect_format({"schemaVersion": 2, "manifests": []})
 

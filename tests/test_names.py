@@ -26,8 +26,14 @@ from nekko_sm.transfer import Transfer
 
 
 def make_service(tmp_path, *hosts: str, env: dict | None = None) -> Service:
-    config = cfg.build({"cache_dir": str(tmp_path / "cache"), "insecure_registry": list(hosts),
-                        "platform": "linux/amd64"}, env or {})
+    config = cfg.build(
+        {
+            "cache_dir": str(tmp_path / "cache"),
+            "insecure_registry": list(hosts),
+            "platform": "linux/amd64",
+        },
+        env or {},
+    )
     return Service(config, transfer=Transfer(config, read_timeout=5.0, backoff=0.01))
 
 
@@ -60,8 +66,7 @@ def push_titled(reg, repo: str, names: list[str | None]) -> str:
     layers = []
     for i, name in enumerate(names):
         ann = {"annotations": {TITLE: name}} if name is not None else {}
-        layers.append(push_blob(reg, repo, f"layer {i} of {repo}".encode() + os.urandom(8),
-                                **ann))
+        layers.append(push_blob(reg, repo, f"layer {i} of {repo}".encode() + os.urandom(8), **ann))
     push_manifest(reg, repo, "v1", artifact_manifest(reg, repo, layers))
     return f"oci://{reg.host}/{repo}:v1"
 
@@ -91,8 +96,12 @@ def test_names_that_cannot_be_laid_out_are_refused_first(tmp_path, reg, case):
 def test_a_title_equal_to_another_layers_digest_name(tmp_path, reg):
     repo = "names/digest-title"
     untitled = push_blob(reg, repo, b"untitled layer" + os.urandom(8))
-    titled = push_blob(reg, repo, b"titled layer" + os.urandom(8),
-                       annotations={TITLE: untitled["digest"].replace(":", "-")})
+    titled = push_blob(
+        reg,
+        repo,
+        b"titled layer" + os.urandom(8),
+        annotations={TITLE: untitled["digest"].replace(":", "-")},
+    )
     push_manifest(reg, repo, "v1", artifact_manifest(reg, repo, [untitled, titled]))
     svc = make_service(tmp_path, reg.host)
     try:
@@ -102,8 +111,14 @@ def test_a_title_equal_to_another_layers_digest_name(tmp_path, reg):
 
 
 def test_names_that_can_be_laid_out_still_are(tmp_path, reg):
-    names = ["config.json", "tokenizer/tokenizer.json", "caf\u00e9/\u65e5\u672c.txt", "x.y",
-             "x.y.z/w", "a" * 255]
+    names = [
+        "config.json",
+        "tokenizer/tokenizer.json",
+        "caf\u00e9/\u65e5\u672c.txt",
+        "x.y",
+        "x.y.z/w",
+        "a" * 255,
+    ]
     url = push_titled(reg, "names/fine", [*names, None])
     svc = make_service(tmp_path, reg.host)
     try:

@@ -62,8 +62,15 @@ def cli(tmp_path):
             argv += ["--insecure-registry", h]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT)
-        return subprocess.run(argv + list(args), capture_output=True, text=True, check=False,
-                              timeout=timeout, env=env, cwd=tmp_path)
+        return subprocess.run(
+            argv + list(args),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            env=env,
+            cwd=tmp_path,
+        )
 
     run.cache = cache
     return run
@@ -150,17 +157,21 @@ def test_multi_arch_picks_the_configured_platform(svc, reg, seeded):
     assert entry["manifest"] == amd64.digest and entry["platform"] == "linux/amd64"
     check_view(svc.store, entry, rootfs(svc.store, amd64))
     desc = svc.store.get_entry(info.url)
-    assert desc.digest == amd64.digest and desc.platform == {"architecture": "amd64",
-                                                              "os": "linux"}
+    assert desc.digest == amd64.digest and desc.platform == {"architecture": "amd64", "os": "linux"}
     # only the chosen image's blobs were fetched: no other platform, no attestation
     fetched = {r.blob_digest for r in reg.requests if r.blob_digest}
     assert fetched == amd64.blob_digests()
 
 
-@pytest.mark.parametrize("asked,expect", [("linux/arm64", "linux/arm64"),
-                                          ("linux/arm64/v8", "linux/arm64"),
-                                          ("linux/arm", "linux/arm/v7"),
-                                          ("linux/aarch64", "linux/arm64")])
+@pytest.mark.parametrize(
+    "asked,expect",
+    [
+        ("linux/arm64", "linux/arm64"),
+        ("linux/arm64/v8", "linux/arm64"),
+        ("linux/arm", "linux/arm/v7"),
+        ("linux/aarch64", "linux/arm64"),
+    ],
+)
 def test_platform_per_request(svc, seeded, asked, expect):
     info = seeded["public/multi:v1"]
     entry, _ = svc.pull(info.url, platform=asked)
@@ -230,8 +241,11 @@ def test_artifact_with_titled_layers(svc, seeded):
     info = seeded["public/model:v1"]
     entry, _ = svc.pull(info.url)
     assert entry["digest"] == info.digest
-    assert [f["name"] for f in entry["files"]] == \
-        ["model.gguf", "tokenizer/tokenizer.json", "config.json"]
+    assert [f["name"] for f in entry["files"]] == [
+        "model.gguf",
+        "tokenizer/tokenizer.json",
+        "config.json",
+    ]
     view = Path(entry["path"])
     for name, d in info.files.items():
         assert (view / name).read_bytes() == blob(svc, d["digest"])
@@ -263,8 +277,10 @@ def test_expected_digest_mismatch_is_refused(svc, seeded):
     assert svc.store.entries() == []
     # the right one (for a multi-arch tag, the index's or the platform manifest's) is fine
     multi = seeded["public/multi:v1"]
-    assert svc.pull(multi.url, digest=multi.platforms["linux/amd64"].digest)[0]["digest"] == \
-        multi.index_digest
+    assert (
+        svc.pull(multi.url, digest=multi.platforms["linux/amd64"].digest)[0]["digest"]
+        == multi.index_digest
+    )
 
 
 def test_a_429_is_retried(svc, reg, seeded):
@@ -359,20 +375,20 @@ def test_401_on_a_blob_renews_the_token_once(make, areg, auth_seeded, tmp_path):
 
 def test_shared_layers_are_fetched_and_stored_once(svc, reg, seeded):
     a, b = seeded["public/share-a:v1"], seeded["public/share-b:v1"]
-    shared = a.layer_digests[:len(SHARED_LAYERS)]
-    assert shared == b.layer_digests[:len(SHARED_LAYERS)]
+    shared = a.layer_digests[: len(SHARED_LAYERS)]
+    assert shared == b.layer_digests[: len(SHARED_LAYERS)]
     ea, _ = svc.pull(a.url)
     eb, _ = svc.pull(b.url)
     for d in shared:
         assert reg.blob_gets(d) == 1
-    assert svc.stats["bytes_deduplicated"] == sum(a.layer_sizes[:len(SHARED_LAYERS)])
+    assert svc.stats["bytes_deduplicated"] == sum(a.layer_sizes[: len(SHARED_LAYERS)])
     # the layers, their files (those of the shared layers once), each image's file listing
     files = {f["digest"] for f in ea["files"] + eb["files"]}
     assert len(files) == 2 * (len(a.layers) + len(b.layers) - len(SHARED_LAYERS))
     listings = {svc.store.get_entry(i.url).annotations["io.nekko.files"] for i in (a, b)}
     assert sorted(svc.store.blobs()) == sorted(
-        a.blob_digests() | b.blob_digests() | {a.digest, b.digest} | files | listings
-        | {sha(b"{}")})
+        a.blob_digests() | b.blob_digests() | {a.digest, b.digest} | files | listings | {sha(b"{}")}
+    )
 
 
 def test_concurrent_pulls_sharing_layers_fetch_each_once(svc, reg, seeded):
@@ -397,9 +413,14 @@ def test_removing_one_image_keeps_layers_another_image_needs(svc, seeded, cli, r
     assert svc.store.verify() == []
     only_a = (a.blob_digests() | {a.digest}) - b.blob_digests()
     assert not any(svc.store.has_blob(d) for d in only_a)
-    r = subprocess.run([sys.executable, "-m", "nekko_sm", "--cache-dir", str(svc.store.root),
-                        "verify"], capture_output=True, text=True, timeout=60, check=False,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, "-m", "nekko_sm", "--cache-dir", str(svc.store.root), "verify"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -510,16 +531,33 @@ def test_cache_is_readable_by_skopeo_and_umoci(svc, seeded, tmp_path):
     svc.pull(info.url)
     svc.store.flush()  # index.json follows the database by group commit: now, not soon
     cache = svc.store.root
-    r = subprocess.run([umoci, "ls", "--layout", str(cache)], capture_output=True, text=True, check=False,
-                       timeout=60)
+    r = subprocess.run(
+        [umoci, "ls", "--layout", str(cache)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [info.url]
     # containers/image refuses "oci://…" as a reference name ("://" is not allowed in one),
     # so name no reference: with one entry in index.json, skopeo takes that one.
     out = tmp_path / "out"
-    r = subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", "--preserve-digests",
-                        f"oci:{cache}", f"oci:{out}:copy"],
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        [
+            skopeo,
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            f"oci:{cache}",
+            f"oci:{out}:copy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     [d] = index_json(out)["manifests"]
     assert d["digest"] == info.digest
@@ -527,7 +565,9 @@ def test_cache_is_readable_by_skopeo_and_umoci(svc, seeded, tmp_path):
     assert (copied / info.digest[7:]).read_bytes() == info.manifest
     for digest in info.blob_digests():
         assert sha((copied / digest[7:]).read_bytes()) == digest
-    assert {p.name for p in copied.iterdir()} == {d[7:] for d in info.blob_digests() | {info.digest}}
+    assert {p.name for p in copied.iterdir()} == {
+        d[7:] for d in info.blob_digests() | {info.digest}
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,18 +604,27 @@ def test_cli_platforms(cli, reg, seeded):
     r = cli("--platform", "all", "pull", other, "--json", hosts=[reg.host])
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["digest"] == info.index_digest
-    types = {d["annotations"][REF_NAME]: d["mediaType"]
-             for d in index_json(cli.cache)["manifests"]}
-    assert types == {info.url + "?platform=linux/arm64": MT_OCI_MANIFEST,
-                     other + "?platform=all": MT_OCI_INDEX}
+    types = {d["annotations"][REF_NAME]: d["mediaType"] for d in index_json(cli.cache)["manifests"]}
+    assert types == {
+        info.url + "?platform=linux/arm64": MT_OCI_MANIFEST,
+        other + "?platform=all": MT_OCI_INDEX,
+    }
 
 
 def test_cli_private_repo(cli, areg, auth_seeded):
     info = auth_seeded["private/single:v1"]
     r = cli("pull", info.url, hosts=[areg.host])
     assert r.returncode == 1 and "needs credentials" in r.stderr
-    r = cli("pull", info.url, "--credentials", BASIC, "--credentials-type", "Basic", "--json",
-            hosts=[areg.host])
+    r = cli(
+        "pull",
+        info.url,
+        "--credentials",
+        BASIC,
+        "--credentials-type",
+        "Basic",
+        "--json",
+        hosts=[areg.host],
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["digest"] == info.digest
     assert BASIC not in r.stdout + r.stderr
@@ -596,29 +645,50 @@ def test_cli_wrong_digest(cli, reg, seeded):
 def test_parse_challenges():
     assert registry_auth.parse_challenges(
         'Bearer realm="https://auth.example/token",service="reg",'
-        'scope="repository:a/b:pull,push", Basic realm="x y"') == [
-        ("bearer", {"realm": "https://auth.example/token", "service": "reg",
-                    "scope": "repository:a/b:pull,push"}),
-        ("basic", {"realm": "x y"})]
-    assert registry_auth.parse_challenges('basic realm=plain') == [("basic", {"realm": "plain"})]
+        'scope="repository:a/b:pull,push", Basic realm="x y"'
+    ) == [
+        (
+            "bearer",
+            {
+                "realm": "https://auth.example/token",
+                "service": "reg",
+                "scope": "repository:a/b:pull,push",
+            },
+        ),
+        ("basic", {"realm": "x y"}),
+    ]
+    assert registry_auth.parse_challenges("basic realm=plain") == [("basic", {"realm": "plain"})]
     assert registry_auth.parse_challenges('Bearer realm="a\\"b"') == [("bearer", {"realm": 'a"b'})]
     assert registry_auth.parse_challenges("") == []
 
 
-@pytest.mark.parametrize("status,body,err", [
-    (401, {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
-     Unauthorized),
-    (403, {"errors": [{"code": "DENIED", "message": "requested access is denied"}]},
-     Unauthorized),
-    (404, {"errors": [{"code": "MANIFEST_UNKNOWN"}]}, UpstreamNotFound),
-    (404, {"errors": [{"code": "NAME_UNKNOWN"}]}, UpstreamNotFound),
-    (429, {"errors": [{"code": "TOOMANYREQUESTS"}]}, UpstreamUnavailable),
-    (503, None, UpstreamUnavailable),
-])
+@pytest.mark.parametrize(
+    "status,body,err",
+    [
+        (
+            401,
+            {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
+            Unauthorized,
+        ),
+        (
+            403,
+            {"errors": [{"code": "DENIED", "message": "requested access is denied"}]},
+            Unauthorized,
+        ),
+        (404, {"errors": [{"code": "MANIFEST_UNKNOWN"}]}, UpstreamNotFound),
+        (404, {"errors": [{"code": "NAME_UNKNOWN"}]}, UpstreamNotFound),
+        (429, {"errors": [{"code": "TOOMANYREQUESTS"}]}, UpstreamUnavailable),
+        (503, None, UpstreamUnavailable),
+    ],
+)
 def test_registry_error(status, body, err):
-    e = registry_auth.registry_error(status, "http://r/v2/x/manifests/y",
-                                     json.dumps(body).encode() if body else b"", {},
-                                     what="oci://r/x:y")
+    e = registry_auth.registry_error(
+        status,
+        "http://r/v2/x/manifests/y",
+        json.dumps(body).encode() if body else b"",
+        {},
+        what="oci://r/x:y",
+    )
     assert type(e) is err and e.message.startswith("oci://r/x:y")
 
 
@@ -633,11 +703,18 @@ def test_manifest_checks():
     p = _FakePuller()
     with pytest.raises(ManifestInvalid, match="schema 1"):
         p._check_manifest("c", json.dumps({"schemaVersion": 1, "name": "a/b"}).encode(), {})
-    layer = {"mediaType": "x", "digest": "sha256:" + "a" * 64, "size": 1,
-             "annotations": {"org.opencontainers.image.title": "../etc/passwd"}}
-    doc = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-           "config": {"mediaType": "y", "digest": "sha256:" + "b" * 64, "size": 2},
-           "layers": [layer]}
+    layer = {
+        "mediaType": "x",
+        "digest": "sha256:" + "a" * 64,
+        "size": 1,
+        "annotations": {"org.opencontainers.image.title": "../etc/passwd"},
+    }
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": "y", "digest": "sha256:" + "b" * 64, "size": 2},
+        "layers": [layer],
+    }
     with pytest.raises(UnsafeName):
         p._check_manifest("c", json.dumps(doc).encode(), {})
     layer["annotations"] = {}
@@ -646,7 +723,8 @@ def test_manifest_checks():
         p._check_manifest("c", data, {"Docker-Content-Digest": "sha256:" + "c" * 64})
     with pytest.raises(IntegrityError):
         p._check_manifest("sha256:" + "d" * 64, data, {})
-    assert p._check_manifest(sha(data), data, {"Docker-Content-Digest": sha(data)}).digest == \
-        sha(data)
+    assert p._check_manifest(sha(data), data, {"Docker-Content-Digest": sha(data)}).digest == sha(
+        data
+    )
     with pytest.raises(ManifestInvalid, match="media type"):
         p._check_manifest("c", json.dumps({**doc, "mediaType": "text/html"}).encode(), {})

@@ -34,8 +34,9 @@ def _name() -> str:
     return f"f-{uuid.uuid4().hex[:12]}.bin"
 
 
-def _get(url: str, headers: dict[str, str] | None = None, method: str = "GET",
-         timeout: float = 5) -> tuple[int, http.client.HTTPMessage, bytes]:
+def _get(
+    url: str, headers: dict[str, str] | None = None, method: str = "GET", timeout: float = 5
+) -> tuple[int, http.client.HTTPMessage, bytes]:
     """One request on a fresh http.client connection; the body is read to the end."""
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
@@ -48,6 +49,7 @@ def _get(url: str, headers: dict[str, str] | None = None, method: str = "GET",
 
 
 # -- nginx ------------------------------------------------------------------------------------
+
 
 def test_nginx_serves_ranges_with_validators(nginx: NginxPeer, pool: urllib3.PoolManager) -> None:
     url = nginx.put(name := _name(), DATA)
@@ -86,21 +88,26 @@ def test_nginx_basic_auth(nginx: NginxPeer, pool: urllib3.PoolManager) -> None:
     wrong = pool.request("GET", url, headers=urllib3.make_headers(basic_auth=f"{BASIC_USER}:no"))
     assert wrong.status == 401
     good = pool.request(
-        "GET", url, headers=urllib3.make_headers(basic_auth=f"{BASIC_USER}:{BASIC_PASSWORD}"))
+        "GET", url, headers=urllib3.make_headers(basic_auth=f"{BASIC_USER}:{BASIC_PASSWORD}")
+    )
     assert good.status == 200 and good.data == DATA
 
 
 def test_nginx_bearer_auth(nginx: NginxPeer, pool: urllib3.PoolManager) -> None:
     nginx.put(name := _name(), DATA)
     url = f"{nginx.url}/bearer/{name}"
-    for headers in ({}, {"Authorization": "Bearer nope"},
-                    {"Authorization": f"bearer {BEARER_TOKEN}x"},
-                    {"Authorization": f"Basic {BEARER_TOKEN}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": f"bearer {BEARER_TOKEN}x"},
+        {"Authorization": f"Basic {BEARER_TOKEN}"},
+    ):
         r = pool.request("GET", url, headers=headers)
         assert r.status == 401, headers
         assert r.headers["WWW-Authenticate"] == "Bearer"
-    good = pool.request("GET", url, headers={"Authorization": f"Bearer {BEARER_TOKEN}",
-                                             "Range": "bytes=0-9"})
+    good = pool.request(
+        "GET", url, headers={"Authorization": f"Bearer {BEARER_TOKEN}", "Range": "bytes=0-9"}
+    )
     assert good.status == 206 and good.data == DATA[:10]
 
 
@@ -127,12 +134,17 @@ def test_nginx_redirects(nginx: NginxPeer, pool: urllib3.PoolManager) -> None:
 
     url = f"{nginx.url}/bearer-redirect/{name}"
     assert pool.request("GET", url, redirect=False).status == 401
-    r = pool.request("GET", url, redirect=False,
-                     headers={"Authorization": f"Bearer {BEARER_TOKEN}"})
+    r = pool.request(
+        "GET", url, redirect=False, headers={"Authorization": f"Bearer {BEARER_TOKEN}"}
+    )
     assert r.status == 302 and r.headers["Location"] == f"{nginx.cdn_url}/files/{name}"
     # Forwarding the credentials to the cdn is refused; dropping them works.
-    assert pool.request("GET", r.headers["Location"],
-                        headers={"Authorization": f"Bearer {BEARER_TOKEN}"}).status == 400
+    assert (
+        pool.request(
+            "GET", r.headers["Location"], headers={"Authorization": f"Bearer {BEARER_TOKEN}"}
+        ).status
+        == 400
+    )
     assert pool.request("GET", r.headers["Location"]).status == 200
 
 
@@ -150,8 +162,9 @@ def test_nginx_access_log(nginx: NginxPeer, pool: urllib3.PoolManager) -> None:
     nginx.put(name := _name(), DATA)
     pool.request("GET", f"{nginx.url}/files/{name}")
     pool.request("GET", f"{nginx.url}/files/{name}", headers={"Range": "bytes=0-99"})
-    pool.request("GET", f"{nginx.url}/bearer/{name}",
-                 headers={"Authorization": f"Bearer {BEARER_TOKEN}"})
+    pool.request(
+        "GET", f"{nginx.url}/bearer/{name}", headers={"Authorization": f"Bearer {BEARER_TOKEN}"}
+    )
     pool.request("GET", f"{nginx.cdn_url}/files/{name}")
 
     log = nginx.access_log()
@@ -195,8 +208,8 @@ def test_nginx_limit_rate(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 # -- faulty -----------------------------------------------------------------------------------
 
-def test_faulty_serves_ranges_and_if_range(faulty: FaultyServer,
-                                           pool: urllib3.PoolManager) -> None:
+
+def test_faulty_serves_ranges_and_if_range(faulty: FaultyServer, pool: urllib3.PoolManager) -> None:
     url = faulty.add("a.bin", DATA)
     full = pool.request("GET", url)
     assert full.status == 200 and full.data == DATA
@@ -303,8 +316,7 @@ def test_faulty_close_delimited_bodies(faulty: FaultyServer) -> None:
     assert len(body) == len(DATA) + 7 and body.startswith(DATA)
 
 
-def test_faulty_ignore_range_and_corrupt(faulty: FaultyServer,
-                                         pool: urllib3.PoolManager) -> None:
+def test_faulty_ignore_range_and_corrupt(faulty: FaultyServer, pool: urllib3.PoolManager) -> None:
     url = faulty.add("i.bin", DATA, ignore_range=True)
     r = pool.request("GET", url, headers={"Range": "bytes=10-"})
     assert r.status == 200 and r.data == DATA and "Accept-Ranges" not in r.headers
@@ -364,8 +376,9 @@ def test_faulty_statuses_retry_after(faulty: FaultyServer, pool: urllib3.PoolMan
     assert faulty.body_bytes(url) == len(DATA)
 
 
-def test_faulty_change_etag_defeats_if_range(faulty: FaultyServer,
-                                             pool: urllib3.PoolManager) -> None:
+def test_faulty_change_etag_defeats_if_range(
+    faulty: FaultyServer, pool: urllib3.PoolManager
+) -> None:
     url = faulty.add("v.bin", DATA, change_etag_after=1)
     old = pool.request("GET", url)
     assert old.data == DATA
@@ -382,8 +395,7 @@ def test_faulty_change_etag_defeats_if_range(faulty: FaultyServer,
     assert r.headers["ETag"] != '"v1"' and r.data == b"second"
 
 
-def test_faulty_auth_redirect_disposition(faulty: FaultyServer,
-                                          pool: urllib3.PoolManager) -> None:
+def test_faulty_auth_redirect_disposition(faulty: FaultyServer, pool: urllib3.PoolManager) -> None:
     target = faulty.add("t.bin", DATA, content_disposition='attachment; filename="model.gguf"')
     r = pool.request("GET", target)
     assert r.headers["Content-Disposition"] == 'attachment; filename="model.gguf"'

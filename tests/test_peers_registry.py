@@ -85,17 +85,29 @@ def test_proxy_keeps_connections_alive(reg: RegistryPeer) -> None:
 
 
 def test_seeded_manifests_are_served_with_the_right_accept(reg: RegistryPeer, seeded, web):
-    assert set(seeded) == {"public/single:v1", "public/multi:v1", "public/docker:v1",
-                           "public/share-a:v1", "public/share-b:v1", "public/model:v1"}
+    assert set(seeded) == {
+        "public/single:v1",
+        "public/multi:v1",
+        "public/docker:v1",
+        "public/share-a:v1",
+        "public/share-b:v1",
+        "public/model:v1",
+    }
     for ref, info in seeded.items():
-        r = web.request("GET", f"{reg.url}/v2/{info.repo}/manifests/{info.tag}",
-                         headers={"Accept": MANIFEST_ACCEPT})
+        r = web.request(
+            "GET",
+            f"{reg.url}/v2/{info.repo}/manifests/{info.tag}",
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
         assert r.status == 200, ref
         assert r.data == info.manifest
         assert sha256(r.data) == info.digest == r.headers["Docker-Content-Digest"]
         assert r.headers["Content-Type"] == info.media_type
-        by_digest = web.request("GET", f"{reg.url}/v2/{info.repo}/manifests/{info.digest}",
-                                 headers={"Accept": info.media_type})
+        by_digest = web.request(
+            "GET",
+            f"{reg.url}/v2/{info.repo}/manifests/{info.digest}",
+            headers={"Accept": info.media_type},
+        )
         assert by_digest.status == 200 and by_digest.data == info.manifest
     assert reg.manifest_gets() == 2 * len(seeded)
 
@@ -119,16 +131,19 @@ def test_multi_arch_index_with_attestations(reg: RegistryPeer, seeded, web) -> N
     doc = json.loads(info.manifest)
     unknown = [d for d in doc["manifests"] if d["platform"]["os"] == "unknown"]
     assert len(unknown) == 3
-    assert all(d["annotations"]["vnd.docker.reference.type"] == "attestation-manifest"
-               for d in unknown)
+    assert all(
+        d["annotations"]["vnd.docker.reference.type"] == "attestation-manifest" for d in unknown
+    )
     amd64 = info.platforms["linux/amd64"]
     assert {d["annotations"]["vnd.docker.reference.digest"] for d in unknown} == {
-        p.digest for p in info.platforms.values()}
+        p.digest for p in info.platforms.values()
+    }
     assert len({p.digest for p in info.platforms.values()}) == 3
     assert amd64.media_type == OCI_MANIFEST and amd64.index_digest == info.digest
     # distribution 2.8 will not serve an OCI index to a client that does not accept one
-    r = web.request("GET", f"{reg.url}/v2/public/multi/manifests/v1",
-                     headers={"Accept": OCI_MANIFEST})
+    r = web.request(
+        "GET", f"{reg.url}/v2/public/multi/manifests/v1", headers={"Accept": OCI_MANIFEST}
+    )
     assert r.status == 404
 
 
@@ -190,8 +205,7 @@ def test_redirect_to_second_host_that_rejects_authorization(reg: RegistryPeer, s
         part = web.request("GET", location, headers={"Range": "bytes=10-19"})
         assert part.status == 206 and part.data == good.data[10:20]
         assert part.headers["Content-Range"] == f"bytes 10-19/{len(good.data)}"
-        stale = web.request("GET", location, headers={"Range": "bytes=10-",
-                                                       "If-Range": '"other"'})
+        stale = web.request("GET", location, headers={"Range": "bytes=10-", "If-Range": '"other"'})
         assert stale.status == 200 and len(stale.data) == len(good.data)
         tampered = web.request("GET", location.replace("X-Amz-Signature=", "X-Amz-Signature=0"))
         assert tampered.status == 403
@@ -235,8 +249,7 @@ def test_drop_on_the_redirect_host(reg: RegistryPeer, seeded, web) -> None:
     digest, size = info.layer_digests[1], info.layer_sizes[1]
     with reg.configured(redirect_blobs=True):
         reg.drop_blob_once(digest, 1000)
-        r = web.request("GET", f"{reg.url}/v2/public/single/blobs/{digest}",
-                         preload_content=False)
+        r = web.request("GET", f"{reg.url}/v2/public/single/blobs/{digest}", preload_content=False)
         assert r.status == 200 and r.headers["Content-Length"] == str(size)
         with pytest.raises(urllib3.exceptions.HTTPError):
             r.read()
@@ -268,14 +281,21 @@ def test_broken_mirror_is_a_separate_proxy(reg: RegistryPeer, seeded, web) -> No
 
 
 def test_push_through_the_proxy(reg: RegistryPeer, tmp_path) -> None:
-    info = push_image(reg, "public/pushed:v1", [1000, 150_000], seed="push-test",
-                      workdir=str(tmp_path), via_proxy=True)
+    info = push_image(
+        reg,
+        "public/pushed:v1",
+        [1000, 150_000],
+        seed="push-test",
+        workdir=str(tmp_path),
+        via_proxy=True,
+    )
     methods = {q.method for q in reg.requests}
     assert {"POST", "PUT"} <= methods
     assert all(q.status < 500 for q in reg.requests)
     assert info.layer_sizes[1] > 150_000 and info.layout is not None
-    again = push_image(reg, "public/pushed:v2", [1000, 150_000], seed="push-test",
-                       workdir=str(tmp_path))
+    again = push_image(
+        reg, "public/pushed:v2", [1000, 150_000], seed="push-test", workdir=str(tmp_path)
+    )
     assert again.digest == info.digest  # deterministic
 
 
@@ -299,21 +319,31 @@ def test_anonymous_token_pulls_public_not_private(areg: RegistryPeer, auth_seede
     header, claims = decode_jwt_unverified(pub)
     assert header["alg"] == "RS256" and header["x5c"]
     assert claims["iss"] == ISSUER and claims["aud"] == SERVICE and claims["sub"] == ""
-    assert claims["access"] == [{"type": "repository", "name": "public/single",
-                                 "actions": ["pull"]}]
-    r = web.request("GET", f"{areg.url}/v2/public/single/manifests/v1",
-                     headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Bearer {pub}"})
+    assert claims["access"] == [
+        {"type": "repository", "name": "public/single", "actions": ["pull"]}
+    ]
+    r = web.request(
+        "GET",
+        f"{areg.url}/v2/public/single/manifests/v1",
+        headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Bearer {pub}"},
+    )
     assert r.status == 200 and r.data == auth_seeded["public/single:v1"].manifest
 
     priv = token_for(areg, "repository:private/single:pull")
     assert priv and decode_jwt_unverified(priv)[1]["access"] == []
-    r = web.request("GET", f"{areg.url}/v2/private/single/manifests/v1",
-                     headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Bearer {priv}"})
+    r = web.request(
+        "GET",
+        f"{areg.url}/v2/private/single/manifests/v1",
+        headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Bearer {priv}"},
+    )
     assert r.status == 401
     assert 'error="insufficient_scope"' in r.headers["WWW-Authenticate"]
     # the public token is no good for the private repository either
-    r = web.request("GET", f"{areg.url}/v2/private/single/manifests/v1",
-                     headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Bearer {pub}"})
+    r = web.request(
+        "GET",
+        f"{areg.url}/v2/private/single/manifests/v1",
+        headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Bearer {pub}"},
+    )
     assert r.status == 401
     # anonymous push is not granted
     push = token_for(areg, "repository:public/single:pull,push")
@@ -327,28 +357,44 @@ def test_basic_credentials_pull_private(areg: RegistryPeer, auth_seeded, web) ->
     assert tok
     assert decode_jwt_unverified(tok)[1]["sub"] == "alice"
     info = auth_seeded["private/single:v1"]
-    r = web.request("GET", f"{areg.url}/v2/private/single/manifests/v1",
-                     headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Bearer {tok}"})
+    r = web.request(
+        "GET",
+        f"{areg.url}/v2/private/single/manifests/v1",
+        headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Bearer {tok}"},
+    )
     assert r.status == 200 and r.data == info.manifest
-    blob = web.request("GET", f"{areg.url}/v2/private/single/blobs/{info.layer_digests[0]}",
-                        headers={"Authorization": f"Bearer {tok}"})
+    blob = web.request(
+        "GET",
+        f"{areg.url}/v2/private/single/blobs/{info.layer_digests[0]}",
+        headers={"Authorization": f"Bearer {tok}"},
+    )
     assert blob.status == 200 and sha256(blob.data) == info.layer_digests[0]
     assert areg.requests[-1].has_authorization
     # wrong password and an unknown Bearer are refused by the token server
     assert token_for(areg, "repository:private/single:pull", ("alice", "wrong")) is None
-    r = web.request("GET", f"{ts.realm}?service={SERVICE}&scope=repository:private/single:pull",
-                     headers={"Authorization": "Bearer not-a-known-token"})
+    r = web.request(
+        "GET",
+        f"{ts.realm}?service={SERVICE}&scope=repository:private/single:pull",
+        headers={"Authorization": "Bearer not-a-known-token"},
+    )
     assert r.status == 401
-    r = web.request("GET", f"{ts.realm}?service={SERVICE}&scope=repository:private/single:pull",
-                     headers={"Authorization": f"Bearer {ALICE_TOKEN}"})
+    r = web.request(
+        "GET",
+        f"{ts.realm}?service={SERVICE}&scope=repository:private/single:pull",
+        headers={"Authorization": f"Bearer {ALICE_TOKEN}"},
+    )
     assert r.status == 200
     doc = json.loads(r.data)
     assert set(doc) >= {"token", "access_token", "expires_in", "issued_at"}
     assert doc["token"] == doc["access_token"]
     # records never hold a secret
     kinds = [(q.auth, q.user, q.status) for q in ts.requests]
-    assert kinds == [("basic", "alice", 200), ("basic", "", 401), ("bearer", "", 401),
-                     ("bearer", "alice", 200)]
+    assert kinds == [
+        ("basic", "alice", 200),
+        ("basic", "", 401),
+        ("bearer", "", 401),
+        ("bearer", "alice", 200),
+    ]
     assert ts.requests[0].scopes == ["repository:private/single:pull,push"]
     assert "s3cret" not in repr(ts.requests) and ALICE_TOKEN not in repr(ts.requests)
 
@@ -357,22 +403,40 @@ def test_token_post_and_repeated_scopes(areg: RegistryPeer, web) -> None:
     ts = areg.token_server
     assert ts is not None
     r = web.request(
-        "GET", f"{ts.realm}?service={SERVICE}&scope=repository:public/a:pull"
-               f"&scope=repository:private/b:pull")
+        "GET",
+        f"{ts.realm}?service={SERVICE}&scope=repository:public/a:pull"
+        f"&scope=repository:private/b:pull",
+    )
     access = decode_jwt_unverified(json.loads(r.data)["token"])[1]["access"]
     assert access == [{"type": "repository", "name": "public/a", "actions": ["pull"]}]
     r = web.request_encode_body(
-        "POST", ts.realm, encode_multipart=False,
-        fields={"grant_type": "password", "username": "alice", "password": "s3cret",
-                "service": SERVICE, "scope": "repository:private/b:pull,push",
-                "client_id": "nekko-test", "access_type": "offline"})
+        "POST",
+        ts.realm,
+        encode_multipart=False,
+        fields={
+            "grant_type": "password",
+            "username": "alice",
+            "password": "s3cret",
+            "service": SERVICE,
+            "scope": "repository:private/b:pull,push",
+            "client_id": "nekko-test",
+            "access_type": "offline",
+        },
+    )
     doc = json.loads(r.data)
     assert r.status == 200 and doc["refresh_token"]
     r = web.request_encode_body(
-        "POST", ts.realm, encode_multipart=False,
-        fields={"grant_type": "refresh_token", "refresh_token": doc["refresh_token"],
-                "service": SERVICE, "scope": "repository:private/b:pull",
-                "client_id": "nekko-test"})
+        "POST",
+        ts.realm,
+        encode_multipart=False,
+        fields={
+            "grant_type": "refresh_token",
+            "refresh_token": doc["refresh_token"],
+            "service": SERVICE,
+            "scope": "repository:private/b:pull",
+            "client_id": "nekko-test",
+        },
+    )
     assert r.status == 200
     assert decode_jwt_unverified(json.loads(r.data)["access_token"])[1]["sub"] == "alice"
 
@@ -401,21 +465,29 @@ def test_redirect_on_auth_registry_needs_the_registry_s_authorization(areg, auth
         r = web.request("GET", areg.url + path, redirect=False)
         assert r.status == 401  # not redirected without a token
         tok = token_for(areg, "repository:private/single:pull", CREDENTIALS)
-        r = web.request("GET", areg.url + path, redirect=False,
-                         headers={"Authorization": f"Bearer {tok}"})
+        r = web.request(
+            "GET", areg.url + path, redirect=False, headers={"Authorization": f"Bearer {tok}"}
+        )
         assert r.status == 307
-        assert web.request("GET", r.headers["Location"],
-                            headers={"Authorization": f"Bearer {tok}"}).status == 400
+        assert (
+            web.request(
+                "GET", r.headers["Location"], headers={"Authorization": f"Bearer {tok}"}
+            ).status
+            == 400
+        )
         blob = web.request("GET", r.headers["Location"])
         assert sha256(blob.data) == info.layer_digests[1]
 
 
 def test_peer_request_helper_answers_the_challenge(areg: RegistryPeer, auth_seeded) -> None:
-    r = areg.request("GET", "/v2/private/single/manifests/v1", {"Accept": MANIFEST_ACCEPT},
-                     creds=CREDENTIALS)
+    r = areg.request(
+        "GET", "/v2/private/single/manifests/v1", {"Accept": MANIFEST_ACCEPT}, creds=CREDENTIALS
+    )
     assert r.status == 200
-    assert areg.request("GET", "/v2/private/single/manifests/v1",
-                        {"Accept": MANIFEST_ACCEPT}).status == 401
+    assert (
+        areg.request("GET", "/v2/private/single/manifests/v1", {"Accept": MANIFEST_ACCEPT}).status
+        == 401
+    )
 
 
 # -- third-party tools against the peers -------------------------------------------------------
@@ -426,27 +498,59 @@ def test_skopeo_and_umoci_read_pushed_images(reg: RegistryPeer, seeded, tmp_path
     umoci = require_binary("umoci")
     info = seeded["public/single:v1"]
     out = subprocess.run(
-        [skopeo, "--insecure-policy", "inspect", "--tls-verify=false",
-         f"docker://{reg.host}/public/single:v1"],
-        check=True, capture_output=True, timeout=120).stdout
+        [
+            skopeo,
+            "--insecure-policy",
+            "inspect",
+            "--tls-verify=false",
+            f"docker://{reg.host}/public/single:v1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    ).stdout
     doc = json.loads(out)
     assert doc["Digest"] == info.digest and doc["Layers"] == info.layer_digests
     raw = subprocess.run(
-        [skopeo, "--insecure-policy", "inspect", "--raw", "--tls-verify=false",
-         f"docker://{reg.host}/public/multi:v1"],
-        check=True, capture_output=True, timeout=120).stdout
+        [
+            skopeo,
+            "--insecure-policy",
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            f"docker://{reg.host}/public/multi:v1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    ).stdout
     assert raw == seeded["public/multi:v1"].manifest
     layout = str(tmp_path / "layout")
     subprocess.run(
-        [skopeo, "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
-         f"docker://{reg.host}/public/single:v1", f"oci:{layout}:v1"],
-        check=True, capture_output=True, timeout=120)
+        [
+            skopeo,
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            f"docker://{reg.host}/public/single:v1",
+            f"oci:{layout}:v1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert reg.blob_gets() >= 4  # config + 3 layers through the proxy
-    ls = subprocess.run([umoci, "ls", "--layout", layout], check=True, capture_output=True,
-                        timeout=60).stdout.decode()
+    ls = subprocess.run(
+        [umoci, "ls", "--layout", layout], check=True, capture_output=True, timeout=60
+    ).stdout.decode()
     assert ls.split() == ["v1"]
-    stat = subprocess.run([umoci, "stat", "--json", "--image", f"{layout}:v1"], check=True,
-                          capture_output=True, timeout=60).stdout
+    stat = subprocess.run(
+        [umoci, "stat", "--json", "--image", f"{layout}:v1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
     assert len(json.loads(stat)["history"]) == 3
     with open(os.path.join(layout, "index.json")) as f:
         assert json.load(f)["manifests"][0]["digest"] == info.digest

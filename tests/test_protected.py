@@ -27,8 +27,9 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 
-BASIC = Credentials.make(base64.b64encode(f"{CREDENTIALS[0]}:{CREDENTIALS[1]}".encode()).decode(),
-                         "Basic")
+BASIC = Credentials.make(
+    base64.b64encode(f"{CREDENTIALS[0]}:{CREDENTIALS[1]}".encode()).decode(), "Basic"
+)
 WRONG = Credentials.make(base64.b64encode(b"alice:wrong").decode(), "Basic")
 
 
@@ -128,8 +129,11 @@ def test_removing_forgets_confirmations(make, areg, auth_seeded):
 @pytest.fixture(scope="module")
 def hub():
     h = start_fakehub()
-    h.add_repo("acme/private", files={"config.json": b'{"secret": 1}',
-                                      "model.gguf": b"GGUF" + os.urandom(8000)}, private=True)
+    h.add_repo(
+        "acme/private",
+        files={"config.json": b'{"secret": 1}', "model.gguf": b"GGUF" + os.urandom(8000)},
+        private=True,
+    )
     h.add_repo("acme/gated", files={"weights.bin": os.urandom(6000)}, gated=True)
     h.add_repo("acme/open", files={"readme.md": b"# open\n"})
     yield h
@@ -167,8 +171,7 @@ def test_the_nodes_own_token_protects_what_it_fetched(make, hub):
     assert svc.store.get_entry(entry["url"]).annotations[A_PROTECTED] == "node"
     assert svc.pull("hf:///acme/private/config.json")[0]["path"]
     # another caller's own token that has no access is refused even though HF_TOKEN has
-    _refused(lambda: svc.pull("hf:///acme/private/config.json",
-                              Credentials.make(NOACCESS_TOKEN)))
+    _refused(lambda: svc.pull("hf:///acme/private/config.json", Credentials.make(NOACCESS_TOKEN)))
 
 
 # -- http -----------------------------------------------------------------------------------
@@ -212,8 +215,9 @@ def test_signed_url_entry_is_checked_with_the_callers_own_signature(hsvc, nginx)
 
 def test_joining_a_protected_pull_proves_access(hsvc, faulty):
     data = os.urandom(200 << 10)
-    url = faulty.add("prot/slow.bin", data, require_auth="Bearer right", stall_after=1024,
-                     stall_seconds=1.0)
+    url = faulty.add(
+        "prot/slow.bin", data, require_auth="Bearer right", stall_after=1024, stall_seconds=1.0
+    )
     owner, _ = hsvc.start(url, Credentials.make("right"))
     stranger, _ = hsvc.start(url)
     friend, _ = hsvc.start(url, Credentials.make("right"))
@@ -229,8 +233,13 @@ def test_the_nodes_token_is_used_only_for_the_repos_it_is_allowed_for(make, hub)
     """Issue 14 item 5: NEKKO_HF_TOKEN_REPOS limits HF_TOKEN to the repositories it names;
     for any other, a caller without credentials is anonymous (a private repo's existence is
     not revealed by the node's access)."""
-    svc = make(env={"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": GOOD_TOKEN,
-                    "NEKKO_HF_TOKEN_REPOS": "acme/open*, other/*"})
+    svc = make(
+        env={
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_TOKEN": GOOD_TOKEN,
+            "NEKKO_HF_TOKEN_REPOS": "acme/open*, other/*",
+        }
+    )
     entry, _ = svc.pull("hf:///acme/open/readme.md")
     assert svc.store.get_entry(entry["url"]).annotations[A_PROTECTED] == "node"
     hub.clear_log()

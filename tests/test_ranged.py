@@ -93,8 +93,9 @@ def test_wrong_bytes_in_a_part_are_caught_at_commit(tmp_path, faulty, small_part
     url = faulty.add("corrupt.bin", data, corrupt=True)
     store, transfer = make(tmp_path)
     with pytest.raises(IntegrityError):
-        fetch(store, transfer, url, expected_digest=sha(data), expected_size=len(data),
-              immutable=True)
+        fetch(
+            store, transfer, url, expected_digest=sha(data), expected_size=len(data), immutable=True
+        )
     assert list(store.blobs()) == []
 
 
@@ -183,8 +184,9 @@ def test_concurrent_big_downloads_share_one_connection_budget(tmp_path, nginx, s
     results = {}
 
     def one(i):
-        results[i] = fetch(store, transfer, urls[i], ref=f"b{i}", expected_size=len(blobs[i]),
-                           immutable=True)
+        results[i] = fetch(
+            store, transfer, urls[i], ref=f"b{i}", expected_size=len(blobs[i]), immutable=True
+        )
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
     for t in threads:
@@ -240,8 +242,17 @@ class _FakeTransfer:
 def _fetch_for(monkeypatch, transfer, jobs=8, total=1 << 30, part=8 << 20):
     monkeypatch.setattr(ranged, "_Thread", _NoThread)
     writer = _FakeWriter(total, part)
-    f = ranged.RangedFetch(transfer, "http://cdn.test/big", writer, auth=None, headers=None,
-                           validator=None, errors=None, progress=None, connections=jobs)
+    f = ranged.RangedFetch(
+        transfer,
+        "http://cdn.test/big",
+        writer,
+        auth=None,
+        headers=None,
+        validator=None,
+        errors=None,
+        progress=None,
+        connections=jobs,
+    )
     f._spawn(own=True)
     f._settle_until = 0.0
     return f, writer
@@ -260,7 +271,7 @@ def _drive(f, writer, per_connection, link, hashing=0.1, seconds=3.0):
         writer.busy += hashing * ranged.TICK
         f._adapt(now)
         with f._lock:  # workers over the target leave at their next part boundary
-            for w in [w for w in f._workers if w.alive][f.target:]:
+            for w in [w for w in f._workers if w.alive][f.target :]:
                 f._leave(w)
     return f.target
 
@@ -295,8 +306,9 @@ def test_no_more_connections_when_hashing_is_the_limit(monkeypatch):
 def test_growth_stays_within_the_transfers_budget(monkeypatch):
     transfer = _FakeTransfer(jobs=8)
     for _ in range(20):  # other downloads hold most of the spare connections
-        assert transfer.more_connections.acquire(blocking=False) or \
-            transfer.extra_connections.acquire(blocking=False)
+        assert transfer.more_connections.acquire(
+            blocking=False
+        ) or transfer.extra_connections.acquire(blocking=False)
     f, writer = _fetch_for(monkeypatch, transfer)
     got = _drive(f, writer, per_connection=20 << 20, link=10 << 30)
     assert got == 12  # 1 own + the 11 the others left free
@@ -349,8 +361,7 @@ def test_an_idle_connection_splits_the_part_with_most_left(monkeypatch):
     assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))  # the map still tiles the blob
 
 
-def test_a_lone_stream_brings_a_big_blob_in_one_request(tmp_path, nginx, monkeypatch,
-                                                        small_parts):
+def test_a_lone_stream_brings_a_big_blob_in_one_request(tmp_path, nginx, monkeypatch, small_parts):
     """While the controller keeps one stream, a big blob is one open-ended request, as
     curl would make it, and still saved as a part map (resumable)."""
     monkeypatch.setattr(ranged_control, "GROW_MIN", 8 << 20)

@@ -36,9 +36,12 @@ def errors_body(*pairs: tuple[str, str]) -> bytes:
 
 
 def manifest(**over) -> bytes:
-    doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-           "config": {"mediaType": "x", "digest": DIGEST, "size": 2},
-           "layers": [{"mediaType": "y", "digest": DIGEST, "size": 3}]}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "x", "digest": DIGEST, "size": 2},
+        "layers": [{"mediaType": "y", "digest": DIGEST, "size": 3}],
+    }
     doc.update(over)
     return json.dumps(doc).encode()
 
@@ -47,35 +50,74 @@ def manifest(**over) -> bytes:
 ROUTES: dict[str, tuple] = {
     "/v2/": (200, {}, b"{}"),
     "/v2/r/denied/manifests/x": (403, {}, errors_body(("DENIED", MARK))),
-    "/v2/r/unknown/manifests/x": (404, {}, errors_body(("NAME_UNKNOWN", MARK),
-                                                       ("PWNED_CODE", MARK))),
+    "/v2/r/unknown/manifests/x": (
+        404,
+        {},
+        errors_body(("NAME_UNKNOWN", MARK), ("PWNED_CODE", MARK)),
+    ),
     "/v2/r/own-code/manifests/x": (400, {}, errors_body(("PWNED_CODE", MARK))),
     "/v2/r/ratelimit/manifests/x": (429, {}, errors_body(("TOOMANYREQUESTS", MARK))),
     "/v2/r/unauthorized/manifests/x": (401, {}, errors_body(("UNAUTHORIZED", MARK))),
     "/v2/r/media-type/manifests/x": (200, {}, manifest(mediaType=MARK)),
     "/v2/r/schema/manifests/x": (200, {}, manifest(schemaVersion=[MARK] * 50)),
-    "/v2/r/digest/manifests/x": (200, {}, manifest(layers=[
-        {"mediaType": "y", "digest": "sha256:" + MARK, "size": 3}])),
-    "/v2/r/size/manifests/x": (200, {}, manifest(layers=[
-        {"mediaType": "y", "digest": DIGEST, "size": MARK}])),
-    "/v2/r/content-digest/manifests/x": (200, {"Docker-Content-Digest": "sha256:PWNED" + "A" * 3000},
-                                         manifest()),
-    "/v2/r/platforms/manifests/x": (200, {}, json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": DIGEST, "size": 10,
-                       "platform": {"os": MARK[:40 + i], "architecture": "s390x"}}
-                      for i in range(40)]
-        + [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": DIGEST,
-            "size": 10, "platform": {"os": "windows", "architecture": "arm64"}}]}).encode()),
+    "/v2/r/digest/manifests/x": (
+        200,
+        {},
+        manifest(layers=[{"mediaType": "y", "digest": "sha256:" + MARK, "size": 3}]),
+    ),
+    "/v2/r/size/manifests/x": (
+        200,
+        {},
+        manifest(layers=[{"mediaType": "y", "digest": DIGEST, "size": MARK}]),
+    ),
+    "/v2/r/content-digest/manifests/x": (
+        200,
+        {"Docker-Content-Digest": "sha256:PWNED" + "A" * 3000},
+        manifest(),
+    ),
+    "/v2/r/platforms/manifests/x": (
+        200,
+        {},
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": DIGEST,
+                        "size": 10,
+                        "platform": {"os": MARK[: 40 + i], "architecture": "s390x"},
+                    }
+                    for i in range(40)
+                ]
+                + [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": DIGEST,
+                        "size": 10,
+                        "platform": {"os": "windows", "architecture": "arm64"},
+                    }
+                ],
+            }
+        ).encode(),
+    ),
     "/v2/r/garbage/manifests/x": ("raw", {}, b"PWNED" + MARK.encode() + b"\r\n\r\n"),
-    "/api/models/o/gated/revision/main": (403, {"X-Error-Code": "GatedRepo",
-                                                "X-Error-Message": "PWNED" + "A" * 3000}, b"{}"),
-    "/api/models/o/bad-token/revision/main": (401, {
-        "X-Error-Message": "Invalid credentials in Authorization header PWNED"}, b"{}"),
-    "/api/models/o/other/revision/main": (403, {"X-Error-Code": "PWNED_CODE",
-                                                "X-Error-Message": "PWNED"},
-                                          json.dumps({"error": MARK}).encode()),
+    "/api/models/o/gated/revision/main": (
+        403,
+        {"X-Error-Code": "GatedRepo", "X-Error-Message": "PWNED" + "A" * 3000},
+        b"{}",
+    ),
+    "/api/models/o/bad-token/revision/main": (
+        401,
+        {"X-Error-Message": "Invalid credentials in Authorization header PWNED"},
+        b"{}",
+    ),
+    "/api/models/o/other/revision/main": (
+        403,
+        {"X-Error-Code": "PWNED_CODE", "X-Error-Message": "PWNED"},
+        json.dumps({"error": MARK}).encode(),
+    ),
 }
 
 
@@ -123,9 +165,14 @@ def hostile():
 
 @pytest.fixture
 def svc(tmp_path, hostile):
-    config = cfg.build({"cache_dir": str(tmp_path / "cache"), "insecure_registry": [hostile],
-                        "platform": "linux/amd64"},
-                       {"HF_ENDPOINT": f"http://{hostile}"})
+    config = cfg.build(
+        {
+            "cache_dir": str(tmp_path / "cache"),
+            "insecure_registry": [hostile],
+            "platform": "linux/amd64",
+        },
+        {"HF_ENDPOINT": f"http://{hostile}"},
+    )
     s = Service(config, transfer=Transfer(config, read_timeout=5.0, attempts=1, backoff=0.01))
     yield s
     s.close()
@@ -138,9 +185,23 @@ def assert_not_reflected(message: str) -> None:
     assert "A" * 100 not in message and len(message) < 500, len(message)
 
 
-@pytest.mark.parametrize("repo", ["denied", "unknown", "own-code", "ratelimit", "unauthorized",
-                                  "media-type", "schema", "digest", "size", "content-digest",
-                                  "platforms", "garbage"])
+@pytest.mark.parametrize(
+    "repo",
+    [
+        "denied",
+        "unknown",
+        "own-code",
+        "ratelimit",
+        "unauthorized",
+        "media-type",
+        "schema",
+        "digest",
+        "size",
+        "content-digest",
+        "platforms",
+        "garbage",
+    ],
+)
 def test_registry_answers_are_stated_not_echoed(svc, hostile, repo, caplog):
     caplog.set_level(logging.DEBUG, logger="nekko_sm")
     with pytest.raises(NekkoError) as e:
@@ -151,8 +212,7 @@ def test_registry_answers_are_stated_not_echoed(svc, hostile, repo, caplog):
         code = {"denied": "DENIED", "unknown": "NAME_UNKNOWN", "ratelimit": "TOOMANYREQUESTS"}[repo]
         assert code in e.value.message  # the spec's code is a fact worth stating
         # ... and the registry's words are in the debug log, escaped and cut short
-        said = [r.getMessage() for r in caplog.records if "the registry answered" in
-                r.getMessage()]
+        said = [r.getMessage() for r in caplog.records if "the registry answered" in r.getMessage()]
         assert said and all("\x1b" not in m and len(m) < 1200 for m in said)
         assert any("PWNED" in m for m in said)
     if repo == "platforms":

@@ -125,23 +125,29 @@ def logs():
             lg.propagate = propagate
 
 
-def make_service(tmp_path: Path, *, attempts: int = 2, environ: dict | None = None,
-                 **flags) -> Service:
+def make_service(
+    tmp_path: Path, *, attempts: int = 2, environ: dict | None = None, **flags
+) -> Service:
     flags.setdefault("cache_dir", str(tmp_path / "cache"))
     flags.setdefault("address", "127.0.0.1:0")
     config = cfg.build(flags, environ or {})
-    return Service(config, transfer=Transfer(config, read_timeout=10, attempts=attempts,
-                                             backoff=0.01))
+    return Service(
+        config, transfer=Transfer(config, read_timeout=10, attempts=attempts, backoff=0.01)
+    )
 
 
-def api_request(conn: http.client.HTTPConnection, method: str, path: str, body: object = None,
-                raw: bytes | None = None, headers: dict | None = None
-                ) -> tuple[http.client.HTTPResponse, bytes]:
+def api_request(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: object = None,
+    raw: bytes | None = None,
+    headers: dict | None = None,
+) -> tuple[http.client.HTTPResponse, bytes]:
     """One request on ``conn`` (closed after it) as the API's clients send it: ``raw`` bytes,
     else ``body`` as JSON; a POST says it is JSON.  The response and its body."""
     try:
-        data = raw if raw is not None else (
-            json.dumps(body).encode() if body is not None else None)
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         hdrs = dict(headers or {})
         if method == "POST":  # what the API wants (415 otherwise)
             hdrs.setdefault("Content-Type", "application/json")
@@ -158,18 +164,35 @@ class Api:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.server = make_server(service, service.config.address)
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
         self.host, self.port = self.server.server_address[:2]
 
-    def call(self, method: str, path: str, body: object = None, raw: bytes | None = None,
-             headers: dict | None = None, timeout: float = 60):
-        r, payload = api_request(http.client.HTTPConnection(self.host, self.port, timeout=timeout),
-                                 method, path, body, raw, headers)
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        raw: bytes | None = None,
+        headers: dict | None = None,
+        timeout: float = 60,
+    ):
+        r, payload = api_request(
+            http.client.HTTPConnection(self.host, self.port, timeout=timeout),
+            method,
+            path,
+            body,
+            raw,
+            headers,
+        )
         text = payload.decode("utf-8", "replace")
-        doc = json.loads(payload) if payload and "json" in (
-            r.getheader("Content-Type") or "") else payload
+        doc = (
+            json.loads(payload)
+            if payload and "json" in (r.getheader("Content-Type") or "")
+            else payload
+        )
         return r.status, doc, text
 
     def healthy(self) -> bool:
@@ -223,9 +246,16 @@ def run(pyz, tmp_path):
     def run(*args, env=None, timeout=120, input=None):
         e = dict(os.environ)
         e.update(env or {})
-        return subprocess.run([sys.executable, str(pyz), "--cache-dir", str(cache), *args],
-                              capture_output=True, text=True, timeout=timeout, env=e,
-                              cwd=tmp_path, input=input, check=False)
+        return subprocess.run(
+            [sys.executable, str(pyz), "--cache-dir", str(cache), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=e,
+            cwd=tmp_path,
+            input=input,
+            check=False,
+        )
 
     run.cache = cache
     return run
@@ -254,8 +284,14 @@ class Tiny:
                 pass
 
             def do_GET(self) -> None:
-                tiny.log.append((self.command, self.path, self.headers.get("Authorization"),
-                                 self.headers.get("Host", "")))
+                tiny.log.append(
+                    (
+                        self.command,
+                        self.path,
+                        self.headers.get("Authorization"),
+                        self.headers.get("Host", ""),
+                    )
+                )
                 status, headers, body = tiny.app(self)
                 self.send_response(status)
                 for k, v in headers.items():
@@ -274,8 +310,9 @@ class Tiny:
         self.port = self.server.server_address[1]
         self.host = f"{name}:{self.port}"
         self.url = f"http://{self.host}"
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def authorizations(self) -> list:
@@ -321,12 +358,24 @@ class FakeImages:
 
     def artifact(self, titles: dict[str, bytes], tag: str | None = None) -> dict:
         config = self.add_blob(b"{}")
-        layers = [{"mediaType": "application/octet-stream", **self.add_blob(data),
-                   "annotations": {TITLE: title}} for title, data in titles.items()]
-        return self.add_manifest({"schemaVersion": 2, "mediaType": MT_MANIFEST,
-                                  "artifactType": "application/vnd.nekko.test.v1",
-                                  "config": {"mediaType": MT_EMPTY, **config},
-                                  "layers": layers}, tag)
+        layers = [
+            {
+                "mediaType": "application/octet-stream",
+                **self.add_blob(data),
+                "annotations": {TITLE: title},
+            }
+            for title, data in titles.items()
+        ]
+        return self.add_manifest(
+            {
+                "schemaVersion": 2,
+                "mediaType": MT_MANIFEST,
+                "artifactType": "application/vnd.nekko.test.v1",
+                "config": {"mediaType": MT_EMPTY, **config},
+                "layers": layers,
+            },
+            tag,
+        )
 
     def serve(self, h: BaseHTTPRequestHandler) -> tuple[int, dict, bytes] | None:
         """The registry API for repository ``repo``, or None for a path it does not know."""
@@ -335,12 +384,12 @@ class FakeImages:
             return 200, {}, b"{}"
         prefix = "/v2/repo/"
         if path.startswith(prefix + "manifests/"):
-            ref = path[len(prefix + "manifests/"):]
+            ref = path[len(prefix + "manifests/") :]
             if ref in self.manifests:
                 mt, data = self.manifests[ref]
                 return 200, {"Content-Type": mt, "Docker-Content-Digest": sha(data)}, data
         if path.startswith(prefix + "blobs/"):
-            d = path[len(prefix + "blobs/"):]
+            d = path[len(prefix + "blobs/") :]
             if d in self.blobs:
                 return 200, {"Content-Type": "application/octet-stream"}, self.blobs[d]
         return None
@@ -372,8 +421,13 @@ def test_bearer_token_stays_with_its_host_cli(run, nginx):
     assert_no_leak([BEARER_TOKEN], run.cache, stdout=r.stdout, stderr=r.stderr)
 
     # refused: the error names the URL, never the token
-    r = run("-v=3", "pull", f"{nginx.url}/bearer/{name}-absent", "--credentials",
-            "wrong-" + BEARER_TOKEN)
+    r = run(
+        "-v=3",
+        "pull",
+        f"{nginx.url}/bearer/{name}-absent",
+        "--credentials",
+        "wrong-" + BEARER_TOKEN,
+    )
     assert r.returncode == 1
     assert_no_leak([BEARER_TOKEN], run.cache, stdout=r.stdout, stderr=r.stderr)
 
@@ -382,15 +436,30 @@ def test_basic_credentials_stay_with_their_host_cli(run, nginx):
     data = os.urandom(200_000)
     name = f"sec-basic-{uuid.uuid4().hex}.bin"
     nginx.put(name, data)
-    r = run("-v=3", "pull", f"{nginx.url}/basic/{name}", "--credentials", BASIC_B64,
-            "--credentials-type", "basic", "--json")
+    r = run(
+        "-v=3",
+        "pull",
+        f"{nginx.url}/basic/{name}",
+        "--credentials",
+        BASIC_B64,
+        "--credentials-type",
+        "basic",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["digest"] == sha(data)
     assert_no_leak([BASIC_B64, BASIC_PASSWORD], run.cache, stdout=r.stdout, stderr=r.stderr)
 
     wrong = base64.b64encode(f"{BASIC_USER}:not-{BASIC_PASSWORD}".encode()).decode()
-    r = run("-v=3", "pull", f"{nginx.url}/basic/{name}?again", "--credentials", wrong,
-            "--credentials-type", "Basic")
+    r = run(
+        "-v=3",
+        "pull",
+        f"{nginx.url}/basic/{name}?again",
+        "--credentials",
+        wrong,
+        "--credentials-type",
+        "Basic",
+    )
     assert r.returncode == 1 and "401" in r.stderr
     assert_no_leak([wrong, "not-" + BASIC_PASSWORD], stdout=r.stdout, stderr=r.stderr)
 
@@ -407,15 +476,22 @@ def test_userinfo_credentials_never_leak_cli(run, nginx):
     entry = json.loads(r.stdout)
     assert entry["url"] == f"{nginx.url}/basic/{name}" and entry["digest"] == sha(data)
     outputs = {"pull stdout": r.stdout, "pull stderr": r.stderr}
-    for args in (("status", url, "--json"), ("status", url), ("path", url), ("ls", "--json"),
-                 ("ls",), ("verify", url)):
+    for args in (
+        ("status", url, "--json"),
+        ("status", url),
+        ("path", url),
+        ("ls", "--json"),
+        ("ls",),
+        ("verify", url),
+    ):
         r = run("-v=3", *args)
         assert r.returncode == 0, (args, r.stderr)
         outputs[" ".join(args[:1]) + " stdout"] = r.stdout
         outputs[" ".join(args[:1]) + " stderr"] = r.stderr
     index = json.loads((run.cache / "index.json").read_text())
-    assert [m["annotations"]["org.opencontainers.image.ref.name"]
-            for m in index["manifests"]] == [entry["url"]]
+    assert [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]] == [
+        entry["url"]
+    ]
     assert_no_leak(secrets, run.cache, **outputs)
 
     # errors: upstream ones, and URLs refused before any request
@@ -433,8 +509,9 @@ def test_userinfo_credentials_never_leak_cli(run, nginx):
         for args in (("pull", u), ("status", u, "--json"), ("status", u), ("rm", u)):
             r = run("-v=3", *args)
             assert r.returncode != 0, (args[0], r.stdout)
-            assert_no_leak(secrets, **{f"{args[0]} stdout": r.stdout,
-                                       f"{args[0]} stderr": r.stderr})
+            assert_no_leak(
+                secrets, **{f"{args[0]} stdout": r.stdout, f"{args[0]} stderr": r.stderr}
+            )
     assert_no_leak(secrets, run.cache)
 
 
@@ -464,16 +541,23 @@ def test_userinfo_and_request_credentials_never_leak_api(tmp_path, nginx, faulty
 
         # a Bearer token through a redirect, and refusals
         nginx.clear_log()
-        status, entry, text = a.call("POST", "/content/", {
-            "url": f"{nginx.url}/bearer-redirect/{name}", "credentials": BEARER_TOKEN})
+        status, entry, text = a.call(
+            "POST",
+            "/content/",
+            {"url": f"{nginx.url}/bearer-redirect/{name}", "credentials": BEARER_TOKEN},
+        )
         assert status == 201, text
-        assert not any(e["authorization"] for e in nginx.requests_for(name)
-                       if e["server_port"] != nginx.port)
+        assert not any(
+            e["authorization"] for e in nginx.requests_for(name) if e["server_port"] != nginx.port
+        )
         answers.append(text)
         for body in (
             {"url": f"{nginx.url}/bearer/{name}?x", "credentials": "no-" + BEARER_TOKEN},
-            {"url": f"{nginx.url}/basic/{name}?y", "credentials": BASIC_B64[:-4] + "AAAA",
-             "credentialsType": "basic"},
+            {
+                "url": f"{nginx.url}/basic/{name}?y",
+                "credentials": BASIC_B64[:-4] + "AAAA",
+                "credentialsType": "basic",
+            },
             {"url": f"http://{BASIC_USER}:{BASIC_PASSWORD}@{host}/status/503"},
             {"url": f"http://{BASIC_USER}:{BASIC_PASSWORD}@{host}/status/403"},
             {"url": f"http://{BASIC_USER}:{BASIC_PASSWORD}@127.0.0.1:1/closed"},
@@ -481,21 +565,33 @@ def test_userinfo_and_request_credentials_never_leak_api(tmp_path, nginx, faulty
             {"url": f"oci://{BASIC_USER}:{BASIC_PASSWORD}@{host}/repo"},
             {"url": f"https://{BASIC_USER}:{BASIC_PASSWORD}@[::1/x"},
             {"url": f"{nginx.url}/files/{name}", "credentials": "x" + BEARER_TOKEN + "\u20ac"},
-            {"url": f"{nginx.url}/files/{name}", "credentials": BEARER_TOKEN + "\n",
-             "credentialsType": "Bearer"},
-            {"url": f"{nginx.url}/files/{name}", "credentials": BASIC_PASSWORD,
-             "credentialsType": "Basic"},  # not base64
+            {
+                "url": f"{nginx.url}/files/{name}",
+                "credentials": BEARER_TOKEN + "\n",
+                "credentialsType": "Bearer",
+            },
+            {
+                "url": f"{nginx.url}/files/{name}",
+                "credentials": BASIC_PASSWORD,
+                "credentialsType": "Basic",
+            },  # not base64
         ):
             status, doc, text = a.call("POST", "/content/", body)
             assert 400 <= status < 600 and status != 500, text
             assert set(doc) == {"error"}
             answers.append(text)
         # a download that breaks off leaves a partial (and its state) in ingest/
-        url = faulty.add(f"/sec/{name}", data, drop_after=50_000, drop_times=None,
-                         require_auth="Basic " + BASIC_B64)
+        url = faulty.add(
+            f"/sec/{name}",
+            data,
+            drop_after=50_000,
+            drop_times=None,
+            require_auth="Basic " + BASIC_B64,
+        )
         fhost = url.split("://", 1)[1]
-        status, doc, text = a.call("POST", "/content/", {
-            "url": f"http://{BASIC_USER}:{BASIC_PASSWORD}@{fhost}"})
+        status, doc, text = a.call(
+            "POST", "/content/", {"url": f"http://{BASIC_USER}:{BASIC_PASSWORD}@{fhost}"}
+        )
         assert status == 502 and any(r.status == 200 for r in faulty.requests), text
         answers.append(text)
         for u in (f"http://{BASIC_USER}:{BASIC_PASSWORD}@{fhost}", with_userinfo):
@@ -534,16 +630,21 @@ def test_hf_token_goes_to_the_hub_only_cli(run, fakehub, hub_repos):
     # another registry named in the URL (the same server under another name) gets no HF_TOKEN
     other = fakehub.endpoint.replace("127.0.0.1", "localhost").split("://", 1)[1]
     fakehub.clear_log()
-    r3 = run("-v=3", "--insecure-registry", other, "pull", f"hf://{other}/{public}/config.json",
-             env=env)
+    r3 = run(
+        "-v=3", "--insecure-registry", other, "pull", f"hf://{other}/{public}/config.json", env=env
+    )
     assert r3.returncode == 0, r3.stderr
     assert fakehub.log() and not any(x.has_authorization for x in fakehub.log())
-    r4 = run("-v=3", "--insecure-registry", other, "pull", f"hf://{other}/{private}/config.json",
-             env=env)
+    r4 = run(
+        "-v=3", "--insecure-registry", other, "pull", f"hf://{other}/{private}/config.json", env=env
+    )
     assert r4.returncode != 0  # private, and no token was sent
     assert not any(x.has_authorization for x in fakehub.log())
-    assert_no_leak([GOOD_TOKEN], run.cache, **{f"out{i}": x.stdout + x.stderr
-                                               for i, x in enumerate((r, r2, r3, r4))})
+    assert_no_leak(
+        [GOOD_TOKEN],
+        run.cache,
+        **{f"out{i}": x.stdout + x.stderr for i, x in enumerate((r, r2, r3, r4))},
+    )
 
 
 def test_hf_request_credentials_never_reach_the_cdn_api(tmp_path, fakehub, hub_repos, logs):
@@ -553,21 +654,23 @@ def test_hf_request_credentials_never_reach_the_cdn_api(tmp_path, fakehub, hub_r
     with running_api(svc) as a:
         fakehub.clear_log()
         for url in (f"hf:///{private}/model.gguf", f"hf:///{private}"):
-            status, _, text = a.call("POST", "/content/", {"url": url,
-                                                          "credentials": GOOD_TOKEN})
+            status, _, text = a.call("POST", "/content/", {"url": url, "credentials": GOOD_TOKEN})
             assert status == 201, text
             answers.append(text)
-        status, _, text = a.call("POST", "/content/", {"url": f"hf:///{private}/absent.bin",
-                                                       "credentials": GOOD_TOKEN})
+        status, _, text = a.call(
+            "POST", "/content/", {"url": f"hf:///{private}/absent.bin", "credentials": GOOD_TOKEN}
+        )
         assert status == 404, text
         answers.append(text)
-        status, _, text = a.call("POST", "/content/", {"url": f"hf:///{private}/config.json",
-                                                       "credentials": "hf_" + GOOD_TOKEN})
+        status, _, text = a.call(
+            "POST",
+            "/content/",
+            {"url": f"hf:///{private}/config.json", "credentials": "hf_" + GOOD_TOKEN},
+        )
         assert status in (401, 403, 404), text
         answers.append(text)
     assert fakehub.log("cdn") and not any(x.has_authorization for x in fakehub.log("cdn"))
-    assert_no_leak([GOOD_TOKEN], tmp_path / "cache", answers="\n".join(answers),
-                   logs=logs.text)
+    assert_no_leak([GOOD_TOKEN], tmp_path / "cache", answers="\n".join(answers), logs=logs.text)
 
 
 def test_oci_credentials_never_reach_the_blob_host(tmp_path, auth_registry, auth_seeded, logs):
@@ -578,21 +681,32 @@ def test_oci_credentials_never_reach_the_blob_host(tmp_path, auth_registry, auth
     svc = make_service(tmp_path, insecure_registry=[auth_registry.host])
     answers = []
     with running_api(svc) as a, auth_registry.configured(redirect_blobs=True):
-        status, entry, text = a.call("POST", "/content/", {
-            "url": info.url, "credentials": b64, "credentialsType": "Basic"})
+        status, entry, text = a.call(
+            "POST", "/content/", {"url": info.url, "credentials": b64, "credentialsType": "Basic"}
+        )
         assert status == 201, text
         assert entry["digest"] == info.digest
         answers.append(text)
         hosted = list(auth_registry.blob_host_requests)
         wrong = base64.b64encode(f"{USER}:x{PASSWORD}".encode()).decode()
-        status, _, text = a.call("POST", "/content/", {
-            "url": info.url.replace("private/single", "private/other"), "credentials": wrong,
-            "credentialsType": "Basic"})
+        status, _, text = a.call(
+            "POST",
+            "/content/",
+            {
+                "url": info.url.replace("private/single", "private/other"),
+                "credentials": wrong,
+                "credentialsType": "Basic",
+            },
+        )
         assert status == 401, text
         answers.append(text)
     assert hosted and not any(r.has_authorization for r in hosted)
-    assert_no_leak([PASSWORD, b64, wrong, "x" + PASSWORD], tmp_path / "cache",
-                   answers="\n".join(answers), logs=logs.text)
+    assert_no_leak(
+        [PASSWORD, b64, wrong, "x" + PASSWORD],
+        tmp_path / "cache",
+        answers="\n".join(answers),
+        logs=logs.text,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,12 +804,15 @@ def test_a_live_socket_is_not_taken_over(tmp_path, short_dir):
 
 def test_a_10_mb_body_is_refused_and_the_server_keeps_serving(api_server):
     body = b"{" + b" " * (10 << 20) + b"}"
-    status, doc, _ = api_server.call("POST", "/content/", raw=body,
-                                     headers={"Content-Type": "application/json"})
+    status, doc, _ = api_server.call(
+        "POST", "/content/", raw=body, headers={"Content-Type": "application/json"}
+    )
     assert status == 413 and doc["error"]["code"] == "body-too-large"
     # a lie: a huge Content-Length and a small body; answered at once, connection closed
-    answer = raw_request(api_server.port, b"POST /content/ HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Content-Length: 99999999999\r\n\r\n{}")
+    answer = raw_request(
+        api_server.port,
+        b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999999\r\n\r\n{}",
+    )
     assert status_of(answer) == 413 and json_body(answer)["error"]["code"] == "body-too-large"
     assert api_server.healthy()
 
@@ -703,25 +820,59 @@ def test_a_10_mb_body_is_refused_and_the_server_keeps_serving(api_server):
 HEADERS_200 = b"".join(b"X-H%d: v\r\n" % i for i in range(200))
 
 
-@pytest.mark.parametrize("what, request_bytes, expect", [
-    ("200 headers", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + HEADERS_200 + b"\r\n", 431),
-    ("a 100 KB header line",
-     b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
-    ("a 64 KB path", b"GET /content/" + b"A" * (64 << 10) + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
-     414),
-    ("a 60 KB base64 path", b"GET /content/" + b"QUFB" * 15_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
-     400),
-    ("a 64 KB method", b"A" * (64 << 10) + b" / HTTP/1.1\r\nHost: localhost\r\n\r\n", 414),
-    ("two Content-Lengths", (b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
-                             b"Content-Length: 20\r\n\r\n{}"), 400),
-    ("a non-ASCII digit Content-Length",
-     b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: \xb2\r\n\r\n{}", 400),
-    ("a chunked body", (b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
-                        b"\r\n2\r\n{}\r\n0\r\n\r\n"), 400),
-    ("JSON nested 60000 deep",
-     b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-     b"Content-Length: 60000\r\n\r\n" + b"[" * 60_000, 400),
-])
+@pytest.mark.parametrize(
+    "what, request_bytes, expect",
+    [
+        (
+            "200 headers",
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + HEADERS_200 + b"\r\n",
+            431,
+        ),
+        (
+            "a 100 KB header line",
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+            431,
+        ),
+        (
+            "a 64 KB path",
+            b"GET /content/" + b"A" * (64 << 10) + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            414,
+        ),
+        (
+            "a 60 KB base64 path",
+            b"GET /content/" + b"QUFB" * 15_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            400,
+        ),
+        ("a 64 KB method", b"A" * (64 << 10) + b" / HTTP/1.1\r\nHost: localhost\r\n\r\n", 414),
+        (
+            "two Content-Lengths",
+            (
+                b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
+                b"Content-Length: 20\r\n\r\n{}"
+            ),
+            400,
+        ),
+        (
+            "a non-ASCII digit Content-Length",
+            b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: \xb2\r\n\r\n{}",
+            400,
+        ),
+        (
+            "a chunked body",
+            (
+                b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+                b"\r\n2\r\n{}\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "JSON nested 60000 deep",
+            b"POST /content/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 60000\r\n\r\n" + b"[" * 60_000,
+            400,
+        ),
+    ],
+)
 def test_oversized_and_malformed_requests_are_refused(api_server, what, request_bytes, expect):
     answer = raw_request(api_server.port, request_bytes)
     assert status_of(answer) == expect, (what, answer[:300])
@@ -794,25 +945,43 @@ ISSUED = "issued-registry-token"
 
 def token_service(expect: str | None = None):
     """A token endpoint: 200 with ISSUED (when the Authorization is ``expect``, if given)."""
+
     def app(h):
         if expect is not None and h.headers.get("Authorization") != expect:
             return 401, {"WWW-Authenticate": 'Basic realm="token"'}, b"{}"
-        return 200, {"Content-Type": "application/json"}, json.dumps(
-            {"token": ISSUED, "expires_in": 300}).encode()
+        return (
+            200,
+            {"Content-Type": "application/json"},
+            json.dumps({"token": ISSUED, "expires_in": 300}).encode(),
+        )
+
     return app
 
 
-@pytest.mark.parametrize("realm", [
-    "file:///etc/passwd", "ftp://{tok}/token", "gopher://{tok}/token", "javascript:alert(1)",
-    "//{tok}/token", "/token", "data:,x", "http:///token", "file://{tok}/token",
-])
+@pytest.mark.parametrize(
+    "realm",
+    [
+        "file:///etc/passwd",
+        "ftp://{tok}/token",
+        "gopher://{tok}/token",
+        "javascript:alert(1)",
+        "//{tok}/token",
+        "/token",
+        "data:,x",
+        "http:///token",
+        "file://{tok}/token",
+    ],
+)
 def test_token_realm_must_be_an_http_url(tmp_path, tiny, realm):
     tok = tiny(token_service(), "localhost")
     realm = realm.format(tok=tok.host)
 
     def registry(h):
-        return 401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="reg"'}, \
-            b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+        return (
+            401,
+            {"WWW-Authenticate": f'Bearer realm="{realm}",service="reg"'},
+            b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+        )
 
     reg = tiny(registry)
     svc = make_service(tmp_path, insecure_registry=[reg.host])
@@ -827,14 +996,16 @@ def test_token_realm_must_be_an_http_url(tmp_path, tiny, realm):
     assert [p for _, p, _, _ in reg.log] == ["/v2/"]
 
 
-@pytest.mark.parametrize("creds", [Credentials.basic("bob", "pw-5ecret"),
-                                   Credentials.make(USER_TOKEN)])
+@pytest.mark.parametrize(
+    "creds", [Credentials.basic("bob", "pw-5ecret"), Credentials.make(USER_TOKEN)]
+)
 def test_credentials_go_only_to_the_realm_the_challenge_named(tmp_path, tiny, creds):
     images = FakeImages()
     data = os.urandom(50_000)
     desc = images.artifact({"model.bin": data}, tag="v1")
-    store = tiny(lambda h: (200, {}, images.blobs[h.path.split("?")[0][len("/blob/"):]]),
-                 "localhost")
+    store = tiny(
+        lambda h: (200, {}, images.blobs[h.path.split("?")[0][len("/blob/") :]]), "localhost"
+    )
     tok = tiny(token_service(expect=creds.header), "localhost")
     challenge = f'Bearer realm="{tok.url}/token",service="reg",scope="repository:repo:pull"'
 
@@ -885,9 +1056,14 @@ def test_a_token_service_redirect_gets_no_credentials(tmp_path, tiny):
 
 
 def test_a_challenge_from_another_origin_is_not_answered(tmp_path, tiny):
-    other = tiny(lambda h: (401, {"WWW-Authenticate": f'Bearer realm="{other_url[0]}/token"'},
-                            b"{}") if h.path.startswith("/v2/") else (200, {}, b'{"token":"t"}'),
-                 "localhost")
+    other = tiny(
+        lambda h: (
+            (401, {"WWW-Authenticate": f'Bearer realm="{other_url[0]}/token"'}, b"{}")
+            if h.path.startswith("/v2/")
+            else (200, {}, b'{"token":"t"}')
+        ),
+        "localhost",
+    )
     other_url = [other.url]
     reg = tiny(lambda h: (302, {"Location": f"{other.url}{h.path}"}, b""))
     svc = make_service(tmp_path, insecure_registry=[reg.host])
@@ -907,8 +1083,11 @@ def test_a_challenge_from_another_origin_is_not_answered(tmp_path, tiny):
 
 def outside(tmp_path: Path, cache: Path) -> list[str]:
     """Everything under tmp_path that is not the cache (what a traversal would leave)."""
-    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.iterdir()
-                  if p != cache and p.name not in ("logs",))
+    return sorted(
+        str(p.relative_to(tmp_path))
+        for p in tmp_path.iterdir()
+        if p != cache and p.name not in ("logs",)
+    )
 
 
 def test_oci_layer_titled_with_a_traversal_is_refused(tmp_path, registry):
@@ -916,12 +1095,22 @@ def test_oci_layer_titled_with_a_traversal_is_refused(tmp_path, registry):
 
     lay = Layout(str(tmp_path / "layout"))
     empty = lay.put(b"{}", MT_EMPTY, data="e30=")
-    layers = [lay.put(b"pwned\n", "application/octet-stream",
-                      annotations={TITLE: "../../../../etc/nekko-x"}),
-              lay.put(b"fine\n", "application/octet-stream", annotations={TITLE: "ok.txt"})]
-    manifest = lay.put_json({"schemaVersion": 2, "mediaType": MT_MANIFEST,
-                             "artifactType": "application/vnd.nekko.test.v1", "config": empty,
-                             "layers": layers}, MT_MANIFEST)
+    layers = [
+        lay.put(
+            b"pwned\n", "application/octet-stream", annotations={TITLE: "../../../../etc/nekko-x"}
+        ),
+        lay.put(b"fine\n", "application/octet-stream", annotations={TITLE: "ok.txt"}),
+    ]
+    manifest = lay.put_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MT_MANIFEST,
+            "artifactType": "application/vnd.nekko.test.v1",
+            "config": empty,
+            "layers": layers,
+        },
+        MT_MANIFEST,
+    )
     lay.tag(manifest, "v1")
     repo = f"sec/evil-{uuid.uuid4().hex[:8]}"
     skopeo_copy(lay.path, "v1", registry, f"{repo}:v1")
@@ -950,15 +1139,20 @@ def test_hub_tree_entry_with_a_traversal_is_refused(tmp_path, fakehub):
     assert outside(tmp_path / "svc", cache) == []
 
 
-@pytest.mark.parametrize("platform", [
-    {"os": "../../../escaped", "architecture": "amd64"},
-    {"os": "linux", "architecture": "amd64", "variant": "/../../../../escaped"},
-])
+@pytest.mark.parametrize(
+    "platform",
+    [
+        {"os": "../../../escaped", "architecture": "amd64"},
+        {"os": "linux", "architecture": "amd64", "variant": "/../../../../escaped"},
+    ],
+)
 def test_index_platform_fields_cannot_escape_the_view(tmp_path, tiny, platform):
     images = FakeImages()
     child = images.artifact({"model.bin": b"weights"})
-    images.add_manifest({"schemaVersion": 2, "mediaType": MT_INDEX,
-                         "manifests": [{**child, "platform": platform}]}, tag="v1")
+    images.add_manifest(
+        {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [{**child, "platform": platform}]},
+        tag="v1",
+    )
     reg = tiny(lambda h: images.serve(h) or not_found())
     svc = make_service(tmp_path / "svc", insecure_registry=[reg.host])
     cache = svc.config.cache_dir
@@ -974,10 +1168,27 @@ def test_index_platform_fields_cannot_escape_the_view(tmp_path, tiny, platform):
             assert os.path.realpath(p).startswith(str(cache) + os.sep), p
 
 
-@pytest.mark.parametrize("name", [
-    "../x", "a/../../x", "/etc/passwd", "..", "a/..", "C:/x", "c:x", "a\\..\\x", "\x00", "a\x00b",
-    "a/\x1b", "", ".", "./", "//", "a/./../..",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../x",
+        "a/../../x",
+        "/etc/passwd",
+        "..",
+        "a/..",
+        "C:/x",
+        "c:x",
+        "a\\..\\x",
+        "\x00",
+        "a\x00b",
+        "a/\x1b",
+        "",
+        ".",
+        "./",
+        "//",
+        "a/./../..",
+    ],
+)
 def test_safe_name_refuses_escapes(name):
     with pytest.raises(UnsafeName):
         safe_name(name)
@@ -1008,24 +1219,27 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-@pytest.mark.parametrize("path", [
-    "/content/" + b64("file:///etc/passwd"),
-    "/content/" + b64("file:///etc/passwd").rstrip("="),
-    "/content/" + b64("file:///etc/passwd").replace("/", "%2F").replace("=", "%3D"),
-    "/content/" + base64.urlsafe_b64encode(b"file:///etc/passwd").decode(),
-    "/content/" + b64("http://x/../../../../etc/passwd"),
-    "/content/" + b64("http://x/%2e%2e/%2e%2e/etc/passwd"),
-    "/content/" + b64("oci://x/../../etc/passwd"),
-    "/content/" + b64("hf:///org/name/../../../../etc/passwd"),
-    "/content/" + b64("hf:///org/name/..%2F..%2F..%2Fetc%2Fpasswd"),
-    "/content/" + b64("/etc/passwd"),
-    "/content/" + b64("../../../../etc/passwd"),
-    "/content/../../../../etc/passwd",
-    "/content/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
-    "/content/%2e%2e/%2e%2e/etc/passwd",
-    "/../../../../etc/passwd",
-    "/content/" + b64("file:///etc/passwd") + "/../../..",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/content/" + b64("file:///etc/passwd"),
+        "/content/" + b64("file:///etc/passwd").rstrip("="),
+        "/content/" + b64("file:///etc/passwd").replace("/", "%2F").replace("=", "%3D"),
+        "/content/" + base64.urlsafe_b64encode(b"file:///etc/passwd").decode(),
+        "/content/" + b64("http://x/../../../../etc/passwd"),
+        "/content/" + b64("http://x/%2e%2e/%2e%2e/etc/passwd"),
+        "/content/" + b64("oci://x/../../etc/passwd"),
+        "/content/" + b64("hf:///org/name/../../../../etc/passwd"),
+        "/content/" + b64("hf:///org/name/..%2F..%2F..%2Fetc%2Fpasswd"),
+        "/content/" + b64("/etc/passwd"),
+        "/content/" + b64("../../../../etc/passwd"),
+        "/content/../../../../etc/passwd",
+        "/content/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "/content/%2e%2e/%2e%2e/etc/passwd",
+        "/../../../../etc/passwd",
+        "/content/" + b64("file:///etc/passwd") + "/../../..",
+    ],
+)
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
 def test_traversal_in_the_content_path_is_never_a_file_read(api_server, path, method):
     status, doc, text = api_server.call(method, path)

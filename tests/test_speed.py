@@ -58,7 +58,7 @@ def test_one_stream_is_hashed_from_its_buffers_not_read_back(store, preads, monk
             buf = w.buffer()
             seen.add(id(buf.obj))
             n = min(len(buf), len(data) - pos)
-            buf[:n] = data[pos:pos + n]
+            buf[:n] = data[pos : pos + n]
             w.write(buf[:n])
             pos += n
         desc = w.commit(sha(data))
@@ -71,13 +71,14 @@ def test_bytes_are_hashed_without_reading_back_too(store, preads):
     data = os.urandom(5 << 20)
     with store.writer("b") as w:
         for i in range(0, len(data), 300_000):
-            w.write(data[i:i + 300_000])
+            w.write(data[i : i + 300_000])
         assert w.commit(sha(data)).digest == sha(data)
     assert preads == []
 
 
-def test_a_writer_far_ahead_of_the_hasher_waits_and_memory_stays_bounded(store, preads,
-                                                                          monkeypatch):
+def test_a_writer_far_ahead_of_the_hasher_waits_and_memory_stays_bounded(
+    store, preads, monkeypatch
+):
     monkeypatch.setattr(frontier, "_HOLD", 4 << 20)
     data = os.urandom(20 << 20)
     peak = [0]
@@ -100,7 +101,7 @@ def test_a_writer_far_ahead_of_the_hasher_waits_and_memory_stays_bounded(store, 
     with store.writer("slow", extra_hashers={"slow": Slow}) as w:
         writer.append(w)
         for i in range(0, len(data), 1 << 20):
-            w.write(data[i:i + (1 << 20)])
+            w.write(data[i : i + (1 << 20)])
         assert w.hexdigest("slow") == hashlib.sha1(data).hexdigest()
         assert w.commit(sha(data)).digest == sha(data)
     assert 0 < peak[0] <= (4 << 20) + frontier.BUFFER
@@ -114,12 +115,12 @@ def test_ranged_parts_far_ahead_are_read_back_near_ones_are_not(store, preads, m
     with store.writer("r", expected_size=len(data)) as w:
         w.preallocate(len(data))
         w.save_state(ranged={"total": len(data), "parts": []})
-        w.pwrite(data[6 * mib:], 6 * mib)  # far ahead of the hash: not held
-        w.pwrite(data[mib:2 * mib], mib)  # near: held until the frontier reaches it
+        w.pwrite(data[6 * mib :], 6 * mib)  # far ahead of the hash: not held
+        w.pwrite(data[mib : 2 * mib], mib)  # near: held until the frontier reaches it
         w.pwrite(data[:mib], 0)
         w.advance(2 * mib)
         for i in range(2, 6):
-            w.pwrite(data[i * mib:(i + 1) * mib], i * mib)
+            w.pwrite(data[i * mib : (i + 1) * mib], i * mib)
             w.advance((i + 1) * mib)
         w.advance(len(data))
         assert w.commit(sha(data)).digest == sha(data)
@@ -130,9 +131,9 @@ def test_ranged_parts_far_ahead_are_read_back_near_ones_are_not(store, preads, m
 def test_resumed_bytes_are_read_back_once(store, preads):
     data = os.urandom(3 << 20)
     with store.writer("again") as w:
-        w.write(data[:2 << 20])
+        w.write(data[: 2 << 20])
     with store.writer("again") as w:
-        w.write(data[2 << 20:])
+        w.write(data[2 << 20 :])
         assert w.commit(sha(data)).digest == sha(data)
     assert sum(n for _, n in preads) == 2 << 20  # the old partial, nothing written now
 
@@ -144,8 +145,12 @@ def small_tmpfs(tmp_path):
         pytest.skip("PEER MISSING: a tmpfs mount needs root")
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield mnt
@@ -217,7 +222,7 @@ def test_a_long_stream_is_written_back_while_it_arrives(store, monkeypatch):
     data = os.urandom(4 << 20)
     with store.writer("wb") as w:
         for i in range(0, len(data), 256 << 10):
-            w.write(data[i:i + (256 << 10)])
+            w.write(data[i : i + (256 << 10)])
         w._flusher.join()
         assert synced  # before the commit's fsync, not instead of it
         assert w.commit(sha(data)).digest == sha(data)
@@ -235,11 +240,11 @@ def test_held_buffers_are_bounded_across_writers_and_all_given_back(store, monke
             w.preallocate(len(data))
             w.save_state(ranged={"total": len(data), "parts": []})
             for i in range(1, 4):  # ahead of the frontier: held, while there is room
-                w.pwrite(data[i * mib:(i + 1) * mib], i * mib)
+                w.pwrite(data[i * mib : (i + 1) * mib], i * mib)
         assert frontier._ROOM.used <= 3 * mib
         for w, data in zip(writers, blobs):
             w.pwrite(data[:mib], 0)
-            w.pwrite(data[4 * mib:], 4 * mib)
+            w.pwrite(data[4 * mib :], 4 * mib)
             w.advance(len(data))
         assert [w.commit(sha(d)).digest for w, d in zip(writers, blobs)] == [sha(d) for d in blobs]
     finally:

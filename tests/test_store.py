@@ -44,9 +44,12 @@ def _manifest(store: Store, layers: list[bytes]) -> Descriptor:
         d = store.put_bytes(data)
         descs.append({"mediaType": "application/octet-stream", "digest": d, "size": len(data)})
     cfg = store.put_bytes(b"{}")
-    doc = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-           "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg, "size": 2},
-           "layers": descs}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg, "size": 2},
+        "layers": descs,
+    }
     raw = json.dumps(doc).encode()
     return Descriptor(MT_OCI_MANIFEST, store.put_bytes(raw), len(raw))
 
@@ -176,8 +179,10 @@ for i in range(int(sys.argv[4])):
 
 
 def test_two_processes_commit_same_and_different_blobs(store):
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(ROOT), str(store.root), name,
-                               "15"]) for name in ("a", "b")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _CHILD, str(ROOT), str(store.root), name, "15"])
+        for name in ("a", "b")
+    ]
     assert [p.wait(timeout=60) for p in procs] == [0, 0]
     urls = sorted(d.annotations[REF_NAME] for d in store.entries())
     assert urls == sorted(f"http://h/{n}/{i}" for n in "ab" for i in range(15))
@@ -305,8 +310,17 @@ def test_ensure_space_refuses_what_cannot_fit(store):
     store.ensure_space(1)
 
 
-@pytest.mark.parametrize("bad", ["", "sha256:abc", "md5:" + "0" * 32, "sha256:" + "G" * 64,
-                                 "sha256:" + "0" * 64 + "/../x", None])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "sha256:abc",
+        "md5:" + "0" * 32,
+        "sha256:" + "G" * 64,
+        "sha256:" + "0" * 64 + "/../x",
+        None,
+    ],
+)
 def test_bad_digests_are_refused(bad):
     with pytest.raises(InvalidDigest):
         check_digest(bad)
@@ -336,14 +350,17 @@ def test_ranged_partial_resumes_from_its_part_map(store):
     with store.writer("r", expected_size=len(data)) as w:
         w.preallocate(len(data))
         w.pwrite(data[:half], 0)
-        w.pwrite(data[3 << 20:], 3 << 20)
+        w.pwrite(data[3 << 20 :], 3 << 20)
         w.sync()
-        w.save_state(ranged={"total": len(data),
-                             "parts": [[0, half, half], [half, 3 << 20, half],
-                                       [3 << 20, 4 << 20, 4 << 20]]})
+        w.save_state(
+            ranged={
+                "total": len(data),
+                "parts": [[0, half, half], [half, 3 << 20, half], [3 << 20, 4 << 20, 4 << 20]],
+            }
+        )
     with store.writer("r", expected_size=len(data)) as w:
         assert w.offset == half  # the contiguous prefix, re-hashed in the background
-        w.pwrite(data[half:3 << 20], half)
+        w.pwrite(data[half : 3 << 20], half)
         w.advance(len(data))
         desc = w.commit(sha256_digest(data))
     assert desc.digest == sha256_digest(data)

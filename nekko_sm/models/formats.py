@@ -101,4 +101,3 @@ def plan(manifest: dict, config: bytes | None = None) -> ModelPlan:
         plans = [artifact_layer(d) for d in descs]
     check_unique(plans)
     return ModelPlan(fmt, tuple(plans), rootfs=fmt == IMAGE)
-

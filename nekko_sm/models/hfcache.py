@@ -86,8 +86,9 @@ def repo_folder(repo_type: str, repo_id: str) -> str:
     if repo_type not in REPO_TYPES:
         raise UnsafeName(f"unknown Hugging Face repository type {repo_type!r}")
     parts = repo_id.split("/")
-    if not 1 <= len(parts) <= 2 or not all(_NAME.match(p) and ".." not in p
-                                           and "--" not in p for p in parts):
+    if not 1 <= len(parts) <= 2 or not all(
+        _NAME.match(p) and ".." not in p and "--" not in p for p in parts
+    ):
         raise UnsafeName(f"not a Hugging Face repository id: {repo_id!r}")
     return "--".join([REPO_TYPES[repo_type], *parts])
 
@@ -102,8 +103,9 @@ def _check(entry: HFEntry) -> None:
         if check_path(f.path, entry.url) != f.path:
             raise UnsafeName(f"{entry.url}: file name {f.path!r} is not a plain path")
         if not _ETAG.match(f.etag):
-            raise UnsafeName(f"{entry.url}: {f.path!r} has an ETag that is no blob name:"
-                             f" {f.etag!r}")
+            raise UnsafeName(
+                f"{entry.url}: {f.path!r} has an ETag that is no blob name: {f.etag!r}"
+            )
         if not _DIGEST.match(f.digest):
             raise UnsafeName(f"{entry.url}: {f.path!r} has a bad digest {f.digest!r}")
 
@@ -203,17 +205,23 @@ class HFCacheView:
         _check(entry)
         for f in entry.files:
             if not self.store.has_blob(f.digest, f.size):
-                raise CacheCorrupt(f"{entry.url}: blob {f.digest} of {f.path!r} is not in the"
-                                   " cache; pull it again")
-        record = {"url": entry.url, "repo_type": entry.repo_type, "repo_id": entry.repo_id,
-                  "revision": entry.revision, "commit": entry.commit, "added": time.time(),
-                  "files": [[f.path, f.digest, f.size, f.etag] for f in entry.files]}
+                raise CacheCorrupt(
+                    f"{entry.url}: blob {f.digest} of {f.path!r} is not in the cache; pull it again"
+                )
+        record = {
+            "url": entry.url,
+            "repo_type": entry.repo_type,
+            "repo_id": entry.repo_id,
+            "revision": entry.revision,
+            "commit": entry.commit,
+            "added": time.time(),
+            "files": [[f.path, f.digest, f.size, f.etag] for f in entry.files],
+        }
         repo = self.repo_dir(entry.repo_type, entry.repo_id)
         snapshot = repo / "snapshots" / entry.commit
         with _locked(self._lock):
             old = self._load(self._record_path(entry.url))
-            _write_atomic(self._record_path(entry.url),
-                          json.dumps(record, sort_keys=True).encode())
+            _write_atomic(self._record_path(entry.url), json.dumps(record, sort_keys=True).encode())
             if old is not None and old.get("url") == entry.url:
                 self._drop(old)  # the same URL pulled again (a branch moved): what it left
             for f in entry.files:
@@ -242,8 +250,13 @@ class HFCacheView:
             try:
                 os.link(sname, tmp, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
             except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP,
-                                   errno.ENOTSUP):
+                if e.errno not in (
+                    errno.EXDEV,
+                    errno.EPERM,
+                    errno.EMLINK,
+                    errno.EOPNOTSUPP,
+                    errno.ENOTSUP,
+                ):
                     raise
                 # another file system: a relative link to the store's blob
                 os.symlink(os.path.relpath(source, blob.parent), tmp, dir_fd=dfd)
@@ -290,8 +303,11 @@ class HFCacheView:
             repo = self.repo_dir(str(record["repo_type"]), str(record["repo_id"]))
         except UnsafeName:
             return  # a record we would not have written: nothing of it to remove
-        others = [r for r in self._all() if (r.get("repo_type"), r.get("repo_id")) ==
-                  (record["repo_type"], record["repo_id"])]
+        others = [
+            r
+            for r in self._all()
+            if (r.get("repo_type"), r.get("repo_id")) == (record["repo_type"], record["repo_id"])
+        ]
         pointers = {(r["commit"], f[0]) for r in others for f in r["files"]}
         etags = {f[3] for r in others for f in r["files"]}
         commit = str(record["commit"])

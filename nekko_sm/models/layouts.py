@@ -41,8 +41,10 @@ DOCKER_DIR_TAR = "application/vnd.docker.ai.dir.tar"
 DOCKER_VLLM_TAR = "application/vnd.docker.ai.vllm.config.tar"
 KITOPS_CONFIG = "application/vnd.kitops.modelkit.config.v1+json"
 OLLAMA_PREFIX = "application/vnd.ollama.image."
-IMAGE_CONFIGS = ("application/vnd.oci.image.config.v1+json",
-                 "application/vnd.docker.container.image.v1+json")
+IMAGE_CONFIGS = (
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+)
 
 _KITOPS_LAYER = re.compile(r"^application/vnd\.kitops\.modelkit\.(\w+)\.v1\.tar(?:\+(\w+))?$")
 _TAR_TYPE = re.compile(r"\.tar(?:$|[+.])")
@@ -91,8 +93,14 @@ class Desc:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ManifestInvalid(f"layer {index} ({digest}) has a bad size {size!r}")
         ann = d.get("annotations")
-        return cls(index, digest, size, str(d.get("mediaType") or ""),
-                   dict(ann) if isinstance(ann, dict) else {}, d)
+        return cls(
+            index,
+            digest,
+            size,
+            str(d.get("mediaType") or ""),
+            dict(ann) if isinstance(ann, dict) else {},
+            d,
+        )
 
     @property
     def what(self) -> str:
@@ -101,14 +109,18 @@ class Desc:
     def layer(self, kind: str, name: str | None = None, **kw: object) -> LayerPlan:
         if name is not None:
             name = check_path(name, self.what)
-        return LayerPlan(self.index, self.digest, self.size, self.media_type, kind, name,
-                         **kw)  # type: ignore[arg-type]
+        return LayerPlan(self.index, self.digest, self.size, self.media_type, kind, name, **kw)  # type: ignore[arg-type]
 
-    def tar(self, prefix: str = "", within: str | None = None, role: str | None = None
-            ) -> LayerPlan:
-        return self.layer(TAR, prefix=check_path(prefix, self.what) if prefix else "",
-                          within=check_path(within, self.what) if within else None,
-                          compression=media_compression(self.media_type), role=role)
+    def tar(
+        self, prefix: str = "", within: str | None = None, role: str | None = None
+    ) -> LayerPlan:
+        return self.layer(
+            TAR,
+            prefix=check_path(prefix, self.what) if prefix else "",
+            within=check_path(within, self.what) if within else None,
+            compression=media_compression(self.media_type),
+            role=role,
+        )
 
 
 def modelpack_layer(d: Desc) -> LayerPlan:
@@ -145,8 +157,7 @@ def docker_layers(descs: list, config_type: str) -> list:
         if mt == DOCKER_GGUF:
             name = _sharded("model", "gguf", gguf.index(d), len(gguf))
         elif mt == DOCKER_SAFETENSORS:
-            name = path or _sharded("model", "safetensors", safetensors.index(d),
-                                    len(safetensors))
+            name = path or _sharded("model", "safetensors", safetensors.index(d), len(safetensors))
         elif mt in DOCKER_MMPROJ:
             name = "model.mmproj"
         elif mt == DOCKER_TEMPLATE:
@@ -185,7 +196,8 @@ def kitops_layers(descs: list, config: bytes | None) -> list:
             kit = {}
     model = kit.get("model") if isinstance(kit.get("model"), dict) else None
     entries: dict[str, list] = {
-        "model": [model] if model and model.get("path") and not _kit_reference(model["path"])
+        "model": [model]
+        if model and model.get("path") and not _kit_reference(model["path"])
         else [],
         "modelpart": _dicts((model or {}).get("parts")),
         "code": _dicts(kit.get("code")),
@@ -220,8 +232,11 @@ def _dicts(value: object) -> list:
 
 def _kit_reference(path: object) -> bool:
     """A Kitfile model path that names another ModelKit (registry/repo:tag), not a file."""
-    return isinstance(path, str) and bool(re.match(r"^[\w.-]+(?::\d+)?/[^\s]+[:@][\w.:-]+$", path)) \
+    return (
+        isinstance(path, str)
+        and bool(re.match(r"^[\w.-]+(?::\d+)?/[^\s]+[:@][\w.:-]+$", path))
         and not path.startswith(".")
+    )
 
 
 _OLLAMA_ROLES = {
@@ -247,7 +262,7 @@ def ollama_layers(descs: list) -> list:
         if not mt.startswith(OLLAMA_PREFIX):
             out.append(artifact_layer(d))
             continue
-        role = mt[len(OLLAMA_PREFIX):]
+        role = mt[len(OLLAMA_PREFIX) :]
         named = d.raw.get("name")
         if isinstance(named, str) and named:
             out.append(d.layer(FILE, named, role=role))  # tensor/json layers name themselves

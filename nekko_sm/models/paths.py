@@ -19,9 +19,9 @@ from nekko_sm.refs import safe_name
 _SPLIT_GGUF = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 _NOT_WEIGHTS = re.compile(r"^(?:projector|adapter|draft|lora)\b|mmproj", re.IGNORECASE)
 
-MAX_COMPONENT = 255   # bytes in one path component (NAME_MAX)
-MAX_PATH = 4096       # bytes in a whole path (PATH_MAX)
-MAX_DEPTH = 256       # directories in a path: far beyond any model, well within recursion
+MAX_COMPONENT = 255  # bytes in one path component (NAME_MAX)
+MAX_PATH = 4096  # bytes in a whole path (PATH_MAX)
+MAX_DEPTH = 256  # directories in a path: far beyond any model, well within recursion
 
 
 def check_path(name: object, what: str = "") -> str:
@@ -47,12 +47,14 @@ def check_path(name: object, what: str = "") -> str:
         raise UnsafeLayer(f"{where}file name {name[:80]!r}... is longer than {MAX_PATH} bytes")
     parts = clean.split("/")
     if len(parts) > MAX_DEPTH:
-        raise UnsafeLayer(f"{where}file name {name[:80]!r}... is nested deeper than {MAX_DEPTH}"
-                          " directories")
+        raise UnsafeLayer(
+            f"{where}file name {name[:80]!r}... is nested deeper than {MAX_DEPTH} directories"
+        )
     for part in parts:
         if len(part.encode("utf-8")) > MAX_COMPONENT:
-            raise UnsafeLayer(f"{where}file name component {part[:60]!r}... is longer than"
-                              f" {MAX_COMPONENT} bytes")
+            raise UnsafeLayer(
+                f"{where}file name component {part[:60]!r}... is longer than {MAX_COMPONENT} bytes"
+            )
     return clean
 
 

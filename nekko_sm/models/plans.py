@@ -22,10 +22,10 @@ ARTIFACT = "artifact"
 FORMATS = (MODELPACK, DOCKER_MODEL, KITOPS, OLLAMA, IMAGE, ARTIFACT)
 
 # What a layer plan asks the unpacker to do.
-FILE = "file"    # the layer's bytes are one file of the model, as they are
-TAR = "tar"      # the layer is a tar (maybe compressed): its regular files are the model's
+FILE = "file"  # the layer's bytes are one file of the model, as they are
+TAR = "tar"  # the layer is a tar (maybe compressed): its regular files are the model's
 SNIFF = "sniff"  # the manifest does not say: the first bytes decide (see resolve_sniffed)
-SKIP = "skip"    # not part of the model (e.g. Ollama's deprecated embeddings)
+SKIP = "skip"  # not part of the model (e.g. Ollama's deprecated embeddings)
 
 
 def sniff(head: bytes) -> str:
@@ -97,4 +97,3 @@ def resolve_sniffed(layer: LayerPlan, head: bytes) -> LayerPlan:
     if kind in ("gzip", "zstd", "tar"):
         return replace(layer, kind=TAR, compression=None if kind == "tar" else kind)
     return replace(layer, kind=FILE, name=layer.name or digest_name(layer.digest))
-

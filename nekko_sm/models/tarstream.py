@@ -45,7 +45,7 @@ class Prefixed(io.RawIOBase):
             self._head = self._head[n:]
             return n
         data = self._raw.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
 
@@ -69,7 +69,8 @@ def zstd_reader(raw: BinaryIO, what: str) -> BinaryIO:
         raise UnsupportedLayer(
             f"{what} is compressed with zstd, which this Python"
             f" ({sys.version.split()[0]}) cannot read: run nekko-sm with Python 3.14 or later,"
-            " or push the model with gzip or uncompressed layers") from None
+            " or push the model with gzip or uncompressed layers"
+        ) from None
     return zstd.ZstdFile(raw, mode="rb")  # type: ignore[no-any-return]
 
 
@@ -116,12 +117,20 @@ class Members:
         self.wait_for: Callable[[int], None] = getattr(raw, "wait_for", lambda end: None)
         try:
             if self.direct is not None:
-                self.tar = tarfile.open(fileobj=raw, mode="r:",  # noqa: SIM115
-                                        encoding="utf-8", errors="surrogateescape")
+                self.tar = tarfile.open(  # noqa: SIM115 - closed with the members
+                    fileobj=raw,
+                    mode="r:",
+                    encoding="utf-8",
+                    errors="surrogateescape",
+                )
             else:
-                self.tar = tarfile.open(fileobj=_decompressed(raw, what), mode="r|",  # noqa: SIM115
-                                        bufsize=CHUNK, encoding="utf-8",
-                                        errors="surrogateescape")
+                self.tar = tarfile.open(  # noqa: SIM115 - closed with the members
+                    fileobj=_decompressed(raw, what),
+                    mode="r|",
+                    bufsize=CHUNK,
+                    encoding="utf-8",
+                    errors="surrogateescape",
+                )
         except _READ_ERRORS as e:
             raise BrokenLayer(f"{what} is not a readable tar: {e}") from None
 
@@ -148,4 +157,3 @@ class Members:
             return f.read(n)
         except _READ_ERRORS as e:
             raise BrokenLayer(f"{self.what} is not a readable tar: {e}") from None
-

@@ -35,8 +35,14 @@ class Content:
 class Node:
     __slots__ = ("children", "content", "kind", "layer", "mode", "target")
 
-    def __init__(self, kind: str, layer: int, mode: int = 0o644,
-                 content: Content | None = None, target: str | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        layer: int,
+        mode: int = 0o644,
+        content: Content | None = None,
+        target: str | None = None,
+    ) -> None:
         self.kind = kind
         self.layer = layer
         self.mode = mode
@@ -67,8 +73,9 @@ class Tree:
             node = node.children.get(part)
         return node
 
-    def resolve(self, path: str, follow_last: bool = True, hops: int = 0
-                ) -> tuple[str, Node | None]:
+    def resolve(
+        self, path: str, follow_last: bool = True, hops: int = 0
+    ) -> tuple[str, Node | None]:
         """``path`` with every link followed (absolute targets from the root, ``..`` stopping
         at the root, as inside a container).  Returns (resolved path, node or None)."""
         parts = [p for p in path.split("/") if p]
@@ -91,8 +98,9 @@ class Tree:
             if child.kind == LINK and (parts or follow_last):
                 hops += 1
                 if hops > MAX_LINK_HOPS:
-                    raise UnsafeLayer(f"{self.what}: too many levels of links at"
-                                      f" {'/'.join(done + [part])!r}")
+                    raise UnsafeLayer(
+                        f"{self.what}: too many levels of links at {'/'.join(done + [part])!r}"
+                    )
                 target = child.target or ""
                 base: list[str] = [] if target.startswith("/") else list(done)
                 parts = [p for p in target.split("/") if p] + parts
@@ -116,14 +124,17 @@ class Tree:
             elif child.kind == LINK and self.rootfs:
                 resolved, target = self.resolve(join_path(done, part))
                 if target is None or target.kind != DIR:
-                    raise UnsafeLayer(f"{what}: {path!r} is under {join_path(done, part)!r}, a link"
-                                      " to no directory")
+                    raise UnsafeLayer(
+                        f"{what}: {path!r} is under {join_path(done, part)!r}, a link"
+                        " to no directory"
+                    )
                 done, node = resolved, target
                 continue
             elif child.kind != DIR:
                 kind = {LINK: "a link", SPECIAL: "a special file"}.get(child.kind, "a file")
-                raise UnsafeLayer(f"{what}: {join_path(done, part)!r} is {kind} and the directory"
-                                  f" of {path!r}")
+                raise UnsafeLayer(
+                    f"{what}: {join_path(done, part)!r} is {kind} and the directory of {path!r}"
+                )
             done = join_path(done, part)
             node = child
         return done, node
@@ -144,8 +155,10 @@ class Tree:
             # Model layers make every name once; an image layer, once per layer.
             if old.kind == DIR or new.kind == DIR:
                 raise UnsafeLayer(f"{what}: {where!r} is both a file and a directory")
-            raise UnsafeLayer(f"{what}: the name {where!r} is used twice"
-                              + (" in one layer" if self.rootfs else ""))
+            raise UnsafeLayer(
+                f"{what}: the name {where!r} is used twice"
+                + (" in one layer" if self.rootfs else "")
+            )
         else:
             parent.children[leaf] = new  # replaces a lower layer's
         return where
@@ -202,4 +215,3 @@ class Tree:
             yield path, child
             if child.kind == DIR:
                 yield from self.walk(child, path)
-

@@ -74,8 +74,16 @@ class _Cancel:
 
 
 class _Unpacker:
-    def __init__(self, store, plan: ModelPlan, open_layer: Opener, lease, cancel,  # type: ignore[no-untyped-def]
-                 what: str, on_bytes: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        store,
+        plan: ModelPlan,
+        open_layer: Opener,
+        lease,
+        cancel,  # type: ignore[no-untyped-def]
+        what: str,
+        on_bytes: Callable[[int], None] | None,
+    ) -> None:
         self.store = store
         self.plan = plan
         self.open_layer = open_layer
@@ -101,8 +109,7 @@ class _Unpacker:
         files = self.view.files(view_root)
         if self.small:
             self.store.sync_blobs()  # their renames, once for all, before anyone names them
-        return UnpackResult(files, choose_model(f.name for f in files), view_root,
-                            self.unpacked)
+        return UnpackResult(files, choose_model(f.name for f in files), view_root, self.unpacked)
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -134,8 +141,10 @@ class _Unpacker:
 
     def _add_file_layer(self, lp: LayerPlan, what: str) -> None:
         if self.plan.rootfs:
-            raise UnsupportedLayer(f"{what} ({lp.media_type or 'no media type'}) is not a tar:"
-                                   " an image layer must be one")
+            raise UnsupportedLayer(
+                f"{what} ({lp.media_type or 'no media type'}) is not a tar:"
+                " an image layer must be one"
+            )
         content = Content(lp.size, lp.index, -1, lp.digest)
         self.tree.put(lp.name or "", Node(REGULAR, lp.index, 0o644, content), what)
 
@@ -166,8 +175,7 @@ class _Unpacker:
             raise UnsafeLayer(f"{what}: an entry of type {m.type!r} has no name")
         name = check_path(raw, what)
         if lp.within and name != lp.within and not name.startswith(lp.within + "/"):
-            raise UnsafeLayer(f"{what}: {name!r} is outside the layer's directory"
-                              f" {lp.within!r}")
+            raise UnsafeLayer(f"{what}: {name!r} is outside the layer's directory {lp.within!r}")
         return join_path(lp.prefix, name) if lp.prefix else name
 
     def _whiteout(self, name: str, layer: int, what: str) -> None:
@@ -179,7 +187,7 @@ class _Unpacker:
         elif base == ".wh.":
             raise BrokenLayer(f"{what}: a whiteout {name!r} without a name to hide")
         else:
-            self.tree.whiteout(join_path(parent, base[len(".wh."):]), layer, what)
+            self.tree.whiteout(join_path(parent, base[len(".wh.") :]), layer, what)
 
     def _node(self, m: tarfile.TarInfo, i: int, lp: LayerPlan, name: str, what: str) -> Node:
         mode = m.mode & 0o7777
@@ -196,8 +204,13 @@ class _Unpacker:
             if m.issparse():
                 raise UnsafeLayer(f"{what}: {name!r} is a sparse file, which is not supported")
             return Node(REGULAR, lp.index, mode, Content(m.size, lp.index, i))
-        kind = "a device" if (m.ischr() or m.isblk()) else "a FIFO" if m.isfifo() else \
-            f"of unknown type {m.type!r}"
+        kind = (
+            "a device"
+            if (m.ischr() or m.isblk())
+            else "a FIFO"
+            if m.isfifo()
+            else f"of unknown type {m.type!r}"
+        )
         if not self.plan.rootfs:
             raise UnsafeLayer(f"{what}: {name!r} is {kind}: a model holds files only")
         return Node(SPECIAL, lp.index, mode, target=kind)
@@ -206,15 +219,17 @@ class _Unpacker:
         if not target or "\x00" in target:
             raise UnsafeLayer(f"{what}: link {name!r} has no target")
         if target.startswith("/"):
-            raise UnsafeLayer(f"{what}: link {name!r} -> {target!r} leaves the model"
-                              " (absolute target)")
+            raise UnsafeLayer(
+                f"{what}: link {name!r} -> {target!r} leaves the model (absolute target)"
+            )
         joined = posixpath.normpath(join_path(posixpath.dirname(name), target))
         if joined == ".." or joined.startswith("../"):
             raise UnsafeLayer(f"{what}: link {name!r} -> {target!r} leaves the model")
         top = join_path(lp.prefix, lp.within) if lp.within and lp.prefix else lp.within
         if top and joined != top and not joined.startswith(top + "/"):
-            raise UnsafeLayer(f"{what}: link {name!r} -> {target!r} leaves the layer's"
-                              f" directory {top!r}")
+            raise UnsafeLayer(
+                f"{what}: link {name!r} -> {target!r} leaves the layer's directory {top!r}"
+            )
 
     def _hardlink(self, m: tarfile.TarInfo, lp: LayerPlan, name: str, what: str) -> Node:
         raw = m.linkname
@@ -223,14 +238,17 @@ class _Unpacker:
         else:
             target = check_path(raw, what)
             if lp.within and target != lp.within and not target.startswith(lp.within + "/"):
-                raise UnsafeLayer(f"{what}: hard link {name!r} -> {raw!r} leaves the layer's"
-                                  f" directory {lp.within!r}")
+                raise UnsafeLayer(
+                    f"{what}: hard link {name!r} -> {raw!r} leaves the layer's"
+                    f" directory {lp.within!r}"
+                )
             if lp.prefix:
                 target = join_path(lp.prefix, target)
         _, node = self.tree.resolve(target, follow_last=False)
         if node is None or node.kind == DIR:
-            raise UnsafeLayer(f"{what}: hard link {name!r} -> {raw!r} names no file of the"
-                              " model before it")
+            raise UnsafeLayer(
+                f"{what}: hard link {name!r} -> {raw!r} names no file of the model before it"
+            )
         return Node(node.kind, lp.index, m.mode & 0o7777, node.content, node.target)
 
     def _commit(self, members: Members, m: tarfile.TarInfo, lp: LayerPlan, i: int) -> str:
@@ -248,8 +266,7 @@ class _Unpacker:
                 w.reset()  # a partial from an interrupted unpack: the tar is read again anyway
             if members.direct is not None:  # an uncompressed tar on disk: by offset
                 if m.offset_data + m.size > lp.size:
-                    raise BrokenLayer(f"{members.what}: {m.name!r} is shorter than its"
-                                      " header says")
+                    raise BrokenLayer(f"{members.what}: {m.name!r} is shorter than its header says")
                 done = 0
                 while done < m.size:
                     n = min(COPY, m.size - done)
@@ -307,9 +324,15 @@ class Stop(Protocol):
     def is_set(self) -> bool: ...
 
 
-def materialize(store, plan: ModelPlan, open_layer: Opener, lease,  # type: ignore[no-untyped-def]
-                cancel: Stop | None = None, what: str = "",
-                on_bytes: Callable[[int], None] | None = None) -> UnpackResult:
+def materialize(
+    store,
+    plan: ModelPlan,
+    open_layer: Opener,
+    lease,  # type: ignore[no-untyped-def]
+    cancel: Stop | None = None,
+    what: str = "",
+    on_bytes: Callable[[int], None] | None = None,
+) -> UnpackResult:
     """The files of the model ``plan`` describes, every one a committed blob.
 
     ``open_layer(layer_plan)`` returns a binary file object of that layer's bytes (already
@@ -319,4 +342,3 @@ def materialize(store, plan: ModelPlan, open_layer: Opener, lease,  # type: igno
     ``on_bytes(n)`` counts bytes unpacked.
     """
     return _Unpacker(store, plan, open_layer, lease, cancel, what, on_bytes).run()
-

@@ -57,14 +57,16 @@ class View:
             return
         count = 0
         for path, node in self.tree.walk(base, root):
-            name = path[len(root) + 1:] if root else path
+            name = path[len(root) + 1 :] if root else path
             if node.kind == DIR:
                 continue
             if node.kind == SPECIAL:
                 if self._whole_image(root):
                     continue  # /dev/null of an ordinary image: nothing an engine opens
-                raise UnsafeLayer(f"{self.what or 'the model'}: {path!r} is {node.target}:"
-                                  " a model holds files only")
+                raise UnsafeLayer(
+                    f"{self.what or 'the model'}: {path!r} is {node.target}:"
+                    " a model holds files only"
+                )
             if node.kind == LINK:
                 for sub, spath, snode in self._through_link(path, root, 0):
                     count += 1
@@ -73,8 +75,10 @@ class View:
                 count += 1
                 yield name, path, node
             if count > MAX_FILES:
-                raise UnsafeLayer(f"{self.what or 'the model'} lists more than {MAX_FILES}"
-                                  " files (links to directories?)")
+                raise UnsafeLayer(
+                    f"{self.what or 'the model'} lists more than {MAX_FILES}"
+                    " files (links to directories?)"
+                )
 
     def _whole_image(self, root: str) -> bool:
         """The view is an ordinary image's whole file system (no ``models/``): its dangling
@@ -82,16 +86,14 @@ class View:
         ``/usr/bin/X11 -> .``) are left out of the view instead of refusing the image."""
         return self.rootfs and not root
 
-    def _through_link(self, path: str, root: str, depth: int
-                      ) -> Iterator[tuple[str, str, Node]]:
+    def _through_link(self, path: str, root: str, depth: int) -> Iterator[tuple[str, str, Node]]:
         try:
             yield from self._link_files(path, root, depth)
         except UnsafeLayer:
             if not self._whole_image(root):
                 raise
 
-    def _link_files(self, path: str, root: str, depth: int
-                    ) -> Iterator[tuple[str, str, Node]]:
+    def _link_files(self, path: str, root: str, depth: int) -> Iterator[tuple[str, str, Node]]:
         who = self.what or "the model"
         resolved, node = self.tree.resolve(path)
         link = self.tree.get(path)
@@ -106,11 +108,15 @@ class View:
         if node.kind == SPECIAL:
             raise UnsafeLayer(f"{who}: link {path!r} names {node.target}")
         # a directory: its files again, under the link's name
-        if resolved == root or path == resolved or path.startswith(resolved + "/") or \
-                depth >= MAX_LINK_HOPS:
+        if (
+            resolved == root
+            or path == resolved
+            or path.startswith(resolved + "/")
+            or depth >= MAX_LINK_HOPS
+        ):
             raise UnsafeLayer(f"{who}: link {path!r} -> {target!r} loops")
         for sub, child in self.tree.walk(node, resolved):
-            rel = sub[len(resolved) + 1:]
+            rel = sub[len(resolved) + 1 :]
             if child.kind == REGULAR:
                 yield rel, sub, child
             elif child.kind == LINK:
@@ -129,4 +135,3 @@ class View:
                 raise UnsafeLayer(f"{self.what or 'the model'}: the name {name!r} is used twice")
             out[name] = ViewFile(name, c.digest, c.size, bool(node.mode & 0o111))
         return [out[k] for k in sorted(out)]
-

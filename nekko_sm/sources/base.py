@@ -52,8 +52,11 @@ def human(n: int) -> str:
     size = float(n)
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "bytes" or size == int(size) \
+            return (
+                f"{size:.0f} {unit}"
+                if unit == "bytes" or size == int(size)
                 else f"{size:.1f} {unit}"
+            )
         size /= 1024
     raise AssertionError("unreachable")
 
@@ -65,8 +68,12 @@ class Progress:
     before its bytes are fetched, and one whose bytes pass it (a body of unknown length)
     is cut off: PullTooLarge either way."""
 
-    def __init__(self, sink: Callable[[int], None] | None = None, limit: int | None = None,
-                 what: str = "the pull") -> None:
+    def __init__(
+        self,
+        sink: Callable[[int], None] | None = None,
+        limit: int | None = None,
+        what: str = "the pull",
+    ) -> None:
         self._lock = threading.Lock()
         self._sink = sink
         self.limit = limit
@@ -77,11 +84,15 @@ class Progress:
 
     def _too_large(self, n: int, known: bool) -> PullTooLarge:
         if known:
-            return PullTooLarge(f"{self.what} is {human(n)}, more than the {human(self.limit or 0)}"
-                                " this node allows (--max-pull-size): refused, nothing fetched")
-        return PullTooLarge(f"{self.what} passed the {human(self.limit or 0)} this node allows"
-                            " (--max-pull-size) with no size given up front: stopped, the"
-                            " partial download dropped")
+            return PullTooLarge(
+                f"{self.what} is {human(n)}, more than the {human(self.limit or 0)}"
+                " this node allows (--max-pull-size): refused, nothing fetched"
+            )
+        return PullTooLarge(
+            f"{self.what} passed the {human(self.limit or 0)} this node allows"
+            " (--max-pull-size) with no size given up front: stopped, the"
+            " partial download dropped"
+        )
 
     def add(self, n: int) -> None:
         with self._lock:
@@ -169,19 +180,28 @@ class PullResult:
     hf_view: HFEntry | None = None  # what the Hugging Face cache view shows of the entry
 
 
-def store_artifact(job: Job, files: list, artifact_type: str,
-                   annotations: dict | None = None) -> Descriptor:
+def store_artifact(
+    job: Job, files: list, artifact_type: str, annotations: dict | None = None
+) -> Descriptor:
     """Wrap committed blobs in an OCI artifact manifest (empty config, a titled layer each)."""
     config_digest = job.store.put_bytes(EMPTY_JSON, job.lease)
     manifest = {
         "schemaVersion": 2,
         "mediaType": MT_OCI_MANIFEST,
         "artifactType": artifact_type,
-        "config": {"mediaType": MT_EMPTY, "digest": config_digest, "size": len(EMPTY_JSON),
-                   "data": "e30="},
+        "config": {
+            "mediaType": MT_EMPTY,
+            "digest": config_digest,
+            "size": len(EMPTY_JSON),
+            "data": "e30=",
+        },
         "layers": [
-            {"mediaType": f.media_type, "digest": f.digest, "size": f.size,
-             "annotations": {TITLE: f.name, **({A_ETAG: f.etag} if f.etag else {})}}
+            {
+                "mediaType": f.media_type,
+                "digest": f.digest,
+                "size": f.size,
+                "annotations": {TITLE: f.name, **({A_ETAG: f.etag} if f.etag else {})},
+            }
             for f in files
         ],
     }
@@ -192,8 +212,9 @@ def store_artifact(job: Job, files: list, artifact_type: str,
     return Descriptor(MT_OCI_MANIFEST, digest, len(data), artifact_type=artifact_type)
 
 
-def file_result(job: Job, item: FileItem, artifact_type: str, annotations: dict,
-                hf_view: HFEntry | None = None) -> PullResult:
+def file_result(
+    job: Job, item: FileItem, artifact_type: str, annotations: dict, hf_view: HFEntry | None = None
+) -> PullResult:
     """A pull of one file: ``item`` wrapped in an artifact manifest of its own, annotated
     with what the source says of it, and the result naming both."""
     files = [item]
@@ -220,12 +241,15 @@ def check_names(names: Iterable[str], what: str) -> None:
     for name in names:
         key = unicodedata.normalize("NFC", name)
         if any(c in _BIDI or unicodedata.category(c) == "Cc" for c in name):
-            raise ManifestInvalid(f"{what}: the file name {shown_name(name)} has control or"
-                                  " bidirectional characters")
+            raise ManifestInvalid(
+                f"{what}: the file name {shown_name(name)} has control or bidirectional characters"
+            )
         parts = key.split("/")
         if len(name.encode()) > PATH_NAME_MAX or any(len(p.encode()) > NAME_MAX for p in parts):
-            raise ManifestInvalid(f"{what}: the file name {shown_name(name)} is too long"
-                                  f" ({NAME_MAX} bytes a component, {PATH_NAME_MAX} in all)")
+            raise ManifestInvalid(
+                f"{what}: the file name {shown_name(name)} is too long"
+                f" ({NAME_MAX} bytes a component, {PATH_NAME_MAX} in all)"
+            )
         if key in seen:
             same = "" if seen[key] == name else " once Unicode-normalised"
             raise ManifestInvalid(f"{what}: two files are named {shown_name(name)}{same}")

@@ -78,9 +78,18 @@ def _oids(job: Job, ref: HFRef) -> GitOids:
 # -- bytes ---------------------------------------------------------------------------------
 
 
-def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
-          sha256: str | None, git_oid: str | None, expected: str | None = None,
-          count_total: bool = True, oids: GitOids | None = None) -> tuple[str, int]:
+def fetch(
+    job: Job,
+    url: str,
+    auth: str | None,
+    errors,
+    size: int | None,
+    sha256: str | None,
+    git_oid: str | None,
+    expected: str | None = None,
+    count_total: bool = True,
+    oids: GitOids | None = None,
+) -> tuple[str, int]:
     """Make sure the file at ``url`` is a verified blob; returns (digest, size).
 
     ``sha256`` is what the Hub vouches for (an LFS oid), or what a verified download of the
@@ -88,13 +97,14 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
     has.  ``expected`` (the caller's) is checked against it, or against the bytes."""
     if sha256 is None and oids is not None:
         known = oids.lookup(git_oid, size)
-        sha256 = known[len("sha256:"):] if known else None
+        sha256 = known[len("sha256:") :] if known else None
     vouched = None
     if sha256 is not None:
         vouched = "sha256:" + sha256
         if expected is not None and expected != vouched:
-            raise IntegrityError(f"{redact(url)} has digest {vouched} on the Hub,"
-                                 f" not the {expected} asked for")
+            raise IntegrityError(
+                f"{redact(url)} has digest {vouched} on the Hub, not the {expected} asked for"
+            )
         expected = vouched
     if vouched is not None:
         job.lease.add(vouched)  # lease first, so gc cannot free it between check and use
@@ -132,14 +142,23 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
     with job.writer(ingest_ref, size, hashers) as w:
         if vouched and size is not None and job.store.has_blob(vouched, size):
             return vouched, size  # someone else committed it while we waited for the lock
-        job.transfer.download(url, w, auth=auth, expected_size=size,
-                              immutable=vouched is not None or git_oid is not None,
-                              errors=errors, progress=job.progress.add, on_total=on_total,
-                              max_span=MAX_SPAN)
+        job.transfer.download(
+            url,
+            w,
+            auth=auth,
+            expected_size=size,
+            immutable=vouched is not None or git_oid is not None,
+            errors=errors,
+            progress=job.progress.add,
+            on_total=on_total,
+            max_span=MAX_SPAN,
+        )
         if hashers and w.offset == size and w.hexdigest("git") != git_oid:
             w.discard()
-            raise IntegrityError(f"{redact(url)}: content has git blob id {w.hexdigest('git')},"
-                                 f" expected {git_oid}; nothing was stored")
+            raise IntegrityError(
+                f"{redact(url)}: content has git blob id {w.hexdigest('git')},"
+                f" expected {git_oid}; nothing was stored"
+            )
         desc = w.commit(expected, job.lease)
     if hashers and oids is not None and git_oid is not None:
         # Verified above against the Hub's git id; the digest is the store's own hash.
@@ -147,8 +166,9 @@ def fetch(job: Job, url: str, auth: str | None, errors, size: int | None,
     return desc.digest, desc.size
 
 
-def _fetch_small(job: Job, url: str, auth: str | None, errors, size: int, git_oid: str,
-                 expected: str | None) -> str:
+def _fetch_small(
+    job: Job, url: str, auth: str | None, errors, size: int, git_oid: str, expected: str | None
+) -> str:
     """A small git file: one GET (retried whole), checked against its git blob id and size
     (and ``expected``), then stored in one write."""
     job.ensure_space(size, redact(url))
@@ -156,12 +176,14 @@ def _fetch_small(job: Job, url: str, auth: str | None, errors, size: int, git_oi
     if r.status != 200:
         raise errors(r.status, r.url, r.data, r.headers)
     if len(r.data) != size:
-        raise SizeMismatch(f"{redact(url)}: got {len(r.data)} bytes, expected {size};"
-                           " nothing was stored")
+        raise SizeMismatch(
+            f"{redact(url)}: got {len(r.data)} bytes, expected {size}; nothing was stored"
+        )
     got = hashlib.sha1(b"blob %d\x00" % size + r.data, usedforsecurity=False).hexdigest()
     if got != git_oid:
-        raise IntegrityError(f"{redact(url)}: content has git blob id {got}, expected"
-                             f" {git_oid}; nothing was stored")
+        raise IntegrityError(
+            f"{redact(url)}: content has git blob id {got}, expected {git_oid}; nothing was stored"
+        )
     digest = job.store.put_bytes(r.data, job.lease, expected)  # checks ``expected``
     job.progress.add(size)
     return digest
@@ -205,12 +227,25 @@ def _pull_file(job: Job, ref: HFRef) -> PullResult:
             git_oid = git_oid or entry.git_oid
         if size is None and meta.redirected:
             size = probe_size(job, meta.location)
-    digest, size = fetch(job, url, auth, hub_error(ref, ref.path, auth is not None, size),
-                         size, sha256, git_oid, expected=job.digest, oids=_oids(job, ref))
+    digest, size = fetch(
+        job,
+        url,
+        auth,
+        hub_error(ref, ref.path, auth is not None, size),
+        size,
+        sha256,
+        git_oid,
+        expected=job.digest,
+        oids=_oids(job, ref),
+    )
     view = _view(job, ref, commit, [HFFile(ref.path, digest, size, git_oid or sha256 or "")])
-    return file_result(job, FileItem(posixpath.basename(ref.path), digest, size),
-                       FILE_ARTIFACT_TYPE,
-                       {A_SOURCE_URL: url, A_HF_COMMIT: commit, A_ETAG: meta.etag}, view)
+    return file_result(
+        job,
+        FileItem(posixpath.basename(ref.path), digest, size),
+        FILE_ARTIFACT_TYPE,
+        {A_SOURCE_URL: url, A_HF_COMMIT: commit, A_ETAG: meta.etag},
+        view,
+    )
 
 
 def _view(job: Job, ref: HFRef, commit: str | None, files: list) -> HFEntry | None:
@@ -218,9 +253,7 @@ def _view(job: Job, ref: HFRef, commit: str | None, files: list) -> HFEntry | No
     default endpoint (the one HF_ENDPOINT names), and only with every file's ETag known."""
     if ref.registry != endpoint_host(job) or not commit or not all(f.etag for f in files):
         return None
-    return HFEntry(ref.canonical, ref.repo_type, ref.repo_id, ref.revision, commit,
-                   tuple(files))
-
+    return HFEntry(ref.canonical, ref.repo_type, ref.repo_id, ref.revision, commit, tuple(files))
 
 
 def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
@@ -233,23 +266,28 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
         listed = list_files(job, ref, base, commit, auth, ref.path)
     except UpstreamNotFound as e:
         if ref.path and e.context.get("hf_code") == "EntryNotFound":
-            raise UpstreamNotFound(f"no directory {ref.path!r} in {repo_name(ref)} at"
-                                   f" revision {ref.revision!r}", hf_code="EntryNotFound") from e
+            raise UpstreamNotFound(
+                f"no directory {ref.path!r} in {repo_name(ref)} at revision {ref.revision!r}",
+                hf_code="EntryNotFound",
+            ) from e
         raise
     tree = [f for f in listed if ref.wants(f.path)]
     check_names((f.path for f in tree), ref.canonical)  # before any byte (finding 8)
     if not tree and ref.filtered:
-        raise UpstreamNotFound(f"no file of {repo_name(ref)}"
-                               f"{'/' + ref.path if ref.path else ''} at revision"
-                               f" {ref.revision!r} matches {ref.canonical.partition('?')[2]}")
+        raise UpstreamNotFound(
+            f"no file of {repo_name(ref)}"
+            f"{'/' + ref.path if ref.path else ''} at revision"
+            f" {ref.revision!r} matches {ref.canonical.partition('?')[2]}"
+        )
     oids = _oids(job, ref)
     for i, f in enumerate(tree):
         if f.sha256 is None and f.git_oid is not None:
             known = oids.lookup(f.git_oid, f.size)  # verified earlier: no download needed
             if known:
-                tree[i] = replace(f, sha256=known[len("sha256:"):])
-    missing = [f for f in tree
-               if not (f.sha256 and job.store.has_blob("sha256:" + f.sha256, f.size))]
+                tree[i] = replace(f, sha256=known[len("sha256:") :])
+    missing = [
+        f for f in tree if not (f.sha256 and job.store.has_blob("sha256:" + f.sha256, f.size))
+    ]
     job.progress.expect(sum(f.size for f in tree))
     job.progress.skip(sum(f.size for f in tree) - sum(f.size for f in missing))
     job.ensure_space(sum(f.size for f in missing), ref.canonical)
@@ -263,15 +301,23 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
             return
         try:
             results[f.path] = fetch(
-                sub, resolve_url(base, ref, f.path, commit), auth,
-                hub_error(ref, f.path, auth is not None, f.size), f.size, f.sha256, f.git_oid,
-                count_total=False, oids=oids)
+                sub,
+                resolve_url(base, ref, f.path, commit),
+                auth,
+                hub_error(ref, f.path, auth is not None, f.size),
+                f.size,
+                f.sha256,
+                f.git_oid,
+                count_total=False,
+                oids=oids,
+            )
         except BaseException:
             failed.set()
             raise
 
-    with ThreadPoolExecutor(max_workers=max(1, min(job.config.jobs, len(tree) or 1)),
-                            thread_name_prefix="hf") as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(job.config.jobs, len(tree) or 1)), thread_name_prefix="hf"
+    ) as pool:
         futures = [pool.submit(one, f) for f in tree]
         wait(futures, return_when=FIRST_EXCEPTION)
         for fut in futures:
@@ -285,16 +331,27 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
         raise Cancelled(f"pull of {ref.canonical} was cancelled")
 
     prefix = ref.path + "/" if ref.path else ""
-    files = [FileItem(f.path[len(prefix):], *results[f.path], etag=f.git_oid or f.sha256)
-             for f in tree]
+    files = [
+        FileItem(f.path[len(prefix) :], *results[f.path], etag=f.git_oid or f.sha256) for f in tree
+    ]
     where = f"/{quote(ref.path)}" if ref.path else ""
-    manifest = store_artifact(job, files, REPO_ARTIFACT_TYPE, {
-        A_SOURCE_URL: f"{base}/{ref.type_prefix}{ref.repo_id}/tree/{commit}{where}",
-        A_HF_COMMIT: commit})
+    manifest = store_artifact(
+        job,
+        files,
+        REPO_ARTIFACT_TYPE,
+        {
+            A_SOURCE_URL: f"{base}/{ref.type_prefix}{ref.repo_id}/tree/{commit}{where}",
+            A_HF_COMMIT: commit,
+        },
+    )
     if job.digest is not None and job.digest != manifest.digest:
-        raise IntegrityError(f"{ref.canonical} resolved to {manifest.digest},"
-                             f" not the {job.digest} asked for")
-    view = _view(job, ref, commit, [HFFile(f.path, *results[f.path], f.git_oid or f.sha256
-                                           or "") for f in tree])
+        raise IntegrityError(
+            f"{ref.canonical} resolved to {manifest.digest}, not the {job.digest} asked for"
+        )
+    view = _view(
+        job,
+        ref,
+        commit,
+        [HFFile(f.path, *results[f.path], f.git_oid or f.sha256 or "") for f in tree],
+    )
     return PullResult(manifest, manifest.digest, files, hf_view=view)
-

@@ -63,9 +63,12 @@ def _token_hint() -> str:
     return "pass a token (credentials or HF_TOKEN)"
 
 
-def hub_error(ref: HFRef, path: str | None = None, authenticated: bool = False,
-              size: int | None = None,
-              ) -> Callable[[int, str, bytes, Mapping[str, str]], NekkoError]:
+def hub_error(
+    ref: HFRef,
+    path: str | None = None,
+    authenticated: bool = False,
+    size: int | None = None,
+) -> Callable[[int, str, bytes, Mapping[str, str]], NekkoError]:
     """The Hub's error translator for requests about ``ref`` (and file ``path``)."""
     repo = repo_name(ref)
 
@@ -79,46 +82,79 @@ def hub_error(ref: HFRef, path: str | None = None, authenticated: bool = False,
         message = headers.get("X-Error-Message") or ""
         if code == "GatedRepo":
             if authenticated:
-                return GatedRepo(f"{repo} is gated and the token has no access to it: accept"
-                                 " its conditions on the Hub with the token's account",
-                                 upstream_status=status)
-            return GatedRepo(f"{repo} is gated: accept its conditions on the Hub and pass a"
-                             " token (credentials or HF_TOKEN)", upstream_status=status)
-        if code == "RepoNotFound" or (status == 401 and not authenticated and not code
-                                      and message.startswith("Invalid username or password")):
+                return GatedRepo(
+                    f"{repo} is gated and the token has no access to it: accept"
+                    " its conditions on the Hub with the token's account",
+                    upstream_status=status,
+                )
+            return GatedRepo(
+                f"{repo} is gated: accept its conditions on the Hub and pass a"
+                " token (credentials or HF_TOKEN)",
+                upstream_status=status,
+            )
+        if code == "RepoNotFound" or (
+            status == 401
+            and not authenticated
+            and not code
+            and message.startswith("Invalid username or password")
+        ):
             # Anonymous callers get 401 "Invalid username or password." (often without a
             # code) for a private repository and for one that does not exist alike.
             if authenticated:
-                return UpstreamNotFound(f"repository {repo} not found (or the token cannot"
-                                        " see it)", upstream_status=status)
-            return UpstreamNotFound(f"repository {repo} not found, or it is private:"
-                                    f" {_token_hint()}", upstream_status=status)
+                return UpstreamNotFound(
+                    f"repository {repo} not found (or the token cannot see it)",
+                    upstream_status=status,
+                )
+            return UpstreamNotFound(
+                f"repository {repo} not found, or it is private: {_token_hint()}",
+                upstream_status=status,
+            )
         if code == "RevisionNotFound":
-            return UpstreamNotFound(f"revision {ref.revision!r} not found in {repo}",
-                                    upstream_status=status)
+            return UpstreamNotFound(
+                f"revision {ref.revision!r} not found in {repo}", upstream_status=status
+            )
         if code == "EntryNotFound":
             what = f"file {path!r}" if path else "path"
-            return UpstreamNotFound(f"{what} not found in {repo} at revision {ref.revision!r}",
-                                    upstream_status=status)
-        if status == 401 and (message.startswith(("Invalid credentials", "Invalid username"))
-                              or authenticated):
+            return UpstreamNotFound(
+                f"{what} not found in {repo} at revision {ref.revision!r}", upstream_status=status
+            )
+        if status == 401 and (
+            message.startswith(("Invalid credentials", "Invalid username")) or authenticated
+        ):
             return Unauthorized(f"{ref.registry} refused the token: invalid credentials (401)")
         if message == "Access to this resource is disabled.":
             return Forbidden(f"{repo} is disabled on the Hub (403)")
         if status == 429:
             rl = retrying.parse(headers)
             named = rl.bucket if rl and rl.bucket in ("api", "resolvers", "pages") else None
-            bucket = (f"its {named!r} rate limit is used up" if named else "its rate limit is"
-                      " used up"  # a bucket name the Hub does not use is not echoed
-                      ) if rl else ""
-            bucket = (bucket
-                      + (f" ({rl.quota} requests per {rl.window} s)" if rl.quota and rl.window
-                         else "")
-                      + f"; try again in {rl.reset} s") if rl else "too many requests"
+            bucket = (
+                (
+                    f"its {named!r} rate limit is used up"
+                    if named
+                    else "its rate limit is"
+                    " used up"  # a bucket name the Hub does not use is not echoed
+                )
+                if rl
+                else ""
+            )
+            bucket = (
+                (
+                    bucket
+                    + (
+                        f" ({rl.quota} requests per {rl.window} s)"
+                        if rl.quota and rl.window
+                        else ""
+                    )
+                    + f"; try again in {rl.reset} s"
+                )
+                if rl
+                else "too many requests"
+            )
             more = "" if authenticated else "; a token raises the limits"
-            return UpstreamUnavailable(f"{ref.registry} answered 429 for {redact(url)}:"
-                                       f" {bucket}{more}",
-                                       retry_after=retrying.wait_hint(status, headers))
+            return UpstreamUnavailable(
+                f"{ref.registry} answered 429 for {redact(url)}: {bucket}{more}",
+                retry_after=retrying.wait_hint(status, headers),
+            )
         if status == 400 and urlsplit(url).netloc.lower() != ref.registry:
             # The CDN or the Xet bridge: a GET of a huge file without Range (we always send
             # one past MAX_SPAN), or a file too large for the bridge even in ranges.
@@ -126,7 +162,8 @@ def hub_error(ref: HFRef, path: str | None = None, authenticated: bool = False,
             return UpstreamError(
                 f"{redact(url)} refused {path or 'the file'}{big} with 400: the Hub's download"
                 " bridge does not serve files this large over plain HTTP (only the Xet"
-                " protocol does, e.g. `hf download` with hf_xet); see huggingface/xet-core#592")
+                " protocol does, e.g. `hf download` with hf_xet); see huggingface/xet-core#592"
+            )
         return default_error(status, url, body, headers)
 
     return translate
@@ -191,7 +228,6 @@ def _int(value: str | None) -> int | None:
     return int(value) if value and value.strip().isdigit() else None
 
 
-
 # -- one file's metadata ---------------------------------------------------------------------
 
 
@@ -230,9 +266,13 @@ def file_metadata(job: Job, ref: HFRef, url: str, auth: str | None) -> FileMeta:
     origin = _origin(url)
     commit = None
     for _ in range(MAX_REDIRECTS + 1):
-        r = job.transfer.request("HEAD", url, headers={"Accept-Encoding": "identity"},
-                                 auth=auth if _origin(url) == origin else None,
-                                 follow_redirects=False)
+        r = job.transfer.request(
+            "HEAD",
+            url,
+            headers={"Accept-Encoding": "identity"},
+            auth=auth if _origin(url) == origin else None,
+            follow_redirects=False,
+        )
         commit = r.headers.get("X-Repo-Commit") or commit
         location = r.headers.get("Location")
         redirect = r.status in REDIRECT_STATUSES and bool(location)
@@ -257,11 +297,15 @@ def file_metadata(job: Job, ref: HFRef, url: str, auth: str | None) -> FileMeta:
             etag = _unquote_etag(r.headers.get("ETag"))
             etag = None if etag == xet else etag
         return FileMeta(
-            commit=commit, etag=etag,
-            size=_int(r.headers.get("X-Linked-Size")
-                      or (None if redirect else r.headers.get("Content-Length"))),
+            commit=commit,
+            etag=etag,
+            size=_int(
+                r.headers.get("X-Linked-Size")
+                or (None if redirect else r.headers.get("Content-Length"))
+            ),
             location=urljoin(url, location) if redirect else url,
-            redirected=redirect, xet_hash=xet,
+            redirected=redirect,
+            xet_hash=xet,
         )
     raise UpstreamError(f"{redact(url)}: more than {MAX_REDIRECTS} redirects")
 
@@ -272,7 +316,6 @@ def probe_size(job: Job, url: str) -> int | None:
     if r.status == 206:
         return content_range(r.headers.get("Content-Range"))[1]
     return None
-
 
 
 @dataclass
@@ -299,8 +342,15 @@ def resolve_commit(job: Job, ref: HFRef, base: str, auth: str | None) -> str:
     return sha
 
 
-def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None,
-               path: str = "", recursive: bool = True) -> list:
+def list_files(
+    job: Job,
+    ref: HFRef,
+    base: str,
+    commit: str,
+    auth: str | None,
+    path: str = "",
+    recursive: bool = True,
+) -> list:
     """Every file of the repository (under ``path``) at ``commit``, pages followed;
     directories are skipped.  A missing directory raises UpstreamNotFound.
 
@@ -308,8 +358,10 @@ def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None,
     following the absolute ``Link: <…&cursor=…>; rel="next"`` (1,000 entries a page,
     directories mixed in; ``xetHash``, sometimes 64 asterisks, is not used)."""
     sub = "/" + quote(path) if path else ""
-    url: str | None = (f"{base}/api/{_API_PLURAL[ref.repo_type]}/{ref.repo_id}/tree/"
-                       f"{quote(commit, safe='')}{sub}" + ("?recursive=true" if recursive else ""))
+    url: str | None = (
+        f"{base}/api/{_API_PLURAL[ref.repo_type]}/{ref.repo_id}/tree/"
+        f"{quote(commit, safe='')}{sub}" + ("?recursive=true" if recursive else "")
+    )
     origin = _origin(base)
     errors = hub_error(ref, None, auth is not None)
     out: dict[str, TreeFile] = {}
@@ -334,33 +386,37 @@ def list_files(job: Job, ref: HFRef, base: str, commit: str, auth: str | None,
                 continue  # directories (and whatever else) are mixed in
             name, size = item.get("path"), item.get("size")
             if not isinstance(name, str) or not isinstance(size, int) or size < 0:
-                raise UpstreamError(f"{redact(url)}: the tree listing has an entry without"
-                                    " a path or a size")  # said, not echoed (finding 9)
+                raise UpstreamError(
+                    f"{redact(url)}: the tree listing has an entry without a path or a size"
+                )  # said, not echoed (finding 9)
             name = safe_name(name)
             lfs: dict = item["lfs"] if isinstance(item.get("lfs"), dict) else {}
             sha256 = lfs.get("oid") if isinstance(lfs.get("oid"), str) else None
             oid = item.get("oid") if isinstance(item.get("oid"), str) else None
             # "xetHash" (64 hex, or 64 asterisks where the Hub hides it) is no sha256: unused.
             out[name] = TreeFile(
-                name, size,
+                name,
+                size,
                 git_oid=oid if oid and SHA1_HEX.match(oid) and not lfs else None,
                 sha256=sha256 if sha256 and SHA256_HEX.match(sha256) else None,
             )
             if len(out) > job.config.max_pull_files:  # files per repository
-                raise PullTooLarge(f"{repo_name(ref)} has more than {job.config.max_pull_files}"
-                                   " files, the most one pull may have on this node"
-                                   " (--max-pull-files): refused, nothing fetched")
+                raise PullTooLarge(
+                    f"{repo_name(ref)} has more than {job.config.max_pull_files}"
+                    " files, the most one pull may have on this node"
+                    " (--max-pull-files): refused, nothing fetched"
+                )
         m = _LINK_NEXT.search(r.headers.get("Link") or "")
         url = urljoin(url, m.group(1)) if m else None
     return [out[k] for k in sorted(out)]
 
 
-def tree_entry(job: Job, ref: HFRef, base: str, commit: str, path: str,
-               auth: str | None) -> TreeFile | None:
+def tree_entry(
+    job: Job, ref: HFRef, base: str, commit: str, path: str, auth: str | None
+) -> TreeFile | None:
     """The tree listing's entry of one file (its directory's listing, not recursive)."""
     try:
         files = list_files(job, ref, base, commit, auth, posixpath.dirname(path), False)
     except (UpstreamNotFound, UpstreamError):
         return None
     return next((f for f in files if f.path == path), None)
-

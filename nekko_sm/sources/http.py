@@ -67,9 +67,14 @@ def pull(job: Job, ref: HTTPRef) -> PullResult:
             job.ensure_space(total - offset, ref.canonical, offset)
 
     with job.writer("url:" + ref.canonical) as w:
-        headers = job.transfer.download(ref.fetch_url, w, auth=auth, progress=job.progress.add,
-                                        on_total=check_space)
+        headers = job.transfer.download(
+            ref.fetch_url, w, auth=auth, progress=job.progress.add, on_total=check_space
+        )
         desc = w.commit(job.digest, job.lease)
     name = file_name_from(headers.get("Content-Disposition"), ref.file_name)
-    return file_result(job, FileItem(name, desc.digest, desc.size), ARTIFACT_TYPE,
-                       {A_SOURCE_URL: ref.canonical, A_ETAG: headers.get("ETag")})
+    return file_result(
+        job,
+        FileItem(name, desc.digest, desc.size),
+        ARTIFACT_TYPE,
+        {A_SOURCE_URL: ref.canonical, A_ETAG: headers.get("ETag")},
+    )

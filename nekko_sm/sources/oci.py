@@ -84,18 +84,24 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
             raise NoMatchingPlatform(
                 f"{ref.canonical} has no image for {want}; available:"
                 f" {', '.join(available) or 'none'} (choose one with --platform, or 'all')",
-                available=available)
+                available=available,
+            )
         platform = d.get("platform") or None
         chosen = puller.manifest(d["digest"])
         if chosen.media_type not in MANIFEST_TYPES:
-            raise ManifestInvalid(f"{ref.canonical}: the index entry for {want} is not an"
-                                  " image manifest")
+            raise ManifestInvalid(
+                f"{ref.canonical}: the index entry for {want} is not an image manifest"
+            )
         if chosen.size != d["size"]:
-            raise IntegrityError(f"{ref.canonical}: manifest {d['digest']} has {chosen.size}"
-                                 f" bytes, the index says {d['size']}")
+            raise IntegrityError(
+                f"{ref.canonical}: manifest {d['digest']} has {chosen.size}"
+                f" bytes, the index says {d['size']}"
+            )
     if job.digest and job.digest not in (top.digest, chosen.digest):
-        raise IntegrityError(f"{ref.canonical} resolved to {top.digest}, not the expected"
-                             f" {job.digest}; nothing was stored")
+        raise IntegrityError(
+            f"{ref.canonical} resolved to {top.digest}, not the expected"
+            f" {job.digest}; nothing was stored"
+        )
 
     # Every manifest to keep (each distinct one once: an index may name one big manifest
     # thousands of times), the blobs they name, once each, and the files of the view.
@@ -106,18 +112,22 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
     named: set[tuple[str, str]] = set()
 
     def too_many(what: str) -> PullTooLarge:
-        return PullTooLarge(f"{ref.canonical} has more than {limit} {what}, the most one pull"
-                            " may have on this node (--max-pull-files): refused, nothing"
-                            " fetched")
+        return PullTooLarge(
+            f"{ref.canonical} has more than {limit} {what}, the most one pull"
+            " may have on this node (--max-pull-files): refused, nothing"
+            " fetched"
+        )
 
     def walk(m: Manifest, prefix: str, depth: int, listed: bool = True) -> None:
         manifests.setdefault(m.digest, m)
         if m.media_type in MANIFEST_TYPES:
             if len(m.doc["layers"]) > limit:  # layers per image
-                raise PullTooLarge(f"{ref.canonical}: manifest {m.digest} has"
-                                   f" {len(m.doc['layers'])} layers, more than the {limit} one"
-                                   " pull may have on this node (--max-pull-files): refused,"
-                                   " nothing fetched")
+                raise PullTooLarge(
+                    f"{ref.canonical}: manifest {m.digest} has"
+                    f" {len(m.doc['layers'])} layers, more than the {limit} one"
+                    " pull may have on this node (--max-pull-files): refused,"
+                    " nothing fetched"
+                )
             c = descriptor(m.doc["config"], "")
             blobs.setdefault(c.digest, c)
             for layer in m.doc["layers"]:
@@ -127,8 +137,14 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
                 name = safe_name(title) if title is not None else d.digest.replace(":", "-")
                 if listed and (prefix + name, d.digest) not in named:
                     named.add((prefix + name, d.digest))
-                    files.append(FileItem(prefix + name, d.digest, d.size,
-                                          d.media_type or "application/octet-stream"))
+                    files.append(
+                        FileItem(
+                            prefix + name,
+                            d.digest,
+                            d.size,
+                            d.media_type or "application/octet-stream",
+                        )
+                    )
             if len(blobs) > limit:
                 raise too_many("blobs")
             if len(files) > limit:
@@ -138,14 +154,18 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
             raise ManifestInvalid(f"{ref.canonical}: indexes nested too deep")
         children = m.doc["manifests"]
         if len(manifests.keys() | {d["digest"] for d in children}) > MAX_MANIFESTS:
-            raise ManifestInvalid(f"{ref.canonical} names more than {MAX_MANIFESTS} manifests:"
-                                  " refused, no image needs that many")
+            raise ManifestInvalid(
+                f"{ref.canonical} names more than {MAX_MANIFESTS} manifests:"
+                " refused, no image needs that many"
+            )
         taken: set[str] = set()
         for d in children:
             child = manifests.get(d["digest"]) or puller.manifest(d["digest"])
             if child.size != d["size"]:
-                raise IntegrityError(f"{ref.canonical}: manifest {d['digest']} has"
-                                     f" {child.size} bytes, the index says {d['size']}")
+                raise IntegrityError(
+                    f"{ref.canonical}: manifest {d['digest']} has"
+                    f" {child.size} bytes, the index says {d['size']}"
+                )
             p = d.get("platform") or {}
             sub = "-".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
             try:  # the fields come from the registry: they must name one directory
@@ -167,23 +187,27 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
     # Manifests first (small), leased as they go in; then the blobs, in parallel.
     for m in manifests.values():
         puller.store(m)
-    model = engine_ready(job, ref, puller, chosen, files, list(blobs.values())) \
-        if image else None
+    model = engine_ready(job, ref, puller, chosen, files, list(blobs.values())) if image else None
     if not image:
         puller.fetch_blobs(list(blobs.values()))
 
-    artifact_type = chosen.doc.get("artifactType") if chosen.media_type in MANIFEST_TYPES \
-        else None
-    desc = Descriptor(chosen.media_type, chosen.digest, chosen.size,
-                      artifact_type=artifact_type if isinstance(artifact_type, str) else None,
-                      platform=platform)
-    result = PullResult(manifest=desc, digest=top.digest, files=files,
-                        platform=platform_str(platform) if platform else None)
+    artifact_type = chosen.doc.get("artifactType") if chosen.media_type in MANIFEST_TYPES else None
+    desc = Descriptor(
+        chosen.media_type,
+        chosen.digest,
+        chosen.size,
+        artifact_type=artifact_type if isinstance(artifact_type, str) else None,
+        platform=platform,
+    )
+    result = PullResult(
+        manifest=desc,
+        digest=top.digest,
+        files=files,
+        platform=platform_str(platform) if platform else None,
+    )
     if model is not None:
-        result.files, result.format, result.model, result.files_manifest, result.unpacked = \
-            model
+        result.files, result.format, result.model, result.files_manifest, result.unpacked = model
     return result
-
 
 
 __all__ = ["confirm_access", "pull"]

@@ -54,8 +54,10 @@ class Puller:
         scheme = registry_scheme(job, ref)
         configured = job.config.registry_mirrors.get(ref.registry.lower()) or ()
         # a mirror host marked --insecure-registry is plain http, as a registry is
-        mirrors = ["http://" + m.split("://", 1)[1]
-                   if job.config.is_insecure(urlsplit(m).netloc) else m for m in configured]
+        mirrors = [
+            "http://" + m.split("://", 1)[1] if job.config.is_insecure(urlsplit(m).netloc) else m
+            for m in configured
+        ]
         self.endpoints = [Endpoint(job, ref, m, mirror=True) for m in mirrors]
         self.endpoints.append(Endpoint(job, ref, f"{scheme}://{ref.api_host}", mirror=False))
         self._dead: set[int] = set()
@@ -80,8 +82,7 @@ class Puller:
                     first = i not in self._dead  # blobs fail in parallel: say it once
                     self._dead.add(i)
                 if first:
-                    log.info("%s: %s failed (%s); falling back", self.ref.canonical, ep,
-                             e.message)
+                    log.info("%s: %s failed (%s); falling back", self.ref.canonical, ep, e.message)
         raise AssertionError("the registry itself is always the last endpoint")
 
     # -- manifests ------------------------------------------------------------------------------
@@ -93,8 +94,14 @@ class Puller:
         transfer = self.job.transfer
         for attempt in (0, 1):
             used = ep.auth
-            resp = transfer.request("GET", url, headers={"Accept": ACCEPT}, auth=used,
-                                    limit=MAX_MANIFEST, retry=not ep.mirror)
+            resp = transfer.request(
+                "GET",
+                url,
+                headers={"Accept": ACCEPT},
+                auth=used,
+                limit=MAX_MANIFEST,
+                retry=not ep.mirror,
+            )
             if resp.status == 401 and attempt == 0 and ep.same_origin(resp.url):
                 ep.reauthenticate(resp.headers.get("WWW-Authenticate"), used)
                 continue
@@ -103,10 +110,10 @@ class Puller:
             raise ep.errors(resp.status, resp.url, resp.data, resp.headers)
         return self._check_manifest(reference, resp.data, resp.headers)
 
-    def _check_manifest(self, reference: str, data: bytes,
-                        headers: Mapping[str, str]) -> Manifest:
-        return check_manifest(f"{self.ref.canonical}: manifest {reference}", reference, data,
-                              headers)
+    def _check_manifest(self, reference: str, data: bytes, headers: Mapping[str, str]) -> Manifest:
+        return check_manifest(
+            f"{self.ref.canonical}: manifest {reference}", reference, data, headers
+        )
 
     def store(self, m: Manifest) -> None:
         self.job.store.put_bytes(m.data, self.job.lease, expected_digest=m.digest)
@@ -142,8 +149,7 @@ class Puller:
                 self._call(partial(self._blob, d, EitherSet(job.cancel, stop)))
             except BaseException as e:
                 with self._lock:
-                    if not (isinstance(e, Cancelled) and stop.is_set()
-                            and not job.cancel.is_set()):
+                    if not (isinstance(e, Cancelled) and stop.is_set() and not job.cancel.is_set()):
                         errors.append(e)
                 stop.set()
                 raise
@@ -175,18 +181,26 @@ class Puller:
             for attempt in (0, 1):
                 used = ep.auth
                 try:
-                    job.transfer.download(url, w, auth=used, immutable=True,
-                                          expected_size=d.size, errors=ep.errors,
-                                          progress=job.progress.add)
+                    job.transfer.download(
+                        url,
+                        w,
+                        auth=used,
+                        immutable=True,
+                        expected_size=d.size,
+                        errors=ep.errors,
+                        progress=job.progress.add,
+                    )
                     break
                 except Unauthorized as e:
                     if attempt or e.context.get("redirected") or "challenge" not in e.context:
                         raise  # a redirect target's or a DENIED: a new token will not help
-                    log.debug("%s: blob %s: token refused; asking again", self.ref.canonical,
-                              d.digest)
+                    log.debug(
+                        "%s: blob %s: token refused; asking again", self.ref.canonical, d.digest
+                    )
                     challenge = e.context["challenge"]  # the WWW-Authenticate value, or None
-                    ep.reauthenticate(challenge if isinstance(challenge, str) else None,
-                                      used)  # resumes from w.offset
+                    ep.reauthenticate(
+                        challenge if isinstance(challenge, str) else None, used
+                    )  # resumes from w.offset
             w.commit(d.digest, job.lease)
             if self.feed is not None:
                 self.feed.committed(d.digest)
@@ -198,8 +212,6 @@ def _skip(job: Job, n: int) -> None:
         job.progress.skip(n)
 
 
-
 def registry_scheme(job: Job, ref: OCIRef) -> str:
     insecure = job.config.is_insecure(ref.api_host) or job.config.is_insecure(ref.registry)
     return "http" if insecure else "https"
-

@@ -40,8 +40,10 @@ ACCEPT = f"{MT_OCI_INDEX}, {MT_OCI_MANIFEST}, {MT_DOCKER_LIST}, {MT_DOCKER_MANIF
 MAX_MANIFEST = 4 << 20
 # Distinct manifests one pull may fetch: an index of 20 platforms with attestations needs 40.
 MAX_MANIFESTS = 256
-_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
-            "application/vnd.docker.distribution.manifest.v1+prettyjws")
+_SCHEMA1 = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ATTESTATION = "attestation-manifest"
 _OTHER_ALGORITHMS = frozenset({"sha384", "sha512", "blake3"})  # named when refused
@@ -59,18 +61,20 @@ class Manifest:
         return len(self.data)
 
 
-def check_manifest(what: str, reference: str, data: bytes,
-                   headers: Mapping[str, str]) -> Manifest:
+def check_manifest(what: str, reference: str, data: bytes, headers: Mapping[str, str]) -> Manifest:
     """The manifest or index ``reference`` named, from the ``data`` and ``headers`` a
     registry answered, checked (``what`` names it in messages); nothing is stored."""
     digest = sha256_digest(data)
     if reference.startswith("sha256:") and digest != reference:
-        raise IntegrityError(f"{what}: the registry sent content with digest {digest};"
-                             " nothing was stored")
+        raise IntegrityError(
+            f"{what}: the registry sent content with digest {digest}; nothing was stored"
+        )
     served = (headers.get("Docker-Content-Digest") or "").strip()
     if served.startswith("sha256:") and served != digest:
-        raise IntegrityError(f"{what}: the registry's Docker-Content-Digest is not the"
-                             f" digest of its bytes ({digest}); nothing was stored")
+        raise IntegrityError(
+            f"{what}: the registry's Docker-Content-Digest is not the"
+            f" digest of its bytes ({digest}); nothing was stored"
+        )
     try:
         doc = json.loads(data)
     except ValueError as e:
@@ -80,9 +84,11 @@ def check_manifest(what: str, reference: str, data: bytes,
     header_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
     body_type = doc.get("mediaType")
     if doc.get("schemaVersion") == 1 or body_type in _SCHEMA1 or header_type in _SCHEMA1:
-        raise ManifestInvalid(f"{what} is a Docker schema 1 manifest, which is deprecated"
-                              " and not supported: push the image again with a current"
-                              " tool")
+        raise ManifestInvalid(
+            f"{what} is a Docker schema 1 manifest, which is deprecated"
+            " and not supported: push the image again with a current"
+            " tool"
+        )
     media_type = body_type if isinstance(body_type, str) and body_type else None
     if media_type is None:
         if header_type in INDEX_TYPES + MANIFEST_TYPES:
@@ -93,8 +99,10 @@ def check_manifest(what: str, reference: str, data: bytes,
             media_type = MT_OCI_MANIFEST
     if media_type not in INDEX_TYPES + MANIFEST_TYPES:
         log.debug("%s: media type %s", what, sanitise(repr(media_type or header_type)))
-        raise ManifestInvalid(f"{what} is not an OCI or Docker v2 manifest or index (its"
-                              " media type is none of theirs)")
+        raise ManifestInvalid(
+            f"{what} is not an OCI or Docker v2 manifest or index (its"
+            " media type is none of theirs)"
+        )
     if doc.get("schemaVersion") != 2:
         raise ManifestInvalid(f"{what}: its schemaVersion is not 2")
     m = Manifest(media_type, digest, data, doc)
@@ -114,8 +122,7 @@ def check_manifest(what: str, reference: str, data: bytes,
             if title is not None:
                 name = safe_name(title)  # UnsafeName: 400, nothing indexed
                 if name in names:
-                    raise ManifestInvalid(f"{what}: two layers are titled"
-                                          f" {shown_name(name)}")
+                    raise ManifestInvalid(f"{what}: two layers are titled {shown_name(name)}")
                 names.add(name)
     return m
 
@@ -128,14 +135,21 @@ def descriptor(d: object, what: str) -> Descriptor:
     if not isinstance(digest, str) or not _DIGEST.match(digest):
         algorithm = digest.split(":", 1)[0] if isinstance(digest, str) else ""
         known = f" ({algorithm})" if algorithm in _OTHER_ALGORITHMS else ""
-        raise ManifestInvalid(f"{what}: a descriptor's digest is not sha256:<64 hex>"
-                              f"{known}; only sha256 is supported")
+        raise ManifestInvalid(
+            f"{what}: a descriptor's digest is not sha256:<64 hex>{known}; only sha256 is supported"
+        )
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ManifestInvalid(f"{what}: descriptor {digest} has a size that is not a whole"
-                              " number of bytes")
+        raise ManifestInvalid(
+            f"{what}: descriptor {digest} has a size that is not a whole number of bytes"
+        )
     mt = d.get("mediaType")
-    return Descriptor(mt if isinstance(mt, str) else "", digest, size,
-                      artifact_type=d.get("artifactType"), platform=d.get("platform"))
+    return Descriptor(
+        mt if isinstance(mt, str) else "",
+        digest,
+        size,
+        artifact_type=d.get("artifactType"),
+        platform=d.get("platform"),
+    )
 
 
 def platform_str(p: Mapping) -> str:
@@ -163,7 +177,8 @@ def is_attestation(d: Mapping) -> bool:
     p = d.get("platform") or {}
     ann = d.get("annotations") or {}
     return ann.get("vnd.docker.reference.type") == _ATTESTATION or (
-        p.get("os") == "unknown" and p.get("architecture") == "unknown")
+        p.get("os") == "unknown" and p.get("architecture") == "unknown"
+    )
 
 
 def _variant_rank(want: Platform, arch: str, variant: str | None) -> int | None:
@@ -174,8 +189,12 @@ def _variant_rank(want: Platform, arch: str, variant: str | None) -> int | None:
         return 0
     if want.variant is None:
         return 1  # any variant will do when none was asked for; exact ones first
-    if arch == "arm" and variant and re.fullmatch(r"v\d+", variant) and \
-            re.fullmatch(r"v\d+", want.variant):
+    if (
+        arch == "arm"
+        and variant
+        and re.fullmatch(r"v\d+", variant)
+        and re.fullmatch(r"v\d+", want.variant)
+    ):
         have, need = int(variant[1:]), int(want.variant[1:])
         if have <= need:
             return 1 + need - have  # an armv7 host runs v6 and v5 images
@@ -191,8 +210,9 @@ def choose_platform(manifests: list, want: Platform) -> dict | None:
         p = d.get("platform") or {}
         if str(p.get("os", "")).lower() != want.os:
             continue
-        arch, variant = normalize_arch(str(p.get("architecture", "")),
-                                       str(p["variant"]).lower() if p.get("variant") else None)
+        arch, variant = normalize_arch(
+            str(p.get("architecture", "")), str(p["variant"]).lower() if p.get("variant") else None
+        )
         rank = _variant_rank(want, arch, variant)
         if rank is not None and (best is None or (rank, i) < best):
             best, chosen = (rank, i), d

@@ -90,8 +90,9 @@ class Feed:
                 self._cond.wait(0.5)
 
 
-def engine_ready(job: Job, ref: OCIRef, puller: Puller, m: Manifest, plain: list,
-                  blobs: list) -> tuple:
+def engine_ready(
+    job: Job, ref: OCIRef, puller: Puller, m: Manifest, plain: list, blobs: list
+) -> tuple:
     """Fetch ``blobs`` and return the files of image manifest ``m`` named as its packaging
     names them (DESIGN section 8): tar layers unpacked into one blob per file, image
     layers applied with whiteouts.
@@ -125,25 +126,29 @@ def engine_ready(job: Job, ref: OCIRef, puller: Puller, m: Manifest, plain: list
         return files, fmt, model, listing, tars
     if not read:
         puller.fetch_blobs(blobs)  # nothing to read: the layers are the files
-        done = unpack.materialize(job.store, plan, _open_blob(job), job.lease, job.cancel,
-                                  what=ref.canonical)
+        done = unpack.materialize(
+            job.store, plan, _open_blob(job), job.lease, job.cancel, what=ref.canonical
+        )
     else:
         done = _fetch_unpacking(job, ref, puller, plan, blobs, sum(lp.size for lp in read))
     types = {d.get("digest"): d.get("mediaType") for d in m.doc["layers"]}
-    files = [FileItem(f.name, f.digest, f.size, str(types.get(f.digest) or
-                                                     "application/octet-stream"))
-             for f in done.files]
+    files = [
+        FileItem(f.name, f.digest, f.size, str(types.get(f.digest) or "application/octet-stream"))
+        for f in done.files
+    ]
     if sorted((f.name, f.digest) for f in files) == sorted((f.name, f.digest) for f in plain):
         return plain, fmt, done.model, None, []
     listing = store_artifact(job, files, FILES_ARTIFACT_TYPE, {A_FORMAT: fmt})
-    log.debug("%s: %s, %d files from %d tar layers", ref.canonical, fmt, len(files),
-              len(done.unpacked))
+    log.debug(
+        "%s: %s, %d files from %d tar layers", ref.canonical, fmt, len(files), len(done.unpacked)
+    )
     return files, fmt, done.model, listing, list(done.unpacked)
 
 
 def _open_blob(job: Job) -> Callable[[plans.LayerPlan], BinaryIO]:
     def open_layer(lp: plans.LayerPlan) -> BinaryIO:
         return open(job.store.blob_path(lp.digest), "rb")  # the unpacker closes it
+
     return open_layer
 
 
@@ -158,9 +163,15 @@ def _unpacked_before(job: Job, manifest: str) -> tuple | None:
         try:
             doc = json.loads(job.store.read_blob(listing))
             layers = doc["layers"]
-            files = [FileItem(str(d["annotations"][TITLE]), str(d["digest"]), int(d["size"]),
-                              str(d.get("mediaType") or "application/octet-stream"))
-                     for d in layers]
+            files = [
+                FileItem(
+                    str(d["annotations"][TITLE]),
+                    str(d["digest"]),
+                    int(d["size"]),
+                    str(d.get("mediaType") or "application/octet-stream"),
+                )
+                for d in layers
+            ]
         except (OSError, ValueError, KeyError, TypeError, NekkoError):
             continue
         if not all(job.store.has_blob(f.digest, f.size) for f in files):
@@ -169,15 +180,20 @@ def _unpacked_before(job: Job, manifest: str) -> tuple | None:
             job.lease.add(f.digest)
         if not all(job.store.has_blob(f.digest, f.size) for f in files):
             continue  # freed between the look and the lease
-        desc = Descriptor(MT_OCI_MANIFEST, listing, len(job.store.read_blob(listing)),
-                          artifact_type=FILES_ARTIFACT_TYPE)
+        desc = Descriptor(
+            MT_OCI_MANIFEST,
+            listing,
+            len(job.store.read_blob(listing)),
+            artifact_type=FILES_ARTIFACT_TYPE,
+        )
         model = entry.annotations.get(A_MODEL)
         return files, model if isinstance(model, str) else None, desc
     return None
 
 
-def _fetch_unpacking(job: Job, ref: OCIRef, puller: Puller, plan: plans.ModelPlan,
-                     blobs: list, unpacking: int) -> unpack.UnpackResult:
+def _fetch_unpacking(
+    job: Job, ref: OCIRef, puller: Puller, plan: plans.ModelPlan, blobs: list, unpacking: int
+) -> unpack.UnpackResult:
     """``puller.fetch_blobs(blobs)`` with the unpacker of ``plan`` reading alongside."""
     feed = Feed(job)
     outcome: dict = {}
@@ -185,8 +201,13 @@ def _fetch_unpacking(job: Job, ref: OCIRef, puller: Puller, plan: plans.ModelPla
     def run() -> None:
         try:
             outcome["result"] = unpack.materialize(
-                job.store, plan, feed.open, job.lease, EitherSet(job.cancel, feed.stop),
-                what=ref.canonical)
+                job.store,
+                plan,
+                feed.open,
+                job.lease,
+                EitherSet(job.cancel, feed.stop),
+                what=ref.canonical,
+            )
         except BaseException as e:  # noqa: BLE001 - handed to the pull below
             outcome["error"] = e
 
@@ -207,10 +228,12 @@ def _fetch_unpacking(job: Job, ref: OCIRef, puller: Puller, plan: plans.ModelPla
     if isinstance(error, (FollowLost, Cancelled, OSError)) and not job.cancel.is_set():
         # A download started over, moved to another endpoint, or its partial went: what
         # was read alongside is not to be trusted; the verified blobs are all there now.
-        log.info("%s: a layer was downloaded again (%s); unpacking from the blobs",
-                 ref.canonical, error)
-        return unpack.materialize(job.store, plan, _open_blob(job), job.lease, job.cancel,
-                                  what=ref.canonical)
+        log.info(
+            "%s: a layer was downloaded again (%s); unpacking from the blobs", ref.canonical, error
+        )
+        return unpack.materialize(
+            job.store, plan, _open_blob(job), job.lease, job.cancel, what=ref.canonical
+        )
     if error is not None:
         raise error
     return outcome["result"]  # type: ignore[no-any-return]

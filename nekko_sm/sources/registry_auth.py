@@ -41,8 +41,10 @@ from nekko_sm.transfer import default_error, retry_after
 log = logging.getLogger("nekko_sm.oci")
 
 _DEFAULT_EXPIRES = 60
-_HOSTPORT = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
-                       r"(?::[0-9]{1,5})?$")
+_HOSTPORT = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+    r"(?::[0-9]{1,5})?$"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,16 +52,38 @@ _HOSTPORT = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[
 
 # The error codes of the OCI distribution spec (and Docker's registry API, which it grew
 # from): the only words of a registry's error answer that reach our messages.
-SPEC_ERROR_CODES = frozenset({
-    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
-    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "MANIFEST_UNVERIFIED",
-    "NAME_INVALID", "NAME_UNKNOWN", "SIZE_INVALID", "TAG_INVALID", "UNAUTHORIZED", "DENIED",
-    "UNSUPPORTED", "TOOMANYREQUESTS", "PAGINATION_NUMBER_INVALID", "RANGE_INVALID",
-})
+SPEC_ERROR_CODES = frozenset(
+    {
+        "BLOB_UNKNOWN",
+        "BLOB_UPLOAD_INVALID",
+        "BLOB_UPLOAD_UNKNOWN",
+        "DIGEST_INVALID",
+        "MANIFEST_BLOB_UNKNOWN",
+        "MANIFEST_INVALID",
+        "MANIFEST_UNKNOWN",
+        "MANIFEST_UNVERIFIED",
+        "NAME_INVALID",
+        "NAME_UNKNOWN",
+        "SIZE_INVALID",
+        "TAG_INVALID",
+        "UNAUTHORIZED",
+        "DENIED",
+        "UNSUPPORTED",
+        "TOOMANYREQUESTS",
+        "PAGINATION_NUMBER_INVALID",
+        "RANGE_INVALID",
+    }
+)
 
 
-def registry_error(status: int, url: str, body: bytes, headers: Mapping[str, str],
-                   what: str = "", retryable: bool = True) -> NekkoError:
+def registry_error(
+    status: int,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    what: str = "",
+    retryable: bool = True,
+) -> NekkoError:
     """Turn a registry's error answer (``{"errors": [{"code", "message"}]}``) into ours.
 
     ``what`` names the pull (``oci://…``) in messages.  ``retryable=False`` (mirrors) makes
@@ -70,15 +94,15 @@ def registry_error(status: int, url: str, body: bytes, headers: Mapping[str, str
         doc = json.loads(body.decode("utf-8", "replace")) if body else None
         for e in (doc or {}).get("errors") or []:
             if isinstance(e, dict):
-                pairs.append((str(e.get("code", "")).upper()[:40],
-                              str(e.get("message") or "")[:200]))
+                pairs.append(
+                    (str(e.get("code", "")).upper()[:40], str(e.get("message") or "")[:200])
+                )
     except (ValueError, AttributeError, RecursionError):
         pass
     codes = [c for c, _ in pairs]
     where = what or redact(url)
     if pairs:  # the registry's own words: for whoever reads the debug log, never an answer
-        log.debug("%s: the registry answered %d: %s", where, status,
-                  sanitise(repr(pairs[:4]), 500))
+        log.debug("%s: the registry answered %d: %s", where, status, sanitise(repr(pairs[:4]), 500))
     # The fact, not the value (issue 9, finding 9): the status, and the codes the spec
     # defines; a registry's messages (and codes of its own) are upstream bytes.
     said = ", ".join(dict.fromkeys(c for c in codes if c in SPEC_ERROR_CODES))
@@ -87,7 +111,8 @@ def registry_error(status: int, url: str, body: bytes, headers: Mapping[str, str
     if status == 429 or "TOOMANYREQUESTS" in codes:
         err: NekkoError = UpstreamUnavailable(
             f"{where}: the registry is rate limiting us{detail}",
-            retry_after=retry_after(headers.get("Retry-After")))
+            retry_after=retry_after(headers.get("Retry-After")),
+        )
     elif status == 401 or {"UNAUTHORIZED", "DENIED"} & set(codes):
         err = Unauthorized(f"{where} needs credentials: pass credentials or check them{detail}")
         if status == 401:
@@ -233,8 +258,9 @@ class Endpoint:
                 return
             creds = self.credentials
             first = creds.header if creds is not None and creds.type == "Bearer" else None
-            resp = self.job.transfer.request("GET", self.url(""), auth=first, limit=1 << 20,
-                                             retry=not self.mirror)
+            resp = self.job.transfer.request(
+                "GET", self.url(""), auth=first, limit=1 << 20, retry=not self.mirror
+            )
             if resp.status == 200:
                 self._auth = first
             elif resp.status == 404:
@@ -255,11 +281,14 @@ class Endpoint:
             if self._token_key is not None:
                 self._cache.drop(self._token_key)
             if not challenge:
-                resp = self.job.transfer.request("GET", self.url(""), limit=1 << 20,
-                                                 retry=not self.mirror)
+                resp = self.job.transfer.request(
+                    "GET", self.url(""), limit=1 << 20, retry=not self.mirror
+                )
                 if resp.status != 401 or not self.same_origin(resp.url):
-                    raise Unauthorized(f"{self.ref.canonical}: the registry refused us"
-                                       f" (401) without saying how to authenticate")
+                    raise Unauthorized(
+                        f"{self.ref.canonical}: the registry refused us"
+                        f" (401) without saying how to authenticate"
+                    )
                 challenge = resp.headers.get("WWW-Authenticate")
             self._answer(challenge, force=True)
 
@@ -272,28 +301,36 @@ class Endpoint:
             self._auth = "Bearer " + self._token(bearer, force)
         elif basic is not None and creds is not None and creds.type == "Basic":
             if force and self._auth == creds.header:
-                raise Unauthorized(f"{self.ref.canonical}: the registry refused the credentials:"
-                                   " check them")
+                raise Unauthorized(
+                    f"{self.ref.canonical}: the registry refused the credentials: check them"
+                )
             self._auth = creds.header
         else:
-            kind = "Basic credentials (base64 user:password)" if basic is not None else \
-                "credentials"
-            raise Unauthorized(f"{self.ref.canonical} needs {kind}: pass credentials"
-                               " or check them")
+            kind = (
+                "Basic credentials (base64 user:password)" if basic is not None else "credentials"
+            )
+            raise Unauthorized(f"{self.ref.canonical} needs {kind}: pass credentials or check them")
 
     def _realm(self, realm: str) -> str:
         p = urlsplit(realm)
         if p.scheme not in ("http", "https") or not p.hostname:
             log.debug("%s: token realm %s", self.ref.canonical, sanitise(repr(realm), 300))
-            raise UpstreamError(f"{self.ref.canonical}: the registry named a token service"
-                                " that is not an http or https URL")
-        if p.scheme == "http" and urlsplit(self.base).scheme == "https" \
-                and not self.job.config.is_insecure(p.netloc):
+            raise UpstreamError(
+                f"{self.ref.canonical}: the registry named a token service"
+                " that is not an http or https URL"
+            )
+        if (
+            p.scheme == "http"
+            and urlsplit(self.base).scheme == "https"
+            and not self.job.config.is_insecure(p.netloc)
+        ):
             host = p.netloc.rsplit("@", 1)[-1]
             host = host if _HOSTPORT.match(host) else "it"  # a name to mark, or nothing
-            raise UpstreamError(f"{self.ref.canonical}: the registry named a plain-http token"
-                                " service; refusing to send credentials in the clear (mark"
-                                f" {host} --insecure-registry if you mean it)")
+            raise UpstreamError(
+                f"{self.ref.canonical}: the registry named a plain-http token"
+                " service; refusing to send credentials in the clear (mark"
+                f" {host} --insecure-registry if you mean it)"
+            )
         return realm
 
     def _token(self, params: dict[str, str], force: bool) -> str:
@@ -318,15 +355,24 @@ class Endpoint:
         query.extend(("scope", s) for s in scopes)
         url = urlunsplit((p.scheme, p.netloc, p.path or "/", urlencode(query), ""))
         log.debug("asking %s for a token (scope %s)", redact(url), " ".join(scopes))
-        resp = self.job.transfer.request("GET", url, headers={"Accept": "application/json"},
-                                         auth=creds.header if creds else None, limit=1 << 20,
-                                         retry=not self.mirror)
+        resp = self.job.transfer.request(
+            "GET",
+            url,
+            headers={"Accept": "application/json"},
+            auth=creds.header if creds else None,
+            limit=1 << 20,
+            retry=not self.mirror,
+        )
         if resp.status in (401, 403):
             if creds is None:
-                raise Unauthorized(f"{self.ref.canonical} needs credentials: the token service"
-                                   f" refused an anonymous request ({resp.status})")
-            raise Unauthorized(f"{self.ref.canonical}: the token service refused the"
-                               f" credentials ({resp.status}): check them")
+                raise Unauthorized(
+                    f"{self.ref.canonical} needs credentials: the token service"
+                    f" refused an anonymous request ({resp.status})"
+                )
+            raise Unauthorized(
+                f"{self.ref.canonical}: the token service refused the"
+                f" credentials ({resp.status}): check them"
+            )
         if resp.status != 200:
             raise self.errors(resp.status, resp.url, resp.data, resp.headers)
         try:
@@ -336,8 +382,9 @@ class Endpoint:
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
-            raise UpstreamError(f"{self.ref.canonical}: the token service answered without"
-                                " a usable token")
+            raise UpstreamError(
+                f"{self.ref.canonical}: the token service answered without a usable token"
+            )
         if not isinstance(expires, (int, float)) or isinstance(expires, bool) or expires <= 0:
             expires = _DEFAULT_EXPIRES
         self._cache.put(key, token, float(expires))

@@ -154,14 +154,19 @@ class Store(Layout):
         self._index.close()
 
     # -- ingest ----------------------------------------------------------------------------
-    def writer(self, ref: str, expected_size: int | None = None,
-               cancel: threading.Event | None = None,
-               extra_hashers: dict[str, Hasher] | None = None) -> IngestWriter:
+    def writer(
+        self,
+        ref: str,
+        expected_size: int | None = None,
+        cancel: threading.Event | None = None,
+        extra_hashers: dict[str, Hasher] | None = None,
+    ) -> IngestWriter:
         """Open (blocking until no one else holds it) the ingest for ``ref``."""
         return self._ingest.writer(ref, expected_size, cancel, extra_hashers)
 
-    def put_bytes(self, data: bytes, lease: Lease | None = None,
-                  expected_digest: str | None = None) -> str:
+    def put_bytes(
+        self, data: bytes, lease: Lease | None = None, expected_digest: str | None = None
+    ) -> str:
         """Store a small blob (manifest, config) and return its digest."""
         return self._ingest.put_bytes(data, lease, expected_digest)
 
@@ -223,8 +228,11 @@ class Store(Layout):
             self._views.remove(url)
         return gone
 
-    def free_entry(self, url: str, unused_since: float | None = None,
-                   ) -> tuple[Descriptor | None, GCReport]:
+    def free_entry(
+        self,
+        url: str,
+        unused_since: float | None = None,
+    ) -> tuple[Descriptor | None, GCReport]:
         """Drop the entry and its view and delete the blobs only it used (no live pull's).
 
         ``unused_since``: only if it is not pinned, not held, not used after that (eviction).
@@ -253,8 +261,9 @@ class Store(Layout):
     def set_protected(self, url: str, protected: bool = True) -> bool:
         return self._index.set_protected(url, protected)
 
-    def eviction_candidates(self, now: float | None = None,
-                            limit: int | None = None) -> list[EntryRecord]:
+    def eviction_candidates(
+        self, now: float | None = None, limit: int | None = None
+    ) -> list[EntryRecord]:
         """Least recently used first; never a pinned entry or one held past ``now``."""
         return self._index.eviction_candidates(now, limit)
 
@@ -311,16 +320,20 @@ class Store(Layout):
         layers of an entry unpacked with --discard-unpacked-layers)."""
         return self._gc.discard(digests)
 
-    def gc(self, dry_run: bool = False, partials: bool = True,
-           partial_max_age: float = 7 * 86400) -> GCReport:
+    def gc(
+        self, dry_run: bool = False, partials: bool = True, partial_max_age: float = 7 * 86400
+    ) -> GCReport:
         """Mark and sweep: free blobs neither an entry nor a live pull reaches."""
         return self._gc.gc(dry_run, partials, partial_max_age)
 
     def verify_blob(self, digest: str) -> bool:
         return self._verifier.verify_blob(digest)
 
-    def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
-               ) -> list[tuple[str, str]]:
+    def verify(
+        self,
+        roots: Iterable[Descriptor] | None = None,
+        repair: bool = False,
+    ) -> list[tuple[str, str]]:
         """Re-hash blobs (all, or those ``roots`` reach), check the reference counts (all);
         ``(digest, problem)`` pairs."""
         return self._verifier.verify(roots, repair)

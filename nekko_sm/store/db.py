@@ -103,9 +103,11 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 def require_sqlite() -> None:
     """Fail with one clear line when this interpreter was built without sqlite3."""
     if sqlite3 is None:
-        raise ConfigError("this Python has no sqlite3 module (nekko-sm keeps the cache's"
-                          " state in it): install the interpreter's sqlite3 package"
-                          " (e.g. python3-libs, libpython3-stdlib) or use a full CPython")
+        raise ConfigError(
+            "this Python has no sqlite3 module (nekko-sm keeps the cache's"
+            " state in it): install the interpreter's sqlite3 package"
+            " (e.g. python3-libs, libpython3-stdlib) or use a full CPython"
+        )
 
 
 def _translate(e: Exception, path: Path) -> NekkoError:
@@ -113,8 +115,9 @@ def _translate(e: Exception, path: Path) -> NekkoError:
     if "full" in text:
         return InsufficientStorage(f"no space left to update {path.name}: {text}")
     if "locked" in text or "busy" in text:
-        return CacheCorrupt(f"{path} stayed locked by another process for over"
-                            f" {BUSY_TIMEOUT:.0f} s: {text}")
+        return CacheCorrupt(
+            f"{path} stayed locked by another process for over {BUSY_TIMEOUT:.0f} s: {text}"
+        )
     return CacheCorrupt(f"{path} cannot be used: {text}")
 
 
@@ -133,8 +136,9 @@ class Database:
             conn = self._connect()
             try:
                 self._migrate(conn)
-                self.id = str(conn.execute("SELECT value FROM meta WHERE name = 'id'")
-                              .fetchone()[0])
+                self.id = str(
+                    conn.execute("SELECT value FROM meta WHERE name = 'id'").fetchone()[0]
+                )
             finally:
                 conn.close()
         except sqlite3.Error as e:
@@ -154,12 +158,14 @@ class Database:
                 raise UnsafeCachePath(
                     f"the cache's {DB_NAME}{suffix} is a symbolic link or not a regular"
                     " file: refusing to open it (has someone else written to the cache"
-                    " directory?)")
+                    " directory?)"
+                )
 
     def _connect(self) -> Any:
         self._refuse_links()
-        conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(
+            str(self.path), timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
         # FULL: one fsync of the log per commit, so an answered pull survives a power cut.
         conn.execute("PRAGMA synchronous = FULL")
         return conn
@@ -171,8 +177,10 @@ class Database:
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
-            raise ConfigError(f"{self.path} has schema version {version}, made by a newer"
-                              f" nekko-sm; this one knows up to {SCHEMA_VERSION}")
+            raise ConfigError(
+                f"{self.path} has schema version {version}, made by a newer"
+                f" nekko-sm; this one knows up to {SCHEMA_VERSION}"
+            )
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]  # another won?
@@ -180,8 +188,9 @@ class Database:
                 for statement in _statements(_MIGRATIONS[step]):
                     conn.execute(statement)
                 if step == 0:
-                    conn.execute("INSERT INTO meta (name, value) VALUES ('id', ?)",
-                                 (os.urandom(8).hex(),))
+                    conn.execute(
+                        "INSERT INTO meta (name, value) VALUES ('id', ?)", (os.urandom(8).hex(),)
+                    )
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -269,8 +278,9 @@ class Database:
             conn = item[0]
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             if version != item[1]:
-                item[2] = int(conn.execute("SELECT value FROM meta WHERE name = ?",
-                                           (name,)).fetchone()[0])
+                item[2] = int(
+                    conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()[0]
+                )
                 item[1] = version
         except sqlite3.Error as e:
             raise _translate(e, self.path) from e

@@ -121,8 +121,9 @@ class Frontier:
     def _kick_locked(self) -> None:
         if self._hasher is None and self._hashed < self.offset:
             self._stop_hashing = False
-            self._hasher = threading.Thread(target=self._hash_loop, daemon=True,
-                                            name=f"hash {self.ref[:40]}")
+            self._hasher = threading.Thread(
+                target=self._hash_loop, daemon=True, name=f"hash {self.ref[:40]}"
+            )
             self._hasher.start()
         self._cond.notify_all()
 
@@ -137,8 +138,8 @@ class Frontier:
         mine = data is not None
         if data is not None and start + len(data) > end:
             # Only its head is behind the frontier yet: hash that, keep the rest held.
-            self._held[end] = data[end - start:]
-            data, mine = data[:end - start], False
+            self._held[end] = data[end - start :]
+            data, mine = data[: end - start], False
         if data is None:
             for k in [k for k in self._held if k < start]:  # passed by a read-back
                 n = len(self._held.pop(k))
@@ -196,7 +197,7 @@ class Frontier:
             return memoryview(os.pread(fd, n, pos))
         if self._back is None:
             self._back = memoryview(bytearray(_HASH_CHUNK))
-        return self._back[:os.preadv(fd, [self._back[:n]], pos)]
+        return self._back[: os.preadv(fd, [self._back[:n]], pos)]
 
     def hash_stats(self) -> tuple[int, float]:
         """(bytes hashed so far, seconds the hasher has been busy): is hashing the limit?"""
@@ -249,7 +250,8 @@ class Frontier:
     def _os_error(self, e: OSError) -> NekkoError | OSError:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return InsufficientStorage(
-                f"disk full after {self.offset} bytes of {self.ref}; the partial is kept for resume")
+                f"disk full after {self.offset} bytes of {self.ref}; the partial is kept for resume"
+            )
         return e
 
     def buffer(self) -> memoryview:
@@ -275,8 +277,11 @@ class Frontier:
         n = len(view)
         owned = isinstance(data, bytes) or isinstance(view.obj, _Buffer)
         with self._cond:
-            hold = (self._hashed <= pos < self._hashed + _HOLD and pos not in self._held
-                    and _ROOM.take(n))
+            hold = (
+                self._hashed <= pos < self._hashed + _HOLD
+                and pos not in self._held
+                and _ROOM.take(n)
+            )
             if hold:
                 self._held[pos] = view if owned else memoryview(bytes(view))
                 self._held_bytes += n
@@ -291,8 +296,12 @@ class Frontier:
                 # Start writing back now, beside the download, so the fsync of the commit
                 # has little left to do.  (Ranged downloads sync with every save already.)
                 self._unflushed = 0
-                self._flusher = threading.Thread(target=self._flush, args=(self._file(),),
-                                                 daemon=True, name=f"flush {self.ref[:40]}")
+                self._flusher = threading.Thread(
+                    target=self._flush,
+                    args=(self._file(),),
+                    daemon=True,
+                    name=f"flush {self.ref[:40]}",
+                )
                 self._flusher.start()
 
     @staticmethod
@@ -304,8 +313,12 @@ class Frontier:
 
     def _wait_for_hasher(self, pos: int) -> None:
         with self._cond:
-            while (pos - self._hashed >= _HOLD and self._held_bytes
-                   and self._hashed < self.offset and self._hash_error is None):
+            while (
+                pos - self._hashed >= _HOLD
+                and self._held_bytes
+                and self._hashed < self.offset
+                and self._hash_error is None
+            ):
                 self._kick_locked()
                 self._cond.wait(0.25)
                 self._check_cancel()
@@ -390,7 +403,7 @@ class Follower(io.RawIOBase):
         data = os.pread(self._fd, want, self._pos)
         if self._w.resets != self._resets:
             raise FollowLost(f"{self._w.ref} started over")
-        b[:len(data)] = data
+        b[: len(data)] = data
         self._pos += len(data)
         return len(data)
 

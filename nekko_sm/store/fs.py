@@ -72,9 +72,11 @@ def _below_root(path: Path | str) -> tuple[str, list[str]] | None:
 
 
 def _unsafe(rel: str) -> UnsafeCachePath:
-    return UnsafeCachePath(f"the cache's {rel} is a symbolic link or not what the cache put"
-                           " there: refusing to follow it (has someone else written to the"
-                           " cache directory?)")
+    return UnsafeCachePath(
+        f"the cache's {rel} is a symbolic link or not what the cache put"
+        " there: refusing to follow it (has someone else written to the"
+        " cache directory?)"
+    )
 
 
 def _child_dir(parent: int, name: str, create: bool, rel: str) -> int:
@@ -148,8 +150,13 @@ def make_dirs(path: Path | str) -> None:
     os.close(open_dir(path, create=True))
 
 
-def open_file(path: Path | str, flags: int, mode: int = FILE_MODE,
-              create_dirs: bool = False, replace_link: bool = False) -> int:
+def open_file(
+    path: Path | str,
+    flags: int,
+    mode: int = FILE_MODE,
+    create_dirs: bool = False,
+    replace_link: bool = False,
+) -> int:
     """``os.open`` without following a link at ``path`` or above it (below a cache root).
 
     With O_CREAT, a file made now gets ``mode`` exactly (fchmod, whatever the umask).  With
@@ -255,16 +262,24 @@ def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     with parent_dir(path) as (dfd, name):
         try:
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                fd = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dfd,
+                )
             except FileExistsError:  # left by a crash of a thread of this pid, or planted
                 os.unlink(tmp, dir_fd=dfd)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                fd = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dfd,
+                )
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
                 os.fchmod(fd, mode)
             finally:
@@ -367,9 +382,11 @@ def check_cache_dir(root: Path | str) -> None:
             if st.st_uid not in (uid, 0):
                 raise UnsafeCacheDir(
                     f"{what} {d} is owned by uid {st.st_uid}, not by us (uid {uid}) or root:"
-                    " refusing it (run as its owner, or chown it)")
+                    " refusing it (run as its owner, or chown it)"
+                )
             writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
             if writable and (i == 0 or not st.st_mode & stat.S_ISVTX):
                 raise UnsafeCacheDir(
                     f"{what} {d} is writable by group or others (mode"
-                    f" {stat.S_IMODE(st.st_mode):04o}): refusing it (chmod go-w it)")
+                    f" {stat.S_IMODE(st.st_mode):04o}): refusing it (chmod go-w it)"
+                )

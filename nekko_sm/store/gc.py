@@ -125,8 +125,11 @@ class Collector:
         return seen
 
     # -- freeing one entry -----------------------------------------------------------------
-    def free(self, url: str, unused_since: float | None = None,
-             ) -> tuple[Descriptor | None, GCReport]:
+    def free(
+        self,
+        url: str,
+        unused_since: float | None = None,
+    ) -> tuple[Descriptor | None, GCReport]:
         """Remove ``url`` and delete exactly the blobs no other entry and no live pull needs.
 
         In one write transaction: the entry goes, the counts of what it reached go down,
@@ -147,10 +150,15 @@ class Collector:
         try:
             with index.db.write() as conn:
                 if unused_since is not None:
-                    row = conn.execute("SELECT last_used, pinned, held_until FROM entries"
-                                       " WHERE key = ?", (url,)).fetchone()
-                    if row is None or row[0] > unused_since or row[1] \
-                            or (row[2] is not None and row[2] > time.time()):
+                    row = conn.execute(
+                        "SELECT last_used, pinned, held_until FROM entries WHERE key = ?", (url,)
+                    ).fetchone()
+                    if (
+                        row is None
+                        or row[0] > unused_since
+                        or row[1]
+                        or (row[2] is not None and row[2] > time.time())
+                    ):
                         return None, report
                 gone = index.drop(conn, url)
                 if gone is None:
@@ -233,8 +241,7 @@ class Collector:
         with self.index.db.write() as conn:  # no commit counts one of them meanwhile
             leased = leased_digests(self.layout, remove_stale=False)
             for digest in sorted(wanted - leased):
-                row = conn.execute("SELECT refs FROM blobs WHERE digest = ?",
-                                   (digest,)).fetchone()
+                row = conn.execute("SELECT refs FROM blobs WHERE digest = ?", (digest,)).fetchone()
                 if row is not None and row[0] > 0:
                     continue  # another entry needs it whole
                 path = self.layout.blob_path(digest)
@@ -250,8 +257,9 @@ class Collector:
         return report
 
     # -- sweep ------------------------------------------------------------------------------
-    def gc(self, dry_run: bool = False, partials: bool = True,
-           partial_max_age: float = 7 * 86400) -> GCReport:
+    def gc(
+        self, dry_run: bool = False, partials: bool = True, partial_max_age: float = 7 * 86400
+    ) -> GCReport:
         """Mark and sweep: free blobs neither the entries nor a live pull reaches.
 
         The safety net behind :meth:`free`: the mark is the union of every entry's
@@ -290,8 +298,11 @@ class Collector:
             fsync_dir(layout.blobs_dir)
         if partials and is_dir(layout.ingest_dir):
             if layout.space_short():  # even those an interrupted pull would resume
-                log.info("less than %.0f%% of the disk is free: removing every partial"
-                         " download no one is writing", LOW_SPACE * 100)
+                log.info(
+                    "less than %.0f%% of the disk is free: removing every partial"
+                    " download no one is writing",
+                    LOW_SPACE * 100,
+                )
                 partial_max_age = 0
             wanted = self._wanted_partials(time.time() - partial_max_age)
             stale = time.time() - 3600
@@ -334,8 +345,9 @@ class Collector:
             for ref in refs if isinstance(refs, list) else []:
                 key = key_for(str(ref))
                 try:
-                    touched = max(lstat(ingest_dir / key / p).st_mtime
-                                  for p in listdir(ingest_dir / key))
+                    touched = max(
+                        lstat(ingest_dir / key / p).st_mtime for p in listdir(ingest_dir / key)
+                    )
                 except (OSError, ValueError):
                     continue
                 if touched >= fresh_after:

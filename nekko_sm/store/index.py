@@ -55,8 +55,16 @@ class EntryRecord:
 
 def _record(row: tuple) -> EntryRecord:
     key, desc, info, created, last_used, pinned, held, protected = row
-    return EntryRecord(key, Descriptor.from_json(json.loads(desc)), info, created, last_used,
-                       bool(pinned), held, bool(protected))
+    return EntryRecord(
+        key,
+        Descriptor.from_json(json.loads(desc)),
+        info,
+        created,
+        last_used,
+        bool(pinned),
+        held,
+        bool(protected),
+    )
 
 
 class Index:
@@ -120,8 +128,9 @@ class Index:
     def info(self, url: str) -> tuple[str | None, bool, float | None, float] | None:
         """(its info, pinned, held until, last used), or None when there is no entry: one
         small read, no descriptor parsed."""
-        rows = self.db.query("SELECT info, pinned, held_until, last_used FROM entries"
-                             " WHERE key = ?", (url,))
+        rows = self.db.query(
+            "SELECT info, pinned, held_until, last_used FROM entries WHERE key = ?", (url,)
+        )
         return (rows[0][0], bool(rows[0][1]), rows[0][2], rows[0][3]) if rows else None
 
     def record(self, url: str) -> EntryRecord | None:
@@ -136,8 +145,9 @@ class Index:
     def infos(self) -> Iterator[tuple[str, str | None, bool, float | None, float]]:
         """(key, rendered entry or None, pinned, held until, last used) of every entry by
         key, from one snapshot."""
-        yield from self._stream("SELECT key, info, pinned, held_until, last_used FROM entries"
-                                " ORDER BY key")
+        yield from self._stream(
+            "SELECT key, info, pinned, held_until, last_used FROM entries ORDER BY key"
+        )
 
     def _stream(self, sql: str, args: tuple = ()) -> Iterator[Any]:
         with self.db.read() as conn:
@@ -149,8 +159,10 @@ class Index:
                 yield from rows
 
     def entries(self) -> list[Descriptor]:
-        return [Descriptor.from_json(json.loads(d)) for (d,) in
-                self._stream("SELECT descriptor FROM entries ORDER BY key")]
+        return [
+            Descriptor.from_json(json.loads(d))
+            for (d,) in self._stream("SELECT descriptor FROM entries ORDER BY key")
+        ]
 
     def count(self) -> int:
         return int(self.db.query("SELECT COUNT(*) FROM entries")[0][0])
@@ -163,8 +175,14 @@ class Index:
         """Point ``url`` at ``desc`` (a manifest or index already in blobs/)."""
         if not self.layout.has_blob(desc.digest, desc.size):
             raise CacheCorrupt(f"refusing to index {url}: blob {desc.digest} is not committed")
-        desc = Descriptor(desc.media_type, desc.digest, desc.size,
-                          {**desc.annotations, REF_NAME: url}, desc.artifact_type, desc.platform)
+        desc = Descriptor(
+            desc.media_type,
+            desc.digest,
+            desc.size,
+            {**desc.annotations, REF_NAME: url},
+            desc.artifact_type,
+            desc.platform,
+        )
         reach = sorted(self.reach([desc]))
         with self.db.write() as conn:
             # Under the write lock, so no removal frees one of them meanwhile (gc.free).
@@ -173,14 +191,24 @@ class Index:
                 try:
                     sizes[digest] = self.layout.blob_path(digest).stat().st_size
                 except FileNotFoundError:
-                    raise CacheCorrupt(f"refusing to index {url}: blob {digest} it needs is"
-                                       " not in the cache (freed meanwhile?)") from None
+                    raise CacheCorrupt(
+                        f"refusing to index {url}: blob {digest} it needs is"
+                        " not in the cache (freed meanwhile?)"
+                    ) from None
             self._upsert(conn, url, desc, reach, sizes, info, time.time())
             bump(conn, "generation", "revision")
         self._flusher.kick()
 
-    def _upsert(self, conn: Any, url: str, desc: Descriptor, reach: list[str],
-                sizes: dict, info: str | None, now: float) -> None:
+    def _upsert(
+        self,
+        conn: Any,
+        url: str,
+        desc: Descriptor,
+        reach: list[str],
+        sizes: dict,
+        info: str | None,
+        now: float,
+    ) -> None:
         self._release(conn, url)
         # A new pull of a known URL keeps its pin, hold and protection.
         conn.execute(
@@ -190,13 +218,24 @@ class Index:
             " digest = excluded.digest, size = excluded.size,"
             " descriptor = excluded.descriptor, reach = excluded.reach, info = excluded.info,"
             " created = excluded.created, last_used = excluded.last_used",
-            (url, desc.media_type, desc.digest, desc.size, desc.encode(), " ".join(reach),
-             info, now, now))
+            (
+                url,
+                desc.media_type,
+                desc.digest,
+                desc.size,
+                desc.encode(),
+                " ".join(reach),
+                info,
+                now,
+                now,
+            ),
+        )
         conn.executemany(
             "INSERT INTO blobs (digest, refs, size) VALUES (?, 1, ?)"
             " ON CONFLICT (digest) DO UPDATE SET refs = refs + 1,"
             " size = coalesce(excluded.size, size)",
-            [(d, sizes.get(d)) for d in reach])
+            [(d, sizes.get(d)) for d in reach],
+        )
 
     def _release(self, conn: Any, url: str) -> list[str]:
         """Take the counts of ``url``'s reach back; return the digests no entry reaches now."""
@@ -240,8 +279,10 @@ class Index:
         pairs = list(pairs)
         if pairs:
             with self.db.write() as conn:
-                conn.executemany("UPDATE entries SET info = ? WHERE key = ?",
-                                 [(info, key) for key, info in pairs])
+                conn.executemany(
+                    "UPDATE entries SET info = ? WHERE key = ?",
+                    [(info, key) for key, info in pairs],
+                )
 
     # -- use, pins, holds -----------------------------------------------------------------
     def touch(self, url: str, when: float | None = None) -> bool:
@@ -249,16 +290,24 @@ class Index:
         cut only makes an entry look older), that moves ``revision`` (answers show it)."""
         when = time.time() if when is None else when
         with self.db.write(durable=False) as conn:
-            changed = conn.execute("UPDATE entries SET last_used = max(last_used, ?)"
-                                   " WHERE key = ?", (when, url)).rowcount > 0
+            changed = (
+                conn.execute(
+                    "UPDATE entries SET last_used = max(last_used, ?) WHERE key = ?", (when, url)
+                ).rowcount
+                > 0
+            )
             if changed:
                 bump(conn, "revision")
         return changed
 
     def _set(self, url: str, column: str, value: object) -> bool:
         with self.db.write() as conn:
-            changed = conn.execute(f"UPDATE entries SET {column} = ? WHERE key = ?",
-                                   (value, url)).rowcount > 0
+            changed = (
+                conn.execute(
+                    f"UPDATE entries SET {column} = ? WHERE key = ?", (value, url)
+                ).rowcount
+                > 0
+            )
             if changed:
                 bump(conn, "revision")
         return changed
@@ -272,12 +321,15 @@ class Index:
     def set_protected(self, url: str, protected: bool) -> bool:
         return self._set(url, "protected", 1 if protected else 0)
 
-    def eviction_candidates(self, now: float | None = None,
-                            limit: int | None = None) -> list[EntryRecord]:
+    def eviction_candidates(
+        self, now: float | None = None, limit: int | None = None
+    ) -> list[EntryRecord]:
         """Entries least recently used first, without the pinned and those held past ``now``."""
         now = time.time() if now is None else now
-        sql = (f"SELECT {_COLUMNS} FROM entries WHERE pinned = 0"
-               " AND (held_until IS NULL OR held_until <= ?) ORDER BY last_used, key")
+        sql = (
+            f"SELECT {_COLUMNS} FROM entries WHERE pinned = 0"
+            " AND (held_until IS NULL OR held_until <= ?) ORDER BY last_used, key"
+        )
         args: tuple = (now,)
         if limit is not None:
             sql += " LIMIT ?"
@@ -293,8 +345,7 @@ class Index:
         out: dict[str, tuple[int, int]] = {}
         with self.db.read() as conn:
             for d in digests:
-                row = conn.execute("SELECT refs, size FROM blobs WHERE digest = ?",
-                                   (d,)).fetchone()
+                row = conn.execute("SELECT refs, size FROM blobs WHERE digest = ?", (d,)).fetchone()
                 if row is not None:
                     out[d] = (int(row[0]), int(row[1] or 0))
         return out
@@ -305,8 +356,9 @@ class Index:
         with self.db.read() as conn:
             row = conn.execute("SELECT reach FROM entries WHERE key = ?", (url,)).fetchone()
             for digest in row[0].split() if row else []:
-                one = conn.execute("SELECT size FROM blobs WHERE digest = ? AND refs = 1",
-                                   (digest,)).fetchone()
+                one = conn.execute(
+                    "SELECT size FROM blobs WHERE digest = ? AND refs = 1", (digest,)
+                ).fetchone()
                 total += (one[0] or 0) if one else 0
         return total
 
@@ -316,9 +368,11 @@ class Index:
         return rows[0][0] if rows else None
 
     def set_alias(self, kind: str, key: str, digest: str) -> None:
-        self.db.execute("INSERT INTO aliases (kind, key, digest) VALUES (?, ?, ?)"
-                        " ON CONFLICT (kind, key) DO UPDATE SET digest = excluded.digest",
-                        (kind, key, check_digest(digest)))
+        self.db.execute(
+            "INSERT INTO aliases (kind, key, digest) VALUES (?, ?, ?)"
+            " ON CONFLICT (kind, key) DO UPDATE SET digest = excluded.digest",
+            (kind, key, check_digest(digest)),
+        )
 
     def drop_alias(self, kind: str, key: str) -> bool:
         return self.db.execute("DELETE FROM aliases WHERE kind = ? AND key = ?", (kind, key)) > 0
@@ -366,8 +420,9 @@ class Index:
                     sizes[digest] = self.layout.blob_path(digest).stat().st_size
                 except FileNotFoundError:
                     pass  # counted all the same: verify reports what is missing
-            d = Descriptor(d.media_type, d.digest, d.size, d.annotations, d.artifact_type,
-                           d.platform)
+            d = Descriptor(
+                d.media_type, d.digest, d.size, d.annotations, d.artifact_type, d.platform
+            )
             reaches.append((key, d, reach, sizes, self.describe(key, d)))
         with self.db.write() as conn:
             for key, d, reach, sizes, info in reaches:

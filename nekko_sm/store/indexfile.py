@@ -75,8 +75,12 @@ class IndexFile:
         if not is_file(self.path):
             with self.locked():
                 if not is_file(self.path):
-                    write_atomic(self.path, b'{"manifests":[],"mediaType":"' + MT_OCI_INDEX.encode()
-                                 + b'","schemaVersion":2}')
+                    write_atomic(
+                        self.path,
+                        b'{"manifests":[],"mediaType":"'
+                        + MT_OCI_INDEX.encode()
+                        + b'","schemaVersion":2}',
+                    )
 
     def write(self, db_id: str, generation: int, cur: Any) -> None:
         """Replace index.json with the descriptors ``cur`` yields, stamped ``db_id.generation``
@@ -85,8 +89,7 @@ class IndexFile:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         head = '{"annotations":{"' + A_GENERATION + f'":"{db_id}.{generation}"}},"manifests":['
         try:
-            with os.fdopen(open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
-                           "wb") as f:
+            with os.fdopen(open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
                 f.write(head.encode())
                 sep = b""
                 while True:
@@ -113,15 +116,20 @@ class IndexFile:
             doc = json.loads(read_file(self.path))
             manifests = [Descriptor.from_json(d) for d in doc.get("manifests", [])]
         except (ValueError, AttributeError, TypeError) as e:
-            raise CacheCorrupt(f"{self.path} does not parse: {e}; remove it to rebuild it"
-                               f" from {database}") from e
+            raise CacheCorrupt(
+                f"{self.path} does not parse: {e}; remove it to rebuild it from {database}"
+            ) from e
         named: dict[str, Descriptor] = {}
         for d in manifests:
             if d.annotations.get(REF_NAME):
                 named[d.annotations[REF_NAME]] = d
         if len(named) < len(manifests):
-            log.warning("%s: %d descriptors without %s are not entries; left out",
-                        self.path, len(manifests) - len(named), REF_NAME)
+            log.warning(
+                "%s: %d descriptors without %s are not entries; left out",
+                self.path,
+                len(manifests) - len(named),
+                REF_NAME,
+            )
         return named
 
 
@@ -156,8 +164,9 @@ class GroupCommit:
             self._dirty = self._used = True
             _PENDING.add(self)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="index.json group commit")
+                self._thread = threading.Thread(
+                    target=self._run, daemon=True, name="index.json group commit"
+                )
                 self._thread.start()
             self._cond.notify_all()
 

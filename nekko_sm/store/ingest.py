@@ -47,9 +47,13 @@ class Ingest:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
 
-    def writer(self, ref: str, expected_size: int | None = None,
-               cancel: threading.Event | None = None,
-               extra_hashers: dict[str, Hasher] | None = None) -> IngestWriter:
+    def writer(
+        self,
+        ref: str,
+        expected_size: int | None = None,
+        cancel: threading.Event | None = None,
+        extra_hashers: dict[str, Hasher] | None = None,
+    ) -> IngestWriter:
         """Open (blocking until no one else holds it) the ingest for ``ref``.
 
         ``ref`` names the thing being downloaded: the expected digest when it is known
@@ -59,8 +63,9 @@ class Ingest:
         make_dirs(self.layout.ingest_dir)
         return IngestWriter(self.layout, ref, expected_size, cancel, extra_hashers)
 
-    def put_bytes(self, data: bytes, lease: Lease | None = None,
-                  expected_digest: str | None = None) -> str:
+    def put_bytes(
+        self, data: bytes, lease: Lease | None = None, expected_digest: str | None = None
+    ) -> str:
         """Store a small blob (manifest, config) and return its digest."""
         digest = sha256_digest(data)
         if expected_digest is not None and digest != expected_digest:
@@ -89,17 +94,17 @@ class Ingest:
             lease.add(digest)  # before the check: gc cannot take it from under us
         if self.layout.has_blob(digest, len(data)):
             return digest
-        tmp = self.layout.ingest_dir / (f".small-{digest[7:23]}-{os.getpid()}-"
-                                        f"{threading.get_ident()}")
+        tmp = self.layout.ingest_dir / (
+            f".small-{digest[7:23]}-{os.getpid()}-{threading.get_ident()}"
+        )
         try:
             # O_EXCL | O_NOFOLLOW (open_file): a link planted at the name is never followed.
             unlink(tmp)  # a stale one of a crashed process with our pid and thread id
-            fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444,
-                           replace_link=True)
+            fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444, replace_link=True)
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -103,8 +103,14 @@ class Layout:
         check_cache_dir(self.root)
         uid = os.geteuid()
         pulls = self.ingest_dir / "pulls"  # the service's: checked when it is there
-        for d in (self.blobs_dir.parent, self.blobs_dir, self.ingest_dir, self.leases_dir,
-                  self.views_dir, pulls):
+        for d in (
+            self.blobs_dir.parent,
+            self.blobs_dir,
+            self.ingest_dir,
+            self.leases_dir,
+            self.views_dir,
+            pulls,
+        ):
             try:
                 fd = open_dir(d, create=d != pulls)
             except FileNotFoundError:
@@ -116,7 +122,8 @@ class Layout:
                 if st.st_uid not in (uid, 0):
                     raise UnsafeCacheDir(
                         f"cache directory {self.root}: {shown(d)} is owned by uid"
-                        f" {st.st_uid}, not by us (uid {uid}) or root: refusing it")
+                        f" {st.st_uid}, not by us (uid {uid}) or root: refusing it"
+                    )
                 if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
                     os.fchmod(fd, DIR_MODE)
             finally:
@@ -171,6 +178,5 @@ class Layout:
         free = st.f_bavail * st.f_frsize
         if nbytes + SPACE_MARGIN > free:
             raise InsufficientStorage(
-                f"not enough disk space for {what}: need {nbytes} bytes,"
-                f" {free} free in the cache"
+                f"not enough disk space for {what}: need {nbytes} bytes, {free} free in the cache"
             )

@@ -32,7 +32,9 @@ class Lease:
 
     def __init__(self, layout: Layout) -> None:
         make_dirs(layout.leases_dir)
-        self.path = layout.leases_dir / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        self.path = (
+            layout.leases_dir / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        )
         self._lock = FileLock(self.path)
         self._lock.acquire()
         self.digests: set[str] = set()
@@ -107,7 +109,7 @@ def live_leases(layout: Layout) -> dict[str, tuple[set[str], int]]:
         for line in text.splitlines():
             if line.startswith(_RESERVE):
                 try:
-                    reserved = int(line[len(_RESERVE):])
+                    reserved = int(line[len(_RESERVE) :])
                 except ValueError:
                     pass
             elif DIGEST_RE.match(line):

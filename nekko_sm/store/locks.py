@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+; only mypy reads this
 
 
-
 class FileLock:
     """An exclusive flock on a file, held by one open file description."""
 
@@ -42,8 +41,9 @@ class FileLock:
         while True:
             try:
                 # No link is followed to the lock file or above it (store.fs).
-                fd = open_file(self.path, os.O_RDWR | os.O_CREAT, 0o644, create_dirs=True,
-                               replace_link=True)
+                fd = open_file(
+                    self.path, os.O_RDWR | os.O_CREAT, 0o644, create_dirs=True, replace_link=True
+                )
             except (FileNotFoundError, FileExistsError):
                 # The holder removed the directory while we made it or opened the file.
                 continue

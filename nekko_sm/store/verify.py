@@ -33,9 +33,13 @@ class Verifier:
     ``reachable`` gives the digests some descriptors reach.
     """
 
-    def __init__(self, layout: Layout, index: Index,
-                 reachable: Callable[[Iterable[Descriptor]], set[str]],
-                 remove_entry: Callable[[str], object]) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        index: Index,
+        reachable: Callable[[Iterable[Descriptor]], set[str]],
+        remove_entry: Callable[[str], object],
+    ) -> None:
         self.layout = layout
         self.index = index
         self.reachable = reachable
@@ -57,8 +61,11 @@ class Verifier:
                 h.update(chunk)
         return "sha256:" + h.hexdigest() == digest
 
-    def verify(self, roots: Iterable[Descriptor] | None = None, repair: bool = False,
-               ) -> list[tuple[str, str]]:
+    def verify(
+        self,
+        roots: Iterable[Descriptor] | None = None,
+        repair: bool = False,
+    ) -> list[tuple[str, str]]:
         """Re-hash blobs (all, or those ``roots`` reach).  Returns ``(digest, problem)`` pairs.
 
         Missing blobs that an entry needs are reported too, and (for the whole cache) any
@@ -110,8 +117,12 @@ class Verifier:
                 for d in traced:
                     want[d] = want.get(d, 0) + 1
                 if set(reach.split()) != traced:
-                    problems.append((json.loads(desc)["digest"],
-                                     f"the database's reach of {key} is out of date"))
+                    problems.append(
+                        (
+                            json.loads(desc)["digest"],
+                            f"the database's reach of {key} is out of date",
+                        )
+                    )
                     fixed.append((" ".join(sorted(traced)), key))
             for d in sorted(set(have) | set(want)):
                 if have.get(d, 0) != want.get(d, 0):
@@ -122,9 +133,12 @@ class Verifier:
                 for d in set(have) - set(want):
                     conn.execute("DELETE FROM blobs WHERE digest = ?", (d,))
                 for d, n in want.items():
-                    size = self.layout.blob_path(d).stat().st_size \
-                        if self.layout.has_blob(d) else None
-                    conn.execute("INSERT INTO blobs (digest, refs, size) VALUES (?, ?, ?)"
-                                 " ON CONFLICT (digest) DO UPDATE SET refs = excluded.refs",
-                                 (d, n, size))
+                    size = (
+                        self.layout.blob_path(d).stat().st_size if self.layout.has_blob(d) else None
+                    )
+                    conn.execute(
+                        "INSERT INTO blobs (digest, refs, size) VALUES (?, ?, ?)"
+                        " ON CONFLICT (digest) DO UPDATE SET refs = excluded.refs",
+                        (d, n, size),
+                    )
         return problems

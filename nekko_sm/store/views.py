@@ -91,8 +91,7 @@ class Views:
                     for p in parts[:-1]:
                         with contextlib.suppress(FileExistsError):
                             os.mkdir(p, DIR_MODE, dir_fd=dfd)
-                        dfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                                      dir_fd=dfd)
+                        dfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
                         opened.append(dfd)
                     # views/tmp/a/b/NAME -> ../../../../blobs/sha256/HEX
                     up = "../" * (len(parts) + 1)  # out of the view's dirs and views/

@@ -89,8 +89,9 @@ class IngestWriter(Frontier):
             self.offset = _contiguous(ranged.get("parts", []), size)
         else:
             self.offset = size
-        if self.expected_size is not None and (size > self.expected_size or
-                                               (ranged and ranged.get("total") != self.expected_size)):
+        if self.expected_size is not None and (
+            size > self.expected_size or (ranged and ranged.get("total") != self.expected_size)
+        ):
             self.reset()
         self._kick()
 
@@ -101,7 +102,8 @@ class IngestWriter(Frontier):
         n = len(data)
         if self.expected_size is not None and self.offset + n > self.expected_size:
             raise SizeMismatch(
-                f"upstream sent more than the {self.expected_size} bytes promised for {self.ref}")
+                f"upstream sent more than the {self.expected_size} bytes promised for {self.ref}"
+            )
         self._place(data, self.offset, append=True)
 
     def copy_from(self, fd: int, offset: int, n: int) -> None:
@@ -109,8 +111,7 @@ class IngestWriter(Frontier):
         uncompressed tar layer), copied in the kernel where it can be (``copy_file_range``:
         no pass through Python, page cache to page cache); hashed behind, as :meth:`write`."""
         if self.expected_size is not None and self.offset + n > self.expected_size:
-            raise SizeMismatch(
-                f"more than the {self.expected_size} bytes promised for {self.ref}")
+            raise SizeMismatch(f"more than the {self.expected_size} bytes promised for {self.ref}")
         copy = getattr(os, "copy_file_range", None)
         done = 0
         while done < n:
@@ -139,8 +140,9 @@ class IngestWriter(Frontier):
         """Place ``data`` at ``pos`` (a ranged download); call :meth:`advance` as parts finish."""
         self._check_cancel()
         if self.expected_size is not None and pos + len(data) > self.expected_size:
-            raise SizeMismatch(f"upstream sent bytes past the {self.expected_size} promised"
-                               f" for {self.ref}")
+            raise SizeMismatch(
+                f"upstream sent bytes past the {self.expected_size} promised for {self.ref}"
+            )
         self._place(data, pos, append=False)
 
     def advance(self, frontier: int) -> None:
@@ -213,13 +215,15 @@ class IngestWriter(Frontier):
         if self.expected_size is not None and size != self.expected_size:
             self.discard()
             raise SizeMismatch(
-                f"{self.ref}: got {size} bytes, expected {self.expected_size}; nothing was stored")
+                f"{self.ref}: got {size} bytes, expected {self.expected_size}; nothing was stored"
+            )
         digest = self.digest
         if expected_digest is not None and digest != expected_digest:
             self.discard()
             raise IntegrityError(
                 f"{self.ref}: content has digest {digest}, expected {expected_digest};"
-                " nothing was stored")
+                " nothing was stored"
+            )
         if lease is not None:
             lease.add(digest)
         target = self.layout.blob_path(digest)

@@ -28,16 +28,34 @@ from nekko_sm.store import MT_OCI_INDEX, MT_OCI_MANIFEST, TITLE, Descriptor
 
 
 def manifest(store, layers: list[tuple[str, bytes]], platform=None) -> Descriptor:
-    descs = [{"mediaType": "application/octet-stream", "digest": store.put_bytes(data),
-              "size": len(data), "annotations": {TITLE: name}} for name, data in layers]
-    doc = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-           "artifactType": "application/vnd.nekko.test",
-           "config": {"mediaType": "application/vnd.oci.empty.v1+json",
-                      "digest": store.put_bytes(b"{}"), "size": 2},
-           "layers": descs}
+    descs = [
+        {
+            "mediaType": "application/octet-stream",
+            "digest": store.put_bytes(data),
+            "size": len(data),
+            "annotations": {TITLE: name},
+        }
+        for name, data in layers
+    ]
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "artifactType": "application/vnd.nekko.test",
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            "digest": store.put_bytes(b"{}"),
+            "size": 2,
+        },
+        "layers": descs,
+    }
     raw = json.dumps(doc).encode()
-    return Descriptor(MT_OCI_MANIFEST, store.put_bytes(raw), len(raw),
-                      artifact_type="application/vnd.nekko.test", platform=platform)
+    return Descriptor(
+        MT_OCI_MANIFEST,
+        store.put_bytes(raw),
+        len(raw),
+        artifact_type="application/vnd.nekko.test",
+        platform=platform,
+    )
 
 
 def main(out: str) -> None:
@@ -53,19 +71,36 @@ def main(out: str) -> None:
         svc.pull(b)
         svc.pull(a + "?again")  # the same bytes under a second URL: one shared blob
         store = svc.store
-        multi = manifest(store, [("model.bin", b"weights"), ("tok/t.json", b"{\"t\":1}")])
+        multi = manifest(store, [("model.bin", b"weights"), ("tok/t.json", b'{"t":1}')])
         svc._commit("hf://huggingface.co/org/legacy@main", PullResult(multi, multi.digest, []))
-        amd = manifest(store, [("layer", b"amd64 layer"), ("shared", b"shared layer")],
-                       {"os": "linux", "architecture": "amd64"})
-        arm = manifest(store, [("layer", b"arm64 layer"), ("shared", b"shared layer")],
-                       {"os": "linux", "architecture": "arm64"})
-        idx = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX,
-               "manifests": [{"mediaType": MT_OCI_MANIFEST, "digest": m.digest, "size": m.size,
-                              "platform": m.platform} for m in (amd, arm)]}
+        amd = manifest(
+            store,
+            [("layer", b"amd64 layer"), ("shared", b"shared layer")],
+            {"os": "linux", "architecture": "amd64"},
+        )
+        arm = manifest(
+            store,
+            [("layer", b"arm64 layer"), ("shared", b"shared layer")],
+            {"os": "linux", "architecture": "arm64"},
+        )
+        idx = {
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": MT_OCI_MANIFEST,
+                    "digest": m.digest,
+                    "size": m.size,
+                    "platform": m.platform,
+                }
+                for m in (amd, arm)
+            ],
+        }
         raw = json.dumps(idx).encode()
         top = Descriptor(MT_OCI_INDEX, store.put_bytes(raw), len(raw))
-        svc._commit("oci://registry.test/legacy/multi:v1?platform=all",
-                    PullResult(top, top.digest, []))
+        svc._commit(
+            "oci://registry.test/legacy/multi:v1?platform=all", PullResult(top, top.digest, [])
+        )
         svc.close()
         assert not (cache / "nekko.db").exists(), "run this with the old tree on the path"
         with tarfile.open(out, "w:gz") as tar:

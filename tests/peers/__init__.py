@@ -38,7 +38,9 @@ def _skip_or_fail(msg: str) -> NoReturn:
 
 def require_binary(name: str, package: str | None = None) -> str:
     """Return the path of executable ``name`` or skip (fail under CI) with a loud message."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None
+    )
     if path:
         return path
     msg = f"PEER MISSING: {name} (Debian package {package or name}); run bash tests/run.sh to install it"
@@ -53,8 +55,12 @@ def tmpfs(mnt, size: str, what: str):
     if os.geteuid() != 0:
         _skip_or_fail(f"PEER MISSING: a tmpfs mount needs root; {what} did not run")
     mnt.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         _skip_or_fail(f"cannot mount a tmpfs here ({r.stderr.strip()}); {what} did not run")
     try:
@@ -132,14 +138,28 @@ def pdeathsig() -> Any:
 def spawn_logged(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     """Start ``argv`` with no stdin, its stdout and stderr to ``log``, dying with us."""
     with open(log, "wb") as out:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                preexec_fn=pdeathsig())  # noqa: PLW1509 - only prctl(PDEATHSIG), which Popen has no option for
+        # preexec_fn only calls prctl(PDEATHSIG), which Popen has no option for
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            preexec_fn=pdeathsig(),  # noqa: PLW1509
+        )
 
 
-def start_on_free_ports(n: int, spawn: Callable[[list[int]], P], ready: Callable[[P], bool],
-                        errors: Callable[[P], str], *, failure: str, in_use: str = "in use",
-                        error: type[Exception] = RuntimeError, timeout: float = 10.0,
-                        poll: float = 0.02) -> P:
+def start_on_free_ports(
+    n: int,
+    spawn: Callable[[list[int]], P],
+    ready: Callable[[P], bool],
+    errors: Callable[[P], str],
+    *,
+    failure: str,
+    in_use: str = "in use",
+    error: type[Exception] = RuntimeError,
+    timeout: float = 10.0,
+    poll: float = 0.02,
+) -> P:
     """Start a child-process peer on ``n`` free ports, retrying with new ones (5 tries) while
     its error output says another process took one between the choice and the bind.
 
@@ -177,14 +197,17 @@ def closing_all(start: Callable[..., T]) -> Iterator[Callable[..., T]]:
         thing.close()
 
 
-def raw_exchange(host: str, port: int, data: bytes, timeout: float = 20,
-                 timeout_ends: bool = False) -> bytes:
+def raw_exchange(
+    host: str, port: int, data: bytes, timeout: float = 20, timeout_ends: bool = False
+) -> bytes:
     """Send raw ``data`` on a fresh connection, half-close, read until the server closes.
 
     A reset ends the answer.  A read timeout ends it too with ``timeout_ends``; otherwise
     it raises (for tests where a server that hangs is the finding).
     """
-    ends: tuple = (ConnectionResetError, socket.timeout) if timeout_ends else (ConnectionResetError,)
+    ends: tuple = (
+        (ConnectionResetError, socket.timeout) if timeout_ends else (ConnectionResetError,)
+    )
     s = socket.create_connection((host, port), timeout=timeout)
     try:
         with contextlib.suppress(OSError):

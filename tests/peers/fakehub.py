@@ -403,7 +403,10 @@ class FakeHub:
         # (set_rate_limit sets real ones).  The Hub's anonymous quotas: api 500,
         # resolvers 3000, pages 100 per 300 s.
         self.rate_limits: dict[str, tuple[int, int]] = {
-            "api": (100_000, 300), "resolvers": (1_000_000, 300), "pages": (10_000, 300)}
+            "api": (100_000, 300),
+            "resolvers": (1_000_000, 300),
+            "pages": (10_000, 300),
+        }
         self._windows: dict[str, list] = {}  # bucket -> [start, count]
         self.tokens: dict[str, set | None] = {GOOD_TOKEN: None, NOACCESS_TOKEN: set()}
         self.repos: dict[tuple[str, str], Repo] = {}
@@ -613,7 +616,8 @@ class FakeHub:
         and, as on the Hub, no ``Retry-After`` unless ``retry_after`` is given."""
         with self._lock:
             self._injected.append(
-                _Injected(server, status, count, retry_after, path_contains, reset))
+                _Injected(server, status, count, retry_after, path_contains, reset)
+            )
 
     def set_rate_limit(self, bucket: str, quota: int, window: int = 300) -> None:
         """A fixed window of ``window`` seconds holding ``quota`` requests of ``bucket``
@@ -866,8 +870,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._injected_error(inj)
             if self._limit is not None and self._limit[5]:
                 # Over the quota: 429, usually without Retry-After (RateLimit says when).
-                self._json(429, {"error": f"You have exceeded the {self._limit[0]!r} rate"
-                                          " limit. Retry later or pass a token."})
+                self._json(
+                    429,
+                    {
+                        "error": f"You have exceeded the {self._limit[0]!r} rate"
+                        " limit. Retry later or pass a token."
+                    },
+                )
             if self.server.role == "cdn":
                 self._cdn()
             else:
@@ -914,8 +923,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_header(self, keyword, value):
         hub = self.server.hub
-        if hub.strip_headers and self.server.role == "hub" and (
-                "/resolve/" in self._raw_path or self._raw_path.startswith("/api/resolve-cache/")):
+        if (
+            hub.strip_headers
+            and self.server.role == "hub"
+            and ("/resolve/" in self._raw_path or self._raw_path.startswith("/api/resolve-cache/"))
+        ):
             strip = {h.lower() for h in hub.strip_headers}
             k = keyword.lower()
             if k in strip and (k != "content-length" or self.command == "HEAD"):
@@ -1120,8 +1132,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _cdn(self) -> None:
         hub = self.server.hub
         if self._raw_path.startswith(("/v1/", "/v2/")):  # the CAS API a Xet client talks to
-            self._reply(501, [("Content-Type", "text/plain; charset=utf-8")],
-                        b"the fake Hub does not implement the Xet CAS API")
+            self._reply(
+                501,
+                [("Content-Type", "text/plain; charset=utf-8")],
+                b"the fake Hub does not implement the Xet CAS API",
+            )
         if self.headers.get("Authorization") is not None:
             self._xml_error(
                 400,
@@ -1155,11 +1170,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._xml_error(404, "NoSuchKey", "The specified key does not exist.")
         if bridge and hub.bridge_max_size is not None and blob.size > hub.bridge_max_size:
             self._reply(400, [("Content-Type", "text/plain; charset=utf-8")], b"Bad Request")
-        if self.command == "GET" and not self.headers.get("Range") and (
-                blob.size > hub.max_unranged_size):
+        if (
+            self.command == "GET"
+            and not self.headers.get("Range")
+            and (blob.size > hub.max_unranged_size)
+        ):
             # Over 50 GB the CDN and the bridge answer only ranged GETs.
-            self._xml_error(400, "InvalidRequest", "Range header required for objects over"
-                            f" {hub.max_unranged_size} bytes")
+            self._xml_error(
+                400,
+                "InvalidRequest",
+                f"Range header required for objects over {hub.max_unranged_size} bytes",
+            )
         # The bridge's ETag is the Xet hash, the CDN's an S3 MD5: NEVER the sha256.
         etag = f'"{blob.xet_hash}"' if bridge else f'"{blob.cdn_etag}"'
         headers = [
@@ -1369,8 +1390,15 @@ class _Handler(BaseHTTPRequestHandler):
         if len(segs) < 2 or segs[0] not in _PLURAL_TYPE:
             self._not_found()
         repo_type, rest = _PLURAL_TYPE[segs[0]], segs[1:]
-        subpaths = ("revision", "tree", "refs", "resolve", "paths-info", "commits",
-                    "xet-read-token")
+        subpaths = (
+            "revision",
+            "tree",
+            "refs",
+            "resolve",
+            "paths-info",
+            "commits",
+            "xet-read-token",
+        )
         if len(rest) >= 2 and rest[1] not in subpaths:
             repo_id, rest = "/".join(unquote(s) for s in rest[:2]), rest[2:]
         else:
@@ -1404,9 +1432,15 @@ class _Handler(BaseHTTPRequestHandler):
         exp = int(time.time()) + 3600
         token = "xet_" + secrets.token_urlsafe(24)
         cas = hub.cdn_endpoint
-        self._json(200, {"casUrl": cas, "exp": exp, "accessToken": token}, [
-            ("X-Xet-Cas-Url", cas), ("X-Xet-Access-Token", token),
-            ("X-Xet-Token-Expiration", str(exp))])
+        self._json(
+            200,
+            {"casUrl": cas, "exp": exp, "accessToken": token},
+            [
+                ("X-Xet-Cas-Url", cas),
+                ("X-Xet-Access-Token", token),
+                ("X-Xet-Token-Expiration", str(exp)),
+            ],
+        )
 
     def _params(self) -> dict[str, str]:
         return dict(parse_qsl(self._query, keep_blank_values=True))

@@ -136,7 +136,12 @@ class _Resource:
 
 
 _BEHAVIOURS = set(_Resource.__dataclass_fields__) - {
-    "versions", "change_etag_after", "requests_seen", "gets_served", "drops", "stalls",
+    "versions",
+    "change_etag_after",
+    "requests_seen",
+    "gets_served",
+    "drops",
+    "stalls",
     "corruptions",
 }
 
@@ -202,8 +207,13 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method
 
     # -- helpers -----------------------------------------------------------------------------
-    def _simple(self, status: int, text: str, headers: dict[str, str] | None = None,
-                rec: FaultyRequest | None = None) -> None:
+    def _simple(
+        self,
+        status: int,
+        text: str,
+        headers: dict[str, str] | None = None,
+        rec: FaultyRequest | None = None,
+    ) -> None:
         body = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
@@ -237,8 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _write(self, body: memoryview, origin: int, pos: int, end: int,
-               rec: FaultyRequest) -> None:
+    def _write(self, body: memoryview, origin: int, pos: int, end: int, rec: FaultyRequest) -> None:
         """Send ``body[pos:end]``, keeping ``rec.body_bytes`` (counted from ``origin``) exact."""
         while pos < end:
             n = min(end, pos + _CHUNK)
@@ -252,8 +261,15 @@ class _Handler(BaseHTTPRequestHandler):
         target = self.path
         path = target.split("?", 1)[0]
         headers = {k.lower(): v for k, v in self.headers.items()}
-        rec = FaultyRequest(self.command, path, target, headers, srv.connection_id(self.request),
-                            headers.get("range"), headers.get("if-range"))
+        rec = FaultyRequest(
+            self.command,
+            path,
+            target,
+            headers,
+            srv.connection_id(self.request),
+            headers.get("range"),
+            headers.get("if-range"),
+        )
         srv.begin(rec)
         try:
             self._answer(srv, rec, headers)
@@ -302,8 +318,7 @@ class _Handler(BaseHTTPRequestHandler):
         # 4. content
         get = self.command == "GET"
         with srv.lock:
-            changed = (res.change_etag_after is not None
-                       and res.gets_served >= res.change_etag_after)
+            changed = res.change_etag_after is not None and res.gets_served >= res.change_etag_after
             version = res.versions[1 if changed else 0]
             corrupt = get and res.corrupt and _under(res.corrupt_times, res.corruptions)
             if get:
@@ -314,12 +329,19 @@ class _Handler(BaseHTTPRequestHandler):
 
         status, start, end = 200, 0, size
         content_range = None
-        if rec.range is not None and not res.ignore_range and (
-                rec.if_range is None or rec.if_range in (version.etag, version.last_modified)):
+        if (
+            rec.range is not None
+            and not res.ignore_range
+            and (rec.if_range is None or rec.if_range in (version.etag, version.last_modified))
+        ):
             parsed = _parse_range(rec.range, size)
             if parsed == "unsatisfiable":
-                self._simple(416, "range not satisfiable\n",
-                             {"Content-Range": f"bytes */{size}", "ETag": version.etag}, rec)
+                self._simple(
+                    416,
+                    "range not satisfiable\n",
+                    {"Content-Range": f"bytes */{size}", "ETag": version.etag},
+                    rec,
+                )
                 return
             if parsed is not None:
                 status, (start, last) = 206, parsed
@@ -330,13 +352,21 @@ class _Handler(BaseHTTPRequestHandler):
         close_delimited = res.no_length or res.extra_bytes > 0
         with srv.lock:
             drop_at = stall_at = None
-            if (get and res.drop_after is not None and body_len > res.drop_after
-                    and _under(res.drop_times, res.drops)):
+            if (
+                get
+                and res.drop_after is not None
+                and body_len > res.drop_after
+                and _under(res.drop_times, res.drops)
+            ):
                 res.drops += 1
                 drop_at = start + res.drop_after
             sent = res.drop_after if drop_at is not None else body_len
-            if (get and res.stall_after is not None and sent > res.stall_after
-                    and _under(res.stall_times, res.stalls)):
+            if (
+                get
+                and res.stall_after is not None
+                and sent > res.stall_after
+                and _under(res.stall_times, res.stalls)
+            ):
                 res.stalls += 1
                 stall_at = start + res.stall_after
 
@@ -470,14 +500,23 @@ class FaultyServer:
         self.port: int = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._start = time.time()
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name=f"faulty-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name=f"faulty-{self.port}", daemon=True
+        )
         self._thread.start()
         self._closed = False
 
-    def add(self, path: str, data: bytes = b"", *, etag: str | None = None,
-            last_modified: str | None = None, change_etag_after: int | None = None,
-            new_data: bytes | None = None, **behaviour: Any) -> str:
+    def add(
+        self,
+        path: str,
+        data: bytes = b"",
+        *,
+        etag: str | None = None,
+        last_modified: str | None = None,
+        change_etag_after: int | None = None,
+        new_data: bytes | None = None,
+        **behaviour: Any,
+    ) -> str:
         """Serve ``data`` at ``path`` with the given behaviour; returns the full URL."""
         if not path.startswith("/"):
             path = "/" + path
@@ -498,8 +537,7 @@ class FaultyServer:
         )
         if "statuses" in behaviour:
             behaviour["statuses"] = tuple(behaviour["statuses"])
-        res = _Resource(versions=[first, second], change_etag_after=change_etag_after,
-                        **behaviour)
+        res = _Resource(versions=[first, second], change_etag_after=change_etag_after, **behaviour)
         with self._server.lock:
             self._server.resources[path] = res
         return self.url + path
@@ -529,8 +567,9 @@ class FaultyServer:
 
     def body_bytes(self, path: str, *, all_statuses: bool = False) -> int:
         """Body bytes sent for ``path``, counting ``2xx`` answers only unless ``all_statuses``."""
-        return sum(r.body_bytes for r in self.requests_for(path)
-                   if all_statuses or 200 <= r.status < 300)
+        return sum(
+            r.body_bytes for r in self.requests_for(path) if all_statuses or 200 <= r.status < 300
+        )
 
     def clear_requests(self) -> None:
         with self._server.lock:

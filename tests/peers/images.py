@@ -171,7 +171,7 @@ class _RandomReader:
                 self.block = self.rng.getrandbits(self.BLOCK * 8).to_bytes(self.BLOCK, "little")
                 self.pos = 0
             take = min(n, len(self.block) - self.pos)
-            parts.append(self.block[self.pos:self.pos + take])
+            parts.append(self.block[self.pos : self.pos + take])
             self.pos += take
             n -= take
             self.left -= take
@@ -210,20 +210,28 @@ class Layout:
     def put_json(self, obj: Any, media_type: str, **extra: Any) -> dict[str, Any]:
         return self.put(canonical_json(obj), media_type, **extra)
 
-    def put_layer(self, files: list[tuple[str, int, Any]], compresslevel: int = 1
-                  ) -> tuple[dict[str, Any], str]:
+    def put_layer(
+        self, files: list[tuple[str, int, Any]], compresslevel: int = 1
+    ) -> tuple[dict[str, Any], str]:
         """A tar.gz layer of ``files`` = [(name, size, seed)], streamed to disk.  Returns
         (descriptor, diff_id)."""
-        fd, tmp = tempfile.mkstemp(dir=os.path.join(self.path, "blobs", "sha256"),
-                                   suffix=".layer")
+        fd, tmp = tempfile.mkstemp(dir=os.path.join(self.path, "blobs", "sha256"), suffix=".layer")
         try:
             with os.fdopen(fd, "wb") as raw:
                 compressed = _HashWriter(raw)
-                with gzip.GzipFile(filename="", mode="wb", fileobj=compressed,  # type: ignore[arg-type]
-                                   compresslevel=compresslevel, mtime=0) as gz:
+                with gzip.GzipFile(
+                    filename="",
+                    mode="wb",
+                    fileobj=compressed,  # type: ignore[arg-type]
+                    compresslevel=compresslevel,
+                    mtime=0,
+                ) as gz:
                     plain = _HashWriter(gz)
-                    with tarfile.open(fileobj=plain, mode="w|",  # type: ignore[call-overload]
-                                      format=tarfile.PAX_FORMAT) as tar:
+                    with tarfile.open(
+                        fileobj=plain,
+                        mode="w|",  # type: ignore[call-overload]
+                        format=tarfile.PAX_FORMAT,
+                    ) as tar:
                         dirs: set[str] = set()
                         for name, size, seed in files:
                             parts = name.split("/")[:-1]
@@ -232,8 +240,9 @@ class Layout:
                                 if d not in dirs:
                                     dirs.add(d)
                                     tar.addfile(_tarinfo(d + "/", 0, tarfile.DIRTYPE))
-                            tar.addfile(_tarinfo(name, size, tarfile.REGTYPE),
-                                        _RandomReader(seed, size))
+                            tar.addfile(
+                                _tarinfo(name, size, tarfile.REGTYPE), _RandomReader(seed, size)
+                            )
             digest = "sha256:" + compressed.sha.hexdigest()
             os.replace(tmp, self.blob_path(digest))
         except BaseException:
@@ -248,8 +257,9 @@ class Layout:
         d["annotations"] = {**d.get("annotations", {}), REF_NAME: name}
         self.refs.append(d)
         with open(os.path.join(self.path, "index.json"), "wb") as f:
-            f.write(canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                                    "manifests": self.refs}))
+            f.write(
+                canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.refs})
+            )
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -304,8 +314,11 @@ def build_image(
     config = {
         "created": CREATED,
         **_platform_dict(platform),
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                   "Cmd": ["/bin/sh"], "Labels": {"nekko.test.seed": str(seed)}},
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/sh"],
+            "Labels": {"nekko.test.seed": str(seed)},
+        },
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": history,
     }
@@ -322,29 +335,49 @@ def build_attestation(layout: Layout, subject: dict[str, Any], seed: Any) -> dic
     statement = {
         "_type": "https://in-toto.io/Statement/v0.1",
         "predicateType": "https://spdx.dev/Document",
-        "subject": [{"name": f"pkg:docker/nekko-test@{seed}",
-                     "digest": {"sha256": subject["digest"].partition(":")[2]}}],
+        "subject": [
+            {
+                "name": f"pkg:docker/nekko-test@{seed}",
+                "digest": {"sha256": subject["digest"].partition(":")[2]},
+            }
+        ],
         "predicate": {"spdxVersion": "SPDX-2.3", "name": f"sbom-{seed}", "packages": []},
     }
-    layer = layout.put_json(statement, IN_TOTO,
-                            annotations={"in-toto.io/predicate-type": "https://spdx.dev/Document"})
-    config = {"architecture": "unknown", "os": "unknown", "config": {},
-              "rootfs": {"type": "layers",
-                         "diff_ids": [layer["digest"]]}}
+    layer = layout.put_json(
+        statement, IN_TOTO, annotations={"in-toto.io/predicate-type": "https://spdx.dev/Document"}
+    )
+    config = {
+        "architecture": "unknown",
+        "os": "unknown",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]},
+    }
     cdesc = layout.put_json(config, OCI_CONFIG)
-    mdesc = layout.put_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cdesc,
-                             "layers": [layer]}, OCI_MANIFEST)
+    mdesc = layout.put_json(
+        {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cdesc, "layers": [layer]},
+        OCI_MANIFEST,
+    )
     mdesc["platform"] = {"architecture": "unknown", "os": "unknown"}
-    mdesc["annotations"] = {"vnd.docker.reference.digest": subject["digest"],
-                            "vnd.docker.reference.type": "attestation-manifest"}
+    mdesc["annotations"] = {
+        "vnd.docker.reference.digest": subject["digest"],
+        "vnd.docker.reference.type": "attestation-manifest",
+    }
     return mdesc
 
 
-def build_index(layout: Layout, platforms: list[str], seed: Any, layer_sizes: list[int],
-                attestations: bool = True) -> dict[str, Any]:
+def build_index(
+    layout: Layout,
+    platforms: list[str],
+    seed: Any,
+    layer_sizes: list[int],
+    attestations: bool = True,
+) -> dict[str, Any]:
     images = [build_image(layout, layer_sizes, f"{seed}/{p}", p) for p in platforms]
-    atts = [build_attestation(layout, m, f"{seed}/{i}") for i, m in enumerate(images)] \
-        if attestations else []
+    atts = (
+        [build_attestation(layout, m, f"{seed}/{i}") for i, m in enumerate(images)]
+        if attestations
+        else []
+    )
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": images + atts}
     return layout.put_json(index, OCI_INDEX)
 
@@ -354,21 +387,27 @@ def build_model_artifact(layout: Layout, seed: Any, model_size: int = 300_000) -
     ``org.opencontainers.image.title`` (``model.gguf``, ``tokenizer/tokenizer.json``,
     ``config.json``)."""
     gguf = b"GGUF" + (3).to_bytes(4, "little") + random_bytes(f"{seed}/gguf", model_size - 8)
-    tokenizer = canonical_json({"version": "1.0", "model": {"type": "BPE", "vocab": {
-        f"tok{i}": i for i in range(200)}}})
-    config = canonical_json({"architectures": ["NekkoTestForCausalLM"], "hidden_size": 64,
-                             "seed": str(seed)})
+    tokenizer = canonical_json(
+        {"version": "1.0", "model": {"type": "BPE", "vocab": {f"tok{i}": i for i in range(200)}}}
+    )
+    config = canonical_json(
+        {"architectures": ["NekkoTestForCausalLM"], "hidden_size": 64, "seed": str(seed)}
+    )
     layers = [
         layout.put(gguf, "application/vnd.nekko.model.gguf.v1", annotations={TITLE: "model.gguf"}),
-        layout.put(tokenizer, "application/json",
-                   annotations={TITLE: "tokenizer/tokenizer.json"}),
+        layout.put(tokenizer, "application/json", annotations={TITLE: "tokenizer/tokenizer.json"}),
         layout.put(config, "application/json", annotations={TITLE: "config.json"}),
     ]
     empty = layout.put(b"{}", OCI_EMPTY, data="e30=")
     assert empty["digest"] == EMPTY_JSON_DIGEST
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "artifactType": MODEL_ARTIFACT_TYPE, "config": empty, "layers": layers,
-                "annotations": {"org.opencontainers.image.created": CREATED}}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": MODEL_ARTIFACT_TYPE,
+        "config": empty,
+        "layers": layers,
+        "annotations": {"org.opencontainers.image.created": CREATED},
+    }
     return layout.put_json(manifest, OCI_MANIFEST)
 
 
@@ -376,19 +415,32 @@ def build_model_artifact(layout: Layout, seed: Any, model_size: int = 300_000) -
 # pushing and reading back
 
 
-
-
-def skopeo_copy(layout_dir: str, tag: str, peer: CountingProxy | RegistryPeer, repo_tag: str, *,
-                all_images: bool = False, fmt: str | None = None,
-                creds: tuple[str, str] | None = None, via_proxy: bool = False) -> None:
+def skopeo_copy(
+    layout_dir: str,
+    tag: str,
+    peer: CountingProxy | RegistryPeer,
+    repo_tag: str,
+    *,
+    all_images: bool = False,
+    fmt: str | None = None,
+    creds: tuple[str, str] | None = None,
+    via_proxy: bool = False,
+) -> None:
     """``skopeo copy oci:DIR:TAG docker://REGISTRY/REPO:TAG`` (to the registry itself unless
     ``via_proxy``).  Raises with skopeo's output on failure."""
     from peers import require_binary
 
     skopeo = require_binary("skopeo")
     host = peer.host if via_proxy else getattr(peer, "registry_host", peer.host)
-    cmd = [skopeo, "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
-           "--retry-times", "2"]
+    cmd = [
+        skopeo,
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--retry-times",
+        "2",
+    ]
     if all_images:
         cmd.append("--all")
     if fmt:
@@ -402,17 +454,31 @@ def skopeo_copy(layout_dir: str, tag: str, peer: CountingProxy | RegistryPeer, r
     cmd += [f"oci:{layout_dir}:{tag}", f"docker://{host}/{repo_tag}"]
     env = dict(os.environ)
     env["REGISTRY_AUTH_FILE"] = os.path.join(layout_dir, ".no-auth.json")  # never the user's
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, env=env, timeout=900, check=False)
+    r = subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        timeout=900,
+        check=False,
+    )
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n"
-                           f"{r.stdout.decode('utf-8', 'replace')}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout.decode('utf-8', 'replace')}"
+        )
 
 
-def _get_manifest(peer: Any, repo: str, ref: str, creds: tuple[str, str] | None) -> tuple[
-        bytes, str, str]:
-    resp = peer.request("GET", f"/v2/{repo}/manifests/{ref}", {"Accept": MANIFEST_ACCEPT},
-                        creds=creds, direct=hasattr(peer, "registry_host"))
+def _get_manifest(
+    peer: Any, repo: str, ref: str, creds: tuple[str, str] | None
+) -> tuple[bytes, str, str]:
+    resp = peer.request(
+        "GET",
+        f"/v2/{repo}/manifests/{ref}",
+        {"Accept": MANIFEST_ACCEPT},
+        creds=creds,
+        direct=hasattr(peer, "registry_host"),
+    )
     if resp.status != 200:
         raise RuntimeError(f"GET manifest {repo}:{ref}: {resp.status} {resp.body[:300]!r}")
     digest = "sha256:" + hashlib.sha256(resp.body).hexdigest()
@@ -423,15 +489,22 @@ def _get_manifest(peer: Any, repo: str, ref: str, creds: tuple[str, str] | None)
     return resp.body, digest, json.loads(resp.body).get("mediaType") or mt
 
 
-def describe(peer: Any, repo_tag: str, *, layout: str | None = None,
-             creds: tuple[str, str] | None = None) -> ImageInfo:
+def describe(
+    peer: Any, repo_tag: str, *, layout: str | None = None, creds: tuple[str, str] | None = None
+) -> ImageInfo:
     """Read ``REPO:TAG`` back from the registry and describe it (see :class:`ImageInfo`)."""
     repo, _, tag = repo_tag.rpartition(":")
     if creds is None:
         creds = getattr(peer, "credentials", None)
     body, digest, mt = _get_manifest(peer, repo, tag, creds)
-    common = {"ref": repo_tag, "repo": repo, "tag": tag, "host": peer.host,
-              "url": f"oci://{peer.host}/{repo_tag}", "layout": layout}
+    common = {
+        "ref": repo_tag,
+        "repo": repo,
+        "tag": tag,
+        "host": peer.host,
+        "url": f"oci://{peer.host}/{repo_tag}",
+        "layout": layout,
+    }
     info = _describe_manifest(common, body, digest, mt)
     if mt in (OCI_INDEX, DOCKER_LIST):
         info.index_digest = digest
@@ -440,7 +513,8 @@ def describe(peer: Any, repo_tag: str, *, layout: str | None = None,
             sub = _describe_manifest(common, cbody, cdigest, cmt)
             p = d.get("platform") or {}
             sub.platform = "/".join(
-                x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
+                x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x
+            )
             sub.index_digest = digest
             ann = d.get("annotations") or {}
             if ann.get("vnd.docker.reference.type") == "attestation-manifest":
@@ -461,9 +535,10 @@ def _describe_manifest(common: dict[str, Any], body: bytes, digest: str, mt: str
     info.config_digest = cfg.get("digest")
     info.config_size = cfg.get("size")
     info.config_media_type = cfg.get("mediaType")
-    info.layers = [{k: v for k, v in d.items() if k in ("digest", "size", "mediaType",
-                                                        "annotations")}
-                   for d in doc.get("layers") or []]
+    info.layers = [
+        {k: v for k, v in d.items() if k in ("digest", "size", "mediaType", "annotations")}
+        for d in doc.get("layers") or []
+    ]
     info.artifact_type = doc.get("artifactType")
     for d in info.layers:
         title = (d.get("annotations") or {}).get(TITLE)
@@ -506,8 +581,10 @@ def push_image(
     try:
         layout = Layout(path)
         tag = repo_tag.rpartition(":")[2]
-        layout.tag(build_image(layout, sizes, seed, platform, shared=shared,
-                               compresslevel=compresslevel), tag)
+        layout.tag(
+            build_image(layout, sizes, seed, platform, shared=shared, compresslevel=compresslevel),
+            tag,
+        )
         skopeo_copy(path, tag, peer, repo_tag, creds=creds, via_proxy=via_proxy)
         return describe(peer, repo_tag, layout=path if keep_layout else None, creds=creds)
     finally:
@@ -548,8 +625,12 @@ def seed_images(peer: Any, workdir: str | None = None) -> dict[str, ImageInfo]:
         jobs.append((lay.path, "private/single:v1", {}))
     else:
         lay = new_layout("multi")
-        lay.tag(build_index(lay, ["linux/amd64", "linux/arm64", "linux/arm/v7"], "multi",
-                            [2_000, 30_000]), "v1")
+        lay.tag(
+            build_index(
+                lay, ["linux/amd64", "linux/arm64", "linux/arm/v7"], "multi", [2_000, 30_000]
+            ),
+            "v1",
+        )
         jobs.append((lay.path, "public/multi:v1", {"all_images": True}))
 
         lay = new_layout("docker")
@@ -579,22 +660,31 @@ def seed_images(peer: Any, workdir: str | None = None) -> dict[str, ImageInfo]:
 # pushing hand-made manifests over the distribution API (no skopeo: any bytes a registry takes)
 
 
-def push_blob(peer: Any, repo: str, data: bytes, media_type: str = "application/octet-stream",
-              **extra: Any) -> dict[str, Any]:
+def push_blob(
+    peer: Any, repo: str, data: bytes, media_type: str = "application/octet-stream", **extra: Any
+) -> dict[str, Any]:
     """Upload ``data`` to ``repo`` on ``peer`` (POST, then PUT with the digest); its descriptor."""
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     if peer.request("HEAD", f"/v2/{repo}/blobs/{digest}", direct=True).status != 200:
-        r = peer.request("POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"}, b"",
-                         direct=True)
+        r = peer.request(
+            "POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"}, b"", direct=True
+        )
         if r.status != 202:
             raise RuntimeError(f"POST upload {repo}: {r.status} {r.body[:300]!r}")
         location = r.headers["location"]
-        path = location.split("://", 1)[-1].split("/", 1)[-1] if "://" in location else \
-            location.lstrip("/")
+        path = (
+            location.split("://", 1)[-1].split("/", 1)[-1]
+            if "://" in location
+            else location.lstrip("/")
+        )
         sep = "&" if "?" in path else "?"
-        r = peer.request("PUT", f"/{path}{sep}digest={digest}",
-                         {"Content-Type": "application/octet-stream",
-                          "Content-Length": str(len(data))}, data, direct=True)
+        r = peer.request(
+            "PUT",
+            f"/{path}{sep}digest={digest}",
+            {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
+            data,
+            direct=True,
+        )
         if r.status != 201:
             raise RuntimeError(f"PUT blob {repo}: {r.status} {r.body[:300]!r}")
     return {"mediaType": media_type, "digest": digest, "size": len(data), **extra}
@@ -605,17 +695,31 @@ def push_manifest(peer: Any, repo: str, ref: str, doc: Any) -> dict[str, Any]:
     size of the bytes as sent)."""
     body = canonical_json(doc)
     mt = doc["mediaType"]
-    r = peer.request("PUT", f"/v2/{repo}/manifests/{ref}",
-                     {"Content-Type": mt, "Content-Length": str(len(body))}, body, direct=True)
+    r = peer.request(
+        "PUT",
+        f"/v2/{repo}/manifests/{ref}",
+        {"Content-Type": mt, "Content-Length": str(len(body))},
+        body,
+        direct=True,
+    )
     if r.status != 201:
         raise RuntimeError(f"PUT manifest {repo}:{ref}: {r.status} {r.body[:300]!r}")
-    return {"mediaType": mt, "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
-            "size": len(body)}
+    return {
+        "mediaType": mt,
+        "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+        "size": len(body),
+    }
 
 
-def artifact_manifest(peer: Any, repo: str, layers: list[dict[str, Any]],
-                      artifact_type: str = MODEL_ARTIFACT_TYPE) -> dict[str, Any]:
+def artifact_manifest(
+    peer: Any, repo: str, layers: list[dict[str, Any]], artifact_type: str = MODEL_ARTIFACT_TYPE
+) -> dict[str, Any]:
     """An OCI artifact manifest (empty config, pushed) over ``layers`` (pushed descriptors)."""
     config = push_blob(peer, repo, b"{}", OCI_EMPTY)
-    return {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
-            "config": config, "layers": layers}
+    return {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": config,
+        "layers": layers,
+    }

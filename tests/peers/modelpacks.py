@@ -88,8 +88,13 @@ def _gguf_value(v: Any) -> tuple[int, bytes]:
     raise TypeError(v)
 
 
-def gguf_bytes(name: str = "nekko-test", arch: str = "llama", payload: bytes = b"",
-               split: tuple[int, int] | None = None, **kv: Any) -> bytes:
+def gguf_bytes(
+    name: str = "nekko-test",
+    arch: str = "llama",
+    payload: bytes = b"",
+    split: tuple[int, int] | None = None,
+    **kv: Any,
+) -> bytes:
     """A GGUF v3 file: magic, version, tensor count 0, metadata (``general.architecture``,
     ``general.name``, llama.cpp's ``split.no``/``split.count`` for a shard of ``split``), then
     ``payload`` where tensor data would go."""
@@ -120,7 +125,7 @@ def parse_gguf(data: bytes) -> dict:
         nonlocal pos
         (n,) = struct.unpack_from("<Q", data, pos)
         pos += 8
-        s = data[pos:pos + n].decode()
+        s = data[pos : pos + n].decode()
         pos += n
         return s
 
@@ -152,8 +157,11 @@ def safetensors_bytes(tensors: dict[str, list[float]], metadata: dict | None = N
     data = b""
     for name, values in tensors.items():
         raw = struct.pack(f"<{len(values)}f", *values)
-        header[name] = {"dtype": "F32", "shape": [len(values)],
-                        "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": [len(values)],
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     if metadata:
         header["__metadata__"] = metadata
@@ -164,7 +172,7 @@ def safetensors_bytes(tensors: dict[str, list[float]], metadata: dict | None = N
 
 def parse_safetensors(data: bytes) -> dict:
     (n,) = struct.unpack_from("<Q", data, 0)
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     for name, t in header.items():
         if name != "__metadata__":
             start, end = t["data_offsets"]
@@ -175,16 +183,18 @@ def parse_safetensors(data: bytes) -> dict:
 def hf_like_model(seed: str = "m", shards: int = 2) -> dict[str, bytes]:
     """A transformers-style directory: config.json, tokenizer files, sharded safetensors."""
     files = {
-        "config.json": json.dumps({"architectures": ["NekkoForCausalLM"], "hidden_size": 4,
-                                   "seed": seed}).encode(),
+        "config.json": json.dumps(
+            {"architectures": ["NekkoForCausalLM"], "hidden_size": 4, "seed": seed}
+        ).encode(),
         "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE"}}).encode(),
         "tokenizer_config.json": b'{"bos_token": "<s>"}',
     }
     index = {"metadata": {"total_size": 0}, "weight_map": {}}
     for i in range(1, shards + 1):
         name = f"model-{i:05d}-of-{shards:05d}.safetensors"
-        files[name] = safetensors_bytes({f"w{i}": [float(i), 0.5, -1.0, 2.0]},
-                                        {"format": "pt", "seed": seed})
+        files[name] = safetensors_bytes(
+            {f"w{i}": [float(i), 0.5, -1.0, 2.0]}, {"format": "pt", "seed": seed}
+        )
         index["weight_map"][f"w{i}"] = name  # type: ignore[index]
     files["model.safetensors.index.json"] = json.dumps(index).encode()
     return files
@@ -210,9 +220,15 @@ class Entry:
     raw_name: bytes | None = None
 
 
-_TYPES = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-          "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE,
-          "fifo": tarfile.FIFOTYPE}
+_TYPES = {
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "chr": tarfile.CHRTYPE,
+    "blk": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
 
 
 def tar_bytes(entries: list[Entry]) -> bytes:
@@ -297,8 +313,7 @@ class Pack:
         return self.blobs[digest]
 
 
-def _oci_desc(media_type: str, blob: bytes, annotations: dict | None = None,
-              **extra: Any) -> dict:
+def _oci_desc(media_type: str, blob: bytes, annotations: dict | None = None, **extra: Any) -> dict:
     """An ``ocispec.Descriptor`` in its field order: mediaType, digest, size, annotations,
     data, artifactType."""
     d: dict[str, Any] = {"mediaType": media_type, "digest": sha256(blob), "size": len(blob)}
@@ -319,8 +334,17 @@ def _ggcr_desc(media_type: str, data: bytes, annotations: dict | None = None) ->
 
 def _file_metadata(name: str, size: int, mode: int = 0o644) -> str:
     """``org.cncf.model.file.metadata+json``: the FileMetadata struct in field order."""
-    return go_json({"name": posixpath.basename(name), "mode": mode, "uid": 0, "gid": 0,
-                    "size": size, "mtime": "2025-06-01T12:00:00Z", "typeflag": 0}).decode()
+    return go_json(
+        {
+            "name": posixpath.basename(name),
+            "mode": mode,
+            "uid": 0,
+            "gid": 0,
+            "size": size,
+            "mtime": "2025-06-01T12:00:00Z",
+            "typeflag": 0,
+        }
+    ).decode()
 
 
 def _modctl_kind(path: str) -> str:
@@ -336,8 +360,9 @@ def _modctl_kind(path: str) -> str:
     return "weight.config"
 
 
-def modctl(files: dict[str, bytes], raw: bool = False, gzip_layers: bool = False,
-           legacy: bool = False) -> Pack:
+def modctl(
+    files: dict[str, bytes], raw: bool = False, gzip_layers: bool = False, legacy: bool = False
+) -> Pack:
     """``modctl build``: one layer per file; config files first, then weights, code, docs.
     A tar layer holds ONE entry named by the path relative to the workspace (no directory
     entries for its parents); ``--raw`` makes it the file itself.  Every layer carries
@@ -363,15 +388,20 @@ def modctl(files: dict[str, bytes], raw: bool = False, gzip_layers: bool = False
         ann = {f"org.{ns}.model.filepath": path}
         if not legacy:
             ann["org.cncf.model.file.metadata+json"] = _file_metadata(path, len(data))
-        mt = f"application/vnd.{ns}.model.{kind}.v1.{suffix}" if not legacy else \
-            f"application/vnd.cnai.model.layer.v1.{suffix}"
+        mt = (
+            f"application/vnd.{ns}.model.{kind}.v1.{suffix}"
+            if not legacy
+            else f"application/vnd.cnai.model.layer.v1.{suffix}"
+        )
         layers.append(_oci_desc(mt, blob, ann))
         blobs[sha256(blob)] = blob
-    config = go_json({
-        "descriptor": {"createdAt": CREATED, "name": "nekko-test", "version": "1"},
-        "modelfs": {"type": "layers", "diffIds": diff_ids},
-        "config": {"format": "safetensors", "paramSize": "1M", "precision": "float32"},
-    })
+    config = go_json(
+        {
+            "descriptor": {"createdAt": CREATED, "name": "nekko-test", "version": "1"},
+            "modelfs": {"type": "layers", "diffIds": diff_ids},
+            "config": {"format": "safetensors", "paramSize": "1M", "precision": "float32"},
+        }
+    )
     blobs[sha256(config)] = config
     manifest = {
         "schemaVersion": 2,
@@ -381,16 +411,22 @@ def modctl(files: dict[str, bytes], raw: bool = False, gzip_layers: bool = False
         "layers": layers,
     }
     if not legacy:
-        manifest["annotations"] = {"org.cncf.modctl.modelfile":
-                                   "# Generated at 2025-06-01\nNAME nekko-test\n"}
-    return Pack("modctl", "modelpack", go_json(manifest), OCI_MANIFEST, blobs, dict(files),
-                only_gguf(files))
+        manifest["annotations"] = {
+            "org.cncf.modctl.modelfile": "# Generated at 2025-06-01\nNAME nekko-test\n"
+        }
+    return Pack(
+        "modctl", "modelpack", go_json(manifest), OCI_MANIFEST, blobs, dict(files), only_gguf(files)
+    )
 
 
-def docker_model_v01(shards: list[bytes], license: bytes | None = b"MIT License\n",
-                     mmproj: bytes | None = None, template: bytes | None = None,
-                     dir_tar: tuple[str, dict[str, bytes]] | None = None,
-                     shard_names: list[str] | None = None) -> Pack:
+def docker_model_v01(
+    shards: list[bytes],
+    license: bytes | None = b"MIT License\n",
+    mmproj: bytes | None = None,
+    template: bytes | None = None,
+    dir_tar: tuple[str, dict[str, bytes]] | None = None,
+    shard_names: list[str] | None = None,
+) -> Pack:
     """``docker model package --gguf FIRST_SHARD [--license] [--mmproj] [--chat-template]
     [--dir-tar DIR]`` (config v0.1): one raw layer per GGUF shard, in shard order, then the
     license, projector and template; current builders also annotate every layer with
@@ -398,11 +434,14 @@ def docker_model_v01(shards: list[bytes], license: bytes | None = b"MIT License\
     ``org.cncf.model.file.mediatype.untested: false``.  A ``--dir-tar`` layer is a plain tar
     whose entries start with the directory's base name (paths relative to its parent).
     Docker Model Runner names the files by type and order, whatever the annotations say."""
-    names = shard_names or (["model.gguf"] if len(shards) == 1 else
-                            [f"Nekko-Q4-{i + 1:05d}-of-{len(shards):05d}.gguf"
-                             for i in range(len(shards))])
+    names = shard_names or (
+        ["model.gguf"]
+        if len(shards) == 1
+        else [f"Nekko-Q4-{i + 1:05d}-of-{len(shards):05d}.gguf" for i in range(len(shards))]
+    )
     parts: list[tuple[str, bytes, str]] = [
-        (names[i], s, "application/vnd.docker.ai.gguf.v3") for i, s in enumerate(shards)]
+        (names[i], s, "application/vnd.docker.ai.gguf.v3") for i, s in enumerate(shards)
+    ]
     if license is not None:
         parts.append(("LICENSE.txt", license, "application/vnd.docker.ai.license"))
     if mmproj is not None:
@@ -439,30 +478,61 @@ def docker_model_v01(shards: list[bytes], license: bytes | None = b"MIT License\
         layers.append(_docker_layer("dir-tar-123.tar", blob, "application/vnd.docker.ai.dir.tar"))
         blobs[sha256(blob)] = blob
     model = "model.gguf" if len(shards) == 1 else f"model-00001-of-{len(shards):05d}.gguf"
-    return _docker_pack("docker-model-v0.1", "v0.1", {
-        "format": "gguf", "quantization": "Q4_0", "parameters": "1M", "architecture": "llama",
-        "size": str(sum(len(s) for s in shards)), "gguf": {"general.architecture": "llama"},
-    }, layers, blobs, view, model)
+    return _docker_pack(
+        "docker-model-v0.1",
+        "v0.1",
+        {
+            "format": "gguf",
+            "quantization": "Q4_0",
+            "parameters": "1M",
+            "architecture": "llama",
+            "size": str(sum(len(s) for s in shards)),
+            "gguf": {"general.architecture": "llama"},
+        },
+        layers,
+        blobs,
+        view,
+        model,
+    )
 
 
 def _docker_layer(name: str, data: bytes, media_type: str) -> dict:
     """A layer as Docker Model Runner's ``partial.NewLayer`` describes it."""
-    return _ggcr_desc(media_type, data, {
-        "org.cncf.model.filepath": name,
-        "org.cncf.model.file.metadata+json": _file_metadata(name, len(data)),
-        "org.cncf.model.file.mediatype.untested": "false"})
+    return _ggcr_desc(
+        media_type,
+        data,
+        {
+            "org.cncf.model.filepath": name,
+            "org.cncf.model.file.metadata+json": _file_metadata(name, len(data)),
+            "org.cncf.model.file.mediatype.untested": "false",
+        },
+    )
 
 
-def _docker_pack(producer: str, version: str, config: dict, layers: list, blobs: dict,
-                 view: dict, model: str | None) -> Pack:
+def _docker_pack(
+    producer: str,
+    version: str,
+    config: dict,
+    layers: list,
+    blobs: dict,
+    view: dict,
+    model: str | None,
+) -> Pack:
     """The config (``config``, ``descriptor``, ``rootfs`` of type "rootfs") and manifest."""
-    body = go_json({"config": config, "descriptor": {"created": CREATED},
-                    "rootfs": {"type": "rootfs", "diff_ids": [d["digest"] for d in layers]}})
+    body = go_json(
+        {
+            "config": config,
+            "descriptor": {"created": CREATED},
+            "rootfs": {"type": "rootfs", "diff_ids": [d["digest"] for d in layers]},
+        }
+    )
     blobs[sha256(body)] = body
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": _ggcr_desc(f"application/vnd.docker.ai.model.config.{version}+json",
-                                     body),
-                "layers": layers}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": _ggcr_desc(f"application/vnd.docker.ai.model.config.{version}+json", body),
+        "layers": layers,
+    }
     return Pack(producer, "docker-model", go_json(manifest), OCI_MANIFEST, blobs, view, model)
 
 
@@ -488,13 +558,25 @@ def docker_model_v02(files: dict[str, bytes]) -> Pack:
     for path in sorted(files):
         layers.append(_docker_layer(path, files[path], _docker_type(path)))
         blobs[sha256(files[path])] = files[path]
-    return _docker_pack("docker-model-v0.2", "v0.2", {
-        "format": "safetensors", "architecture": "llama", "size": "1M",
-        "safetensors": {"tensors": "2"}}, layers, blobs, dict(files), only_gguf(files))
+    return _docker_pack(
+        "docker-model-v0.2",
+        "v0.2",
+        {
+            "format": "safetensors",
+            "architecture": "llama",
+            "size": "1M",
+            "safetensors": {"tensors": "2"},
+        },
+        layers,
+        blobs,
+        dict(files),
+        only_gguf(files),
+    )
 
 
-def kitops(context: dict[str, bytes], kitfile: dict, gzip_layers: bool = False,
-           old: bool = False) -> Pack:
+def kitops(
+    context: dict[str, bytes], kitfile: dict, gzip_layers: bool = False, old: bool = False
+) -> Pack:
     """``kit pack``: the config is the Kitfile as JSON (``application/vnd.kitops.modelkit.
     config.v1+json``), each element recording its layer's ``digest`` and ``diffId``; one tar
     layer per element in the order model, model parts, code, datasets, docs.  A layer's tar
@@ -540,7 +622,7 @@ def kitops(context: dict[str, bytes], kitfile: dict, gzip_layers: bool = False,
                 parent = posixpath.dirname(base)
                 if parent and not (name == parent or name.startswith(parent + "/")):
                     continue
-                shown = name[len(parent) + 1:] if parent else name
+                shown = name[len(parent) + 1 :] if parent else name
                 if not shown:
                     continue
             if name in context:
@@ -551,24 +633,39 @@ def kitops(context: dict[str, bytes], kitfile: dict, gzip_layers: bool = False,
         tar = tar_bytes(tar_entries)
         blob = gzip_bytes(tar, 1) if gzip_layers else tar
         blobs[sha256(blob)] = blob
-        layers.append(_oci_desc(f"application/vnd.kitops.modelkit.{kind}.v1.tar{compression}",
-                                blob))
+        layers.append(
+            _oci_desc(f"application/vnd.kitops.modelkit.{kind}.v1.tar{compression}", blob)
+        )
         if not old:
             element["digest"] = sha256(blob)
             element["diffId"] = sha256(tar)
     config = go_json(kf)
     blobs[sha256(config)] = config
-    manifest = {"schemaVersion": 2,
-                "config": _oci_desc("application/vnd.kitops.modelkit.config.v1+json", config),
-                "layers": layers,
-                "annotations": {"ml.kitops.modelkit.cli-version": "1.7.0"}}
-    return Pack("kit" + ("-old" if old else ""), "kitops", go_json(manifest), OCI_MANIFEST,
-                blobs, view, only_gguf(view))
+    manifest = {
+        "schemaVersion": 2,
+        "config": _oci_desc("application/vnd.kitops.modelkit.config.v1+json", config),
+        "layers": layers,
+        "annotations": {"ml.kitops.modelkit.cli-version": "1.7.0"},
+    }
+    return Pack(
+        "kit" + ("-old" if old else ""),
+        "kitops",
+        go_json(manifest),
+        OCI_MANIFEST,
+        blobs,
+        view,
+        only_gguf(view),
+    )
 
 
-def ollama(model: bytes, projector: bytes | None = None, template: bytes = b"{{ .Prompt }}",
-           system: bytes | None = b"You are a test.", params: dict | None = None,
-           license: bytes | None = b"Apache-2.0\n") -> Pack:
+def ollama(
+    model: bytes,
+    projector: bytes | None = None,
+    template: bytes = b"{{ .Prompt }}",
+    system: bytes | None = b"You are a test.",
+    params: dict | None = None,
+    license: bytes | None = b"Apache-2.0\n",
+) -> Pack:
     """``ollama create`` + ``push``: a Docker v2 manifest (``json.Marshal``, pushed as
     ``application/vnd.docker.distribution.manifest.v2+json``), config
     ``application/vnd.docker.container.image.v1+json`` holding Ollama's ConfigV2 (written
@@ -586,24 +683,43 @@ def ollama(model: bytes, projector: bytes | None = None, template: bytes = b"{{ 
     layers = []
     view = {}
     for role, data, name in parts:
-        layers.append({"mediaType": f"application/vnd.ollama.image.{role}",
-                       "digest": sha256(data), "size": len(data)})
+        layers.append(
+            {
+                "mediaType": f"application/vnd.ollama.image.{role}",
+                "digest": sha256(data),
+                "size": len(data),
+            }
+        )
         blobs[sha256(data)] = data
         view[name] = data
-    config = go_json({"model_format": "gguf", "model_family": "llama",
-                      "model_families": ["llama"], "model_type": "1M", "file_type": "Q4_0",
-                      "architecture": "amd64", "os": "linux"}, newline=True)
+    config = go_json(
+        {
+            "model_format": "gguf",
+            "model_family": "llama",
+            "model_families": ["llama"],
+            "model_type": "1M",
+            "file_type": "Q4_0",
+            "architecture": "amd64",
+            "os": "linux",
+        },
+        newline=True,
+    )
     blobs[sha256(config)] = config
-    manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
-                "config": {"mediaType": DOCKER_CONFIG, "digest": sha256(config),
-                           "size": len(config)},
-                "layers": layers}
-    return Pack("ollama", "ollama", go_json(manifest), DOCKER_MANIFEST, blobs, view,
-                "model.gguf")
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG, "digest": sha256(config), "size": len(config)},
+        "layers": layers,
+    }
+    return Pack("ollama", "ollama", go_json(manifest), DOCKER_MANIFEST, blobs, view, "model.gguf")
 
 
-def oras_directory(title: str, files: dict[str, bytes], extra: dict[str, bytes] | None = None,
-                   links: dict[str, str] | None = None) -> Pack:
+def oras_directory(
+    title: str,
+    files: dict[str, bytes],
+    extra: dict[str, bytes] | None = None,
+    links: dict[str, str] | None = None,
+) -> Pack:
     """``oras push REG/REPO:TAG DIR FILE…``: a directory becomes a tar+gzip layer whose entries
     start with the directory's name (the title), uid/gid 0, no user/group names, symlinks kept
     as links, annotated ``io.deis.oras.content.unpack: "true"`` and
@@ -622,32 +738,46 @@ def oras_directory(title: str, files: dict[str, bytes], extra: dict[str, bytes] 
         view[f"{title}/{path}"] = files[path]
     for path, target in sorted((links or {}).items()):
         entries.append(Entry(f"{title}/{path}", type="symlink", linkname=target))
-        view[f"{title}/{path}"] = files[posixpath.normpath(
-            posixpath.join(posixpath.dirname(path), target))]
+        view[f"{title}/{path}"] = files[
+            posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+        ]
     tar = tar_bytes(entries)
     blob = gzip_bytes(tar)
     blobs = {sha256(blob): blob}
-    layers = [_oci_desc(OCI_LAYER_GZIP, blob, {
-        "io.deis.oras.content.digest": sha256(tar),
-        "io.deis.oras.content.unpack": "true",
-        TITLE: title})]
+    layers = [
+        _oci_desc(
+            OCI_LAYER_GZIP,
+            blob,
+            {
+                "io.deis.oras.content.digest": sha256(tar),
+                "io.deis.oras.content.unpack": "true",
+                TITLE: title,
+            },
+        )
+    ]
     for name, data in sorted((extra or {}).items()):
         layers.append(_oci_desc(OCI_LAYER, data, {TITLE: name}))
         blobs[sha256(data)] = data
         view[name] = data
     empty = b"{}"
     blobs[sha256(empty)] = empty
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "artifactType": "application/vnd.unknown.artifact.v1",
-                "config": _oci_desc(OCI_EMPTY, empty, data="e30="),
-                "layers": layers,
-                "annotations": {"org.opencontainers.image.created": CREATED}}
-    return Pack("oras", "artifact", go_json(manifest), OCI_MANIFEST, blobs, view,
-                only_gguf(view))
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.unknown.artifact.v1",
+        "config": _oci_desc(OCI_EMPTY, empty, data="e30="),
+        "layers": layers,
+        "annotations": {"org.opencontainers.image.created": CREATED},
+    }
+    return Pack("oras", "artifact", go_json(manifest), OCI_MANIFEST, blobs, view, only_gguf(view))
 
 
-def image(layers: list[list[Entry]], view: dict[str, bytes], model: str | None = None,
-          docker: bool = False) -> Pack:
+def image(
+    layers: list[list[Entry]],
+    view: dict[str, bytes],
+    model: str | None = None,
+    docker: bool = False,
+) -> Pack:
     """An image as buildkit writes it: tar+gzip layers (entries without a leading ``./``),
     an image config with ``rootfs.diff_ids`` and history, OCI (or Docker v2) media types."""
     blobs: dict[str, bytes] = {}
@@ -660,17 +790,26 @@ def image(layers: list[list[Entry]], view: dict[str, bytes], model: str | None =
         diff_ids.append(sha256(tar))
         mt = "application/vnd.docker.image.rootfs.diff.tar.gzip" if docker else OCI_LAYER_GZIP
         descs.append(_oci_desc(mt, blob))
-    config = go_json({
-        "architecture": "amd64", "created": CREATED, "os": "linux",
-        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created": CREATED, "created_by": f"layer {i}"} for i in range(len(layers))],
-    })
+    config = go_json(
+        {
+            "architecture": "amd64",
+            "created": CREATED,
+            "os": "linux",
+            "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [
+                {"created": CREATED, "created_by": f"layer {i}"} for i in range(len(layers))
+            ],
+        }
+    )
     blobs[sha256(config)] = config
     mt = DOCKER_MANIFEST if docker else OCI_MANIFEST
-    manifest = {"schemaVersion": 2, "mediaType": mt,
-                "config": _oci_desc(DOCKER_CONFIG if docker else OCI_CONFIG, config),
-                "layers": descs}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": mt,
+        "config": _oci_desc(DOCKER_CONFIG if docker else OCI_CONFIG, config),
+        "layers": descs,
+    }
     return Pack("image", "image", go_json(manifest), mt, blobs, view, model)
 
 
@@ -679,21 +818,32 @@ def modelcar(files: dict[str, bytes] | None = None) -> Pack:
     deletes a stale file with a whiteout and replaces a directory with an opaque whiteout):
     the view is ``/models`` as the image's file system has it after all three layers."""
     files = files or hf_like_model("car", 1)
-    base = [Entry("bin", type="dir"), Entry("bin/busybox", b"\x7fELF busybox", mode=0o755),
-            Entry("bin/sh", type="hardlink", linkname="bin/busybox"),
-            Entry("etc", type="dir"), Entry("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
-            Entry("dev", type="dir"), Entry("dev/null", type="chr", mode=0o666),
-            Entry("models", type="dir"), Entry("models/stale.bin", b"old weights"),
-            Entry("models/cache", type="dir"), Entry("models/cache/old.json", b"{}")]
+    base = [
+        Entry("bin", type="dir"),
+        Entry("bin/busybox", b"\x7fELF busybox", mode=0o755),
+        Entry("bin/sh", type="hardlink", linkname="bin/busybox"),
+        Entry("etc", type="dir"),
+        Entry("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+        Entry("dev", type="dir"),
+        Entry("dev/null", type="chr", mode=0o666),
+        Entry("models", type="dir"),
+        Entry("models/stale.bin", b"old weights"),
+        Entry("models/cache", type="dir"),
+        Entry("models/cache/old.json", b"{}"),
+    ]
     model = [Entry("models", type="dir")]
     for path in sorted(files):
         for parent in _parents(path):
             model.append(Entry(f"models/{parent}", type="dir"))
         model.append(Entry(f"models/{path}", files[path]))
     model.append(Entry("models/current", type="symlink", linkname="config.json"))
-    top = [Entry("models", type="dir"), Entry("models/.wh.stale.bin"),
-           Entry("models/cache", type="dir"), Entry("models/cache/.wh..wh..opq"),
-           Entry("models/cache/new.json", b'{"new": true}')]
+    top = [
+        Entry("models", type="dir"),
+        Entry("models/.wh.stale.bin"),
+        Entry("models/cache", type="dir"),
+        Entry("models/cache/.wh..wh..opq"),
+        Entry("models/cache/new.json", b'{"new": true}'),
+    ]
     view = dict(files)
     view["current"] = files["config.json"]
     view["cache/new.json"] = b'{"new": true}'
@@ -712,8 +862,10 @@ HOSTILE: dict[str, list[Entry]] = {
     "dot-dot": [Entry("../escape", b"x")],
     "dot-dot inside": [Entry("a/../../escape", b"x")],
     "symlink to /etc/passwd": [Entry("passwd", type="symlink", linkname="/etc/passwd")],
-    "symlink up and out": [Entry("sub", type="dir"),
-                           Entry("sub/p", type="symlink", linkname="../../etc/passwd")],
+    "symlink up and out": [
+        Entry("sub", type="dir"),
+        Entry("sub/p", type="symlink", linkname="../../etc/passwd"),
+    ],
     "hard link to /etc/passwd": [Entry("p", type="hardlink", linkname="/etc/passwd")],
     "hard link to nothing": [Entry("p", type="hardlink", linkname="missing")],
     "character device": [Entry("null", type="chr")],
@@ -726,25 +878,36 @@ HOSTILE: dict[str, list[Entry]] = {
     "not UTF-8": [Entry("", b"x", raw_name=b"caf\xe9.bin")],
     "file and directory": [Entry("a", b"file"), Entry("a/b", b"under a file")],
     "directory then file": [Entry("a/b", b"x"), Entry("a", b"file")],
-    "file under a link": [Entry("sub", type="dir"), Entry("d", type="symlink", linkname="sub"),
-                          Entry("d/x", b"written through a link")],
+    "file under a link": [
+        Entry("sub", type="dir"),
+        Entry("d", type="symlink", linkname="sub"),
+        Entry("d/x", b"written through a link"),
+    ],
     "dangling link": [Entry("l", type="symlink", linkname="nothing")],
-    "link loop": [Entry("a", type="symlink", linkname="b"),
-                  Entry("b", type="symlink", linkname="a")],
-    "link to its own directory": [Entry("d", type="dir"), Entry("d/x", b"x"),
-                                  Entry("d/self", type="symlink", linkname=".")],
+    "link loop": [
+        Entry("a", type="symlink", linkname="b"),
+        Entry("b", type="symlink", linkname="a"),
+    ],
+    "link to its own directory": [
+        Entry("d", type="dir"),
+        Entry("d/x", b"x"),
+        Entry("d/self", type="symlink", linkname="."),
+    ],
     "control character": [Entry("bad\nname", b"x")],
 }
 
 
-def replace_layer(pack: Pack, index: int, blob: bytes, media_type: str,
-                  annotations: dict) -> Pack:
+def replace_layer(pack: Pack, index: int, blob: bytes, media_type: str, annotations: dict) -> Pack:
     """``pack`` with only its layer ``index``, and that replaced by ``blob`` (a hostile tar):
     its view is unknown (empty)."""
     doc = pack.doc
     doc["layers"] = [d for i, d in enumerate(doc["layers"]) if i == index]
-    doc["layers"][0] = {"mediaType": media_type, "digest": sha256(blob), "size": len(blob),
-                        "annotations": annotations}
+    doc["layers"][0] = {
+        "mediaType": media_type,
+        "digest": sha256(blob),
+        "size": len(blob),
+        "annotations": annotations,
+    }
     blobs = {doc["config"]["digest"]: pack.config, sha256(blob): blob}
     return Pack(pack.producer, pack.format, go_json(doc), pack.media_type, blobs, {})
 
@@ -753,8 +916,7 @@ def replace_layer(pack: Pack, index: int, blob: bytes, media_type: str,
 # pushing
 
 
-def push_pack(peer: Any, repo_tag: str, pack: Pack, creds: tuple[str, str] | None = None
-              ) -> str:
+def push_pack(peer: Any, repo_tag: str, pack: Pack, creds: tuple[str, str] | None = None) -> str:
     """Push ``pack`` to ``peer``'s registry as ``REPO:TAG`` (blobs by monolithic upload, then
     the manifest byte for byte with the producer's Content-Type).  Returns ``oci://`` URL."""
     repo, _, tag = repo_tag.rpartition(":")
@@ -764,8 +926,9 @@ def push_pack(peer: Any, repo_tag: str, pack: Pack, creds: tuple[str, str] | Non
     if creds and token_server is not None:  # a token up front: a big body is sent once
         from peers.tokenserver import fetch_token
 
-        token = fetch_token(token_server.realm, peer.service,
-                            [f"repository:{repo}:pull,push"], creds)
+        token = fetch_token(
+            token_server.realm, peer.service, [f"repository:{repo}:pull,push"], creds
+        )
         request = peer.request
 
         def with_token(*args: Any, **kw: Any) -> Any:
@@ -776,22 +939,41 @@ def push_pack(peer: Any, repo_tag: str, pack: Pack, creds: tuple[str, str] | Non
         head = peer.request("HEAD", f"/v2/{repo}/blobs/{digest}", creds=creds, direct=True)
         if head.status == 200:
             continue
-        start = peer.request("POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"},
-                             b"", creds=creds, direct=True)
+        start = peer.request(
+            "POST",
+            f"/v2/{repo}/blobs/uploads/",
+            {"Content-Length": "0"},
+            b"",
+            creds=creds,
+            direct=True,
+        )
         if start.status != 202:
             raise RuntimeError(f"POST upload {repo}: {start.status} {start.body[:300]!r}")
         loc = urlsplit(start.headers["location"])
         sep = "&" if loc.query else "?"
-        path = f"{loc.path}?{loc.query}{sep}digest={digest}" if loc.query else \
-            f"{loc.path}?digest={digest}"
-        put = peer.request("PUT", path, {"Content-Type": "application/octet-stream",
-                                         "Content-Length": str(len(data))}, data,
-                           creds=creds, direct=True)
+        path = (
+            f"{loc.path}?{loc.query}{sep}digest={digest}"
+            if loc.query
+            else f"{loc.path}?digest={digest}"
+        )
+        put = peer.request(
+            "PUT",
+            path,
+            {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
+            data,
+            creds=creds,
+            direct=True,
+        )
         if put.status != 201:
             raise RuntimeError(f"PUT blob {digest}: {put.status} {put.body[:300]!r}")
-    put = peer.request("PUT", f"/v2/{repo}/manifests/{tag}",
-                       {"Content-Type": pack.media_type, "Content-Length": str(len(pack.manifest))},
-                       pack.manifest, creds=creds, direct=True)
+    put = peer.request(
+        "PUT",
+        f"/v2/{repo}/manifests/{tag}",
+        {"Content-Type": pack.media_type, "Content-Length": str(len(pack.manifest))},
+        pack.manifest,
+        creds=creds,
+        direct=True,
+    )
     if put.status != 201:
         raise RuntimeError(f"PUT manifest {repo_tag}: {put.status} {put.body[:300]!r}")
     served = put.headers.get("docker-content-digest")
@@ -820,13 +1002,27 @@ def standard_packs() -> dict[str, Pack]:
         "docker-v01": docker_model_v01([one], template=b"{{ messages }}"),
         "docker-v01-split": docker_model_v01(shards, mmproj=gguf_bytes("proj", "clip")),
         "docker-v02": docker_model_v02({**hf, "LICENSE": b"MIT\n", "sub/extra.json": b"{}"}),
-        "kitops": kitops({"Kitfile": b"x", "models/m.gguf": one, "src/run.py": b"print(1)\n",
-                          "README.md": b"# kit\n"},
-                         {"manifestVersion": "1.0.0", "package": {"name": "test"},
-                          "model": {"name": "m", "path": "models/m.gguf"},
-                          "code": [{"path": "src"}], "docs": [{"path": "README.md"}]}),
+        "kitops": kitops(
+            {
+                "Kitfile": b"x",
+                "models/m.gguf": one,
+                "src/run.py": b"print(1)\n",
+                "README.md": b"# kit\n",
+            },
+            {
+                "manifestVersion": "1.0.0",
+                "package": {"name": "test"},
+                "model": {"name": "m", "path": "models/m.gguf"},
+                "code": [{"path": "src"}],
+                "docs": [{"path": "README.md"}],
+            },
+        ),
         "ollama": ollama(one, projector=gguf_bytes("proj", "clip")),
-        "oras": oras_directory("weights", {"a.bin": b"A" * 100, "sub/b.bin": b"B" * 10},
-                               {"README.md": b"# oras\n"}, links={"latest.bin": "a.bin"}),
+        "oras": oras_directory(
+            "weights",
+            {"a.bin": b"A" * 100, "sub/b.bin": b"B" * 10},
+            {"README.md": b"# oras\n"},
+            links={"latest.bin": "a.bin"},
+        ),
         "modelcar": modelcar(),
     }

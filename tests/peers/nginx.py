@@ -105,15 +105,16 @@ def config_head(prefix: Path, generator: str) -> str:
 {user}
 master_process off;
 worker_processes 1;
-pid {quote(prefix / 'nginx.pid')};
-lock_file {quote(prefix / 'nginx.lock')};
-error_log {quote(prefix / 'error.log')} warn;
+pid {quote(prefix / "nginx.pid")};
+lock_file {quote(prefix / "nginx.lock")};
+error_log {quote(prefix / "error.log")} warn;
 """
 
 
 def temp_paths(prefix: Path) -> str:
-    return "\n".join(f"    {kind}_temp_path {quote(prefix / 'tmp' / kind)};"
-                     for kind in _TEMP_KINDS)
+    return "\n".join(
+        f"    {kind}_temp_path {quote(prefix / 'tmp' / kind)};" for kind in _TEMP_KINDS
+    )
 
 
 def nginx_prefix(workdir: Path) -> tuple[Path, Path]:
@@ -134,19 +135,32 @@ def spawn_nginx(prefix: Path, config: str) -> subprocess.Popen[bytes]:
     conf.write_text(config)
     for name in ("access.log", "error.log"):
         (prefix / name).write_bytes(b"")
-    return spawn_logged([binary, "-p", f"{prefix}/", "-c", str(conf),
-                         "-e", str(prefix / "error.log"), "-g", "daemon off;"],
-                        prefix / "stderr.log")
+    return spawn_logged(
+        [
+            binary,
+            "-p",
+            f"{prefix}/",
+            "-c",
+            str(conf),
+            "-e",
+            str(prefix / "error.log"),
+            "-g",
+            "daemon off;",
+        ],
+        prefix / "stderr.log",
+    )
 
 
 def nginx_errors(prefix: Path) -> str:
     """What an nginx that did not start said (its error log and stderr)."""
-    return ((prefix / "error.log").read_text(errors="replace")
-            + (prefix / "stderr.log").read_text(errors="replace"))
+    return (prefix / "error.log").read_text(errors="replace") + (prefix / "stderr.log").read_text(
+        errors="replace"
+    )
 
 
-def _config(prefix: Path, root: Path, port: int, cdn_port: int, limit_rate: str | None,
-            token: str) -> str:
+def _config(
+    prefix: Path, root: Path, port: int, cdn_port: int, limit_rate: str | None, token: str
+) -> str:
     cdn_url = f"http://localhost:{cdn_port}"
     limit = f"limit_rate {limit_rate};" if limit_rate else ""
     alias = quote(f"{root}/")
@@ -156,9 +170,11 @@ def _config(prefix: Path, root: Path, port: int, cdn_port: int, limit_rate: str 
     )
     bearer_check = (
         f'if ($http_authorization != "Bearer {BEARER_TOKEN}") '
-        "{ add_header WWW-Authenticate Bearer always; return 401 \"bearer token required\\n\"; }"
+        '{ add_header WWW-Authenticate Bearer always; return 401 "bearer token required\\n"; }'
     )
-    return config_head(prefix, "tests/peers/nginx.py") + f"""
+    return (
+        config_head(prefix, "tests/peers/nginx.py")
+        + f"""
 events {{
     worker_connections 1024;
 }}
@@ -180,7 +196,7 @@ http {{
         default "";
     }}
     log_format nekko escape=json '{_LOG_FORMAT}';
-    access_log {quote(prefix / 'access.log')} nekko;
+    access_log {quote(prefix / "access.log")} nekko;
 
     server {{
         listen 127.0.0.1:{port};
@@ -192,7 +208,7 @@ http {{
         location /files/ {{ alias {alias}; {limit} }}
         location /basic/ {{
             auth_basic "nekko";
-            auth_basic_user_file {quote(prefix / 'htpasswd')};
+            auth_basic_user_file {quote(prefix / "htpasswd")};
             alias {alias}; {limit}
         }}
         location /bearer/ {{
@@ -226,14 +242,21 @@ http {{
     }}
 }}
 """
+    )
 
 
 class NginxProcess(ChildProcess):
     """A running nginx: its ``prefix`` (config, logs), the ``root`` it serves as ``/files/``,
     ``port`` and ``url``."""
 
-    def __init__(self, prefix: Path, root: Path, port: int, proc: subprocess.Popen[bytes],
-                 scheme: str = "http") -> None:
+    def __init__(
+        self,
+        prefix: Path,
+        root: Path,
+        port: int,
+        proc: subprocess.Popen[bytes],
+        scheme: str = "http",
+    ) -> None:
         self.prefix = prefix
         self.root = root
         self.port = port
@@ -257,8 +280,9 @@ class NginxProcess(ChildProcess):
 class NginxPeer(NginxProcess):
     """A running nginx; see the module docstring for what it serves."""
 
-    def __init__(self, prefix: Path, root: Path, port: int, cdn_port: int,
-                 proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, prefix: Path, root: Path, port: int, cdn_port: int, proc: subprocess.Popen[bytes]
+    ) -> None:
         super().__init__(prefix, root, port, proc)
         self.cdn_port = cdn_port
         self.cdn_url = f"http://localhost:{cdn_port}"
@@ -313,14 +337,18 @@ class NginxPeer(NginxProcess):
         ``all_statuses``.
         """
         return sum(
-            r["body_bytes_sent"] for r in self.requests_for(name_substring)
+            r["body_bytes_sent"]
+            for r in self.requests_for(name_substring)
             if all_statuses or 200 <= r["status"] < 300
         )
 
     def requests_for(self, name_substring: str) -> list[dict[str, Any]]:
         """The log records whose uri contains ``name_substring``."""
-        return [r for r in self.access_log()
-                if name_substring in r["uri"] or name_substring in r["request_uri"]]
+        return [
+            r
+            for r in self.access_log()
+            if name_substring in r["uri"] or name_substring in r["request_uri"]
+        ]
 
     def clear_log(self) -> None:
         """Forget every request logged so far."""
@@ -361,9 +389,16 @@ def start_nginx(workdir: Path, limit_rate: str | None = None) -> NginxPeer:
         return NginxPeer(prefix, root, port, cdn_port, proc)
 
     peer = start_on_free_ports(
-        2, spawn, lambda p: _answers(p.port, token) and _answers(p.cdn_port, token),
-        lambda p: nginx_errors(prefix), failure=f"nginx did not start in {prefix}",
-        in_use="Address already in use", error=NginxError, timeout=_START_TIMEOUT, poll=0.01)
+        2,
+        spawn,
+        lambda p: _answers(p.port, token) and _answers(p.cdn_port, token),
+        lambda p: nginx_errors(prefix),
+        failure=f"nginx did not start in {prefix}",
+        in_use="Address already in use",
+        error=NginxError,
+        timeout=_START_TIMEOUT,
+        poll=0.01,
+    )
     peer.clear_log()
     return peer
 

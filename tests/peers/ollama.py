@@ -30,8 +30,9 @@ TEXT_PLAIN = "text/plain; charset=utf-8"
 class OllamaFront(CountingProxy):
     """A :class:`~peers.registry.CountingProxy` that answers as registry.ollama.ai does."""
 
-    def __init__(self, backend: tuple[str, int], storage_dir: str | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, backend: tuple[str, int], storage_dir: str | None = None, **options: Any
+    ) -> None:
         options.setdefault("redirect_blobs", True)
         super().__init__(backend, storage_dir, **options)
 
@@ -61,8 +62,9 @@ class _OllamaHandler(_ProxyHandler):
 
     def _not_found(self) -> None:
         body = b"404 page not found\n"
-        self.proxy._record(Request(self.command, self.path, 404,
-                                   "Authorization" in self.headers, None, len(body)))
+        self.proxy._record(
+            Request(self.command, self.path, 404, "Authorization" in self.headers, None, len(body))
+        )
         self._drain()
         self.send_response_only(404)
         self.send_header("Content-Type", TEXT_PLAIN)
@@ -77,12 +79,15 @@ class _OllamaHandler(_ProxyHandler):
         body = resp.read()
         if resp.will_close:
             self._close_up()
-        self.proxy._record(Request("GET", self.path, resp.status,
-                                   "Authorization" in self.headers, None, len(body)))
+        self.proxy._record(
+            Request("GET", self.path, resp.status, "Authorization" in self.headers, None, len(body))
+        )
         self.close_connection = True
         self.send_response_only(resp.status)
-        self.send_header("Content-Type", TEXT_PLAIN if resp.status == 200 else
-                         resp.getheader("Content-Type") or TEXT_PLAIN)
+        self.send_header(
+            "Content-Type",
+            TEXT_PLAIN if resp.status == 200 else resp.getheader("Content-Type") or TEXT_PLAIN,
+        )
         if resp.getheader("WWW-Authenticate"):
             self.send_header("WWW-Authenticate", resp.getheader("WWW-Authenticate"))
         self.send_header("Connection", "close")

@@ -84,8 +84,17 @@ if TYPE_CHECKING:
 
 BLOB_RE = re.compile(r"^/v2/(?P<repo>.+)/blobs/(?P<digest>[A-Za-z0-9_+.-]+:[A-Fa-f0-9]+)$")
 _HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "trailers", "transfer-encoding", "upgrade"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
 _CHUNK = 256 * 1024
 
@@ -104,8 +113,9 @@ class Request:
 
     def __iter__(self) -> Iterator[Any]:
         """``method, path, status, has_auth, rng, nbytes = request`` works too."""
-        return iter((self.method, self.path, self.status, self.has_authorization, self.range,
-                     self.bytes))
+        return iter(
+            (self.method, self.path, self.status, self.has_authorization, self.range, self.bytes)
+        )
 
     @property
     def blob_digest(self) -> str | None:
@@ -155,12 +165,18 @@ class CountingProxy:
     expire_blob_urls_after: int | None
     ignore_ranges: bool
     OPTIONS: ClassVar[dict[str, Any]] = {
-        "redirect_blobs": False, "fail_with": None, "fail_times": None, "fail_match": None,
-        "retry_after": None, "expire_blob_urls_after": None, "ignore_ranges": False,
+        "redirect_blobs": False,
+        "fail_with": None,
+        "fail_times": None,
+        "fail_match": None,
+        "retry_after": None,
+        "expire_blob_urls_after": None,
+        "ignore_ranges": False,
     }
 
-    def __init__(self, backend: tuple[str, int], storage_dir: str | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, backend: tuple[str, int], storage_dir: str | None = None, **options: Any
+    ) -> None:
         self.backend = backend
         self.storage_dir = storage_dir
         self.requests: list[Request] = []
@@ -183,7 +199,9 @@ class CountingProxy:
         server = _QuietServer(("127.0.0.1", 0), handler)
         server.proxy = self  # type: ignore[attr-defined]
         t = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            daemon=True,
             name=f"{handler.__name__}:{server.server_address[1]}",
         )
         t.start()
@@ -221,8 +239,10 @@ class CountingProxy:
         with self._lock:
             reqs = list(self.requests)
         return sum(
-            1 for r in reqs
-            if r.method == "GET" and r.blob_digest is not None
+            1
+            for r in reqs
+            if r.method == "GET"
+            and r.blob_digest is not None
             and (digest is None or r.blob_digest == digest)
         )
 
@@ -231,8 +251,10 @@ class CountingProxy:
         with self._lock:
             reqs = list(self.requests) + list(self.blob_host_requests)
         return sum(
-            r.bytes for r in reqs
-            if r.method == "GET" and r.blob_digest is not None
+            r.bytes
+            for r in reqs
+            if r.method == "GET"
+            and r.blob_digest is not None
             and (digest is None or r.blob_digest == digest)
         )
 
@@ -242,8 +264,11 @@ class CountingProxy:
         n = 0
         for r in reqs:
             p = urlsplit(r.path).path
-            if r.method == "GET" and "/manifests/" in p and (
-                    reference is None or p.endswith("/manifests/" + reference)):
+            if (
+                r.method == "GET"
+                and "/manifests/" in p
+                and (reference is None or p.endswith("/manifests/" + reference))
+            ):
                 n += 1
         return n
 
@@ -319,18 +344,24 @@ class CountingProxy:
 
     # -- presigned blob URLs --------------------------------------------------------------
     def _sign(self, digest: str, expires: str, nonce: str = "") -> str:
-        return hmac.new(self._secret, f"{digest}\n{expires}\n{nonce}".encode(),
-                        hashlib.sha256).hexdigest()
+        return hmac.new(
+            self._secret, f"{digest}\n{expires}\n{nonce}".encode(), hashlib.sha256
+        ).hexdigest()
 
     def presigned_url(self, repo: str, digest: str) -> str:
         expires = str(int(time.time()) + 600)
         with self._lock:
             self._nonce += 1
             nonce = str(self._nonce)
-        q = urlencode({
-            "repo": repo, "X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Expires": expires,
-            "X-Amz-Date": nonce, "X-Amz-Signature": self._sign(digest, expires, nonce),
-        })
+        q = urlencode(
+            {
+                "repo": repo,
+                "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
+                "X-Amz-Expires": expires,
+                "X-Amz-Date": nonce,
+                "X-Amz-Signature": self._sign(digest, expires, nonce),
+            }
+        )
         return f"http://{self.blob_host}/blobs/{quote(digest, safe=':')}?{q}"
 
     def blob_file(self, digest: str) -> str:
@@ -491,8 +522,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         status = proxy._take_failure(self.path)
         if status:
             self._drain()
-            body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "injected failure",
-                                           "detail": status}]}).encode()
+            body = json.dumps(
+                {
+                    "errors": [
+                        {"code": "UNAVAILABLE", "message": "injected failure", "detail": status}
+                    ]
+                }
+            ).encode()
             sent = len(body) if self.command != "HEAD" else 0
             proxy._record(Request(self.command, self.path, status, has_auth, rng, sent))
             self.send_response_only(status)
@@ -511,9 +547,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_OPTIONS = _handle
 
-    def _send_upstream(self, method: str, headers: list[tuple[str, str]],
-                       body: Iterator[bytes] | None, chunked: bool
-                       ) -> http.client.HTTPResponse:
+    def _send_upstream(
+        self,
+        method: str,
+        headers: list[tuple[str, str]],
+        body: Iterator[bytes] | None,
+        chunked: bool,
+    ) -> http.client.HTTPResponse:
         for attempt in (0, 1):
             conn = self._upstream()
             try:
@@ -539,15 +579,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _headers_out(self, drop: tuple[str, ...] = ()) -> list[tuple[str, str]]:
         # Expect: 100-continue was already answered by BaseHTTPRequestHandler
-        return [(k, v) for k, v in self.headers.items()
-                if k.lower() not in _HOP and k.lower() not in drop and k.lower() != "expect"]
+        return [
+            (k, v)
+            for k, v in self.headers.items()
+            if k.lower() not in _HOP and k.lower() not in drop and k.lower() != "expect"
+        ]
 
     def _redirect(self, m: re.Match) -> bool:
         """Answer a blob GET with a 307 to the blob host when the registry allows it."""
         proxy = self.proxy
         try:
-            resp = self._send_upstream("HEAD", self._headers_out(("range", "if-range")),
-                                       None, False)
+            resp = self._send_upstream(
+                "HEAD", self._headers_out(("range", "if-range")), None, False
+            )
             resp.read()
             if resp.will_close:
                 self._close_up()
@@ -557,8 +601,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if resp.status != 200:
             return False  # let the real GET answer (a 401 challenge, a 404 ...)
         self._drain()
-        proxy._record(Request("GET", self.path, 307, "Authorization" in self.headers,
-                              self.headers.get("Range"), 0))
+        proxy._record(
+            Request(
+                "GET", self.path, 307, "Authorization" in self.headers, self.headers.get("Range"), 0
+            )
+        )
         self.send_response_only(307)
         self.send_header("Location", proxy.presigned_url(m.group("repo"), m.group("digest")))
         self.send_header("Content-Length", "0")
@@ -577,7 +624,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             headers = [(k, v) for k, v in headers if k.lower() not in ("range", "if-range")]
         try:
             resp = self._send_upstream(
-                self.command, headers, self._iter_body() if kind != "none" else None,
+                self.command,
+                headers,
+                self._iter_body() if kind != "none" else None,
                 kind == "chunked",
             )
         except (OSError, http.client.HTTPException) as e:
@@ -627,8 +676,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                         last = False
                     if data:
                         rec.bytes += len(data)
-                        self.wfile.write(
-                            b"%x\r\n%s\r\n" % (len(data), data) if chunk_out else data)
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunk_out else data)
                     if last:
                         if chunk_out:
                             self.wfile.write(b"0\r\n\r\n")
@@ -664,8 +712,10 @@ class _BlobHostHandler(BaseHTTPRequestHandler):
         return self.server.proxy  # type: ignore[attr-defined]
 
     def _error(self, rec: Request, status: int, code: str, message: str) -> None:
-        body = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>"
-                f"<Message>{message}</Message></Error>\n").encode()
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>{message}</Message></Error>\n"
+        ).encode()
         rec.status = status
         rec.bytes = len(body) if self.command != "HEAD" else 0
         self.send_response(status)
@@ -676,8 +726,14 @@ class _BlobHostHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def do_GET(self) -> None:
-        rec = Request(self.command, self.path, 0, "Authorization" in self.headers,
-                      self.headers.get("Range"), 0)
+        rec = Request(
+            self.command,
+            self.path,
+            0,
+            "Authorization" in self.headers,
+            self.headers.get("Range"),
+            0,
+        )
         self._serve(rec)
 
     do_HEAD = do_GET
@@ -689,10 +745,14 @@ class _BlobHostHandler(BaseHTTPRequestHandler):
         # recorded at once, but filled in before any byte of the answer goes out
         proxy._record(rec, blob_host=True)
         if rec.has_authorization:
-            self._error(rec, 400, "InvalidArgument",
-                        "Only one auth mechanism allowed; only the X-Amz-Algorithm query "
-                        "parameter, Signature query string parameter or the Authorization "
-                        "header should be specified")
+            self._error(
+                rec,
+                400,
+                "InvalidArgument",
+                "Only one auth mechanism allowed; only the X-Amz-Algorithm query "
+                "parameter, Signature query string parameter or the Authorization "
+                "header should be specified",
+            )
             return
         m = re.match(r"^/blobs/([A-Za-z0-9_+.-]+:[A-Fa-f0-9]+)$", unquote(url.path))
         if not m:
@@ -702,8 +762,11 @@ class _BlobHostHandler(BaseHTTPRequestHandler):
         expires = (q.get("X-Amz-Expires") or [""])[0]
         nonce = (q.get("X-Amz-Date") or [""])[0]
         sig = (q.get("X-Amz-Signature") or [""])[0]
-        if not hmac.compare_digest(sig, proxy._sign(digest, expires, nonce)) or \
-                not expires.isdigit() or int(expires) < time.time():
+        if (
+            not hmac.compare_digest(sig, proxy._sign(digest, expires, nonce))
+            or not expires.isdigit()
+            or int(expires) < time.time()
+        ):
             self._error(rec, 403, "SignatureDoesNotMatch", "bad or expired signature")
             return
         self.signature = sig
@@ -739,8 +802,9 @@ class _BlobHostHandler(BaseHTTPRequestHandler):
                 status = 206
         length = end - start + 1 if size else 0
         drop_after = self.proxy._take_drop(digest) if self.command == "GET" else None
-        allowed = self.proxy._url_allowance(self.signature, length) \
-            if self.command == "GET" else None
+        allowed = (
+            self.proxy._url_allowance(self.signature, length) if self.command == "GET" else None
+        )
         if allowed is not None:
             if allowed <= 0 and length:
                 self._error(rec, 403, "AccessDenied", "Request has expired")
@@ -802,8 +866,9 @@ class RegistryPeer(CountingProxy):
     ``log_path``, ``service``, ``credentials`` ((user, password) for the auth registry).
     """
 
-    def __init__(self, workdir: str, *, auth: bool = False, token_expires_in: int = 300,
-                 **proxy_options: Any) -> None:
+    def __init__(
+        self, workdir: str, *, auth: bool = False, token_expires_in: int = 300, **proxy_options: Any
+    ) -> None:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.auth = auth
@@ -879,8 +944,12 @@ class RegistryPeer(CountingProxy):
                 f.write(self._config(storage, port))
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child's log; closed at stop
             self.process = subprocess.Popen(
-                [binary, "serve", self.config_path], stdin=subprocess.DEVNULL,
-                stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                [binary, "serve", self.config_path],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
             if self._wait_ready(port):
                 return port

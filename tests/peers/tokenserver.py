@@ -182,8 +182,9 @@ class TokenServer:
         return typ, name, [a for a in actions.split(",") if a]
 
     def password_ok(self, user: str, password: str) -> bool:
-        return user in self.users and secrets.compare_digest(self.users[user].encode(),
-                                                             password.encode())
+        return user in self.users and secrets.compare_digest(
+            self.users[user].encode(), password.encode()
+        )
 
     def allowed(self, user: str, typ: str, name: str) -> set[str]:
         """Actions ``user`` ("" = anonymous) has on resource ``typ:name``."""
@@ -280,7 +281,9 @@ class TokenServer:
         server.token_server = self  # type: ignore[attr-defined]
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            daemon=True,
             name="token-server",
         )
         self._thread.start()
@@ -349,8 +352,9 @@ class _TokenHandler(BaseHTTPRequestHandler):
         rec.auth = scheme or "other"
         return None
 
-    def _answer(self, rec: TokenRequest, status: int, obj: Any,
-                extra: dict[str, str] | None = None) -> None:
+    def _answer(
+        self, rec: TokenRequest, status: int, obj: Any, extra: dict[str, str] | None = None
+    ) -> None:
         """Record ``rec`` with ``status``, then send ``obj``."""
         rec.status = status
         self.ts.record(rec)
@@ -359,7 +363,8 @@ class _TokenHandler(BaseHTTPRequestHandler):
     def _refuse(self, rec: TokenRequest) -> None:
         rec.user = ""
         self._answer(
-            rec, 401,
+            rec,
+            401,
             {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
             {"WWW-Authenticate": 'Basic realm="nekko-test-tokenserver"'},
         )
@@ -384,8 +389,12 @@ class _TokenHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         q = parse_qs(url.query, keep_blank_values=True)
         rec = TokenRequest(
-            method="GET", path=url.path, auth=None, user="",
-            service=(q.get("service") or [None])[0], scopes=list(q.get("scope", [])),
+            method="GET",
+            path=url.path,
+            auth=None,
+            user="",
+            service=(q.get("service") or [None])[0],
+            scopes=list(q.get("scope", [])),
         )
         if self._refused_early(rec):
             return
@@ -409,8 +418,13 @@ class _TokenHandler(BaseHTTPRequestHandler):
 
         scopes = [s for v in form.get("scope", []) for s in v.split(" ") if s]
         rec = TokenRequest(
-            method="POST", path=url.path, auth=None, user="", service=one("service"),
-            scopes=scopes, grant_type=one("grant_type"),
+            method="POST",
+            path=url.path,
+            auth=None,
+            user="",
+            service=one("service"),
+            scopes=scopes,
+            grant_type=one("grant_type"),
         )
         if self._refused_early(rec):
             return
@@ -440,6 +454,7 @@ class _TokenHandler(BaseHTTPRequestHandler):
 
 def decode_jwt_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(header, claims) of a JWT, without checking anything.  For tests."""
+
     def part(s: str) -> dict[str, Any]:
         return json.loads(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)))
 
@@ -474,9 +489,9 @@ def fetch_token(
     path = (u.path or "/") + ("?" + urlencode(q) if q else "")
     headers = {}
     if creds:
-        headers["Authorization"] = "Basic " + base64.b64encode(
-            f"{creds[0]}:{creds[1]}".encode()
-        ).decode()
+        headers["Authorization"] = (
+            "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        )
     conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=60)
     try:
         conn.request("GET", path, headers=headers)
