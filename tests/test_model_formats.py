@@ -781,3 +781,46 @@ def test_builders_write_go_shaped_tars():
     with tarfile.open(fileobj=info) as t:
         (m,) = t.getmembers()
         assert (m.name, m.uname, m.gname) == ("a", "", "")
+
+
+# --------------------------------------------------------------------------------------------
+# an ordinary image's whole file system: its layers read a second time, in parallel
+
+
+def _whole_image(n: int) -> mp.Pack:
+    layers = [
+        [Entry(f"usr/lib/l{i}/f{j}.so", os.urandom(3000 + j)) for j in range(5)]
+        + [Entry(f"etc/conf{i}", b"x" * i)]
+        for i in range(n)
+    ]
+    return mp.image(layers, {})
+
+
+def test_layers_read_again_in_parallel_give_what_one_at_a_time_gives(store, tmp_path, monkeypatch):
+    pack = _whole_image(6)
+    opener = Opener(store)
+    got = contents(store, materialize(store, pack, opener))
+    assert len(got) == 36 and opener.opened.count(opener.opened[0]) == 2  # read twice
+    monkeypatch.setattr(unpack, "FILL_THREADS", 1)
+    other = Store(tmp_path / "other").init()
+    assert contents(other, materialize(other, pack)) == got
+    assert store.verify() == []
+
+
+def test_a_layer_that_changed_between_readings_fails_the_parallel_pass(store, monkeypatch):
+    monkeypatch.setattr(unpack, "FILL_THREADS", 4)
+    pack = _whole_image(4)
+    pulled(store, pack)
+    layers = [d["digest"] for d in pack.doc["layers"]]
+    seen: dict = {}
+
+    def opener(layer):  # the third layer reads as the first one on its second reading
+        seen[layer.digest] = seen.get(layer.digest, 0) + 1
+        digest = (
+            layers[0] if layer.digest == layers[2] and seen[layer.digest] == 2 else layer.digest
+        )
+        return open(store.blob_path(digest), "rb")
+
+    with pytest.raises(BrokenLayer, match="changed between two readings"), Lease(store) as lease:
+        unpack.materialize(store, plan(pack.doc, pack.config), opener, lease, what="oci://r/x")
+    assert store.verify() == []

@@ -33,8 +33,11 @@ blobs, and never talks to the network.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import tarfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Protocol
 
@@ -55,6 +58,9 @@ from nekko_sm.models.view import VIEW, View
 
 COPY = 16 << 20  # bytes of an uncompressed tar's member copied in the kernel at a time
 SMALL = 1 << 20  # read whole and stored with put_bytes (no write when already present)
+# Layers read at once for the files a first reading left out: hashing and gzip release the
+# GIL, so each core takes a layer (a second pass over an ordinary image's whole file system).
+FILL_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -95,6 +101,7 @@ class _Unpacker:
         self.view = View(self.tree, plan.rootfs, what)
         self.unpacked: list[str] = []
         self.small = False  # small files were stored: blobs/ wants one fsync at the end
+        self._count_lock = threading.Lock()
 
     def layer_what(self, lp: LayerPlan) -> str:
         lead = f"{self.what}: " if self.what else ""
@@ -285,7 +292,8 @@ class _Unpacker:
 
     def _count(self, n: int) -> None:
         if self.on_bytes is not None:
-            self.on_bytes(n)
+            with self._count_lock:  # layers may be read in parallel (_fill_pending)
+                self.on_bytes(n)
 
     # -- the view -----------------------------------------------------------------------
     def _fill_pending(self, root: str) -> None:
@@ -297,25 +305,47 @@ class _Unpacker:
             c = node.content
             if node.kind == REGULAR and c is not None and c.digest is None:
                 wanted.setdefault(c.layer, {})[c.member] = c
-        for lp in self.plan.layers:
-            todo = wanted.get(lp.index)
-            if not todo:
-                continue
-            what = self.layer_what(lp)
-            raw = self.open_layer(lp)
+        layers = [lp for lp in self.plan.layers if wanted.get(lp.index)]
+        if len(layers) <= 1 or FILL_THREADS <= 1:
+            for lp in layers:
+                self._fill_layer(lp, wanted[lp.index], None)
+            return
+        failed = threading.Event()  # one layer failed: the others stop at their next member
+
+        def one(lp: LayerPlan) -> None:
             try:
-                members = Members(raw, what)
-                for i, m in members:
-                    c = todo.pop(i, None)
-                    if c is not None:
-                        self._check_cancel()
-                        c.digest = self._commit(members, m, lp, i)
-                    if not todo:
-                        break
-            finally:
-                raw.close()
-            if todo:
-                raise BrokenLayer(f"{what} changed between two readings")
+                self._fill_layer(lp, wanted[lp.index], failed)
+            except BaseException:
+                failed.set()
+                raise
+
+        with ThreadPoolExecutor(min(len(layers), FILL_THREADS), "unpack") as pool:
+            futures = [pool.submit(one, lp) for lp in layers]
+        for f in futures:  # the first error in layer order (the others only stopped)
+            f.result()
+
+    def _fill_layer(
+        self, lp: LayerPlan, todo: dict[int, Content], failed: threading.Event | None
+    ) -> None:
+        what = self.layer_what(lp)
+        raw = self.open_layer(lp)
+        try:
+            members = Members(raw, what)
+            for i, m in members:
+                if failed is not None and failed.is_set():
+                    return
+                c = todo.pop(i, None)
+                if c is not None:
+                    self._check_cancel()
+                    if not m.isreg() or m.size != c.size:
+                        raise BrokenLayer(f"{what} changed between two readings")
+                    c.digest = self._commit(members, m, lp, i)
+                if not todo:
+                    break
+        finally:
+            raw.close()
+        if todo:
+            raise BrokenLayer(f"{what} changed between two readings")
 
 
 class Stop(Protocol):
