@@ -255,7 +255,9 @@ class Context:
         self.stack = contextlib.ExitStack()
         self.size = args.size_mib * MIB
         self.pyz = self.work / "nekko-sm.pyz"
-        self.baseline = self.work / "nekko-sm-before.pyz" if args.baseline else None
+        self.baseline = (
+            self.work / "nekko-sm-before.pyz" if getattr(args, "baseline", None) else None
+        )
         self._sources: dict[int, tuple[Path, str]] = {}
         self.keep: dict[str, Any] = {}  # state shared between scenarios (5 -> 6)
 

@@ -33,11 +33,8 @@ blobs, and never talks to the network.
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 import tarfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Protocol
 
@@ -58,9 +55,6 @@ from nekko_sm.models.view import VIEW, View
 
 COPY = 16 << 20  # bytes of an uncompressed tar's member copied in the kernel at a time
 SMALL = 1 << 20  # read whole and stored with put_bytes (no write when already present)
-# Layers read at once for the files a first reading left out: hashing and gzip release the
-# GIL, so each core takes a layer (a second pass over an ordinary image's whole file system).
-FILL_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -101,7 +95,6 @@ class _Unpacker:
         self.view = View(self.tree, plan.rootfs, what)
         self.unpacked: list[str] = []
         self.small = False  # small files were stored: blobs/ wants one fsync at the end
-        self._count_lock = threading.Lock()
 
     def layer_what(self, lp: LayerPlan) -> str:
         lead = f"{self.what}: " if self.what else ""
@@ -292,8 +285,7 @@ class _Unpacker:
 
     def _count(self, n: int) -> None:
         if self.on_bytes is not None:
-            with self._count_lock:  # layers may be read in parallel (_fill_pending)
-                self.on_bytes(n)
+            self.on_bytes(n)
 
     # -- the view -----------------------------------------------------------------------
     def _fill_pending(self, root: str) -> None:
@@ -305,35 +297,16 @@ class _Unpacker:
             c = node.content
             if node.kind == REGULAR and c is not None and c.digest is None:
                 wanted.setdefault(c.layer, {})[c.member] = c
-        layers = [lp for lp in self.plan.layers if wanted.get(lp.index)]
-        if len(layers) <= 1 or FILL_THREADS <= 1:
-            for lp in layers:
-                self._fill_layer(lp, wanted[lp.index], None)
-            return
-        failed = threading.Event()  # one layer failed: the others stop at their next member
+        for lp in self.plan.layers:
+            if wanted.get(lp.index):
+                self._fill_layer(lp, wanted[lp.index])
 
-        def one(lp: LayerPlan) -> None:
-            try:
-                self._fill_layer(lp, wanted[lp.index], failed)
-            except BaseException:
-                failed.set()
-                raise
-
-        with ThreadPoolExecutor(min(len(layers), FILL_THREADS), "unpack") as pool:
-            futures = [pool.submit(one, lp) for lp in layers]
-        for f in futures:  # the first error in layer order (the others only stopped)
-            f.result()
-
-    def _fill_layer(
-        self, lp: LayerPlan, todo: dict[int, Content], failed: threading.Event | None
-    ) -> None:
+    def _fill_layer(self, lp: LayerPlan, todo: dict[int, Content]) -> None:
         what = self.layer_what(lp)
         raw = self.open_layer(lp)
         try:
             members = Members(raw, what)
             for i, m in members:
-                if failed is not None and failed.is_set():
-                    return
                 c = todo.pop(i, None)
                 if c is not None:
                     self._check_cancel()
