@@ -8,13 +8,11 @@ Sources build URLs and headers; this module moves bytes and checks the counts.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import random
 import re
 import ssl
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -55,24 +53,6 @@ USER_AGENT = f"nekko-sm/{__version__} (urllib3/{urllib3.__version__})"
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
-
-
-def retry_after(value: str | None, cap: float = 60.0) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, min(cap, float(value)))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, min(cap, when.timestamp() - time.time()))
 
 
 def default_error(status: int, url: str, body: bytes, headers: Mapping[str, str]) -> NekkoError:
