@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger("nekko_sm.transfer")
 
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})  # temporary: ask again
 MAX_WAIT = 300.0  # never sleep longer than one of the Hub's windows for one answer
 MARGIN = 0.5  # t is whole seconds: wait a little past the reset
 _RATELIMIT = re.compile(r'"(?P<bucket>[^"]*)"\s*;\s*r\s*=\s*(?P<r>\d+)\s*;\s*t\s*=\s*(?P<t>\d+)')
