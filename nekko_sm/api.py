@@ -34,7 +34,7 @@ from nekko_sm.errors import (
     InvalidJSON,
     MethodNotAllowed,
 )
-from nekko_sm.refs import with_patterns
+from nekko_sm.refparse import with_patterns
 from nekko_sm.service import Service, check_hold
 
 log = logging.getLogger("nekko_sm.api")
