@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 from nekko_sm import __version__
 from nekko_sm.api_guard import ApiToken, is_loopback
 from nekko_sm.api_http import JsonHandler, decode_url, encode_url
-from nekko_sm.config import Address, Config
+from nekko_sm.config import Config
+from nekko_sm.config_values import Address
 from nekko_sm.connlimit import BoundedServerMixin
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import (
@@ -34,7 +35,7 @@ from nekko_sm.errors import (
     InvalidJSON,
     MethodNotAllowed,
 )
-from nekko_sm.refs import with_patterns
+from nekko_sm.refparse import with_patterns
 from nekko_sm.service import Service, check_hold
 
 log = logging.getLogger("nekko_sm.api")

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 
-from nekko_sm.config import read_api_token
+from nekko_sm.config_values import read_api_token
 from nekko_sm.errors import ConfigError
 
 log = logging.getLogger("nekko_sm.api")

@@ -6,11 +6,11 @@ fetch (a ``Content-Length``, an image's descriptors, the Hub's sizes) through
 (``CACHE/.budget.lock``: the CLI and ``serve`` decide one at a time, and each decision
 sees every other's reservations) it
 
-1. measures the cache: the bytes of the blobs entries reach (a running total kept by the
-   database, one read), the reservations of the pulls in flight (their lease files; a
-   dead process's lease is stale and counts nothing), what those pulls have written so
-   far, the partial downloads no live pull holds or will resume, and the free space of
-   the file system;
+1. measures the cache (:mod:`nekko_sm.budget_usage`): the bytes of the blobs entries reach
+   (a running total kept by the database, one read), the reservations of the pulls in
+   flight (their lease files; a dead process's lease is stale and counts nothing), what
+   those pulls have written so far, the partial downloads no live pull holds or will
+   resume, and the free space of the file system;
 2. if the pull fits, records its reservation in its lease and returns;
 3. otherwise plans evictions -- stale partials first (oldest first), then whole entries
    least recently used first, never a pinned entry, one held past now, one being pulled
@@ -33,25 +33,21 @@ counted until ``gc`` sweeps them; the count would otherwise be a walk of ``blobs
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from nekko_sm.budget_usage import Usage, measure
 from nekko_sm.config import Config
-from nekko_sm.entries import lock_held
 from nekko_sm.errors import InsufficientStorage
-from nekko_sm.store import FileLock, Lease, Store, key_for, read_file
+from nekko_sm.store import FileLock, Lease, Store
 from nekko_sm.store.layout import SPACE_MARGIN
 from nekko_sm.store.locks import remove_locked_dir
 
 log = logging.getLogger("nekko_sm.budget")
 
 LOCK_NAME = ".budget.lock"
-# Directories under ingest/ that are not partial downloads (as gc knows them).
-_NOT_PARTIALS = frozenset({"leases", "pulls", "trash"})
 # Rounds of evict-and-measure when a concurrent pull leased a planned blob meanwhile.
 _ROUNDS = 3
 
@@ -63,39 +59,6 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover - the loop returns
-
-
-@dataclass
-class Partial:
-    """A partial download under ``ingest/``."""
-
-    name: str
-    path: Path
-    nbytes: int  # on disk (blocks: a ranged download preallocates)
-    mtime: float
-
-
-@dataclass
-class Usage:
-    """What the cache holds and the disk has, at one moment (under the budget lock)."""
-
-    entries: int  # bytes of the blobs some entry reaches, each once
-    reserved: int  # what the pulls in flight reserved, together
-    written: int  # what they have written so far (live partials, blobs no entry names yet)
-    stale: list[Partial]  # partials no live pull holds or will resume
-    free: int  # bytes free on the file system (for unprivileged users)
-    disk: int  # size of the file system
-    leased: set[str] = field(default_factory=set)  # every digest a live pull leased
-    reservations: dict[str, int] = field(default_factory=dict)  # lease name -> bytes
-
-    @property
-    def in_flight(self) -> int:
-        return max(self.reserved, self.written)
-
-    @property
-    def used(self) -> int:
-        """The bytes the budget counts: blobs/ and ingest/, reservations in full."""
-        return self.entries + self.in_flight + sum(p.nbytes for p in self.stale)
 
 
 @dataclass
@@ -125,7 +88,6 @@ class Budget:
         self.min_free = config.min_free_space
         self.min_free_percent = config.min_free_percent
         self._busy = busy
-        self._pulls_dir = store.ingest_dir / "pulls"
         self._lock_path = store.root / LOCK_NAME
         self._stats_lock = threading.Lock()
         self.evictions = 0  # entries and partials evicted by this process
@@ -162,67 +124,7 @@ class Budget:
     # -- measuring --------------------------------------------------------------------------
     def usage(self) -> Usage:
         """Measure now (a read of the total, the leases, ingest/ and statvfs)."""
-        store = self.store
-        leases = store.live_leases()
-        leased: set[str] = set()
-        for digests, _ in leases.values():
-            leased |= digests
-        live_wanted = self._wanted_by_live_pulls()
-        stale: list[Partial] = []
-        written = 0
-        try:
-            names = os.listdir(store.ingest_dir)
-        except FileNotFoundError:
-            names = []
-        for name in names:
-            if name in _NOT_PARTIALS or name.startswith("."):
-                continue
-            d = store.ingest_dir / name
-            nbytes, mtime = _dir_bytes(d)
-            if nbytes is None:
-                continue
-            lock = FileLock(d / "lock")
-            if not lock.acquire(blocking=False):
-                written += nbytes  # a live writer's: inside its pull's reservation
-                continue
-            lock.release()
-            if name in live_wanted:
-                written += nbytes  # a live pull will resume it
-            else:
-                stale.append(Partial(name, d, nbytes, mtime))
-        counted = store.blob_counts(leased)
-        for digest in leased - set(counted):  # committed by a live pull, no entry yet
-            try:
-                written += store.blob_path(digest).stat().st_size
-            except (FileNotFoundError, ValueError):
-                pass
-        st = os.statvfs(store.root)
-        stale.sort(key=lambda p: p.mtime)
-        return Usage(
-            entries=store.blob_bytes(),
-            reserved=sum(r for _, r in leases.values()),
-            written=written,
-            stale=stale,
-            free=st.f_bavail * st.f_frsize,
-            disk=st.f_blocks * st.f_frsize,
-            leased=leased,
-            reservations={k: r for k, (_, r) in leases.items()},
-        )
-
-    def _wanted_by_live_pulls(self) -> set[str]:
-        """Ingest directories a pull now running (its ``pulls/KEY.lock`` held) lists."""
-        import json
-
-        out: set[str] = set()
-        for record in self._pulls_dir.glob("*.json"):
-            if not lock_held(record.with_suffix(".lock")):
-                continue  # an interrupted pull: its partials are stale for the budget
-            try:
-                refs = json.loads(read_file(record, 1 << 20)).get("ingest", [])
-            except (OSError, ValueError, AttributeError):
-                continue
-            out.update(key_for(str(r)) for r in refs if isinstance(r, str))
-        return out
+        return measure(self.store)
 
     def over(self, u: Usage, extra: int = 0, write: int = 0) -> int:
         """Bytes to free so that ``extra`` more bytes (``write`` of them not yet on disk) fit."""
@@ -453,22 +355,3 @@ class Budget:
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1e6):06d}"
-
-
-def _dir_bytes(d: Path) -> tuple[int | None, float]:
-    """(bytes on disk, newest mtime) of a partial download's files; None if not a directory."""
-    total = 0
-    newest = 0.0
-    try:
-        with os.scandir(d) as it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                # A sparse ranged download holds fewer blocks than its length.
-                total += min(st.st_size, getattr(st, "st_blocks", 1 << 62) * 512)
-                newest = max(newest, st.st_mtime)
-    except (NotADirectoryError, FileNotFoundError):
-        return None, 0.0
-    return total, newest

@@ -167,7 +167,7 @@ def _cmd_pull(config, args) -> int:
             raise BadRequest(f"cannot read --credentials-file: {e.strerror}") from None
         secret = secret.strip()
     creds = Credentials.make(secret, args.credentials_type)
-    from nekko_sm.refs import with_patterns
+    from nekko_sm.refparse import with_patterns
 
     url = with_patterns(args.url, args.include, args.exclude, config.hf_endpoint)
     svc = _service(config)

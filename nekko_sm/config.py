@@ -1,7 +1,8 @@
 """One frozen Config, built once from flags, then environment, then defaults (DESIGN section 2).
 
 Nothing here reads the environment at import time; :func:`build` is handed the parsed
-flags and an environment mapping, so tests pass their own.
+flags and an environment mapping, so tests pass their own.  The syntax of each value (sizes,
+addresses, numbers, lists) is :mod:`nekko_sm.config_values`'s; the platform's is here.
 """
 
 from __future__ import annotations
@@ -9,12 +10,21 @@ from __future__ import annotations
 import os
 import platform as _platform
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 from urllib.parse import urlsplit
 
+from nekko_sm.config_values import (
+    Address,
+    parse_address,
+    parse_bool,
+    parse_free_space,
+    parse_int,
+    parse_size,
+    read_api_token,
+    split_list,
+)
 from nekko_sm.egress import Policy
 from nekko_sm.errors import ConfigError, InvalidPlatform
 
@@ -126,38 +136,6 @@ def host_platform() -> Platform:
     )
 
 
-@dataclass(frozen=True)
-class Address:
-    kind: str  # "tcp" or "unix"
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_address(text: str) -> Address:
-    text = text.strip()
-    if text.startswith("unix:"):
-        path = text.removeprefix("unix:").removeprefix("//")
-        if not path:
-            raise ConfigError("--address unix: needs a socket path")
-        return Address("unix", path=path)
-    if text.startswith("/"):
-        return Address("unix", path=text)
-    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]*):(\d+)$", text)
-    if not m:
-        raise ConfigError(f"bad address {text!r}: want HOST:PORT, [v6]:PORT or unix:/path")
-    port = int(m.group(2))
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port out of range in address {text!r}")
-    return Address("tcp", host=m.group(1) or "0.0.0.0", port=port)
-
-
 def _loopback(host: str) -> bool:
     """``host`` names this machine (nothing sent to it leaves it)."""
     if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
@@ -219,88 +197,6 @@ def _env(environ: Mapping[str, str], *names: str) -> str | None:
     return None
 
 
-def _int(value: object, name: str, lo: int, hi: int) -> int:
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
-    if not lo <= n <= hi:
-        raise ConfigError(f"{name} must be between {lo} and {hi}, not {n}")
-    return n
-
-
-def _bool(value: object, name: str) -> bool:
-    """An on/off setting: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
-    if value is None or isinstance(value, bool):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be 1 or 0 (true/false), not {value!r}")
-
-
-def _split(values: object) -> list:
-    out: list = []
-    for v in cast("Iterable[object]", values or []):  # flags come from argparse: a list or None
-        out.extend(x.strip() for x in str(v).split(",") if x.strip())
-    return out
-
-
-def read_api_token(path: str) -> str:
-    """The API token: the first line of ``path``, which must be a printable ASCII word."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.readline().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or "not UTF-8 text"
-        raise ConfigError(f"cannot read the API token file {path}: {why}") from None
-    if not token:
-        raise ConfigError(f"the API token file {path} is empty")
-    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
-        raise ConfigError(f"the API token in {path} must be printable ASCII without spaces")
-    return token
-
-
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(I?B?)$", re.IGNORECASE)
-_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
-
-
-def parse_size(text: object, name: str = "size") -> int:
-    """Bytes from ``123``, ``512K``, ``1.5G``, ``10GiB``, ``2Ti``, ``3 MB`` (powers of 1024).
-
-    A bare number is bytes (``B`` may follow); ``K``/``M``/``G``/``T``/``P`` are powers of
-    1024 whatever the spelling (``K``, ``Ki``, ``KiB``, ``KB``), as kubelet and ``ls -h``
-    read them.  Anything else is a ConfigError naming ``name``.
-    """
-    raw = str(text).strip()
-    m = _SIZE.match(raw)
-    unit, tail = (m.group(2).upper(), m.group(3).upper()) if m else ("", "")
-    if not m or (not unit and tail not in ("", "B")):
-        raise ConfigError(f"{name} must be a size such as 500M, 20G or 2TiB, not {raw!r}")
-    if not unit and "." in m.group(1):
-        raise ConfigError(f"{name} in bytes must be a whole number, not {raw!r}")
-    number = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
-    return int(number * 1024 ** _UNITS[unit])
-
-
-def parse_free_space(
-    text: object, name: str = "--min-free-space"
-) -> tuple[int | None, float | None]:
-    """``SIZE`` (bytes, see :func:`parse_size`) or ``N%`` of the file system: (bytes, percent)."""
-    raw = str(text).strip()
-    if raw.endswith("%"):
-        try:
-            pct = float(raw[:-1].strip())
-        except ValueError:
-            pct = -1.0
-        if not 0 <= pct < 100:
-            raise ConfigError(f"{name} must be a size or a percentage from 0% to 99%, not {raw!r}")
-        return None, pct
-    return parse_size(raw, name), None
-
-
 def _usable_dir(path: Path) -> bool:
     try:  # each missing directory 0755 exactly: not 0777 & ~umask (world-writable at 000)
         for d in [*reversed(path.absolute().parents), path]:
@@ -323,7 +219,7 @@ def build(
         return v if v not in (None, [], "") else _env(environ, *envs)
 
     verbose = pick("verbose", "VERBOSE", "STORAGE_MANAGER_VERBOSE")
-    verbose_n = _int(verbose, "--verbose/VERBOSE", 0, 3) if verbose is not None else 0
+    verbose_n = parse_int(verbose, "--verbose/VERBOSE", 0, 3) if verbose is not None else 0
 
     addr = pick("address", "NEKKO_ADDRESS", "STORAGE_MANAGER_ADDRESS") or DEFAULT_ADDRESS
     address = parse_address(str(addr))
@@ -334,7 +230,9 @@ def build(
         plat_s = "all" if str(plat).strip().lower() == "all" else str(parse_platform(str(plat)))
 
     jobs_v = pick("jobs", "NEKKO_JOBS")
-    jobs = _int(jobs_v, "--jobs/NEKKO_JOBS", 1, MAX_JOBS) if jobs_v is not None else DEFAULT_JOBS
+    jobs = (
+        parse_int(jobs_v, "--jobs/NEKKO_JOBS", 1, MAX_JOBS) if jobs_v is not None else DEFAULT_JOBS
+    )
     size_v = pick("max_pull_size", "NEKKO_MAX_PULL_SIZE")
     max_pull_size = (
         parse_size(size_v, "--max-pull-size/NEKKO_MAX_PULL_SIZE")
@@ -348,16 +246,16 @@ def build(
         )
     files_v = pick("max_pull_files", "NEKKO_MAX_PULL_FILES")
     max_pull_files = (
-        _int(files_v, "--max-pull-files/NEKKO_MAX_PULL_FILES", 1, 10_000_000)
+        parse_int(files_v, "--max-pull-files/NEKKO_MAX_PULL_FILES", 1, 10_000_000)
         if files_v is not None
         else DEFAULT_MAX_PULL_FILES
     )
 
-    insecure = _split(flags.get("insecure_registry")) or _split(
+    insecure = split_list(flags.get("insecure_registry")) or split_list(
         [_env(environ, "NEKKO_INSECURE_REGISTRIES") or ""]
     )
     mirrors: dict[str, list] = {}
-    for item in _split(flags.get("registry_mirror")) or _split(
+    for item in split_list(flags.get("registry_mirror")) or split_list(
         [_env(environ, "NEKKO_REGISTRY_MIRRORS") or ""]
     ):
         reg, eq, url = item.partition("=")
@@ -409,8 +307,10 @@ def build(
     if token_file is not None:
         read_api_token(str(token_file))  # a bad file stops the start, not the first request
     egress = Policy.build(
-        _split(flags.get("deny_network")) or _split([_env(environ, "NEKKO_DENY_NETWORKS") or ""]),
-        _split(flags.get("allow_network")) or _split([_env(environ, "NEKKO_ALLOW_NETWORKS") or ""]),
+        split_list(flags.get("deny_network"))
+        or split_list([_env(environ, "NEKKO_DENY_NETWORKS") or ""]),
+        split_list(flags.get("allow_network"))
+        or split_list([_env(environ, "NEKKO_ALLOW_NETWORKS") or ""]),
     )
     verify = (
         str(pick("verify_cached_credentials", "NEKKO_VERIFY_CACHED_CREDENTIALS") or "always")
@@ -422,7 +322,7 @@ def build(
             f"--verify-cached-credentials must be 'always' or 'never', not {verify!r}"
         )
     discard = pick("discard_unpacked_layers", "NEKKO_DISCARD_UNPACKED_LAYERS")
-    discard_b = _bool(discard, "--discard-unpacked-layers/NEKKO_DISCARD_UNPACKED_LAYERS")
+    discard_b = parse_bool(discard, "--discard-unpacked-layers/NEKKO_DISCARD_UNPACKED_LAYERS")
     hf_token = _env(environ, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if hf_token is not None and not (hf_token.isascii() and hf_token.strip().isprintable()):
         raise ConfigError("HF_TOKEN must be printable ASCII")

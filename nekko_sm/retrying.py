@@ -9,6 +9,8 @@
   A ``429`` often comes without ``Retry-After``: the wait is ``t`` (bounded by
   :data:`MAX_WAIT`).  :class:`Pacer` remembers the last answer per server and bucket and
   spaces requests out once few remain, so a pull of many files does not run into the wall.
+* :func:`retry_after` reads a ``Retry-After`` header (seconds or an HTTP date);
+  :func:`wait_hint` prefers it to the rate-limit window.
 * :func:`notice`: the one line a person sees for every wait (what failed, the attempt, how
   long); a warning, so the CLI shows it on stderr even when quiet.
 * :func:`dns_failure`: a name that does not resolve is said plainly, at once.
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import re
 import socket
@@ -27,6 +30,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger("nekko_sm.transfer")
 
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})  # temporary: ask again
 MAX_WAIT = 300.0  # never sleep longer than one of the Hub's windows for one answer
 MARGIN = 0.5  # t is whole seconds: wait a little past the reset
 _RATELIMIT = re.compile(r'"(?P<bucket>[^"]*)"\s*;\s*r\s*=\s*(?P<r>\d+)\s*;\s*t\s*=\s*(?P<t>\d+)')
@@ -73,11 +77,27 @@ def parse(headers: Mapping[str, str]) -> RateLimit | None:
     )
 
 
+def retry_after(value: str | None, cap: float = 60.0) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, min(cap, float(value)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, min(cap, when.timestamp() - time.time()))
+
+
 def wait_hint(status: int, headers: Mapping[str, str]) -> float | None:
     """How long the server asks us to wait before the next try: ``Retry-After`` first, else
     the rate-limit window's end when the answer is a 429 or the bucket is empty."""
-    from nekko_sm.transfer import retry_after  # transfer imports this module
-
     hint = retry_after(_header(headers, "Retry-After"), cap=MAX_WAIT)
     if hint is not None:
         return hint

@@ -26,7 +26,8 @@ from nekko_sm.errors import BadRequest, Cancelled, EntryNotFound
 from nekko_sm.flight_table import Flight
 from nekko_sm.models.hfcache import HFCacheView
 from nekko_sm.puller import Puller
-from nekko_sm.refs import OCIRef, parse
+from nekko_sm.refparse import parse
+from nekko_sm.refs import OCIRef
 from nekko_sm.store import (
     REF_NAME,
     Descriptor,

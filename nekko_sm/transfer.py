@@ -1,33 +1,26 @@
-"""Every byte from the network comes through here: one urllib3 pool per proxy, redirects
-that drop credentials on other hosts, retries of temporary failures, and resumable
-streaming into a store :class:`~nekko_sm.store.IngestWriter` (:meth:`Transfer.download`,
-carried out by :mod:`nekko_sm.download`, which hands large bodies to :mod:`nekko_sm.ranged`).
+"""Every byte from the network comes through here: each request goes to the pool of its
+proxy (the pools, the proxies and what a failed connection means are :mod:`nekko_sm.pools`'s),
+redirects drop credentials on other hosts, temporary failures are retried, and
+:meth:`Transfer.download` streams resumably into a store :class:`~nekko_sm.store.IngestWriter`
+(carried out by :mod:`nekko_sm.download`, which hands large bodies to :mod:`nekko_sm.ranged`).
 
 Sources build URLs and headers; this module moves bytes and checks the counts.
 """
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import random
-import re
-import ssl
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as _Urllib3Error
-from urllib3.exceptions import ProtocolError
-from urllib3.response import HTTPResponse
 
-from nekko_sm import __version__, egress, httpio, ranged_control, retrying
+from nekko_sm import __version__, pools, ranged_control, retrying
 from nekko_sm import download as _download
 from nekko_sm.config import Config
 from nekko_sm.errors import (
@@ -39,40 +32,19 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.httpio import (
-    REAPER,
-    SpeedGuard,
     origin,
     read_limited,
-    reason,
 )
 from nekko_sm.refs import QueryCredentialFilter, redact
+from nekko_sm.retrying import RETRY_STATUSES
 
 log = logging.getLogger("nekko_sm.transfer")
 logging.getLogger("urllib3.connectionpool").addFilter(QueryCredentialFilter())  # signed URLs
 
 # A specific User-Agent (the Hub asks tools to name themselves; its logs and rate limits do).
 USER_AGENT = f"nekko-sm/{__version__} (urllib3/{urllib3.__version__})"
-RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
-
-
-def retry_after(value: str | None, cap: float = 60.0) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, min(cap, float(value)))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, min(cap, when.timestamp() - time.time()))
 
 
 def default_error(status: int, url: str, body: bytes, headers: Mapping[str, str]) -> NekkoError:
@@ -103,99 +75,6 @@ class Response:
     url: str  # after redirects
 
 
-class _GuardedResponse(HTTPResponse):
-    """Every body read is timed (httpio.SpeedGuard): a trickle is given up."""
-
-    _guard: SpeedGuard
-
-    def read(
-        self,
-        amt: int | None = None,
-        decode_content: bool | None = None,
-        cache_content: bool = False,
-    ) -> bytes:
-        data = super().read(amt, decode_content, cache_content)
-        self._guard.update(len(data))
-        return data
-
-    def read1(self, amt: int | None = None, decode_content: bool | None = None) -> bytes:
-        data = super().read1(amt, decode_content)
-        self._guard.update(len(data))
-        return data
-
-
-def _timed_getresponse(
-    conn: HTTPConnection,
-    getresponse: Callable[[], HTTPResponse],
-) -> HTTPResponse:
-    """``conn``'s answer, whose headers must all arrive within httpio.HEADER_TIMEOUT (a
-    socket timeout bounds each read, not a header dribbled a byte at a time), its body read
-    through a _GuardedResponse."""
-    token = REAPER.watch(conn.sock, httpio.HEADER_TIMEOUT)
-    try:
-        resp = getresponse()
-    except BaseException:
-        if REAPER.unwatch(token):  # what the shut socket made of the read says less
-            raise ProtocolError(f"no headers within {httpio.HEADER_TIMEOUT:.0f} s") from None
-        raise
-    if REAPER.unwatch(token):
-        resp.close()
-        raise ProtocolError(f"no headers within {httpio.HEADER_TIMEOUT:.0f} s")
-    resp.__class__ = _GuardedResponse
-    resp._guard = SpeedGuard(resp.url or "")  # type: ignore[attr-defined]
-    return resp
-
-
-class _HTTPConnection(HTTPConnection):
-    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
-        return _timed_getresponse(self, super().getresponse)
-
-
-class _HTTPSConnection(HTTPSConnection):
-    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
-        return _timed_getresponse(self, super().getresponse)
-
-
-class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-class _NoProxy:
-    def __init__(self, spec: str | None) -> None:
-        self.all = False
-        self.entries: list[tuple[str, int | None]] = []
-        for item in (spec or "").split(","):
-            item = item.strip().lower()
-            if not item:
-                continue
-            if item == "*":
-                self.all = True
-                continue
-            if item.startswith("["):  # [v6] or [v6]:port
-                host, _, port = item[1:].partition("]")
-                port = port.lstrip(":")
-            else:
-                host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
-            self.entries.append(
-                (host.lstrip("*").lstrip("."), int(port) if port.isdigit() else None)
-            )
-
-    def bypass(self, url: str) -> bool:
-        if self.all:
-            return True
-        _scheme, host, port = origin(url)
-        for h, p in self.entries:
-            if p is not None and p != port:
-                continue
-            if host == h or host.endswith("." + h):
-                return True
-        return False
-
-
 class Transfer:
     """The one place that holds connection pools."""
 
@@ -211,7 +90,7 @@ class Transfer:
         self.attempts = attempts
         self.backoff = backoff
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-        self._no_proxy = _NoProxy(config.no_proxy)
+        self._no_proxy = pools.NoProxy(config.no_proxy)
         # Connections beyond one per download, shared by every ranged download at once:
         # --jobs - 1 to start with, and more (up to ranged_control.connection_cap in all) for a
         # download that measurably goes faster with them.  What worked, per origin.
@@ -245,81 +124,9 @@ class Transfer:
         with self._lock:
             m = self._managers.get(proxy)
             if m is None:
-                if proxy:
-                    p = urlsplit(proxy)
-                    headers = {}
-                    if p.username:
-                        from urllib.parse import unquote
-
-                        headers = urllib3.make_headers(
-                            proxy_basic_auth=f"{unquote(p.username)}:{unquote(p.password or '')}"
-                        )
-                        proxy = proxy.replace(p.netloc, p.netloc.rsplit("@", 1)[1])
-                    m = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._pool_kw)
-                    m.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-                else:  # checked addresses (egress) and timed answers (httpio) both
-                    m = egress.pool_manager(
-                        self.config.egress, _HTTPConnection, _HTTPSConnection, **self._pool_kw
-                    )
-                self._managers[self._proxy_for(url)] = m
+                m = pools.pool_manager(proxy, self.config.egress, self._pool_kw)
+                self._managers[proxy] = m
             return m
-
-    def _proxy_name(self, url: str) -> str:
-        """The proxy for ``url`` as ``host:port``, without its credentials."""
-        p = urlsplit(self._proxy_for(url) or "")
-        return p.netloc.rsplit("@", 1)[-1]
-
-    def _proxy_refused(self, url: str, answer: str) -> str:
-        env = "HTTPS_PROXY" if urlsplit(url).scheme.lower() == "https" else "HTTP_PROXY"
-        return (
-            f"the proxy {self._proxy_name(url)} wants (other) credentials ({answer}):"
-            f" give them as user:password@ (percent-encoded) in {env}"
-        )
-
-    def _connection_error(self, url: str, e: BaseException) -> NekkoError:
-        """What a failed connection means: a certificate we do not trust and a proxy that
-        refuses the tunnel are final; anything else (refused, reset, timed out) is retried."""
-        via_proxy = isinstance(e, urllib3.exceptions.ProxyError) and bool(self._proxy_for(url))
-        cert = _cert_failure(e)
-        if cert is not None:  # a ProxyError: the proxy's own certificate (an https:// proxy)
-            whose = (
-                f"the proxy {self._proxy_name(url)}"
-                if via_proxy
-                else urlsplit(url).netloc.rsplit("@", 1)[-1]
-            )
-            return UpstreamError(
-                f"{redact(url)}: the TLS certificate of {whose} is not trusted"
-                f" ({cert}); give the CA that signed it with --ca-cert FILE"
-                " or SSL_CERT_FILE"
-            )
-        dns = None if via_proxy else retrying.dns_failure(e)
-        if dns is not None:  # said plainly; "no such name" at once, without retries
-            host = urlsplit(url).hostname
-            cls = UpstreamError if dns[0] else UpstreamUnavailable
-            return cls(f"{redact(url)}: cannot resolve host {host!r} ({dns[1]})")
-        why = reason(e)
-        if not via_proxy and "no headers within" in why:  # our deadline: no server's words
-            return UpstreamUnavailable(
-                f"{redact(url)}: no headers within {httpio.HEADER_TIMEOUT:.0f} s"
-            )
-        if not via_proxy:  # refused or timed out, a banner: the log's, not the caller's
-            # The log has what was said (escaped, cut short); the caller, only that it failed.
-            said = httpio.sanitise(str(getattr(e, "reason", None) or e), 300)
-            log.info("%s: cannot connect: %s", redact(url), said)
-            return UpstreamUnavailable(f"{redact(url)}: cannot connect (the reason is logged)")
-        inner = getattr(e, "original_error", None) or e
-        m = _TUNNEL_RE.search(str(inner))
-        if m is not None:
-            status, said = int(m.group(1)), m.group(1)  # the status, not the proxy's words
-            if status == 407:
-                return UpstreamError(f"{redact(url)}: {self._proxy_refused(url, said)}")
-            if 400 <= status < 500 and status not in RETRY_STATUSES:
-                return UpstreamError(
-                    f"{redact(url)}: the proxy {self._proxy_name(url)} refused the tunnel ({said})"
-                )
-        return UpstreamUnavailable(
-            f"{redact(url)}: the proxy {self._proxy_name(url)}: {reason(inner)}"
-        )
 
     def close(self) -> None:
         with self._lock:
@@ -370,13 +177,15 @@ class Transfer:
                     assert_same_host=False,
                 )
             except _Urllib3Error as e:
-                raise self._connection_error(url, e) from e
+                raise pools.connection_error(url, e, self._proxy_for(url)) from e
             self.pacer.observe(url, resp.headers)
             if log.isEnabledFor(3):
                 log.log(3, "< %d %s %s", resp.status, redact(url), _safe_headers(resp.headers))
             if resp.status == 407 and self._proxy_for(url):
                 _drain(resp)
-                raise UpstreamError(f"{redact(url)}: {self._proxy_refused(url, '407')}")
+                raise UpstreamError(
+                    f"{redact(url)}: {pools.proxy_refused(url, self._proxy_for(url), '407')}"
+                )
             if (
                 follow_redirects
                 and resp.status in REDIRECT_STATUSES
@@ -511,17 +320,6 @@ def _safe_headers(headers: Mapping[str, str]) -> dict:
             v = v if k.lower() != "location" else redact(v)
         out[k] = v
     return out
-
-
-_TUNNEL_RE = re.compile(r"Tunnel connection failed: (\d{3})(.*)$")
-
-
-def _cert_failure(e: BaseException | None) -> str | None:
-    """Why a certificate was refused, when that is what ``e`` (or what it wraps) says."""
-    for x in retrying.causes(e):
-        if isinstance(x, ssl.SSLCertVerificationError):
-            return str(x.verify_message or x.reason or x)[:200]
-    return None
 
 
 def _drain(resp) -> None:

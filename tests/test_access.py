@@ -59,7 +59,8 @@ from nekko_sm import api, api_http, egress
 from nekko_sm import config as cfg
 from nekko_sm.api_http import encode_url
 from nekko_sm.errors import ConfigError, EgressDenied, InvalidReference, NekkoError
-from nekko_sm.refs import QUERY_CREDENTIALS, parse
+from nekko_sm.refparse import parse
+from nekko_sm.refs import QUERY_CREDENTIALS
 
 ROOT = Path(__file__).resolve().parent.parent
 

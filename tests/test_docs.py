@@ -16,7 +16,7 @@ from peers import require_binary
 
 from nekko_sm import __version__
 from nekko_sm.cli_parser import build_parser
-from nekko_sm.refs import parse
+from nekko_sm.refparse import parse
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man" / "nekko-sm.1"

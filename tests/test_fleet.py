@@ -28,8 +28,9 @@ from peers.fakehub import GOOD_TOKEN
 from nekko_sm import config as cfg
 from nekko_sm.api import make_server
 from nekko_sm.errors import NekkoError, UpstreamError, UpstreamUnavailable
+from nekko_sm.pools import NoProxy
 from nekko_sm.service import Service
-from nekko_sm.transfer import Transfer, _NoProxy
+from nekko_sm.transfer import Transfer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_USER, PROXY_PASSWORD = "fleet", "pr0xy-s3cret"  # tinyproxy: [A-Za-z0-9_.-] only
@@ -371,7 +372,7 @@ def test_no_proxy_that_does_not_match_still_proxies(make, nginx, tproxy, no_prox
     ],
 )
 def test_no_proxy_rules(entry, url, bypass):
-    assert _NoProxy(entry).bypass(url) is bypass
+    assert NoProxy(entry).bypass(url) is bypass
 
 
 def test_each_scheme_has_its_own_proxy(make, nginx, tls, pki, tproxy):

@@ -27,7 +27,8 @@ from nekko_sm import config as cfg
 from nekko_sm.api import make_server
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import BadRequest, NekkoError, UnsafeName
-from nekko_sm.refs import HFRef, HTTPRef, OCIRef, parse, redact, safe_name
+from nekko_sm.refparse import parse
+from nekko_sm.refs import HFRef, HTTPRef, OCIRef, redact, safe_name
 from nekko_sm.service import Service
 from nekko_sm.transfer import Transfer
 

@@ -40,7 +40,8 @@ from nekko_sm.errors import (
     UpstreamNotFound,
     UpstreamUnavailable,
 )
-from nekko_sm.refs import HFRef, parse, with_patterns
+from nekko_sm.refparse import parse, with_patterns
+from nekko_sm.refs import HFRef
 from nekko_sm.sources import hf, hf_api
 from nekko_sm.sources.hf_oids import GitOids
 from nekko_sm.transfer import USER_AGENT

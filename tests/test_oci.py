@@ -694,7 +694,7 @@ def test_registry_error(status, body, err):
 
 class _FakePuller(oci_fetch.Puller):
     def __init__(self):
-        from nekko_sm.refs import parse_oci
+        from nekko_sm.refparse import parse_oci
 
         self.ref = parse_oci("oci://r.example/a/b:c")
 

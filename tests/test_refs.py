@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nekko_sm.errors import InvalidReference, UnsafeName, UnsupportedScheme
-from nekko_sm.refs import HFRef, OCIRef, parse, redact, safe_name
+from nekko_sm.refparse import parse
+from nekko_sm.refs import HFRef, OCIRef, redact, safe_name
 
 EP = "https://huggingface.co"
 

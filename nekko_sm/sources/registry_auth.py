@@ -35,8 +35,9 @@ from nekko_sm.errors import (
 )
 from nekko_sm.httpio import origin, sanitise
 from nekko_sm.refs import OCIRef, redact
+from nekko_sm.retrying import retry_after
 from nekko_sm.sources.base import Job
-from nekko_sm.transfer import default_error, retry_after
+from nekko_sm.transfer import default_error
 
 log = logging.getLogger("nekko_sm.oci")
 
