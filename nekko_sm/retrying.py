@@ -171,12 +171,32 @@ class Pacer:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._kinds: dict[tuple[str, str], str] = {}
+        self._flying: dict[tuple[str, str], int] = {}  # sent, not answered yet, per kind
 
-    def observe(self, url: str, headers: Mapping[str, str]) -> None:
-        rl = parse(headers)
+    def sending(self, url: str) -> None:
+        """A request of ``url``'s kind is going out now (:meth:`observe` says it landed)."""
+        key = _kind(url)
+        with self._lock:
+            self._flying[key] = self._flying.get(key, 0) + 1
+
+    def observe(self, url: str, headers: Mapping[str, str] | None) -> None:
+        """The answer to a request :meth:`sending` announced (``None``: it got none).
+
+        The count an answer carries does not know the requests of the same kind still in
+        flight, which the server counts too: they are taken off it, so that four parallel
+        first requests against a quota of four do not send a fifth into a 429."""
+        origin, kind = _kind(url)
+        with self._lock:
+            flying = self._flying.get((origin, kind), 0)
+            if flying > 1:
+                self._flying[(origin, kind)] = flying - 1
+            else:
+                self._flying.pop((origin, kind), None)
+            others = max(0, flying - 1)
+        rl = parse(headers) if headers is not None else None
         if rl is None:
             return
-        origin, kind = _kind(url)
+        remaining = max(0, rl.remaining - others)
         now = time.monotonic()
         reset_at = now + min(rl.reset, MAX_WAIT)
         with self._lock:
@@ -184,10 +204,10 @@ class Pacer:
             b = self._buckets.get((origin, rl.bucket))
             if b is None or reset_at > b.reset_at + 1.0:  # a new window
                 self._buckets[(origin, rl.bucket)] = _Bucket(
-                    rl.remaining, reset_at, rl.quota, b.next_at if b else 0.0
+                    remaining, reset_at, rl.quota, b.next_at if b else 0.0
                 )
             else:  # answers cross in flight: the smallest count is the newest
-                b.remaining = min(b.remaining, rl.remaining)
+                b.remaining = min(b.remaining, remaining)
 
     def delay(self, url: str) -> tuple[float, str]:
         """Seconds to wait before sending ``url`` (0 mostly), and why."""

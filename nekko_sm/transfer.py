@@ -163,6 +163,7 @@ class Transfer:
             self.config.egress.check_url(url)  # every hop; direct connections check addresses
             if log.isEnabledFor(3):  # wire level: headers, never a credential
                 log.log(3, "> %s %s %s", method, redact(url), _safe_headers(h))
+            self.pacer.sending(url)
             try:
                 resp = self._manager(url).urlopen(
                     method,
@@ -176,8 +177,11 @@ class Transfer:
                     timeout=self.timeout,
                     assert_same_host=False,
                 )
-            except _Urllib3Error as e:
-                raise pools.connection_error(url, e, self._proxy_for(url)) from e
+            except BaseException as e:
+                self.pacer.observe(url, None)  # landed without an answer
+                if isinstance(e, _Urllib3Error):
+                    raise pools.connection_error(url, e, self._proxy_for(url)) from e
+                raise
             self.pacer.observe(url, resp.headers)
             if log.isEnabledFor(3):
                 log.log(3, "< %d %s %s", resp.status, redact(url), _safe_headers(resp.headers))

@@ -617,3 +617,26 @@ def test_from_a_mirror_back_to_the_hub_shares_the_blobs(tmp_path, hub):
 def test_hashes_of_the_fake_are_what_they_claim(hub):
     blob = hub.blob("real/gguf", "model-Q8_0.gguf")
     assert blob.sha256 == hashlib.sha256(blob.data).hexdigest() != blob.xet_hash
+
+
+def test_answers_that_cross_in_flight_leave_room_for_the_requests_still_flying():
+    """Four parallel first requests against a quota of four: the first answer says three
+    are left, but the three others in flight are counted by the server too, so a fifth
+    waits for the window instead of earning a 429 (a flake of the test above, under load)."""
+    from nekko_sm.retrying import Pacer
+
+    pacer = Pacer()
+    url = "https://hub.test/org/m/resolve/main/w.gguf"
+    for _ in range(4):
+        assert pacer.delay(url)[0] == 0.0  # nothing known yet
+        pacer.sending(url)
+
+    def answer(r: int) -> None:
+        pacer.observe(url, {"RateLimit": f'"resolvers";r={r};t=1', "RateLimit-Policy": "q=4;w=1"})
+
+    answer(3)  # three others still in flight: none left for a fifth
+    wait, why = pacer.delay(url)
+    assert wait > 0 and "0 requests left" in why
+    pacer.observe(url, None)  # a request that got no answer lands too
+    answer(2), answer(1), answer(0)
+    assert pacer._flying == {}
