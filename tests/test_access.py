@@ -626,11 +626,25 @@ def proxied(tmp_path, recorder):
     """A service whose proxy (for http and https) is a recorder that forwards nothing;
     127.0.0.1 and localhost are reached directly (NO_PROXY)."""
     rec = recorder()
-    env = {"HTTP_PROXY": rec.url, "HTTPS_PROXY": rec.url, "NO_PROXY": "127.0.0.1,localhost"}
-    return make_service(tmp_path, attempts=1, environ=env), rec
+    return make_service(tmp_path, attempts=1, environ=_through(rec)), rec
 
 
-def test_metadata_destinations_are_refused_before_the_proxy_sees_them(proxied, faulty, logs):
+def _through(rec) -> dict:
+    """Proxy settings that send every request off loopback to the recorder ``rec`` (both
+    spellings, so nothing inherited from the environment can route around it)."""
+    env = {}
+    for name, value in (
+        ("http_proxy", rec.url),
+        ("https_proxy", rec.url),
+        ("no_proxy", "127.0.0.1,localhost"),
+    ):
+        env[name] = env[name.upper()] = value
+    return env
+
+
+def test_metadata_destinations_are_refused_before_the_proxy_sees_them(
+    proxied, faulty, logs, tripwire
+):
     svc, rec = proxied
     with running_api(svc) as a:
         for url in METADATA_URLS:
@@ -655,7 +669,7 @@ def test_metadata_destinations_are_refused_before_the_proxy_sees_them(proxied, f
 
 def test_the_cli_refuses_metadata_with_exit_2(run, recorder):
     rec = recorder()
-    r = run("pull", METADATA_URLS[0], env={"HTTP_PROXY": rec.url})
+    r = run("pull", METADATA_URLS[0], env=_through(rec))  # a failing guard reaches rec only
     assert r.returncode == 2 and "denied network 169.254.0.0/16" in r.stderr, r.stderr
     assert rec.seen == []
 
