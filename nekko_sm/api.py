@@ -98,7 +98,7 @@ class Handler(JsonHandler):
             return
         cached = self.service.answer(arg, decode_url)  # a complete entry: no JSON work
         if cached is not None:
-            self._send_hit(cached)
+            self._send_json(200, cached)
             return
         entry = self.service.status(decode_url(arg))
         self._send(200 if entry["state"] == "complete" else 206, entry)

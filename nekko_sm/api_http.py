@@ -283,34 +283,30 @@ class JsonHandler(BaseHTTPRequestHandler):
         self._send_json(status, data, headers)
 
     def _send_json(self, status: int, data: bytes | None, headers: dict | None = None) -> None:
-        """Answer with ``data``, JSON already encoded (None: no body)."""
-        self.send_response(status)
+        """Answer with ``data``, JSON already encoded (None: no body): status line, headers
+        and body in one write, one packet.  The head is built here, not through
+        http.server's ``send_response``/``send_header`` list (a tenth of a cache hit's cost);
+        a ``Connection`` header has the effect ``send_header`` gives it."""
+        self.log_request(status)
+        reason = self.responses.get(status, ("",))[0]
+        lines = [
+            f"{self.protocol_version} {status} {reason}",
+            f"Server: {self.version_string()}",
+            f"Date: {self.date_time_string()}",
+        ]
         if data is not None:
-            self.send_header("Content-Type", "application/json")
+            lines.append("Content-Type: application/json")
         else:
             data = b""
         for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        body = data if self.command != "HEAD" else b""
-        buf = getattr(self, "_headers_buffer", None)  # http.server's, since 3.3
-        if isinstance(buf, list) and self.request_version != "HTTP/0.9":
-            buf.append(b"\r\n" + body)  # header and body in one write, one packet
-            self.flush_headers()
-        else:
-            self.end_headers()
-            if body:
-                self.wfile.write(body)
-
-    def _send_hit(self, data: bytes) -> None:
-        """``_send_json(200, data)`` for a cache hit, head and body in one write: the same
-        fields, without http.server's per-header list work."""
-        self.log_request(200)
-        head = (
-            f"HTTP/1.1 200 OK\r\nServer: {self.server_version}\r\n"
-            f"Date: {self.date_time_string()}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n"
-        ).encode("latin-1")
+            lines.append(f"{k}: {v}")
+            if k.lower() == "connection":
+                if v.lower() == "close":
+                    self.close_connection = True
+                elif v.lower() == "keep-alive":
+                    self.close_connection = False
+        lines.append(f"Content-Length: {len(data)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head + data if self.command != "HEAD" else head)
 
     def date_time_string(self, timestamp: float | None = None) -> str:
