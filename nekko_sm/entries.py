@@ -220,7 +220,7 @@ class Catalog:
             if desc is None:
                 return None
             info = self.template(key, desc)
-            self.store.set_entry_info([(key, info)])
+            self.store.set_entry_info([(key, info, shown_size(info))])
         return self._absolute(info, pinned, held_until, last_used)
 
     def entry(self, key: str) -> dict:
@@ -303,14 +303,14 @@ class Catalog:
     def _infos(self) -> Iterator[tuple[str, str, bool, float | None, float]]:
         """(key, template, pinned, held until, last used) of every complete entry by key;
         renders what has none yet."""
-        missing: list[tuple[str, str]] = []
+        missing: list[tuple[str, str, int | None]] = []
         for key, info, pinned, held_until, last_used in self.store.entry_infos():
             if info is None:
                 desc = self.store.get_entry(key)
                 if desc is None:
                     continue
                 info = self.template(key, desc)
-                missing.append((key, info))
+                missing.append((key, info, shown_size(info)))
             yield key, info, pinned, held_until, last_used
         self.store.set_entry_info(missing)
 
@@ -339,27 +339,22 @@ class Catalog:
 
     def summaries(self) -> list[tuple[str, str, int | None, bool, float | None, float | None]]:
         """(url, state, size, pinned, held until, last used) of every entry, as
-        :meth:`list_texts` orders them.
-
-        A complete entry's size is read from its template without parsing it: the
-        template starts with ``url``, ``state`` and ``digest``, whose values hold no bare
-        quote, so the first ``,"size":`` is the entry's own.
-        """
-        out: list[tuple[str, str, int | None, bool, float | None, float | None]] = []
-        seen: set[str] = set()
-        for key, info, pinned, held_until, last_used in self._infos():
-            at = info.index(',"size":') + 8
-            out.append(
-                (
-                    key,
-                    "complete",
-                    int(info[at : info.index(",", at)]),
-                    pinned,
-                    held_until,
-                    last_used,
-                )
-            )
-            seen.add(key)
+        :meth:`list_texts` orders them: one scan of a small index of the database, after
+        giving the entries that have none their shown size (taken over, or older)."""
+        sizes = []
+        for key, info in self.store.unsized_entries():
+            if info is None:
+                desc = self.store.get_entry(key)
+                if desc is None:
+                    continue
+                info = self.template(key, desc)
+            sizes.append((key, info, shown_size(info)))
+        self.store.set_entry_info(sizes)
+        out: list[tuple[str, str, int | None, bool, float | None, float | None]] = [
+            (key, "complete", size, bool(pinned), held_until, last_used)
+            for key, size, pinned, held_until, last_used in self.store.entry_listing()
+        ]
+        seen = {row[0] for row in out}
         out.extend(
             (e["url"], e["state"], e.get("size"), False, None, None) for e in self._pending(seen)
         )
@@ -371,6 +366,14 @@ class Catalog:
 
 # An entry not (yet) in the cache: not pinned, not held, never used.
 _NO_USE: dict[str, Any] = {"pinned": False, "held_until": None, "last_used": None}
+
+
+def shown_size(info: str) -> int:
+    """The size of a rendered entry, read without parsing it: the rendering starts with
+    ``url``, ``state`` and ``digest``, whose values hold no bare quote, so the first
+    ``,"size":`` is the entry's own."""
+    at = info.index(',"size":') + 8
+    return int(info[at : info.index(",", at)])
 
 
 def _use_fields(pinned: bool, held_until: float | None, last_used: float | None) -> str:

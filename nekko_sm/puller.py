@@ -24,7 +24,7 @@ from nekko_sm import access
 from nekko_sm.access import AccessChecks
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
-from nekko_sm.entries import Catalog, is_single_file, pull_paths
+from nekko_sm.entries import Catalog, is_single_file, pull_paths, shown_size
 from nekko_sm.errors import (
     Cancelled,
     EntryNotFound,
@@ -281,7 +281,8 @@ class Puller(FlightTable):
         files = self.catalog.files_of(desc)
         if is_single_file(desc, files) is None:
             self.store.make_view(key, [(f["name"], f["digest"]) for f in files])
-        self.store.put_entry(key, desc, self.catalog.template(key, desc))
+        info = self.catalog.template(key, desc)
+        self.store.put_entry(key, desc, info, shown_size(info))
         if result.hf_view is not None:
             try:  # CACHE_DIR/huggingface/hub, for engines that know the repo id (DESIGN 8)
                 HFCacheView(self.store).add(result.hf_view)

@@ -361,6 +361,41 @@ def test_ls_status_and_rm_read_no_manifest(tmp_path, monkeypatch):
         svc.close()
 
 
+def test_ls_scans_one_covering_index_and_an_older_database_gets_its_sizes(tmp_path):
+    root = tmp_path / "cache"
+    svc = Service(cfg.build({"cache_dir": str(root)}, {}))
+    try:
+        for i in range(5):
+            svc._commit(f"http://h/{i}", _result(_manifest(svc.store, [b"x" * (i + 1)])))
+        svc.pin("http://h/3", True)
+        before = svc.catalog.summaries()
+        plan = svc.store._index.db.query(
+            "EXPLAIN QUERY PLAN SELECT key, shown_size, pinned, held_until, last_used"
+            " FROM entries INDEXED BY entries_listing ORDER BY key"
+        )
+        assert "COVERING INDEX entries_listing" in str(plan)
+    finally:
+        svc.close()
+    assert [(r[0], r[2], r[3]) for r in before] == [
+        (f"http://h/{i}", i + 1, i == 3) for i in range(5)
+    ]
+    # The same cache as a nekko-sm before schema 3 left it: no column, no listing index.
+    con = sqlite3.connect(root / "nekko.db")
+    con.executescript(
+        "DROP INDEX entries_listing; DROP INDEX entries_unsized;"
+        " ALTER TABLE entries DROP COLUMN shown_size; PRAGMA user_version = 2;"
+    )
+    con.close()
+    svc = Service(cfg.build({"cache_dir": str(root)}, {}))
+    try:
+        assert len(svc.store.unsized_entries()) == 5  # migrated: the column is there, empty
+        assert svc.catalog.summaries() == before
+        assert svc.store.unsized_entries() == []  # given once, by the first listing
+        assert svc.catalog.summaries() == before
+    finally:
+        svc.close()
+
+
 def _result(desc: Descriptor):
     from nekko_sm.sources.base import PullResult
 
@@ -373,7 +408,7 @@ def _result(desc: Descriptor):
 
 def test_schema_is_versioned(store):
     db = store._index.db
-    assert db.query("PRAGMA user_version")[0][0] == 2  # 2: the budget's running totals
+    assert db.query("PRAGMA user_version")[0][0] == 3  # 2: budget totals, 3: the listing
     assert db.query("PRAGMA journal_mode")[0][0] == "wal"
     store.close()
     con = sqlite3.connect(store.root / "nekko.db")

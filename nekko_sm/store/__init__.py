@@ -210,16 +210,29 @@ class Store(Layout):
         of every entry, by URL."""
         return self._index.infos()
 
-    def set_entry_info(self, pairs: Iterable[tuple[str, str]]) -> None:
-        self._index.set_info(pairs)
+    def entry_listing(self) -> Iterator[tuple[str, int | None, bool, float | None, float]]:
+        """(URL, the ``shown_size`` given with it, pinned, held until, last used) of every
+        entry by URL, reading no entry's row; :meth:`unsized_entries` have None."""
+        return self._index.listing()
 
-    def put_entry(self, url: str, desc: Descriptor, info: str | None = None) -> None:
+    def unsized_entries(self) -> list[tuple[str, str | None]]:
+        """(URL, info) of the entries given no ``shown_size`` (taken over, or older)."""
+        return self._index.unsized()
+
+    def set_entry_info(self, rows: Iterable[tuple[str, str, int | None]]) -> None:
+        """Give entries their ``info`` and ``shown_size``: (URL, info, shown size) each."""
+        self._index.set_info(rows)
+
+    def put_entry(
+        self, url: str, desc: Descriptor, info: str | None = None, shown_size: int | None = None
+    ) -> None:
         """Point ``url`` at ``desc`` (a manifest or index already in blobs/).
 
         ``info`` is opaque text the caller gets back with the entry (the service keeps
-        its rendered answer there, so listing reads no manifest).
+        its rendered answer there, so listing reads no manifest), and ``shown_size`` the
+        size a listing shows for it.
         """
-        self._index.put(url, desc, info)
+        self._index.put(url, desc, info, shown_size)
 
     def remove_entry(self, url: str) -> Descriptor | None:
         """Drop the entry for ``url`` and its view, leaving its blobs to gc; None if absent."""

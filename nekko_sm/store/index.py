@@ -171,7 +171,9 @@ class Index:
         rows = self.db.query("SELECT reach FROM entries WHERE key = ?", (url,))
         return rows[0][0].split() if rows else []
 
-    def put(self, url: str, desc: Descriptor, info: str | None = None) -> None:
+    def put(
+        self, url: str, desc: Descriptor, info: str | None = None, shown_size: int | None = None
+    ) -> None:
         """Point ``url`` at ``desc`` (a manifest or index already in blobs/)."""
         if not self.layout.has_blob(desc.digest, desc.size):
             raise CacheCorrupt(f"refusing to index {url}: blob {desc.digest} is not committed")
@@ -195,7 +197,7 @@ class Index:
                         f"refusing to index {url}: blob {digest} it needs is"
                         " not in the cache (freed meanwhile?)"
                     ) from None
-            self._upsert(conn, url, desc, reach, sizes, info, time.time())
+            self._upsert(conn, url, desc, reach, sizes, (info, shown_size), time.time())
             bump(conn, "generation", "revision")
         self._flusher.kick()
 
@@ -206,18 +208,18 @@ class Index:
         desc: Descriptor,
         reach: list[str],
         sizes: dict,
-        info: str | None,
+        info: tuple[str | None, int | None],
         now: float,
     ) -> None:
         self._release(conn, url)
         # A new pull of a known URL keeps its pin, hold and protection.
         conn.execute(
             "INSERT INTO entries (key, media_type, digest, size, descriptor, reach, info,"
-            " created, last_used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " shown_size, created, last_used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (key) DO UPDATE SET media_type = excluded.media_type,"
             " digest = excluded.digest, size = excluded.size,"
             " descriptor = excluded.descriptor, reach = excluded.reach, info = excluded.info,"
-            " created = excluded.created, last_used = excluded.last_used",
+            " shown_size = excluded.shown_size, created = excluded.created, last_used = excluded.last_used",
             (
                 url,
                 desc.media_type,
@@ -225,7 +227,7 @@ class Index:
                 desc.size,
                 desc.encode(),
                 " ".join(reach),
-                info,
+                *info,
                 now,
                 now,
             ),
@@ -274,15 +276,24 @@ class Index:
         """Some transaction outside this module changed the entries: rewrite index.json."""
         self._flusher.kick()
 
-    def set_info(self, pairs: Iterable[tuple[str, str]]) -> None:
-        """Remember the service's rendering of entries (one transaction, not a change)."""
-        pairs = list(pairs)
-        if pairs:
+    def set_info(self, rows: Iterable[tuple[str, str, int | None]]) -> None:
+        """Remember the service's rendering of entries, (key, info, shown size) each, in
+        one transaction that is not a change."""
+        args = [(info, size, key) for key, info, size in rows]
+        if args:
             with self.db.write() as conn:
-                conn.executemany(
-                    "UPDATE entries SET info = ? WHERE key = ?",
-                    [(info, key) for key, info in pairs],
-                )
+                conn.executemany("UPDATE entries SET info = ?, shown_size = ? WHERE key = ?", args)
+
+    def listing(self) -> Iterator[tuple[str, int | None, bool, float | None, float]]:
+        """(key, shown size, pinned, held until, last used) of every entry by key: a scan of
+        one covering index; ``unsized`` are those whose size is None."""
+        yield from self._stream(
+            "SELECT key, shown_size, pinned, held_until, last_used FROM entries"
+            " INDEXED BY entries_listing ORDER BY key"
+        )
+
+    def unsized(self) -> list[tuple[str, str | None]]:
+        return self.db.query("SELECT key, info FROM entries WHERE shown_size IS NULL")
 
     # -- use, pins, holds -----------------------------------------------------------------
     def touch(self, url: str, when: float | None = None) -> bool:
@@ -423,7 +434,7 @@ class Index:
             d = Descriptor(
                 d.media_type, d.digest, d.size, d.annotations, d.artifact_type, d.platform
             )
-            reaches.append((key, d, reach, sizes, self.describe(key, d)))
+            reaches.append((key, d, reach, sizes, (self.describe(key, d), None)))
         with self.db.write() as conn:
             for key, d, reach, sizes, info in reaches:
                 self._upsert(conn, key, d, reach, sizes, info, now)
