@@ -526,10 +526,26 @@ def test_a_git_file_at_a_new_commit_is_not_fetched_again(svc, hub):
     assert resolves(hub) == [] and [r.status for r in resolves(hub, "HEAD")] == [307]
 
 
+def test_the_git_id_map_writes_nothing_through_a_link_in_the_cache(svc, hub, tmp_path):
+    """The map was once files under CACHE/gitoids/, written through whatever was there: a
+    planted ``gitoids -> /victim`` had root write into the victim.  It is in the database."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    os.symlink(victim, svc.store.root / "gitoids")
+    hub.add_repo("real/linked", files={"config.json": b'{"b": 2}', "other.txt": b"1"})
+    first, _ = svc.pull("hf:///real/linked/config.json")
+    hub.add_commit("real/linked", {"other.txt": b"2"})
+    hub.clear_log()
+    again, created = svc.pull(f"hf:///real/linked@{hub.commit_sha('real/linked')}/config.json")
+    assert created and again["digest"] == first["digest"]
+    assert resolves(hub) == []  # known from the map all the same
+    assert list(victim.iterdir()) == []
+
+
 def test_only_verified_bytes_make_a_mapping(svc, hub):
     data = b"the genuine config\n" * 10
     hub.add_repo("real/verify", files={"c.txt": data})
-    oids = GitOids(svc.store.root, host(hub), "model", "real/verify")
+    oids = GitOids(svc.store, host(hub), "model", "real/verify")
     hub.set_fault("real/verify", "c.txt", corrupt=True)
     with pytest.raises(IntegrityError):
         svc.pull("hf:///real/verify/c.txt")

@@ -44,6 +44,7 @@ from pathlib import Path
 from nekko_sm.errors import CacheCorrupt, UnsafeName
 from nekko_sm.models.paths import check_path
 from nekko_sm.store.fs import (
+    OpenDirs,
     listdir,
     lstat,
     make_dirs,
@@ -224,56 +225,58 @@ class HFCacheView:
             _write_atomic(self._record_path(entry.url), json.dumps(record, sort_keys=True).encode())
             if old is not None and old.get("url") == entry.url:
                 self._drop(old)  # the same URL pulled again (a branch moved): what it left
-            for f in entry.files:
-                blob = repo / "blobs" / f.etag
-                self._link_blob(self.store.blob_path(f.digest), blob)
-                pointer = snapshot / f.path
-                self._symlink(os.path.relpath(blob, pointer.parent), pointer)
+            with OpenDirs() as dirs:  # each directory walked once, not once per file
+                for f in entry.files:
+                    blob = repo / "blobs" / f.etag
+                    self._link_blob(dirs, self.store.blob_path(f.digest), blob)
+                    pointer = snapshot / f.path
+                    self._symlink(dirs, os.path.relpath(blob, pointer.parent), pointer)
             if entry.revision != entry.commit:
                 self._write_ref(repo, entry.revision, entry.commit)
         return snapshot
 
-    def _link_blob(self, source: Path, blob: Path) -> None:
-        src = lstat(source)
+    def _link_blob(self, dirs: OpenDirs, source: Path, blob: Path) -> None:
+        sfd, sname = dirs.parent(source)
+        dfd, name = dirs.parent(blob, create=True)
+        src = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
         if not stat.S_ISREG(src.st_mode):
             raise CacheCorrupt(f"the cache's blob {source.name} is not a regular file")
         try:
-            st = lstat(blob)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_dev) == (src.st_ino, src.st_dev):
                 return  # already this very file
         except FileNotFoundError:
             pass
-        with parent_dir(source) as (sfd, sname), parent_dir(blob, create=True) as (dfd, name):
-            tmp = _tmp(name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=dfd)
-            try:
-                os.link(sname, tmp, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
-            except OSError as e:
-                if e.errno not in (
-                    errno.EXDEV,
-                    errno.EPERM,
-                    errno.EMLINK,
-                    errno.EOPNOTSUPP,
-                    errno.ENOTSUP,
-                ):
-                    raise
-                # another file system: a relative link to the store's blob
-                os.symlink(os.path.relpath(source, blob.parent), tmp, dir_fd=dfd)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        tmp = _tmp(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+        try:
+            os.link(sname, tmp, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (
+                errno.EXDEV,
+                errno.EPERM,
+                errno.EMLINK,
+                errno.EOPNOTSUPP,
+                errno.ENOTSUP,
+            ):
+                raise
+            # another file system: a relative link to the store's blob
+            os.symlink(os.path.relpath(source, blob.parent), tmp, dir_fd=dfd)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
-    def _symlink(self, target: str, link: Path) -> None:
-        with parent_dir(link, create=True) as (dfd, name):
-            try:
-                if os.readlink(name, dir_fd=dfd) == target:
-                    return
-            except OSError:
-                pass
-            tmp = _tmp(name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=dfd)
-            os.symlink(target, tmp, dir_fd=dfd)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    def _symlink(self, dirs: OpenDirs, target: str, link: Path) -> None:
+        dfd, name = dirs.parent(link, create=True)
+        try:
+            if os.readlink(name, dir_fd=dfd) == target:
+                return
+        except OSError:
+            pass
+        tmp = _tmp(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+        os.symlink(target, tmp, dir_fd=dfd)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
     def _write_ref(self, repo: Path, revision: str, commit: str) -> None:
         ref = repo / "refs" / revision

@@ -72,7 +72,7 @@ SMALL_FILE = 64 * 1024
 
 
 def _oids(job: Job, ref: HFRef) -> GitOids:
-    return GitOids(job.store.root, ref.registry, ref.repo_type, ref.repo_id)
+    return GitOids(job.store, ref.registry, ref.repo_type, ref.repo_id)
 
 
 # -- bytes ---------------------------------------------------------------------------------
@@ -184,7 +184,8 @@ def _fetch_small(
         raise IntegrityError(
             f"{redact(url)}: content has git blob id {got}, expected {git_oid}; nothing was stored"
         )
-    digest = job.store.put_bytes(r.data, job.lease, expected)  # checks ``expected``
+    # Checks ``expected``; the pull fsyncs blobs/ once before it names the file (sync_blobs).
+    digest = job.store.put_small(r.data, job.lease, expected)
     job.progress.add(size)
     return digest
 
@@ -238,6 +239,7 @@ def _pull_file(job: Job, ref: HFRef) -> PullResult:
         expected=job.digest,
         oids=_oids(job, ref),
     )
+    job.store.sync_blobs()  # a small file was renamed into blobs/ without it (_fetch_small)
     view = _view(job, ref, commit, [HFFile(ref.path, digest, size, git_oid or sha256 or "")])
     return file_result(
         job,
@@ -329,6 +331,7 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
         raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
     if job.cancel.is_set():
         raise Cancelled(f"pull of {ref.canonical} was cancelled")
+    job.store.sync_blobs()  # the small files' renames (_fetch_small), once for all
 
     prefix = ref.path + "/" if ref.path else ""
     files = [

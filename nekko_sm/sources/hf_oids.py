@@ -13,62 +13,55 @@ a caller passes never creates or selects one.  Mappings are kept per registry an
 repository, so a mirror (or another repository) can never vouch for a file of another:
 SHA-1 collisions can be made, and a git id is only as good as the place that gave it.
 
-Layout: one small file per git id, ``CACHE_DIR/gitoids/SCOPE/GITID`` holding
-``sha256:HEX SIZE``, written atomically; a lookup is one ``open``.  (Not under ``ingest/``:
-``gc`` treats every directory there as a stale partial download.)  Losing the directory
-costs downloads, never correctness.
+Kept in the store's database (its ``aliases``, kind ``git-oid:SCOPE``): a lookup is one
+indexed read, a record one transaction that is not fsynced (a fact lost to a power cut
+costs a download, never correctness), and nothing is written through a path in the cache
+directory.  A mapping whose blob is gone, or whose size differs, selects nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nekko_sm.errors import NekkoError
+
+if TYPE_CHECKING:
+    from nekko_sm.store import Store
 
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
-_ENTRY = re.compile(r"^(sha256:[0-9a-f]{64}) ([0-9]+)\n?$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class GitOids:
     """The git id -> sha256 map of one repository at one registry."""
 
-    def __init__(self, cache_root: Path | str, registry: str, repo_type: str, repo_id: str) -> None:
+    def __init__(self, store: Store, registry: str, repo_type: str, repo_id: str) -> None:
         scope = hashlib.sha256(f"{registry}\0{repo_type}\0{repo_id}".encode()).hexdigest()[:32]
-        self.dir = Path(cache_root) / "gitoids" / scope
+        self.store = store
+        self.kind = "git-oid:" + scope
 
     def lookup(self, oid: str | None, size: int | None) -> str | None:
-        """The sha256 digest the file with git id ``oid`` (and ``size``) had, if known."""
+        """The sha256 digest the file with git id ``oid`` (and ``size``) had, if known and
+        (with a ``size``) that blob is in the store with that size."""
         if not oid or not _SHA1.match(oid):
             return None
         try:
-            text = (self.dir / oid).read_text(encoding="ascii")
-        except (OSError, UnicodeDecodeError):
+            digest = self.store.alias(self.kind, oid)
+        except NekkoError:
             return None
-        m = _ENTRY.match(text)
-        if m is None or (size is not None and int(m.group(2)) != size):
+        if digest is None or not _DIGEST.match(digest):
             return None
-        return m.group(1)
+        if size is not None and not self.store.has_blob(digest, size):
+            return None
+        return digest
 
     def record(self, oid: str, digest: str, size: int) -> None:
         """Remember a VERIFIED fact: the bytes whose git blob id is ``oid`` have ``digest``."""
-        if not _SHA1.match(oid) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest) or size < 0:
+        if not _SHA1.match(oid) or not _DIGEST.match(digest) or size < 0:
             raise ValueError("not a git id, a sha256 digest and a size")
-        if self.lookup(oid, size) == digest:
-            return
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "w", encoding="ascii") as f:
-                    f.write(f"{digest} {size}\n")
-                os.replace(tmp, self.dir / oid)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-        except OSError:
+            self.store.set_alias(self.kind, oid, digest, durable=False)
+        except NekkoError:
             pass  # a cache of facts: failing to write one only costs a download next time

@@ -170,9 +170,11 @@ class Store(Layout):
         """Store a small blob (manifest, config) and return its digest."""
         return self._ingest.put_bytes(data, lease, expected_digest)
 
-    def put_small(self, data: bytes, lease: Lease | None = None) -> str:
-        """Store a small file of an unpacked layer; call :meth:`sync_blobs` once after."""
-        return self._ingest.put_small(data, lease)
+    def put_small(
+        self, data: bytes, lease: Lease | None = None, expected_digest: str | None = None
+    ) -> str:
+        """Store one of many small files; call :meth:`sync_blobs` once after them all."""
+        return self._ingest.put_small(data, lease, expected_digest)
 
     def partial_size(self, ref: str) -> int:
         return self._ingest.partial_size(ref)
@@ -300,8 +302,9 @@ class Store(Layout):
     def alias(self, kind: str, key: str) -> str | None:
         return self._index.alias(kind, key)
 
-    def set_alias(self, kind: str, key: str, digest: str) -> None:
-        self._index.set_alias(kind, key, digest)
+    def set_alias(self, kind: str, key: str, digest: str, durable: bool = True) -> None:
+        """``durable=False``: not fsynced (for facts whose loss costs only work)."""
+        self._index.set_alias(kind, key, digest, durable)
 
     def drop_alias(self, kind: str, key: str) -> bool:
         return self._index.drop_alias(kind, key)

@@ -25,8 +25,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nekko_sm.errors import InsufficientStorage, UnsafeCacheDir, UnsafeCachePath
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+; only mypy reads this
 
 log = logging.getLogger("nekko_sm.store")
 
@@ -143,6 +147,30 @@ def parent_dir(path: Path | str, create: bool = False) -> Iterator[tuple[int, st
         yield fd, path.name
     finally:
         os.close(fd)
+
+
+class OpenDirs:
+    """Directories opened once each, as :func:`open_dir` opens them, for many ``*at``
+    operations in a few of them (the files of one entry); all closed on exit."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def parent(self, path: Path | str, create: bool = False) -> tuple[int, str]:
+        """``(descriptor of path's directory, path's name)``, like :func:`parent_dir`."""
+        head, name = os.path.split(os.path.abspath(path))
+        fd = self._fds.get(head)
+        if fd is None:
+            fd = self._fds[head] = open_dir(head, create)
+        return fd, name
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def make_dirs(path: Path | str) -> None:

@@ -378,12 +378,13 @@ class Index:
         rows = self.db.query("SELECT digest FROM aliases WHERE kind = ? AND key = ?", (kind, key))
         return rows[0][0] if rows else None
 
-    def set_alias(self, kind: str, key: str, digest: str) -> None:
-        self.db.execute(
-            "INSERT INTO aliases (kind, key, digest) VALUES (?, ?, ?)"
-            " ON CONFLICT (kind, key) DO UPDATE SET digest = excluded.digest",
-            (kind, key, check_digest(digest)),
-        )
+    def set_alias(self, kind: str, key: str, digest: str, durable: bool = True) -> None:
+        with self.db.write(durable) as conn:
+            conn.execute(
+                "INSERT INTO aliases (kind, key, digest) VALUES (?, ?, ?)"
+                " ON CONFLICT (kind, key) DO UPDATE SET digest = excluded.digest",
+                (kind, key, check_digest(digest)),
+            )
 
     def drop_alias(self, kind: str, key: str) -> bool:
         return self.db.execute("DELETE FROM aliases WHERE kind = ? AND key = ?", (kind, key)) > 0

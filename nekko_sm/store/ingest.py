@@ -82,14 +82,18 @@ class Ingest:
             w.commit(digest)
         return digest
 
-    def put_small(self, data: bytes, lease: Lease | None = None) -> str:
-        """Store a small blob the cheap way (the many small files of an unpacked layer):
-        written to ``ingest/.small-*``, fsynced and renamed into ``blobs/``, without an
-        ingest directory, a lock or a hasher thread (about twice as fast as
-        :meth:`put_bytes`).  Two writers of the same bytes rename the same content into
-        place.  The caller fsyncs ``blobs/`` once when done (:meth:`Layout.sync_blobs`),
-        before any entry names what it stored."""
+    def put_small(
+        self, data: bytes, lease: Lease | None = None, expected_digest: str | None = None
+    ) -> str:
+        """Store a small blob the cheap way (the many small files of an unpacked layer or
+        of a repository): written to ``ingest/.small-*``, fsynced and renamed into
+        ``blobs/``, without an ingest directory, a lock or a hasher thread (about twice as
+        fast as :meth:`put_bytes`).  Two writers of the same bytes rename the same content
+        into place.  The caller fsyncs ``blobs/`` once when done
+        (:meth:`Layout.sync_blobs`), before any entry names what it stored."""
         digest = sha256_digest(data)
+        if expected_digest is not None and digest != expected_digest:
+            raise IntegrityError(f"content has digest {digest}, expected {expected_digest}")
         if lease is not None:
             lease.add(digest)  # before the check: gc cannot take it from under us
         if self.layout.has_blob(digest, len(data)):
