@@ -201,6 +201,8 @@ class Puller(FlightTable):
                     marks = dict(flight.marks)
                 if marks:  # still under the pull's lock: never evictable in between
                     self.mark(key, marks.get("pin"), marks.get("hold"), use=False)
+            if job.spare:  # stored on a guess while unpacking; after the lease: ours no more
+                self.store.discard(job.spare)
             if self.config.discard_unpacked_layers and result.unpacked:
                 freed = self.store.discard(result.unpacked)  # after the lease: ours no more
                 log.info(

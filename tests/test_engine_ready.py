@@ -208,6 +208,11 @@ def test_a_modelcar_keeps_its_whiteouts(make, registry, pushed):
     view = Path(entry["path"])
     assert not (view / "stale.bin").exists() and not (view / "cache" / "old.json").exists()
     assert (view / "current").read_bytes() == (view / "config.json").read_bytes()
+    # What unpacking stored outside the view (busybox, stored while no models/ was known,
+    # and the hidden files) was freed after the pull: nothing is left for gc.
+    busybox = hashlib.sha256(b"\x7fELF busybox").hexdigest()
+    assert not (svc.store.root / "blobs" / "sha256" / busybox).exists()
+    assert svc.gc(dry_run=True).blobs_freed == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ class Opener:
         return open(self.store.blob_path(layer.digest), "rb")
 
 
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def pulled(store: Store, pack: mp.Pack) -> None:
     """The pack's blobs in the store, as the OCI puller leaves them."""
     for data in pack.blobs.values():
@@ -299,9 +303,12 @@ def test_modelcar_view_is_models_after_whiteouts(store):
     assert len(opener.opened) == 3  # one reading: every view file was under models/
     by_name = {f.name: f for f in result.files}
     assert by_name["current"].digest == by_name["config.json"].digest
+    # Stored on the guess that the view is everything (before models/), or hidden later:
+    hidden = [b"\x7fELF busybox", b"root:x:0:0::/root:/bin/sh\n", b"old weights", b"{}"]
+    assert result.spare == sorted(sha(d) for d in hidden)
 
 
-def test_an_image_without_models_shows_its_whole_file_system_read_twice(store):
+def test_an_image_without_models_shows_its_whole_file_system_read_once(store):
     base = [
         Entry("bin", type="dir"),
         Entry("bin/busybox", b"\x7fELF", mode=0o755),
@@ -323,7 +330,8 @@ def test_an_image_without_models_shows_its_whole_file_system_read_twice(store):
     assert got["bin/sh"] == got["bin/busybox"] and got["usr/lib/x.so"] == b"so"
     assert {f.name: f.executable for f in result.files}["bin/busybox"]
     assert result.model == "opt/model.gguf"
-    assert len(opener.opened) == 4  # both layers again: their files were outside models/
+    assert len(opener.opened) == 2  # one reading: no models/, so every file was stored
+    assert result.spare == []
 
 
 def test_a_docker_v2_image_is_an_image_too(store):
@@ -787,17 +795,20 @@ def test_builders_write_go_shaped_tars():
 # an ordinary image's whole file system: its layers read a second time
 
 
-def _whole_image(n: int) -> mp.Pack:
-    layers = [
+def _whole_image_layers(n: int) -> list:
+    return [
         [Entry(f"usr/lib/l{i}/f{j}.so", os.urandom(3000 + j)) for j in range(5)]
         + [Entry(f"etc/conf{i}", b"x" * i)]
         for i in range(n)
     ]
-    return mp.image(layers, {})
 
 
 def test_a_layer_that_reads_otherwise_the_second_time_is_a_broken_layer(store):
-    pack = _whole_image(4)
+    # models/ first, hidden by the last layer: the view turns out to be the whole file
+    # system only then, so the files outside models/ are read a second time.
+    layers = _whole_image_layers(4)
+    first = [Entry("models", type="dir"), Entry("models/a", b"a"), *layers[0]]
+    pack = mp.image([first, *layers[1:], [Entry(".wh.models")]], {})
     pulled(store, pack)
     layers = [d["digest"] for d in pack.doc["layers"]]
     seen: dict = {}

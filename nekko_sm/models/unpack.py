@@ -14,7 +14,11 @@ layer's bytes, and returns the model's files: ``name -> (digest, size, executabl
 * Image layers (``plan.rootfs``) are applied in order as changesets: whiteouts ``.wh.NAME``
   and opaque ``.wh..wh..opq`` hide what lower layers made; the view is ``models/`` when the
   result has it.  Files outside the view are not stored: when the view turns out to be the
-  whole file system, the layers that hold its files are read a second time.
+  whole file system, the layers that hold its files are read a second time.  Until a layer
+  has made ``models/``, every file is stored on that guess (an ordinary image, whose view
+  is everything, is then read once); what was stored and the view does not show (the guess
+  wrong, a file hidden later) is returned as ``spare``, for the caller to free once its
+  lease is gone.
 
 Names are hostile until checked (:func:`nekko_sm.models.paths.check_path`): absolute paths,
 ``..``, links that leave the model, devices and FIFOs, duplicate names, a name used as a file
@@ -63,6 +67,7 @@ class UnpackResult:
     model: str | None  # the view name of the GGUF file llama.cpp loads, if there is one
     view_root: str = ""  # the directory of the layers' file system the view shows ("models")
     unpacked: list = field(default_factory=list)  # digests of the tar layers read
+    spare: list = field(default_factory=list)  # blobs stored on a guess the view does not use
 
 
 Opener = Callable[[LayerPlan], BinaryIO]
@@ -95,6 +100,7 @@ class _Unpacker:
         self.view = View(self.tree, plan.rootfs, what)
         self.unpacked: list[str] = []
         self.small = False  # small files were stored: blobs/ wants one fsync at the end
+        self.stored: list[str] = []  # image layers: what was stored, in the view or not
 
     def layer_what(self, lp: LayerPlan) -> str:
         lead = f"{self.what}: " if self.what else ""
@@ -109,7 +115,9 @@ class _Unpacker:
         files = self.view.files(view_root)
         if self.small:
             self.store.sync_blobs()  # their renames, once for all, before anyone names them
-        return UnpackResult(files, choose_model(f.name for f in files), view_root, self.unpacked)
+        spare = sorted(set(self.stored) - {f.digest for f in files})
+        model = choose_model(f.name for f in files)
+        return UnpackResult(files, model, view_root, self.unpacked, spare)
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -151,6 +159,7 @@ class _Unpacker:
     def _add_tar(self, lp: LayerPlan, raw: BinaryIO, what: str) -> None:
         members = Members(raw, what)
         rootfs = self.plan.rootfs
+        guess = rootfs and not self.view.root()  # no models/ yet: the view may be everything
         for i, m in members:
             self._check_cancel()
             name = self._name(m, lp, what)
@@ -163,9 +172,13 @@ class _Unpacker:
                     continue
             node = self._node(m, i, lp, name, what)
             where = self.tree.put(name, node, what)
-            if m.isreg() and (not rootfs or where == VIEW or where.startswith(VIEW + "/")):
+            in_view = where == VIEW or where.startswith(VIEW + "/")
+            guess = guess and not in_view  # models/ now exists: the view is it
+            if m.isreg() and (not rootfs or in_view or guess):
                 assert node.content is not None
                 node.content.digest = self._commit(members, m, lp, i)
+                if rootfs:
+                    self.stored.append(node.content.digest)
 
     def _name(self, m: tarfile.TarInfo, lp: LayerPlan, what: str) -> str | None:
         raw = m.name

@@ -144,6 +144,8 @@ class Job:
     on_ingest: Callable[[str], None] = lambda ref: None  # records resumable ingest refs
     # Makes room for (nbytes, what, resumed) before writing: the disk budget (budget.py).
     room: Callable[[int, str, int], None] | None = None
+    # Blobs stored on a guess that the entry does not name (unpack): freed after the lease.
+    spare: list = field(default_factory=list)
 
     def ensure_space(self, nbytes: int, what: str, resumed: int = 0) -> None:
         """Before writing ``nbytes`` more (``resumed`` are in a partial already): 507 if

@@ -131,6 +131,7 @@ def engine_ready(
         )
     else:
         done = _fetch_unpacking(job, ref, puller, plan, blobs, sum(lp.size for lp in read))
+    job.spare.extend(done.spare)
     types = {d.get("digest"): d.get("mediaType") for d in m.doc["layers"]}
     files = [
         FileItem(f.name, f.digest, f.size, str(types.get(f.digest) or "application/octet-stream"))
