@@ -35,7 +35,6 @@ from nekko_sm.errors import (
     UpstreamUnavailable,
 )
 from nekko_sm.flight_table import Flight, FlightTable, check_entry_digest
-from nekko_sm.models.hfcache import HFCacheView
 from nekko_sm.refs import HFRef, HTTPRef, OCIRef
 from nekko_sm.sources.base import A_DIGEST, A_FORMAT, A_MODEL, A_PLATFORM, Job, PullResult
 from nekko_sm.store import (
@@ -67,10 +66,13 @@ class Puller(FlightTable):
     store: Store
     pulls_dir: Path
     catalog: Catalog
-    budget: Budget
     access: AccessChecks
     stats: dict[str, Any]
     _transfer: Any  # made on first use: status/path need no network stack
+
+    @property
+    def budget(self) -> Budget:  # pragma: no cover - the service's, made on first use
+        raise NotImplementedError
 
     @property
     def transfer(self):
@@ -287,6 +289,8 @@ class Puller(FlightTable):
         self.store.put_entry(key, desc, info, shown_size(info))
         if result.hf_view is not None:
             try:  # CACHE_DIR/huggingface/hub, for engines that know the repo id (DESIGN 8)
+                from nekko_sm.models.hfcache import HFCacheView  # only Hub pulls need it
+
                 HFCacheView(self.store).add(result.hf_view)
             except (NekkoError, OSError) as e:
                 log.warning("%s: not in the Hugging Face cache view: %s", key, e)

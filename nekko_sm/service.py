@@ -16,7 +16,7 @@ import dataclasses
 import json
 from collections.abc import Iterable
 from functools import partial
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from nekko_sm import access
 from nekko_sm.config import Config
@@ -24,7 +24,6 @@ from nekko_sm.credentials import Credentials
 from nekko_sm.entries import Catalog, lock_held
 from nekko_sm.errors import BadRequest, Cancelled, EntryNotFound
 from nekko_sm.flight_table import Flight
-from nekko_sm.models.hfcache import HFCacheView
 from nekko_sm.puller import Puller
 from nekko_sm.refparse import parse
 from nekko_sm.refs import OCIRef
@@ -38,6 +37,10 @@ from nekko_sm.store import (
     read_file,
     unlink,
 )
+
+if TYPE_CHECKING:
+    from nekko_sm.budget import Budget
+    from nekko_sm.models.hfcache import HFCacheView
 
 
 class Service(Puller):
@@ -54,9 +57,23 @@ class Service(Puller):
         self.store.describe = self.catalog.template  # entries taken over at open
         self.store.init()
         self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
-        from nekko_sm.budget import Budget
+        self._budget: Budget | None = None
 
-        self.budget = Budget(self.store, config, self.busy)
+    def _hf_view(self) -> HFCacheView:
+        from nekko_sm.models.hfcache import HFCacheView  # not at start-up: `status` needs none
+
+        return HFCacheView(self.store)
+
+    @property
+    def budget(self) -> Budget:
+        """The disk budget (DESIGN 9), made on first use: `status` and `path` need none."""
+        if self._budget is None:
+            from nekko_sm.budget import Budget
+
+            with self._lock:  # one budget (its counters) whichever thread asks first
+                if self._budget is None:
+                    self._budget = Budget(self.store, self.config, self.busy)
+        return self._budget
 
     # -- references ---------------------------------------------------------------------
     def canonical(self, url: str, platform: str | None = None) -> str:
@@ -192,7 +209,7 @@ class Service(Puller):
             except (OSError, ValueError):
                 pass
             unlink(record)
-        HFCacheView(self.store).remove(key)  # first: its hard links hold the blobs' bytes
+        self._hf_view().remove(key)  # first: its hard links hold the blobs' bytes
         gone, report = self.store.free_entry(key)
         self.access.forget(key)
         self._forget(key)
@@ -210,7 +227,7 @@ class Service(Puller):
         """``store.gc``, the Hugging Face cache view first pruned of entries no longer
         there (its hard links would keep the freed blobs' bytes on disk)."""
         if not dry_run:
-            HFCacheView(self.store).prune(d.annotations[REF_NAME] for d in self.store.entries())
+            self._hf_view().prune(d.annotations[REF_NAME] for d in self.store.entries())
         return self.store.gc(dry_run=dry_run)
 
     def verify(
@@ -222,7 +239,7 @@ class Service(Puller):
         cache view too (whose hard links would still show the damaged bytes)."""
         problems = self.store.verify(roots, repair=repair)
         if repair and problems:
-            HFCacheView(self.store).prune(d.annotations[REF_NAME] for d in self.store.entries())
+            self._hf_view().prune(d.annotations[REF_NAME] for d in self.store.entries())
         return problems
 
     def close(self) -> None:

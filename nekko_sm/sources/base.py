@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Callable
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import ManifestInvalid, PullTooLarge
-from nekko_sm.models.hfcache import HFEntry
 from nekko_sm.store import (
     EMPTY_JSON,
     MT_EMPTY,
@@ -28,7 +27,8 @@ from nekko_sm.store import (
     Store,
 )
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # not imported to run: `status` and `path` need neither
+    from nekko_sm.models.hfcache import HFEntry
     from nekko_sm.transfer import Transfer
 
 # Annotations nekko-sm writes on the manifests it makes and on index.json entries.
