@@ -31,6 +31,7 @@ _OCI_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HOST = re.compile(
     r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?$"
 )
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL: never part of a URL
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _URL_SAFE = "/%:@!$&'()*+,;=~-._"  # RFC 3986 pchar, "/" and existing %-escapes
 _HF_REPO_TYPES = {"datasets": "dataset", "spaces": "space", "models": "model"}
@@ -51,7 +52,7 @@ def parse(url: str, hf_endpoint: str = "https://huggingface.co") -> OCIRef | HFR
     if not isinstance(url, str) or not url.strip():
         raise InvalidReference("the url is empty")
     url = url.strip()
-    if any(ord(c) < 32 or c == "\x7f" for c in url) or len(url) > 8192:
+    if len(url) > 8192 or _CONTROL.search(url):
         raise InvalidReference("the url contains control characters or is too long")
     try:
         url.encode("utf-8")  # a lone surrogate (JSON "\ud800", undecodable argv) is no URL
