@@ -290,6 +290,31 @@ def test_headers_dribbled_a_byte_at_a_time_are_given_up(tmp_path, monkeypatch):
             svc.close()
 
 
+def test_the_reaper_shuts_by_each_deadline_and_forgets_what_was_unwatched():
+    """One thread shuts the sockets whose deadline passed; it is woken only for a deadline
+    sooner than those it waits for, so a later one must still be met, an earlier one at
+    once, and the many watched and unwatched (every request's) must not pile up."""
+    reaper = httpio.Reaper()
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        for _ in range(1000):  # requests answered in time
+            reaper.unwatch(reaper.watch(pairs[0][0], 60.0))
+        assert len(reaper._heap) <= 2
+        late = reaper.watch(pairs[0][0], 1.5)  # behind a long one: not woken for it
+        long = reaper.watch(pairs[1][0], 60.0)
+        soon = reaper.watch(pairs[2][0], 0.3)  # sooner than all: woken for it
+        pairs[2][1].settimeout(10)
+        assert pairs[2][1].recv(1) == b""  # shut within its deadline, not the long one's
+        assert not reaper.unwatch(long)
+        pairs[0][1].settimeout(10)
+        assert pairs[0][1].recv(1) == b""
+        assert reaper.unwatch(late) and reaper.unwatch(soon)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
 @pytest.fixture
 def low_speed(monkeypatch):
     """The body rule in seconds, not a minute: under 2,000 bytes/s over 2 s."""
