@@ -246,7 +246,11 @@ class HFCacheView:
             if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_dev) == (src.st_ino, src.st_dev):
                 return  # already this very file
         except FileNotFoundError:
-            pass
+            try:  # a free name: the link is made whole at once, no temporary needed
+                os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                return
+            except OSError:
+                pass  # taken meanwhile, or another file system: as below
         tmp = _tmp(name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dfd)
@@ -270,6 +274,12 @@ class HFCacheView:
         try:
             if os.readlink(name, dir_fd=dfd) == target:
                 return
+        except FileNotFoundError:
+            try:  # a free name: made whole at once, no temporary needed
+                os.symlink(target, name, dir_fd=dfd)
+                return
+            except FileExistsError:
+                pass  # taken meanwhile: replaced as below
         except OSError:
             pass
         tmp = _tmp(name)

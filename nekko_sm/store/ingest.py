@@ -12,22 +12,22 @@ renamed into place.  It never talks to the network and never names a blob in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import stat
 import threading
 
 from nekko_sm.errors import InsufficientStorage, IntegrityError
 from nekko_sm.store.frontier import Hasher
 from nekko_sm.store.fs import (
+    OpenDirs,
     is_dir,
     listdir,
     lstat,
     make_dirs,
-    open_file,
     read_file,
-    rename,
-    unlink,
 )
 from nekko_sm.store.layout import Layout, sha256_digest
 from nekko_sm.store.leases import Lease
@@ -96,26 +96,38 @@ class Ingest:
             raise IntegrityError(f"content has digest {digest}, expected {expected_digest}")
         if lease is not None:
             lease.add(digest)  # before the check: gc cannot take it from under us
-        if self.layout.has_blob(digest, len(data)):
-            return digest
         tmp = self.layout.ingest_dir / (
             f".small-{digest[7:23]}-{os.getpid()}-{threading.get_ident()}"
         )
-        try:
-            # O_EXCL | O_NOFOLLOW (open_file): a link planted at the name is never followed.
-            unlink(tmp)  # a stale one of a crashed process with our pid and thread id
-            fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444, replace_link=True)
+        with OpenDirs() as dirs:  # blobs/sha256 and ingest/, each reached once, no link
+            bfd, bname = dirs.parent(self.layout.blob_path(digest))
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            rename(tmp, self.layout.blob_path(digest))
-        except OSError as e:
-            unlink(tmp)
-            raise _space(e, digest) from e
+                st = os.stat(bname, dir_fd=bfd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+                    return digest  # a link planted there is no blob: replaced below
+            except FileNotFoundError:
+                pass
+            ifd, tname = dirs.parent(tmp)
+            try:
+                # A stale one of a crashed process with our pid and thread id, or a link
+                # planted at the name: removed, never followed (O_EXCL | O_NOFOLLOW).
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tname, dir_fd=ifd)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(tname, flags, 0o444, dir_fd=ifd)
+                try:
+                    os.fchmod(fd, 0o444)  # exactly, whatever the umask
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tname, bname, src_dir_fd=ifd, dst_dir_fd=bfd)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(tname, dir_fd=ifd)
+                raise _space(e, digest) from e
         return digest
 
     def partial_size(self, ref: str) -> int:

@@ -82,26 +82,27 @@ class Views:
     def _fill(self, vfd: int, tmp: str, files: Iterable[tuple[str, str]]) -> None:
         """One relative symlink per file in ``views/tmp``, its directories made as needed."""
         top = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=vfd)
+        dirs = {"": top}  # each directory of the view made and opened once
         try:
             for name, digest in files:  # names come from registries and the Hub: checked again
                 parts = safe_name(name).split("/")
-                dfd = top
-                opened = []
-                try:
-                    for p in parts[:-1]:
+                dfd, at = top, ""
+                for p in parts[:-1]:
+                    below = f"{at}/{p}" if at else p
+                    if below not in dirs:
                         with contextlib.suppress(FileExistsError):
                             os.mkdir(p, DIR_MODE, dir_fd=dfd)
-                        dfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
-                        opened.append(dfd)
-                    # views/tmp/a/b/NAME -> ../../../../blobs/sha256/HEX
-                    up = "../" * (len(parts) + 1)  # out of the view's dirs and views/
-                    rel = self.layout.blob_path(digest).relative_to(self.layout.root)
-                    os.symlink(up + rel.as_posix(), parts[-1], dir_fd=dfd)
-                finally:
-                    for fd in opened:
-                        os.close(fd)
+                        dirs[below] = os.open(
+                            p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd
+                        )
+                    dfd, at = dirs[below], below
+                # views/tmp/a/b/NAME -> ../../../../blobs/sha256/HEX
+                up = "../" * (len(parts) + 1)  # out of the view's dirs and views/
+                rel = self.layout.blob_path(digest).relative_to(self.layout.root)
+                os.symlink(up + rel.as_posix(), parts[-1], dir_fd=dfd)
         finally:
-            os.close(top)
+            for fd in dirs.values():
+                os.close(fd)
 
     def remove(self, url: str) -> None:
         try:
