@@ -228,6 +228,7 @@ def _pull_file(job: Job, ref: HFRef) -> PullResult:
             git_oid = git_oid or entry.git_oid
         if size is None and meta.redirected:
             size = probe_size(job, meta.location)
+    oids = _oids(job, ref)
     digest, size = fetch(
         job,
         url,
@@ -237,8 +238,9 @@ def _pull_file(job: Job, ref: HFRef) -> PullResult:
         sha256,
         git_oid,
         expected=job.digest,
-        oids=_oids(job, ref),
+        oids=oids,
     )
+    oids.flush()
     job.store.sync_blobs()  # a small file was renamed into blobs/ without it (_fetch_small)
     view = _view(job, ref, commit, [HFFile(ref.path, digest, size, git_oid or sha256 or "")])
     return file_result(
@@ -325,6 +327,7 @@ def _pull_tree(job: Job, ref: HFRef, commit: str | None = None) -> PullResult:
         for fut in futures:
             fut.cancel()
         wait(futures)
+    oids.flush()  # what the downloads learned, even when one of them failed
     errors = [x for x in (fut.exception() for fut in futures if not fut.cancelled()) if x]
     if errors:
         # The first failure, not the cancellations it caused in the other downloads.

@@ -14,7 +14,7 @@ repository, so a mirror (or another repository) can never vouch for a file of an
 SHA-1 collisions can be made, and a git id is only as good as the place that gave it.
 
 Kept in the store's database (its ``aliases``, kind ``git-oid:SCOPE``): a lookup is one
-indexed read, a record one transaction that is not fsynced (a fact lost to a power cut
+indexed read, the records of a pull one transaction that is not fsynced (a fact lost to a power cut
 costs a download, never correctness), and nothing is written through a path in the cache
 directory.  A mapping whose blob is gone, or whose size differs, selects nothing.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from typing import TYPE_CHECKING
 
 from nekko_sm.errors import NekkoError
@@ -41,6 +42,8 @@ class GitOids:
         scope = hashlib.sha256(f"{registry}\0{repo_type}\0{repo_id}".encode()).hexdigest()[:32]
         self.store = store
         self.kind = "git-oid:" + scope
+        self._lock = threading.Lock()
+        self._new: dict[str, str] = {}  # recorded, not yet written
 
     def lookup(self, oid: str | None, size: int | None) -> str | None:
         """The sha256 digest the file with git id ``oid`` (and ``size``) had, if known and
@@ -58,10 +61,19 @@ class GitOids:
         return digest
 
     def record(self, oid: str, digest: str, size: int) -> None:
-        """Remember a VERIFIED fact: the bytes whose git blob id is ``oid`` have ``digest``."""
+        """Remember a VERIFIED fact: the bytes whose git blob id is ``oid`` have ``digest``
+        (kept by :meth:`flush`, which the pull calls once its files are in)."""
         if not _SHA1.match(oid) or not _DIGEST.match(digest) or size < 0:
             raise ValueError("not a git id, a sha256 digest and a size")
-        try:
-            self.store.set_alias(self.kind, oid, digest, durable=False)
-        except NekkoError:
-            pass  # a cache of facts: failing to write one only costs a download next time
+        with self._lock:
+            self._new[oid] = digest
+
+    def flush(self) -> None:
+        """Write what :meth:`record` learned, in one transaction."""
+        with self._lock:
+            new, self._new = self._new, {}
+        if new:
+            try:
+                self.store.set_aliases(self.kind, new.items(), durable=False)
+            except NekkoError:
+                pass  # a cache of facts: failing to write one only costs a download next time

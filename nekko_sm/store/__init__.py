@@ -304,7 +304,13 @@ class Store(Layout):
 
     def set_alias(self, kind: str, key: str, digest: str, durable: bool = True) -> None:
         """``durable=False``: not fsynced (for facts whose loss costs only work)."""
-        self._index.set_alias(kind, key, digest, durable)
+        self._index.set_aliases(kind, [(key, digest)], durable)
+
+    def set_aliases(
+        self, kind: str, pairs: Iterable[tuple[str, str]], durable: bool = True
+    ) -> None:
+        """Many (key, digest) of one kind in one transaction."""
+        self._index.set_aliases(kind, pairs, durable)
 
     def drop_alias(self, kind: str, key: str) -> bool:
         return self._index.drop_alias(kind, key)

@@ -378,12 +378,13 @@ class Index:
         rows = self.db.query("SELECT digest FROM aliases WHERE kind = ? AND key = ?", (kind, key))
         return rows[0][0] if rows else None
 
-    def set_alias(self, kind: str, key: str, digest: str, durable: bool = True) -> None:
+    def set_aliases(self, kind: str, pairs: Iterable[tuple[str, str]], durable: bool) -> None:
+        rows = [(kind, key, check_digest(digest)) for key, digest in pairs]
         with self.db.write(durable) as conn:
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO aliases (kind, key, digest) VALUES (?, ?, ?)"
                 " ON CONFLICT (kind, key) DO UPDATE SET digest = excluded.digest",
-                (kind, key, check_digest(digest)),
+                rows,
             )
 
     def drop_alias(self, kind: str, key: str) -> bool:
