@@ -137,12 +137,10 @@ def test_too_many_files_across_platforms_is_refused_before_any_blob(tmp_path, re
 def test_too_many_distinct_manifests_are_refused_before_any_is_fetched(tmp_path, reg, seeded):
     repo = "fanout/distinct"
     layer = push_blob(reg, repo, b"a layer")
+    base = artifact_manifest(reg, repo, [])  # its empty config pushed once, not 300 times
     children = [
         push_manifest(
-            reg,
-            repo,
-            f"c{i}",
-            artifact_manifest(reg, repo, [{**layer, "annotations": {TITLE: f"file-{i}"}}]),
+            reg, repo, f"c{i}", {**base, "layers": [{**layer, "annotations": {TITLE: f"file-{i}"}}]}
         )
         for i in range(300)
     ]
