@@ -110,7 +110,7 @@ def test_cli_and_server_fetch_one_url_once(pyz, tmp_path, faulty):
     config = cfg.build({"cache_dir": str(cache), "address": "127.0.0.1:0"}, {})
     service = Service(config)
     srv = make_server(service, config.address)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     try:
         cli = subprocess.Popen(
@@ -151,7 +151,7 @@ def test_fifty_parallel_posts_and_deletes_on_shared_blobs(pyz, tmp_path, nginx):
     config = cfg.build({"cache_dir": str(cache), "address": "127.0.0.1:0"}, {})
     service = Service(config)
     srv = make_server(service, config.address)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     rng = random.Random(50)
     errors: list = []
 
