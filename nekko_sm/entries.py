@@ -116,6 +116,7 @@ class Catalog:
             files = self._manifest_files(desc, "")
         elif desc.media_type in INDEX_TYPES:
             seen: set = set()
+            listed: set = set()  # (digest, directory) done: an index may repeat one 2,000 times
             for child in self.store.children(desc):
                 p = child.platform or {}
                 if p.get("os") == "unknown" and p.get("architecture") == "unknown":
@@ -125,7 +126,11 @@ class Catalog:
                     prefix = safe_name(prefix) if "/" not in prefix else ""
                 except UnsafeName:
                     prefix = ""
-                for f in self._manifest_files(child, (prefix or child.digest[7:19]) + "/"):
+                prefix = (prefix or child.digest[7:19]) + "/"
+                if (child.digest, prefix) in listed:
+                    continue  # the same files under the same names: every one seen already
+                listed.add((child.digest, prefix))
+                for f in self._manifest_files(child, prefix):
                     if f["name"] not in seen:  # two children of one platform: first wins
                         seen.add(f["name"])
                         files.append(f)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import peers
@@ -95,6 +97,29 @@ def make(new_service, tmp_path):
         )
 
     return make
+
+
+def _on_tmpfs(path: str) -> bool:
+    try:
+        with open("/proc/mounts") as f:
+            return any(line.split()[1:3] == [path, "tmpfs"] for line in f)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def ram_dir(tmp_path):
+    """A fresh directory in memory (under /dev/shm, a tmpfs), removed after the test; tmp_path
+    where the machine has none.  For tests whose loops are about this process (its memory),
+    not the disk: there every fsync of the cache's durable writes is free."""
+    if not _on_tmpfs("/dev/shm"):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="nekko-test-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -167,8 +167,13 @@ class Recorder:
 
     def close(self) -> None:
         self._stop = True
+        # close() alone leaves accept() blocked (the join then waited its full 5 s): a
+        # shutdown wakes it on Linux.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive(), "the recorder did not stop"
 
 
 @pytest.fixture

@@ -50,7 +50,9 @@ class Api:
             self.config, transfer=Transfer(self.config, read_timeout=5, backoff=0.05)
         )
         self.server = make_server(self.service, self.config.address)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def conn(self) -> http.client.HTTPConnection:

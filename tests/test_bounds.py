@@ -155,7 +155,9 @@ def closed_by_server(s: socket.socket) -> bool:
         return True
 
 
-def test_400_idle_connections_neither_take_400_threads_nor_stop_healthz(tmp_path):
+def test_400_idle_connections_neither_take_400_threads_nor_stop_healthz(tmp_path, monkeypatch):
+    # The end waits for the overflow's idle connections to be closed: after 1 s, not 5.
+    monkeypatch.setattr(connlimit, "OVERFLOW_TIMEOUT", 1.0)
     with running_api(make_service(tmp_path)) as api:
         base = threading.active_count()
         idle = []

@@ -255,7 +255,7 @@ def test_post_pin_hold_and_use_through_the_api(tmp_path, nginx):
     urls = _files(nginx, "api", 4, 200 * KIB)
     service = _svc(tmp_path / "cache", max_cache_size="500K")
     srv = make_server(service, cfg.parse_address("127.0.0.1:0"))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     port = srv.server_address[1]
 
     def post(body: dict) -> tuple[int, dict]:

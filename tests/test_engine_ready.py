@@ -83,7 +83,9 @@ class Api:
         self.http = http.client
         self.service = service
         self.server = make_server(service, cfg.parse_address("127.0.0.1:0"))
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def call(self, method: str, path: str, body: object = None) -> tuple[int, object]:

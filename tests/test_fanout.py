@@ -27,6 +27,10 @@ from peers.images import (
     push_manifest,
 )
 
+from nekko_sm.entries import Catalog
+from nekko_sm.sources import oci
+from nekko_sm.store import MT_OCI_INDEX, MT_OCI_MANIFEST, Descriptor, Store
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # A child that pulls a small image (warming up imports, pools and threads), then the URL
@@ -133,12 +137,10 @@ def test_too_many_files_across_platforms_is_refused_before_any_blob(tmp_path, re
 def test_too_many_distinct_manifests_are_refused_before_any_is_fetched(tmp_path, reg, seeded):
     repo = "fanout/distinct"
     layer = push_blob(reg, repo, b"a layer")
+    base = artifact_manifest(reg, repo, [])  # its empty config pushed once, not 300 times
     children = [
         push_manifest(
-            reg,
-            repo,
-            f"c{i}",
-            artifact_manifest(reg, repo, [{**layer, "annotations": {TITLE: f"file-{i}"}}]),
+            reg, repo, f"c{i}", {**base, "layers": [{**layer, "annotations": {TITLE: f"file-{i}"}}]}
         )
         for i in range(300)
     ]
@@ -170,3 +172,68 @@ def test_an_image_with_more_layers_than_files_allowed_is_refused(tmp_path, reg, 
     assert "600 layers" in out["message"]
     assert reg.blob_gets(push_blob(reg, repo, b"one small layer")["digest"]) == 0
     assert out["verify"] == []
+
+
+def test_the_files_of_an_index_read_each_named_manifest_once(tmp_path):
+    """An index naming one manifest 2,000 times (the test above) made the entry's file list
+    read, parse and list that manifest 2,000 times at commit: 2,000 x 400 files for 400."""
+    store = Store(tmp_path / "cache").init()
+    try:
+        blob = store.put_bytes(b"one small layer")
+        layers = [
+            {
+                "mediaType": "application/octet-stream",
+                "digest": blob,
+                "size": 15,
+                "annotations": {TITLE: f"f{i}"},
+            }
+            for i in range(3)
+        ]
+        raw = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "layers": layers})
+        child = Descriptor(MT_OCI_MANIFEST, store.put_bytes(raw.encode()), len(raw))
+        amd64 = {"os": "linux", "architecture": "amd64"}
+        arm = {"os": "linux", "architecture": "arm", "variant": "v7"}
+        index = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": MT_OCI_INDEX,
+                "manifests": [{**child.to_json(), "platform": p} for p in [amd64] * 50 + [arm]],
+            }
+        ).encode()
+        desc = Descriptor(MT_OCI_INDEX, store.put_bytes(index), len(index))
+        reads: list = []
+        real = store.read_blob
+        store.read_blob = lambda d: reads.append(d) or real(d)  # type: ignore[method-assign]
+        files = Catalog(store, tmp_path / "pulls", lambda key: (None, None)).files_of(desc)
+        names = [f["name"] for f in files]
+        assert names == [f"linux-amd64/f{i}" for i in range(3)] + [
+            f"linux-arm-v7/f{i}" for i in range(3)
+        ]
+        assert reads.count(child.digest) == 2, "one read per platform directory, not per name"
+    finally:
+        store.close()
+
+
+def test_a_manifest_an_index_repeats_is_checked_once_per_directory(reg, make, monkeypatch):
+    """The same fan-out made the pull check all 400 layers of the one manifest again for
+    each of its 2,000 descriptors before fetching a blob."""
+    repo = "fanout/checked"
+    layer = push_blob(reg, repo, b"a checked layer")
+    layers = [{**layer, "annotations": {TITLE: f"f{i}"}} for i in range(3)]
+    child = push_manifest(reg, repo, "one", artifact_manifest(reg, repo, layers))
+    amd64 = {"os": "linux", "architecture": "amd64"}
+    arm = {"os": "linux", "architecture": "arm", "variant": "v7"}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{**child, "platform": p} for p in [amd64] * 50 + [arm]],
+    }
+    push_manifest(reg, repo, "fan", index)
+    checked: list = []
+    real = oci.descriptor
+    monkeypatch.setattr(oci, "descriptor", lambda d, what: checked.append(d) or real(d, what))
+    entry, _ = make(reg.host, platform="all").pull(f"oci://{reg.host}/{repo}:fan")
+    assert sorted(f["name"] for f in entry["files"]) == [
+        f"linux-{p}/f{i}" for p in ("amd64", "arm-v7") for i in range(3)
+    ]
+    assert sum(d is not None and d.get("digest") == layer["digest"] for d in checked) == 2 * 3

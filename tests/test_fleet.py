@@ -547,7 +547,9 @@ def test_untrusted_certificate_is_a_clear_final_error(tmp_path, tls):
     server = make_server(svc, config.address)
     import threading
 
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
     try:
         status, doc = _post(server, {"url": url})
         assert waits == []  # final at once: not retried (no wait before another try)

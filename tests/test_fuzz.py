@@ -180,7 +180,7 @@ def test_parse_any_text(text):
     check_parse(text)
 
 
-@settings(FUZZ, max_examples=1500)
+@settings(FUZZ, max_examples=750)
 @given(URLISH)
 # what it found: each once was a canonical URL that did not re-parse to itself
 @example("http://\ud800")  # a lone surrogate: no UTF-8, no cache key
@@ -256,7 +256,7 @@ NAME_PIECES = st.sampled_from(
 )
 
 
-@settings(FUZZ, max_examples=1000)
+@settings(FUZZ, max_examples=500)
 @given(st.lists(NAME_PIECES | st.text(max_size=3), max_size=10).map("".join) | st.text())
 def test_safe_name_is_safe(name):
     try:

@@ -479,7 +479,7 @@ def test_api_and_cli_take_include_and_exclude(tmp_path, hub):
     config = make_config(tmp_path / "api", hub, address="127.0.0.1:0")
     service = make_service(config)
     server = make_server(service, config.address)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     try:
         status, got = _post(server, {"url": "hf:///real/gguf", "include": ["*Q3*"], "exclude": []})

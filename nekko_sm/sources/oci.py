@@ -110,6 +110,7 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
     blobs: dict[str, Descriptor] = {}
     files: list[FileItem] = []
     named: set[tuple[str, str]] = set()
+    walked: set[tuple[str, int]] = set()  # (digest, depth) of the manifests walked
 
     def too_many(what: str) -> PullTooLarge:
         return PullTooLarge(
@@ -119,6 +120,9 @@ def pull(job: Job, ref: OCIRef) -> PullResult:
         )
 
     def walk(m: Manifest, prefix: str, depth: int, listed: bool = True) -> None:
+        if not listed and (m.digest, depth) in walked:
+            return  # checked and counted already; it lists no file: nothing new to learn
+        walked.add((m.digest, depth))
         manifests.setdefault(m.digest, m)
         if m.media_type in MANIFEST_TYPES:
             if len(m.doc["layers"]) > limit:  # layers per image

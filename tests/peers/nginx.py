@@ -281,10 +281,17 @@ class NginxPeer(NginxProcess):
     """A running nginx; see the module docstring for what it serves."""
 
     def __init__(
-        self, prefix: Path, root: Path, port: int, cdn_port: int, proc: subprocess.Popen[bytes]
+        self,
+        prefix: Path,
+        root: Path,
+        port: int,
+        cdn_port: int,
+        proc: subprocess.Popen[bytes],
+        token: str = "",
     ) -> None:
         super().__init__(prefix, root, port, proc)
         self.cdn_port = cdn_port
+        self._token = token
         self.cdn_url = f"http://localhost:{cdn_port}"
         self.log_path = prefix / "access.log"
         self.error_log_path = prefix / "error.log"
@@ -357,6 +364,19 @@ class NginxPeer(NginxProcess):
             os.truncate(self.log_path, 0)
 
     # -- lifetime --------------------------------------------------------------------------
+    def restart(self, limit_rate: str | None) -> None:
+        """Stop nginx and start it again on the same ports and root (same URLs, same ETags)
+        with ``limit_rate`` instead; its access log starts empty."""
+        self.stop()
+        config = _config(self.prefix, self.root, self.port, self.cdn_port, limit_rate, self._token)
+        self._proc = spawn_nginx(self.prefix, config)
+        deadline = time.monotonic() + _START_TIMEOUT
+        while not (_answers(self.port, self._token) and _answers(self.cdn_port, self._token)):
+            if not self.alive() or time.monotonic() > deadline:
+                self.stop()
+                raise NginxError(f"nginx did not start again:\n{nginx_errors(self.prefix)}")
+            time.sleep(0.01)
+
     def __repr__(self) -> str:
         return f"<NginxPeer {self.url} cdn={self.cdn_url} root={self.root}>"
 
@@ -386,7 +406,7 @@ def start_nginx(workdir: Path, limit_rate: str | None = None) -> NginxPeer:
     def spawn(ports: list[int]) -> NginxPeer:
         port, cdn_port = ports
         proc = spawn_nginx(prefix, _config(prefix, root, port, cdn_port, limit_rate, token))
-        return NginxPeer(prefix, root, port, cdn_port, proc)
+        return NginxPeer(prefix, root, port, cdn_port, proc, token)
 
     peer = start_on_free_ports(
         2,
