@@ -221,10 +221,9 @@ class Catalog:
             return None
         info, pinned, held_until, last_used = row
         if info is None:  # taken over from an old index.json: render it once
-            desc = self.store.get_entry(key)
-            if desc is None:
+            info = self._render(key)
+            if info is None:
                 return None
-            info = self.template(key, desc)
             self.store.set_entry_info([(key, info, shown_size(info))])
         return self._absolute(info, pinned, held_until, last_used)
 
@@ -311,13 +310,17 @@ class Catalog:
         missing: list[tuple[str, str, int | None]] = []
         for key, info, pinned, held_until, last_used in self.store.entry_infos():
             if info is None:
-                desc = self.store.get_entry(key)
-                if desc is None:
+                info = self._render(key)
+                if info is None:
                     continue
-                info = self.template(key, desc)
                 missing.append((key, info, shown_size(info)))
             yield key, info, pinned, held_until, last_used
         self.store.set_entry_info(missing)
+
+    def _render(self, key: str) -> str | None:
+        """The rendering of ``key``'s entry made now (it had none), or None if it is gone."""
+        desc = self.store.get_entry(key)
+        return None if desc is None else self.template(key, desc)
 
     def _pending(self, seen: set[str]) -> Iterator[dict]:
         """The entries of pulls under way or interrupted, other than ``seen``."""
@@ -348,12 +351,9 @@ class Catalog:
         giving the entries that have none their shown size (taken over, or older)."""
         sizes = []
         for key, info in self.store.unsized_entries():
-            if info is None:
-                desc = self.store.get_entry(key)
-                if desc is None:
-                    continue
-                info = self.template(key, desc)
-            sizes.append((key, info, shown_size(info)))
+            info = info if info is not None else self._render(key)
+            if info is not None:
+                sizes.append((key, info, shown_size(info)))
         self.store.set_entry_info(sizes)
         out: list[tuple[str, str, int | None, bool, float | None, float | None]] = [
             (key, "complete", size, bool(pinned), held_until, last_used)

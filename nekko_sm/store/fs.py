@@ -281,6 +281,30 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
+def place_at(tfd: int, tmp: str, dfd: int, name: str, data: bytes, mode: int) -> None:
+    """Make ``name`` in ``dfd`` hold ``data`` (``mode``, exactly): written and fsynced under
+    ``tmp`` in ``tfd``, then renamed.  A file or link left at ``tmp`` (a crash of a thread
+    of this pid, or planted) is removed, never written through; on failure ``tmp`` goes."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=tfd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=tfd)
+        try:
+            os.fchmod(fd, mode)  # exactly, whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=tfd, dst_dir_fd=dfd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=tfd)
+        raise
+
+
 def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     """Replace ``path`` with ``data``: readers see the old file or the new one, never half.
 
@@ -289,33 +313,8 @@ def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     tmp = f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     with parent_dir(path) as (dfd, name):
         try:
-            try:
-                fd = os.open(
-                    tmp,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=dfd,
-                )
-            except FileExistsError:  # left by a crash of a thread of this pid, or planted
-                os.unlink(tmp, dir_fd=dfd)
-                fd = os.open(
-                    tmp,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=dfd,
-                )
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            place_at(dfd, tmp, dfd, name, data, mode)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dfd)
             if e.errno == errno.ENOSPC:
                 raise InsufficientStorage(f"no space left to write {path.name}") from e
             raise

@@ -12,7 +12,6 @@ renamed into place.  It never talks to the network and never names a blob in
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -27,6 +26,7 @@ from nekko_sm.store.fs import (
     listdir,
     lstat,
     make_dirs,
+    place_at,
     read_file,
 )
 from nekko_sm.store.layout import Layout, sha256_digest
@@ -108,25 +108,9 @@ class Ingest:
             except FileNotFoundError:
                 pass
             ifd, tname = dirs.parent(tmp)
-            try:
-                # A stale one of a crashed process with our pid and thread id, or a link
-                # planted at the name: removed, never followed (O_EXCL | O_NOFOLLOW).
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tname, dir_fd=ifd)
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                fd = os.open(tname, flags, 0o444, dir_fd=ifd)
-                try:
-                    os.fchmod(fd, 0o444)  # exactly, whatever the umask
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tname, bname, src_dir_fd=ifd, dst_dir_fd=bfd)
+            try:  # a stale one of a crashed process with our pid and thread id is replaced
+                place_at(ifd, tname, bfd, bname, data, 0o444)
             except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.unlink(tname, dir_fd=ifd)
                 raise _space(e, digest) from e
         return digest
 
