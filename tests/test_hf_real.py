@@ -516,12 +516,19 @@ def test_a_new_commit_with_one_changed_file_fetches_one_file(tmp_path, hub):
     assert file_bytes == len(changed) and hub.log("cdn") == []
 
 
-def test_a_git_file_at_a_new_commit_is_not_fetched_again(svc, hub):
-    hub.add_repo("real/single", files={"config.json": b'{"a": 1}', "other.txt": b"1"})
-    first, _ = svc.pull("hf:///real/single/config.json")
-    hub.add_commit("real/single", {"other.txt": b"2"})
+def _config_at_a_new_commit(svc, hub, repo: str, config: bytes) -> tuple[dict, dict, bool]:
+    """Pull ``repo``'s config.json, commit a change to another file, clear the Hub's log and
+    pull config.json at the new commit: (first entry, second entry, created)."""
+    hub.add_repo(repo, files={"config.json": config, "other.txt": b"1"})
+    first, _ = svc.pull(f"hf:///{repo}/config.json")
+    hub.add_commit(repo, {"other.txt": b"2"})
     hub.clear_log()
-    again, created = svc.pull(f"hf:///real/single@{hub.commit_sha('real/single')}/config.json")
+    again, created = svc.pull(f"hf:///{repo}@{hub.commit_sha(repo)}/config.json")
+    return first, again, created
+
+
+def test_a_git_file_at_a_new_commit_is_not_fetched_again(svc, hub):
+    first, again, created = _config_at_a_new_commit(svc, hub, "real/single", b'{"a": 1}')
     assert created and again["digest"] == first["digest"]
     assert resolves(hub) == [] and [r.status for r in resolves(hub, "HEAD")] == [307]
 
@@ -532,11 +539,7 @@ def test_the_git_id_map_writes_nothing_through_a_link_in_the_cache(svc, hub, tmp
     victim = tmp_path / "victim"
     victim.mkdir()
     os.symlink(victim, svc.store.root / "gitoids")
-    hub.add_repo("real/linked", files={"config.json": b'{"b": 2}', "other.txt": b"1"})
-    first, _ = svc.pull("hf:///real/linked/config.json")
-    hub.add_commit("real/linked", {"other.txt": b"2"})
-    hub.clear_log()
-    again, created = svc.pull(f"hf:///real/linked@{hub.commit_sha('real/linked')}/config.json")
+    first, again, created = _config_at_a_new_commit(svc, hub, "real/linked", b'{"b": 2}')
     assert created and again["digest"] == first["digest"]
     assert resolves(hub) == []  # known from the map all the same
     assert list(victim.iterdir()) == []
