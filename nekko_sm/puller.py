@@ -24,7 +24,7 @@ from nekko_sm import access
 from nekko_sm.access import AccessChecks
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
-from nekko_sm.entries import Catalog, is_single_file, pull_paths, shown_size
+from nekko_sm.entries import Catalog, is_single_file, lock_held, pull_paths, shown_size
 from nekko_sm.errors import (
     Cancelled,
     EntryNotFound,
@@ -52,6 +52,7 @@ from nekko_sm.store import (
 
 if TYPE_CHECKING:
     from nekko_sm.budget import Budget
+    from nekko_sm.models.hfcache import HFCacheView
 
 log = logging.getLogger("nekko_sm.service")
 
@@ -70,9 +71,30 @@ class Puller(FlightTable):
     stats: dict[str, Any]
     _transfer: Any  # made on first use: status/path need no network stack
 
+    _budget: Budget | None = None
+
     @property
-    def budget(self) -> Budget:  # pragma: no cover - the service's, made on first use
-        raise NotImplementedError
+    def budget(self) -> Budget:
+        """The disk budget (DESIGN 9), made on first use: `status` and `path` need none."""
+        if self._budget is None:
+            from nekko_sm.budget import Budget
+
+            with self._lock:  # one budget (its counters) whichever thread asks first
+                if self._budget is None:
+                    self._budget = Budget(self.store, self.config, self.busy)
+        return self._budget
+
+    def busy(self, key: str) -> bool:
+        """Is ``key`` being pulled, by this process or another?"""
+        with self._lock:
+            if key in self._flights:
+                return True
+        return lock_held(self._pull_paths(key)[1])
+
+    def _hf_view(self) -> HFCacheView:
+        from nekko_sm.models.hfcache import HFCacheView  # not at start-up: `status` needs none
+
+        return HFCacheView(self.store)
 
     @property
     def transfer(self):
@@ -289,9 +311,7 @@ class Puller(FlightTable):
         self.store.put_entry(key, desc, info, shown_size(info))
         if result.hf_view is not None:
             try:  # CACHE_DIR/huggingface/hub, for engines that know the repo id (DESIGN 8)
-                from nekko_sm.models.hfcache import HFCacheView  # only Hub pulls need it
-
-                HFCacheView(self.store).add(result.hf_view)
+                self._hf_view().add(result.hf_view)
             except (NekkoError, OSError) as e:
                 log.warning("%s: not in the Hugging Face cache view: %s", key, e)
 

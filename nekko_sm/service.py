@@ -16,12 +16,12 @@ import dataclasses
 import json
 from collections.abc import Iterable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from nekko_sm import access
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
-from nekko_sm.entries import Catalog, lock_held
+from nekko_sm.entries import Catalog
 from nekko_sm.errors import BadRequest, Cancelled, EntryNotFound
 from nekko_sm.flight_table import Flight
 from nekko_sm.puller import Puller
@@ -38,10 +38,6 @@ from nekko_sm.store import (
     unlink,
 )
 
-if TYPE_CHECKING:
-    from nekko_sm.budget import Budget
-    from nekko_sm.models.hfcache import HFCacheView
-
 
 class Service(Puller):
     def __init__(self, config: Config, store: Store | None = None, transfer=None) -> None:
@@ -57,23 +53,6 @@ class Service(Puller):
         self.store.describe = self.catalog.template  # entries taken over at open
         self.store.init()
         self.stats: dict[str, Any] = {"pulls": {}, "bytes_downloaded": 0, "errors": {}}
-        self._budget: Budget | None = None
-
-    def _hf_view(self) -> HFCacheView:
-        from nekko_sm.models.hfcache import HFCacheView  # not at start-up: `status` needs none
-
-        return HFCacheView(self.store)
-
-    @property
-    def budget(self) -> Budget:
-        """The disk budget (DESIGN 9), made on first use: `status` and `path` need none."""
-        if self._budget is None:
-            from nekko_sm.budget import Budget
-
-            with self._lock:  # one budget (its counters) whichever thread asks first
-                if self._budget is None:
-                    self._budget = Budget(self.store, self.config, self.busy)
-        return self._budget
 
     # -- references ---------------------------------------------------------------------
     def canonical(self, url: str, platform: str | None = None) -> str:
@@ -176,13 +155,6 @@ class Service(Puller):
         if not self.store.set_pin(key, pinned):
             raise EntryNotFound(f"{key} is not in the cache")
         return self.catalog.entry(key)
-
-    def busy(self, key: str) -> bool:
-        """Is ``key`` being pulled, by this process or another?"""
-        with self._lock:
-            if key in self._flights:
-                return True
-        return lock_held(self._pull_paths(key)[1])
 
     def status(self, url: str) -> dict:
         """The entry for ``url``: complete, incomplete (with progress), or EntryNotFound."""
