@@ -18,12 +18,13 @@ import socket
 import socketserver
 import stat
 import threading
+from functools import partial
 from http.server import ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 from nekko_sm import __version__
+from nekko_sm.api_front import Front
 from nekko_sm.api_guard import ApiToken, is_loopback
-from nekko_sm.api_http import JsonHandler, decode_url, encode_url
+from nekko_sm.api_http import JsonHandler, admit, decode_url, encode_url, target_path
 from nekko_sm.config import Config
 from nekko_sm.config_values import Address
 from nekko_sm.connlimit import BoundedServerMixin
@@ -34,7 +35,9 @@ from nekko_sm.errors import (
     EntryNotFound,
     InvalidJSON,
     MethodNotAllowed,
+    NekkoError,
 )
+from nekko_sm.httphead import Headers
 from nekko_sm.refparse import with_patterns
 from nekko_sm.service import Service, check_hold
 
@@ -48,7 +51,7 @@ class Handler(JsonHandler):
     service: Service  # set on the subclass made by make_server
 
     def _content_arg(self) -> str | None:
-        path = urlsplit(self.path).path
+        path = target_path(self.path)
         if path in ("/content", "/content/"):
             return None
         if path.startswith("/content/"):
@@ -78,9 +81,9 @@ class Handler(JsonHandler):
         raise MethodNotAllowed(f"{self.command} is not supported")
 
     def _get(self) -> None:
-        path = urlsplit(self.path).path
+        path = target_path(self.path)
         if path == "/healthz":
-            self._send(200, {"status": "ok", "version": __version__})
+            self._send_json(200, HEALTHZ)
             return
         if path == "/metrics":
             data = self.server.metrics().encode()  # type: ignore[attr-defined]
@@ -166,6 +169,27 @@ class Handler(JsonHandler):
         self._send(204)
 
 
+HEALTHZ = (
+    json.dumps({"status": "ok", "version": __version__}, separators=(",", ":")).encode() + b"\n"
+)
+
+
+def quick(server: _Server, command: str, target: str, headers: Headers) -> bytes | None:
+    """The front door's answer to a ``GET``/``HEAD``: ``/healthz``, or a complete entry's
+    cached JSON, for a caller :func:`admit` lets in; None for anything else (the handler's
+    to answer, with its errors)."""
+    path = target_path(target)
+    try:
+        admit(server, command, path, headers)
+        if path == "/healthz":
+            return HEALTHZ
+        if path.startswith("/content/") and len(path) > len("/content/"):
+            return server.service.answer(path[len("/content/") :], decode_url)
+    except NekkoError:
+        pass
+    return None
+
+
 class _Server(BoundedServerMixin, ThreadingHTTPServer):  # bounded threads: connlimit
     daemon_threads = True
     request_queue_size = 128
@@ -180,6 +204,9 @@ class _Server(BoundedServerMixin, ThreadingHTTPServer):  # bounded threads: conn
         super().__init__(addr, handler)
         # On loopback, the Host header must name loopback too (DNS rebinding).
         self.loopback = family != socket.AF_UNIX and is_loopback(str(self.server_address[0]))
+        self.front = Front(
+            partial(quick, self), self.hand_off, self.release_connection, lambda: handler.timeout
+        )
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_UNIX:

@@ -20,9 +20,10 @@ import logging
 import re
 import socket
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler
-from typing import Callable
-from urllib.parse import unquote, urlsplit
+from typing import Any, Callable
+from urllib.parse import unquote
 
 from nekko_sm import __version__
 from nekko_sm.api_guard import ApiToken, host_of, is_loopback
@@ -51,6 +52,7 @@ LINGER_SECONDS = 5.0  # at most this long in all
 LINGER_IDLE = 1.0  # ... and at most this long without a byte
 LINGER_BYTES = 64 << 20
 REALM = 'Bearer realm="nekko-sm"'
+SERVER = f"nekko-sm/{__version__}"
 _CONTENT_ARG = re.compile(r"/content/([^\s?#\"']+)")
 _DATE: list = [0, ""]  # (second, its Date header)
 
@@ -118,13 +120,65 @@ def _linger(sock: socket.socket) -> None:
         pass
 
 
+def http_date() -> str:
+    """The Date header's value, formatted once a second rather than once a request."""
+    now = int(time.time())
+    cached = _DATE
+    if cached[0] != now:
+        cached = _DATE[:] = [now, formatdate(now, usegmt=True)]
+    return str(cached[1])
+
+
+def head_bytes(status: int, length: int | None, headers: dict | None = None) -> bytes:
+    """The head of an answer: a JSON body of ``length`` bytes (None: no body), ``headers``."""
+    lines = [
+        f"HTTP/1.1 {status} {BaseHTTPRequestHandler.responses.get(status, ('',))[0]}",
+        f"Server: {SERVER}",
+        f"Date: {http_date()}",
+    ]
+    if length is not None:
+        lines.append("Content-Type: application/json")
+    lines.extend(f"{k}: {v}" for k, v in (headers or {}).items())
+    lines.append(f"Content-Length: {length or 0}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def target_path(target: str) -> str:
+    """The path of an origin-form request target (what ``urlsplit(target).path`` is)."""
+    return target.partition("#")[0].partition("?")[0]
+
+
+def admit(server: Any, command: str, path: str, headers: Any) -> None:
+    """Who may call (DESIGN section 10): the Host, Origin and token checks of a request."""
+    if path == "/healthz" and command in ("GET", "HEAD"):
+        return  # liveness probes: open to all, says nothing but "ok" and the version
+    host = headers.get("Host")
+    if server.loopback and host is not None and not is_loopback(host_of(host)):
+        raise MisdirectedRequest(
+            "this server listens on loopback and answers only requests addressed to"
+            " localhost, 127.0.0.1 or [::1] (a Host header of another name is a DNS"
+            " rebinding attempt from a web page)"
+        )
+    if "Origin" in headers:
+        raise OriginRefused(
+            "requests from web pages (with an Origin header) are refused:"
+            " the nekko-sm API is not for browsers"
+        )
+    token: ApiToken | None = server.api_token
+    if token is not None and not token.accepts(headers.get("Authorization")):
+        raise ApiUnauthorized(
+            "this API needs Authorization: Bearer TOKEN, the token of the server's --api-token-file"
+        )
+
+
 class _Deadline(io.RawIOBase):
     """A connection's input with a deadline for the request being read: its line, headers and
     body must all arrive within the handler's timeout, however slowly they dribble in
     (Slowloris), not just with no pause longer than that."""
 
-    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+    def __init__(self, sock: socket.socket, timeout: float | None, prefix: bytes = b"") -> None:
         self._sock = sock
+        self._prefix = prefix  # what the front door read before handing the connection on
         self._timeout = timeout
         self._deadline: float | None = None
         self.fresh = False  # no byte of the request yet: the connection is idle
@@ -143,6 +197,11 @@ class _Deadline(io.RawIOBase):
         return True
 
     def readinto(self, buf) -> int:  # type: ignore[override]
+        if self._prefix:
+            n = min(len(buf), len(self._prefix))
+            buf[:n], self._prefix = self._prefix[:n], self._prefix[n:]
+            self.fresh = False
+            return n
         if self.deadline is None:
             return self._sock.recv_into(buf)
         left = self.deadline - time.monotonic()
@@ -176,7 +235,7 @@ class JsonHandler(BaseHTTPRequestHandler):
     JSON answer or error; :class:`nekko_sm.api.Handler` adds the routes."""
 
     protocol_version = "HTTP/1.1"
-    server_version = f"nekko-sm/{__version__}"
+    server_version = SERVER
     sys_version = ""
     timeout = CONNECTION_TIMEOUT
 
@@ -233,7 +292,8 @@ class JsonHandler(BaseHTTPRequestHandler):
             # client's delayed ACK of the header (~40 ms): ~25 requests/s per connection.
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile.close()
-        self._input = _Deadline(self.connection, self.timeout)
+        prefix = self.server.take_prefix(self.connection)  # type: ignore[attr-defined]
+        self._input = _Deadline(self.connection, self.timeout, prefix)
         self._input.give_up = getattr(self.server, "saturated", None)
         self.rfile = io.BufferedReader(self._input)
 
@@ -284,40 +344,21 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, data: bytes | None, headers: dict | None = None) -> None:
         """Answer with ``data``, JSON already encoded (None: no body): status line, headers
-        and body in one write, one packet.  The head is built here, not through
-        http.server's ``send_response``/``send_header`` list (a tenth of a cache hit's cost);
-        a ``Connection`` header has the effect ``send_header`` gives it."""
+        and body in one write, one packet.  The head is built by :func:`head_bytes`, not
+        through http.server's ``send_response``/``send_header`` list (a tenth of a cache
+        hit's cost); a ``Connection`` header has the effect ``send_header`` gives it."""
         self.log_request(status)
-        reason = self.responses.get(status, ("",))[0]
-        lines = [
-            f"{self.protocol_version} {status} {reason}",
-            f"Server: {self.version_string()}",
-            f"Date: {self.date_time_string()}",
-        ]
-        if data is not None:
-            lines.append("Content-Type: application/json")
-        else:
-            data = b""
         for k, v in (headers or {}).items():
-            lines.append(f"{k}: {v}")
             if k.lower() == "connection":
                 if v.lower() == "close":
                     self.close_connection = True
                 elif v.lower() == "keep-alive":
                     self.close_connection = False
-        lines.append(f"Content-Length: {len(data)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head + data if self.command != "HEAD" else head)
+        head = head_bytes(status, None if data is None else len(data), headers)
+        self.wfile.write(head + data if data is not None and self.command != "HEAD" else head)
 
     def date_time_string(self, timestamp: float | None = None) -> str:
-        """The Date header, formatted once a second rather than once a request."""
-        if timestamp is not None:
-            return super().date_time_string(timestamp)
-        now = int(time.time())
-        cached = _DATE
-        if cached[0] != now:
-            cached = _DATE[:] = [now, super().date_time_string(now)]
-        return str(cached[1])
+        return http_date() if timestamp is None else super().date_time_string(timestamp)
 
     def _error(self, err: NekkoError) -> None:
         self.server.count_error(err.code)  # type: ignore[attr-defined]
@@ -347,29 +388,9 @@ class JsonHandler(BaseHTTPRequestHandler):
                 self._linger = True
 
     def _admit(self) -> None:
-        """Who may call (DESIGN section 10), checked before any byte of a body is read."""
-        path = urlsplit(self.path).path
-        if path == "/healthz" and self.command in ("GET", "HEAD"):
-            return  # liveness probes: open to all, says nothing but "ok" and the version
-        srv = self.server
-        host = self.headers.get("Host")
-        if srv.loopback and host is not None and not is_loopback(host_of(host)):  # type: ignore[attr-defined]
-            raise MisdirectedRequest(
-                "this server listens on loopback and answers only requests addressed to"
-                " localhost, 127.0.0.1 or [::1] (a Host header of another name is a DNS"
-                " rebinding attempt from a web page)"
-            )
-        if "Origin" in self.headers:
-            raise OriginRefused(
-                "requests from web pages (with an Origin header) are refused:"
-                " the nekko-sm API is not for browsers"
-            )
-        token: ApiToken | None = srv.api_token  # type: ignore[attr-defined]
-        if token is not None and not token.accepts(self.headers.get("Authorization")):
-            raise ApiUnauthorized(
-                "this API needs Authorization: Bearer TOKEN, the token of"
-                " the server's --api-token-file"
-            )
+        """Who may call (:func:`admit`), and a POST's framing, checked before any byte of a
+        body is read."""
+        admit(self.server, self.command, target_path(self.path), self.headers)
         if self.command == "POST":
             self._body_length()  # framing (400) and size (413) before the media type
             media = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()

@@ -3,16 +3,19 @@
 ``ThreadingHTTPServer`` starts a thread per connection, however many: 400 idle connections
 were 400 threads, and under a thread limit (systemd's ``TasksMax``, a pod's pids limit)
 ``/healthz`` stopped answering, so the liveness probe killed every download (issue 9,
-finding 6).  :class:`BoundedServerMixin` keeps at most ``MAX_HANDLERS`` handler threads and
-``MAX_PER_CLIENT`` connections per client address (TCP; a Unix socket's callers are one
-local client, bounded by the total).  A connection over either bound is not given a thread:
-:class:`_Overflow`, one thread and a selector for all of them, reads its request line and
-answers ``GET``/``HEAD /healthz`` with 200 (a saturated server is alive) and anything else
-with ``503 busy`` and ``Retry-After: 1``, then closes it; one that sends nothing within
-``OVERFLOW_TIMEOUT`` is closed, and past ``MAX_OVERFLOW`` the oldest goes first.  While
-every handler thread is taken, :meth:`BoundedServerMixin.saturated` tells the handlers'
-idle keep-alive connections to let go (the API's ``_Deadline`` asks it each second).  It
-imports nothing of the API's request handling.
+finding 6).  :class:`BoundedServerMixin` holds at most ``MAX_PER_CLIENT`` connections per
+client address (TCP; a Unix socket's callers are one local client).  Between requests a
+connection belongs to the front door (one thread: :mod:`nekko_sm.api_front`, which
+answers cache hits itself, and past ``MAX_IDLE`` connections closes the one idle longest);
+a request it hands on gets one of at most ``MAX_HANDLERS`` handler threads.  A connection over a bound, or a
+request with no thread free, is not served: :class:`_Overflow`, one thread and a selector
+for all of them, reads its request line and answers ``GET``/``HEAD /healthz`` with 200 (a
+saturated server is alive) and anything else with ``503 busy`` and ``Retry-After: 1``, then
+closes it; one that sends nothing within ``OVERFLOW_TIMEOUT`` is closed, and past
+``MAX_OVERFLOW`` the oldest goes first.  While every handler thread is taken,
+:meth:`BoundedServerMixin.saturated` tells the handlers' idle keep-alive connections to let
+go (the API's ``_Deadline`` asks it each second).  It imports nothing of the API's request
+handling.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from nekko_sm import __version__
 log = logging.getLogger("nekko_sm.api")
 
 MAX_HANDLERS = 128  # handler threads at once (each a connection being served)
+MAX_IDLE = 512  # connections the front door holds between requests (then the longest idle goes)
 MAX_PER_CLIENT = 64  # connections at once from one client address
 MAX_OVERFLOW = 256  # connections over the bounds waiting for their short answer
 OVERFLOW_TIMEOUT = 5.0  # seconds such a connection has to send its request line
@@ -76,15 +80,20 @@ class _Overflow:
         self._thread = threading.Thread(target=self._run, daemon=True, name="api overflow")
         self._thread.start()
 
-    def add(self, sock: socket.socket, why: str) -> None:
-        """Take ``sock`` (never blocks: called from the accepting thread)."""
+    def add(self, sock: socket.socket, why: str, prefix: bytes = b"") -> None:
+        """Take ``sock``, of which ``prefix`` was read already (never blocks: called from
+        the accepting thread, or the front's)."""
+        if _complete(prefix):
+            sock.setblocking(False)
+            _answer_once(sock, prefix, why)
+            return
         old = None
         with self._lock:
             if self._closed:
                 _close(sock)
                 return
             sock.setblocking(False)
-            self._conns[sock] = (time.monotonic() + OVERFLOW_TIMEOUT, bytearray(), why)
+            self._conns[sock] = (time.monotonic() + OVERFLOW_TIMEOUT, bytearray(prefix), why)
             self._sel.register(sock, selectors.EVENT_READ)
             if len(self._conns) > MAX_OVERFLOW:
                 old = next(iter(self._conns))
@@ -139,16 +148,14 @@ class _Overflow:
         except OSError:
             chunk = b""
         buf += chunk
-        if chunk and b"\r\n\r\n" not in buf and b"\n\n" not in buf and len(buf) < _HEAD_MAX:
+        if chunk and not _complete(buf):
             return  # the rest of the head is on its way
         with self._lock:
             self._drop(sock)
         if chunk or buf:
-            try:
-                sock.send(overflow_answer(bytes(buf), why))  # small: fits the socket buffer
-            except OSError:
-                pass
-        _close(sock)
+            _answer_once(sock, bytes(buf), why)
+        else:
+            _close(sock)
 
     def close(self) -> None:
         with self._lock:
@@ -168,6 +175,19 @@ class _Overflow:
         self._wake_w.close()
 
 
+def _complete(head: bytes | bytearray) -> bool:
+    """Enough of a request head to answer it: its end, or as much as we ever read."""
+    return b"\r\n\r\n" in head or b"\n\n" in head or len(head) >= _HEAD_MAX
+
+
+def _answer_once(sock: socket.socket, head: bytes, why: str) -> None:
+    try:
+        sock.send(overflow_answer(head, why))  # small: fits the socket buffer
+    except OSError:
+        pass
+    _close(sock)
+
+
 def _close(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -177,12 +197,17 @@ def _close(sock: socket.socket) -> None:
 
 
 class BoundedServerMixin:
-    """Put before ``ThreadingHTTPServer``: a thread per connection, within the bounds above."""
+    """Put before ``ThreadingHTTPServer``: every connection is the ``front``'s (one thread,
+    a selector: :mod:`nekko_sm.api_front`, set by the subclass) between requests, and a
+    handler thread's from the first request the front hands off, within the bounds above."""
+
+    front: Any  # add(sock, addr) -> bool, close(); made by the subclass once bound
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self._slots_lock = threading.Lock()
         self._handlers = 0
         self._clients: dict[str, int] = {}
+        self._prefixes: dict[socket.socket, bytes] = {}
         self._refused_at = float("-inf")
         self._overflow = _Overflow()
         try:
@@ -198,6 +223,7 @@ class BoundedServerMixin:
         return None  # a Unix socket
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """A new connection (the accepting thread): the front's, or over a bound."""
         client = self._client(client_address)
         with self._slots_lock:
             if client is not None and self._clients.get(client, 0) >= MAX_PER_CLIENT:
@@ -205,45 +231,76 @@ class BoundedServerMixin:
                     f"more than {MAX_PER_CLIENT} connections from one client at once:"
                     " close some, then try again"
                 )
-            elif self._handlers >= MAX_HANDLERS:
-                why = f"the server is serving {MAX_HANDLERS} connections: try again shortly"
             else:
                 why = ""
-                self._handlers += 1
                 if client is not None:
                     self._clients[client] = self._clients.get(client, 0) + 1
         if why:
-            self._refused_at = time.monotonic()
-            log.debug("connection from %s over the bounds: %s", client or "unix", why)
-            self._overflow.add(request, why)
+            self._refuse(request, why)
+        elif not self.front.add(request, client_address):
+            self.release_connection(client_address)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def _refuse(self, request: Any, why: str, prefix: bytes = b"") -> None:
+        self._refused_at = time.monotonic()
+        log.debug("a connection over the bounds: %s", why)
+        self._overflow.add(request, why, prefix)
+
+    def hand_off(self, request: Any, client_address: Any, prefix: bytes) -> None:
+        """The front gives a connection to a handler thread, with the bytes it read."""
+        with self._slots_lock:
+            free = self._handlers < MAX_HANDLERS
+            if free:
+                self._handlers += 1
+                self._prefixes[request] = prefix
+        if not free:
+            self.release_connection(client_address)
+            self._refuse(
+                request, f"the server is serving {MAX_HANDLERS} requests: try again shortly", prefix
+            )
             return
         try:
             super().process_request(request, client_address)  # type: ignore[misc]
         except BaseException:
-            self._release(client)
+            self._release(client_address)
             raise
+
+    def take_prefix(self, request: Any) -> bytes:
+        """What the front read of a connection before handing it to this handler."""
+        with self._slots_lock:
+            return self._prefixes.pop(request, b"")
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)  # type: ignore[misc]
         finally:
-            self._release(self._client(client_address))
+            self._release(client_address)
 
     def saturated(self) -> bool:
         """Every handler thread is taken, or a connection was turned away in the last
         PRESSURE seconds: idle keep-alive connections should let go of their threads."""
         return self._handlers >= MAX_HANDLERS or time.monotonic() - self._refused_at < PRESSURE
 
-    def _release(self, client: str | None) -> None:
+    def _release(self, client_address: Any) -> None:
         with self._slots_lock:
             self._handlers -= 1
-            if client is not None:
-                left = self._clients.get(client, 1) - 1
-                if left > 0:
-                    self._clients[client] = left
-                else:
-                    self._clients.pop(client, None)
+        self.release_connection(client_address)
+
+    def release_connection(self, client_address: Any) -> None:
+        """A connection closed: it no longer counts against its client."""
+        client = self._client(client_address)
+        if client is None:
+            return
+        with self._slots_lock:
+            left = self._clients.get(client, 1) - 1
+            if left > 0:
+                self._clients[client] = left
+            else:
+                self._clients.pop(client, None)
 
     def server_close(self) -> None:
         super().server_close()  # type: ignore[misc]
+        front = getattr(self, "front", None)
+        if front is not None:
+            front.close()
         self._overflow.close()

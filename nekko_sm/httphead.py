@@ -105,26 +105,54 @@ def parse_common(handler: Any) -> bool | None:
     m = _LINE.fullmatch(handler.raw_requestline)
     if m is None:
         return None
-    handler.command = m.group(1).decode()
-    path = m.group(2).decode("latin-1")
-    if path.startswith("//"):  # as http.server: never read as //host/path
-        path = "/" + path.lstrip("/")
-    handler.path = path
-    handler.request_version = "HTTP/1." + m.group(3).decode()
+    handler.command, handler.path, minor = _request_line(m)
+    handler.request_version = "HTTP/1." + minor
     handler.requestline = handler.raw_requestline.rstrip(b"\r\n").decode("latin-1")
-    handler.close_connection = m.group(3) == b"0" or handler.protocol_version < "HTTP/1.1"
     try:
         handler.headers = read_headers(handler.rfile)
     except HeadError as e:
         handler.close_connection = True
         handler.send_error(e.status, e.message)
         return False
-    conntype = handler.headers.get("Connection", "").lower()
-    if conntype == "close":
-        handler.close_connection = True
-    elif conntype == "keep-alive" and handler.protocol_version >= "HTTP/1.1":
-        handler.close_connection = False
+    handler.close_connection = not keeps_alive(minor, handler.headers)
     expect = handler.headers.get("Expect", "").lower()
     if expect == "100-continue" and handler.request_version == "HTTP/1.1":
         return bool(handler.handle_expect_100())
     return True
+
+
+def keeps_alive(minor: str, headers: Headers) -> bool:
+    """Whether the connection stays open after the answer to an HTTP/1.``minor`` request
+    (the API speaks HTTP/1.1): 1.1 unless it says ``close``, 1.0 only if ``keep-alive``."""
+    conntype = headers.get("Connection", "").lower()
+    if conntype == "close":
+        return False
+    return minor == "1" or conntype == "keep-alive"
+
+
+def parse_simple(head: bytes) -> tuple[str, str, str, Headers] | None:
+    """(method, target, HTTP/1.minor, headers) of a complete request head of the common kind,
+    parsed as :func:`parse_common` would; None for any other head, or one it refuses (the
+    handler's own parsing then answers it)."""
+    end = head.find(b"\n") + 1
+    m = _LINE.fullmatch(head, 0, end)
+    if m is None or head.count(b"\n") != head.count(b"\r\n"):  # bare LF: read_headers'
+        return None
+    lines = head[end:-4].split(b"\r\n") if len(head) > end + 2 else []
+    if len(lines) > MAX_HEADERS:
+        return None
+    fields = []
+    for line in lines:  # as read_headers does, of a head whose lines all end in CRLF
+        name, colon, value = line.partition(b":")
+        if not colon or not _NAME.fullmatch(name):
+            return None
+        fields.append((name.decode("ascii"), value.strip(b" \t\r\n").decode("latin-1")))
+    return (*_request_line(m), Headers(fields))
+
+
+def _request_line(m: re.Match) -> tuple[str, str, str]:
+    """(method, target, minor version) of a request line ``_LINE`` matched."""
+    target = m.group(2).decode("latin-1")
+    if target.startswith("//"):  # as http.server: never read as //host/path
+        target = "/" + target.lstrip("/")
+    return m.group(1).decode(), target, m.group(3).decode()

@@ -19,6 +19,7 @@ import pytest
 from test_security import api_request
 
 from nekko_sm import config as cfg
+from nekko_sm import entries
 from nekko_sm.api import make_server
 from nekko_sm.api_http import decode_url, encode_url
 from nekko_sm.errors import ConfigError
@@ -161,6 +162,26 @@ def test_cache_hit_answers_from_memory_until_any_process_changes_the_cache(
     assert r.returncode == 0, r.stderr
     assert api.call("GET", content(url))[0] == 404
     assert api.call("GET", content(other))[0] == 200
+
+
+def test_answers_kept_are_the_recently_asked_within_the_bound(api, nginx, monkeypatch):
+    urls = [nginx.put(f"gen-{n}.bin", n.encode() * 8) for n in "abc"]
+    for url in urls:
+        assert api.call("POST", "/content/", {"url": url})[0] == 201
+    a, b, c = urls
+    size = max(int(api.call("GET", content(u))[2].getheader("Content-Length")) for u in urls)
+    # room for one answer and a half in each of the two generations
+    monkeypatch.setattr(entries, "_MAX_ANSWER_BYTES", 3 * (size + 200 + entries._ANSWER_OVERHEAD))
+    store = api.service.store
+    real, reads = store.entry_info, []
+    monkeypatch.setattr(store, "entry_info", lambda key: (reads.append(key), real(key))[1])
+    api.service.catalog._answers_revision = -1  # start empty, at the smaller bound
+    for url in (a, b, a, c, a, b):
+        status, entry, _ = api.call("GET", content(url))
+        assert status == 200 and entry["url"] == url
+    # a and b read once; a asked again is kept (moved back to the young generation);
+    # c pushes out b, the one not asked since, which is read again
+    assert reads == [a, b, c, b]
 
 
 def test_a_connection_per_request_leaks_no_database_handle(api, nginx):

@@ -24,6 +24,7 @@ from nekko_sm import config as cfg
 from nekko_sm.errors import CacheCorrupt, ConfigError
 from nekko_sm.service import Service
 from nekko_sm.store import MT_OCI_INDEX, MT_OCI_MANIFEST, REF_NAME, Descriptor, Lease, Store
+from nekko_sm.store import db as db_module
 from nekko_sm.store.layout import sha256_digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,6 +317,37 @@ def test_touch_pin_hold_and_eviction_order(store):
     store.put_entry("a", _manifest(store, [b"a2"]))
     assert store.entry_record("a").pinned
     assert not store.set_pin("nope")
+
+
+def test_revision_shows_this_process_at_once_others_within_watch_every(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    mine, other = Store(root).init(), Store(root).init()  # two openings: two "processes"
+    looks: list[str] = []
+    real = mine._index.db._connect
+
+    def traced():
+        conn = real()
+        conn.set_trace_callback(lambda sql: looks.append(sql) if "data_version" in sql else None)
+        return conn
+
+    monkeypatch.setattr(mine._index.db, "_connect", traced)
+    try:
+        mine.put_entry("a", _manifest(mine, [b"a"]))
+        before = mine.revision()
+        looks.clear()
+        start = time.monotonic()
+        for _ in range(1000):  # no commit anywhere: asked 1,000 times, looked at rarely
+            assert mine.revision() == before
+        elapsed = time.monotonic() - start
+        assert len(looks) <= 1 + elapsed / db_module.WATCH_EVERY, (len(looks), elapsed)
+        assert mine.set_pin("a") and mine.revision() > before  # its own commit: at once
+        before = mine.revision()
+        assert other.set_pin("a", False)  # another's: within WATCH_EVERY
+        time.sleep(db_module.WATCH_EVERY * 2)
+        assert mine.revision() > before
+    finally:
+        mine.close()
+        other.close()
 
 
 def test_unique_size_is_what_removal_alone_frees(store):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,8 @@ DB_NAME = "nekko.db"
 # transaction here is short (a commit, a removal, a sweep of names); gc's sweep is the
 # longest, a listing of blobs/.
 BUSY_TIMEOUT = 60.0
+# How stale another process's commits may look to watch() (this process's show at once).
+WATCH_EVERY = 0.05
 
 # Each step takes the schema from version i to i + 1; later features append steps (new
 # columns with defaults, new tables), never edit a released one.
@@ -139,6 +142,8 @@ class Database:
         self._pool_lock = threading.Lock()
         # Connections that only watch for changes: [connection, data_version seen, value].
         self._watchers: list[list] = []
+        self._commits = 0  # write transactions this process committed (they show at once)
+        self._seen: dict[str, tuple[int, float, int]] = {}  # watch: (commits, when, value)
         self.id = ""
         try:
             conn = self._connect()
@@ -242,6 +247,7 @@ class Database:
                     conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
+                self._commits += write
                 if not durable:
                     conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as e:
@@ -265,19 +271,28 @@ class Database:
         """One writing statement, committed on its own; returns the rows it changed."""
         try:
             with self._conn() as conn:
-                return conn.execute(sql, args).rowcount
+                rows = conn.execute(sql, args).rowcount
+                self._commits += 1
+                return rows
         except sqlite3.Error as e:
             raise _translate(e, self.path) from e
 
     def watch(self, name: str) -> int:
-        """The ``meta`` counter ``name``, read again only when some process committed since.
+        """The ``meta`` counter ``name``: what this process committed shows at once, what
+        other processes committed within ``WATCH_EVERY`` seconds.
 
-        Costs one ``PRAGMA data_version`` (µs).  Its numbers belong to one connection and
-        count the commits of the *others*, so the watching connections never write, each
+        A look costs one ``PRAGMA data_version`` (µs; the counter is read again only when
+        some connection committed since), and is made at most every ``WATCH_EVERY`` seconds
+        unless this process committed since the last.  Its numbers belong to one connection
+        and count the commits of the *others*, so the watching connections never write, each
         remembers what it saw, and they are pooled (a connection per API thread would be
         opened and dropped with each client connection, and SQLite keeps the files of a
         dropped connection open while others hold locks on the same database).
         """
+        commits, now = self._commits, time.monotonic()
+        seen = self._seen.get(name)
+        if seen is not None and seen[0] == commits and now - seen[1] < WATCH_EVERY:
+            return seen[2]
         with self._pool_lock:
             item = self._watchers.pop() if self._watchers else None
         try:
@@ -294,6 +309,7 @@ class Database:
             raise _translate(e, self.path) from e
         with self._pool_lock:
             self._watchers.append(item)
+        self._seen[name] = (commits, now, int(item[2]))
         return int(item[2])
 
     def close(self) -> None:
