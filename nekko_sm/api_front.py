@@ -9,8 +9,8 @@ is a plain ``GET``/``HEAD`` with no body is given to ``quick`` (the routes' fast
 ``/healthz``, a complete entry's cached JSON).  What ``quick`` answers is written from
 here, in order, keep-alive as the client asked; anything else (a body, an error, an
 incomplete entry, a head we do not parse, a request over ``_HEAD_MAX``) is handed with the
-bytes read so far to ``hand_off``, the server's thread-per-request handler, which answers
-it as it always did and keeps the connection.  A connection whose request has not fully
+bytes read so far to ``hand_off``, the server's handler thread, which answers that request
+as it always did and gives the connection back (``add`` with what it read beyond it).  A connection whose request has not fully
 arrived within ``timeout()`` seconds of the previous answer (or of its accept) is closed, as
 the handler's deadline does (Slowloris); a client that does not read its answers is not
 read from until it does; past ``connlimit.MAX_IDLE`` connections, the one idle longest is
@@ -70,7 +70,7 @@ class Front:
         self._timeout = timeout
         self._sel = selectors.DefaultSelector()
         self._lock = threading.Lock()
-        self._new: list[tuple[socket.socket, Any]] = []
+        self._new: list[tuple[socket.socket, Any, bytes]] = []
         self._conns: dict[socket.socket, _Conn] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -82,12 +82,13 @@ class Front:
         self._thread = threading.Thread(target=self._run, daemon=True, name="api front")
         self._thread.start()
 
-    def add(self, sock: socket.socket, addr: Any) -> bool:
-        """Take a new connection (from the accepting thread); False once closed."""
+    def add(self, sock: socket.socket, addr: Any, prefix: bytes = b"") -> bool:
+        """Take a connection (new, from the accepting thread, or back from a handler with
+        the bytes it read beyond its request); False once closed."""
         with self._lock:
             if self._closed:
                 return False
-            self._new.append((sock, addr))
+            self._new.append((sock, addr, prefix))
         self._wake()
         return True
 
@@ -105,8 +106,8 @@ class Front:
                 if self._closed:
                     return
                 new, self._new = self._new, []
-            for sock, addr in new:
-                self._open(sock, addr)
+            for sock, addr, prefix in new:
+                self._open(sock, addr, prefix)
             wait = max(0.0, next_sweep - time.monotonic())
             for key, mask in self._sel.select(wait):
                 conn = key.data
@@ -137,12 +138,13 @@ class Front:
         timeout = self._timeout()
         return time.monotonic() + timeout if timeout else None
 
-    def _open(self, sock: socket.socket, addr: Any) -> None:
+    def _open(self, sock: socket.socket, addr: Any, prefix: bytes) -> None:
         try:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sock, addr, self._deadline())
+            conn.buf += prefix
             self._sel.register(sock, selectors.EVENT_READ, conn)
         except (OSError, ValueError):
             _close(sock)
@@ -152,6 +154,8 @@ class Front:
             idle = (c for c in self._conns.values() if not c.buf and c.out is None)
             self._close(next(idle, None) or next(iter(self._conns.values())))
         self._conns[sock] = conn
+        if conn.buf:
+            self._serve(conn)  # requests a handler read past its own
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -277,7 +281,7 @@ class Front:
             new, self._new = self._new, []
         self._wake()
         self._thread.join(5)
-        for sock, addr in new:
+        for sock, addr, _ in new:
             _close(sock)
             self._release(addr)
         for conn in list(self._conns.values()):

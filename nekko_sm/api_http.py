@@ -22,7 +22,7 @@ import socket
 import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote
 
 from nekko_sm import __version__
@@ -174,60 +174,45 @@ def admit(server: Any, command: str, path: str, headers: Any) -> None:
 class _Deadline(io.RawIOBase):
     """A connection's input with a deadline for the request being read: its line, headers and
     body must all arrive within the handler's timeout, however slowly they dribble in
-    (Slowloris), not just with no pause longer than that."""
+    (Slowloris), not just with no pause longer than that.  It starts with the bytes the
+    front door read; :meth:`rest` is what is left unread when the request is answered."""
 
     def __init__(self, sock: socket.socket, timeout: float | None, prefix: bytes = b"") -> None:
         self._sock = sock
         self._prefix = prefix  # what the front door read before handing the connection on
         self._timeout = timeout
-        self._deadline: float | None = None
-        self.fresh = False  # no byte of the request yet: the connection is idle
-        self.give_up: Callable[[], bool] | None = None  # the server wants idle threads back
-
-    @property
-    def deadline(self) -> float | None:
-        return self._deadline
-
-    @deadline.setter
-    def deadline(self, value: float | None) -> None:
-        self._deadline = value
-        self.fresh = value is not None
+        self.deadline: float | None = None
+        self._emptying = False
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buf) -> int:  # type: ignore[override]
+    def readinto(self, buf) -> int | None:  # type: ignore[override]
         if self._prefix:
             n = min(len(buf), len(self._prefix))
             buf[:n], self._prefix = self._prefix[:n], self._prefix[n:]
-            self.fresh = False
             return n
+        if self._emptying:
+            return None  # as a non-blocking stream: nothing more without waiting
         if self.deadline is None:
             return self._sock.recv_into(buf)
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("the request took too long to arrive")
-        # Idle between requests (fresh), a read waits a second at a time: while every
-        # handler thread is taken (connlimit), an idle keep-alive connection gives its
-        # thread back within a second.
-        idle = self.fresh and self.give_up is not None
         try:
-            while True:
-                wait = min(left, self._timeout) if self._timeout else left
-                self._sock.settimeout(min(wait, 1.0) if idle else wait)
-                try:
-                    n = self._sock.recv_into(buf)
-                    break
-                except socket.timeout:
-                    left = self.deadline - time.monotonic()
-                    if not idle or left <= 0:
-                        raise
-                    if self.give_up():  # type: ignore[misc]
-                        raise socket.timeout("idle connection closed: the server is busy") from None
+            self._sock.settimeout(min(left, self._timeout) if self._timeout else left)
+            return self._sock.recv_into(buf)
         finally:
             self._sock.settimeout(self._timeout)
-        self.fresh = False
-        return n
+
+    def rest(self, reader: Any) -> bytes:
+        """What ``reader`` (a BufferedReader over this) holds unread, and what is left of
+        the prefix."""
+        self._emptying = True
+        try:
+            return reader.peek(1) + self._prefix
+        finally:
+            self._emptying = False
 
 
 class JsonHandler(BaseHTTPRequestHandler):
@@ -294,8 +279,14 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.rfile.close()
         prefix = self.server.take_prefix(self.connection)  # type: ignore[attr-defined]
         self._input = _Deadline(self.connection, self.timeout, prefix)
-        self._input.give_up = getattr(self.server, "saturated", None)
-        self.rfile = io.BufferedReader(self._input)
+        self.rfile = self._reader = io.BufferedReader(self._input)
+
+    def handle(self) -> None:
+        """One request: a connection that stays open goes back to the front door (in
+        :meth:`finish`), with what it sent beyond this request, so no thread waits on it."""
+        self.close_connection = True
+        self.handle_one_request()
+        self._answered = True
 
     def handle_one_request(self) -> None:
         self._input.deadline = time.monotonic() + self.timeout if self.timeout else None
@@ -309,7 +300,11 @@ class JsonHandler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             _linger(self.connection)
+        keep = getattr(self, "_answered", False) and not self.close_connection
+        rest = self._input.rest(self._reader) if keep else b""
         super().finish()
+        if keep:
+            self.server.give_back(self.connection, self.client_address, rest)  # type: ignore[attr-defined]
 
     def handle_expect_100(self) -> bool:
         """No ``100 Continue`` for a body we will refuse: the client hears the 413 instead."""

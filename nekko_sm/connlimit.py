@@ -12,10 +12,9 @@ request with no thread free, is not served: :class:`_Overflow`, one thread and a
 for all of them, reads its request line and answers ``GET``/``HEAD /healthz`` with 200 (a
 saturated server is alive) and anything else with ``503 busy`` and ``Retry-After: 1``, then
 closes it; one that sends nothing within ``OVERFLOW_TIMEOUT`` is closed, and past
-``MAX_OVERFLOW`` the oldest goes first.  While every handler thread is taken,
-:meth:`BoundedServerMixin.saturated` tells the handlers' idle keep-alive connections to let
-go (the API's ``_Deadline`` asks it each second).  It imports nothing of the API's request
-handling.
+``MAX_OVERFLOW`` the oldest goes first.  A handler thread serves one request: a connection
+that stays open goes back to the front (:meth:`BoundedServerMixin.give_back`), so no thread
+waits on an idle one.  It imports nothing of the API's request handling.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ MAX_IDLE = 512  # connections the front door holds between requests (then the lo
 MAX_PER_CLIENT = 64  # connections at once from one client address
 MAX_OVERFLOW = 256  # connections over the bounds waiting for their short answer
 OVERFLOW_TIMEOUT = 5.0  # seconds such a connection has to send its request line
-PRESSURE = 5.0  # seconds after turning one away that idle connections give threads back
 _HEAD_MAX = 8192
 
 
@@ -208,7 +206,7 @@ class BoundedServerMixin:
         self._handlers = 0
         self._clients: dict[str, int] = {}
         self._prefixes: dict[socket.socket, bytes] = {}
-        self._refused_at = float("-inf")
+        self._kept: set[socket.socket] = set()  # handed back to the front: not to be shut
         self._overflow = _Overflow()
         try:
             super().__init__(*args, **kwargs)  # type: ignore[call-arg]
@@ -242,7 +240,6 @@ class BoundedServerMixin:
             self.shutdown_request(request)  # type: ignore[attr-defined]
 
     def _refuse(self, request: Any, why: str, prefix: bytes = b"") -> None:
-        self._refused_at = time.monotonic()
         log.debug("a connection over the bounds: %s", why)
         self._overflow.add(request, why, prefix)
 
@@ -274,17 +271,31 @@ class BoundedServerMixin:
         try:
             super().process_request_thread(request, client_address)  # type: ignore[misc]
         finally:
-            self._release(client_address)
+            with self._slots_lock:
+                kept = request in self._kept
+                self._kept.discard(request)
+            self._release(client_address, closed=not kept)
 
-    def saturated(self) -> bool:
-        """Every handler thread is taken, or a connection was turned away in the last
-        PRESSURE seconds: idle keep-alive connections should let go of their threads."""
-        return self._handlers >= MAX_HANDLERS or time.monotonic() - self._refused_at < PRESSURE
+    def give_back(self, request: Any, client_address: Any, prefix: bytes) -> None:
+        """A handler answered and the connection stays open: it is the front's again,
+        with the bytes the handler read beyond its request."""
+        with self._slots_lock:
+            self._kept.add(request)
+        if not self.front.add(request, client_address, prefix):
+            with self._slots_lock:
+                self._kept.discard(request)  # the server is closing: shut it as usual
 
-    def _release(self, client_address: Any) -> None:
+    def shutdown_request(self, request: Any) -> None:
+        with self._slots_lock:
+            if request in self._kept:
+                return  # given back to the front, which closes it in its time
+        super().shutdown_request(request)  # type: ignore[misc]
+
+    def _release(self, client_address: Any, closed: bool = True) -> None:
         with self._slots_lock:
             self._handlers -= 1
-        self.release_connection(client_address)
+        if closed:
+            self.release_connection(client_address)
 
     def release_connection(self, client_address: Any) -> None:
         """A connection closed: it no longer counts against its client."""

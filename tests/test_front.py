@@ -80,7 +80,7 @@ def test_pipelined_hits_on_one_connection_take_no_handler_thread(tmp_path, nginx
             s.close()
 
 
-def test_a_request_it_does_not_answer_goes_to_a_handler_with_what_was_read(tmp_path, nginx):
+def test_a_request_it_does_not_answer_goes_to_a_handler_and_back(tmp_path, nginx):
     with running_api(make_service(tmp_path)) as api:
         url, entry = pulled(api, nginx, "front-handoff.bin")
         unknown = content(nginx.url + "/files/front-never-pulled.bin")
@@ -93,10 +93,15 @@ def test_a_request_it_does_not_answer_goes_to_a_handler_with_what_was_read(tmp_p
             assert [a[0] for a in answers] == [200, 404, 200]
             assert answers[0][2] == entry == answers[2][2]
             assert b'"not-found"' in answers[1][2]
-            assert api.server._handlers == 1  # the connection is the handler's now
+            # the handler gave the connection back: no thread waits on it, and it is served
+            wait_until(lambda: api.server._handlers == 0, timeout=30)
+            s.sendall(get(unknown) + get(content(url)))
+            assert [a[0] for a in read_answers(s, 2)] == [404, 200]
+            wait_until(lambda: api.server._handlers == 0, timeout=30)
+            assert api.server._clients == {"127.0.0.1": 1}  # counted once, all along
         finally:
             s.close()
-        wait_until(lambda: api.server._handlers == 0, timeout=30)
+        wait_until(lambda: not api.server._clients, timeout=30)
 
 
 def test_a_post_split_across_packets_reaches_its_handler_whole(tmp_path, nginx):
