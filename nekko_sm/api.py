@@ -290,10 +290,34 @@ def _reread_token(token: ApiToken) -> None:
         log.info("SIGHUP: re-read the API token from %s", token.path)
 
 
+# The front door alone holds up to connlimit.MAX_IDLE connections, beside the handlers, the
+# overflow and the pulls' files and sockets: more than the usual soft limit of 1,024.
+FD_WANTED = 8192
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files toward the hard one, up to FD_WANTED (as Go's
+    runtime does for every program)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_WANTED if hard == resource.RLIM_INFINITY else min(FD_WANTED, hard)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        log.debug("raised the open-file limit from %d to %d", soft, want)
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open-file limit from %d: %s", soft, e)
+
+
 def run(config: Config, ready=None) -> int:
     """Serve until SIGTERM/SIGINT, then stop cleanly (partials stay resumable)."""
     import signal
 
+    raise_fd_limit()
     service = Service(config)
     if service.budget.enabled:
         log.info("disk budget: %s", service.budget.describe())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from peers import require_binary
 
-from nekko_sm import __version__
+from nekko_sm import __version__, api
 from nekko_sm.store import Store
 
 
@@ -195,14 +196,26 @@ def test_sigkill_midway_then_resume_fetches_only_the_rest(pyz, run, faulty, jobs
     assert run("verify").returncode == 0
 
 
-def test_serve_stops_cleanly_on_sigterm(pyz, tmp_path):
+# A service manager's soft limit, lower than serve needs: set, then the .pyz run in its place.
+_LOW_FD_LIMIT = (
+    "import os, resource, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1];"
+    " resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard));"
+    " os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+)
+
+
+def test_serve_raises_its_fd_limit_and_stops_cleanly_on_sigterm(pyz, tmp_path):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = api.FD_WANTED if hard == resource.RLIM_INFINITY else min(api.FD_WANTED, hard)
     proc = subprocess.Popen(
         [
             sys.executable,
+            "-c",
+            _LOW_FD_LIMIT,
             str(pyz),
             "--cache-dir",
             str(tmp_path / "c"),
@@ -224,6 +237,9 @@ def test_serve_stops_cleanly_on_sigterm(pyz, tmp_path):
                 return False
 
         assert _wait_for(up, 15)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        soft = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert soft.split()[3] == str(want), soft
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
