@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from nekko_sm import connlimit
 from nekko_sm.api_http import head_bytes, loggable
-from nekko_sm.httphead import Headers, keeps_alive, parse_simple
+from nekko_sm.httphead import Headers, common_line, keeps_alive, parse_simple
 
 log = logging.getLogger("nekko_sm.api")
 
@@ -175,9 +175,10 @@ class Front:
         while conn.sock in self._conns and conn.out is None:
             buf = conn.buf
             end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > _HEAD_MAX or b"\n\n" in buf:  # bare LF lines: the handler's
-                    self._give(conn)
+            if end < 0:  # not all here: wait, unless it is not a head we would answer
+                line = buf.find(b"\n") + 1
+                if len(buf) > _HEAD_MAX or b"\n\n" in buf or line and not common_line(buf[:line]):
+                    self._give(conn)  # the handler answers those as http.server would
                 return
             answer = self._answer(conn, bytes(buf[: end + 4]))
             if answer is None:

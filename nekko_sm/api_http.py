@@ -53,6 +53,7 @@ LINGER_IDLE = 1.0  # ... and at most this long without a byte
 LINGER_BYTES = 64 << 20
 REALM = 'Bearer realm="nekko-sm"'
 SERVER = f"nekko-sm/{__version__}"
+_C0 = re.compile("[\x00-\x1f]")  # control characters: no URL has them
 _CONTENT_ARG = re.compile(r"/content/([^\s?#\"']+)")
 _DATE: list = [0, ""]  # (second, its Date header)
 
@@ -75,7 +76,7 @@ def decode_url(text: str) -> str:
         url = data.decode("utf-8")
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise InvalidBase64(f"{text[:80]!r} is not base64 of a URL") from None
-    if not url or any(ord(c) < 32 for c in url):
+    if not url or _C0.search(url):
         raise InvalidBase64(f"{text[:80]!r} does not decode to a URL")
     return url
 

@@ -130,6 +130,11 @@ def keeps_alive(minor: str, headers: Headers) -> bool:
     return minor == "1" or conntype == "keep-alive"
 
 
+def common_line(line: bytes | bytearray) -> bool:
+    """Whether a request line (with its line end) is of the common kind parsed here."""
+    return _LINE.fullmatch(line) is not None
+
+
 def parse_simple(head: bytes) -> tuple[str, str, str, Headers] | None:
     """(method, target, HTTP/1.minor, headers) of a complete request head of the common kind,
     parsed as :func:`parse_common` would; None for any other head, or one it refuses (the
