@@ -201,8 +201,11 @@ class RangedFetch(ConnectionControl):
                     failures += 1
                 if failures >= self.transfer.attempts or self._stop.is_set():
                     raise
-                log.info("%s: part at %d: %s; retrying", redact(self.url), p.next, e.message)
-                self.transfer._sleep(failures, e.retry_after)
+                self.transfer._sleep(
+                    failures,
+                    e.retry_after,
+                    f"{redact(self.url)}: part at byte {p.next}: {e.message}",
+                )
             finally:
                 first = None
             p = self._current(w, p)

@@ -254,7 +254,7 @@ class Transfer:
                     raise
                 self._sleep(attempt, e.retry_after, e.message)
 
-    def _sleep(self, attempt: int, hint: float | None, what: str = "a download failed") -> None:
+    def _sleep(self, attempt: int, hint: float | None, what: str) -> None:
         delay = hint if hint is not None else min(30.0, self.backoff * (2 ** (attempt - 1)))
         delay *= 1.0 if hint is not None else random.uniform(0.8, 1.2)
         retrying.notice(what, attempt, self.attempts, delay)  # one visible line per wait

@@ -69,11 +69,15 @@ def test_server_ignoring_ranges_falls_back_to_one_stream(tmp_path, faulty, small
     assert faulty.body_bytes("norange.bin") <= 2 * len(data)
 
 
-def test_a_dropped_part_resumes_from_where_it_broke(tmp_path, faulty, small_parts):
+def test_a_dropped_part_resumes_from_where_it_broke(tmp_path, faulty, small_parts, caplog):
     data = os.urandom(8 << 20)
     url = faulty.add("drop.bin", data, drop_after=300_000, drop_times=3)
     store, transfer = make(tmp_path)
-    assert fetch(store, transfer, url).digest == sha(data)
+    with caplog.at_level("WARNING", logger="nekko_sm"):
+        assert fetch(store, transfer, url).digest == sha(data)
+    # each wait is one line that says which part broke, and why
+    waits = [r.getMessage() for r in caplog.records if "; try " in r.getMessage()]
+    assert waits and all(": part at byte " in w and "drop.bin" in w for w in waits), waits
     # No byte fetched twice, beyond what dropped connections had in flight and what the
     # open-ended first answer had in flight when it was closed after its part.
     assert faulty.body_bytes("drop.bin", all_statuses=True) <= len(data) + 3 * 300_000 + (4 << 20)
