@@ -184,7 +184,8 @@ def quick(server: _Server, command: str, target: str, headers: Headers) -> bytes
         if path == "/healthz":
             return HEALTHZ
         if path.startswith("/content/") and len(path) > len("/content/"):
-            return server.service.answer(path[len("/content/") :], decode_url)
+            # never render (and write) here: a write could wait on another process's lock
+            return server.service.answer(path[len("/content/") :], decode_url, render=False)
     except NekkoError:
         pass
     return None

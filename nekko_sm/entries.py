@@ -217,12 +217,15 @@ class Catalog:
             + "}"
         )
 
-    def text(self, key: str) -> str | None:
-        """The complete entry for ``key`` as JSON text, or None when there is none."""
+    def text(self, key: str, render: bool = True) -> str | None:
+        """The complete entry for ``key`` as JSON text, or None when there is none (or,
+        without ``render``, when it was never rendered: that reads manifests and writes)."""
         row = self.store.entry_info(key)
         if row is None:
             return None
         info, pinned, held_until, last_used = row
+        if info is None and not render:
+            return None
         if info is None:  # taken over from an old index.json: render it once
             info = self._render(key)
             if info is None:
@@ -237,10 +240,13 @@ class Catalog:
             raise EntryNotFound(f"{key} is not in the cache")
         return json.loads(text)
 
-    def answer(self, token: str, resolve: Callable[[str], str]) -> bytes | None:
+    def answer(
+        self, token: str, resolve: Callable[[str], str], render: bool = True
+    ) -> bytes | None:
         """The encoded answer to ``GET /content/TOKEN`` when it is a complete entry.
 
-        ``resolve`` turns the token into the canonical URL (it raises on bad input).
+        ``resolve`` turns the token into the canonical URL (it raises on bad input);
+        ``render=False``: None rather than render an entry (see :meth:`text`).
         """
         revision = self.store.revision()
         if revision != self._answers_revision:
@@ -257,7 +263,7 @@ class Catalog:
             if answers is self._answers and token not in answers:
                 self._keep(answers, token, hit)
             return hit
-        text = self.text(resolve(token))
+        text = self.text(resolve(token), render)
         if text is None:
             return None
         body = text.encode() + b"\n"

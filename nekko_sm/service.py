@@ -160,9 +160,10 @@ class Service(Puller):
         """The entry for ``url``: complete, incomplete (with progress), or EntryNotFound."""
         return self.catalog.status(self.canonical(url))
 
-    def answer(self, token: str, decode: Callable[[str], str]) -> bytes | None:
-        """The encoded answer for a complete entry asked for as ``token`` (a path's text)."""
-        return self.catalog.answer(token, lambda t: self.canonical(decode(t)))
+    def answer(self, token: str, decode: Callable[[str], str], render: bool = True) -> bytes | None:
+        """The encoded answer for a complete entry asked for as ``token`` (a path's text);
+        ``render=False``: None for an entry never rendered (the one case that writes)."""
+        return self.catalog.answer(token, lambda t: self.canonical(decode(t)), render)
 
     def list(self) -> list:
         return self.catalog.list()

@@ -175,3 +175,31 @@ def test_past_max_idle_the_longest_idle_connection_goes(tmp_path, monkeypatch):
         finally:
             for s in idle:
                 s.close()
+
+
+def test_an_entry_never_rendered_is_rendered_by_a_handler_not_the_front(
+    tmp_path, nginx, monkeypatch
+):
+    # Rendering writes the rendering to the database, and a write may wait on another
+    # process's lock: never on the thread that answers every connection.
+    with running_api(make_service(tmp_path)) as api:
+        url, entry = pulled(api, nginx, "front-render.bin")
+        store = api.service.store
+        store._index.db.execute("UPDATE entries SET info = NULL WHERE key = ?", (url,))
+        api.service.catalog._answers_revision = -1  # as if taken over from an index.json
+        writers: list[str] = []
+        real = store.set_entry_info
+        monkeypatch.setattr(
+            store,
+            "set_entry_info",
+            lambda rows: (writers.append(threading.current_thread().name), real(rows))[1],
+        )
+        s = connect_from(api.port, "127.0.0.1")
+        try:
+            s.sendall(get(content(url)) + get(content(url)))
+            answers = read_answers(s, 2)
+        finally:
+            s.close()
+        assert [a[0] for a in answers] == [200, 200]
+        assert answers[0][2] == entry == answers[1][2]
+        assert len(writers) == 1 and writers[0] != "api front", writers
