@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from nekko_sm.cli_parser import build_parser, normalise_verbose
+from nekko_sm.cli_parser import build_parser, command_of, normalise_verbose
 from nekko_sm.errors import (
     EXIT_ABSENT,
     EXIT_FAILED,
@@ -53,7 +53,7 @@ def _setup_logging(verbose: int, command: str) -> None:
 
 def main(argv: list | None = None) -> int:
     argv = normalise_verbose(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
+    parser = build_parser(command_of(argv))  # one command's parser: a faster start
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
