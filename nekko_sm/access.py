@@ -16,7 +16,6 @@ the store beyond reading a manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -71,6 +70,8 @@ def pull_auth(service: Puller, ref, credentials: Credentials | None) -> tuple[st
 def credential_hash(auth: tuple[str, str] | None) -> str:
     if auth is None:
         return "anonymous"
+    import hashlib  # here: loading OpenSSL is a cost status, path and ls need not pay
+
     return hashlib.sha256(f"{auth[0]}\0{auth[1]}".encode()).hexdigest()
 
 

@@ -8,7 +8,6 @@ addresses, numbers, lists) is :mod:`nekko_sm.config_values`'s; the platform's is
 from __future__ import annotations
 
 import os
-import platform as _platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -126,6 +125,8 @@ def parse_platform(text: str) -> Platform:
 
 
 def host_platform() -> Platform:
+    import platform as _platform  # here: status, path and ls never need it
+
     arch, variant = normalize_arch(_platform.machine() or "amd64")
     return Platform(
         "linux"
