@@ -158,8 +158,7 @@ def _ask_upstream(service: Puller, ref, desc: Descriptor, credentials: Credentia
 def _ask_hub(
     service: Puller, ref: HFRef, desc: Descriptor, credentials: Credentials | None
 ) -> None:
-    import dataclasses
-
+    from nekko_sm.record import replace
     from nekko_sm.sources import hf_api
 
     manifest = json.loads(service.store.read_blob(desc.digest))
@@ -169,7 +168,7 @@ def _ask_hub(
         layers = manifest.get("layers") or [{}]
         path = (layers[0].get("annotations") or {}).get("org.opencontainers.image.title", "")
     job = _job(service, credentials)
-    at = dataclasses.replace(ref, revision=commit, path=path)
+    at = replace(ref, revision=commit, path=path)
     hf_api.file_metadata(
         job,
         at,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Any
 
 from nekko_sm import __version__
 
@@ -226,7 +227,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     _global_options(common, suppress=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, **kw: str) -> argparse.ArgumentParser | _Skipped:
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser | _Skipped:
         if only is not None and name != only:
             return _Skipped()
         return sub.add_parser(name, parents=[common], **kw)

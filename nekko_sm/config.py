@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,6 +25,7 @@ from nekko_sm.config_values import (
 )
 from nekko_sm.egress import Policy
 from nekko_sm.errors import ConfigError, InvalidPlatform
+from nekko_sm.record import dataclass, field
 
 DEFAULT_CACHE_DIR = "/var/lib/nekko/cache"
 DEFAULT_ADDRESS = "localhost:8050"

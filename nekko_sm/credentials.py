@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass, field
 
 from nekko_sm.errors import BadRequest, InvalidBase64
+from nekko_sm.record import dataclass, field
 
 
 @dataclass(frozen=True)

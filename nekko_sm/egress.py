@@ -26,11 +26,11 @@ import ipaddress
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 from urllib.parse import urlsplit
 
 from nekko_sm.errors import ConfigError, EgressDenied
+from nekko_sm.record import dataclass
 
 if TYPE_CHECKING:  # socket is imported where a name is resolved: not by status, path, ls
     import socket

@@ -14,11 +14,11 @@ import logging
 import posixpath
 import re
 import string
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from nekko_sm.errors import UnsafeName
+from nekko_sm.record import dataclass, field
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"

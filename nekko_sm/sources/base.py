@@ -11,12 +11,12 @@ import json
 import threading
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import ManifestInvalid, PullTooLarge
+from nekko_sm.record import dataclass, field
 from nekko_sm.store import (
     EMPTY_JSON,
     MT_EMPTY,

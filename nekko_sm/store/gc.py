@@ -19,11 +19,11 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nekko_sm.errors import NekkoError
+from nekko_sm.record import dataclass, field
 from nekko_sm.store.descriptor import Descriptor
 from nekko_sm.store.fs import (
     fsync_dir,

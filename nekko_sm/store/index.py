@@ -25,10 +25,10 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from nekko_sm.errors import CacheCorrupt
+from nekko_sm.record import dataclass
 from nekko_sm.store.db import Database, bump, counter
 from nekko_sm.store.descriptor import Descriptor
 from nekko_sm.store.indexfile import GroupCommit, IndexFile

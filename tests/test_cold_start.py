@@ -1,0 +1,173 @@
+"""A cold ``status``, ``path`` and ``ls`` (issue 11, item 5): what they import, and the parser.
+
+Engines call ``path`` in init scripts, so a one-shot command's start-up is mostly imports. No
+test here times anything: they hold the commands, run from the built .pyz with
+``python -X importtime``, to loading none of the modules that only a download, the server,
+or the standard library's data classes need, and the one-command parser to reading every
+command line as the parser of every command does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nekko_sm.cli_parser import build_parser, command_of, normalise_verbose
+
+# Modules a cold status/path/ls must not import: the network stack, what only a pull or the
+# server uses, and the standard library's data classes (with `inspect`).  socket, selectors,
+# concurrent.futures, hashlib, platform, dataclasses and inspect were imported until issue
+# 11; the others never were, and must not start to be.
+NOT_IMPORTED = (
+    "socket",
+    "ssl",
+    "selectors",
+    "http.client",
+    "http.server",
+    "email",
+    "urllib3",
+    "concurrent.futures",
+    "hashlib",
+    "_hashlib",
+    "platform",
+    "dataclasses",
+    "inspect",
+    "platformdirs",
+    "nekko_sm.transfer",
+    "nekko_sm.pools",
+    "nekko_sm.download",
+    "nekko_sm.api",
+)
+
+
+def _imported(pyz, cache, *args: str) -> tuple[subprocess.CompletedProcess, set]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPROFILEIMPORTTIME"}
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", str(pyz), "--cache-dir", str(cache), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    names = {
+        line.rsplit("|", 1)[1].strip()
+        for line in r.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    return r, names
+
+
+@pytest.fixture(scope="module")
+def cached(pyz, nginx, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cold") / "cache"
+    url = nginx.put("cold-start.bin", b"cold start\n")
+    r = subprocess.run(
+        [sys.executable, str(pyz), "--cache-dir", str(cache), "pull", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    return cache, url, r.stdout.strip()
+
+
+@pytest.mark.parametrize("command", ["status", "status --json", "path", "ls", "ls --json"])
+def test_a_cold_command_imports_no_network_stack(pyz, cached, command):
+    cache, url, path = cached
+    words = command.split()
+    args = [*words[:1], *([url] if words[0] != "ls" else []), *words[1:]]
+    r, names = _imported(pyz, cache, *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (path if words[0] == "path" else url) in r.stdout  # the command did its work
+    assert {"nekko_sm.cli", "nekko_sm.store", "sqlite3"} <= names  # the list is the real one
+    assert sorted(set(NOT_IMPORTED) & names) == []
+
+
+def test_an_absent_entry_imports_no_network_stack(pyz, tmp_path):
+    r, names = _imported(pyz, tmp_path / "cache", "status", "http://127.0.0.1:9/no/such")
+    assert r.returncode == 4, r.stderr[-2000:]
+    assert "absent" in r.stdout and "nekko_sm.store" in names
+    # hashlib, though: an entry not in the cache is looked for as a pull's record, whose
+    # file name is a sha256 (an OCI reference also needs the platform, for its key)
+    assert sorted(set(NOT_IMPORTED) - {"hashlib", "_hashlib"} & names) == []
+
+
+U = "http://h/x"
+COMMAND_LINES = [
+    ["status", U],
+    ["--cache-dir", "/c", "status", U],
+    ["--cache-dir=/c", "status", "--json", U],
+    ["path", U],
+    ["ls"],
+    ["ls", "--json"],
+    ["-v", "status", U],
+    ["-vv", "path", U, "--jobs", "3"],
+    ["-v", "2", "ls"],
+    ["--verbose", "2", "ls"],
+    ["status"],
+    ["status", "--help"],
+    ["path", "-h"],
+    ["status", U, "extra"],
+    ["status", "--json"],
+    ["ls", U],
+    ["--bogus", "status", U],
+    ["--cache-dir", "status", "status", U],
+    ["--jobs", "status", U],
+    ["--cache-dir", "-x", "status", U],
+    ["--cache-dir"],
+    ["--discard-unpacked-layers", "ls"],
+    ["--discard-unpacked-layers=1", "ls"],
+    ["--cache", "/c", "status", U],
+    ["status", "--cache", "/c", U],
+    ["--insecure-registry", "a", "--insecure-registry=b", "ls"],
+    ["--", "status", U],
+    ["status", "--", U],
+    ["pull", U, "--hold", "x"],
+    ["pull", U, "--hold", "5", "--pin", "--include", "*.json"],
+    ["pull", U, "--credentials-type", "basic"],
+    ["pull", U, "--credentials-type", "x"],
+    ["gc", "--dry-run"],
+    ["verify"],
+    ["verify", U, "--repair"],
+    ["pin", U],
+    ["unpin", U],
+    ["rm", U],
+    ["serve"],
+    [],
+    ["--version"],
+    ["--help"],
+    ["bogus"],
+]
+
+
+def _parse(parser, argv: list) -> tuple:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            ns, code = vars(parser.parse_args(argv)), None
+        except SystemExit as e:
+            ns, code = None, e.code
+    return ns, code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("argv", COMMAND_LINES, ids=" ".join)
+def test_the_one_command_parser_reads_a_line_as_the_full_one_does(argv):
+    argv = normalise_verbose(argv)
+    assert _parse(build_parser(command_of(argv)), argv) == _parse(build_parser(), argv)
+
+
+def test_command_of_finds_the_command_only_when_sure():
+    assert command_of(["--cache-dir", "status", "path", U]) == "path"
+    assert command_of(["--cache-dir=/c", "--discard-unpacked-layers", "ls"]) == "ls"
+    for unsure in (["--cache", "/c", "ls"], ["--help", "ls"], ["--", "ls"], [], ["--jobs"]):
+        assert command_of(unsure) is None
+    # one-command parsers know only their command: the full parser is the one with all
+    only = build_parser("status")._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert list(only) == ["status"]
