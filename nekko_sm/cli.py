@@ -10,12 +10,12 @@ It defines no option (the parser does) and holds no state between commands.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import threading
 import time
 
+from nekko_sm import logs
 from nekko_sm.cli_parser import build_parser, command_of, normalise_verbose
 from nekko_sm.errors import (
     EXIT_ABSENT,
@@ -28,9 +28,14 @@ from nekko_sm.errors import (
 
 TRACE = 5
 WIRE = 3
+# Commands that set up logging only when something logs: engines start them cold, often
+# (``path`` in an init script), and importing logging was a tenth of their time.
+_LAZY_LOGGING = ("status", "path", "ls")
 
 
 def _setup_logging(verbose: int, command: str) -> None:
+    import logging
+
     logging.addLevelName(TRACE, "TRACE")
     logging.addLevelName(WIRE, "WIRE")
     level = {0: logging.INFO, 1: logging.DEBUG, 2: TRACE, 3: WIRE}[verbose]
@@ -88,7 +93,10 @@ def main(argv: list | None = None) -> int:
     except NekkoError as e:
         print(f"nekko-sm: {e.message}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(config.verbose, command)
+    if command in _LAZY_LOGGING:
+        logs.configure(lambda: _setup_logging(config.verbose, command))
+    else:
+        _setup_logging(config.verbose, command)
     for note in config.notes:
         print(f"nekko-sm: {note}", file=sys.stderr)
     try:
@@ -102,6 +110,8 @@ def main(argv: list | None = None) -> int:
     except OSError as e:
         print(f"nekko-sm: {e}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        logs.configure(None)  # a set-up not needed: not left for whatever logs next
 
 
 def _service(config):

@@ -23,19 +23,19 @@ more about the destination than the caller already gave.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Union
 from urllib.parse import urlsplit
 
+from nekko_sm import logs
 from nekko_sm.errors import ConfigError, EgressDenied
 from nekko_sm.record import dataclass
 
 if TYPE_CHECKING:  # socket is imported where a name is resolved: not by status, path, ls
     import socket
 
-log = logging.getLogger("nekko_sm.egress")
+log = logs.get("nekko_sm.egress")  # imports logging at its first use
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]

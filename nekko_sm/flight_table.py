@@ -12,19 +12,19 @@ touches the store: what a flight does is :mod:`nekko_sm.puller`'s.
 from __future__ import annotations
 
 import copy
-import logging
 import threading
 import time
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable
 
+from nekko_sm import logs
 from nekko_sm.errors import Busy, Cancelled, Conflict, NekkoError
 from nekko_sm.sources.base import Progress
 
 if TYPE_CHECKING:  # imported by the first Flight: status, path and ls make none
     from concurrent.futures import Future
 
-log = logging.getLogger("nekko_sm.service")
+log = logs.get("nekko_sm.service")  # imports logging at its first use
 
 # Failures remembered for status (a URL's last error), the oldest forgotten first.
 MAX_FAILURES = 1000

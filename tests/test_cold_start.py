@@ -20,9 +20,10 @@ import pytest
 from nekko_sm.cli_parser import build_parser, command_of, normalise_verbose
 
 # Modules a cold status/path/ls must not import: the network stack, what only a pull or the
-# server uses, and the standard library's data classes (with `inspect`).  socket, selectors,
-# concurrent.futures, hashlib, platform, dataclasses and inspect were imported until issue
-# 11; the others never were, and must not start to be.
+# server uses, the standard library's data classes (with `inspect`) and logging (with
+# traceback and string) until something logs.  socket, selectors, concurrent.futures,
+# hashlib, platform, dataclasses, inspect, logging, traceback and string were imported until
+# issue 11; the others never were, and must not start to be.
 NOT_IMPORTED = (
     "socket",
     "ssl",
@@ -42,6 +43,9 @@ NOT_IMPORTED = (
     "nekko_sm.pools",
     "nekko_sm.download",
     "nekko_sm.api",
+    "logging",
+    "traceback",
+    "string",
 )
 
 
@@ -97,6 +101,29 @@ def test_an_absent_entry_imports_no_network_stack(pyz, tmp_path):
     # hashlib, though: an entry not in the cache is looked for as a pull's record, whose
     # file name is a sha256 (an OCI reference also needs the platform, for its key)
     assert sorted(set(NOT_IMPORTED) - {"hashlib", "_hashlib"} & names) == []
+
+
+def test_a_cold_command_logs_through_the_cli_handler(pyz, nginx, tmp_path):
+    """logging is imported at the first record: that record still gets the CLI's format."""
+    cache = tmp_path / "cache"
+    url = nginx.put("cold-start-log.bin", b"logged\n")
+    run = [sys.executable, str(pyz), "--cache-dir", str(cache)]
+    assert subprocess.run([*run, "pull", url], capture_output=True, check=False).returncode == 0
+    for name in ("nekko.db", "nekko.db-wal", "nekko.db-shm"):  # index.json only: taken over
+        (cache / name).unlink(missing_ok=True)
+    r = subprocess.run([*run, "-v", "status", url], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout.startswith(f"complete {url} "), r.stderr
+    assert "nekko-sm: " in r.stderr and "taking 1 entries into nekko.db" in r.stderr
+    r = subprocess.run([*run, "status", url], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stderr == ""  # quiet at -v 0, as before
+
+
+def test_refs_spells_string_punctuation_out():
+    import string
+
+    from nekko_sm import refs
+
+    assert refs._PUNCTUATION == string.punctuation
 
 
 U = "http://h/x"
