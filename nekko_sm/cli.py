@@ -14,9 +14,11 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 from nekko_sm import logs
 from nekko_sm.cli_parser import build_parser, command_of, normalise_verbose
+from nekko_sm.cli_quick import quick_parse
 from nekko_sm.errors import (
     EXIT_ABSENT,
     EXIT_FAILED,
@@ -58,11 +60,13 @@ def _setup_logging(verbose: int, command: str) -> None:
 
 def main(argv: list | None = None) -> int:
     argv = normalise_verbose(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser(command_of(argv))  # one command's parser: a faster start
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0) if isinstance(e.code, int) else EXIT_USAGE
+    args: Any = quick_parse(argv)  # a plain status/path/ls line: no argparse to import
+    if args is None:
+        parser = build_parser(command_of(argv))  # one command's parser: a faster start
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:
+            return int(e.code or 0) if isinstance(e.code, int) else EXIT_USAGE
     command = args.command or "serve"
     from nekko_sm import config as _config
 

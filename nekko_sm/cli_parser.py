@@ -9,11 +9,13 @@ only: it reads no configuration, and runs nothing (:mod:`nekko_sm.cli` does).
 
 from __future__ import annotations
 
-import argparse
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nekko_sm import __version__
+
+if TYPE_CHECKING:  # imported by build_parser: the plain lines of status, path and ls
+    import argparse  # are read without it (nekko_sm.cli_quick)
 
 COMMANDS = ("serve", "pull", "status", "path", "ls", "rm", "gc", "verify", "pin", "unpin")
 
@@ -191,6 +193,8 @@ _GLOBAL_FLAGS = {
 
 
 def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    import argparse
+
     d = argparse.SUPPRESS if suppress else None
     for flags, metavar, repeatable, text in GLOBAL_OPTIONS:
         if metavar is None:
@@ -215,6 +219,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     one-shot command builds the one-command parser, since the ten subparsers are most of
     what argparse costs at start-up (a cold ``status``, an engine's ``path``).
     """
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="nekko-sm",
         description=DESCRIPTION,
@@ -336,6 +342,8 @@ def command_of(argv: list) -> str | None:
 
 
 def _seconds(text: str) -> float:
+    import argparse
+
     try:
         value = float(text)
     except ValueError:

@@ -18,12 +18,14 @@ import sys
 import pytest
 
 from nekko_sm.cli_parser import build_parser, command_of, normalise_verbose
+from nekko_sm.cli_quick import quick_parse
 
 # Modules a cold status/path/ls must not import: the network stack, what only a pull or the
 # server uses, the standard library's data classes (with `inspect`) and logging (with
-# traceback and string) until something logs.  socket, selectors, concurrent.futures,
-# hashlib, platform, dataclasses, inspect, logging, traceback and string were imported until
-# issue 11; the others never were, and must not start to be.
+# traceback and string) until something logs, and argparse (with gettext and locale) for a
+# plain command line.  socket, selectors, concurrent.futures,
+# hashlib, platform, dataclasses, inspect, logging, traceback, string, argparse, gettext and
+# locale were imported until issue 11; the others never were, and must not start to be.
 NOT_IMPORTED = (
     "socket",
     "ssl",
@@ -46,6 +48,9 @@ NOT_IMPORTED = (
     "logging",
     "traceback",
     "string",
+    "argparse",
+    "gettext",
+    "locale",
 )
 
 
@@ -171,6 +176,40 @@ COMMAND_LINES = [
     ["--version"],
     ["--help"],
     ["bogus"],
+    # the quick reading's edges: repeats, options after the command, odd values
+    ["--insecure-registry", "a", "status", U, "--insecure-registry", "b"],
+    ["status", U, "--insecure-registry", "a"],
+    ["status", U, "--cache-dir", "/c"],
+    ["--cache-dir", "/a", "status", U, "--cache-dir", "/b"],
+    ["status", "--json", "--json", U],
+    ["ls", "--json=1"],
+    ["--json", "status", U],
+    ["ls", "--js"],
+    ["path", U, "--json"],
+    ["--registry-mirror=a=b", "ls"],
+    ["--cache-dir=", "ls"],
+    ["--cache-dir", "", "ls"],
+    ["status", "path"],
+    ["path", "status"],
+    ["status", U, U],
+    ["status", "-", U],
+    ["--jobs", "-1", "status", U],
+    ["status", U, "-v"],
+    ["ls", "--verbose", "3"],
+    ["--discard-unpacked-layers", "status", U, "--discard-unpacked-layers"],
+    ["--max-pull-size", "1G", "--deny-network", "10.0.0.0/8", "path", U],
+    ["--allow-network=10.1.0.0/16", "--deny-network", "10.0.0.0/8", "ls", "--json"],
+]
+# Lines an engine or a user types: the quick reading takes each of them.
+PLAIN = [
+    ["status", U],
+    ["status", "--json", U],
+    ["--cache-dir", "/c", "status", U, "--json"],
+    ["-v", "path", U],
+    ["--cache-dir=/c", "--platform", "linux/arm64", "path", U],
+    ["ls"],
+    ["ls", "--json", "--cache-dir", "/c"],
+    ["--discard-unpacked-layers", "--insecure-registry", "r:5000", "ls"],
 ]
 
 
@@ -188,6 +227,21 @@ def _parse(parser, argv: list) -> tuple:
 def test_the_one_command_parser_reads_a_line_as_the_full_one_does(argv):
     argv = normalise_verbose(argv)
     assert _parse(build_parser(command_of(argv)), argv) == _parse(build_parser(), argv)
+
+
+@pytest.mark.parametrize("argv", COMMAND_LINES + PLAIN, ids=" ".join)
+def test_the_quick_reading_is_argparse_s_or_none(argv):
+    argv = normalise_verbose(argv)
+    quick = quick_parse(argv)
+    ns, code, out, err = _parse(build_parser(), argv)
+    if quick is not None:
+        assert (code, out, err) == (None, "", "") and vars(quick) == ns
+
+
+def test_plain_lines_are_read_quickly():
+    assert all(quick_parse(normalise_verbose(argv)) is not None for argv in PLAIN)
+    for other in (["pull", U], ["rm", U], ["status", "--help"], []):
+        assert quick_parse(other) is None
 
 
 def test_command_of_finds_the_command_only_when_sure():
