@@ -11,7 +11,6 @@ touches the store: what a flight does is :mod:`nekko_sm.puller`'s.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import OrderedDict, deque
@@ -126,6 +125,7 @@ class Flight:
         (a protected pull, other credentials), then the answer must match ``digest``."""
         if (digest is None or digest == self.digest) and confirm is None:
             return self
+        import copy
         from concurrent.futures import Future
 
         view = copy.copy(self)
