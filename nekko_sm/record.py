@@ -68,7 +68,16 @@ def _process(cls: Any, frozen: bool) -> None:
             raise TypeError(f"non-default argument {name!r} follows default argument")
         fields[name] = f
     names = tuple(fields)
-    methods: dict[str, Any] = {"__init__": _init(cls, fields, frozen)}
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        # The first instance compiles the class's own __init__ (classes a command never
+        # makes an instance of compile nothing) and puts it in place of this one.
+        init = _init(cls, fields, frozen)
+        init.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = init
+        init(self, *args, **kwargs)
+
+    methods: dict[str, Any] = {"__init__": __init__}
     values = attrgetter(*names) if len(names) > 1 else lambda o: tuple(getattr(o, n) for n in names)
     shown = tuple(n for n, f in fields.items() if f.repr)
 
