@@ -12,6 +12,7 @@ behaviour this is; tests/test_record.py holds the two to the same answers.
 
 from __future__ import annotations
 
+import sys
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -116,8 +117,9 @@ def _process(cls: Any, frozen: bool) -> None:
             if fn is not None:
                 fn.__qualname__ = f"{cls.__qualname__}.{name}"
             setattr(cls, name, fn)
-    for name, value in (("__record_fields__", fields), ("__match_args__", names)):
-        setattr(cls, name, value)
+    setattr(cls, "__record_fields__", fields)  # noqa: B010 - the table replace() reads
+    if sys.version_info >= (3, 10):  # as there: 3.9's data classes have no __match_args__
+        setattr(cls, "__match_args__", names)  # noqa: B010
 
 
 def _init(cls: type, fields: dict[str, _Field], frozen: bool) -> Any:
