@@ -363,6 +363,9 @@ def normalise_verbose(argv: list) -> list:
         if a == "--":
             out.extend(argv[i - 1 :])
             break
+        if not a.startswith("-v"):  # the patterns below match none of these: no compiling them
+            out.append(a)
+            continue
         if a == "-v" and i < len(argv) and re.fullmatch(r"\d+", argv[i]):
             out.append(f"--verbose={argv[i]}")  # -v 2
             i += 1
