@@ -7,7 +7,9 @@ permissions normalised, so two builds of one tree with one Python give the same 
 Every module is also shipped as unchecked-hash bytecode for the interpreter that builds:
 zipimport cannot cache what it compiles, so without it every start compiles everything
 (twice, on 3.11). Another Python version sees a foreign magic number and falls back to
-the source beside it, so the .pyz still runs on 3.9 to 3.13.  The vendored
+the source beside it, so the .pyz still runs on 3.9 to 3.13.  nekko-sm's own bytecode is
+stored, not deflated: inflating it was a tenth of a cold ``status`` (zipimport inflates every
+module it loads, each start), for some 500 KB more file.  The vendored
 wheels live in vendor/ and are checked against the pinned sha256 below before use.
 
     python3 build_zipapp.py              # build
@@ -106,9 +108,10 @@ def build() -> Path:
         for name in sorted(entries):
             info = zipfile.ZipInfo(name, date_time=when)
             info.external_attr = (stat.S_IFREG | 0o644) << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
+            stored = name.startswith("nekko_sm/") and name.endswith(".pyc")
+            info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
             info.create_system = 3
-            z.writestr(info, entries[name], compresslevel=9)
+            z.writestr(info, entries[name], compresslevel=None if stored else 9)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     tmp = OUT.with_suffix(".tmp")
     tmp.write_bytes(buf.getvalue())

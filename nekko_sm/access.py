@@ -16,7 +16,6 @@ the store beyond reading a manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -71,6 +70,8 @@ def pull_auth(service: Puller, ref, credentials: Credentials | None) -> tuple[st
 def credential_hash(auth: tuple[str, str] | None) -> str:
     if auth is None:
         return "anonymous"
+    import hashlib  # here: loading OpenSSL is a cost status, path and ls need not pay
+
     return hashlib.sha256(f"{auth[0]}\0{auth[1]}".encode()).hexdigest()
 
 
@@ -157,8 +158,7 @@ def _ask_upstream(service: Puller, ref, desc: Descriptor, credentials: Credentia
 def _ask_hub(
     service: Puller, ref: HFRef, desc: Descriptor, credentials: Credentials | None
 ) -> None:
-    import dataclasses
-
+    from nekko_sm.record import replace
     from nekko_sm.sources import hf_api
 
     manifest = json.loads(service.store.read_blob(desc.digest))
@@ -168,7 +168,7 @@ def _ask_hub(
         layers = manifest.get("layers") or [{}]
         path = (layers[0].get("annotations") or {}).get("org.opencontainers.image.title", "")
     job = _job(service, credentials)
-    at = dataclasses.replace(ref, revision=commit, path=path)
+    at = replace(ref, revision=commit, path=path)
     hf_api.file_metadata(
         job,
         at,

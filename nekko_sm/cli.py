@@ -10,13 +10,15 @@ It defines no option (the parser does) and holds no state between commands.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import threading
 import time
+from typing import Any
 
-from nekko_sm.cli_parser import build_parser, normalise_verbose
+from nekko_sm import logs
+from nekko_sm.cli_parser import build_parser, command_of, normalise_verbose
+from nekko_sm.cli_quick import quick_parse
 from nekko_sm.errors import (
     EXIT_ABSENT,
     EXIT_FAILED,
@@ -28,9 +30,14 @@ from nekko_sm.errors import (
 
 TRACE = 5
 WIRE = 3
+# Commands that set up logging only when something logs: engines start them cold, often
+# (``path`` in an init script), and importing logging was a tenth of their time.
+_LAZY_LOGGING = ("status", "path", "ls")
 
 
 def _setup_logging(verbose: int, command: str) -> None:
+    import logging
+
     logging.addLevelName(TRACE, "TRACE")
     logging.addLevelName(WIRE, "WIRE")
     level = {0: logging.INFO, 1: logging.DEBUG, 2: TRACE, 3: WIRE}[verbose]
@@ -53,11 +60,13 @@ def _setup_logging(verbose: int, command: str) -> None:
 
 def main(argv: list | None = None) -> int:
     argv = normalise_verbose(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0) if isinstance(e.code, int) else EXIT_USAGE
+    args: Any = quick_parse(argv)  # a plain status/path/ls line: no argparse to import
+    if args is None:
+        parser = build_parser(command_of(argv))  # one command's parser: a faster start
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:
+            return int(e.code or 0) if isinstance(e.code, int) else EXIT_USAGE
     command = args.command or "serve"
     from nekko_sm import config as _config
 
@@ -88,7 +97,10 @@ def main(argv: list | None = None) -> int:
     except NekkoError as e:
         print(f"nekko-sm: {e.message}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(config.verbose, command)
+    if command in _LAZY_LOGGING:
+        logs.configure(lambda: _setup_logging(config.verbose, command))
+    else:
+        _setup_logging(config.verbose, command)
     for note in config.notes:
         print(f"nekko-sm: {note}", file=sys.stderr)
     try:
@@ -102,6 +114,8 @@ def main(argv: list | None = None) -> int:
     except OSError as e:
         print(f"nekko-sm: {e}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        logs.configure(None)  # a set-up not needed: not left for whatever logs next
 
 
 def _service(config):

@@ -9,10 +9,13 @@ only: it reads no configuration, and runs nothing (:mod:`nekko_sm.cli` does).
 
 from __future__ import annotations
 
-import argparse
 import re
+from typing import TYPE_CHECKING, Any
 
 from nekko_sm import __version__
+
+if TYPE_CHECKING:  # imported by build_parser: the plain lines of status, path and ls
+    import argparse  # are read without it (nekko_sm.cli_quick)
 
 COMMANDS = ("serve", "pull", "status", "path", "ls", "rm", "gc", "verify", "pin", "unpin")
 
@@ -183,7 +186,15 @@ GLOBAL_OPTIONS: tuple[tuple[str, str | None, bool, str], ...] = (
 )
 
 
+# Every spelling of a global option: True when it takes a value, False for a switch.
+_GLOBAL_FLAGS = {
+    flag: metavar is not None for flags, metavar, _, _ in GLOBAL_OPTIONS for flag in flags.split()
+}
+
+
 def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    import argparse
+
     d = argparse.SUPPRESS if suppress else None
     for flags, metavar, repeatable, text in GLOBAL_OPTIONS:
         if metavar is None:
@@ -194,7 +205,22 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
             p.add_argument(*flags.split(), metavar=metavar, default=d, help=text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """What :func:`build_parser` gives a command it was not asked for: options go nowhere."""
+
+    def add_argument(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or only of the command ``only`` (:func:`command_of`'s).
+
+    Both parse a command line naming ``only`` the same way, with the same messages; a
+    one-shot command builds the one-command parser, since the ten subparsers are most of
+    what argparse costs at start-up (a cold ``status``, an engine's ``path``).
+    """
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="nekko-sm",
         description=DESCRIPTION,
@@ -207,9 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, suppress=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    sub.add_parser("serve", parents=[common], help="run the HTTP API (the default command)")
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser | _Skipped:
+        if only is not None and name != only:
+            return _Skipped()
+        return sub.add_parser(name, parents=[common], **kw)
 
-    s = sub.add_parser("pull", parents=[common], help="download URL into the cache, print its path")
+    add("serve", help="run the HTTP API (the default command)")
+
+    s = add("pull", help="download URL into the cache, print its path")
     s.add_argument("url", metavar="URL")
     s.add_argument(
         "--credentials",
@@ -256,29 +287,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
-    s = sub.add_parser(
+    s = add(
         "status",
-        parents=[common],
         help="print the state of URL; exit 0 complete, 3 incomplete, 4 absent",
     )
     s.add_argument("url", metavar="URL")
     s.add_argument("--json", action="store_true", help="print the entry as JSON")
 
-    s = sub.add_parser("path", parents=[common], help="print the path an engine should open")
+    s = add("path", help="print the path an engine should open")
     s.add_argument("url", metavar="URL")
 
-    s = sub.add_parser("ls", parents=[common], help="list every entry")
+    s = add("ls", help="list every entry")
     s.add_argument("--json", action="store_true", help="print the entries as JSON")
 
-    s = sub.add_parser("rm", parents=[common], help="remove URL, free blobs no one else uses")
+    s = add("rm", help="remove URL, free blobs no one else uses")
     s.add_argument("url", metavar="URL")
 
-    s = sub.add_parser(
-        "gc", parents=[common], help="free unreferenced blobs and stale partials; keep the budget"
-    )
+    s = add("gc", help="free unreferenced blobs and stale partials; keep the budget")
     s.add_argument("--dry-run", action="store_true", help="only say what would be freed")
 
-    s = sub.add_parser("verify", parents=[common], help="re-hash blobs; exit 1 when any is damaged")
+    s = add("verify", help="re-hash blobs; exit 1 when any is damaged")
     s.add_argument("url", metavar="URL", nargs="?")
     s.add_argument(
         "--repair",
@@ -286,14 +314,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove damaged blobs (and the entries needing them), fix the counts",
     )
 
-    s = sub.add_parser("pin", parents=[common], help="pin a cached URL: it is never evicted")
+    s = add("pin", help="pin a cached URL: it is never evicted")
     s.add_argument("url", metavar="URL")
-    s = sub.add_parser("unpin", parents=[common], help="unpin a cached URL")
+    s = add("unpin", help="unpin a cached URL")
     s.add_argument("url", metavar="URL")
     return p
 
 
+def command_of(argv: list) -> str | None:
+    """The command ``argv`` (:func:`normalise_verbose`'s) names, or None when unsure.
+
+    Only global options spelled in full may come before it (a value each, or ``--opt=value``,
+    or a switch), as argparse would read them; for anything else (``--help``, an
+    abbreviation, an unknown option, no command) None asks for the parser of every command.
+    """
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in COMMANDS:
+            return a
+        name, eq, _ = a.partition("=")
+        spec = _GLOBAL_FLAGS.get(name)
+        if spec is None or (eq and not spec):
+            return None
+        i += 2 if spec and not eq else 1
+    return None
+
+
 def _seconds(text: str) -> float:
+    import argparse
+
     try:
         value = float(text)
     except ValueError:
@@ -313,6 +363,9 @@ def normalise_verbose(argv: list) -> list:
         if a == "--":
             out.extend(argv[i - 1 :])
             break
+        if not a.startswith("-v"):  # the patterns below match none of these: no compiling them
+            out.append(a)
+            continue
         if a == "-v" and i < len(argv) and re.fullmatch(r"\d+", argv[i]):
             out.append(f"--verbose={argv[i]}")  # -v 2
             i += 1

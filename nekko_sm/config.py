@@ -8,10 +8,8 @@ addresses, numbers, lists) is :mod:`nekko_sm.config_values`'s; the platform's is
 from __future__ import annotations
 
 import os
-import platform as _platform
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,6 +25,7 @@ from nekko_sm.config_values import (
 )
 from nekko_sm.egress import Policy
 from nekko_sm.errors import ConfigError, InvalidPlatform
+from nekko_sm.record import dataclass, field
 
 DEFAULT_CACHE_DIR = "/var/lib/nekko/cache"
 DEFAULT_ADDRESS = "localhost:8050"
@@ -126,6 +125,8 @@ def parse_platform(text: str) -> Platform:
 
 
 def host_platform() -> Platform:
+    import platform as _platform  # here: status, path and ls never need it
+
     arch, variant = normalize_arch(_platform.machine() or "amd64")
     return Platform(
         "linux"

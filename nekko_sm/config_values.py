@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import cast
 
 from nekko_sm.errors import ConfigError
+from nekko_sm.record import dataclass
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-from dataclasses import dataclass, field
-
 from nekko_sm.errors import BadRequest, InvalidBase64
+from nekko_sm.record import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -34,9 +31,14 @@ class Credentials:
 
     @classmethod
     def basic(cls, user: str, password: str) -> Credentials:
+        import base64  # here and below: no cold command decodes credentials
+
         return cls("Basic", base64.b64encode(f"{user}:{password}".encode()).decode())
 
     def user_pass(self) -> tuple[str, str]:
+        import base64
+        import binascii
+
         try:
             raw = base64.b64decode(self.value, validate=True).decode("utf-8")
         except (binascii.Error, ValueError, UnicodeDecodeError):

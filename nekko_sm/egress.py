@@ -23,17 +23,19 @@ more about the destination than the caller already gave.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
-import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Union
 from urllib.parse import urlsplit
 
+from nekko_sm import logs
 from nekko_sm.errors import ConfigError, EgressDenied
+from nekko_sm.record import dataclass
 
-log = logging.getLogger("nekko_sm.egress")
+if TYPE_CHECKING:  # socket is imported where a name is resolved: not by status, path, ls
+    import socket
+
+log = logs.get("nekko_sm.egress")  # imports logging at its first use
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -70,6 +72,8 @@ def literal_address(host: str) -> Address | None:
     except ValueError:
         pass
     if _IPV4_LEGACY.match(host):  # 0xa9fea9fe, 2852039166, 169.254.43518: inet_aton's forms
+        import socket
+
         try:
             return ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
@@ -170,6 +174,8 @@ def _embedded(addr: Address) -> list[Address]:
 
 def resolve(host: str, port: int) -> list:
     """``getaddrinfo`` as urllib3 would call it (a seam for tests' resolver stubs)."""
+    import socket
+
     from urllib3.util.connection import allowed_gai_family
 
     return socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
@@ -192,6 +198,8 @@ class _Checked:
     host: str
 
     def _new_conn(self) -> socket.socket:
+        import socket
+
         from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
         name = self._dns_host

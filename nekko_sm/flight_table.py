@@ -11,19 +11,19 @@ touches the store: what a flight does is :mod:`nekko_sm.puller`'s.
 
 from __future__ import annotations
 
-import copy
-import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from nekko_sm import logs
 from nekko_sm.errors import Busy, Cancelled, Conflict, NekkoError
 from nekko_sm.sources.base import Progress
 
-log = logging.getLogger("nekko_sm.service")
+if TYPE_CHECKING:  # imported by the first Flight: status, path and ls make none
+    from concurrent.futures import Future
+
+log = logs.get("nekko_sm.service")  # imports logging at its first use
 
 # Failures remembered for status (a URL's last error), the oldest forgotten first.
 MAX_FAILURES = 1000
@@ -100,6 +100,8 @@ class Flight:
     def __init__(
         self, url: str, sink: Callable[[int], None] | None = None, limit: int | None = None
     ) -> None:
+        from concurrent.futures import Future
+
         self.url = url
         self.future: Future = Future()
         self.cancel = threading.Event()
@@ -123,6 +125,9 @@ class Flight:
         (a protected pull, other credentials), then the answer must match ``digest``."""
         if (digest is None or digest == self.digest) and confirm is None:
             return self
+        import copy
+        from concurrent.futures import Future
+
         view = copy.copy(self)
         view.future = Future()
 
@@ -220,6 +225,8 @@ class FlightTable:
 
     def _cancel(self, key: str, wait: float) -> Flight | None:
         """Cancel the flight of ``key``, if any, and wait up to ``wait`` seconds for it."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
         with self._lock:
             flight = self._flights.get(key)
         if flight is not None:
@@ -235,6 +242,8 @@ class FlightTable:
     def _stop_flights(self) -> None:
         """Cancel every flight (its partial download kept for a resume), stop the workers
         and wait a little for the flights to land."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
         with self._lock:
             flights = list(self._flights.values())
         for f in flights:

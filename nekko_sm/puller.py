@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nekko_sm import access
+from nekko_sm import access, logs
 from nekko_sm.access import AccessChecks
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
@@ -54,7 +53,7 @@ if TYPE_CHECKING:
     from nekko_sm.budget import Budget
     from nekko_sm.models.hfcache import HFCacheView
 
-log = logging.getLogger("nekko_sm.service")
+log = logs.get("nekko_sm.service")  # imports logging at its first use
 
 # Errors after which a partial download is worth keeping (the entry stays "incomplete").
 _RESUMABLE = (UpstreamUnavailable, InsufficientStorage, UpstreamTooSlow)

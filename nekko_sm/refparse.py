@@ -9,10 +9,10 @@ naming it without its secrets.  The references and their canonical forms are
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from nekko_sm.errors import InvalidReference, UnsupportedScheme
+from nekko_sm.record import replace
 from nekko_sm.refs import (
     DOCKER_HUB,
     HF_DEFAULT,

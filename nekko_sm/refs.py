@@ -10,15 +10,20 @@ URL into a reference and never touches the network.
 
 from __future__ import annotations
 
-import logging
 import posixpath
 import re
-import string
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from nekko_sm.errors import UnsafeName
+from nekko_sm.record import dataclass, field
+
+if TYPE_CHECKING:
+    import logging
+
+# string.punctuation, spelled out: importing string compiles string.Template's pattern
+_PUNCTUATION = r"""!"#$%&'()*+,-./:;<=>?@[\]^_`{|}~"""
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -259,8 +264,12 @@ def hide_query_credentials(text: str) -> str:
     return f"{head}?{strip_query_credentials(query)}{hash_}{fragment}"
 
 
-class QueryCredentialFilter(logging.Filter):
-    """For loggers that are not ours (urllib3 logs request targets at DEBUG)."""
+class QueryCredentialFilter:
+    """For loggers that are not ours (urllib3 logs request targets at DEBUG).
+
+    A filter as :mod:`logging` takes one (an object with ``filter``), not a subclass of its
+    Filter: this module is loaded by commands that never import :mod:`logging`.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
@@ -280,5 +289,5 @@ def redact(url: str) -> str:
     shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     # A URL may come from upstream (a redirect's Location): nothing in it reaches a message
     # or a terminal but printable ASCII, and not much of it.
-    shown = quote(shown, safe=string.punctuation)
+    shown = quote(shown, safe=_PUNCTUATION)
     return shown if len(shown) <= 300 else shown[:297] + "..."

@@ -12,7 +12,6 @@ flight table (:mod:`nekko_sm.flight_table`) and the pull's work (:mod:`nekko_sm.
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import json
 from collections.abc import Iterable
 from functools import partial
@@ -25,6 +24,7 @@ from nekko_sm.entries import Catalog
 from nekko_sm.errors import BadRequest, Cancelled, EntryNotFound
 from nekko_sm.flight_table import Flight
 from nekko_sm.puller import Puller
+from nekko_sm.record import replace
 from nekko_sm.refparse import parse
 from nekko_sm.refs import OCIRef
 from nekko_sm.store import (
@@ -74,7 +74,7 @@ class Service(Puller):
         if want is not None:
             want = "all" if want.strip().lower() == "all" else str(parse_platform(want))
         native = str(host_platform())
-        return dataclasses.replace(ref, platform=None if want in (None, native) else want), want
+        return replace(ref, platform=None if want in (None, native) else want), want
 
     # -- pulling ------------------------------------------------------------------------
     def pull(

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import threading
-import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from nekko_sm.config import Config
 from nekko_sm.credentials import Credentials
 from nekko_sm.errors import ManifestInvalid, PullTooLarge
+from nekko_sm.record import dataclass, field
 from nekko_sm.store import (
     EMPTY_JSON,
     MT_EMPTY,
@@ -238,6 +237,8 @@ def check_names(names: Iterable[str], what: str) -> None:
     component over 255 bytes or a name over 3,800, control or bidirectional characters.
 
     ``names`` are safe relative paths already (:func:`nekko_sm.refs.safe_name`)."""
+    import unicodedata  # here: the cold commands check no names
+
     seen: dict[str, str] = {}
     dirs: set[str] = set()
     for name in names:

@@ -23,11 +23,11 @@ import hashlib
 import posixpath
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import replace
 from urllib.parse import quote
 
 from nekko_sm.errors import Cancelled, IntegrityError, SizeMismatch, UpstreamNotFound
 from nekko_sm.models.hfcache import HFEntry, HFFile
+from nekko_sm.record import replace
 from nekko_sm.refs import HFRef, redact
 from nekko_sm.sources.base import (
     A_ETAG,

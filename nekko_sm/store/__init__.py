@@ -46,15 +46,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from nekko_sm.store.db import require_sqlite
 from nekko_sm.store.descriptor import Descriptor
-from nekko_sm.store.frontier import FollowLost, Hasher
 from nekko_sm.store.fs import listdir, make_dirs, read_file, unlink, write_atomic
 from nekko_sm.store.gc import Collector, GCReport
 from nekko_sm.store.index import EntryRecord, Index
-from nekko_sm.store.ingest import Ingest
 from nekko_sm.store.layout import (
     A_DISCARDED,
     A_FILES,
@@ -75,9 +73,13 @@ from nekko_sm.store.layout import (
 )
 from nekko_sm.store.leases import Lease, live_leases
 from nekko_sm.store.locks import FileLock
-from nekko_sm.store.verify import Verifier
 from nekko_sm.store.views import Views
-from nekko_sm.store.writer import IngestWriter
+
+if TYPE_CHECKING:  # imported at their first use: the cold status, path and ls write nothing
+    from nekko_sm.store.frontier import FollowLost, Hasher
+    from nekko_sm.store.ingest import Ingest
+    from nekko_sm.store.verify import Verifier
+    from nekko_sm.store.writer import IngestWriter
 
 __all__ = [
     "A_DISCARDED",
@@ -118,13 +120,31 @@ class Store(Layout):
 
     def __init__(self, root: Path | str) -> None:
         super().__init__(root)
-        self._ingest = Ingest(self)
+        self._ingest_part: Ingest | None = None
         self._index = Index(self)
         self._views = Views(self)
         self._gc = Collector(self, self._index, self._views)
-        self._verifier = Verifier(self, self._index, self._gc.reachable, self.remove_entry)
+        self._verifier_part: Verifier | None = None
         self._index.reach = self._gc.reachable
         self._index.on_open.append(self._gc.recover_trash)
+
+    # Ingest and Verifier hold nothing but the store: made at first use (two made at once by
+    # two threads would do no harm), so opening the store imports neither.
+    @property
+    def _ingest(self) -> Ingest:
+        if self._ingest_part is None:
+            from nekko_sm.store.ingest import Ingest
+
+            self._ingest_part = Ingest(self)
+        return self._ingest_part
+
+    @property
+    def _verifier(self) -> Verifier:
+        if self._verifier_part is None:
+            from nekko_sm.store.verify import Verifier
+
+            self._verifier_part = Verifier(self, self._index, self._gc.reachable, self.remove_entry)
+        return self._verifier_part
 
     def init(self) -> Store:
         """Create the layout if missing and open the database (index.json made current).
@@ -359,3 +379,16 @@ class Store(Layout):
         """Re-hash blobs (all, or those ``roots`` reach), check the reference counts (all);
         ``(digest, problem)`` pairs."""
         return self._verifier.verify(roots, repair)
+
+
+def __getattr__(name: str) -> Any:
+    """The exports only a pull uses (:data:`__all__` names them), imported at first use."""
+    if name in ("FollowLost", "Hasher"):
+        from nekko_sm.store.frontier import FollowLost, Hasher
+
+        return FollowLost if name == "FollowLost" else Hasher
+    if name == "IngestWriter":
+        from nekko_sm.store.writer import IngestWriter
+
+        return IngestWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

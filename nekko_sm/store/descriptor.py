@@ -10,9 +10,9 @@ touches a file, a lock or the database.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 from nekko_sm.errors import CacheCorrupt
+from nekko_sm.record import dataclass, field
 from nekko_sm.store.layout import check_digest
 
 

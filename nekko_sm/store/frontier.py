@@ -14,13 +14,12 @@ lock and never commits: :class:`~nekko_sm.store.writer.IngestWriter` builds on i
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from nekko_sm.errors import CacheCorrupt, Cancelled, InsufficientStorage, NekkoError
 from nekko_sm.store.fs import open_file
@@ -31,6 +30,9 @@ _HOLD = 32 << 20  # received bytes one writer keeps for its hasher ahead of what
 _HOLD_ALL = 64 << 20  # ... and all writers of the process together
 _POOL = 4  # spare receive buffers kept for reuse (shared by all writers)
 _FLUSH_EVERY = 64 << 20  # appended bytes between background fdatasyncs (early writeback)
+
+if TYPE_CHECKING:  # hashlib is imported by the first writer: status, path and ls make none
+    import hashlib
 
 Hasher = Callable[[], "hashlib._Hash"]
 
@@ -104,6 +106,8 @@ class Frontier:
 
     # -- hashing behind the frontier ---------------------------------------------------
     def _new_hashes(self) -> None:
+        import hashlib
+
         self._sha = hashlib.sha256()
         self._hashers = {name: make() for name, make in self._extra.items()}
         self._hashed = 0

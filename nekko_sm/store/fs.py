@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import stat
 import threading
@@ -27,12 +26,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nekko_sm import logs
 from nekko_sm.errors import InsufficientStorage, UnsafeCacheDir, UnsafeCachePath
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+; only mypy reads this
 
-log = logging.getLogger("nekko_sm.store")
+log = logs.get("nekko_sm.store")  # imports logging at its first use
 
 
 # -- the file-system layer: nothing inside a cache is reached through a link ---------------

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nekko_sm import logs
 from nekko_sm.errors import NekkoError
+from nekko_sm.record import dataclass, field
 from nekko_sm.store.descriptor import Descriptor
 from nekko_sm.store.fs import (
     fsync_dir,
@@ -52,7 +52,7 @@ from nekko_sm.store.leases import leased_digests
 from nekko_sm.store.locks import FileLock, remove_locked_dir
 from nekko_sm.store.views import Views
 
-log = logging.getLogger("nekko_sm.store")
+log = logs.get("nekko_sm.store")  # imports logging at its first use
 
 # Directories under ingest/ that are not partial downloads.
 _NOT_PARTIALS = ("leases", "pulls", "trash")

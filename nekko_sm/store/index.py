@@ -21,20 +21,20 @@ through the ``reach`` function it is given (``gc``'s).
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Callable
 
+from nekko_sm import logs
 from nekko_sm.errors import CacheCorrupt
+from nekko_sm.record import dataclass
 from nekko_sm.store.db import Database, bump, counter
 from nekko_sm.store.descriptor import Descriptor
 from nekko_sm.store.indexfile import GroupCommit, IndexFile
 from nekko_sm.store.layout import REF_NAME, Layout, check_digest
 
-log = logging.getLogger("nekko_sm.store")
+log = logs.get("nekko_sm.store")  # imports logging at its first use
 
 _COLUMNS = "key, descriptor, info, created, last_used, pinned, held_until, protected"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import os
 import re
 import threading
@@ -26,13 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+from nekko_sm import logs
 from nekko_sm.errors import CacheCorrupt, InsufficientStorage
 from nekko_sm.store.descriptor import Descriptor
 from nekko_sm.store.fs import fsync_dir, is_file, open_file, read_file, rename, unlink, write_atomic
 from nekko_sm.store.layout import MT_OCI_INDEX, REF_NAME
 from nekko_sm.store.locks import FileLock
 
-log = logging.getLogger("nekko_sm.store")
+log = logs.get("nekko_sm.store")  # imports logging at its first use
 
 A_GENERATION = "io.nekko.index.generation"
 _HEADER = re.compile(rb'^\{"annotations":\{"io\.nekko\.index\.generation":"([0-9a-f]+)\.(\d+)"\}')

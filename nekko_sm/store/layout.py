@@ -11,7 +11,6 @@ edits ``index.json``: those belong to ``ingest``, ``locks`` and ``index``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -72,11 +71,15 @@ def check_digest(digest: str) -> str:
 
 
 def sha256_digest(data: bytes) -> str:
+    import hashlib  # here, as in key_for: loading OpenSSL is a cost status and ls need not pay
+
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def key_for(text: str) -> str:
     """A file name for ``text`` (a URL, a digest): the hex sha256 of it."""
+    import hashlib
+
     return hashlib.sha256(text.encode()).hexdigest()
 
 

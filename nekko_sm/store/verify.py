@@ -11,7 +11,6 @@ is given (``gc``'s).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -46,6 +45,8 @@ class Verifier:
         self._remove_entry = remove_entry
 
     def verify_blob(self, digest: str) -> bool:
+        import hashlib  # here: not imported by every command that opens the store
+
         h = hashlib.sha256()
         try:
             fd = open_file(self.layout.blob_path(digest), os.O_RDONLY)

@@ -13,7 +13,6 @@ never reads or edits ``index.json``.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import threading
@@ -21,12 +20,13 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from nekko_sm import logs
 from nekko_sm.errors import UnsafeCachePath
 from nekko_sm.refs import safe_name
 from nekko_sm.store.fs import DIR_MODE, open_dir, remove_tree
 from nekko_sm.store.layout import Layout, key_for
 
-log = logging.getLogger("nekko_sm.store")
+log = logs.get("nekko_sm.store")  # imports logging at its first use
 
 # views/.KEY.PID.TID.tmp (a build under way) and views/.KEY.PID.old (a view being replaced)
 _TEMP = re.compile(r"^\.[0-9a-f]{32}\.\d+(?:\.\d+\.tmp|\.old)$")
