@@ -122,3 +122,20 @@ def test_the_cold_path_classes_are_records_that_pickle_and_compare():
     assert d.annotations == {} and d == Descriptor.from_json(d.to_json())
     with pytest.raises(TypeError):
         hash(d)  # not frozen: unhashable, as a standard data class
+
+
+def test_no_code_asks_dataclasses_about_a_record_class():
+    # dataclasses.fields/asdict/astuple/is_dataclass do not know record classes (mypy thinks
+    # they are data classes, so only this catches it): nekko-sm's code uses none of them.
+    import re
+    from pathlib import Path
+
+    package = Path(record.__file__).parent
+    asks = re.compile(r"\b(fields|asdict|astuple|is_dataclass)\s*\(")
+    found = [
+        f"{p.relative_to(package)}:{n}: {line.strip()}"
+        for p in sorted(package.rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if asks.search(line) and "dataclasses" in p.read_text()
+    ]
+    assert not found, "\n".join(found)
