@@ -13,10 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nekko_sm.entries import lock_held
-from nekko_sm.store import FileLock, Store, key_for, read_file
-
-# Directories under ingest/ that are not partial downloads (as gc knows them).
-_NOT_PARTIALS = frozenset({"leases", "pulls", "trash"})
+from nekko_sm.store import NOT_PARTIALS, FileLock, Store, key_for, read_file
 
 
 @dataclass
@@ -67,7 +64,7 @@ def measure(store: Store) -> Usage:
     except FileNotFoundError:
         names = []
     for name in names:
-        if name in _NOT_PARTIALS or name.startswith("."):
+        if name in NOT_PARTIALS or name.startswith("."):
             continue
         d = store.ingest_dir / name
         nbytes, mtime = _dir_bytes(d)

@@ -45,6 +45,7 @@ from nekko_sm.store.layout import (
     LOW_SPACE,
     MANIFEST_TYPES,
     MT_OCI_MANIFEST,
+    NOT_PARTIALS,
     Layout,
     key_for,
 )
@@ -53,9 +54,6 @@ from nekko_sm.store.locks import FileLock, remove_locked_dir
 from nekko_sm.store.views import Views
 
 log = logs.get("nekko_sm.store")  # imports logging at its first use
-
-# Directories under ingest/ that are not partial downloads.
-_NOT_PARTIALS = ("leases", "pulls", "trash")
 
 
 @dataclass
@@ -313,7 +311,7 @@ class Collector:
                         if os.lstat(d).st_mtime < stale and not dry_run:
                             unlink(d)
                     continue
-                if name in _NOT_PARTIALS or name in wanted:
+                if name in NOT_PARTIALS or name in wanted:
                     continue
                 if not is_dir(d):  # a link or a file: not a partial of ours
                     if not dry_run and not is_file(d):

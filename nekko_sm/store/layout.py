@@ -61,6 +61,8 @@ SPACE_MARGIN = 16 << 20
 # Below this fraction of its file system free, gc also drops the partial downloads an
 # interrupted pull would resume: the space is worth more than the resume.
 LOW_SPACE = 0.05
+# Directories under ingest/ that are not partial downloads (gc and the budget skip them).
+NOT_PARTIALS = frozenset({"leases", "pulls", "trash"})
 
 
 def check_digest(digest: str) -> str:
