@@ -24,7 +24,7 @@ done
 
 python3 -m pip install -q --disable-pip-version-check \
   "urllib3==2.6.3" "platformdirs==4.4.0" \
-  pytest pytest-cov huggingface_hub hypothesis cryptography vermin \
+  pytest pytest-cov pytest-xdist huggingface_hub hypothesis cryptography vermin \
   "ruff==0.17.6" "mypy==2.4.1"
 # Lint and types first: either finding anything fails the run (pinned: new releases add rules).
 python3 -m ruff check nekko_sm tests bench
@@ -34,4 +34,7 @@ python3 build_zipapp.py
 # hypothesis builds its Unicode tables on first use and keeps them in .hypothesis/: on a
 # fresh tree, under coverage, that was 16 s of the first fuzz test; here, without, 5 s.
 python3 -W ignore -c "from hypothesis import strategies as st; st.text().example()"
-exec python3 -m pytest -p no:cacheprovider --cov=nekko_sm --cov-report=term "$@"
+# Two workers (pytest-xdist, test-only): the suite must stay under 10 minutes on 2 cores, and
+# alone it leaves one idle while tests wait on their peers. Each worker starts its own peers
+# on free ports; pytest-cov combines the workers' coverage. "-n 0" after it runs serially.
+exec python3 -m pytest -p no:cacheprovider --cov=nekko_sm --cov-report=term -p no:benchmark -n 2 --dist worksteal "$@"
