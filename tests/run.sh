@@ -34,7 +34,11 @@ python3 build_zipapp.py
 # hypothesis builds its Unicode tables on first use and keeps them in .hypothesis/: on a
 # fresh tree, under coverage, that was 16 s of the first fuzz test; here, without, 5 s.
 python3 -W ignore -c "from hypothesis import strategies as st; st.text().example()"
-# Two workers (pytest-xdist, test-only): the suite must stay under 10 minutes on 2 cores, and
-# alone it leaves one idle while tests wait on their peers. Each worker starts its own peers
-# on free ports; pytest-cov combines the workers' coverage. "-n 0" after it runs serially.
-exec python3 -m pytest -p no:cacheprovider --cov=nekko_sm --cov-report=term -p no:benchmark -n 2 --dist worksteal "$@"
+# Two workers (pytest-xdist, a test-only tool): the suite must stay under 10 minutes on 2
+# cores, and one process alone leaves a core idle while its tests wait on peers. Each worker
+# starts its own peers on free ports; a file is never split (loadfile), the longest go first
+# (conftest.py); pytest-cov combines the workers' coverage. "-n 0" after this runs serially.
+# pytest-benchmark, where installed, would turn itself off under xdist with a warning, which
+# the suite's filterwarnings=error makes an error: no test here uses it.
+exec python3 -m pytest -p no:cacheprovider -p no:benchmark --cov=nekko_sm --cov-report=term \
+  -n 2 --dist loadfile --no-loadscope-reorder "$@"
