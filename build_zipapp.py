@@ -113,7 +113,9 @@ def build() -> Path:
             info.create_system = 3
             z.writestr(info, entries[name], compresslevel=None if stored else 9)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
+    # A name of this process's own: two builds at once (two test workers) must not write one
+    # temporary file, or one renames the other's half-written bytes into place.
+    tmp = OUT.with_name(f"{OUT.name}.{os.getpid()}.tmp")
     tmp.write_bytes(buf.getvalue())
     os.chmod(tmp, 0o755)
     os.replace(tmp, OUT)

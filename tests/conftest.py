@@ -129,6 +129,38 @@ def pyz() -> Path:
     return ROOT / "dist" / "nekko-sm.pyz"
 
 
+# The test files that take longest (about 20-90 s each, most of it waiting on peers or on
+# killed children), longest first. Under pytest-xdist (tests/run.sh: two workers, a file
+# never split) a worker takes the next file when it is nearly done with its own, so starting
+# with these and ending with the short files lets both workers finish together.
+_LONGEST_FILES = (
+    "test_crash.py",
+    "test_compat.py",
+    "test_engine_ready.py",
+    "test_fuzz.py",
+    "test_security.py",
+    "test_budget.py",
+    "test_cli.py",
+    "test_leaks.py",
+    "test_oci.py",
+    "test_hf_real.py",
+    "test_hf_view.py",
+    "test_ranged.py",
+    "test_hfcache.py",
+    "test_model_formats.py",
+    "test_access.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a pytest-xdist worker, the longest files first (see _LONGEST_FILES); the order of
+    the tests inside a file, and of everything in a run without workers, is left alone."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: i for i, name in enumerate(_LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if peers.MISSING:
         tr = terminalreporter

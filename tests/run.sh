@@ -24,7 +24,7 @@ done
 
 python3 -m pip install -q --disable-pip-version-check \
   "urllib3==2.6.3" "platformdirs==4.4.0" \
-  pytest pytest-cov huggingface_hub hypothesis cryptography vermin \
+  pytest pytest-cov pytest-xdist huggingface_hub hypothesis cryptography vermin \
   "ruff==0.17.6" "mypy==2.4.1"
 # Lint and types first: either finding anything fails the run (pinned: new releases add rules).
 python3 -m ruff check nekko_sm tests bench
@@ -34,4 +34,11 @@ python3 build_zipapp.py
 # hypothesis builds its Unicode tables on first use and keeps them in .hypothesis/: on a
 # fresh tree, under coverage, that was 16 s of the first fuzz test; here, without, 5 s.
 python3 -W ignore -c "from hypothesis import strategies as st; st.text().example()"
-exec python3 -m pytest -p no:cacheprovider --cov=nekko_sm --cov-report=term "$@"
+# Two workers (pytest-xdist, a test-only tool): the suite must stay under 10 minutes on 2
+# cores, and one process alone leaves a core idle while its tests wait on peers. Each worker
+# starts its own peers on free ports; a file is never split (loadfile), the longest go first
+# (conftest.py); pytest-cov combines the workers' coverage. "-n 0" after this runs serially.
+# pytest-benchmark, where installed, would turn itself off under xdist with a warning, which
+# the suite's filterwarnings=error makes an error: no test here uses it.
+exec python3 -m pytest -p no:cacheprovider -p no:benchmark --cov=nekko_sm --cov-report=term \
+  -n 2 --dist loadfile --no-loadscope-reorder "$@"

@@ -53,8 +53,10 @@ def hub():
     h.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def repos(hub: FakeHub):
+    """The repositories every test here reads (autouse: a test run alone, or first in a worker,
+    finds them too, not only after a test that asked for them)."""
     files = {
         "config.json": CONFIG,
         "README.md": README,
