@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 
 from test_api import content
 from test_bounds import closed_by_server, connect_from, wait_until
@@ -115,8 +114,9 @@ def test_a_post_split_across_packets_reaches_its_handler_whole(tmp_path, nginx):
         s = connect_from(api.port, "127.0.0.1")
         try:
             s.sendall(head + body[:7])
-            time.sleep(0.3)  # the front door hands it on with the first 7 bytes of the body
-            s.sendall(body[7:] + get(content(url)))
+            # the front door hands it on with the first 7 bytes of the body ...
+            wait_until(lambda: api.server._handlers == 1, timeout=30)
+            s.sendall(body[7:] + get(content(url)))  # ... and the handler reads the rest
             answers = read_answers(s, 2)
             assert [a[0] for a in answers] == [201, 200]
             assert b"posted" not in answers[1][2] and url.encode() in answers[1][2]
@@ -150,8 +150,10 @@ def test_a_client_that_does_not_read_holds_up_nobody(tmp_path, nginx):
         try:
             sender = threading.Thread(target=slow.sendall, args=(get(content(url)) * n,))
             sender.start()
-            time.sleep(0.5)
-            assert api.healthy()  # others are served while it does not read
+            front = api.server.front
+            # the front door has answers it cannot send (it stops reading that connection) ...
+            wait_until(lambda: any(c.out is not None for c in list(front._conns.values())))
+            assert api.healthy()  # ... and others are served all the same
             answers = read_answers(slow, n)
             sender.join(30)
             assert all(a[0] == 200 and a[2] == entry for a in answers)
@@ -164,11 +166,9 @@ def test_past_max_idle_the_longest_idle_connection_goes(tmp_path, monkeypatch):
     with running_api(make_service(tmp_path)) as api:
         idle = []
         try:
-            for i in range(8):
+            for _ in range(8):  # accepted, and given to the front door, in this order
                 idle.append(connect_from(api.port, "127.0.0.1"))
-                if i == 0:
-                    time.sleep(0.2)  # the first is the longest idle
-            time.sleep(0.3)
+            wait_until(lambda: api.server._clients.get("127.0.0.1") == 8, timeout=30)
             assert api.healthy()  # a ninth connection is served ...
             wait_until(lambda: closed_by_server(idle[0]), timeout=30)  # ... the oldest went
             assert not any(closed_by_server(s) for s in idle[2:])
