@@ -145,7 +145,7 @@ def test_http_1_0_and_connection_close_are_answered_then_closed(tmp_path, nginx)
 def test_a_client_that_does_not_read_holds_up_nobody(tmp_path, nginx):
     with running_api(make_service(tmp_path)) as api:
         url, entry = pulled(api, nginx, "front-slow-reader.bin")
-        n = 3000  # answers far beyond what the socket buffers hold
+        n = 20_000  # answers (~14 MB) far beyond what the socket buffers hold
         slow = connect_from(api.port, "127.0.0.1")
         try:
             sender = threading.Thread(target=slow.sendall, args=(get(content(url)) * n,))
