@@ -147,7 +147,7 @@ class Front:
             conn.buf += prefix
             self._sel.register(sock, selectors.EVENT_READ, conn)
         except (OSError, ValueError):
-            _close(sock)
+            connlimit.close_socket(sock)
             self._release(addr)
             return
         if len(self._conns) >= connlimit.MAX_IDLE:  # at the bound: the longest idle goes
@@ -253,7 +253,7 @@ class Front:
             self._hand_off(conn.sock, conn.addr, bytes(conn.buf))
         except Exception:
             log.exception("could not hand an API connection to a handler")
-            _close(conn.sock)
+            connlimit.close_socket(conn.sock)
             self._release(conn.addr)
 
     def _forget(self, conn: _Conn) -> None:
@@ -267,7 +267,7 @@ class Front:
         if conn.sock not in self._conns:
             return
         self._forget(conn)
-        _close(conn.sock)
+        connlimit.close_socket(conn.sock)
         self._release(conn.addr)
 
     def _sweep(self, now: float) -> None:
@@ -283,7 +283,7 @@ class Front:
         self._wake()
         self._thread.join(5)
         for sock, addr, _ in new:
-            _close(sock)
+            connlimit.close_socket(sock)
             self._release(addr)
         for conn in list(self._conns.values()):
             self._close(conn)
@@ -294,11 +294,3 @@ class Front:
 
 def _address(addr: Any) -> str:
     return addr[0] if isinstance(addr, tuple) and addr else "unix"
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()

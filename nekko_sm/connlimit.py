@@ -88,7 +88,7 @@ class _Overflow:
         old = None
         with self._lock:
             if self._closed:
-                _close(sock)
+                close_socket(sock)
                 return
             sock.setblocking(False)
             self._conns[sock] = (time.monotonic() + OVERFLOW_TIMEOUT, bytearray(prefix), why)
@@ -97,7 +97,7 @@ class _Overflow:
                 old = next(iter(self._conns))
                 self._drop(old)
         if old is not None:
-            _close(old)
+            close_socket(old)
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -121,7 +121,7 @@ class _Overflow:
                     self._drop(s)
                 nearest = min((t for t, _, _ in self._conns.values()), default=now + 1.0)
             for s in expired:
-                _close(s)
+                close_socket(s)
             for key, _ in self._sel.select(max(0.0, min(1.0, nearest - time.monotonic()))):
                 sock = key.fileobj
                 if sock is self._wake_r:
@@ -153,7 +153,7 @@ class _Overflow:
         if chunk or buf:
             _answer_once(sock, bytes(buf), why)
         else:
-            _close(sock)
+            close_socket(sock)
 
     def close(self) -> None:
         with self._lock:
@@ -162,7 +162,7 @@ class _Overflow:
             for s in conns:
                 self._drop(s)
         for s in conns:
-            _close(s)
+            close_socket(s)
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -183,10 +183,11 @@ def _answer_once(sock: socket.socket, head: bytes, why: str) -> None:
         sock.send(overflow_answer(head, why))  # small: fits the socket buffer
     except OSError:
         pass
-    _close(sock)
+    close_socket(sock)
 
 
-def _close(sock: socket.socket) -> None:
+def close_socket(sock: socket.socket) -> None:
+    """Shut a connection both ways and close it, whatever state it is in."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
