@@ -257,11 +257,11 @@ class Catalog:
                     self._answers_revision = revision
         answers = self._answers
         hit = answers.get(token)
-        if hit is None:
-            hit = self._old_answers.get(token)
         if hit is not None:
-            if answers is self._answers and token not in answers:
-                self._keep(answers, token, hit)
+            return hit
+        hit = self._old_answers.get(token)
+        if hit is not None:  # asked again: back to the young generation
+            self._keep(answers, token, hit)
             return hit
         text = self.text(resolve(token), render)
         if text is None:
