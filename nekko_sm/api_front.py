@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable
 
 from nekko_sm import connlimit
-from nekko_sm.api_http import head_bytes, loggable
+from nekko_sm.api_http import address_of, head_bytes, loggable
 from nekko_sm.httphead import Headers, common_line, keeps_alive, parse_simple
 
 log = logging.getLogger("nekko_sm.api")
@@ -210,7 +210,7 @@ class Front:
             return None
         if log.isEnabledFor(logging.DEBUG):
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            log.debug("%s %s", _address(conn.addr), loggable(f'"{line}" 200 -'))
+            log.debug("%s %s", address_of(conn.addr), loggable(f'"{line}" 200 -'))
         data = self._ok_head(len(body))
         return (data + body if command == "GET" else data), not keeps_alive(minor, headers)
 
@@ -290,7 +290,3 @@ class Front:
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
-
-
-def _address(addr: Any) -> str:
-    return addr[0] if isinstance(addr, tuple) and addr else "unix"

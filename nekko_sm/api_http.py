@@ -144,6 +144,12 @@ def head_bytes(status: int, length: int | None, headers: dict | None = None) -> 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def address_of(client_address: Any) -> str:
+    """A client's address as the log shows it: its IP, or "unix" on a Unix socket."""
+    addr = client_address
+    return addr[0] if isinstance(addr, tuple) and addr else "unix"
+
+
 def target_path(target: str) -> str:
     """The path of an origin-form request target (what ``urlsplit(target).path`` is)."""
     return target.partition("#")[0].partition("?")[0]
@@ -227,8 +233,7 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     # -- plumbing ------------------------------------------------------------------------
     def address_string(self) -> str:
-        addr = self.client_address
-        return addr[0] if isinstance(addr, tuple) and addr else "unix"
+        return address_of(self.client_address)
 
     def version_string(self) -> str:
         return self.server_version
