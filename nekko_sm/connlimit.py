@@ -200,7 +200,7 @@ class BoundedServerMixin:
     a selector: :mod:`nekko_sm.api_front`, set by the subclass) between requests, and a
     handler thread's from the first request the front hands off, within the bounds above."""
 
-    front: Any  # add(sock, addr) -> bool, close(); made by the subclass once bound
+    front: Any  # add(sock, addr, prefix=b"") -> bool, close(); made by the subclass once bound
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self._slots_lock = threading.Lock()
